@@ -1,0 +1,1 @@
+"""Interception engine: seccomp filter, notification bindings, launcher."""

@@ -1,0 +1,1 @@
+"""Test doubles and test-host builders that tests and benchmarks share."""

@@ -1,0 +1,1 @@
+"""Benchmarks: native and axnet side by side, reported as ratios."""

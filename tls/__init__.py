@@ -1,0 +1,1 @@
+"""Cluster CA, certificates and the TLS upgrade (not yet built)."""
