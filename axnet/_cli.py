@@ -1,0 +1,432 @@
+"""Command line: argument parsing only; the work happens in the daemon and supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._control import ControlClient, ControlError, control_path, runtime_dir
+from ._table import IPAddress, Labels, ip_address, labels_from
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+_EPILOG_RUN = """\
+examples:
+  axnet run --ip 10.1.0.5 --name web --label tier=web -- python3 -m http.server 80
+  axnet run --label tier=client -- curl http://10.1.0.5/
+
+The app keeps its own port numbers: a bind to its virtual IP, 0.0.0.0 or ::
+is carried out on a real port of this node, and getsockname shows the
+virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
+"""
+
+
+class LogFormatter(logging.Formatter):
+    """``axnet: level=info logger=axnet.run msg key=value …``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"axnet: level={record.levelname.lower()} {record.name} {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter())
+    root = logging.getLogger("axnet")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# -- validation (exact messages, exit code 2) -----------------------------------
+
+
+def parse_ip(text: str, *, flag: str) -> IPAddress:
+    try:
+        return ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{flag} must be an IPv4 or IPv6 address, got {text!r}"
+        ) from None
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(c.isspace() for c in key):
+        raise argparse.ArgumentTypeError(f"--label must look like key=value, got {text!r}")
+    return key, value
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--virtual-range must be a network like 10.77.0.0/16, got {text!r}"
+        ) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]  # NoReturn in typeshed
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime-dir",
+        metavar="DIR",
+        help="directory of the daemon's control socket "
+        "(default: $AXNET_RUNTIME_DIR, $XDG_RUNTIME_DIR/axnet or /tmp/axnet-UID)",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="axnet",
+        description="Container networking for unprivileged apps: virtual IPs, any port, "
+        "a cluster-wide service table, with no root and no proxy on the data path.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("daemon", help="run this host's node", description="Run this host's node.")
+    _common(d)
+    d.add_argument("--name", help="node name (default: the host name)")
+    d.add_argument(
+        "--address",
+        type=lambda t: parse_ip(t, flag="--address"),
+        help="this node's real address, where virtual listeners are bound "
+        "(default: the --advertise address, else 127.0.0.1)",
+    )
+    d.add_argument(
+        "--listen-ports",
+        default="20000-32767",
+        metavar="LO-HI",
+        help="real ports for virtual listeners (default: %(default)s)",
+    )
+    d.add_argument(
+        "--client-ports",
+        default="32768-60999",
+        metavar="LO-HI",
+        help="source ports for apps' connections, inside net.ipv4.ip_local_port_range "
+        "(default: %(default)s)",
+    )
+    d.add_argument(
+        "--client-block",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="source ports per app (default: %(default)s)",
+    )
+    d.add_argument(
+        "--virtual-range",
+        type=parse_network,
+        default=ipaddress.ip_network("10.77.0.0/16"),
+        metavar="CIDR",
+        help="addresses for apps started without --ip (default: %(default)s)",
+    )
+    _gossip_flags(d)
+
+    r = sub.add_parser(
+        "run",
+        help="run an app with its own virtual IP",
+        description="Run an unmodified app with its own virtual IP, any port, and the "
+        "cluster's services reachable by their virtual addresses.",
+        epilog=_EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(r)
+    r.add_argument(
+        "--ip",
+        type=lambda t: parse_ip(t, flag="--ip"),
+        help="the app's virtual IP (default: one from the node's virtual range)",
+    )
+    r.add_argument("--name", default="", help="service name")
+    r.add_argument(
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label (repeatable)",
+    )
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
+
+    for name, text in (
+        ("services", "list the cluster's services"),
+        ("apps", "list apps and their virtual IPs"),
+        ("members", "list the cluster's members"),
+        ("status", "show this node's daemon"),
+    ):
+        c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _common(c)
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser(
+        "stop", help="stop this node's daemon", description="Stop this node's daemon."
+    )
+    _common(s)
+
+    j = sub.add_parser("join", help="join a cluster through a seed", description="Join a cluster.")
+    _common(j)
+    j.add_argument("seeds", nargs="+", metavar="SEED", help="HOST[:PORT] of a member")
+
+    lv = sub.add_parser(
+        "leave", help="leave the cluster gracefully", description="Leave the cluster."
+    )
+    _common(lv)
+
+    k = sub.add_parser(
+        "keygen",
+        help="print a new gossip key",
+        description="Print a new random gossip key (base64, AES-256).",
+    )
+    k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+
+    demo = sub.add_parser(
+        "demo",
+        help="a local cluster showing what axnet does",
+        description="Start a daemon, two web servers on port 80 at two virtual IPs and a "
+        "client that fetches from each; print what each side saw; stop everything.",
+    )
+    demo.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    demo.add_argument("--json", action="store_true", help="machine-readable report")
+    return parser
+
+
+def _gossip_flags(d: argparse.ArgumentParser) -> None:
+    d.add_argument(
+        "--bind",
+        metavar="HOST:PORT",
+        default=None,
+        help="gossip address to listen on (default: 0.0.0.0:7946 when clustering)",
+    )
+    d.add_argument(
+        "--advertise",
+        metavar="HOST[:PORT]",
+        default=None,
+        help="gossip address other members use to reach this node",
+    )
+    d.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="SEED",
+        help="join the cluster through this member (repeatable; retried with backoff)",
+    )
+    d.add_argument(
+        "--gossip-key-file",
+        metavar="FILE",
+        type=Path,
+        help="file with base64 AES keys, one a line; the first encrypts",
+    )
+    d.add_argument(
+        "--profile",
+        choices=("lan", "wan", "local"),
+        default="lan",
+        help="gossip timing preset (default: %(default)s)",
+    )
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(control_path(runtime_dir(args.runtime_dir)))
+
+
+def _print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def cmd_listing(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.request(args.command)
+    if args.command == "services":
+        services = reply["services"]
+        if args.json:
+            _print_json(services)
+        else:
+            _table(
+                "services",
+                ["virtual", "real", "node", "name", "labels"],
+                [
+                    [s["virtual"], s["real"], s["node"], s["name"], _labels_text(s["labels"])]
+                    for s in services
+                ],
+            )
+    elif args.command == "apps":
+        apps = reply["apps"]
+        if args.json:
+            _print_json(apps)
+        else:
+            _table(
+                "apps",
+                ["vip", "node", "name", "pid", "listening", "command", "labels"],
+                [
+                    [
+                        a["vip"],
+                        a["node"],
+                        a["name"],
+                        a["pid"],
+                        " ".join(a["listening"]),
+                        a["command"],
+                        _labels_text(a["labels"]),
+                    ]
+                    for a in apps
+                ],
+            )
+    elif args.command == "members":
+        members = reply["members"]
+        if args.json:
+            _print_json(members)
+        else:
+            _table(
+                "members",
+                ["name", "address", "status", "labels"],
+                [
+                    [m["name"], m["address"], m["status"], _labels_text(m.get("labels") or {})]
+                    for m in members
+                ],
+            )
+    else:
+        status = {k: v for k, v in reply.items() if k not in ("id", "ok")}
+        if args.json:
+            _print_json(status)
+        else:
+            for key in sorted(status):
+                print(f"{key}: {status[key]}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._supervisor import RunOptions, run
+    from .intercept._launcher import LaunchError
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print(
+            "axnet run: name the program to run after '--', e.g. "
+            "axnet run --ip 10.1.0.5 -- python3 -m http.server 80",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    labels: Labels = labels_from(args.label)
+    options = RunOptions(
+        argv=tuple(argv),
+        vip=args.ip,
+        name=args.name,
+        labels=labels,
+        runtime_dir=runtime_dir(args.runtime_dir),
+    )
+    try:
+        return run(options)
+    except LaunchError as exc:
+        print(str(exc), file=sys.stderr)
+        return 127
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from ._daemonmain import run_daemon
+
+    return run_daemon(args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.request("stop")
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.request("join", seeds=list(args.seeds))
+    print(f"joined through {reply['joined']} of {len(args.seeds)} seed(s)")
+    return 0 if reply["joined"] else EXIT_FAILURE
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.request("leave")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import base64
+
+    print(base64.b64encode(os.urandom(32)).decode())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(verbose=args.verbose, as_json=args.json)
+
+
+_COMMANDS = {
+    "daemon": cmd_daemon,
+    "run": cmd_run,
+    "services": cmd_listing,
+    "apps": cmd_listing,
+    "members": cmd_listing,
+    "status": cmd_listing,
+    "stop": cmd_stop,
+    "join": cmd_join,
+    "leave": cmd_leave,
+    "keygen": cmd_keygen,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except ControlError as exc:
+        print(f"axnet {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Path", "build_parser", "main"]

@@ -1,0 +1,248 @@
+"""The control API: a unix socket in the user's runtime directory.
+
+Frames are length-prefixed msgpack maps (see :mod:`axnet._wire`).  A request
+is ``{"op": NAME, "id": N, ...}``; its reply is ``{"id": N, "ok": True, ...}``
+or ``{"id": N, "ok": False, "error": TEXT, "errno": E}``.  The daemon may also
+send ``{"push": KIND, ...}`` frames on a session (table changes).
+
+Only the user who owns the daemon may talk to it: the directory is 0700, the
+socket 0600, and the server checks the peer's uid with ``SO_PEERCRED`` in case
+the file modes were loosened by hand.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._wire import FrameDecoder, WireError, frame
+
+CONTROL_SOCKET = "control.sock"
+_UCRED = struct.Struct("3i")
+
+
+class ControlError(Exception):
+    """The daemon refused a request, or could not be reached."""
+
+    def __init__(self, message: str, *, err: int = 0) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class DaemonUnavailable(ControlError):
+    """No daemon listens on the control socket."""
+
+
+def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where this user's daemon keeps its control socket.
+
+    ``--runtime-dir`` wins, then ``$AXNET_RUNTIME_DIR``, then
+    ``$XDG_RUNTIME_DIR/axnet``, then ``/tmp/axnet-UID``.
+    """
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("AXNET_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return Path(xdg) / "axnet"
+    return Path(f"/tmp/axnet-{os.getuid()}")
+
+
+def prepare_runtime_dir(path: Path) -> None:
+    """Create *path* as 0700 and refuse one owned by somebody else."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ControlError(
+            f"runtime directory {path} belongs to uid {info.st_uid}, not to you "
+            f"(uid {os.getuid()}); choose another with --runtime-dir"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(0o700)
+
+
+def control_path(runtime: Path) -> Path:
+    return runtime / CONTROL_SOCKET
+
+
+def peer_uid(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return uid
+
+
+# -- server ------------------------------------------------------------------
+
+Handler = Callable[["Connection", Mapping[str, Any]], Awaitable[None]]
+
+
+class Connection:
+    """One client of the control API, seen from the daemon."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder()
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        data = frame(dict(message))
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.closed = True
+
+    async def reply(self, request: Mapping[str, Any], **fields: Any) -> None:
+        await self.send({"id": request.get("id"), "ok": True, **fields})
+
+    async def fail(self, request: Mapping[str, Any], message: str, err: int = 0) -> None:
+        await self.send({"id": request.get("id"), "ok": False, "error": message, "errno": err})
+
+    async def messages(self) -> Any:
+        """Yield decoded requests until the peer closes or sends garbage."""
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                batch = self._decoder.feed(data)
+            except WireError:
+                return
+            for message in batch:
+                if isinstance(message, dict):
+                    yield message
+
+
+async def serve_control(
+    path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Accept control connections on *path* forever, one task each."""
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket from a daemon that died
+        else:
+            raise ControlError(
+                f"a daemon already listens on {path}; stop it with 'axnet stop' "
+                f"or choose another --runtime-dir"
+            )
+        finally:
+            probe.close()
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    task_status.started()
+    my_uid = os.getuid()
+
+    async def run_one(sock: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(sock)
+        try:
+            if peer_uid(sock) != my_uid:  # type: ignore[arg-type]  # trio sockets proxy getsockopt
+                return
+            await handler(Connection(stream), {})
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(run_one, sock)
+    finally:
+        listener.close()
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- clients -------------------------------------------------------------------
+
+
+def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
+    return DaemonUnavailable(
+        f"no axnet daemon at {path} ({exc.strerror}); start one with: axnet daemon",
+        err=exc.errno or errno.ECONNREFUSED,
+    )
+
+
+class ControlClient:
+    """A blocking client for one-shot commands (``axnet services`` …)."""
+
+    def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+        except OSError as exc:
+            self._sock.close()
+            raise _connect_error(path, exc) from None
+        self._decoder = FrameDecoder()
+        self._next_id = 0
+        self._pending: list[Any] = []
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise ControlError on refusal."""
+        self._next_id += 1
+        ident = self._next_id
+        self._sock.sendall(frame({"op": op, "id": ident, **fields}))
+        while True:
+            while self._pending:
+                message = self._pending.pop(0)
+                if isinstance(message, dict) and message.get("id") == ident:
+                    if not message.get("ok"):
+                        raise ControlError(
+                            str(message.get("error", "request failed")),
+                            err=int(message.get("errno") or 0),
+                        )
+                    return message
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise ControlError(f"the daemon did not answer '{op}' in time") from None
+            if not data:
+                raise ControlError(f"the daemon closed the connection during '{op}'")
+            self._pending += self._decoder.feed(data)
+
+
+async def open_session(path: Path) -> trio.SocketStream:
+    """Open a trio stream to the daemon (a supervisor's long-lived session)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise _connect_error(path, exc) from None
+    return trio.SocketStream(sock)

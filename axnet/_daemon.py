@@ -1,0 +1,265 @@
+"""``axnet daemon``: the node.  Owns the service table and the control API.
+
+Theory of operation
+-------------------
+Every app under ``axnet run`` keeps one control session open.  The session is
+the app's lease: when the connection closes (the app exited, or its supervisor
+was killed) the node withdraws what the app published.  Every change to the
+table, local or learned from the cluster, is pushed to every session, so
+supervisors decide ``connect`` from their own copy without asking us.
+
+The daemon never touches an application's syscalls.  If it dies, supervisors
+go on with their last copy of the table and re-attach, handing over their
+bindings, as soon as a daemon answers again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
+from ._node import ClaimError, Node, NodeConfig
+from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
+from ._views import app_view, service_view
+from ._wire import WireError, record_from_wire, record_to_wire
+
+log = logging.getLogger("axnet.daemon")
+
+
+class Cluster(Protocol):
+    """What the daemon needs from the gossip layer (see ``axnet._gossip``)."""
+
+    def publish(self, records: Sequence[AppRecord | ServiceRecord]) -> None: ...
+    def members(self) -> list[dict[str, Any]]: ...
+    async def join(self, seeds: Sequence[str]) -> int: ...
+    async def leave(self) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class DaemonConfig:
+    node: NodeConfig
+    runtime_dir: Path
+
+
+Record = AppRecord | ServiceRecord
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.node = Node(config.node, now=time.time())
+        self.sessions: dict[str, Connection] = {}
+        self.cluster: Cluster | None = None
+        self.started = time.time()
+        self._stop = trio.Event()
+
+    # -- publishing ---------------------------------------------------------
+
+    async def changed(self, records: Sequence[Record], *, local: bool = True) -> None:
+        """Push *records* to every supervisor, and to the cluster when ours."""
+        if not records:
+            return
+        for record in records:
+            log.info("record %s", _describe(record))
+        if local and self.cluster is not None:
+            self.cluster.publish(records)
+        message = {"push": "records", "records": [record_to_wire(r) for r in records]}
+        for conn in list(self.sessions.values()):
+            await conn.send(message)
+
+    # -- control API --------------------------------------------------------
+
+    async def handle(self, conn: Connection, _: Mapping[str, Any]) -> None:
+        app_id: str | None = None
+        try:
+            async for request in conn.messages():
+                op = request.get("op")
+                try:
+                    if op == "attach":
+                        if app_id is not None:
+                            raise ClaimError(errno.EEXIST, "this session is already attached")
+                        app_id = await self._attach(conn, request)
+                    elif op in ("claim", "listen", "release"):
+                        if app_id is None:
+                            raise ClaimError(errno.EPERM, f"'{op}' needs an attached session")
+                        await self._session_op(conn, app_id, op, request)
+                    else:
+                        await self._command(conn, str(op), request)
+                except ClaimError as exc:
+                    await conn.fail(request, str(exc), exc.errno)
+                except (ControlError, ValueError, WireError, KeyError, TypeError) as exc:
+                    await conn.fail(request, f"bad request '{op}': {exc}", errno.EINVAL)
+        finally:
+            if app_id is not None:
+                self.sessions.pop(app_id, None)
+                with trio.CancelScope(shield=True):
+                    await self.changed(self.node.detach(app_id, now=time.time()))
+                log.info("app detached app=%s", app_id)
+
+    async def _attach(self, conn: Connection, request: Mapping[str, Any]) -> str:
+        app_id = str(request["app_id"])
+        vip_text = request.get("vip")
+        vip = ip_address(str(vip_text)) if vip_text else None
+        block = request.get("block")
+        app, written = self.node.attach(
+            app_id=app_id,
+            vip=vip,
+            name=str(request.get("name") or ""),
+            labels=labels_from([(str(k), str(v)) for k, v in request.get("labels") or []]),
+            pid=int(request.get("pid") or 0),
+            argv=[str(a) for a in request.get("argv") or []],
+            block=(int(block[0]), int(block[1])) if block else None,
+            now=time.time(),
+        )
+        # Bindings a supervisor kept across a daemon restart.
+        for vip_s, vport, real_port, listening in request.get("claims") or []:
+            virtual = VirtualAddress(ip=ip_address(str(vip_s)), port=int(vport))
+            try:
+                self.node.claim(app_id, virtual, real_port=int(real_port))
+            except ClaimError as exc:
+                log.warning("adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc)
+                continue
+            if listening:
+                written += self.node.listen(app_id, virtual)
+        self.sessions[app_id] = conn
+        log.info("app attached app=%s vip=%s pid=%s argv=%s", app_id, app.vip, app.pid, app.argv)
+        await conn.reply(
+            request,
+            node=self.config.node.name,
+            real_host=str(self.config.node.real_host),
+            vip=str(app.vip),
+            block=list(app.block),
+            records=[record_to_wire(r) for r in self.node.table.records()],
+        )
+        await self.changed(written)
+        return app_id
+
+    async def _session_op(
+        self, conn: Connection, app_id: str, op: str, request: Mapping[str, Any]
+    ) -> None:
+        virtual = VirtualAddress(ip=ip_address(str(request["vip"])), port=int(request["vport"]))
+        if op == "claim":
+            claim = self.node.claim(
+                app_id, virtual, avoid=[int(p) for p in request.get("avoid") or []]
+            )
+            await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
+        elif op == "listen":
+            written = self.node.listen(app_id, virtual)
+            await conn.reply(request)
+            await self.changed(written)
+        else:
+            written = self.node.release(app_id, virtual, now=time.time())
+            await conn.reply(request)
+            await self.changed(written)
+
+    async def _command(self, conn: Connection, op: str, request: Mapping[str, Any]) -> None:
+        table = self.node.table
+        if op == "status":
+            await conn.reply(
+                request,
+                node=self.config.node.name,
+                real_host=str(self.config.node.real_host),
+                pid=os.getpid(),
+                uptime=time.time() - self.started,
+                apps=len(self.node.apps),
+                services=len(table.live_services()),
+            )
+        elif op == "services":
+            await conn.reply(request, services=[service_view(r) for r in table.live_services()])
+        elif op == "apps":
+            local = self.node.apps
+            await conn.reply(
+                request,
+                apps=[app_view(a, local.get(a.app_id)) for a in table.live_apps()],
+            )
+        elif op == "members":
+            members = self.cluster.members() if self.cluster is not None else [self._self_member()]
+            await conn.reply(request, members=members)
+        elif op == "join":
+            if self.cluster is None:
+                raise ClaimError(errno.ENOTCONN, "this daemon runs without gossip (--no-gossip)")
+            joined = await self.cluster.join([str(s) for s in request.get("seeds") or []])
+            await conn.reply(request, joined=joined)
+        elif op == "leave":
+            if self.cluster is not None:
+                await self.cluster.leave()
+            await conn.reply(request)
+        elif op == "records":
+            await conn.reply(request, records=[record_to_wire(r) for r in table.records()])
+        elif op == "stop":
+            await conn.reply(request)
+            self._stop.set()
+        else:
+            raise ClaimError(errno.EINVAL, f"unknown operation {op!r}")
+
+    def _self_member(self) -> dict[str, Any]:
+        return {
+            "name": self.config.node.name,
+            "address": str(self.config.node.real_host),
+            "status": "alive",
+            "labels": {},
+        }
+
+    def merge_remote(self, wire_records: Sequence[object]) -> list[Record]:
+        records: list[Record] = []
+        for item in wire_records:
+            try:
+                records.append(record_from_wire(item))
+            except WireError as exc:
+                log.warning("dropped malformed record reason=%s", exc)
+        return self.node.merge_remote(records)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        prepare_runtime_dir(self.config.runtime_dir)
+        path = control_path(self.config.runtime_dir)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, path, self.handle)
+            nursery.start_soon(self._expire_tombstones)
+            nursery.start_soon(self._watch_signals)
+            log.info(
+                "daemon ready node=%s real_host=%s control=%s",
+                self.config.node.name,
+                self.config.node.real_host,
+                path,
+            )
+            task_status.started()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _expire_tombstones(self) -> None:
+        while True:
+            await trio.sleep(10)
+            self.node.table.expire(time.time())
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("daemon stopping signal=%s", signal.Signals(signum).name)
+                self._stop.set()
+                return
+
+
+def _describe(record: Record) -> str:
+    state = "withdrawn" if record.deleted else "published"
+    if isinstance(record, ServiceRecord):
+        return f"service={record.virtual} real={record.real} node={record.node} {state}"
+    return f"app={record.app_id} vip={record.vip} node={record.node} {state}"
+
+
+def default_node_name() -> str:
+    return os.uname().nodename or "axnet-node"

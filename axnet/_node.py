@@ -1,0 +1,357 @@
+"""What one node knows and decides (pure): its apps, their claims, its port pools.
+
+Theory of operation
+-------------------
+The daemon is the only writer of its node's records.  An app under ``axnet run``
+*attaches* (one control session per app), and gets a virtual IP and a block of
+client source ports.  Every ``bind`` to a virtual address *claims* a virtual
+``ip:port`` and receives a real port from the node's listener pool; ``listen``
+turns the claim into a published :class:`ServiceRecord`; closing the socket, or
+the app's session ending, tombstones what it published.
+
+Version numbers make last-writer-wins work across restarts: they start from the
+``now`` given at construction (in microseconds), so a restarted daemon writes
+versions above everything its previous life wrote.
+
+A supervisor that lost its daemon keeps its bindings; when it re-attaches to a
+new daemon it hands them over (``adopt``) so the new daemon republishes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Iterable
+
+import attrs
+
+from ._table import (
+    AppRecord,
+    IPAddress,
+    Labels,
+    RealAddress,
+    ServiceRecord,
+    ServiceTable,
+    VirtualAddress,
+)
+
+
+class ClaimError(Exception):
+    """A claim the kernel would refuse; carries the errno the app sees."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@attrs.frozen(kw_only=True)
+class PortRange:
+    """An inclusive range of port numbers, parsed from ``LO-HI``."""
+
+    lo: int
+    hi: int
+
+    def __attrs_post_init__(self) -> None:
+        if not (1 <= self.lo <= self.hi <= 65535):
+            raise ValueError(f"port range must be LO-HI within 1-65535, got {self.lo}-{self.hi}")
+
+    @classmethod
+    def parse(cls, text: str, *, flag: str) -> PortRange:
+        try:
+            lo_text, hi_text = text.split("-", 1)
+            return cls(lo=int(lo_text), hi=int(hi_text))
+        except ValueError:
+            raise ValueError(f"{flag} must look like 20000-32767, got {text!r}") from None
+
+    def __len__(self) -> int:
+        return self.hi - self.lo + 1
+
+
+@attrs.frozen(kw_only=True)
+class NodeConfig:
+    """Static facts about a node, from the daemon's command line."""
+
+    name: str
+    real_host: IPAddress
+    #: Real ports handed to virtual listeners.  Below the kernel's ephemeral
+    #: range, so no unrelated outgoing connection ever holds one.
+    listen_ports: PortRange = PortRange(lo=20000, hi=32767)
+    #: Source ports for apps' outgoing connections, split into blocks.  Must
+    #: lie inside net.ipv4.ip_local_port_range: the kernel clamps a socket's
+    #: IP_LOCAL_PORT_RANGE to it.
+    client_ports: PortRange = PortRange(lo=32768, hi=60999)
+    #: Ports per app for outgoing connections (bounds its concurrent
+    #: connections to one destination, TIME_WAIT included).
+    client_block: int = 1024
+    #: Where addresses come from for apps started without ``--ip``.
+    virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(
+        "10.77.0.0/16"
+    )
+
+
+@attrs.define
+class Claim:
+    app_id: str
+    virtual: VirtualAddress
+    real_port: int
+    listening: bool = False
+
+
+@attrs.define
+class App:
+    app_id: str
+    vip: IPAddress
+    block: tuple[int, int]
+    name: str
+    labels: Labels
+    pid: int
+    argv: tuple[str, ...]
+    claims: dict[VirtualAddress, Claim] = attrs.field(factory=dict)
+
+
+class Node:
+    """The node's apps, claims and records; every change returns the records it wrote."""
+
+    def __init__(self, config: NodeConfig, *, now: float) -> None:
+        self.config = config
+        self.table = ServiceTable()
+        self.apps: dict[str, App] = {}
+        self._version = int(now * 1_000_000)
+        self._claims: dict[VirtualAddress, Claim] = {}
+        self._ports_in_use: set[int] = set()
+        self._next_port = config.listen_ports.lo
+        self._blocks_in_use: set[tuple[int, int]] = set()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _bump(self) -> int:
+        self._version += 1
+        return self._version
+
+    def _all_blocks(self) -> list[tuple[int, int]]:
+        size = self.config.client_block
+        lo, hi = self.config.client_ports.lo, self.config.client_ports.hi
+        return [(start, min(start + size - 1, hi)) for start in range(lo, hi + 1, size)]
+
+    def _take_block(self, wanted: tuple[int, int] | None) -> tuple[int, int]:
+        if wanted is not None and wanted not in self._blocks_in_use:
+            self._blocks_in_use.add(wanted)
+            return wanted
+        for block in self._all_blocks():
+            if block not in self._blocks_in_use:
+                self._blocks_in_use.add(block)
+                return block
+        raise ClaimError(
+            errno.EADDRNOTAVAIL,
+            f"no free client port block left on node {self.config.name} "
+            f"({len(self._blocks_in_use)} apps); raise --client-ports or lower --client-block",
+        )
+
+    def _pick_vip(self, now: float) -> IPAddress:
+        network = self.config.virtual_range
+        taken = {a.vip for a in self.table.apps.values() if not a.deleted}
+        size = network.num_addresses
+        # Start at an offset derived from the node name so that two nodes
+        # assigning at once rarely pick the same address.
+        start = sum(self.config.name.encode()) * 257 % max(size - 2, 1)
+        for i in range(min(size - 2, 1 << 16)):
+            candidate = network.network_address + 1 + (start + i) % max(size - 2, 1)
+            if candidate not in taken:
+                return candidate
+        raise ClaimError(errno.EADDRNOTAVAIL, f"virtual range {network} is full")
+
+    def _app_record(self, app: App, *, deleted: bool = False, now: float = 0.0) -> AppRecord:
+        return AppRecord(
+            app_id=app.app_id,
+            node=self.config.name,
+            vip=app.vip,
+            real_host=self.config.real_host,
+            port_lo=app.block[0],
+            port_hi=app.block[1],
+            name=app.name,
+            labels=app.labels,
+            version=self._bump(),
+            deleted=deleted,
+            deleted_at=now if deleted else 0.0,
+        )
+
+    def _service_record(
+        self, app: App, claim: Claim, *, deleted: bool = False, now: float = 0.0
+    ) -> ServiceRecord:
+        return ServiceRecord(
+            virtual=claim.virtual,
+            real=RealAddress(host=self.config.real_host, port=claim.real_port),
+            node=self.config.name,
+            app_id=app.app_id,
+            name=app.name,
+            labels=app.labels,
+            version=self._bump(),
+            deleted=deleted,
+            deleted_at=now if deleted else 0.0,
+        )
+
+    def _write(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord:
+        self.table.merge(record)
+        return record
+
+    # -- app lifecycle -------------------------------------------------------
+
+    def attach(
+        self,
+        *,
+        app_id: str,
+        vip: IPAddress | None,
+        name: str,
+        labels: Labels,
+        pid: int,
+        argv: Iterable[str],
+        block: tuple[int, int] | None,
+        now: float,
+    ) -> tuple[App, list[AppRecord | ServiceRecord]]:
+        """Register an app; pick its virtual IP and client block when not given."""
+        if app_id in self.apps:
+            raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
+        chosen_vip = vip if vip is not None else self._pick_vip(now)
+        chosen_block = self._take_block(block)
+        app = App(
+            app_id=app_id,
+            vip=chosen_vip,
+            block=chosen_block,
+            name=name,
+            labels=labels,
+            pid=pid,
+            argv=tuple(argv),
+        )
+        self.apps[app_id] = app
+        return app, [self._write(self._app_record(app))]
+
+    def detach(self, app_id: str, *, now: float) -> list[AppRecord | ServiceRecord]:
+        """The app's session ended: withdraw everything it published."""
+        app = self.apps.pop(app_id, None)
+        if app is None:
+            return []
+        written: list[AppRecord | ServiceRecord] = []
+        for claim in list(app.claims.values()):
+            written += self._drop_claim(app, claim, now=now)
+        self._blocks_in_use.discard(app.block)
+        written.append(self._write(self._app_record(app, deleted=True, now=now)))
+        return written
+
+    # -- claims ---------------------------------------------------------------
+
+    def _allocate_port(self, avoid: set[int]) -> int:
+        ports = self.config.listen_ports
+        for _ in range(len(ports)):
+            port = self._next_port
+            self._next_port = ports.lo if port >= ports.hi else port + 1
+            if port not in self._ports_in_use and port not in avoid:
+                self._ports_in_use.add(port)
+                return port
+        raise ClaimError(
+            errno.EADDRNOTAVAIL,
+            f"listener port pool {ports.lo}-{ports.hi} of node {self.config.name} is exhausted",
+        )
+
+    def claim(
+        self,
+        app_id: str,
+        virtual: VirtualAddress,
+        *,
+        real_port: int | None = None,
+        avoid: Iterable[int] = (),
+    ) -> Claim:
+        """Reserve virtual ``ip:port`` for *app_id* and give it a real port.
+
+        ``virtual.port == 0`` asks for any port: the real port is then used as
+        the virtual one too.  *real_port* adopts a port the supervisor already
+        bound (after a daemon restart).
+        """
+        app = self._app(app_id)
+        if virtual.port != 0 and self._in_use(virtual):
+            raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
+        if real_port is None:
+            real_port = self._allocate_port(set(avoid))
+        else:
+            self._ports_in_use.add(real_port)
+        if virtual.port == 0:
+            virtual = VirtualAddress(ip=virtual.ip, port=real_port)
+            if self._in_use(virtual):
+                self._ports_in_use.discard(real_port)
+                raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
+        claim = Claim(app_id=app_id, virtual=virtual, real_port=real_port)
+        self._claims[virtual] = claim
+        app.claims[virtual] = claim
+        return claim
+
+    def _in_use(self, virtual: VirtualAddress) -> bool:
+        if virtual in self._claims:
+            return True
+        return self.table.resolve(virtual.ip, virtual.port) is not None
+
+    def listen(self, app_id: str, virtual: VirtualAddress) -> list[AppRecord | ServiceRecord]:
+        """Publish the service behind a claim."""
+        app = self._app(app_id)
+        claim = app.claims.get(virtual)
+        if claim is None:
+            raise ClaimError(errno.EINVAL, f"{virtual} was never claimed by app {app_id}")
+        if claim.listening:
+            return []
+        claim.listening = True
+        return [self._write(self._service_record(app, claim))]
+
+    def release(
+        self, app_id: str, virtual: VirtualAddress, *, now: float
+    ) -> list[AppRecord | ServiceRecord]:
+        """The socket behind a claim was closed."""
+        app = self._app(app_id)
+        claim = app.claims.get(virtual)
+        if claim is None:
+            return []
+        return self._drop_claim(app, claim, now=now)
+
+    def _drop_claim(self, app: App, claim: Claim, *, now: float) -> list[AppRecord | ServiceRecord]:
+        app.claims.pop(claim.virtual, None)
+        self._claims.pop(claim.virtual, None)
+        self._ports_in_use.discard(claim.real_port)
+        if not claim.listening:
+            return []
+        return [self._write(self._service_record(app, claim, deleted=True, now=now))]
+
+    def _app(self, app_id: str) -> App:
+        app = self.apps.get(app_id)
+        if app is None:
+            raise ClaimError(errno.ENOENT, f"no app {app_id} is attached to this node")
+        return app
+
+    # -- records from elsewhere ------------------------------------------------
+
+    def merge_remote(
+        self, records: Iterable[AppRecord | ServiceRecord]
+    ) -> list[AppRecord | ServiceRecord]:
+        """Merge records gossiped by other nodes; ours are never overwritten by them."""
+        accepted: list[AppRecord | ServiceRecord] = []
+        for record in records:
+            if record.node == self.config.name:
+                continue
+            if self.table.merge(record):
+                accepted.append(record)
+        return accepted
+
+    def forget_node(self, node: str, *, now: float) -> list[AppRecord | ServiceRecord]:
+        """A member died or left: tombstone its records locally."""
+        written: list[AppRecord | ServiceRecord] = []
+        for record in self.table.records_of_node(node):
+            tomb = attrs.evolve(record, version=record.version + 1, deleted=True, deleted_at=now)
+            if self.table.merge(tomb):
+                written.append(tomb)
+        return written
+
+    def republish(self) -> list[AppRecord | ServiceRecord]:
+        """Fresh versions of every live record of ours (after a restart or rejoin)."""
+        written: list[AppRecord | ServiceRecord] = []
+        for app in self.apps.values():
+            written.append(self._write(self._app_record(app)))
+            for claim in app.claims.values():
+                if claim.listening:
+                    written.append(self._write(self._service_record(app, claim)))
+        return written

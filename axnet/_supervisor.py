@@ -1,0 +1,423 @@
+"""``axnet run``: launch an app under the filter and stay as its supervisor.
+
+Theory of operation
+-------------------
+Three things run in this process:
+
+* the **engine** thread (``axnet.intercept._engine``) answers the app's trapped
+  socket calls from a local copy of the service table;
+* the **session** with the daemon (trio, main thread): it attaches the app,
+  applies the table changes the daemon pushes, and carries the engine's claims
+  (``bind``) and publications (``listen``).  When the daemon goes away the
+  engine keeps deciding from its last copy, binds fall back to kernel-chosen
+  ports, and the session re-attaches with backoff, handing over every binding
+  so the new daemon republishes them;
+* the **reaper**: the supervisor is a child subreaper, so everything the app
+  forks stays ours; when the app's main process exits, the rest of its tree
+  gets SIGTERM, then SIGKILL, and the supervisor exits with the app's status.
+
+The app is forked before trio or any thread starts (``launch`` forks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ._control import ControlClient, ControlError, DaemonUnavailable, control_path, open_session
+from ._node import ClaimError
+from ._table import IPAddress, Labels, ServiceTable, VirtualAddress, ip_address
+from ._verdict import Identity
+from ._wire import FrameDecoder, WireError, frame, record_from_wire
+from .intercept._bpf import build_filter
+from .intercept._engine import Engine
+from .intercept._launcher import launch
+
+log = logging.getLogger("axnet.run")
+
+PR_SET_CHILD_SUBREAPER = 36
+#: Seconds the rest of the app's tree gets between SIGTERM and SIGKILL.
+TERMINATE_GRACE_S = 2.0
+#: Seconds a bind waits for the daemon before falling back to a kernel port.
+CLAIM_TIMEOUT_S = 2.0
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 2.0
+
+
+@attrs.frozen(kw_only=True)
+class RunOptions:
+    argv: tuple[str, ...]
+    vip: IPAddress | None
+    name: str
+    labels: Labels
+    runtime_dir: Path
+    env: Mapping[str, str] | None = None
+
+
+class Session:
+    """The supervisor's side of its control session (request/reply plus pushes)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder()
+        self._next_id = 0
+        self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._send_lock = trio.Lock()
+        self.closed = trio.Event()
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        self._next_id += 1
+        ident = self._next_id
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._waiting[ident] = send
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
+            with trio.fail_after(CLAIM_TIMEOUT_S * 5):
+                reply = await receive.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+            raise DaemonUnavailable("the daemon went away") from None
+        except trio.TooSlowError:
+            raise ControlError(f"the daemon did not answer '{op}' in time") from None
+        finally:
+            self._waiting.pop(ident, None)
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error")), err=int(reply.get("errno") or 0))
+        return reply
+
+    async def handshake(self, op: str, fields: Mapping[str, Any], on_push: Any) -> dict[str, Any]:
+        """Send the first request and read until its reply, before :meth:`read` runs."""
+        self._next_id += 1
+        ident = self._next_id
+        await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
+        while True:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise DaemonUnavailable(f"the daemon closed the session during '{op}'")
+            for message in self._decoder.feed(data):
+                if not isinstance(message, dict):
+                    continue
+                if "push" in message:
+                    on_push(message)
+                elif message.get("id") == ident:
+                    if not message.get("ok"):
+                        raise ControlError(
+                            str(message.get("error")), err=int(message.get("errno") or 0)
+                        )
+                    return message
+
+    async def read(self, on_push: Any) -> None:
+        """Dispatch replies and pushes until the daemon closes the session."""
+        try:
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                try:
+                    messages = self._decoder.feed(data)
+                except WireError as exc:
+                    log.warning("session closed reason=%s", exc)
+                    return
+                for message in messages:
+                    if not isinstance(message, dict):
+                        continue
+                    if "push" in message:
+                        on_push(message)
+                    elif (channel := self._waiting.get(message.get("id", -1))) is not None:
+                        channel.send_nowait(message)
+        finally:
+            self.closed.set()
+            for channel in self._waiting.values():
+                channel.close()
+
+
+class Supervisor:
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self.app_id = uuid.uuid4().hex[:12]
+        self.table = ServiceTable()
+        self.session: Session | None = None
+        self.engine: Engine | None = None
+        self.identity: Identity | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # -- NodeLink, called from the engine thread --------------------------------
+
+    def claim(self, virtual: VirtualAddress, avoid: Sequence[int]) -> tuple[int, int]:
+        try:
+            reply = self._from_engine(
+                "claim", vip=str(virtual.ip), vport=virtual.port, avoid=list(avoid)
+            )
+        except ControlError as exc:
+            if exc.errno:
+                raise ClaimError(exc.errno, str(exc)) from None
+            # No daemon: let the kernel pick the real port; check conflicts locally.
+            if virtual.port and self._locally_in_use(virtual):
+                raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use") from None
+            log.warning(
+                "bind without daemon virtual=%s: kernel-chosen port, published later", virtual
+            )
+            return 0, virtual.port
+        return int(reply["real_port"]), int(reply["vport"])
+
+    def listen(self, virtual: VirtualAddress) -> None:
+        try:
+            self._from_engine("listen", vip=str(virtual.ip), vport=virtual.port)
+        except ControlError as exc:
+            log.warning("listen not published yet virtual=%s reason=%s", virtual, exc)
+
+    def release(self, virtual: VirtualAddress) -> None:
+        try:
+            self._from_engine("release", vip=str(virtual.ip), vport=virtual.port)
+        except ControlError:
+            pass  # a new daemon will not hear of it: the binding is gone from our list
+
+    def _locally_in_use(self, virtual: VirtualAddress) -> bool:
+        if self.table.resolve(virtual.ip, virtual.port) is not None:
+            return True
+        engine = self.engine
+        return engine is not None and any(b.virtual == virtual for b in engine.snapshot_bindings())
+
+    def _from_engine(self, op: str, **fields: Any) -> dict[str, Any]:
+        token = self._token
+        if token is None:
+            raise ControlError("supervisor is shutting down")
+
+        async def call() -> dict[str, Any]:
+            session = self.session
+            if session is None or session.closed.is_set():
+                raise DaemonUnavailable("no daemon session")
+            with trio.fail_after(CLAIM_TIMEOUT_S):
+                return await session.request(op, **fields)
+
+        try:
+            return trio.from_thread.run(call, trio_token=token)
+        except trio.TooSlowError:
+            raise ControlError(f"the daemon did not answer '{op}' in time") from None
+        except trio.RunFinishedError:
+            raise ControlError("supervisor is shutting down") from None
+
+    # -- session ------------------------------------------------------------------
+
+    def _on_push(self, message: Mapping[str, Any]) -> None:
+        if message.get("push") != "records":
+            return
+        for item in message.get("records") or []:
+            try:
+                self.table.merge(record_from_wire(item))
+            except WireError as exc:
+                log.warning("dropped malformed record reason=%s", exc)
+
+    async def _attach(self) -> tuple[Session, dict[str, Any]]:
+        stream = await open_session(control_path(self.options.runtime_dir))
+        session = Session(stream)
+        claims: list[list[object]] = []
+        if self.engine is not None:
+            claims = [
+                [str(b.virtual.ip), b.virtual.port, b.real_port, b.listening]
+                for b in self.engine.snapshot_bindings()
+            ]
+        identity = self.identity
+        fields: dict[str, Any] = {
+            "app_id": self.app_id,
+            "vip": str(identity.vip)
+            if identity
+            else (str(self.options.vip) if self.options.vip else None),
+            "block": list(identity.block) if identity and identity.block else None,
+            "name": self.options.name,
+            "labels": [list(x) for x in self.options.labels],
+            "pid": self._pid,
+            "argv": list(self.options.argv),
+            "claims": claims,
+        }
+        with trio.fail_after(CLAIM_TIMEOUT_S * 5):
+            reply = await session.handshake("attach", fields, self._on_push)
+        return session, reply
+
+    async def _keep_session(self, session: Session) -> None:
+        """Run the session; when it ends, re-attach with backoff, forever."""
+        delay = RECONNECT_MIN_S
+        while True:
+            await session.read(self._on_push)
+            self.session = None
+            log.warning("daemon session lost; apps keep their last table; re-attaching")
+            while True:
+                await trio.sleep(delay)
+                try:
+                    session, reply = await self._attach()
+                except (ControlError, OSError) as exc:
+                    log.debug("re-attach failed reason=%s", exc)
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    continue
+                self._apply_attach(reply)
+                self.session = session
+                delay = RECONNECT_MIN_S
+                log.warning("re-attached to the daemon vip=%s", reply.get("vip"))
+                break
+
+    def _apply_attach(self, reply: Mapping[str, Any]) -> None:
+        fresh = ServiceTable()
+        for item in reply.get("records") or []:
+            try:
+                fresh.merge(record_from_wire(item))
+            except WireError as exc:
+                log.warning("dropped malformed record reason=%s", exc)
+        block = reply.get("block")
+        self.identity = Identity(
+            vip=ip_address(str(reply["vip"])),
+            real_host=ip_address(str(reply["real_host"])),
+            block=(int(block[0]), int(block[1])) if block else None,
+        )
+        # Swap whole objects: the engine thread reads these attributes.
+        self.table = fresh
+        if self.engine is not None:
+            self.engine.table = fresh
+            self.engine.identity = self.identity
+
+    # -- main ---------------------------------------------------------------------
+
+    async def main(self, launched_pid: int, launched_pidfd: int, engine_factory: Any) -> int:
+        self._token = trio.lowlevel.current_trio_token()
+        self._pid = launched_pid
+        try:
+            session, reply = await self._attach()
+        except (ControlError, OSError) as exc:
+            _kill_tree(launched_pid)
+            raise ControlError(str(exc)) from None
+        self._apply_attach(reply)
+        self.session = session
+        assert self.identity is not None
+        self.engine = engine_factory(self.identity, self.table, self)
+        thread = threading.Thread(target=self._serve_engine, name="axnet-engine", daemon=True)
+        thread.start()
+        log.info(
+            "app started pid=%s vip=%s client_ports=%s",
+            launched_pid,
+            self.identity.vip,
+            self.identity.block,
+        )
+        status = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_session, session)
+            nursery.start_soon(self._forward_signals, launched_pid)
+            await trio.lowlevel.wait_readable(launched_pidfd)
+            status = _reap(launched_pid)
+            nursery.cancel_scope.cancel()
+        self._token = None
+        await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
+        assert self.engine is not None
+        self.engine.stop()
+        thread.join(timeout=2.0)
+        return status
+
+    def _serve_engine(self) -> None:
+        assert self.engine is not None
+        try:
+            self.engine.serve()
+        except Exception:
+            log.exception("engine stopped")
+
+    async def _forward_signals(self, pid: int) -> None:
+        with trio.open_signal_receiver(
+            signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
+        ) as signals:
+            async for signum in signals:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    return
+
+    _pid: int = 0
+
+
+def _reap(pid: int) -> int:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return 0
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def _terminate_tree() -> None:
+    """SIGTERM what is left of the app's tree (we are its subreaper), then SIGKILL."""
+    import time
+
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    sent_kill = False
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            continue
+        if time.monotonic() > deadline and not sent_kill:
+            for child in _children():
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sent_kill = True
+        time.sleep(0.02)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _terminate_tree()
+
+
+def run(options: RunOptions) -> int:
+    """Run the app to completion under axnet; returns its exit status."""
+    path = control_path(options.runtime_dir)
+    # Fail before starting anything when no daemon answers.
+    with ControlClient(path, timeout=5.0) as client:
+        client.request("status")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    launched = launch(options.argv, env=options.env, program=build_filter())
+    supervisor = Supervisor(options)
+
+    def make_engine(identity: Identity, table: ServiceTable, node: Supervisor) -> Engine:
+        return Engine(launched.notify, identity=identity, table=table, node=node)
+
+    try:
+        return trio.run(supervisor.main, launched.pid, launched.pidfd, make_engine)
+    finally:
+        os.close(launched.pidfd)
+        launched.notify.close()
+
+
+__all__ = ["RunOptions", "Supervisor", "errno", "run"]

@@ -1,0 +1,243 @@
+"""The replicated service table (pure).
+
+Theory of operation
+-------------------
+Two kinds of records describe where virtual addresses really live:
+
+* an :class:`AppRecord` says "virtual IP *vip* belongs to an app on node *node*,
+  whose outgoing connections leave from real address *real_host* with a source
+  port inside [*port_lo*, *port_hi*]".  A server that accepts a connection from
+  ``real_host:p`` finds the client's virtual address by looking for the block
+  that holds *p* (the supervisor pins each client socket to its block with
+  ``IP_LOCAL_PORT_RANGE``).
+* a :class:`ServiceRecord` says "virtual ``vip:port`` is served at real
+  ``real_host:real_port``"; it is published when an app calls ``listen``.
+
+Each record is owned by the node that wrote it and carries a version that only
+that node increases, so merging is last-writer-wins per key: a record replaces
+another with the same key when ``(version, node)`` is greater.  Deletion writes
+a tombstone (``deleted=True``) with a higher version; tombstones are dropped
+after ``TOMBSTONE_TTL`` seconds by :meth:`ServiceTable.expire`, long enough for
+every member to have heard of them through gossip or push-pull.
+
+The table never reads a clock: callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from typing import TypeAlias
+
+import attrs
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Seconds a tombstone is kept before it is forgotten.
+TOMBSTONE_TTL = 60.0
+
+
+def ip_address(text: str | IPAddress) -> IPAddress:
+    """Parse an address and unmap IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``)."""
+    ip = ipaddress.ip_address(text) if isinstance(text, str) else text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@attrs.frozen(kw_only=True)
+class VirtualAddress:
+    """A virtual ``ip:port`` as an application sees it."""
+
+    ip: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+@attrs.frozen(kw_only=True)
+class RealAddress:
+    """A real ``host:port`` that the kernel routes to."""
+
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+Labels: TypeAlias = tuple[tuple[str, str], ...]
+
+
+def labels_from(mapping: dict[str, str] | Iterable[tuple[str, str]]) -> Labels:
+    """Labels in canonical (sorted) form, so equal label sets compare equal."""
+    items = mapping.items() if isinstance(mapping, dict) else mapping
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+@attrs.frozen(kw_only=True)
+class AppRecord:
+    """An application under axnet: its virtual IP and where its connections come from."""
+
+    app_id: str
+    node: str
+    vip: IPAddress
+    real_host: IPAddress
+    port_lo: int
+    port_hi: int
+    name: str = ""
+    labels: Labels = ()
+    version: int = 0
+    deleted: bool = False
+    deleted_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.app_id
+
+
+@attrs.frozen(kw_only=True)
+class ServiceRecord:
+    """A listening virtual address and the real address that serves it."""
+
+    virtual: VirtualAddress
+    real: RealAddress
+    node: str
+    app_id: str
+    name: str = ""
+    labels: Labels = ()
+    version: int = 0
+    deleted: bool = False
+    deleted_at: float = 0.0
+
+    @property
+    def key(self) -> VirtualAddress:
+        return self.virtual
+
+
+def _newer(candidate: AppRecord | ServiceRecord, current: AppRecord | ServiceRecord | None) -> bool:
+    if current is None:
+        return True
+    return (candidate.version, candidate.node) > (current.version, current.node)
+
+
+@attrs.define
+class ServiceTable:
+    """All records known to one node or supervisor, merged last-writer-wins.
+
+    Lookups used on the connect path are single dictionary reads, so a reader
+    in another thread sees either the old or the new entry, never a torn one.
+    """
+
+    services: dict[VirtualAddress, ServiceRecord] = attrs.field(factory=dict)
+    apps: dict[str, AppRecord] = attrs.field(factory=dict)
+    # Indexes, rebuilt from the records above on every change.
+    _by_real: dict[RealAddress, VirtualAddress] = attrs.field(factory=dict)
+    _vips: dict[IPAddress, int] = attrs.field(factory=dict)
+    _blocks: dict[IPAddress, tuple[tuple[int, int, IPAddress], ...]] = attrs.field(factory=dict)
+
+    # -- merging -----------------------------------------------------------
+
+    def merge(self, record: AppRecord | ServiceRecord) -> bool:
+        """Apply *record* if it is newer than what we hold; return whether it was."""
+        if isinstance(record, ServiceRecord):
+            old_service = self.services.get(record.virtual)
+            if not _newer(record, old_service):
+                return False
+            self.services[record.virtual] = record
+            if old_service is not None and not old_service.deleted:
+                self._by_real.pop(old_service.real, None)
+            if not record.deleted:
+                self._by_real[record.real] = record.virtual
+            return True
+        old_app = self.apps.get(record.app_id)
+        if not _newer(record, old_app):
+            return False
+        self.apps[record.app_id] = record
+        if old_app is not None and not old_app.deleted:
+            self._drop_app_index(old_app)
+        if not record.deleted:
+            self._vips[record.vip] = self._vips.get(record.vip, 0) + 1
+            blocks = self._blocks.get(record.real_host, ())
+            self._blocks[record.real_host] = (
+                *blocks,
+                (record.port_lo, record.port_hi, record.vip),
+            )
+        return True
+
+    def merge_all(
+        self, records: Iterable[AppRecord | ServiceRecord]
+    ) -> list[AppRecord | ServiceRecord]:
+        """Merge many records; return those that changed the table."""
+        return [r for r in records if self.merge(r)]
+
+    def _drop_app_index(self, app: AppRecord) -> None:
+        count = self._vips.get(app.vip, 0) - 1
+        if count > 0:
+            self._vips[app.vip] = count
+        else:
+            self._vips.pop(app.vip, None)
+        block = (app.port_lo, app.port_hi, app.vip)
+        remaining = tuple(b for b in self._blocks.get(app.real_host, ()) if b != block)
+        if remaining:
+            self._blocks[app.real_host] = remaining
+        else:
+            self._blocks.pop(app.real_host, None)
+
+    def expire(self, now: float, ttl: float = TOMBSTONE_TTL) -> int:
+        """Forget tombstones older than *ttl*; return how many were dropped."""
+        dead_services = [
+            k for k, r in self.services.items() if r.deleted and now - r.deleted_at > ttl
+        ]
+        dead_apps = [k for k, a in self.apps.items() if a.deleted and now - a.deleted_at > ttl]
+        for vkey in dead_services:
+            del self.services[vkey]
+        for akey in dead_apps:
+            del self.apps[akey]
+        return len(dead_services) + len(dead_apps)
+
+    def records(self) -> Iterator[AppRecord | ServiceRecord]:
+        """Every record, tombstones included (what push-pull sends)."""
+        yield from self.apps.values()
+        yield from self.services.values()
+
+    def live_services(self) -> list[ServiceRecord]:
+        return sorted(
+            (r for r in self.services.values() if not r.deleted),
+            key=lambda r: (r.virtual.ip, r.virtual.port),
+        )
+
+    def live_apps(self) -> list[AppRecord]:
+        return sorted((a for a in self.apps.values() if not a.deleted), key=lambda a: a.vip)
+
+    # -- lookups on the connect path ----------------------------------------
+
+    def resolve(self, ip: IPAddress, port: int) -> ServiceRecord | None:
+        """The live service at virtual ``ip:port``, if any."""
+        record = self.services.get(VirtualAddress(ip=ip, port=port))
+        if record is None or record.deleted:
+            return None
+        return record
+
+    def is_virtual_ip(self, ip: IPAddress) -> bool:
+        """Whether some live app owns *ip* as its virtual address."""
+        return ip in self._vips
+
+    def virtual_of_server(self, real: RealAddress) -> VirtualAddress | None:
+        """The virtual address a real listening address serves (client's getpeername)."""
+        return self._by_real.get(real)
+
+    def virtual_of_client(self, host: IPAddress, port: int) -> IPAddress | None:
+        """The virtual IP of the app whose connections leave from ``host:port``."""
+        for lo, hi, vip in self._blocks.get(host, ()):
+            if lo <= port <= hi:
+                return vip
+        return None
+
+    def records_of_node(self, node: str) -> list[AppRecord | ServiceRecord]:
+        return [r for r in self.records() if r.node == node and not r.deleted]

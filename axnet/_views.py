@@ -1,0 +1,35 @@
+"""Records as plain dictionaries: what ``--json`` prints and tables show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._node import App
+from ._table import AppRecord, ServiceRecord
+
+
+def service_view(record: ServiceRecord) -> dict[str, Any]:
+    return {
+        "virtual": str(record.virtual),
+        "real": str(record.real),
+        "node": record.node,
+        "app": record.app_id,
+        "name": record.name,
+        "labels": dict(record.labels),
+    }
+
+
+def app_view(record: AppRecord, local: App | None) -> dict[str, Any]:
+    return {
+        "app": record.app_id,
+        "vip": str(record.vip),
+        "node": record.node,
+        "name": record.name,
+        "labels": dict(record.labels),
+        "client_ports": f"{record.port_lo}-{record.port_hi}",
+        "pid": local.pid if local else None,
+        "command": " ".join(local.argv) if local else None,
+        "listening": sorted(str(v) for v, c in local.claims.items() if c.listening)
+        if local
+        else [],
+    }

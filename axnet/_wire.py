@@ -1,0 +1,190 @@
+"""Wire codecs (pure): records as msgpack, and length-prefixed frames.
+
+Two error families, as at every boundary: :class:`WireError` means the peer
+sent something malformed (drop it, count it, go on); anything else raised from
+here is a bug of ours.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from ._table import (
+    AppRecord,
+    Labels,
+    RealAddress,
+    ServiceRecord,
+    VirtualAddress,
+    ip_address,
+)
+
+#: Largest control-API frame accepted (a full table for a big cluster fits).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+_HEADER = struct.Struct("!I")
+
+
+class WireError(ValueError):
+    """Malformed bytes from a peer."""
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise WireError(f"undecodable message: {exc}") from None
+
+
+def frame(obj: object) -> bytes:
+    """One length-prefixed message."""
+    body = pack(obj)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Reassembles length-prefixed messages from a byte stream."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buffer += data
+        messages: list[Any] = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES:
+                raise WireError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            messages.append(unpack(body))
+        return messages
+
+
+# -- records ---------------------------------------------------------------
+
+
+def _labels(value: object) -> Labels:
+    if not isinstance(value, list | tuple):
+        raise WireError("labels must be a list")
+    out: list[tuple[str, str]] = []
+    for item in value:
+        if not (isinstance(item, list | tuple) and len(item) == 2):
+            raise WireError("a label must be a [key, value] pair")
+        k, v = item
+        if not (isinstance(k, str) and isinstance(v, str)):
+            raise WireError("label keys and values must be strings")
+        out.append((k, v))
+    return tuple(out)
+
+
+def record_to_wire(record: AppRecord | ServiceRecord) -> list[object]:
+    if isinstance(record, AppRecord):
+        return [
+            "a",
+            record.app_id,
+            record.node,
+            str(record.vip),
+            str(record.real_host),
+            record.port_lo,
+            record.port_hi,
+            record.name,
+            [list(x) for x in record.labels],
+            record.version,
+            record.deleted,
+            record.deleted_at,
+        ]
+    return [
+        "s",
+        str(record.virtual.ip),
+        record.virtual.port,
+        str(record.real.host),
+        record.real.port,
+        record.node,
+        record.app_id,
+        record.name,
+        [list(x) for x in record.labels],
+        record.version,
+        record.deleted,
+        record.deleted_at,
+    ]
+
+
+def _port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise WireError(f"bad port {value!r}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise WireError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WireError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _ip(value: object) -> Any:
+    try:
+        return ip_address(_str(value))
+    except ValueError:
+        raise WireError(f"bad IP address {value!r}") from None
+
+
+def record_from_wire(data: object) -> AppRecord | ServiceRecord:
+    """Decode one record; raises :class:`WireError` on anything malformed."""
+    if not isinstance(data, list) or not data:
+        raise WireError("a record must be a non-empty list")
+    kind = data[0]
+    if kind == "a" and len(data) == 12:
+        _, app_id, node, vip, real_host, lo, hi, name, labels, version, deleted, at = data
+        lo_port, hi_port = _port(lo), _port(hi)
+        if lo_port > hi_port:
+            raise WireError("port block ends before it starts")
+        return AppRecord(
+            app_id=_str(app_id),
+            node=_str(node),
+            vip=_ip(vip),
+            real_host=_ip(real_host),
+            port_lo=lo_port,
+            port_hi=hi_port,
+            name=_str(name),
+            labels=_labels(labels),
+            version=_int(version),
+            deleted=bool(deleted),
+            deleted_at=_float(at),
+        )
+    if kind == "s" and len(data) == 12:
+        _, vip, vport, real_host, real_port, node, app_id, name, labels, version, deleted, at = data
+        return ServiceRecord(
+            virtual=VirtualAddress(ip=_ip(vip), port=_port(vport)),
+            real=RealAddress(host=_ip(real_host), port=_port(real_port)),
+            node=_str(node),
+            app_id=_str(app_id),
+            name=_str(name),
+            labels=_labels(labels),
+            version=_int(version),
+            deleted=bool(deleted),
+            deleted_at=_float(at),
+        )
+    raise WireError(f"unknown record kind {kind!r} or wrong length {len(data)}")

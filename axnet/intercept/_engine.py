@@ -1,0 +1,814 @@
+"""The notification engine: an app's trapped socket calls, carried out on its behalf.
+
+Theory of operation
+-------------------
+The seccomp filter (``_bpf``) sends ``connect``, ``bind``, ``listen``,
+``accept``/``accept4``, ``getsockname`` and ``getpeername`` here.  For each
+notification the engine
+
+1. opens a pidfd for the calling thread and takes a duplicate of the socket
+   with ``pidfd_getfd`` — the *same* open file description the app holds, so
+   socket options, ``O_NONBLOCK`` and epoll registrations stay the app's own;
+2. copies any sockaddr argument into private memory, then checks with
+   ``SECCOMP_IOCTL_NOTIF_ID_VALID`` that the notification is still live.  A
+   live notification means the thread is still blocked in the call, so the pid
+   was not reused and the copy came from the right address space;
+3. decides from the private copy (``axnet._verdict``) and acts on the
+   duplicate: connects it, binds it, listens on it, accepts from it;
+4. answers with the result.  ``SECCOMP_USER_NOTIF_FLAG_CONTINUE`` is used only
+   where nothing the app can still change entered the decision (``accept`` and
+   ``getsockname``/``getpeername`` on sockets that are not virtual).  Writing a
+   result into the app (accept's peer address, getsockname's address) goes
+   through ``/proc/TID/mem`` opened *before* the validity check, so a reused pid
+   can never receive the bytes.
+
+The loop runs in one dedicated OS thread that blocks in ``poll``+``RECV``: a
+trio wake-up per notification would cost more than the whole decision.
+Anything that would block — a blocking ``connect`` still in progress, a
+blocking ``accept`` with no connection queued — is handed to a worker thread
+that waits for readiness, re-checking every ``_WAIT_SLICE`` that the app is
+still waiting (a signal may have interrupted it), so one slow call stalls
+neither the loop nor the app's other threads.  A connection accepted for an
+``accept`` that was interrupted is kept and handed to the next ``accept`` on
+the same listener: it is never lost.
+
+A blocking app socket is connected by flipping ``O_NONBLOCK`` on for the one
+``connect`` call and back off: the flag lives in the shared file description,
+but the app's thread is parked in this very syscall.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+
+from .._node import ClaimError
+from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress, ip_address
+from .._verdict import (
+    BindVirtual,
+    Deny,
+    Identity,
+    Passthrough,
+    Redirect,
+    decide_bind,
+    decide_connect,
+)
+from . import _raw
+from ._decode import (
+    MAX_SOCKADDR_LEN,
+    Inet4,
+    Inet6,
+    SockaddrError,
+    decode_sockaddr,
+    encode_sockaddr,
+)
+from ._libc import PIDFD_THREAD, Notification, NotifyFd, pidfd_getfd, pidfd_open, read_memory
+
+log = logging.getLogger("axnet.run")
+
+# x86_64 syscall numbers of the trapped calls.
+NR_CONNECT = 42
+NR_ACCEPT = 43
+NR_BIND = 49
+NR_LISTEN = 50
+NR_GETSOCKNAME = 51
+NR_GETPEERNAME = 52
+NR_ACCEPT4 = 288
+
+#: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
+IP_LOCAL_PORT_RANGE = 51
+#: How often a worker waiting on behalf of the app re-checks that the app still waits.
+_WAIT_SLICE_MS = 200
+#: How often bindings are checked for sockets the app closed.
+SWEEP_INTERVAL_S = 1.0
+#: Workers waiting on blocking calls at once; beyond it waits queue up.
+MAX_WAITERS = 512
+_INT32 = struct.Struct("=i")
+_UINT32 = struct.Struct("=I")
+_ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_INET = (socket.AF_INET, socket.AF_INET6)
+
+
+class NodeLink(Protocol):
+    """How the engine claims virtual ports from the node (the supervisor implements it)."""
+
+    def claim(self, virtual: VirtualAddress, avoid: Sequence[int]) -> tuple[int, int]:
+        """Return (real port, virtual port); real port 0 means "let the kernel pick"."""
+        ...
+
+    def listen(self, virtual: VirtualAddress) -> None: ...
+    def release(self, virtual: VirtualAddress) -> None: ...
+
+
+class Errno(Exception):
+    """Answer the notification with this errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class Gone(Exception):
+    """The notification is no longer valid: the thread died or was interrupted."""
+
+
+@attrs.define
+class Binding:
+    """A socket of the app bound to its virtual address."""
+
+    virtual: VirtualAddress
+    real_port: int
+    inode: int
+    #: A thread of the process that bound it, to find the socket in its fd table.
+    pid: int = 0
+    listening: bool = False
+
+
+@attrs.define
+class Counters:
+    notifications: int = 0
+    redirected: int = 0
+    refused: int = 0
+    passed: int = 0
+    deferred: int = 0
+    faults: int = 0
+    errors: int = 0
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _open_pidfd(tid: int) -> int:
+    try:
+        return pidfd_open(tid, PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    # Kernels before 6.9 know no thread pidfds: open the thread group leader.
+    with open(f"/proc/{tid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Tgid:"):
+                return pidfd_open(int(line.split()[1]))
+    raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
+
+
+def _wait_fd(fd: int, events: int, timeout_ms: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(timeout_ms))
+
+
+def _sockaddr_for(family: int, ip: IPAddress, port: int) -> bytes:
+    """Encode ``ip:port`` for a socket of *family* (v4 in a v6 socket is mapped)."""
+    if family == socket.AF_INET6:
+        if ip.version == 4:
+            return encode_sockaddr(Inet6(host=_mapped(ip), port=port))
+        return encode_sockaddr(Inet6(host=ip, port=port))  # type: ignore[arg-type]  # version checked
+    if ip.version == 6:
+        raise Errno(errno.ENETUNREACH)
+    return encode_sockaddr(Inet4(host=ip, port=port))  # type: ignore[arg-type]  # version checked
+
+
+def _mapped(ip: IPAddress) -> object:
+    import ipaddress
+
+    return ipaddress.IPv6Address(f"::ffff:{ip}")
+
+
+def _unmapped(addr: Inet4 | Inet6) -> IPAddress:
+    return ip_address(addr.host)
+
+
+def _peer_tuple(address: object) -> tuple[IPAddress, int] | None:
+    """(ip, port) from a Python socket address tuple, unmapped."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        try:
+            return ip_address(str(address[0])), int(address[1])
+        except ValueError:
+            return None
+    return None
+
+
+class Engine:
+    """Answers the notifications of one app (all its processes and threads)."""
+
+    def __init__(
+        self,
+        notify: NotifyFd,
+        *,
+        identity: Identity,
+        table: ServiceTable,
+        node: NodeLink,
+    ) -> None:
+        self.notify = notify
+        self.identity = identity
+        self.table = table
+        self.node = node
+        self.bindings: dict[int, Binding] = {}
+        self.counters = Counters()
+        self._pending: dict[int, collections.deque[int]] = {}
+        self._reply_lock = threading.Lock()
+        self._bindings_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=MAX_WAITERS, thread_name_prefix="axnet-wait"
+        )
+        self._handlers: dict[int, Callable[[Notification], None]] = {
+            NR_CONNECT: self._on_connect,
+            NR_BIND: self._on_bind,
+            NR_LISTEN: self._on_listen,
+            NR_ACCEPT: self._on_accept,
+            NR_ACCEPT4: self._on_accept,
+            NR_GETSOCKNAME: self._on_getname,
+            NR_GETPEERNAME: self._on_getname,
+        }
+
+    # -- loop -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer notifications until :meth:`stop` or until no target is left."""
+        poller = select.poll()
+        nfd = self.notify.fileno()
+        poller.register(nfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        sweep_ms = int(SWEEP_INTERVAL_S * 1000)
+        try:
+            while not self._stopping:
+                ready = poller.poll(sweep_ms)
+                if not ready:
+                    self.sweep()
+                    continue
+                for fd, revents in ready:
+                    if fd == self._wake_r:
+                        return
+                    if revents & select.POLLIN:
+                        self._serve_one()
+                    elif revents & (select.POLLHUP | select.POLLERR):
+                        return  # every filtered task is gone
+        finally:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _serve_one(self) -> None:
+        try:
+            n = self.notify.recv()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                return  # the task died between the wake-up and RECV
+            raise
+        self.counters.notifications += 1
+        handler = self._handlers.get(n.nr)
+        try:
+            if handler is None:
+                # Not a call the filter traps; never happens unless the
+                # filter and this table disagree.  Answer as the kernel would.
+                self._reply(n, error=errno.ENOSYS)
+                return
+            handler(n)
+        except Errno as exc:
+            self._reply(n, error=exc.errno)
+        except Gone:
+            pass
+        except Exception:
+            self.counters.errors += 1
+            log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
+            self._reply(n, error=errno.EIO)
+
+    # -- answers --------------------------------------------------------------
+
+    def _reply(self, n: Notification, *, value: int = 0, error: int = 0) -> None:
+        with self._reply_lock:
+            try:
+                self.notify.respond(n.id, val=value, error=error)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+
+    def _continue(self, n: Notification) -> None:
+        with self._reply_lock:
+            try:
+                self.notify.respond_continue(n.id)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+
+    def _check(self, n: Notification) -> None:
+        if not self.notify.id_valid(n.id):
+            raise Gone
+
+    # -- reaching into the app --------------------------------------------------
+
+    def _socket(self, n: Notification) -> socket.socket:
+        """Our duplicate of the app's socket ``args[0]``."""
+        target = _int32(n.args[0])
+        if target < 0:
+            raise Errno(errno.EBADF)
+        try:
+            pidfd = _open_pidfd(n.pid)
+        except OSError:
+            raise Gone from None
+        try:
+            fd = pidfd_getfd(pidfd, target)
+        except OSError as exc:
+            raise Errno(exc.errno or errno.EBADF) from None
+        finally:
+            os.close(pidfd)
+        try:
+            return socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise Errno(
+                errno.ENOTSOCK if exc.errno == errno.ENOTSOCK else exc.errno or errno.EBADF
+            ) from None
+
+    def _read_sockaddr(self, n: Notification, ptr: int, length: int) -> bytes:
+        if length > MAX_SOCKADDR_LEN:
+            raise Errno(errno.EINVAL)
+        if length == 0:
+            return b""
+        try:
+            return read_memory(n.pid, ptr, length)
+        except OSError:
+            self.counters.faults += 1
+            raise Errno(errno.EFAULT) from None
+
+    def _open_mem(self, n: Notification) -> int:
+        """``/proc/TID/mem`` for writing results, opened before the validity check."""
+        try:
+            fd = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            raise Gone from None
+        if not self.notify.id_valid(n.id):
+            os.close(fd)
+            raise Gone
+        return fd
+
+    def _write_sockaddr(self, mem: int, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
+        """Store a result address the way the kernel does (truncate, report full length)."""
+        if not addr_ptr or not len_ptr:
+            return
+        try:
+            raw_len = os.pread(mem, 4, len_ptr)
+            if len(raw_len) != 4:
+                raise Errno(errno.EFAULT)
+            (room,) = _INT32.unpack(raw_len)
+            if room < 0:
+                raise Errno(errno.EINVAL)
+            if room:
+                os.pwrite(mem, encoded[:room], addr_ptr)
+            os.pwrite(mem, _INT32.pack(len(encoded)), len_ptr)
+        except OSError:
+            self.counters.faults += 1
+            raise Errno(errno.EFAULT) from None
+
+    # -- connect ---------------------------------------------------------------
+
+    def _on_connect(self, n: Notification) -> None:
+        length = n.args[2] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR_LEN:
+            raise Errno(errno.EINVAL)
+        sock = self._socket(n)
+        try:
+            raw = self._read_sockaddr(n, n.args[1], length)
+            self._check(n)
+            target = raw
+            if sock.type == socket.SOCK_STREAM and sock.family in _INET:
+                try:
+                    addr = decode_sockaddr(raw)
+                except SockaddrError as exc:
+                    raise Errno(exc.errno) from None
+                if _family_matches(sock.family, addr):
+                    assert isinstance(addr, Inet4 | Inet6)
+                    ip = _unmapped(addr)
+                    verdict = decide_connect(self.table, self.identity, ip, addr.port)
+                    match verdict:
+                        case Deny():
+                            self.counters.refused += 1
+                            log.info(
+                                "connect refused pid=%s dest=%s:%s reason=%s",
+                                n.pid,
+                                ip,
+                                addr.port,
+                                verdict.reason,
+                            )
+                            raise Errno(verdict.errno)
+                        case Redirect():
+                            self.counters.redirected += 1
+                            target = _sockaddr_for(
+                                sock.family, verdict.real.host, verdict.real.port
+                            )
+                            self._pin_source_ports(sock)
+                            log.debug(
+                                "connect pid=%s virtual=%s real=%s",
+                                n.pid,
+                                verdict.service,
+                                verdict.real,
+                            )
+                        case Passthrough():
+                            self.counters.passed += 1
+            self._connect(n, sock, target)
+            sock = None  # type: ignore[assignment]  # ownership passed on
+        finally:
+            if sock is not None:
+                sock.close()
+
+    def _pin_source_ports(self, sock: socket.socket) -> None:
+        block = self.identity.block
+        if block is None:
+            return
+        try:
+            sock.setsockopt(
+                socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(block[0] | block[1] << 16)
+            )
+        except OSError as exc:
+            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
+
+    def _connect(self, n: Notification, sock: socket.socket, target: bytes) -> None:
+        """Connect the app's socket with blocking semantics preserved; closes *sock*."""
+        fd = sock.fileno()
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_NONBLOCK:
+            err = _raw.connect(fd, target)
+            sock.close()
+            self._reply(n, error=err)
+            return
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            err = _raw.connect(fd, target)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        if err not in (errno.EINPROGRESS, errno.EALREADY):
+            sock.close()
+            self._reply(n, error=err)
+            return
+        if _wait_fd(fd, select.POLLOUT, 0):
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            sock.close()
+            self._reply(n, error=err)
+            return
+        self.counters.deferred += 1
+        self._workers.submit(self._finish_connect, n, sock)
+
+    def _finish_connect(self, n: Notification, sock: socket.socket) -> None:
+        try:
+            fd = sock.fileno()
+            while not _wait_fd(fd, select.POLLOUT, _WAIT_SLICE_MS):
+                if self._stopping or not self.notify.id_valid(n.id):
+                    return  # interrupted: the app restarts connect and finds it in progress
+            self._reply(n, error=sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except Exception:
+            log.exception("deferred connect failed pid=%s", n.pid)
+            self._reply(n, error=errno.EIO)
+        finally:
+            sock.close()
+
+    # -- bind / listen -----------------------------------------------------------
+
+    def _on_bind(self, n: Notification) -> None:
+        length = n.args[2] & 0xFFFFFFFF
+        if length > MAX_SOCKADDR_LEN:
+            raise Errno(errno.EINVAL)
+        with self._socket(n) as sock:
+            raw = self._read_sockaddr(n, n.args[1], length)
+            self._check(n)
+            if sock.type == socket.SOCK_STREAM and sock.family in _INET:
+                try:
+                    addr = decode_sockaddr(raw)
+                except SockaddrError as exc:
+                    raise Errno(exc.errno) from None
+                if _family_matches(sock.family, addr):
+                    assert isinstance(addr, Inet4 | Inet6)
+                    ip = _unmapped(addr)
+                    verdict = decide_bind(self.table, self.identity, ip, addr.port)
+                    match verdict:
+                        case Deny():
+                            log.info(
+                                "bind refused pid=%s addr=%s:%s reason=%s",
+                                n.pid,
+                                ip,
+                                addr.port,
+                                verdict.reason,
+                            )
+                            raise Errno(verdict.errno)
+                        case BindVirtual():
+                            self._bind_virtual(sock, verdict.port, n.pid)
+                            self._reply(n)
+                            return
+                        case Passthrough():
+                            pass
+            self._reply(n, error=_raw.bind(sock.fileno(), raw))
+
+    def _bind_virtual(self, sock: socket.socket, port: int, pid: int) -> Binding:
+        """Claim ``vip:port`` and bind the socket to a real port; raises Errno."""
+        if sock.getsockname()[1] != 0:
+            raise Errno(errno.EINVAL)  # already bound, as the kernel says
+        virtual = VirtualAddress(ip=self.identity.vip, port=port)
+        avoid: list[int] = []
+        for _ in range(8):
+            try:
+                real_port, vport = self.node.claim(virtual, avoid)
+            except ClaimError as exc:
+                log.info("bind refused addr=%s reason=%s", virtual, exc)
+                raise Errno(exc.errno) from None
+            claimed = VirtualAddress(ip=self.identity.vip, port=vport)
+            err = _raw.bind(
+                sock.fileno(), _sockaddr_for(sock.family, self.identity.real_host, real_port)
+            )
+            if err == 0:
+                if real_port == 0:
+                    real_port = int(sock.getsockname()[1])
+                    if vport == 0:
+                        claimed = VirtualAddress(ip=self.identity.vip, port=real_port)
+                binding = Binding(
+                    virtual=claimed,
+                    real_port=real_port,
+                    inode=os.fstat(sock.fileno()).st_ino,
+                    pid=pid,
+                )
+                with self._bindings_lock:
+                    self.bindings[real_port] = binding
+                log.debug("bind virtual=%s real=%s:%s", claimed, self.identity.real_host, real_port)
+                return binding
+            self.node.release(claimed)
+            if err != errno.EADDRINUSE:
+                raise Errno(err)
+            avoid.append(real_port)  # taken by a process outside axnet
+        raise Errno(errno.EADDRINUSE)
+
+    def _binding_of(self, sock: socket.socket) -> Binding | None:
+        """The virtual binding behind *sock*, if it is one of ours."""
+        if sock.type != socket.SOCK_STREAM or sock.family not in _INET:
+            return None
+        try:
+            local = _peer_tuple(sock.getsockname())
+        except OSError:
+            return None
+        if local is None or local[0] != self.identity.real_host:
+            return None
+        return self.bindings.get(local[1])
+
+    def _on_listen(self, n: Notification) -> None:
+        backlog = _int32(n.args[1])
+        with self._socket(n) as sock:
+            self._check(n)
+            binding = self._binding_of(sock)
+            if (
+                binding is None
+                and sock.type == socket.SOCK_STREAM
+                and sock.family in _INET
+                and sock.getsockname()[1] == 0
+            ):
+                # listen() on an unbound socket binds it to any port first.
+                binding = self._bind_virtual(sock, 0, n.pid)
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                raise Errno(exc.errno or errno.EINVAL) from None
+            if binding is not None and binding.inode == os.fstat(sock.fileno()).st_ino:
+                if not binding.listening:
+                    binding.listening = True
+                    try:
+                        self.node.listen(binding.virtual)
+                    except ClaimError as exc:
+                        log.warning("publish failed service=%s reason=%s", binding.virtual, exc)
+                    log.info(
+                        "listening service=%s real=%s:%s",
+                        binding.virtual,
+                        self.identity.real_host,
+                        binding.real_port,
+                    )
+            self._reply(n)
+
+    # -- accept ------------------------------------------------------------------
+
+    def _on_accept(self, n: Notification) -> None:
+        flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
+        sock = self._socket(n)
+        try:
+            binding = self._binding_of(sock)
+            if binding is None:
+                self._continue(n)
+                return
+            if flags & ~_ACCEPT4_FLAGS:
+                raise Errno(errno.EINVAL)
+            pending = self._pending.get(binding.real_port)
+            if pending:
+                self._deliver(n, sock, pending.popleft(), flags, binding)
+                return
+            fd = sock.fileno()
+            nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+            if nonblocking or _wait_fd(fd, select.POLLIN, 0):
+                try:
+                    conn, _ = _raw.accept4(fd, socket.SOCK_CLOEXEC)
+                except OSError as exc:
+                    raise Errno(exc.errno or errno.EIO) from None
+                self._deliver(n, sock, conn, flags, binding)
+                return
+            self.counters.deferred += 1
+            self._workers.submit(self._finish_accept, n, sock, flags, binding)
+            sock = None  # type: ignore[assignment]  # the worker owns it
+        finally:
+            if sock is not None:
+                sock.close()
+
+    def _finish_accept(
+        self, n: Notification, sock: socket.socket, flags: int, binding: Binding
+    ) -> None:
+        try:
+            fd = sock.fileno()
+            while not _wait_fd(fd, select.POLLIN, _WAIT_SLICE_MS):
+                if self._stopping or not self.notify.id_valid(n.id):
+                    return
+            try:
+                conn, _ = _raw.accept4(fd, socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                self._reply(n, error=exc.errno or errno.EIO)
+                return
+            try:
+                self._deliver(n, sock, conn, flags, binding)
+            except Errno as exc:
+                self._reply(n, error=exc.errno)
+            except Gone:
+                pass
+        except Exception:
+            log.exception("deferred accept failed pid=%s", n.pid)
+            self._reply(n, error=errno.EIO)
+        finally:
+            sock.close()
+
+    def _deliver(
+        self, n: Notification, listener: socket.socket, conn: int, flags: int, binding: Binding
+    ) -> None:
+        """Hand an accepted connection to the app: peer address, then the fd itself."""
+        try:
+            addr_ptr, len_ptr = n.args[1], n.args[2]
+            if addr_ptr and len_ptr:
+                mem = self._open_mem(n)
+                try:
+                    peer = self._virtual_peer(conn)
+                    encoded = _sockaddr_for(listener.family, peer[0], peer[1])
+                    self._write_sockaddr(mem, addr_ptr, len_ptr, encoded)
+                finally:
+                    os.close(mem)
+            if flags & socket.SOCK_NONBLOCK:
+                fcntl.fcntl(conn, fcntl.F_SETFL, fcntl.fcntl(conn, fcntl.F_GETFL) | os.O_NONBLOCK)
+            with self._reply_lock:
+                self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
+        except (Gone, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+                os.close(conn)
+                raise
+            # The app stopped waiting (signal): keep the connection for the next accept.
+            self._pending.setdefault(binding.real_port, collections.deque()).append(conn)
+            return
+        except Errno:
+            os.close(conn)  # as the kernel does when it cannot store the address
+            raise
+        os.close(conn)
+
+    def _virtual_peer(self, conn: int) -> tuple[IPAddress, int]:
+        with socket.socket(fileno=os.dup(conn)) as s:
+            peer = _peer_tuple(s.getpeername())
+        if peer is None:
+            raise Errno(errno.ENOTCONN)
+        vip = self.table.virtual_of_client(peer[0], peer[1])
+        return (vip, peer[1]) if vip is not None else peer
+
+    # -- getsockname / getpeername ------------------------------------------------
+
+    def _on_getname(self, n: Notification) -> None:
+        with self._socket(n) as sock:
+            if sock.type != socket.SOCK_STREAM or sock.family not in _INET:
+                self._continue(n)
+                return
+            try:
+                if n.nr == NR_GETSOCKNAME:
+                    virtual = self._virtual_local(sock)
+                else:
+                    virtual = self._virtual_remote(sock)
+            except OSError as exc:
+                raise Errno(exc.errno or errno.EINVAL) from None
+            if virtual is None:
+                self._continue(n)
+                return
+            mem = self._open_mem(n)
+            try:
+                self._write_sockaddr(
+                    mem, n.args[1], n.args[2], _sockaddr_for(sock.family, virtual[0], virtual[1])
+                )
+            finally:
+                os.close(mem)
+            self._reply(n)
+
+    def _virtual_local(self, sock: socket.socket) -> tuple[IPAddress, int] | None:
+        local = _peer_tuple(sock.getsockname())
+        if local is None or local[0] != self.identity.real_host:
+            return None
+        binding = self.bindings.get(local[1])
+        if binding is not None:
+            return binding.virtual.ip, binding.virtual.port
+        block = self.identity.block
+        if block is not None and block[0] <= local[1] <= block[1]:
+            return self.identity.vip, local[1]
+        return None
+
+    def _virtual_remote(self, sock: socket.socket) -> tuple[IPAddress, int] | None:
+        peer = _peer_tuple(sock.getpeername())
+        if peer is None:
+            return None
+        server = self.table.virtual_of_server(RealAddress(host=peer[0], port=peer[1]))
+        if server is not None:
+            return server.ip, server.port
+        vip = self.table.virtual_of_client(peer[0], peer[1])
+        if vip is not None:
+            return vip, peer[1]
+        return None
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Withdraw bindings whose socket the app has closed."""
+        if not self.bindings:
+            return
+        alive = _socket_inodes()
+        with self._bindings_lock:
+            gone = [
+                b
+                for b in self.bindings.values()
+                if b.inode not in alive and (b.listening or not _holds_inode(b.pid, b.inode))
+            ]
+            for binding in gone:
+                del self.bindings[binding.real_port]
+                for conn in self._pending.pop(binding.real_port, ()):
+                    os.close(conn)
+        for binding in gone:
+            log.info("released service=%s listening=%s", binding.virtual, binding.listening)
+            try:
+                self.node.release(binding.virtual)
+            except ClaimError as exc:
+                log.warning("release failed service=%s reason=%s", binding.virtual, exc)
+
+    def snapshot_bindings(self) -> list[Binding]:
+        with self._bindings_lock:
+            return list(self.bindings.values())
+
+
+def _family_matches(family: int, addr: object) -> bool:
+    return (family == socket.AF_INET and isinstance(addr, Inet4)) or (
+        family == socket.AF_INET6 and isinstance(addr, Inet6)
+    )
+
+
+def _holds_inode(pid: int, inode: int) -> bool:
+    """Whether process *pid* still has socket *inode* open (bound, not listening)."""
+    wanted = f"socket:[{inode}]"
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+def _socket_inodes() -> set[int]:
+    """Inodes of TCP sockets that listen or are connected, in this namespace.
+
+    A socket that is only bound appears in neither table.
+    """
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9:
+                        inodes.add(int(fields[9]))
+        except FileNotFoundError:
+            continue
+    return inodes
