@@ -133,12 +133,18 @@ class Daemon:
                 written += self.node.listen(app_id, virtual)
         self.sessions[app_id] = conn
         log.info("app attached app=%s vip=%s pid=%s argv=%s", app_id, app.vip, app.pid, app.argv)
+        if app.block is None:
+            log.warning(
+                "no client port block left for app=%s: servers will see this node's address "
+                "for its connections; raise --client-ports or lower --client-block",
+                app_id,
+            )
         await conn.reply(
             request,
             node=self.config.node.name,
             real_host=str(self.config.node.real_host),
             vip=str(app.vip),
-            block=list(app.block),
+            block=list(app.block) if app.block else None,
             records=[record_to_wire(r) for r in self.node.table.records()],
         )
         await self.changed(written)

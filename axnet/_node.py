@@ -82,7 +82,7 @@ class NodeConfig:
     client_ports: PortRange = PortRange(lo=32768, hi=60999)
     #: Ports per app for outgoing connections (bounds its concurrent
     #: connections to one destination, TIME_WAIT included).
-    client_block: int = 1024
+    client_block: int = 2048
     #: Where addresses come from for apps started without ``--ip``.
     virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(
         "10.77.0.0/16"
@@ -101,7 +101,7 @@ class Claim:
 class App:
     app_id: str
     vip: IPAddress
-    block: tuple[int, int]
+    block: tuple[int, int] | None
     name: str
     labels: Labels
     pid: int
@@ -133,7 +133,7 @@ class Node:
         lo, hi = self.config.client_ports.lo, self.config.client_ports.hi
         return [(start, min(start + size - 1, hi)) for start in range(lo, hi + 1, size)]
 
-    def _take_block(self, wanted: tuple[int, int] | None) -> tuple[int, int]:
+    def _take_block(self, wanted: tuple[int, int] | None) -> tuple[int, int] | None:
         if wanted is not None and wanted not in self._blocks_in_use:
             self._blocks_in_use.add(wanted)
             return wanted
@@ -141,11 +141,7 @@ class Node:
             if block not in self._blocks_in_use:
                 self._blocks_in_use.add(block)
                 return block
-        raise ClaimError(
-            errno.EADDRNOTAVAIL,
-            f"no free client port block left on node {self.config.name} "
-            f"({len(self._blocks_in_use)} apps); raise --client-ports or lower --client-block",
-        )
+        return None  # the app still runs; servers see the node's address for it
 
     def _pick_vip(self, now: float) -> IPAddress:
         network = self.config.virtual_range
@@ -166,8 +162,8 @@ class Node:
             node=self.config.name,
             vip=app.vip,
             real_host=self.config.real_host,
-            port_lo=app.block[0],
-            port_hi=app.block[1],
+            port_lo=app.block[0] if app.block else 0,
+            port_hi=app.block[1] if app.block else 0,
             name=app.name,
             labels=app.labels,
             version=self._bump(),
@@ -233,7 +229,8 @@ class Node:
         written: list[AppRecord | ServiceRecord] = []
         for claim in list(app.claims.values()):
             written += self._drop_claim(app, claim, now=now)
-        self._blocks_in_use.discard(app.block)
+        if app.block is not None:
+            self._blocks_in_use.discard(app.block)
         written.append(self._write(self._app_record(app, deleted=True, now=now)))
         return written
 

@@ -72,14 +72,34 @@ def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) 
     return Passthrough()
 
 
-def decide_bind(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> BindVerdict:
+def decide_bind(
+    table: ServiceTable,
+    me: Identity,
+    ip: IPAddress,
+    port: int,
+    *,
+    ipv6_socket: bool = False,
+    v6only: bool = False,
+) -> BindVerdict:
     """What a stream bind to ``ip:port`` means.
 
     The app's own virtual address and the wildcard become a virtual binding;
     loopback and real addresses are the kernel's business; somebody else's
     virtual address cannot be bound, as on a host that does not own it.
+
+    The app's virtual host has exactly one address.  A wildcard bind on a
+    socket that cannot carry that address family (an IPv6-only socket when the
+    address is IPv4, an IPv4 socket when it is IPv6) gets EADDRNOTAVAIL, as on
+    a host without such an address; servers that bind both families (redis,
+    nginx) treat that as "this family is not available" and go on.
     """
-    if ip == me.vip or ip.is_unspecified:
+    if ip.is_unspecified:
+        if me.vip.version == 4 and ipv6_socket and v6only:
+            return Deny(errno=errno.EADDRNOTAVAIL, reason="IPv6-only socket, IPv4 virtual address")
+        if me.vip.version == 6 and not ipv6_socket:
+            return Deny(errno=errno.EADDRNOTAVAIL, reason="IPv4 socket, IPv6 virtual address")
+        return BindVirtual(port=port)
+    if ip == me.vip:
         return BindVirtual(port=port)
     if table.is_virtual_ip(ip) or (me.virtual_range is not None and ip in me.virtual_range):
         return Deny(errno=errno.EADDRNOTAVAIL, reason=f"{ip} is another app's virtual address")

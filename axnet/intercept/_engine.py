@@ -313,8 +313,13 @@ class Engine:
                 if exc.errno != errno.ENOENT:
                     raise
 
+    def _valid(self, n: Notification) -> bool:
+        # NotifyFd reuses one argument buffer per ioctl: one thread at a time.
+        with self._reply_lock:
+            return self.notify.id_valid(n.id)
+
     def _check(self, n: Notification) -> None:
-        if not self.notify.id_valid(n.id):
+        if not self._valid(n):
             raise Gone
 
     # -- reaching into the app --------------------------------------------------
@@ -359,7 +364,7 @@ class Engine:
             fd = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             raise Gone from None
-        if not self.notify.id_valid(n.id):
+        if not self._valid(n):
             os.close(fd)
             raise Gone
         return fd
@@ -393,6 +398,7 @@ class Engine:
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
             target = raw
+            pinned = False
             if sock.type == socket.SOCK_STREAM and sock.family in _INET:
                 try:
                     addr = decode_sockaddr(raw)
@@ -418,7 +424,7 @@ class Engine:
                             target = _sockaddr_for(
                                 sock.family, verdict.real.host, verdict.real.port
                             )
-                            self._pin_source_ports(sock)
+                            pinned = self._pin_source_ports(sock)
                             log.debug(
                                 "connect pid=%s virtual=%s real=%s",
                                 n.pid,
@@ -427,54 +433,55 @@ class Engine:
                             )
                         case Passthrough():
                             self.counters.passed += 1
-            self._connect(n, sock, target)
+            self._connect(n, sock, target, pinned=pinned)
             sock = None  # type: ignore[assignment]  # ownership passed on
         finally:
             if sock is not None:
                 sock.close()
 
-    def _pin_source_ports(self, sock: socket.socket) -> None:
+    def _pin_source_ports(self, sock: socket.socket) -> bool:
+        """Keep the source port in the app's block, so servers can name the client."""
         block = self.identity.block
         if block is None:
-            return
+            return False
         try:
             sock.setsockopt(
                 socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(block[0] | block[1] << 16)
             )
         except OSError as exc:
             log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
+            return False
+        return True
 
-    def _connect(self, n: Notification, sock: socket.socket, target: bytes) -> None:
+    def _connect(
+        self, n: Notification, sock: socket.socket, target: bytes, *, pinned: bool = False
+    ) -> None:
         """Connect the app's socket with blocking semantics preserved; closes *sock*."""
         fd = sock.fileno()
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if flags & os.O_NONBLOCK:
-            err = _raw.connect(fd, target)
-            sock.close()
-            self._reply(n, error=err)
-            return
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        try:
-            err = _raw.connect(fd, target)
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        if err not in (errno.EINPROGRESS, errno.EALREADY):
-            sock.close()
-            self._reply(n, error=err)
-            return
-        if _wait_fd(fd, select.POLLOUT, 0):
+        err = _connect_nonblocking(fd, target)
+        if pinned and err == errno.EADDRNOTAVAIL:
+            log.warning(
+                "client port block %s exhausted; connecting from any port "
+                "(the server sees the node's address, not the app's)",
+                self.identity.block,
+            )
+            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
+            err = _connect_nonblocking(fd, target)
+        blocking = not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+        if blocking and err in (errno.EINPROGRESS, errno.EALREADY):
+            if not _wait_fd(fd, select.POLLOUT, 0):
+                self.counters.deferred += 1
+                self._workers.submit(self._finish_connect, n, sock)
+                return
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            sock.close()
-            self._reply(n, error=err)
-            return
-        self.counters.deferred += 1
-        self._workers.submit(self._finish_connect, n, sock)
+        sock.close()
+        self._reply(n, error=err)
 
     def _finish_connect(self, n: Notification, sock: socket.socket) -> None:
         try:
             fd = sock.fileno()
             while not _wait_fd(fd, select.POLLOUT, _WAIT_SLICE_MS):
-                if self._stopping or not self.notify.id_valid(n.id):
+                if self._stopping or not self._valid(n):
                     return  # interrupted: the app restarts connect and finds it in progress
             self._reply(n, error=sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
         except Exception:
@@ -500,7 +507,15 @@ class Engine:
                 if _family_matches(sock.family, addr):
                     assert isinstance(addr, Inet4 | Inet6)
                     ip = _unmapped(addr)
-                    verdict = decide_bind(self.table, self.identity, ip, addr.port)
+                    verdict = decide_bind(
+                        self.table,
+                        self.identity,
+                        ip,
+                        addr.port,
+                        ipv6_socket=sock.family == socket.AF_INET6,
+                        v6only=sock.family == socket.AF_INET6
+                        and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)),
+                    )
                     match verdict:
                         case Deny():
                             log.info(
@@ -638,7 +653,7 @@ class Engine:
         try:
             fd = sock.fileno()
             while not _wait_fd(fd, select.POLLIN, _WAIT_SLICE_MS):
-                if self._stopping or not self.notify.id_valid(n.id):
+                if self._stopping or not self._valid(n):
                     return
             try:
                 conn, _ = _raw.accept4(fd, socket.SOCK_CLOEXEC)
@@ -772,6 +787,22 @@ class Engine:
     def snapshot_bindings(self) -> list[Binding]:
         with self._bindings_lock:
             return list(self.bindings.values())
+
+
+def _connect_nonblocking(fd: int, target: bytes) -> int:
+    """``connect`` that never blocks, even on a blocking socket; 0 or the errno.
+
+    ``O_NONBLOCK`` lives in the file description shared with the app, whose
+    thread is parked in this very connect; it is back before we answer.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_NONBLOCK:
+        return _raw.connect(fd, target)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        return _raw.connect(fd, target)
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _family_matches(family: int, addr: object) -> bool:

@@ -1,0 +1,66 @@
+"""The demo's apps: plain socket programs that know nothing of axnet.
+
+``python -m axnet.demo._apps serve NAME`` listens on port 80 of every address
+and answers each request with JSON: its name, what ``getsockname`` and
+``accept`` told it.  ``python -m axnet.demo._apps fetch HOST`` connects to
+``HOST:80`` and prints JSON: what its own ``getsockname``/``getpeername``
+returned, and the server's answer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+
+def serve(name: str, port: int = 80) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(16)
+    print(json.dumps({"serving": name, "sockname": list(listener.getsockname())}), flush=True)
+    while True:
+        conn, peer = listener.accept()
+        with conn:
+            conn.recv(4096)
+            body = json.dumps(
+                {
+                    "server": name,
+                    "server_sockname": list(conn.getsockname()),
+                    "accepted_from": list(peer),
+                }
+            ).encode()
+            conn.sendall(
+                b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+def fetch(host: str, port: int = 80) -> None:
+    with socket.create_connection((host, port), timeout=5) as conn:
+        mine, theirs = conn.getsockname(), conn.getpeername()
+        conn.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    _, _, body = data.partition(b"\r\n\r\n")
+    print(
+        json.dumps(
+            {
+                "client_sockname": list(mine),
+                "client_peername": list(theirs),
+                "response": json.loads(body),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        serve(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "fetch":
+        fetch(sys.argv[2])
+    else:
+        sys.exit("usage: python -m axnet.demo._apps serve NAME | fetch HOST")

@@ -1,0 +1,158 @@
+"""Fork, install the seccomp filter in the child, hand its listener to the parent, exec.
+
+Theory of operation
+-------------------
+The filter must be in place before the application's first instruction, and
+only the application (not the supervisor) may be filtered, so the child
+installs it between fork and exec.  The listener fd the kernel returns lives
+in the child; the parent takes its own copy with `pidfd_getfd` while the child
+waits, and the child closes its copy before exec: an application holding its
+own notification fd could answer its own syscalls.
+
+Child and parent talk over two pipes:
+
+* report (child -> parent, O_CLOEXEC): `F<fd>\\n` once the filter is installed,
+  `S<errno>\\n` if installing failed, `X<errno>\\n` if exec failed.  EOF after
+  `F` means exec succeeded, because exec closed the write end.
+* ack (parent -> child): one byte once the parent holds the listener, or EOF
+  if the parent gave up (the child then exits 127 without exec).
+
+Between installing the filter and exec the child makes no trapped call (only
+pipe I/O, close, signal reset and execve), so nothing waits on a supervisor
+that is not listening yet.  The child never returns into the caller's code:
+every path ends in exec or `os._exit`.
+
+`launch` calls `os.fork()`: call it before any thread (trio included) starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from ._libc import NotifyFd, install_filter, pidfd_getfd, pidfd_open
+
+#: Exit status of a child that could not execute the application (as a shell does).
+EXIT_CANNOT_EXECUTE = 127
+_MAX_REPORT = 64
+
+
+class LaunchError(Exception):
+    """The application could not be started; the message is for the user."""
+
+
+@attrs.frozen
+class Launched:
+    """A running application: its pid, a pidfd for it, and the supervisor's listener."""
+
+    pid: int
+    pidfd: int
+    notify: NotifyFd
+
+
+def launch(argv: Sequence[str], *, env: Mapping[str, str] | None, program: bytes) -> Launched:
+    """Start `argv` (searched on PATH) under the seccomp `program`."""
+    if not argv:
+        raise ValueError("argv must name a program to run")
+    if isinstance(argv, str):
+        raise TypeError("argv must be a sequence of arguments, not a string")
+    args = list(argv)
+    environ = dict(os.environ if env is None else env)
+    report_r, report_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (report_r, report_w, ack_r, ack_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child, never returns
+        _child(args, environ, program, report_w, ack_r)
+    os.close(report_w)
+    os.close(ack_r)
+    pidfd = notify_fd = -1
+    try:
+        kind, value = _read_message(report_r)
+        if kind == "S":
+            raise LaunchError(f"axnet run: cannot install the seccomp filter: {os.strerror(value)}")
+        if kind != "F":
+            raise LaunchError(f"axnet run: launcher protocol error ({kind!r})")
+        pidfd = pidfd_open(pid)
+        notify_fd = pidfd_getfd(pidfd, value)
+        os.write(ack_w, b"1")
+        os.close(ack_w)
+        ack_w = -1
+        kind, value = _read_message(report_r)
+        if kind == "X":
+            raise LaunchError(f"axnet run: cannot execute {args[0]!r}: {os.strerror(value)}")
+        if kind != "":
+            raise LaunchError(f"axnet run: launcher protocol error ({kind!r})")
+        return Launched(pid=pid, pidfd=pidfd, notify=NotifyFd(notify_fd))
+    except BaseException:
+        for fd in (ack_w, notify_fd, pidfd):
+            if fd >= 0:
+                os.close(fd)
+        _reap(pid)
+        raise
+    finally:
+        os.close(report_r)
+
+
+def _read_message(fd: int) -> tuple[str, int]:
+    """One `<kind><int>\\n` line from the child; ("", 0) at EOF."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            if line:
+                raise LaunchError("axnet run: launcher protocol error (truncated report)")
+            return "", 0
+        line += chunk
+        if len(line) > _MAX_REPORT:
+            raise LaunchError("axnet run: launcher protocol error (report too long)")
+    kind, digits = line[:1].decode("ascii", "replace"), line[1:-1]
+    if not digits.isdigit():
+        raise LaunchError("axnet run: launcher protocol error (bad report)")
+    return kind, int(digits)
+
+
+def _reap(pid: int) -> None:
+    """Kill and wait for a child we are abandoning (it may still wait on the ack)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _child(
+    args: list[str], environ: dict[str, str], program: bytes, report_w: int, ack_r: int
+) -> None:  # pragma: no cover - runs in the forked child
+    code = EXIT_CANNOT_EXECUTE
+    try:
+        try:
+            listener = install_filter(program)
+        except OSError as e:
+            os.write(report_w, b"S%d\n" % (e.errno or errno.EINVAL))
+            return
+        os.write(report_w, b"F%d\n" % listener)
+        if os.read(ack_r, 1) != b"1":
+            return  # the parent gave up
+        os.close(listener)
+        os.close(ack_r)
+        # Python ignores SIGPIPE and SIGXFSZ; exec keeps "ignored", so restore
+        # the defaults the application expects (as subprocess does).
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            os.execvpe(args[0], args, environ)
+        except OSError as e:
+            os.write(report_w, b"X%d\n" % (e.errno or errno.ENOEXEC))
+    except BaseException:
+        code = EXIT_CANNOT_EXECUTE
+    finally:
+        os._exit(code)

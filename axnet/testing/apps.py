@@ -1,0 +1,246 @@
+"""Small socket programs that tests run under ``axnet run``.
+
+They know nothing of axnet: each prints one JSON line with what the kernel
+(or axnet, pretending to be it) told it.  Run as
+``python -m axnet.testing.apps NAME ARGS…``; they live in the package so that
+an unprivileged user can run them from the installed project.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _out(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def _addr(address: object) -> list[object]:
+    return list(address) if isinstance(address, tuple) else [address]
+
+
+def names(host: str, port: str) -> None:
+    """Connect; report getsockname/getpeername and what the server said."""
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        _out(
+            sockname=_addr(conn.getsockname()),
+            peername=_addr(conn.getpeername()),
+            server=json.loads(data) if data else None,
+        )
+
+
+def greeter(port: str, family: str = "inet") -> None:
+    """Listen on PORT of every address; tell each client what accept returned."""
+    af = socket.AF_INET6 if family == "inet6" else socket.AF_INET
+    listener = socket.socket(af, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("::" if af == socket.AF_INET6 else "0.0.0.0", int(port)))
+    listener.listen(512)
+    _out(ready=True, sockname=_addr(listener.getsockname()))
+    while True:
+        conn, peer = listener.accept()
+        with conn:
+            body = json.dumps(
+                {
+                    "accepted_from": _addr(peer),
+                    "peername": _addr(conn.getpeername()),
+                    "sockname": _addr(conn.getsockname()),
+                }
+            )
+            try:
+                conn.sendall(body.encode())
+            except OSError:
+                pass
+
+
+def connect_errno(host: str, port: str) -> None:
+    """One connect; report its errno (0 on success)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _out(errno=sock.connect_ex((host, int(port))))
+    sock.close()
+
+
+def threads(host: str, port: str, nthreads: str, per_thread: str) -> None:
+    """NTHREADS threads each connecting PER_THREAD times; count successes."""
+    ok = [0] * int(nthreads)
+    failures: list[str] = []
+
+    def work(i: int) -> None:
+        for _ in range(int(per_thread)):
+            try:
+                with socket.create_connection((host, int(port)), timeout=30) as conn:
+                    conn.recv(4096)
+                ok[i] += 1
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(int(nthreads))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    _out(ok=sum(ok), failures=failures[:5])
+
+
+def asyncio_clients(host: str, port: str, count: str) -> None:
+    """COUNT concurrent non-blocking connects with asyncio."""
+    import asyncio
+
+    async def one() -> str:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return str(json.loads(data)["accepted_from"][0])
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one() for _ in range(int(count))))
+
+    seen = asyncio.run(main())
+    _out(ok=len(seen), accepted_from=sorted(set(seen)))
+
+
+def trio_clients(host: str, port: str, count: str) -> None:
+    """COUNT concurrent non-blocking connects with trio."""
+    import trio
+
+    seen: list[str] = []
+
+    async def one() -> None:
+        stream = await trio.open_tcp_stream(host, int(port))
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+        await stream.aclose()
+        seen.append(str(json.loads(data)["accepted_from"][0]))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(int(count)):
+                nursery.start_soon(one)
+
+    trio.run(main)
+    _out(ok=len(seen), accepted_from=sorted(set(seen)))
+
+
+def fork_connect(host: str, port: str) -> None:
+    """A forked child connects and reports through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                data = conn.recv(4096)
+                os.write(w, json.dumps({"child_sockname": _addr(conn.getsockname()),
+                                        "server": json.loads(data)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.waitpid(pid, 0)
+    print(data.decode(), flush=True)
+
+
+def exec_names(host: str, port: str) -> None:
+    """exec() another program that connects."""
+    os.execv(sys.executable, [sys.executable, "-m", "axnet.testing.apps", "names", host, port])
+
+
+def io_uring() -> None:
+    """io_uring_setup(1, params): report the errno."""
+    params = ctypes.create_string_buffer(120)
+    result = _libc.syscall(425, 1, params)
+    _out(result=result, errno=ctypes.get_errno() if result < 0 else 0)
+
+
+def hostile() -> None:
+    """Socket calls with hostile arguments; report each errno."""
+    results: dict[str, int] = {}
+
+    def call(name: str, fn: Callable[[], int]) -> None:
+        ctypes.set_errno(0)
+        rc = fn()
+        results[name] = ctypes.get_errno() if rc < 0 else 0
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fd = sock.fileno()
+    good = ctypes.create_string_buffer(b"\x02\x00\x00\x50\x0a\x01\x00\x05" + b"\x00" * 8)
+    call("connect_bad_pointer", lambda: _libc.connect(fd, ctypes.c_void_p(8), 16))
+    call("connect_oversized_len", lambda: _libc.connect(fd, good, 100000))
+    call("bind_bad_pointer", lambda: _libc.bind(fd, ctypes.c_void_p(8), 16))
+    call("connect_not_a_socket", lambda: _libc.connect(os.open("/dev/null", os.O_RDONLY), good, 16))
+    call("connect_bad_fd", lambda: _libc.connect(9999, good, 16))
+    call("getsockname_bad_pointer", lambda: _libc.getsockname(fd, ctypes.c_void_p(8), ctypes.c_void_p(8)))
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(1)
+    lfd = listener.fileno()
+    call("accept4_bad_flags", lambda: _libc.accept4(lfd, None, None, 0x7FFF0000))
+    # The supervisor must still answer normally afterwards.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("0.0.0.0", 0))
+    results["still_working"] = int(probe.getsockname()[1] != 0)
+    _out(**results, ENOENT=errno.ENOENT)
+
+
+def bind_twice(port: str) -> None:
+    """Bind PORT twice in one app: the second must fail as the kernel would."""
+    a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    a.bind(("0.0.0.0", int(port)))
+    a.listen(1)
+    b = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        b.bind(("0.0.0.0", int(port)))
+        _out(errno=0)
+    except OSError as exc:
+        _out(errno=exc.errno)
+
+
+def listen_then_close(port: str, seconds: str) -> None:
+    """Listen, wait, close the listener, wait again (records must be withdrawn)."""
+    import time
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen(1)
+    _out(listening=True)
+    time.sleep(float(seconds))
+    s.close()
+    _out(closed=True)
+    time.sleep(float(seconds))
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "names": names,
+    "greeter": greeter,
+    "connect-errno": connect_errno,
+    "threads": threads,
+    "asyncio-clients": asyncio_clients,
+    "trio-clients": trio_clients,
+    "fork-connect": fork_connect,
+    "exec-names": exec_names,
+    "io-uring": io_uring,
+    "hostile": hostile,
+    "bind-twice": bind_twice,
+    "listen-then-close": listen_then_close,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m axnet.testing.apps {{{','.join(COMMANDS)}}} ARGS")
+    COMMANDS[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,91 @@
+"""Transmit-limited broadcast queue (infection-style dissemination).
+
+Theory of operation: every message to disseminate is queued once, already
+encoded, under an invalidation key — the member name for alive/suspect/dead,
+(origin, key) for an application broadcast — so a newer message about the
+same thing replaces the older one instead of travelling beside it. Each time
+a message rides on an outgoing packet its transmit count goes up; once it
+reaches retransmit_mult * ceil(log10(N + 1)) it is dropped. Packets are
+filled with the least-transmitted messages first, newest first among equals
+(as memberlist), which spreads fresh news fastest.
+
+Items live in buckets indexed by transmit count, each an insertion-ordered
+dict, so queueing, invalidating and taking are O(1) per message touched, not
+O(queue length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+#: Items examined per fill before giving up on finding one that fits.
+_SCAN_LIMIT = 256
+#: Below this many free bytes no message can fit; stop filling.
+_MIN_MESSAGE = 4
+
+
+class _Item:
+    __slots__ = ("data", "id", "key", "transmits")
+
+    def __init__(self, item_id: int, key: Hashable, data: bytes) -> None:
+        self.id = item_id
+        self.key = key
+        self.data = data
+        self.transmits = 0
+
+
+class BroadcastQueue:
+    """Messages waiting to be piggybacked, with invalidation by key."""
+
+    __slots__ = ("_buckets", "_by_key", "_next_id")
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[int, _Item]] = [{}]
+        self._by_key: dict[Hashable, _Item] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def queue(self, key: Hashable, data: bytes) -> None:
+        """Queue `data`, replacing any message queued under `key`."""
+        old = self._by_key.pop(key, None)
+        if old is not None:
+            del self._buckets[old.transmits][old.id]
+        item = _Item(self._next_id, key, data)
+        self._next_id += 1
+        self._by_key[key] = item
+        self._buckets[0][item.id] = item
+
+    def take(self, free_bytes: int, per_message_overhead: int, transmit_limit: int) -> list[bytes]:
+        """Messages fitting in `free_bytes`; counts one transmission for each."""
+        chosen: list[_Item] = []
+        scanned = 0
+        for bucket in self._buckets:
+            if free_bytes < _MIN_MESSAGE or scanned >= _SCAN_LIMIT:
+                break
+            for item in reversed(bucket.values()):
+                scanned += 1
+                cost = len(item.data) + per_message_overhead
+                if cost <= free_bytes:
+                    chosen.append(item)
+                    free_bytes -= cost
+                if free_bytes < _MIN_MESSAGE or scanned >= _SCAN_LIMIT:
+                    break
+        for item in chosen:
+            del self._buckets[item.transmits][item.id]
+            item.transmits += 1
+            if item.transmits >= transmit_limit:
+                del self._by_key[item.key]
+                continue
+            while len(self._buckets) <= item.transmits:
+                self._buckets.append({})
+            self._buckets[item.transmits][item.id] = item
+        return [item.data for item in chosen]
+
+    def prune(self, transmit_limit: int) -> None:
+        """Drop messages already sent `transmit_limit` times (N shrank)."""
+        for transmits in range(transmit_limit, len(self._buckets)):
+            for item in self._buckets[transmits].values():
+                del self._by_key[item.key]
+            self._buckets[transmits].clear()

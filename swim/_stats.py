@@ -1,0 +1,32 @@
+"""Counters a Swim core keeps about its own traffic.
+
+Drops caused by peers (bad authentication, malformed bytes) are counted here
+instead of raised: a hostile or misconfigured peer must not be able to stop
+a member, but an operator must be able to see it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define(kw_only=True)
+class Stats:
+    """Monotonic counters; read them, never reset them from outside."""
+
+    packets_received: int = 0
+    packets_sent: int = 0
+    packets_dropped_auth: int = 0
+    packets_dropped_malformed: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
+    streams_sent: int = 0
+    streams_received: int = 0
+    streams_failed: int = 0
+    streams_dropped_auth: int = 0
+    streams_dropped_malformed: int = 0
+    probes_sent: int = 0
+    probes_failed: int = 0
+    refutations: int = 0

@@ -1,0 +1,251 @@
+"""The core promise, end to end: unmodified apps, run as an ordinary user in a
+test host without a default route, get their own virtual IPs and any port."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+
+import pytest
+
+from axnet.testing import APPS, AxnetNode, has_program, stop_process, wait_until
+
+
+def _serve_dir(node: AxnetNode, text: str) -> str:
+    path = node.scratch / text
+    path.mkdir()
+    (path / "index.html").write_text(text)
+    path.chmod(0o755)
+    (path / "index.html").chmod(0o644)
+    return str(path)
+
+
+def test_two_http_servers_on_port_80(node: AxnetNode) -> None:
+    for ip, text in (("10.1.0.5", "alpha"), ("10.1.0.6", "beta")):
+        node.app(["python3", "-m", "http.server", "80"], ip=ip, name=text, cwd=_serve_dir(node, text))
+    node.wait_service("10.1.0.5:80")
+    node.wait_service("10.1.0.6:80")
+    for ip, text in (("10.1.0.5", "alpha"), ("10.1.0.6", "beta")):
+        done = node.run(["curl", "-sS", "-m", "10", f"http://{ip}/"], timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == text
+
+
+def test_addresses_each_side_sees(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7000"], ip="10.1.0.5", name="greeter")
+    service = node.wait_service("10.1.0.5:7000")
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7000"], ip="10.1.0.9")
+    # The client sees its own virtual address and the server's.
+    assert seen["sockname"][0] == "10.1.0.9"
+    assert seen["peername"] == ["10.1.0.5", 7000]
+    # The server sees itself on its virtual address, and the client's.
+    assert seen["server"]["sockname"] == ["10.1.0.5", 7000]
+    assert seen["server"]["accepted_from"] == ["10.1.0.9", seen["sockname"][1]]
+    assert seen["server"]["peername"] == seen["server"]["accepted_from"]
+    # While the kernel really routed it to the node's real address.
+    assert service["real"].startswith("127.0.0.1:")
+
+
+def test_dual_stack_server_sees_mapped_addresses(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7001", "inet6"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7001")
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7001"], ip="10.1.0.9")
+    assert seen["server"]["sockname"][:2] == ["::ffff:10.1.0.5", 7001]
+    assert seen["server"]["accepted_from"][0] == "::ffff:10.1.0.9"
+
+
+def test_unserved_virtual_address_is_refused_at_once(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7002"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7002")
+    result = node.run_json([*APPS, "connect-errno", "10.1.0.5", "7999"])
+    assert result["errno"] == errno.ECONNREFUSED
+
+
+def test_real_addresses_pass_through(node: AxnetNode) -> None:
+    # A plain server outside axnet on the host's loopback.
+    server = node.host.popen([*APPS, "greeter", "7003"])
+    try:
+        wait_until("plain server", lambda: node.host.run(
+            ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 7003))"],
+            timeout=10).returncode == 0)
+        seen = node.run_json([*APPS, "names", "127.0.0.1", "7003"], ip="10.1.0.9")
+        assert seen["peername"] == ["127.0.0.1", 7003]
+        assert seen["server"]["accepted_from"][0] == "127.0.0.1"
+    finally:
+        stop_process(server)
+
+
+def test_same_virtual_port_twice_is_in_use(node: AxnetNode) -> None:
+    first = node.app([*APPS, "greeter", "80"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:80")
+    second = node.run([*APPS, "greeter", "80"], ip="10.1.0.5", timeout=30)
+    assert second.returncode != 0
+    assert "Address already in use" in second.stderr
+    assert first.poll() is None
+    # Within one app too.
+    result = node.run_json([*APPS, "bind-twice", "81"], ip="10.1.0.7")
+    assert result["errno"] == errno.EADDRINUSE
+
+
+def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -> None:
+    app = node.app([*APPS, "listen-then-close", "7004", "3"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7004")
+    wait_until("withdrawn after close", lambda: "10.1.0.5:7004" not in node.services())
+    app.wait(timeout=30)
+    wait_until("app gone", lambda: not any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
+
+
+def test_nonblocking_connects_asyncio_and_trio(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7005"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7005")
+    for kind in ("asyncio-clients", "trio-clients"):
+        result = node.run_json([*APPS, kind, "10.1.0.5", "7005", "50"], ip="10.1.0.9")
+        assert result == {"ok": 50, "accepted_from": ["10.1.0.9"]}
+
+
+def test_32_threads_by_100_connects(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7006"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7006")
+    result = node.run_json([*APPS, "threads", "10.1.0.5", "7006", "32", "100"], timeout=240)
+    assert result == {"ok": 3200, "failures": []}
+
+
+def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7007"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7007")
+    forked = node.run_json([*APPS, "fork-connect", "10.1.0.5", "7007"], ip="10.1.0.9")
+    assert forked["child_sockname"][0] == "10.1.0.9"
+    assert forked["server"]["accepted_from"][0] == "10.1.0.9"
+    execed = node.run_json([*APPS, "exec-names", "10.1.0.5", "7007"], ip="10.1.0.9")
+    assert execed["peername"] == ["10.1.0.5", 7007]
+    assert execed["server"]["accepted_from"][0] == "10.1.0.9"
+
+
+def test_io_uring_is_refused(node: AxnetNode) -> None:
+    result = node.run_json([*APPS, "io-uring"])
+    assert result["errno"] == errno.ENOSYS
+
+
+def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
+    result = node.run_json([*APPS, "hostile"], ip="10.1.0.5")
+    assert result["connect_bad_pointer"] == errno.EFAULT
+    assert result["connect_oversized_len"] == errno.EINVAL
+    assert result["bind_bad_pointer"] == errno.EFAULT
+    assert result["connect_not_a_socket"] == errno.ENOTSOCK
+    assert result["connect_bad_fd"] == errno.EBADF
+    assert result["getsockname_bad_pointer"] == errno.EFAULT
+    assert result["accept4_bad_flags"] == errno.EINVAL
+    assert result["still_working"] == 1
+
+
+def test_bad_ip_flag_is_a_usage_error(node: AxnetNode) -> None:
+    done = node.axnet("run", "--ip", "foo", "--", "true", check=False)
+    assert done.returncode == 2
+    assert "--ip must be an IPv4 or IPv6 address, got 'foo'" in done.stderr
+
+
+def test_run_without_daemon_says_how_to_start_one(node: AxnetNode) -> None:
+    node.stop()
+    done = node.axnet("run", "--", "true", check=False)
+    assert done.returncode == 1
+    assert "start one with: axnet daemon" in done.stderr
+
+
+def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
+    server = node.app([*APPS, "greeter", "7008"], ip="10.1.0.5", name="greeter")
+    node.wait_service("10.1.0.5:7008")
+    # A long-lived client app that keeps connecting.
+    client_script = (
+        "import socket, sys, time\n"
+        "for line in sys.stdin:\n"
+        "    s = socket.create_connection(('10.1.0.5', 7008), timeout=10)\n"
+        "    print(s.recv(4096).decode(), flush=True)\n"
+        "    s.close()\n"
+    )
+    client = node.host.popen(
+        [*node.run_cmd_prefix(ip="10.1.0.9"), "python3", "-c", client_script],
+        env=node.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=node.logs / "client.err",
+    )
+    assert client.stdin is not None and client.stdout is not None
+
+    def ask() -> dict[str, object]:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        return dict(json.loads(client.stdout.readline()))
+
+    try:
+        assert ask()["accepted_from"] == ["10.1.0.9", pytest.approx(0, abs=65535)]
+        node.kill_daemon()
+        # Running apps keep reaching the services they knew.
+        assert ask()["accepted_from"][0] == "10.1.0.9"  # type: ignore[index]
+        node.start()
+        # Both apps re-attach and the server's record comes back.
+        node.wait_service("10.1.0.5:7008")
+        vips = wait_until("apps re-attached",
+                          lambda: {a["vip"] for a in node.json("apps")} >= {"10.1.0.5", "10.1.0.9"})
+        assert vips
+        assert ask()["accepted_from"][0] == "10.1.0.9"  # type: ignore[index]
+    finally:
+        client.stdin.close()
+        stop_process(client)
+        stop_process(server)
+
+
+@pytest.mark.parametrize("program", ["busybox"])
+def test_static_busybox_httpd_and_wget(node: AxnetNode, program: str, require: object) -> None:
+    reason = has_program(program)
+    if reason:
+        pytest.skip(reason)
+    www = _serve_dir(node, "static")
+    node.app(["busybox", "httpd", "-f", "-p", "80", "-h", www], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:80")
+    done = node.run(["busybox", "wget", "-q", "-O", "-", "http://10.1.0.5/"], timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "static"
+
+
+def test_redis_through_a_virtual_ip(node: AxnetNode) -> None:
+    for program in ("redis-server", "redis-cli", "redis-benchmark"):
+        if reason := has_program(program):
+            pytest.skip(reason)
+    node.app(["redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
+         # Clients come from their virtual IPs, not loopback: protected mode would refuse them.
+         "--protected-mode", "no"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:6379")
+    assert node.run(["redis-cli", "-h", "10.1.0.5", "set", "k", "v"], timeout=30).stdout.strip() == "OK"
+    assert node.run(["redis-cli", "-h", "10.1.0.5", "get", "k"], timeout=30).stdout.strip() == "v"
+    clients = node.run(["redis-cli", "-h", "10.1.0.5", "client", "list"], ip="10.1.0.9", timeout=30)
+    assert "addr=10.1.0.9:" in clients.stdout
+    bench = node.run(["redis-benchmark", "-h", "10.1.0.5", "-n", "2000", "-c", "4", "-q", "-t", "set,get"],
+                     timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    assert "requests per second" in bench.stdout
+
+
+def test_iperf3_dual_stack(node: AxnetNode) -> None:
+    if reason := has_program("iperf3"):
+        pytest.skip(reason)
+    node.app(["iperf3", "-s", "-p", "5201"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:5201")
+    done = node.run(["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    report = json.loads(done.stdout)
+    assert report["end"]["sum_received"]["bytes"] > 0
+    assert report["start"]["connected"][0]["remote_host"] == "10.1.0.5"
+    assert report["start"]["connected"][0]["local_host"] == "10.1.0.9"
+
+
+def test_demo_runs_and_cleans_up(node: AxnetNode) -> None:
+    done = node.host.run([*node.axnet_cmd(), "demo", "--json"], env={}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {s["virtual"] for s in report["services"]} == {"10.1.0.5:80", "10.1.0.6:80"}
+    for fetch in report["fetches"]:
+        assert fetch["client_peername"] == [fetch["target"], 80]
+        assert fetch["response"]["server_sockname"] == [fetch["target"], 80]
+        assert fetch["response"]["accepted_from"][0] == "10.1.0.7"

@@ -1,0 +1,1 @@
+"""Tests of the interception engine: filter, codec, bindings, launcher."""

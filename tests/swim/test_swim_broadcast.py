@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from swim import BroadcastQueue
+
+
+def test_newer_message_invalidates_older() -> None:
+    q = BroadcastQueue()
+    q.queue("a", b"old")
+    q.queue("b", b"other")
+    q.queue("a", b"new")
+    assert len(q) == 2
+    assert sorted(q.take(1000, 0, 10)) == [b"new", b"other"]
+
+
+def test_transmit_limit_drops_after_limit() -> None:
+    q = BroadcastQueue()
+    q.queue("a", b"x")
+    for _ in range(3):
+        assert q.take(100, 0, 3) == [b"x"]
+    assert q.take(100, 0, 3) == []
+    assert len(q) == 0
+
+
+def test_fewest_transmits_first_then_newest() -> None:
+    q = BroadcastQueue()
+    q.queue("a", b"a")
+    assert q.take(100, 0, 5) == [b"a"]
+    q.queue("b", b"b")
+    q.queue("c", b"c")
+    assert q.take(100, 0, 5) == [b"c", b"b", b"a"]
+
+
+def test_respects_byte_budget() -> None:
+    q = BroadcastQueue()
+    for i in range(100):
+        q.queue(i, bytes(100))
+    taken = q.take(1000, 2, 5)
+    assert len(taken) == 9
+    assert len(q) == 100
+
+
+def test_prune() -> None:
+    q = BroadcastQueue()
+    q.queue("a", b"aaaa")
+    q.take(100, 0, 10)
+    q.take(100, 0, 10)
+    q.prune(2)
+    assert len(q) == 0

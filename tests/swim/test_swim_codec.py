@@ -1,0 +1,121 @@
+"""Codec: round trips, and arbitrary bytes raise only ProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swim import MemberState, ProtocolError, decode_envelope
+from swim._messages import (
+    Ack,
+    Alive,
+    Dead,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    PushPullEntry,
+    Suspect,
+    UserBroadcast,
+    compound,
+    encode_message,
+)
+
+names = st.text(max_size=20)
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+addresses = st.tuples(st.text(max_size=20), st.integers(min_value=0, max_value=65535))
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Ping, seq=u64, target=names, source=names),
+    st.builds(
+        PingReq, seq=u64, target=names, target_address=addresses, source=names, nack=st.booleans()
+    ),
+    st.builds(Ack, seq=u64),
+    st.builds(Nack, seq=u64),
+    st.builds(Suspect, incarnation=u64, member=names, accuser=names),
+    st.builds(Alive, incarnation=u64, member=names, address=addresses, meta=st.binary(max_size=64)),
+    st.builds(Dead, incarnation=u64, member=names, accuser=names),
+    st.builds(
+        UserBroadcast,
+        origin=names,
+        key=st.binary(max_size=16),
+        boot=u64,
+        seq=u64,
+        payload=st.binary(max_size=64),
+    ),
+    st.builds(
+        PushPull,
+        join=st.booleans(),
+        members=st.lists(
+            st.builds(
+                PushPullEntry,
+                name=names,
+                address=addresses,
+                incarnation=u64,
+                state=st.sampled_from(MemberState),
+                meta=st.binary(max_size=8),
+            ),
+            max_size=4,
+        ).map(tuple),
+        user_state=st.binary(max_size=64),
+    ),
+)
+
+
+@given(st.lists(messages, max_size=5))
+def test_round_trip(batch: list[Message]) -> None:
+    assert decode_envelope(compound([encode_message(m) for m in batch])) == batch
+
+
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_raise_only_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_envelope(data)
+
+
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_after_version_byte(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_envelope(b"\x01" + data)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=7) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.lists(msgpack_values, max_size=4))
+def test_well_formed_msgpack_of_wrong_shape(values: list[object]) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_envelope(b"\x01" + msgpack.packb(values, use_bin_type=True))
+
+
+@given(st.lists(messages, min_size=1, max_size=3), st.data())
+def test_mutated_valid_packets(batch: list[Message], data: st.DataObject) -> None:
+    packet = bytearray(compound([encode_message(m) for m in batch]))
+    index = data.draw(st.integers(min_value=0, max_value=len(packet) - 1))
+    packet[index] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(packet)))
+    with contextlib.suppress(ProtocolError):
+        decode_envelope(bytes(packet[:cut]))
+
+
+def test_protocol_error_is_value_error() -> None:
+    assert issubclass(ProtocolError, ValueError)
+    with pytest.raises(ProtocolError):
+        decode_envelope(b"")
+    with pytest.raises(ProtocolError):
+        decode_envelope(b"\x01" + msgpack.packb([[1, True, "a", "b"]]))  # bool is not a seq

@@ -1,0 +1,296 @@
+"""Cores joined by a hand-driven link: bytes in, events out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swim import (
+    Config,
+    Datagram,
+    MemberDead,
+    MemberJoined,
+    MemberLeft,
+    MemberState,
+    MemberSuspected,
+    MemberUpdated,
+    StreamPurpose,
+    Swim,
+    UserMessage,
+)
+from swim._messages import (
+    Ack,
+    Alive,
+    Dead,
+    Message,
+    Ping,
+    Suspect,
+    UserBroadcast,
+    compound,
+    decode_envelope,
+    encode_message,
+)
+
+A = ("10.0.0.1", 7946)
+B = ("10.0.0.2", 7946)
+
+
+def make(name: str, address: tuple[str, int], *, incarnation: int = 1, seed: int = 0) -> Swim:
+    return Swim(
+        name=name,
+        address=address,
+        config=Config.lan(),
+        rng=random.Random(seed),
+        now=0.0,
+        incarnation=incarnation,
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.state = b"mine"
+        self.merged: list[tuple[bytes, bool]] = []
+
+    def local_state(self) -> bytes:
+        return self.state
+
+    def merge_remote_state(self, data: bytes, *, join: bool) -> None:
+        self.merged.append((data, join))
+
+
+def joined_pair() -> tuple[Swim, Swim]:
+    a, b = make("a", A), make("b", B, seed=1)
+    b.join([A], 0.0)
+    (request,) = b.take_stream_requests()
+    assert request.purpose is StreamPurpose.JOIN
+    b.handle_stream_reply(A, a.handle_stream(B, request.data, 0.0), 0.0)
+    return a, b
+
+
+def packet(*messages: Message) -> bytes:
+    return compound([encode_message(m) for m in messages])
+
+
+def test_join_exchanges_members_and_delegate_state() -> None:
+    da, db = Recorder(), Recorder()
+    a = Swim(name="a", address=A, config=Config.lan(), rng=random.Random(0), now=0.0, delegate=da)
+    b = Swim(name="b", address=B, config=Config.lan(), rng=random.Random(1), now=0.0, delegate=db)
+    b.join([A], 0.0)
+    (request,) = b.take_stream_requests()
+    reply = a.handle_stream(B, request.data, 0.0)
+    b.handle_stream_reply(A, reply, 0.0)
+    assert da.merged == [(b"mine", True)]
+    assert db.merged == [(b"mine", True)]
+    assert [type(e) for e in a.take_events()] == [MemberJoined]
+    assert [type(e) for e in b.take_events()] == [MemberJoined]
+    assert {m.name for m in a.members()} == {"a", "b"}
+
+
+def test_ping_is_answered_with_ack() -> None:
+    a = make("a", A)
+    a.handle_datagram(B, packet(Ping(seq=7, target="a", source="b")), 0.0)
+    (dgram,) = a.take_datagrams()
+    assert dgram.dest == B
+    assert decode_envelope(dgram.data)[0] == Ack(seq=7)
+
+
+def test_misdirected_ping_is_ignored() -> None:
+    a = make("a", A)
+    a.handle_datagram(B, packet(Ping(seq=7, target="zz", source="b")), 0.0)
+    assert a.take_datagrams() == []
+
+
+def test_probe_cycle_with_ack_keeps_member_alive() -> None:
+    a, b = joined_pair()
+    now = 0.0
+    for _ in range(50):
+        now = max(now, min(a.next_deadline(), b.next_deadline()))
+        a.tick(now)
+        b.tick(now)
+        for src, dst, _dst_addr in ((a, b, B), (b, a, A)):
+            for d in src.take_datagrams():
+                dst.handle_datagram(src.local_member.address, d.data, now)
+    assert a.member("b") is not None and a.member("b").state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert a.stats.probes_sent > 0
+    assert a.health_score == 0
+
+
+def test_unanswered_probe_leads_to_suspect_then_dead() -> None:
+    a, _ = joined_pair()
+    a.take_events()
+    now = 0.0
+    events = []
+    while now < 60.0:
+        now = a.next_deadline()
+        a.tick(now)
+        a.take_datagrams()
+        for request in a.take_stream_requests():
+            assert request.purpose is StreamPurpose.PING
+            a.stream_failed(request.dest, now)
+        events.extend(a.take_events())
+    kinds = [type(e) for e in events]
+    assert kinds[:2] == [MemberSuspected, MemberDead]
+    # Two members: no confirmations expected (k = 0), so the minimum applies:
+    # 4 * max(1, log10 2) * 1 s = 4 s after the failed probe.
+    assert a.member("b").state is MemberState.DEAD  # type: ignore[union-attr]
+
+
+def test_buddy_system_ping_carries_suspicion() -> None:
+    a, _ = joined_pair()
+    a.handle_datagram(B, packet(Suspect(incarnation=1, member="b", accuser="c")), 0.0)
+    a.take_datagrams()
+    now = 0.0
+    while True:
+        now = a.next_deadline()
+        a.tick(now)
+        sent = a.take_datagrams()
+        pings = [d for d in sent if any(isinstance(m, Ping) for m in decode_envelope(d.data))]
+        if pings:
+            break
+    messages = decode_envelope(pings[0].data)
+    assert Suspect(incarnation=1, member="b", accuser="a") in messages
+
+
+def test_refutes_suspicion_about_itself() -> None:
+    a = make("a", A, incarnation=5)
+    a.handle_datagram(B, packet(Suspect(incarnation=5, member="a", accuser="b")), 0.0)
+    assert a.local_member.incarnation == 6
+    assert a.local_member.state is MemberState.ALIVE
+    assert a.health_score == 1
+    assert a.stats.refutations == 1
+    a.handle_datagram(B, packet(Dead(incarnation=9, member="a", accuser="b")), 0.0)
+    assert a.local_member.incarnation == 10
+
+
+def test_alive_with_higher_incarnation_updates_meta() -> None:
+    a, _ = joined_pair()
+    a.take_events()
+    a.handle_datagram(B, packet(Alive(incarnation=2, member="b", address=B, meta=b"x")), 0.0)
+    (event,) = a.take_events()
+    assert isinstance(event, MemberUpdated)
+    assert event.member.meta == b"x"
+
+
+def test_update_meta_bumps_incarnation() -> None:
+    a = make("a", A, incarnation=3)
+    a.update_meta(b"role=db", 0.0)
+    assert a.local_member.incarnation == 4
+    assert a.local_member.meta == b"role=db"
+
+
+def test_leave_is_dead_by_self() -> None:
+    a, b = joined_pair()
+    b.take_events()
+    a.leave(0.0)
+    assert a.local_member.state is MemberState.LEFT
+    a.tick(a.next_deadline())
+    for d in a.take_datagrams():
+        b.handle_datagram(A, d.data, 0.0)
+    events = b.take_events()
+    assert any(isinstance(e, MemberLeft) for e in events)
+    assert b.member("a").state is MemberState.LEFT  # type: ignore[union-attr]
+
+
+def test_user_broadcast_supersedes_by_key_and_is_delivered_once() -> None:
+    a, b = joined_pair()
+    b.take_events()
+    a.broadcast(b"svc", b"v1")
+    a.broadcast(b"svc", b"v2")
+    assert a.pending_broadcasts >= 1
+    a.tick(a.next_deadline())
+    for _ in range(5):
+        a.tick(a.next_deadline())
+        for d in a.take_datagrams():
+            b.handle_datagram(A, d.data, 0.0)
+    users = [e for e in b.take_events() if isinstance(e, UserMessage)]
+    assert users == [UserMessage(sender="a", key=b"svc", payload=b"v2")]
+    # An old version arriving late is not delivered.
+    stale = UserBroadcast(origin="a", key=b"svc", boot=1, seq=1, payload=b"v1")
+    b.handle_datagram(A, packet(stale), 0.0)
+    assert b.take_events() == []
+
+
+def test_oversized_broadcast_is_refused() -> None:
+    a = make("a", A)
+    with pytest.raises(ValueError, match="does not fit in a packet"):
+        a.broadcast(b"k", bytes(2000))
+
+
+def test_packets_stay_under_limit() -> None:
+    a, _ = joined_pair()
+    for i in range(200):
+        a.broadcast(str(i).encode(), bytes(50))
+    now = 0.0
+    sizes = []
+    for _ in range(20):
+        now = a.next_deadline()
+        a.tick(now)
+        sizes += [len(d.data) for d in a.take_datagrams()]
+    assert sizes and max(sizes) <= 1400
+
+
+def test_garbage_is_counted_not_raised() -> None:
+    a = make("a", A)
+    a.handle_datagram(B, b"\x01\xc1", 0.0)
+    a.handle_datagram(B, b"\x81" + bytes(40), 0.0)
+    assert a.stats.packets_dropped_malformed == 1
+    assert a.stats.packets_dropped_auth == 1
+    assert a.handle_stream(B, b"junk", 0.0) == b""
+
+
+# -- invariants under random input --------------------------------------------------
+
+member_names = st.sampled_from(["a", "b", "c", "d"])
+incarnations = st.integers(min_value=0, max_value=6)
+inputs = st.one_of(
+    st.builds(
+        Alive,
+        incarnation=incarnations,
+        member=member_names,
+        address=st.just(B),
+        meta=st.sampled_from([b"", b"m"]),
+    ),
+    st.builds(Suspect, incarnation=incarnations, member=member_names, accuser=member_names),
+    st.builds(Dead, incarnation=incarnations, member=member_names, accuser=member_names),
+    st.builds(Ping, seq=st.integers(0, 5), target=member_names, source=member_names),
+    st.builds(Ack, seq=st.integers(0, 5)),
+    st.floats(min_value=0.0, max_value=20.0),  # advance time and tick
+    st.just("leave"),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(inputs, max_size=40))
+def test_random_sequences_keep_invariants(steps: list[object]) -> None:
+    a = make("a", A, incarnation=2)
+    now = 0.0
+    seen: dict[str, int] = {}
+    for step in steps:
+        if isinstance(step, float):
+            now += step
+            a.tick(now)
+            assert a.next_deadline() > now, "a due timer survived tick()"
+        elif step == "leave":
+            a.leave(now)
+        else:
+            assert not isinstance(step, str)
+            a.handle_datagram(B, packet(step), now)  # type: ignore[arg-type]
+        for d in a.take_datagrams():
+            assert isinstance(d, Datagram) and len(d.data) <= 1400
+            decode_envelope(d.data)
+        a.take_stream_requests()
+        a.take_events()
+        for m in a.members():
+            assert m.incarnation >= seen.get(m.name, 0), "incarnation went down"
+            seen[m.name] = m.incarnation
+        me = a.local_member
+        if a.leaving:
+            assert me.state is MemberState.LEFT
+        else:
+            assert me.state is MemberState.ALIVE, "declared itself dead without leaving"
+        assert a.num_live() == sum(
+            1 for m in a.members() if m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        )

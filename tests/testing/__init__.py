@@ -1,0 +1,1 @@
+"""Tests of axnet.testing: the test hosts themselves."""
