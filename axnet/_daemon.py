@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
-from ._node import ClaimError, Node, NodeConfig
+from ._node import ClaimError, Merged, Node, NodeConfig
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
 from ._wire import WireError, record_from_wire, record_to_wire
@@ -43,6 +43,7 @@ class Cluster(Protocol):
     def members(self) -> list[dict[str, Any]]: ...
     async def join(self, seeds: Sequence[str]) -> int: ...
     async def leave(self) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -179,6 +180,7 @@ class Daemon:
                 uptime=time.time() - self.started,
                 apps=len(self.node.apps),
                 services=len(table.live_services()),
+                gossip=self.cluster.stats() if self.cluster is not None else None,
             )
         elif op == "services":
             await conn.reply(request, services=[service_view(r) for r in table.live_services()])
@@ -216,14 +218,15 @@ class Daemon:
             "labels": {},
         }
 
-    def merge_remote(self, wire_records: Sequence[object]) -> list[Record]:
+    def merge_remote(self, wire_records: Sequence[object]) -> Merged:
+        """Merge records from the cluster; see :meth:`Node.merge_remote`."""
         records: list[Record] = []
         for item in wire_records:
             try:
                 records.append(record_from_wire(item))
             except WireError as exc:
                 log.warning("dropped malformed record reason=%s", exc)
-        return self.node.merge_remote(records)
+        return self.node.merge_remote(records, now=time.time())
 
     # -- lifecycle ------------------------------------------------------------
 

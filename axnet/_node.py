@@ -109,6 +109,20 @@ class App:
     claims: dict[VirtualAddress, Claim] = attrs.field(factory=dict)
 
 
+@attrs.frozen(kw_only=True)
+class Merged:
+    """What :meth:`Node.merge_remote` did."""
+
+    #: Others' records that changed our table (for the supervisors).
+    accepted: list[AppRecord | ServiceRecord]
+    #: Our own records written again above a version a peer held (to gossip).
+    reasserted: list[AppRecord | ServiceRecord]
+
+
+def _supersedes(candidate: AppRecord | ServiceRecord, current: AppRecord | ServiceRecord) -> bool:
+    return (candidate.version, candidate.node) > (current.version, current.node)
+
+
 class Node:
     """The node's apps, claims and records; every change returns the records it wrote."""
 
@@ -322,17 +336,52 @@ class Node:
 
     # -- records from elsewhere ------------------------------------------------
 
-    def merge_remote(
-        self, records: Iterable[AppRecord | ServiceRecord]
-    ) -> list[AppRecord | ServiceRecord]:
-        """Merge records gossiped by other nodes; ours are never overwritten by them."""
+    def merge_remote(self, records: Iterable[AppRecord | ServiceRecord], *, now: float) -> Merged:
+        """Merge records gossiped by other nodes.
+
+        Others' records are merged last-writer-wins.  Records that claim to be
+        ours are never taken as they are: when a peer holds a version of one of
+        our records above ours (it declared us dead during a partition and
+        tombstoned them, or it remembers a previous life of this node), we
+        write our truth again above that version: the live record if we still
+        own it, else a tombstone.
+        """
         accepted: list[AppRecord | ServiceRecord] = []
+        reasserted: list[AppRecord | ServiceRecord] = []
         for record in records:
-            if record.node == self.config.name:
+            if record.node != self.config.name:
+                if self.table.merge(record):
+                    accepted.append(record)
                 continue
-            if self.table.merge(record):
-                accepted.append(record)
-        return accepted
+            current = self._current(record)
+            if current is not None and not _supersedes(record, current):
+                continue
+            # Every version we write from now on must beat the one the peer holds.
+            self._version = max(self._version, record.version)
+            fresh = self._owned_record(record)
+            if fresh is not None:
+                reasserted.append(self._write(fresh))
+            elif record.deleted:
+                self.table.merge(record)
+            else:
+                tomb = attrs.evolve(record, version=self._bump(), deleted=True, deleted_at=now)
+                reasserted.append(self._write(tomb))
+        return Merged(accepted=accepted, reasserted=reasserted)
+
+    def _current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
+        if isinstance(record, ServiceRecord):
+            return self.table.services.get(record.virtual)
+        return self.table.apps.get(record.app_id)
+
+    def _owned_record(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
+        """A fresh version of the live record we own under *record*'s key, if any."""
+        if isinstance(record, ServiceRecord):
+            claim = self._claims.get(record.virtual)
+            if claim is None or not claim.listening:
+                return None
+            return self._service_record(self.apps[claim.app_id], claim)
+        app = self.apps.get(record.app_id)
+        return self._app_record(app) if app is not None else None
 
     def forget_node(self, node: str, *, now: float) -> list[AppRecord | ServiceRecord]:
         """A member died or left: tombstone its records locally."""

@@ -40,7 +40,6 @@ but the app's thread is parked in this very syscall.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import errno
 import fcntl
 import logging
@@ -49,6 +48,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -90,11 +90,11 @@ NR_ACCEPT4 = 288
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
 #: How often a worker waiting on behalf of the app re-checks that the app still waits.
-_WAIT_SLICE_MS = 200
+_WAIT_SLICE_S = 0.2
+#: pidfds kept for threads seen recently (one fd each).
+MAX_CACHED_PIDFDS = 256
 #: How often bindings are checked for sockets the app closed.
 SWEEP_INTERVAL_S = 1.0
-#: Workers waiting on blocking calls at once; beyond it waits queue up.
-MAX_WAITERS = 512
 _INT32 = struct.Struct("=i")
 _UINT32 = struct.Struct("=I")
 _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -225,9 +225,9 @@ class Engine:
         self._bindings_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=MAX_WAITERS, thread_name_prefix="axnet-wait"
-        )
+        self._epoll = select.epoll()
+        self._waiters: dict[int, _Waiter] = {}
+        self._pidfds: dict[int, int] = {}
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -242,26 +242,43 @@ class Engine:
 
     def serve(self) -> None:
         """Answer notifications until :meth:`stop` or until no target is left."""
-        poller = select.poll()
         nfd = self.notify.fileno()
-        poller.register(nfd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        sweep_ms = int(SWEEP_INTERVAL_S * 1000)
+        try:
+            # Hand the CPU straight between the app and this thread (Linux 6.6).
+            self.notify.set_sync_wakeup()
+        except OSError:
+            pass
+        self._epoll.register(nfd, select.EPOLLIN)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        next_check = 0.0
         try:
             while not self._stopping:
-                ready = poller.poll(sweep_ms)
-                if not ready:
-                    self.sweep()
-                    continue
-                for fd, revents in ready:
-                    if fd == self._wake_r:
+                timeout = _WAIT_SLICE_S if self._waiters else SWEEP_INTERVAL_S
+                for fd, events in self._epoll.poll(timeout):
+                    if fd == nfd:
+                        if events & select.EPOLLIN:
+                            self._serve_one()
+                        elif events & (select.EPOLLHUP | select.EPOLLERR):
+                            return  # every filtered task is gone
+                    elif fd == self._wake_r:
                         return
-                    if revents & select.POLLIN:
-                        self._serve_one()
-                    elif revents & (select.POLLHUP | select.POLLERR):
-                        return  # every filtered task is gone
+                    else:
+                        self._wake_waiter(fd)
+                now = time.monotonic()
+                if self._waiters and now >= next_check:
+                    next_check = now + _WAIT_SLICE_S
+                    self._drop_abandoned_waiters()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_INTERVAL_S
+                    self.sweep()
         finally:
-            self._workers.shutdown(wait=False, cancel_futures=True)
+            for waiter in list(self._waiters.values()):
+                self._unwait(waiter)
+            for pidfd in self._pidfds.values():
+                os.close(pidfd)
+            self._pidfds.clear()
+            self._epoll.close()
 
     def stop(self) -> None:
         self._stopping = True
@@ -279,13 +296,17 @@ class Engine:
             raise
         self.counters.notifications += 1
         handler = self._handlers.get(n.nr)
+        if handler is None:
+            # Not a call the filter traps; never happens unless the filter
+            # and this table disagree.  Answer as the kernel would.
+            self._reply(n, error=errno.ENOSYS)
+            return
+        self._guarded(n, handler, n)
+
+    def _guarded(self, n: Notification, step: Callable[..., None], *args: object) -> None:
+        """Run one step of answering *n*; every failure still answers it."""
         try:
-            if handler is None:
-                # Not a call the filter traps; never happens unless the
-                # filter and this table disagree.  Answer as the kernel would.
-                self._reply(n, error=errno.ENOSYS)
-                return
-            handler(n)
+            step(*args)
         except Errno as exc:
             self._reply(n, error=exc.errno)
         except Gone:
@@ -294,6 +315,42 @@ class Engine:
             self.counters.errors += 1
             log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
             self._reply(n, error=errno.EIO)
+
+    # -- waiting without blocking the loop -----------------------------------------
+
+    def _wait(self, n: Notification, sock: socket.socket, events: int,
+              then: Callable[[Notification, socket.socket], None]) -> None:
+        """Call ``then(n, sock)`` once *sock* is ready; the app stays parked meanwhile."""
+        self.counters.deferred += 1
+        waiter = _Waiter(n=n, sock=sock, then=then)
+        self._waiters[sock.fileno()] = waiter
+        self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
+
+    def _unwait(self, waiter: _Waiter) -> None:
+        fd = waiter.sock.fileno()
+        self._waiters.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        waiter.sock.close()
+
+    def _wake_waiter(self, fd: int) -> None:
+        waiter = self._waiters.pop(fd, None)
+        if waiter is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        # The step owns the socket from here: it closes it, or waits again.
+        self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
+
+    def _drop_abandoned_waiters(self) -> None:
+        """Forget waits whose app thread was killed (nobody to answer any more)."""
+        for waiter in list(self._waiters.values()):
+            if not self._valid(waiter.n):
+                self._unwait(waiter)
 
     # -- answers --------------------------------------------------------------
 
@@ -329,16 +386,7 @@ class Engine:
         target = _int32(n.args[0])
         if target < 0:
             raise Errno(errno.EBADF)
-        try:
-            pidfd = _open_pidfd(n.pid)
-        except OSError:
-            raise Gone from None
-        try:
-            fd = pidfd_getfd(pidfd, target)
-        except OSError as exc:
-            raise Errno(exc.errno or errno.EBADF) from None
-        finally:
-            os.close(pidfd)
+        fd = self._getfd(n.pid, target)
         try:
             return socket.socket(fileno=fd)
         except OSError as exc:
@@ -346,6 +394,36 @@ class Engine:
             raise Errno(
                 errno.ENOTSOCK if exc.errno == errno.ENOTSOCK else exc.errno or errno.EBADF
             ) from None
+
+    def _getfd(self, tid: int, target: int) -> int:
+        """``pidfd_getfd`` through a cached pidfd of thread *tid*.
+
+        A cached pidfd names one task for its whole life, so it can be stale
+        (the thread died, the tid was reused) but never wrong: a stale one
+        fails with ESRCH and is replaced once.
+        """
+        for attempt in (0, 1):
+            pidfd = self._pidfds.get(tid)
+            if pidfd is None:
+                try:
+                    pidfd = _open_pidfd(tid)
+                except OSError:
+                    raise Gone from None
+                if len(self._pidfds) >= MAX_CACHED_PIDFDS:
+                    for old in self._pidfds.values():
+                        os.close(old)
+                    self._pidfds.clear()
+                self._pidfds[tid] = pidfd
+            try:
+                return pidfd_getfd(pidfd, target)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH and attempt == 0:
+                    os.close(self._pidfds.pop(tid))
+                    continue
+                if exc.errno == errno.ESRCH:
+                    raise Gone from None
+                raise Errno(exc.errno or errno.EBADF) from None
+        raise Gone
 
     def _read_sockaddr(self, n: Notification, ptr: int, length: int) -> bytes:
         if length > MAX_SOCKADDR_LEN:
@@ -470,23 +548,16 @@ class Engine:
         blocking = not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
         if blocking and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _wait_fd(fd, select.POLLOUT, 0):
-                self.counters.deferred += 1
-                self._workers.submit(self._finish_connect, n, sock)
+                self._wait(n, sock, select.EPOLLOUT, self._connected)
                 return
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         sock.close()
         self._reply(n, error=err)
 
-    def _finish_connect(self, n: Notification, sock: socket.socket) -> None:
+    def _connected(self, n: Notification, sock: socket.socket) -> None:
+        """A deferred blocking connect finished (or failed)."""
         try:
-            fd = sock.fileno()
-            while not _wait_fd(fd, select.POLLOUT, _WAIT_SLICE_MS):
-                if self._stopping or not self._valid(n):
-                    return  # interrupted: the app restarts connect and finds it in progress
             self._reply(n, error=sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-        except Exception:
-            log.exception("deferred connect failed pid=%s", n.pid)
-            self._reply(n, error=errno.EIO)
         finally:
             sock.close()
 
@@ -631,44 +702,29 @@ class Engine:
             if pending:
                 self._deliver(n, sock, pending.popleft(), flags, binding)
                 return
-            fd = sock.fileno()
-            nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
-            if nonblocking or _wait_fd(fd, select.POLLIN, 0):
-                try:
-                    conn, _ = _raw.accept4(fd, socket.SOCK_CLOEXEC)
-                except OSError as exc:
-                    raise Errno(exc.errno or errno.EIO) from None
-                self._deliver(n, sock, conn, flags, binding)
-                return
-            self.counters.deferred += 1
-            self._workers.submit(self._finish_accept, n, sock, flags, binding)
-            sock = None  # type: ignore[assignment]  # the worker owns it
+            self._accept(n, sock, flags, binding)
+            sock = None  # type: ignore[assignment]  # _accept owns it
         finally:
             if sock is not None:
                 sock.close()
 
-    def _finish_accept(
-        self, n: Notification, sock: socket.socket, flags: int, binding: Binding
-    ) -> None:
+    def _accept(self, n: Notification, sock: socket.socket, flags: int, binding: Binding) -> None:
+        """Accept one connection for the app, or wait for one; owns *sock*."""
+        fd = sock.fileno()
+        app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
-            fd = sock.fileno()
-            while not _wait_fd(fd, select.POLLIN, _WAIT_SLICE_MS):
-                if self._stopping or not self._valid(n):
-                    return
-            try:
-                conn, _ = _raw.accept4(fd, socket.SOCK_CLOEXEC)
-            except OSError as exc:
-                self._reply(n, error=exc.errno or errno.EIO)
+            conn = _accept_nonblocking(fd, app_flags)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and not app_flags & os.O_NONBLOCK:
+                self._wait(
+                    n, sock, select.EPOLLIN,
+                    lambda n2, s2: self._accept(n2, s2, flags, binding),
+                )
                 return
-            try:
-                self._deliver(n, sock, conn, flags, binding)
-            except Errno as exc:
-                self._reply(n, error=exc.errno)
-            except Gone:
-                pass
-        except Exception:
-            log.exception("deferred accept failed pid=%s", n.pid)
-            self._reply(n, error=errno.EIO)
+            sock.close()
+            raise Errno(exc.errno or errno.EIO) from None
+        try:
+            self._deliver(n, sock, conn, flags, binding)
         finally:
             sock.close()
 
@@ -787,6 +843,28 @@ class Engine:
     def snapshot_bindings(self) -> list[Binding]:
         with self._bindings_lock:
             return list(self.bindings.values())
+
+
+def _accept_nonblocking(fd: int, flags: int) -> int:
+    """``accept4`` that never blocks, even on a blocking listener; raises OSError.
+
+    Every ``accept`` of the app on a virtual listener comes through here, so no
+    app thread can observe the flag while it is flipped.
+    """
+    if flags & os.O_NONBLOCK:
+        return _raw.accept4(fd, socket.SOCK_CLOEXEC)[0]
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        return _raw.accept4(fd, socket.SOCK_CLOEXEC)[0]
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+@attrs.define
+class _Waiter:
+    n: Notification
+    sock: socket.socket
+    then: Callable[[Notification, socket.socket], None]
 
 
 def _connect_nonblocking(fd: int, target: bytes) -> int:

@@ -1,0 +1,243 @@
+"""Core benchmark: native sockets, axnet and a sidecar proxy side by side, one run.
+
+    python -m bench.core [--quick] [--out bench/results]
+
+Needs root to build the test host (a network namespace without a default
+route); everything measured runs as ``nobody``, as a user would run it.
+
+(a) connect + accept + close round trips: a client connects, the server
+    accepts and closes, the client sees EOF.  Native: both on 127.0.0.1.
+    axnet: both under ``axnet run`` on virtual IPs.  Reported: added µs at
+    p50 and p99.
+(b) iperf3 throughput through a virtual IP ÷ native; HAProxy in TCP mode
+    (the sidecar-proxy baseline) ÷ native.
+(c) redis-benchmark keep-alive request rate through a virtual IP ÷ native.
+
+Targets (issue 2): (b), (c) ≥ 0.95; (a) ≤ 60 µs added at p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from axnet.testing import AxnetNode, NetnsHost, has_program, stop_process, wait_until
+
+ROUNDTRIP_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1024)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+
+ROUNDTRIP_CLIENT = """
+import json, socket, sys, time
+host, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+times = []
+for i in range(n + warm):
+    t0 = time.perf_counter_ns()
+    s = socket.create_connection((host, port))
+    s.recv(1)
+    s.close()
+    if i >= warm:
+        times.append(time.perf_counter_ns() - t0)
+print(json.dumps(times))
+"""
+
+
+def pct(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+
+def _script(node: AxnetNode, name: str, text: str) -> str:
+    path = node.scratch / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return str(path)
+
+
+def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
+    server_py = _script(node, "rt_server.py", ROUNDTRIP_SERVER)
+    client_py = _script(node, "rt_client.py", ROUNDTRIP_CLIENT)
+    host = node.host
+    results: dict[str, Any] = {}
+    native = host.popen(["python3", server_py, "9100"])
+    try:
+        wait_until("native server", lambda: host.run(
+            ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9100))"],
+            timeout=10).returncode == 0)
+        done = host.run(["python3", client_py, "127.0.0.1", "9100", str(n), "200"], timeout=300)
+        results["native"] = json.loads(done.stdout)
+    finally:
+        stop_process(native)
+    server = node.app(["python3", server_py, "9101"], ip="10.2.0.1")
+    try:
+        node.wait_service("10.2.0.1:9101")
+        done = node.run(["python3", client_py, "10.2.0.1", "9101", str(n), "200"], ip="10.2.0.2",
+                        timeout=300)
+        results["axnet"] = json.loads(done.stdout)
+    finally:
+        stop_process(server)
+    native_t, axnet_t = results["native"], results["axnet"]
+    return {
+        "iterations": n,
+        "native_us": {"p50": pct(native_t, 0.5), "p99": pct(native_t, 0.99)},
+        "axnet_us": {"p50": pct(axnet_t, 0.5), "p99": pct(axnet_t, 0.99)},
+        "added_us": {
+            "p50": pct(axnet_t, 0.5) - pct(native_t, 0.5),
+            "p99": pct(axnet_t, 0.99) - pct(native_t, 0.99),
+        },
+        "ratio_p50": pct(axnet_t, 0.5) / pct(native_t, 0.5),
+    }
+
+
+def _iperf(host: NetnsHost, node: AxnetNode | None, target: str, port: int, seconds: int,
+           ip: str | None = None) -> float:
+    argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J"]
+    done = node.run(argv, ip=ip, timeout=seconds + 60) if node else host.run(argv, timeout=seconds + 60)
+    report = json.loads(done.stdout)
+    return float(report["end"]["sum_received"]["bits_per_second"])
+
+
+def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
+    host = node.host
+    native_srv = host.popen(["iperf3", "-s", "-p", "5301"])
+    axnet_srv = node.app(["iperf3", "-s", "-p", "5302"], ip="10.2.0.3")
+    haproxy_cfg = _script(node, "haproxy.cfg", (
+        "global\n  maxconn 1000\n"
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+        "frontend f\n  bind 127.0.0.1:5303\n  default_backend b\n"
+        "backend b\n  server s1 127.0.0.1:5301\n"))
+    proxy = host.popen(["haproxy", "-f", haproxy_cfg]) if not has_program("haproxy") else None
+    samples: dict[str, list[float]] = {"native": [], "axnet": [], "haproxy": []}
+    try:
+        node.wait_service("10.2.0.3:5302")
+        time.sleep(0.5)
+        for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
+            samples["native"].append(_iperf(host, None, "127.0.0.1", 5301, seconds))
+            samples["axnet"].append(_iperf(host, node, "10.2.0.3", 5302, seconds, ip="10.2.0.4"))
+            if proxy is not None:
+                samples["haproxy"].append(_iperf(host, None, "127.0.0.1", 5303, seconds))
+    finally:
+        for proc in (native_srv, axnet_srv, proxy):
+            if proc is not None:
+                stop_process(proc)
+    med = {k: statistics.median(v) if v else 0.0 for k, v in samples.items()}
+    return {
+        "seconds": seconds,
+        "rounds": rounds,
+        "gbit_s": {k: v / 1e9 for k, v in med.items()},
+        "axnet_over_native": med["axnet"] / med["native"],
+        "haproxy_over_native": med["haproxy"] / med["native"] if med["haproxy"] else None,
+    }
+
+
+def _redis_rps(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        parts = [p.strip('"') for p in line.split(",")]
+        if len(parts) >= 2 and parts[0] in ("SET", "GET"):
+            rates[parts[0]] = float(parts[1])
+    return rates
+
+
+def redis(node: AxnetNode, requests: int, rounds: int) -> dict[str, Any]:
+    host = node.host
+    args = ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+    native_srv = host.popen(["redis-server", "--port", "6401", *args])
+    axnet_srv = node.app(["redis-server", "--port", "6402", *args], ip="10.2.0.5")
+    bench = ["redis-benchmark", "-n", str(requests), "-c", "50", "-t", "set,get", "--csv"]
+    samples: dict[str, list[float]] = {"native": [], "axnet": []}
+    try:
+        node.wait_service("10.2.0.5:6402")
+        wait_until("native redis", lambda: host.run(
+            ["redis-cli", "-p", "6401", "ping"], timeout=10).stdout.strip() == "PONG")
+        for _ in range(rounds):
+            native = _redis_rps(host.run([*bench, "-h", "127.0.0.1", "-p", "6401"], timeout=300))
+            virtual = _redis_rps(node.run([*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6",
+                                          timeout=300))
+            samples["native"].append(sum(native.values()))
+            samples["axnet"].append(sum(virtual.values()))
+    finally:
+        stop_process(native_srv)
+        stop_process(axnet_srv)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "requests": requests,
+        "rounds": rounds,
+        "rps_set_plus_get": med,
+        "axnet_over_native": med["axnet"] / med["native"],
+    }
+
+
+def summary(results: dict[str, Any]) -> str:
+    rt, tp, rd = results["roundtrips"], results["throughput"], results["redis"]
+    lines = [
+        "# axnet core benchmark",
+        "",
+        f"Machine: {os.cpu_count()} cores; native and axnet measured side by side in one run.",
+        "",
+        "| measure | native | axnet | result | target |",
+        "|---|---|---|---|---|",
+        f"| connect+accept+close p50 | {rt['native_us']['p50']:.1f} µs | {rt['axnet_us']['p50']:.1f} µs "
+        f"| +{rt['added_us']['p50']:.1f} µs (×{rt['ratio_p50']:.2f}) | ≤ 60 µs added |",
+        f"| connect+accept+close p99 | {rt['native_us']['p99']:.1f} µs | {rt['axnet_us']['p99']:.1f} µs "
+        f"| +{rt['added_us']['p99']:.1f} µs | — |",
+        f"| iperf3 throughput | {tp['gbit_s']['native']:.2f} Gbit/s | {tp['gbit_s']['axnet']:.2f} Gbit/s "
+        f"| ×{tp['axnet_over_native']:.3f} | ≥ 0.95 |",
+    ]
+    if tp["haproxy_over_native"] is not None:
+        lines.append(
+            f"| iperf3 via HAProxy (sidecar) | {tp['gbit_s']['native']:.2f} Gbit/s "
+            f"| {tp['gbit_s']['haproxy']:.2f} Gbit/s | ×{tp['haproxy_over_native']:.3f} | baseline |"
+        )
+    lines.append(
+        f"| redis-benchmark SET+GET rps | {rd['rps_set_plus_get']['native']:.0f} "
+        f"| {rd['rps_set_plus_get']['axnet']:.0f} | ×{rd['axnet_over_native']:.3f} | ≥ 0.95 |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    args = parser.parse_args(argv)
+    for program in ("iperf3", "redis-server", "redis-benchmark"):
+        if reason := has_program(program):
+            print(f"bench.core: {reason}", file=sys.stderr)
+            return 1
+    n, seconds, rounds, requests = (500, 1, 1, 20000) if args.quick else (3000, 3, 3, 100000)
+    with NetnsHost.create("bench") as host:
+        node = AxnetNode(host).start()
+        try:
+            results = {
+                "roundtrips": roundtrips(node, n),
+                "throughput": throughput(node, seconds, rounds),
+                "redis": redis(node, requests, rounds),
+            }
+        finally:
+            node.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "core.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = summary(results)
+    (args.out / "core.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+

@@ -1,0 +1,184 @@
+"""Decisions on connect and bind: values in, verdicts out."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+import pytest
+
+from axnet._table import (
+    AppRecord,
+    IPAddress,
+    RealAddress,
+    ServiceRecord,
+    ServiceTable,
+    VirtualAddress,
+    ip_address,
+)
+from axnet._verdict import (
+    BindVirtual,
+    Deny,
+    Identity,
+    Passthrough,
+    Redirect,
+    decide_bind,
+    decide_connect,
+)
+
+HOST = ip_address("192.0.2.1")
+MY_VIP = ip_address("10.77.0.2")
+WEB_VIP = ip_address("10.77.0.5")  # another app, known to the table
+MY_VIP6 = ip_address("fd00::2")
+RANGE = ipaddress.ip_network("10.77.0.0/16")
+
+
+def table() -> ServiceTable:
+    t = ServiceTable()
+    t.merge(
+        AppRecord(
+            app_id="web",
+            node="n2",
+            vip=WEB_VIP,
+            real_host=ip_address("192.0.2.2"),
+            port_lo=40000,
+            port_hi=40099,
+        )
+    )
+    t.merge(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=WEB_VIP, port=80),
+            real=RealAddress(host=ip_address("192.0.2.2"), port=20000),
+            node="n2",
+            app_id="web",
+        )
+    )
+    return t
+
+
+def me(vip: IPAddress = MY_VIP, *, virtual_range: bool = True) -> Identity:
+    return Identity(
+        vip=vip,
+        real_host=HOST,
+        block=(40000, 40099),
+        virtual_range=RANGE if virtual_range else None,
+    )
+
+
+# -- connect ---------------------------------------------------------------
+
+
+def test_connect_to_a_served_virtual_address_is_redirected() -> None:
+    verdict = decide_connect(table(), me(), WEB_VIP, 80)
+    assert verdict == Redirect(
+        real=RealAddress(host=ip_address("192.0.2.2"), port=20000), service="10.77.0.5:80"
+    )
+
+
+def test_connect_to_own_service_is_redirected() -> None:
+    t = table()
+    t.merge(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=MY_VIP, port=8080),
+            real=RealAddress(host=HOST, port=20001),
+            node="n1",
+            app_id="me",
+        )
+    )
+    assert decide_connect(t, me(), MY_VIP, 8080) == Redirect(
+        real=RealAddress(host=HOST, port=20001), service="10.77.0.2:8080"
+    )
+
+
+def test_connect_to_a_withdrawn_service_is_refused() -> None:
+    t = table()
+    t.merge(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=WEB_VIP, port=80),
+            real=RealAddress(host=ip_address("192.0.2.2"), port=20000),
+            node="n2",
+            app_id="web",
+            version=1,
+            deleted=True,
+        )
+    )
+    verdict = decide_connect(t, me(), WEB_VIP, 80)
+    assert verdict == Deny(errno=errno.ECONNREFUSED, reason="nothing serves virtual 10.77.0.5:80")
+
+
+@pytest.mark.parametrize(
+    ("ip", "virtual_range"),
+    [
+        (WEB_VIP, False),  # a known virtual IP, nothing on that port
+        (MY_VIP, False),  # our own virtual IP, nothing listening
+        (ip_address("10.77.9.9"), True),  # in the virtual range, unknown
+    ],
+)
+def test_connect_to_a_virtual_ip_with_nothing_on_the_port_is_refused(
+    ip: IPAddress, virtual_range: bool
+) -> None:
+    verdict = decide_connect(table(), me(virtual_range=virtual_range), ip, 81)
+    assert isinstance(verdict, Deny)
+    assert verdict.errno == errno.ECONNREFUSED
+    assert verdict.reason == f"nothing serves virtual {ip}:81"
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.2", "127.0.0.1", "10.78.0.1", "::1", "2001:db8::1"])
+def test_connect_to_a_real_address_passes_through(ip: str) -> None:
+    assert decide_connect(table(), me(), ip_address(ip), 80) == Passthrough()
+
+
+def test_connect_outside_a_missing_virtual_range_passes_through() -> None:
+    assert decide_connect(table(), me(virtual_range=False), ip_address("10.77.9.9"), 80) == (
+        Passthrough()
+    )
+
+
+# -- bind -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ip", ["0.0.0.0", str(MY_VIP)])
+def test_bind_own_vip_or_wildcard_is_virtual(ip: str) -> None:
+    assert decide_bind(table(), me(), ip_address(ip), 80) == BindVirtual(port=80)
+
+
+def test_bind_port_zero_is_kept_for_the_node_to_choose() -> None:
+    assert decide_bind(table(), me(), ip_address("0.0.0.0"), 0) == BindVirtual(port=0)
+
+
+def test_bind_ipv6_wildcard_on_dual_stack_socket_with_ipv4_vip_is_virtual() -> None:
+    verdict = decide_bind(table(), me(), ip_address("::"), 80, ipv6_socket=True, v6only=False)
+    assert verdict == BindVirtual(port=80)
+
+
+def test_bind_ipv6_only_socket_with_ipv4_vip_is_eaddrnotavail() -> None:
+    verdict = decide_bind(table(), me(), ip_address("::"), 80, ipv6_socket=True, v6only=True)
+    assert verdict == Deny(
+        errno=errno.EADDRNOTAVAIL, reason="IPv6-only socket, IPv4 virtual address"
+    )
+
+
+def test_bind_ipv4_socket_with_ipv6_vip_is_eaddrnotavail() -> None:
+    verdict = decide_bind(table(), me(MY_VIP6), ip_address("0.0.0.0"), 80)
+    assert verdict == Deny(errno=errno.EADDRNOTAVAIL, reason="IPv4 socket, IPv6 virtual address")
+
+
+def test_bind_ipv6_wildcard_with_ipv6_vip_is_virtual() -> None:
+    verdict = decide_bind(table(), me(MY_VIP6), ip_address("::"), 80, ipv6_socket=True)
+    assert verdict == BindVirtual(port=80)
+
+
+@pytest.mark.parametrize(
+    ("ip", "virtual_range"),
+    [(WEB_VIP, False), (ip_address("10.77.9.9"), True)],
+)
+def test_bind_another_apps_vip_is_eaddrnotavail(ip: IPAddress, virtual_range: bool) -> None:
+    verdict = decide_bind(table(), me(virtual_range=virtual_range), ip, 80)
+    assert verdict == Deny(
+        errno=errno.EADDRNOTAVAIL, reason=f"{ip} is another app's virtual address"
+    )
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "192.0.2.1", "::1", "10.78.0.1"])
+def test_bind_real_address_passes_through(ip: str) -> None:
+    assert decide_bind(table(), me(), ip_address(ip), 80) == Passthrough()

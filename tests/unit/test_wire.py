@@ -1,0 +1,295 @@
+"""Wire codecs: records round-trip, garbage raises only WireError, frames reassemble."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from axnet._table import AppRecord, IPAddress, RealAddress, ServiceRecord, VirtualAddress
+from axnet._wire import (
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    WireError,
+    frame,
+    pack,
+    record_from_wire,
+    record_to_wire,
+    unpack,
+)
+
+
+def _not_mapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # The decoder unmaps ::ffff:a.b.c.d on purpose; records never hold one.
+    return not (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None)
+
+
+ips: st.SearchStrategy[IPAddress] = st.ip_addresses().filter(_not_mapped)
+ports = st.integers(0, 65535)
+texts = st.text(max_size=20)
+labels = st.lists(st.tuples(texts, texts), max_size=4).map(tuple)
+versions = st.integers(-(2**63), 2**64 - 1)
+times = st.floats(allow_nan=False)
+
+
+@st.composite
+def app_records(draw: st.DrawFn) -> AppRecord:
+    lo = draw(ports)
+    return AppRecord(
+        app_id=draw(texts),
+        node=draw(texts),
+        vip=draw(ips),
+        real_host=draw(ips),
+        port_lo=lo,
+        port_hi=draw(st.integers(lo, 65535)),
+        name=draw(texts),
+        labels=draw(labels),
+        version=draw(versions),
+        deleted=draw(st.booleans()),
+        deleted_at=draw(times),
+    )
+
+
+@st.composite
+def service_records(draw: st.DrawFn) -> ServiceRecord:
+    return ServiceRecord(
+        virtual=VirtualAddress(ip=draw(ips), port=draw(ports)),
+        real=RealAddress(host=draw(ips), port=draw(ports)),
+        node=draw(texts),
+        app_id=draw(texts),
+        name=draw(texts),
+        labels=draw(labels),
+        version=draw(versions),
+        deleted=draw(st.booleans()),
+        deleted_at=draw(times),
+    )
+
+
+records = st.one_of(app_records(), service_records())
+
+# Anything msgpack can carry, including the shapes a record has.
+msgpack_objects: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=10)
+    | st.binary(max_size=10)
+    | st.sampled_from(["a", "s", "10.0.0.1", "::1"]),
+    lambda children: st.lists(children, max_size=13)
+    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=30,
+)
+
+
+# -- records ---------------------------------------------------------------
+
+
+@given(records)
+def test_record_round_trip(record: AppRecord | ServiceRecord) -> None:
+    assert record_from_wire(record_to_wire(record)) == record
+
+
+@given(records)
+def test_record_round_trip_through_msgpack(record: AppRecord | ServiceRecord) -> None:
+    assert record_from_wire(unpack(pack(record_to_wire(record)))) == record
+
+
+def test_record_from_wire_unmaps_ipv4_mapped_addresses() -> None:
+    wire = [
+        "s",
+        "::ffff:10.0.0.1",
+        80,
+        "::ffff:192.0.2.1",
+        20000,
+        "n1",
+        "a1",
+        "",
+        [],
+        1,
+        False,
+        0.0,
+    ]
+    record = record_from_wire(wire)
+    assert isinstance(record, ServiceRecord)
+    assert record.virtual.ip == ipaddress.IPv4Address("10.0.0.1")
+    assert record.real.host == ipaddress.IPv4Address("192.0.2.1")
+
+
+def _good_app_wire() -> list[Any]:
+    return ["a", "a1", "n1", "10.0.0.1", "192.0.2.1", 40000, 40099, "", [], 1, False, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "message"),
+    [
+        (0, "x", "unknown record kind 'x' or wrong length 12"),
+        (1, 7, "expected a string, got int"),
+        (3, "10.0.0.300", "bad IP address '10.0.0.300'"),
+        (3, 10, "bad IP address 10"),
+        (5, 70000, "bad port 70000"),
+        (5, True, "bad port True"),
+        (6, 39999, "port block ends before it starts"),
+        (8, "k=v", "labels must be a list"),
+        (8, [["k"]], "a label must be a [key, value] pair"),
+        (8, [["k", 1]], "label keys and values must be strings"),
+        (9, 1.5, "expected an integer, got float"),
+        (9, False, "expected an integer, got bool"),
+        (11, "now", "expected a number, got str"),
+        (11, True, "expected a number, got bool"),
+    ],
+)
+def test_record_from_wire_messages(index: int, value: object, message: str) -> None:
+    wire = _good_app_wire()
+    wire[index] = value
+    with pytest.raises(WireError) as info:
+        record_from_wire(wire)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "a record must be a non-empty list"),
+        ({"a": 1}, "a record must be a non-empty list"),
+        (("a",), "a record must be a non-empty list"),
+        (["a", 1], "unknown record kind 'a' or wrong length 2"),
+        (["s"] * 13, "unknown record kind 's' or wrong length 13"),
+    ],
+)
+def test_record_from_wire_shape(data: object, message: str) -> None:
+    with pytest.raises(WireError) as info:
+        record_from_wire(data)
+    assert str(info.value) == message
+
+
+def test_wire_error_is_a_value_error() -> None:
+    assert issubclass(WireError, ValueError)
+
+
+@given(msgpack_objects)
+def test_record_from_wire_on_any_object_raises_only_wire_error(data: Any) -> None:
+    try:
+        record = record_from_wire(data)
+    except WireError:
+        return
+    assert isinstance(record, AppRecord | ServiceRecord)
+
+
+@given(st.lists(msgpack_objects, min_size=11, max_size=11), st.sampled_from(["a", "s"]))
+def test_record_from_wire_on_right_length_lists_raises_only_wire_error(
+    fields: list[Any], kind: str
+) -> None:
+    try:
+        record_from_wire([kind, *fields])
+    except WireError:
+        pass
+
+
+@given(st.binary(max_size=64))
+def test_record_from_wire_on_any_bytes_raises_only_wire_error(data: bytes) -> None:
+    try:
+        record_from_wire(unpack(data))
+    except WireError:
+        pass
+
+
+# -- unpack and frames ---------------------------------------------------------
+
+
+@given(st.binary(max_size=64))
+def test_unpack_raises_only_wire_error(data: bytes) -> None:
+    try:
+        unpack(data)
+    except WireError:
+        pass
+
+
+def test_unpack_rejects_trailing_bytes() -> None:
+    with pytest.raises(WireError, match="undecodable message"):
+        unpack(pack(1) + pack(2))
+
+
+def test_frame_is_length_prefixed_msgpack() -> None:
+    data = frame({"op": "x"})
+    (length,) = struct.unpack("!I", data[:4])
+    assert length == len(data) - 4
+    assert msgpack.unpackb(data[4:]) == {"op": "x"}
+
+
+def test_frame_refuses_a_message_over_the_limit() -> None:
+    with pytest.raises(ValueError, match=f"exceeds {MAX_FRAME_BYTES}"):
+        frame(b"x" * (MAX_FRAME_BYTES + 1))
+
+
+def test_decoder_refuses_an_announced_frame_over_the_limit() -> None:
+    decoder = FrameDecoder()
+    header = struct.pack("!I", MAX_FRAME_BYTES + 1)
+    with pytest.raises(WireError) as info:
+        decoder.feed(header)
+    assert str(info.value) == f"frame of {MAX_FRAME_BYTES + 1} bytes exceeds {MAX_FRAME_BYTES}"
+
+
+def test_decoder_accepts_a_frame_of_exactly_the_limit_announced() -> None:
+    decoder = FrameDecoder()
+    # Only the header: the decoder waits for the body instead of refusing.
+    assert decoder.feed(struct.pack("!I", MAX_FRAME_BYTES)) == []
+
+
+def test_decoder_waits_for_a_whole_frame() -> None:
+    decoder = FrameDecoder()
+    data = frame({"id": 1}) + frame([1, 2, 3])
+    assert decoder.feed(data[:3]) == []
+    assert decoder.feed(data[3:7]) == []
+    assert decoder.feed(data[7:]) == [{"id": 1}, [1, 2, 3]]
+    assert decoder.feed(b"") == []
+
+
+def test_decoder_accepts_empty_maps_with_integer_keys() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(frame({1: "x"})) == [{1: "x"}]
+
+
+@given(
+    st.lists(msgpack_objects, max_size=5),
+    st.lists(st.integers(0, 200), max_size=10),
+)
+def test_decoder_reassembles_across_any_chunk_split(messages: list[Any], cuts: list[int]) -> None:
+    stream = b"".join(frame(m) for m in messages)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    decoder = FrameDecoder()
+    out: list[Any] = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        out += decoder.feed(stream[start:end])
+    expected = [unpack(pack(m)) for m in messages]  # msgpack turns tuples into lists
+    assert _same(out, expected)
+
+
+def _same(a: object, b: object) -> bool:
+    # NaN != NaN: compare through the packed form.
+    return pack(a) == pack(b)
+
+
+@given(st.binary(max_size=128), st.lists(st.integers(0, 128), max_size=6))
+def test_decoder_on_any_bytes_raises_only_wire_error(data: bytes, cuts: list[int]) -> None:
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    decoder = FrameDecoder()
+    try:
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            decoder.feed(data[start:end])
+    except WireError:
+        pass
+
+
+@given(st.binary(max_size=64))
+def test_decoder_on_any_framed_body_raises_only_wire_error(body: bytes) -> None:
+    decoder = FrameDecoder()
+    try:
+        decoder.feed(struct.pack("!I", len(body)) + body)
+    except WireError:
+        pass
