@@ -237,6 +237,14 @@ def _gossip_flags(d: argparse.ArgumentParser) -> None:
         default="lan",
         help="gossip timing preset (default: %(default)s)",
     )
+    d.add_argument(
+        "--label",
+        action="append",
+        type=parse_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this node, shown by 'axnet members' (repeatable)",
+    )
 
 
 # -- commands -------------------------------------------------------------------

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
 from ._control import ControlError, runtime_dir
 from ._daemon import Daemon, DaemonConfig, default_node_name
 from ._node import NodeConfig, PortRange
-from ._table import ip_address
+from ._table import ip_address, labels_from
+
+if TYPE_CHECKING:
+    from ._gossip import GossipOptions
 
 
-def node_config(args: argparse.Namespace) -> NodeConfig:
-    """Validate the daemon's flags; raises ValueError with the message for the user."""
+def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> NodeConfig:
+    """Validate the daemon's flags; raises ValueError with the message for the user.
+
+    The node's real address is ``--address``, else the ``--advertise`` host,
+    else *gossip_host* (the address gossip advertises), else 127.0.0.1.
+    """
     address = args.address
     if address is None and args.advertise:
         host = (
@@ -26,6 +34,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             raise ValueError(
                 f"--advertise must be HOST[:PORT] with an IP host, got {args.advertise!r}"
             ) from None
+    if address is None and gossip_host is not None:
+        address = ip_address(gossip_host)
     if address is None:
         address = ip_address("127.0.0.1")
     listen = PortRange.parse(args.listen_ports, flag="--listen-ports")
@@ -47,25 +57,62 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    clustered = bool(args.bind or args.advertise or args.join or args.gossip_key_file)
+    if not clustered:
+        return _run(args, None)
+    # Imported here: a daemon without gossip never loads swim and cryptography.
+    from ._gossip import gossip_options  # noqa: PLC0415
+
     try:
-        node = node_config(args)
+        gossip = gossip_options(
+            bind=args.bind,
+            advertise=args.advertise,
+            join=args.join,
+            key_file=args.gossip_key_file,
+            profile=args.profile,
+            address=str(args.address) if args.address is not None else None,
+            labels=labels_from(args.label),
+        )
+    except ValueError as exc:
+        print(f"axnet daemon: {exc}", file=sys.stderr)
+        return 2
+    return _run(args, gossip)
+
+
+def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
+    try:
+        node = node_config(args, gossip_host=gossip.advertise[0] if gossip else None)
     except ValueError as exc:
         print(f"axnet daemon: {exc}", file=sys.stderr)
         return 2
     daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
+    reported: tuple[type[Exception], ...] = (ControlError,)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            if args.bind or args.advertise or args.join or args.gossip_key_file:
-                from ._gossip import start_cluster
+        cluster = None
+        if gossip is not None:
+            from ._gossip import LEAVE_PROPAGATE_S, GossipCluster  # noqa: PLC0415
 
-                await start_cluster(nursery, daemon, args)
+            cluster = GossipCluster(daemon, gossip)
+            # Outside the nursery, so that a bind error is not wrapped in a group.
+            await cluster.bind()
+        async with trio.open_nursery() as nursery:
+            if cluster is not None:
+                await nursery.start(cluster.run)
+                daemon.cluster = cluster
             await daemon.run()
+            if cluster is not None:
+                with trio.move_on_after(LEAVE_PROPAGATE_S + 1):
+                    await cluster.leave()
             nursery.cancel_scope.cancel()
 
+    if gossip is not None:
+        from ._gossip import GossipError  # noqa: PLC0415
+
+        reported = (ControlError, GossipError)
     try:
         trio.run(main)
-    except ControlError as exc:
+    except reported as exc:
         print(f"axnet daemon: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

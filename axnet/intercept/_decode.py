@@ -180,3 +180,50 @@ def unmap(addr: Inet6) -> Inet4 | Inet6:
     if mapped is None:
         return addr
     return Inet4(mapped, addr.port)
+
+
+# -- fast paths for the engine ------------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def inet_endpoint(data: bytes) -> tuple[IPAddress, int] | None:
+    """``(ip, port)`` of an AF_INET or AF_INET6 sockaddr, v4-mapped addresses unmapped.
+
+    None for any other family.  Raises :class:`SockaddrError` where
+    :func:`decode_sockaddr` would.  The engine's hot path: no intermediate objects.
+    """
+    n = len(data)
+    if n < _FAMILY.size or n > MAX_SOCKADDR_LEN:
+        raise SockaddrError(errno.EINVAL, f"addrlen {n} out of range")
+    family = data[0] | data[1] << 8
+    if family == AF_INET:
+        if n < SOCKADDR_IN_LEN:
+            raise SockaddrError(errno.EINVAL, f"AF_INET addrlen {n} < {SOCKADDR_IN_LEN}")
+        return ipaddress.IPv4Address(data[4:8]), data[2] << 8 | data[3]
+    if family == AF_INET6:
+        if n < SIN6_LEN_RFC2133:
+            raise SockaddrError(errno.EINVAL, f"AF_INET6 addrlen {n} < {SIN6_LEN_RFC2133}")
+        port = data[2] << 8 | data[3]
+        if data[8:20] == _V4_MAPPED_PREFIX:
+            return ipaddress.IPv4Address(data[20:24]), port
+        return ipaddress.IPv6Address(data[8:24]), port
+    return None
+
+
+_IN4_FAMILY = _FAMILY.pack(AF_INET)
+_IN6_FAMILY = _FAMILY.pack(AF_INET6)
+
+
+def pack_inet(family: int, ip: IPAddress, port: int) -> bytes:
+    """The sockaddr an AF_INET or AF_INET6 socket reports for ``ip:port``.
+
+    An IPv4 address in an AF_INET6 socket is v4-mapped; an IPv6 address
+    cannot be expressed in an AF_INET socket (ValueError).
+    """
+    if family == AF_INET6:
+        body = _V4_MAPPED_PREFIX + ip.packed if ip.version == 4 else ip.packed
+        return _IN6_FAMILY + _PORT.pack(port) + bytes(4) + body + bytes(4)
+    if ip.version != 4:
+        raise ValueError(f"{ip} cannot be expressed in an AF_INET sockaddr")
+    return _IN4_FAMILY + _PORT.pack(port) + ip.packed + bytes(8)

@@ -6,39 +6,40 @@ The seccomp filter (``_bpf``) sends ``connect``, ``bind``, ``listen``,
 ``accept``/``accept4``, ``getsockname`` and ``getpeername`` here.  For each
 notification the engine
 
-1. opens a pidfd for the calling thread and takes a duplicate of the socket
-   with ``pidfd_getfd`` — the *same* open file description the app holds, so
-   socket options, ``O_NONBLOCK`` and epoll registrations stay the app's own;
+1. takes a duplicate of the app's socket with ``pidfd_getfd`` — the *same*
+   open file description the app holds, so socket options, ``O_NONBLOCK`` and
+   epoll registrations stay the app's own (``_tasks`` keeps the pidfds);
 2. copies any sockaddr argument into private memory, then checks with
    ``SECCOMP_IOCTL_NOTIF_ID_VALID`` that the notification is still live.  A
-   live notification means the thread is still blocked in the call, so the pid
+   live notification means the thread is still parked in the call, so its id
    was not reused and the copy came from the right address space;
 3. decides from the private copy (``axnet._verdict``) and acts on the
    duplicate: connects it, binds it, listens on it, accepts from it;
 4. answers with the result.  ``SECCOMP_USER_NOTIF_FLAG_CONTINUE`` is used only
    where nothing the app can still change entered the decision (``accept`` and
-   ``getsockname``/``getpeername`` on sockets that are not virtual).  Writing a
-   result into the app (accept's peer address, getsockname's address) goes
-   through ``/proc/TID/mem`` opened *before* the validity check, so a reused pid
-   can never receive the bytes.
+   ``getsockname``/``getpeername`` on sockets that are not virtual).  Results
+   written into the app (accept's peer address, getsockname's address) go
+   through a ``/proc/TID/mem`` handle that names one address space for life.
 
-The loop runs in one dedicated OS thread that blocks in ``poll``+``RECV``: a
-trio wake-up per notification would cost more than the whole decision.
-Anything that would block — a blocking ``connect`` still in progress, a
-blocking ``accept`` with no connection queued — is handed to a worker thread
-that waits for readiness, re-checking every ``_WAIT_SLICE`` that the app is
-still waiting (a signal may have interrupted it), so one slow call stalls
-neither the loop nor the app's other threads.  A connection accepted for an
-``accept`` that was interrupted is kept and handed to the next ``accept`` on
-the same listener: it is never lost.
+Everything runs in one OS thread around one epoll set: a trio wake-up per
+notification would cost more than the whole decision, and a thread hand-off
+per blocking call costs as much again.  A call that would block — a blocking
+``connect`` still in progress, a blocking ``accept`` with nothing queued — is
+started without blocking (``O_NONBLOCK`` flipped on the shared description for
+the one call: the app's thread is parked in that very call, and every accept
+on a virtual listener comes through here) and the socket joins the epoll set;
+the app's thread stays parked until the socket is ready.  Waits are re-checked
+every ``_WAIT_SLICE_S`` for threads that were killed meanwhile.  A connection
+accepted for an ``accept`` whose thread went away is kept and handed to the
+next ``accept`` on that listener: it is never lost.
 
-A blocking app socket is connected by flipping ``O_NONBLOCK`` on for the one
-``connect`` call and back off: the flag lives in the shared file description,
-but the app's thread is parked in this very syscall.
+The table and identity are read here and replaced (whole objects) by the
+supervisor's trio thread; a lookup is a single dictionary read.
 """
 
 from __future__ import annotations
 
+import _socket
 import collections
 import errno
 import fcntl
@@ -55,7 +56,7 @@ from typing import Protocol
 import attrs
 
 from .._node import ClaimError
-from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress, ip_address
+from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress
 from .._verdict import (
     BindVirtual,
     Deny,
@@ -65,16 +66,10 @@ from .._verdict import (
     decide_bind,
     decide_connect,
 )
-from . import _raw
-from ._decode import (
-    MAX_SOCKADDR_LEN,
-    Inet4,
-    Inet6,
-    SockaddrError,
-    decode_sockaddr,
-    encode_sockaddr,
-)
-from ._libc import PIDFD_THREAD, Notification, NotifyFd, pidfd_getfd, pidfd_open, read_memory
+from . import _raw, _sockdiag
+from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
+from ._libc import Notification, NotifyFd, read_memory
+from ._tasks import Errno, Gone, Tasks
 
 log = logging.getLogger("axnet.run")
 
@@ -89,16 +84,18 @@ NR_ACCEPT4 = 288
 
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
-#: How often a worker waiting on behalf of the app re-checks that the app still waits.
+#: How often parked waits are checked for threads that went away, in seconds.
 _WAIT_SLICE_S = 0.2
-#: pidfds kept for threads seen recently (one fd each).
-MAX_CACHED_PIDFDS = 256
-#: How often bindings are checked for sockets the app closed.
+#: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
 _INT32 = struct.Struct("=i")
 _UINT32 = struct.Struct("=I")
 _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-_INET = (socket.AF_INET, socket.AF_INET6)
+_AF_INET = int(socket.AF_INET)
+_AF_INET6 = int(socket.AF_INET6)
+_STREAM = int(socket.SOCK_STREAM)
+_SOL_SOCKET = socket.SOL_SOCKET
+_SO_ERROR = socket.SO_ERROR
 
 
 class NodeLink(Protocol):
@@ -110,18 +107,6 @@ class NodeLink(Protocol):
 
     def listen(self, virtual: VirtualAddress) -> None: ...
     def release(self, virtual: VirtualAddress) -> None: ...
-
-
-class Errno(Exception):
-    """Answer the notification with this errno."""
-
-    def __init__(self, err: int) -> None:
-        super().__init__(os.strerror(err))
-        self.errno = err
-
-
-class Gone(Exception):
-    """The notification is no longer valid: the thread died or was interrupted."""
 
 
 @attrs.define
@@ -147,60 +132,29 @@ class Counters:
     errors: int = 0
 
 
+@attrs.define
+class _Waiter:
+    n: Notification
+    sock: _socket.socket
+    then: Callable[[Notification, _socket.socket], None]
+
+
 def _int32(value: int) -> int:
     value &= 0xFFFFFFFF
     return value - (1 << 32) if value & 0x80000000 else value
 
 
-def _open_pidfd(tid: int) -> int:
-    try:
-        return pidfd_open(tid, PIDFD_THREAD)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    # Kernels before 6.9 know no thread pidfds: open the thread group leader.
-    with open(f"/proc/{tid}/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"Tgid:"):
-                return pidfd_open(int(line.split()[1]))
-    raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
-
-
-def _wait_fd(fd: int, events: int, timeout_ms: int) -> bool:
+def _ready(fd: int, events: int) -> bool:
     poller = select.poll()
     poller.register(fd, events)
-    return bool(poller.poll(timeout_ms))
+    return bool(poller.poll(0))
 
 
-def _sockaddr_for(family: int, ip: IPAddress, port: int) -> bytes:
-    """Encode ``ip:port`` for a socket of *family* (v4 in a v6 socket is mapped)."""
-    if family == socket.AF_INET6:
-        if ip.version == 4:
-            return encode_sockaddr(Inet6(host=_mapped(ip), port=port))
-        return encode_sockaddr(Inet6(host=ip, port=port))  # type: ignore[arg-type]  # version checked
-    if ip.version == 6:
-        raise Errno(errno.ENETUNREACH)
-    return encode_sockaddr(Inet4(host=ip, port=port))  # type: ignore[arg-type]  # version checked
-
-
-def _mapped(ip: IPAddress) -> object:
-    import ipaddress
-
-    return ipaddress.IPv6Address(f"::ffff:{ip}")
-
-
-def _unmapped(addr: Inet4 | Inet6) -> IPAddress:
-    return ip_address(addr.host)
-
-
-def _peer_tuple(address: object) -> tuple[IPAddress, int] | None:
-    """(ip, port) from a Python socket address tuple, unmapped."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        try:
-            return ip_address(str(address[0])), int(address[1])
-        except ValueError:
-            return None
-    return None
+def _pack(family: int, ip: IPAddress, port: int) -> bytes:
+    try:
+        return pack_inet(family, ip, port)
+    except ValueError:
+        raise Errno(errno.ENETUNREACH) from None
 
 
 class Engine:
@@ -221,13 +175,12 @@ class Engine:
         self.bindings: dict[int, Binding] = {}
         self.counters = Counters()
         self._pending: dict[int, collections.deque[int]] = {}
-        self._reply_lock = threading.Lock()
         self._bindings_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
-        self._pidfds: dict[int, int] = {}
+        self._tasks = Tasks(lambda ident: self.notify.id_valid(ident))
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -275,9 +228,7 @@ class Engine:
         finally:
             for waiter in list(self._waiters.values()):
                 self._unwait(waiter)
-            for pidfd in self._pidfds.values():
-                os.close(pidfd)
-            self._pidfds.clear()
+            self._tasks.close()
             self._epoll.close()
 
     def stop(self) -> None:
@@ -316,14 +267,18 @@ class Engine:
             log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
             self._reply(n, error=errno.EIO)
 
-    # -- waiting without blocking the loop -----------------------------------------
+    # -- waiting without blocking the loop ---------------------------------------
 
-    def _wait(self, n: Notification, sock: socket.socket, events: int,
-              then: Callable[[Notification, socket.socket], None]) -> None:
+    def _wait(
+        self,
+        n: Notification,
+        sock: _socket.socket,
+        events: int,
+        then: Callable[[Notification, _socket.socket], None],
+    ) -> None:
         """Call ``then(n, sock)`` once *sock* is ready; the app stays parked meanwhile."""
         self.counters.deferred += 1
-        waiter = _Waiter(n=n, sock=sock, then=then)
-        self._waiters[sock.fileno()] = waiter
+        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then)
         self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
 
     def _unwait(self, waiter: _Waiter) -> None:
@@ -349,81 +304,42 @@ class Engine:
     def _drop_abandoned_waiters(self) -> None:
         """Forget waits whose app thread was killed (nobody to answer any more)."""
         for waiter in list(self._waiters.values()):
-            if not self._valid(waiter.n):
+            if not self.notify.id_valid(waiter.n.id):
                 self._unwait(waiter)
 
     # -- answers --------------------------------------------------------------
 
     def _reply(self, n: Notification, *, value: int = 0, error: int = 0) -> None:
-        with self._reply_lock:
-            try:
-                self.notify.respond(n.id, val=value, error=error)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+        try:
+            self.notify.respond(n.id, val=value, error=error)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
     def _continue(self, n: Notification) -> None:
-        with self._reply_lock:
-            try:
-                self.notify.respond_continue(n.id)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-
-    def _valid(self, n: Notification) -> bool:
-        # NotifyFd reuses one argument buffer per ioctl: one thread at a time.
-        with self._reply_lock:
-            return self.notify.id_valid(n.id)
+        try:
+            self.notify.respond_continue(n.id)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
     def _check(self, n: Notification) -> None:
-        if not self._valid(n):
+        if not self.notify.id_valid(n.id):
             raise Gone
 
     # -- reaching into the app --------------------------------------------------
 
-    def _socket(self, n: Notification) -> socket.socket:
-        """Our duplicate of the app's socket ``args[0]``."""
+    def _socket(self, n: Notification) -> _socket.socket:
+        """Our duplicate of the app's socket ``args[0]`` (family and type probed)."""
         target = _int32(n.args[0])
         if target < 0:
             raise Errno(errno.EBADF)
-        fd = self._getfd(n.pid, target)
+        fd = self._tasks.getfd(n.pid, target)
         try:
-            return socket.socket(fileno=fd)
+            return _socket.socket(fileno=fd)
         except OSError as exc:
             os.close(fd)
-            raise Errno(
-                errno.ENOTSOCK if exc.errno == errno.ENOTSOCK else exc.errno or errno.EBADF
-            ) from None
-
-    def _getfd(self, tid: int, target: int) -> int:
-        """``pidfd_getfd`` through a cached pidfd of thread *tid*.
-
-        A cached pidfd names one task for its whole life, so it can be stale
-        (the thread died, the tid was reused) but never wrong: a stale one
-        fails with ESRCH and is replaced once.
-        """
-        for attempt in (0, 1):
-            pidfd = self._pidfds.get(tid)
-            if pidfd is None:
-                try:
-                    pidfd = _open_pidfd(tid)
-                except OSError:
-                    raise Gone from None
-                if len(self._pidfds) >= MAX_CACHED_PIDFDS:
-                    for old in self._pidfds.values():
-                        os.close(old)
-                    self._pidfds.clear()
-                self._pidfds[tid] = pidfd
-            try:
-                return pidfd_getfd(pidfd, target)
-            except OSError as exc:
-                if exc.errno == errno.ESRCH and attempt == 0:
-                    os.close(self._pidfds.pop(tid))
-                    continue
-                if exc.errno == errno.ESRCH:
-                    raise Gone from None
-                raise Errno(exc.errno or errno.EBADF) from None
-        raise Gone
+            raise Errno(exc.errno or errno.ENOTSOCK) from None
 
     def _read_sockaddr(self, n: Notification, ptr: int, length: int) -> bytes:
         if length > MAX_SOCKADDR_LEN:
@@ -436,34 +352,25 @@ class Engine:
             self.counters.faults += 1
             raise Errno(errno.EFAULT) from None
 
-    def _open_mem(self, n: Notification) -> int:
-        """``/proc/TID/mem`` for writing results, opened before the validity check."""
-        try:
-            fd = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            raise Gone from None
-        if not self._valid(n):
-            os.close(fd)
-            raise Gone
-        return fd
-
-    def _write_sockaddr(self, mem: int, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
+    def _store_sockaddr(self, n: Notification, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
         """Store a result address the way the kernel does (truncate, report full length)."""
         if not addr_ptr or not len_ptr:
             return
         try:
-            raw_len = os.pread(mem, 4, len_ptr)
-            if len(raw_len) != 4:
-                raise Errno(errno.EFAULT)
-            (room,) = _INT32.unpack(raw_len)
-            if room < 0:
-                raise Errno(errno.EINVAL)
-            if room:
-                os.pwrite(mem, encoded[:room], addr_ptr)
-            os.pwrite(mem, _INT32.pack(len(encoded)), len_ptr)
-        except OSError:
+            (room,) = _INT32.unpack(self._tasks.read(n.pid, n.id, len_ptr, 4))
+        except Errno:
             self.counters.faults += 1
-            raise Errno(errno.EFAULT) from None
+            raise
+        if room < 0:
+            raise Errno(errno.EINVAL)
+        writes = [(len_ptr, _INT32.pack(len(encoded)))]
+        if room:
+            writes.insert(0, (addr_ptr, encoded[:room]))
+        try:
+            self._tasks.write(n.pid, n.id, writes)
+        except Errno:
+            self.counters.faults += 1
+            raise
 
     # -- connect ---------------------------------------------------------------
 
@@ -477,47 +384,41 @@ class Engine:
             self._check(n)
             target = raw
             pinned = False
-            if sock.type == socket.SOCK_STREAM and sock.family in _INET:
-                try:
-                    addr = decode_sockaddr(raw)
-                except SockaddrError as exc:
-                    raise Errno(exc.errno) from None
-                if _family_matches(sock.family, addr):
-                    assert isinstance(addr, Inet4 | Inet6)
-                    ip = _unmapped(addr)
-                    verdict = decide_connect(self.table, self.identity, ip, addr.port)
+            family = sock.family
+            if sock.type == _STREAM and (family == _AF_INET or family == _AF_INET6):
+                endpoint = self._endpoint(raw, family)
+                if endpoint is not None:
+                    ip, port = endpoint
+                    verdict = decide_connect(self.table, self.identity, ip, port)
                     match verdict:
-                        case Deny():
-                            self.counters.refused += 1
-                            log.info(
-                                "connect refused pid=%s dest=%s:%s reason=%s",
-                                n.pid,
-                                ip,
-                                addr.port,
-                                verdict.reason,
-                            )
-                            raise Errno(verdict.errno)
                         case Redirect():
                             self.counters.redirected += 1
-                            target = _sockaddr_for(
-                                sock.family, verdict.real.host, verdict.real.port
-                            )
+                            target = _pack(family, verdict.real.host, verdict.real.port)
                             pinned = self._pin_source_ports(sock)
-                            log.debug(
-                                "connect pid=%s virtual=%s real=%s",
-                                n.pid,
-                                verdict.service,
-                                verdict.real,
-                            )
+                        case Deny():
+                            self.counters.refused += 1
+                            log.info("connect refused pid=%s dest=%s:%s reason=%s",
+                                     n.pid, ip, port, verdict.reason)
+                            raise Errno(verdict.errno)
                         case Passthrough():
                             self.counters.passed += 1
             self._connect(n, sock, target, pinned=pinned)
-            sock = None  # type: ignore[assignment]  # ownership passed on
+            sock = None  # type: ignore[assignment]  # _connect owns it now
         finally:
             if sock is not None:
                 sock.close()
 
-    def _pin_source_ports(self, sock: socket.socket) -> bool:
+    @staticmethod
+    def _endpoint(raw: bytes, family: int) -> tuple[IPAddress, int] | None:
+        """The destination of an inet sockaddr of the socket's own family, else None."""
+        if len(raw) < 2 or (raw[0] | raw[1] << 8) != family:
+            return None  # a family mismatch is the kernel's to refuse
+        try:
+            return inet_endpoint(raw)
+        except SockaddrError as exc:
+            raise Errno(exc.errno) from None
+
+    def _pin_source_ports(self, sock: _socket.socket) -> bool:
         """Keep the source port in the app's block, so servers can name the client."""
         block = self.identity.block
         if block is None:
@@ -532,11 +433,12 @@ class Engine:
         return True
 
     def _connect(
-        self, n: Notification, sock: socket.socket, target: bytes, *, pinned: bool = False
+        self, n: Notification, sock: _socket.socket, target: bytes, *, pinned: bool = False
     ) -> None:
-        """Connect the app's socket with blocking semantics preserved; closes *sock*."""
+        """Connect the app's socket with blocking semantics preserved; owns *sock*."""
         fd = sock.fileno()
-        err = _connect_nonblocking(fd, target)
+        app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL:
             log.warning(
                 "client port block %s exhausted; connecting from any port "
@@ -544,20 +446,19 @@ class Engine:
                 self.identity.block,
             )
             sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
-            err = _connect_nonblocking(fd, target)
-        blocking = not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
-        if blocking and err in (errno.EINPROGRESS, errno.EALREADY):
-            if not _wait_fd(fd, select.POLLOUT, 0):
+            err = _connect_nonblocking(fd, target, app_flags)
+        if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
+            if not _ready(fd, select.POLLOUT):
                 self._wait(n, sock, select.EPOLLOUT, self._connected)
                 return
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
         sock.close()
         self._reply(n, error=err)
 
-    def _connected(self, n: Notification, sock: socket.socket) -> None:
-        """A deferred blocking connect finished (or failed)."""
+    def _connected(self, n: Notification, sock: _socket.socket) -> None:
+        """A blocking connect finished (or failed) while the app waited."""
         try:
-            self._reply(n, error=sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            self._reply(n, error=sock.getsockopt(_SOL_SOCKET, _SO_ERROR))
         finally:
             sock.close()
 
@@ -567,49 +468,43 @@ class Engine:
         length = n.args[2] & 0xFFFFFFFF
         if length > MAX_SOCKADDR_LEN:
             raise Errno(errno.EINVAL)
-        with self._socket(n) as sock:
+        sock = self._socket(n)
+        try:
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
-            if sock.type == socket.SOCK_STREAM and sock.family in _INET:
-                try:
-                    addr = decode_sockaddr(raw)
-                except SockaddrError as exc:
-                    raise Errno(exc.errno) from None
-                if _family_matches(sock.family, addr):
-                    assert isinstance(addr, Inet4 | Inet6)
-                    ip = _unmapped(addr)
+            family = sock.family
+            if sock.type == _STREAM and (family == _AF_INET or family == _AF_INET6):
+                endpoint = self._endpoint(raw, family)
+                if endpoint is not None:
+                    ip, port = endpoint
+                    v6only = family == _AF_INET6 and bool(
+                        sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                    )
                     verdict = decide_bind(
-                        self.table,
-                        self.identity,
-                        ip,
-                        addr.port,
-                        ipv6_socket=sock.family == socket.AF_INET6,
-                        v6only=sock.family == socket.AF_INET6
-                        and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)),
+                        self.table, self.identity, ip, port,
+                        ipv6_socket=family == _AF_INET6, v6only=v6only,
                     )
                     match verdict:
-                        case Deny():
-                            log.info(
-                                "bind refused pid=%s addr=%s:%s reason=%s",
-                                n.pid,
-                                ip,
-                                addr.port,
-                                verdict.reason,
-                            )
-                            raise Errno(verdict.errno)
                         case BindVirtual():
                             self._bind_virtual(sock, verdict.port, n.pid)
                             self._reply(n)
                             return
+                        case Deny():
+                            log.info("bind refused pid=%s addr=%s:%s reason=%s",
+                                     n.pid, ip, port, verdict.reason)
+                            raise Errno(verdict.errno)
                         case Passthrough():
                             pass
             self._reply(n, error=_raw.bind(sock.fileno(), raw))
+        finally:
+            sock.close()
 
-    def _bind_virtual(self, sock: socket.socket, port: int, pid: int) -> Binding:
+    def _bind_virtual(self, sock: _socket.socket, port: int, pid: int) -> Binding:
         """Claim ``vip:port`` and bind the socket to a real port; raises Errno."""
-        if sock.getsockname()[1] != 0:
+        if self._local(sock)[1] != 0:
             raise Errno(errno.EINVAL)  # already bound, as the kernel says
-        virtual = VirtualAddress(ip=self.identity.vip, port=port)
+        me = self.identity
+        virtual = VirtualAddress(ip=me.vip, port=port)
         avoid: list[int] = []
         for _ in range(8):
             try:
@@ -617,15 +512,13 @@ class Engine:
             except ClaimError as exc:
                 log.info("bind refused addr=%s reason=%s", virtual, exc)
                 raise Errno(exc.errno) from None
-            claimed = VirtualAddress(ip=self.identity.vip, port=vport)
-            err = _raw.bind(
-                sock.fileno(), _sockaddr_for(sock.family, self.identity.real_host, real_port)
-            )
+            claimed = VirtualAddress(ip=me.vip, port=vport)
+            err = _raw.bind(sock.fileno(), _pack(sock.family, me.real_host, real_port))
             if err == 0:
                 if real_port == 0:
-                    real_port = int(sock.getsockname()[1])
+                    real_port = self._local(sock)[1]
                     if vport == 0:
-                        claimed = VirtualAddress(ip=self.identity.vip, port=real_port)
+                        claimed = VirtualAddress(ip=me.vip, port=real_port)
                 binding = Binding(
                     virtual=claimed,
                     real_port=real_port,
@@ -634,7 +527,7 @@ class Engine:
                 )
                 with self._bindings_lock:
                     self.bindings[real_port] = binding
-                log.debug("bind virtual=%s real=%s:%s", claimed, self.identity.real_host, real_port)
+                log.debug("bind virtual=%s real=%s:%s", claimed, me.real_host, real_port)
                 return binding
             self.node.release(claimed)
             if err != errno.EADDRINUSE:
@@ -642,28 +535,37 @@ class Engine:
             avoid.append(real_port)  # taken by a process outside axnet
         raise Errno(errno.EADDRINUSE)
 
-    def _binding_of(self, sock: socket.socket) -> Binding | None:
+    @staticmethod
+    def _local(sock: _socket.socket) -> tuple[IPAddress, int]:
+        endpoint = inet_endpoint(_raw.getsockname(sock.fileno()))
+        assert endpoint is not None  # only called on inet sockets
+        return endpoint
+
+    def _binding_of(self, sock: _socket.socket) -> Binding | None:
         """The virtual binding behind *sock*, if it is one of ours."""
-        if sock.type != socket.SOCK_STREAM or sock.family not in _INET:
+        family = sock.family
+        if sock.type != _STREAM or (family != _AF_INET and family != _AF_INET6):
             return None
         try:
-            local = _peer_tuple(sock.getsockname())
+            ip, port = self._local(sock)
         except OSError:
             return None
-        if local is None or local[0] != self.identity.real_host:
+        if ip != self.identity.real_host:
             return None
-        return self.bindings.get(local[1])
+        return self.bindings.get(port)
 
     def _on_listen(self, n: Notification) -> None:
         backlog = _int32(n.args[1])
-        with self._socket(n) as sock:
+        sock = self._socket(n)
+        try:
             self._check(n)
             binding = self._binding_of(sock)
+            family = sock.family
             if (
                 binding is None
-                and sock.type == socket.SOCK_STREAM
-                and sock.family in _INET
-                and sock.getsockname()[1] == 0
+                and sock.type == _STREAM
+                and (family == _AF_INET or family == _AF_INET6)
+                and self._local(sock)[1] == 0
             ):
                 # listen() on an unbound socket binds it to any port first.
                 binding = self._bind_virtual(sock, 0, n.pid)
@@ -671,20 +573,17 @@ class Engine:
                 sock.listen(backlog)
             except OSError as exc:
                 raise Errno(exc.errno or errno.EINVAL) from None
-            if binding is not None and binding.inode == os.fstat(sock.fileno()).st_ino:
-                if not binding.listening:
-                    binding.listening = True
-                    try:
-                        self.node.listen(binding.virtual)
-                    except ClaimError as exc:
-                        log.warning("publish failed service=%s reason=%s", binding.virtual, exc)
-                    log.info(
-                        "listening service=%s real=%s:%s",
-                        binding.virtual,
-                        self.identity.real_host,
-                        binding.real_port,
-                    )
+            if binding is not None and not binding.listening:
+                binding.listening = True
+                try:
+                    self.node.listen(binding.virtual)
+                except ClaimError as exc:
+                    log.warning("publish failed service=%s reason=%s", binding.virtual, exc)
+                log.info("listening service=%s real=%s:%s",
+                         binding.virtual, self.identity.real_host, binding.real_port)
             self._reply(n)
+        finally:
+            sock.close()
 
     # -- accept ------------------------------------------------------------------
 
@@ -700,77 +599,75 @@ class Engine:
                 raise Errno(errno.EINVAL)
             pending = self._pending.get(binding.real_port)
             if pending:
-                self._deliver(n, sock, pending.popleft(), flags, binding)
+                self._deliver(n, sock.family, pending.popleft(), None, flags, binding)
                 return
             self._accept(n, sock, flags, binding)
-            sock = None  # type: ignore[assignment]  # _accept owns it
+            sock = None  # type: ignore[assignment]  # _accept owns it now
         finally:
             if sock is not None:
                 sock.close()
 
-    def _accept(self, n: Notification, sock: socket.socket, flags: int, binding: Binding) -> None:
+    def _accept(self, n: Notification, sock: _socket.socket, flags: int, binding: Binding) -> None:
         """Accept one connection for the app, or wait for one; owns *sock*."""
         fd = sock.fileno()
         app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
-            conn = _accept_nonblocking(fd, app_flags)
+            conn, peer = _accept_nonblocking(fd, app_flags)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and not app_flags & os.O_NONBLOCK:
-                self._wait(
-                    n, sock, select.EPOLLIN,
-                    lambda n2, s2: self._accept(n2, s2, flags, binding),
-                )
+                self._wait(n, sock, select.EPOLLIN,
+                           lambda n2, s2: self._accept(n2, s2, flags, binding))
                 return
             sock.close()
             raise Errno(exc.errno or errno.EIO) from None
-        try:
-            self._deliver(n, sock, conn, flags, binding)
-        finally:
-            sock.close()
+        family = sock.family
+        sock.close()
+        self._deliver(n, family, conn, peer, flags, binding)
 
     def _deliver(
-        self, n: Notification, listener: socket.socket, conn: int, flags: int, binding: Binding
+        self, n: Notification, family: int, conn: int, peer: bytes | None, flags: int,
+        binding: Binding,
     ) -> None:
         """Hand an accepted connection to the app: peer address, then the fd itself."""
         try:
             addr_ptr, len_ptr = n.args[1], n.args[2]
             if addr_ptr and len_ptr:
-                mem = self._open_mem(n)
-                try:
-                    peer = self._virtual_peer(conn)
-                    encoded = _sockaddr_for(listener.family, peer[0], peer[1])
-                    self._write_sockaddr(mem, addr_ptr, len_ptr, encoded)
-                finally:
-                    os.close(mem)
+                if peer is None:
+                    peer = _raw.getpeername(conn)
+                endpoint = inet_endpoint(peer)
+                if endpoint is None:
+                    raise Errno(errno.EINVAL)
+                ip, port = endpoint
+                vip = self.table.virtual_of_client(ip, port)
+                self._store_sockaddr(n, addr_ptr, len_ptr, _pack(family, vip or ip, port))
             if flags & socket.SOCK_NONBLOCK:
                 fcntl.fcntl(conn, fcntl.F_SETFL, fcntl.fcntl(conn, fcntl.F_GETFL) | os.O_NONBLOCK)
-            with self._reply_lock:
-                self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
-        except (Gone, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+            self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
+        except Gone:
+            self._keep(binding, conn)
+            raise
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
                 os.close(conn)
                 raise
-            # The app stopped waiting (signal): keep the connection for the next accept.
-            self._pending.setdefault(binding.real_port, collections.deque()).append(conn)
+            self._keep(binding, conn)  # the thread stopped waiting (killed)
             return
         except Errno:
             os.close(conn)  # as the kernel does when it cannot store the address
             raise
         os.close(conn)
 
-    def _virtual_peer(self, conn: int) -> tuple[IPAddress, int]:
-        with socket.socket(fileno=os.dup(conn)) as s:
-            peer = _peer_tuple(s.getpeername())
-        if peer is None:
-            raise Errno(errno.ENOTCONN)
-        vip = self.table.virtual_of_client(peer[0], peer[1])
-        return (vip, peer[1]) if vip is not None else peer
+    def _keep(self, binding: Binding, conn: int) -> None:
+        """A connection nobody took: the next accept on its listener gets it."""
+        self._pending.setdefault(binding.real_port, collections.deque()).append(conn)
 
     # -- getsockname / getpeername ------------------------------------------------
 
     def _on_getname(self, n: Notification) -> None:
-        with self._socket(n) as sock:
-            if sock.type != socket.SOCK_STREAM or sock.family not in _INET:
+        sock = self._socket(n)
+        try:
+            family = sock.family
+            if sock.type != _STREAM or (family != _AF_INET and family != _AF_INET6):
                 self._continue(n)
                 return
             try:
@@ -783,37 +680,35 @@ class Engine:
             if virtual is None:
                 self._continue(n)
                 return
-            mem = self._open_mem(n)
-            try:
-                self._write_sockaddr(
-                    mem, n.args[1], n.args[2], _sockaddr_for(sock.family, virtual[0], virtual[1])
-                )
-            finally:
-                os.close(mem)
+            self._store_sockaddr(n, n.args[1], n.args[2], _pack(family, virtual[0], virtual[1]))
             self._reply(n)
+        finally:
+            sock.close()
 
-    def _virtual_local(self, sock: socket.socket) -> tuple[IPAddress, int] | None:
-        local = _peer_tuple(sock.getsockname())
-        if local is None or local[0] != self.identity.real_host:
+    def _virtual_local(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
+        ip, port = self._local(sock)
+        me = self.identity
+        if ip != me.real_host:
             return None
-        binding = self.bindings.get(local[1])
+        binding = self.bindings.get(port)
         if binding is not None:
             return binding.virtual.ip, binding.virtual.port
-        block = self.identity.block
-        if block is not None and block[0] <= local[1] <= block[1]:
-            return self.identity.vip, local[1]
+        block = me.block
+        if block is not None and block[0] <= port <= block[1]:
+            return me.vip, port
         return None
 
-    def _virtual_remote(self, sock: socket.socket) -> tuple[IPAddress, int] | None:
-        peer = _peer_tuple(sock.getpeername())
-        if peer is None:
+    def _virtual_remote(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
+        endpoint = inet_endpoint(_raw.getpeername(sock.fileno()))
+        if endpoint is None:
             return None
-        server = self.table.virtual_of_server(RealAddress(host=peer[0], port=peer[1]))
+        ip, port = endpoint
+        server = self.table.virtual_of_server(RealAddress(host=ip, port=port))
         if server is not None:
             return server.ip, server.port
-        vip = self.table.virtual_of_client(peer[0], peer[1])
+        vip = self.table.virtual_of_client(ip, port)
         if vip is not None:
-            return vip, peer[1]
+            return vip, port
         return None
 
     # -- housekeeping --------------------------------------------------------------
@@ -822,12 +717,17 @@ class Engine:
         """Withdraw bindings whose socket the app has closed."""
         if not self.bindings:
             return
-        alive = _socket_inodes()
+        try:
+            alive = _sockdiag.listening_inodes()
+        except OSError as exc:
+            log.warning("cannot list listening sockets: %s", exc)
+            return
         with self._bindings_lock:
             gone = [
                 b
                 for b in self.bindings.values()
-                if b.inode not in alive and (b.listening or not _holds_inode(b.pid, b.inode))
+                if b.inode not in alive
+                and (b.listening or not _sockdiag.holds_inode(b.pid, b.inode))
             ]
             for binding in gone:
                 del self.bindings[binding.real_port]
@@ -845,35 +745,27 @@ class Engine:
             return list(self.bindings.values())
 
 
-def _accept_nonblocking(fd: int, flags: int) -> int:
+def _accept_nonblocking(fd: int, flags: int) -> tuple[int, bytes]:
     """``accept4`` that never blocks, even on a blocking listener; raises OSError.
 
     Every ``accept`` of the app on a virtual listener comes through here, so no
     app thread can observe the flag while it is flipped.
     """
     if flags & os.O_NONBLOCK:
-        return _raw.accept4(fd, socket.SOCK_CLOEXEC)[0]
+        return _raw.accept4(fd, socket.SOCK_CLOEXEC)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     try:
-        return _raw.accept4(fd, socket.SOCK_CLOEXEC)[0]
+        return _raw.accept4(fd, socket.SOCK_CLOEXEC)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
-@attrs.define
-class _Waiter:
-    n: Notification
-    sock: socket.socket
-    then: Callable[[Notification, socket.socket], None]
-
-
-def _connect_nonblocking(fd: int, target: bytes) -> int:
+def _connect_nonblocking(fd: int, target: bytes, flags: int) -> int:
     """``connect`` that never blocks, even on a blocking socket; 0 or the errno.
 
     ``O_NONBLOCK`` lives in the file description shared with the app, whose
     thread is parked in this very connect; it is back before we answer.
     """
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if flags & os.O_NONBLOCK:
         return _raw.connect(fd, target)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -881,43 +773,3 @@ def _connect_nonblocking(fd: int, target: bytes) -> int:
         return _raw.connect(fd, target)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-
-
-def _family_matches(family: int, addr: object) -> bool:
-    return (family == socket.AF_INET and isinstance(addr, Inet4)) or (
-        family == socket.AF_INET6 and isinstance(addr, Inet6)
-    )
-
-
-def _holds_inode(pid: int, inode: int) -> bool:
-    """Whether process *pid* still has socket *inode* open (bound, not listening)."""
-    wanted = f"socket:[{inode}]"
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        return False
-    return False
-
-
-def _socket_inodes() -> set[int]:
-    """Inodes of TCP sockets that listen or are connected, in this namespace.
-
-    A socket that is only bound appears in neither table.
-    """
-    inodes: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, "rb") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 9:
-                        inodes.add(int(fields[9]))
-        except FileNotFoundError:
-            continue
-    return inodes

@@ -53,3 +53,32 @@ def accept4(fd: int, flags: int) -> tuple[int, bytes]:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return new_fd, buffer.raw[: min(length.value, _SOCKADDR_MAX)]
+
+
+_getsockname = _libc.getsockname
+_getsockname.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_getsockname.restype = ctypes.c_int
+_getpeername = _libc.getpeername
+_getpeername.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_getpeername.restype = ctypes.c_int
+_name_buffer = ctypes.create_string_buffer(_SOCKADDR_MAX)
+_name_length = ctypes.c_uint32(0)
+
+
+def _name(call: object, fd: int) -> bytes:
+    # One buffer for all calls: the engine calls these from its one thread.
+    _name_length.value = _SOCKADDR_MAX
+    if call(fd, ctypes.addressof(_name_buffer), ctypes.addressof(_name_length)) < 0:  # type: ignore[operator]  # a ctypes function
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return _name_buffer.raw[: min(_name_length.value, _SOCKADDR_MAX)]
+
+
+def getsockname(fd: int) -> bytes:
+    """``getsockname`` as raw sockaddr bytes; raises OSError."""
+    return _name(_getsockname, fd)
+
+
+def getpeername(fd: int) -> bytes:
+    """``getpeername`` as raw sockaddr bytes; raises OSError."""
+    return _name(_getpeername, fd)

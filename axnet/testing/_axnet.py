@@ -46,16 +46,29 @@ class AxnetNode:
         self.daemon_args = list(daemon_args)
         self.daemon: subprocess.Popen[bytes] | None = None
         self._apps = 0
+        self._starts = 0
         self.env = {"AXNET_RUNTIME_DIR": str(self.runtime)}
 
     # -- daemon --------------------------------------------------------------
 
     def start(self) -> AxnetNode:
+        return self.launch().wait_ready()
+
+    def launch(self) -> AxnetNode:
+        """Start the daemon without waiting for it (see :meth:`wait_ready`)."""
+        self._starts += 1
+        # A restarted daemon logs to a new file: daemon.log, daemon-2.log, …
+        suffix = "" if self._starts == 1 else f"-{self._starts}"
         self.daemon = self.host.popen(
             [*AXNET, "daemon", "-v", *self.daemon_args],
             env=self.env,
-            stderr=self.logs / "daemon.log",
+            stderr=self.logs / f"daemon{suffix}.log",
         )
+        return self
+
+    def wait_ready(self) -> AxnetNode:
+        """Wait until the daemon :meth:`launch` started answers."""
+        assert self.daemon is not None
         wait_until("daemon answers", lambda: self.axnet("status", check=False).returncode == 0
                    or self._daemon_died())
         if self.daemon.poll() is not None:
@@ -175,6 +188,26 @@ class AxnetNode:
 
     def all_logs(self) -> str:
         return self.log("")
+
+
+def gossip_daemon_args(
+    host: NetnsHost,
+    name: str,
+    *,
+    seed: NetnsHost | None = None,
+    profile: str = "local",
+    key_file: Path | None = None,
+    port: int = 7946,
+) -> list[str]:
+    """``axnet daemon`` flags for a cluster member on *host*, joining through *seed*."""
+    assert host.address is not None, f"{host!r} is not a cluster host"
+    args = ["--name", name, "--advertise", f"{host.address}:{port}", "--profile", profile]
+    args += ["--bind", f"0.0.0.0:{port}"]
+    if seed is not None:
+        args += ["--join", f"{seed.address}:{port}"]
+    if key_file is not None:
+        args += ["--gossip-key-file", str(key_file)]
+    return args
 
 
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10) -> int:

@@ -1,0 +1,940 @@
+"""The gossip transport: the trio driver of a :class:`swim.Swim` core in the daemon.
+
+Theory of operation
+-------------------
+The core (``swim/``) decides everything and does no I/O; this module owns the
+sockets and the clock and carries bytes in and out:
+
+* One UDP socket and one TCP listener on the same ``--bind`` port (7946 by
+  default, as Serf).  Every datagram goes straight into
+  ``Swim.handle_datagram``; a TCP connection carries exactly one exchange, a
+  4-byte big-endian length then the payload, each way (push-pull, join, TCP
+  fallback ping).  Every input is followed by a wake-up of the *driver loop*,
+  which ticks the core when ``next_deadline()`` is due and drains its outputs:
+  datagrams are sent, stream requests become tasks, events are acted on.
+* Peers are not trusted.  Datagrams above ``swim.MAX_PACKET_BYTES`` (the core
+  never builds one) and streams announcing more than
+  ``swim.MAX_PUSH_PULL_BYTES`` are dropped unread; every stream, both ways,
+  lives at most ``Config.tcp_timeout`` seconds, so a peer that stalls in the
+  middle of a push-pull costs a task for that long and no more; at most
+  ``MAX_INBOUND_STREAMS`` inbound and ``MAX_OUTBOUND_STREAMS`` outbound
+  streams exist at once (the rest are refused and counted).  Undecodable or
+  unauthenticated input is counted by the core (``swim.Stats``); failed
+  authentication is also logged, at most once per source address every
+  ``AUTH_WARNING_INTERVAL_S``, because it almost always means a member runs
+  with the wrong ``--gossip-key-file``.
+* Service records ride the gossip.  A record of ours is broadcast under a key
+  that names what it describes (``s|vip|port``, ``a|app_id``), so a newer
+  version supersedes the older one in every member's broadcast queue.  The
+  whole table, tombstones included, is the push-pull state.  A member that
+  dies or leaves takes its records with it: every member writes tombstones
+  for them locally (``Node.forget_node``) and does not gossip them, since
+  every other member does the same.  A member that was declared dead while it
+  was alive (a partition) learns it by refuting, or from the tombstones a peer
+  shows it in push-pull, and writes its records again above them
+  (``Node.merge_remote``).
+* Supervisors must never stall gossip: changes for them go through a queue
+  that a separate task drains into ``Daemon.changed``.
+* Healing.  SWIM alone never talks to a member it declared dead again, so two
+  halves of a healed partition would stay apart (memberlist has the same
+  property; Serf adds reconnects).  Like Serf, every reconnect interval we
+  try a push-pull with one random failed member; and when a member comes
+  back to life we push-pull with it (each observer with probability
+  ``REVIVAL_SYNC_FANOUT / (N - 1)``) so that it sees the tombstones written
+  for it at once.
+* Incarnation numbers start from the wall clock in milliseconds, so a
+  restarted daemon outranks every incarnation of its previous life (and the
+  ``(boot, seq)`` of its broadcasts do too, even when it restarts within the
+  same second).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import random
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, assert_never
+
+import attrs
+import trio
+
+import swim
+
+from ._daemon import Daemon, Record
+from ._table import Labels, ServiceRecord
+from ._wire import WireError, pack, record_to_wire, unpack
+
+log = logging.getLogger("axnet.gossip")
+
+#: Gossip port when none is given (Serf's and memberlist's).
+DEFAULT_PORT = 7946
+#: Inbound streams served at once; more are closed at once and counted.
+MAX_INBOUND_STREAMS = 8
+#: Outbound streams (push-pull, join, TCP ping) at once; more fail at once.
+MAX_OUTBOUND_STREAMS = 16
+#: Receive buffer: the largest UDP payload, so an oversized datagram is seen whole.
+RECEIVE_BUFFER_BYTES = 65536
+#: Seconds between two authentication warnings about one source address.
+AUTH_WARNING_INTERVAL_S = 10.0
+#: Source addresses remembered for that rate limit (the dict is cleared when full).
+MAX_WARNED_SOURCES = 1024
+#: Join retries at start: first and largest delay between attempts, seconds.
+JOIN_BACKOFF_MIN_S = 1.0
+JOIN_BACKOFF_MAX_S = 30.0
+#: Seconds ``leave`` waits for the leave broadcast to drain.
+LEAVE_PROPAGATE_S = 5.0
+#: Reconnect interval = push_pull_interval / this (lan 5 s, local 2.5 s, wan 10 s).
+RECONNECT_PER_PUSH_PULL = 6
+#: Seconds a failed member is still retried (Serf's reconnect_timeout, 24 h).
+RECONNECT_TIMEOUT_S = 24 * 3600.0
+#: Expected number of members that push-pull with a member that came back to life.
+REVIVAL_SYNC_FANOUT = 3
+#: Shortest sleep of the driver loop, seconds: a deadline in the past never spins it.
+MIN_TICK_S = 0.001
+
+_FRAME = struct.Struct("!I")
+
+PROFILES: dict[str, Callable[[], swim.Config]] = {
+    "lan": swim.Config.lan,
+    "wan": swim.Config.wan,
+    "local": swim.Config.local,
+}
+
+
+class GossipError(Exception):
+    """The gossip layer cannot start (bad flags, key file, or address in use)."""
+
+
+# -- options (pure) --------------------------------------------------------------
+
+
+def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> swim.Address:
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` → (host, port).
+
+    HOST may be a name; it is resolved later.  Raises ValueError with the
+    message for the user.
+    """
+    raw = text.strip()
+    port_text: str | None = None
+    if raw.startswith("["):
+        host, sep, rest = raw[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
+        port_text = rest[1:] if rest else None
+    elif raw.count(":") == 1:
+        host, port_text = raw.split(":")
+    else:
+        host = raw  # an IPv4 address, a name, or a bare IPv6 address
+    if not host:
+        raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
+    if port_text is None:
+        return (host, default_port)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{flag} port must be 0 to 65535, got {port}")
+    return (host, port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def load_keys(path: Path) -> tuple[bytes, ...]:
+    """The keys of a ``--gossip-key-file``: base64, one a line, the first encrypts.
+
+    Blank lines and lines starting with ``#`` are skipped.  Raises ValueError
+    with the message for the user.
+    """
+    flag = f"--gossip-key-file {path}"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise ValueError(f"{flag}: cannot read it: {reason}") from None
+    keys: list[bytes] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            key = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{flag}, line {number}: not a base64 key") from None
+        if len(key) not in (16, 24, 32):
+            raise ValueError(
+                f"{flag}, line {number}: a key must be 16, 24 or 32 bytes (AES-128, -192 "
+                f"or -256), got {len(key)}"
+            )
+        keys.append(key)
+    if not keys:
+        raise ValueError(f"{flag}: the file holds no key; make one with 'axnet keygen'")
+    return tuple(keys)
+
+
+@attrs.frozen(kw_only=True)
+class GossipOptions:
+    """The daemon's gossip flags, validated."""
+
+    bind: swim.Address
+    advertise: swim.Address
+    seeds: tuple[str, ...] = ()
+    keys: tuple[bytes, ...] = ()
+    profile: str = "lan"
+    labels: Labels = ()
+
+
+def gossip_options(
+    *,
+    bind: str | None,
+    advertise: str | None,
+    join: Sequence[str] = (),
+    key_file: Path | None = None,
+    profile: str = "lan",
+    address: str | None = None,
+    labels: Labels = (),
+) -> GossipOptions:
+    """Validate the daemon's gossip flags; ValueError with the message for the user.
+
+    The advertised address defaults to the bind address, then, when that is a
+    wildcard, to ``--address`` at the bind port.
+    """
+    bind_addr = parse_address(bind or f"0.0.0.0:{DEFAULT_PORT}", flag="--bind")
+    if not _is_ip(bind_addr[0]):
+        raise ValueError(f"--bind must be an IP address, got {bind!r}")
+    if advertise is not None:
+        adv = parse_address(advertise, flag="--advertise", default_port=bind_addr[1])
+        if not _is_ip(adv[0]):
+            raise ValueError(f"--advertise must be an IP address, got {advertise!r}")
+    elif not ipaddress.ip_address(bind_addr[0]).is_unspecified:
+        adv = bind_addr
+    elif address is not None:
+        adv = (address, bind_addr[1])
+    else:
+        raise ValueError(
+            f"--bind {bind_addr[0]} is a wildcard address: say with --advertise (or "
+            "--address) which address other members reach this node at"
+        )
+    if adv[1] == 0 and bind_addr[1] != 0:
+        raise ValueError("--advertise needs a port other than 0")
+    for seed in join:
+        parse_address(seed, flag="--join")
+    if profile not in PROFILES:
+        raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    keys = load_keys(key_file) if key_file is not None else ()
+    options = GossipOptions(
+        bind=bind_addr,
+        advertise=adv,
+        seeds=tuple(join),
+        keys=keys,
+        profile=profile,
+        labels=labels,
+    )
+    meta = encode_meta(address or adv[0], labels)
+    if len(meta) > swim.MAX_META_BYTES:
+        raise ValueError(
+            f"node labels take {len(meta)} bytes; at most {swim.MAX_META_BYTES} fit in gossip"
+        )
+    return options
+
+
+# -- codecs (pure) ---------------------------------------------------------------
+
+
+def record_key(record: Record) -> bytes:
+    """The broadcast key of a record: a newer version supersedes an older one."""
+    if isinstance(record, ServiceRecord):
+        return f"s|{record.virtual.ip}|{record.virtual.port}".encode()
+    return f"a|{record.app_id}".encode()
+
+
+def encode_record(record: Record) -> bytes:
+    return pack(record_to_wire(record))
+
+
+def encode_state(records: Sequence[Record]) -> bytes:
+    """The push-pull state: every record, tombstones included."""
+    return pack([record_to_wire(r) for r in records])
+
+
+def decode_state(data: bytes) -> list[object]:
+    """Wire records of a push-pull state; WireError if it is not a list."""
+    if not data:
+        return []
+    items = unpack(data)
+    if not isinstance(items, list):
+        raise WireError("push-pull state must be a list of records")
+    return items
+
+
+def encode_meta(address: str, labels: Labels) -> bytes:
+    """Member metadata: the node's real address and its labels."""
+    return pack({"a": address, "l": [list(pair) for pair in labels]})
+
+
+def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
+    """(real address, labels) from member metadata; nothing for garbage."""
+    try:
+        value = unpack(meta) if meta else None
+    except WireError:
+        return None, {}
+    if not isinstance(value, dict):
+        return None, {}
+    address = value.get("a")
+    labels: dict[str, str] = {}
+    raw = value.get("l")
+    if isinstance(raw, list):
+        for pair in raw:
+            if (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and isinstance(pair[0], str)
+                and isinstance(pair[1], str)
+            ):
+                labels[pair[0]] = pair[1]
+    return (address if isinstance(address, str) else None), labels
+
+
+def _host_port(address: swim.Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- stream framing ----------------------------------------------------------------
+
+
+class _StreamError(Exception):
+    """A stream ended early or announced too much."""
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(min(size - len(data), RECEIVE_BUFFER_BYTES))
+        if not chunk:
+            raise _StreamError("peer closed the stream early")
+        data += chunk
+    return bytes(data)
+
+
+class _Oversized(_StreamError):
+    pass
+
+
+async def _receive_frame(stream: trio.SocketStream) -> bytes:
+    (length,) = _FRAME.unpack(await _receive_exactly(stream, _FRAME.size))
+    if length > swim.MAX_PUSH_PULL_BYTES:
+        raise _Oversized(f"stream announces {length} bytes (limit {swim.MAX_PUSH_PULL_BYTES})")
+    return await _receive_exactly(stream, length)
+
+
+def _frame(data: bytes) -> bytes:
+    return _FRAME.pack(len(data)) + data
+
+
+# -- the driver ----------------------------------------------------------------------
+
+
+@attrs.define
+class DriverStats:
+    """What the transport itself counts (the core counts the rest)."""
+
+    datagrams_oversized: int = 0
+    datagrams_send_errors: int = 0
+    datagrams_receive_errors: int = 0
+    streams_busy: int = 0
+    streams_timed_out: int = 0
+    streams_oversized: int = 0
+    streams_io_errors: int = 0
+    records_malformed: int = 0
+    records_too_large: int = 0
+    reconnects: int = 0
+    revival_syncs: int = 0
+    republished: int = 0
+
+
+class GossipCluster:
+    """The daemon's cluster: a SWIM member on UDP + TCP (see the module docstring).
+
+    Implements the daemon's ``Cluster`` protocol and the core's ``StateDelegate``.
+    """
+
+    def __init__(self, daemon: Daemon, options: GossipOptions) -> None:
+        self._daemon = daemon
+        self._options = options
+        self.config = PROFILES[options.profile]()
+        self._keyring = (
+            swim.Keyring(options.keys[0], others=options.keys[1:]) if options.keys else None
+        )
+        self._rng = random.Random()
+        self._meta = encode_meta(str(daemon.config.node.real_host), options.labels)
+        self._udp: trio.socket.SocketType | None = None
+        self._tcp: trio.socket.SocketType | None = None
+        self._core: swim.Swim | None = None
+        self._incarnation = 0
+        self._wake = trio.Event()
+        self._changes: list[tuple[list[Record], bool]] = []
+        self._changes_ready = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._inbound = 0
+        self._join_requested = 0
+        self._outbound = 0
+        self._auth_warned: dict[str, float] = {}
+        #: Failed (dead, not left) members: name → (gossip address, time of death).
+        self._failed: dict[str, tuple[swim.Address, float]] = {}
+        self.driver_stats = DriverStats()
+
+    # -- setup -------------------------------------------------------------------------
+
+    @property
+    def core(self) -> swim.Swim:
+        assert self._core is not None, "GossipCluster.bind() was not called"
+        return self._core
+
+    @property
+    def address(self) -> swim.Address:
+        """The gossip address other members reach us at."""
+        return self.core.local_member.address
+
+    async def bind(self) -> None:
+        """Open the UDP socket and the TCP listener; GossipError if we cannot.
+
+        A bind port of 0 picks a port free for both (tests).
+        """
+        host, port = self._options.bind
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        last: OSError | None = None
+        for _ in range(20 if port == 0 else 1):
+            udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+            tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                await udp.bind((host, port))
+                chosen = udp.getsockname()[1]
+                await tcp.bind((host, chosen))
+                tcp.listen(128)
+            except OSError as exc:
+                udp.close()
+                tcp.close()
+                last = exc
+                continue
+            self._udp, self._tcp = udp, tcp
+            break
+        else:
+            assert last is not None
+            raise GossipError(
+                f"cannot listen for gossip on {_host_port(self._options.bind)}: "
+                f"{last.strerror or last}"
+            )
+        advertise = self._options.advertise
+        if advertise[1] == 0:  # "the port we bound"
+            advertise = (advertise[0], chosen)
+        self._core = self._new_core(advertise)
+
+    def _new_core(self, advertise: swim.Address) -> swim.Swim:
+        # Milliseconds: a restart within the same second still outranks the
+        # previous life (see the module docstring).
+        incarnation = max(int(time.time() * 1000), self._incarnation + 1)
+        self._incarnation = incarnation
+        return swim.Swim(
+            name=self._daemon.config.node.name,
+            address=advertise,
+            config=self.config,
+            rng=self._rng,
+            now=trio.current_time(),
+            incarnation=incarnation,
+            meta=self._meta,
+            delegate=self,
+            keyring=self._keyring,
+        )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve gossip until cancelled; ``bind`` first."""
+        assert self._udp is not None and self._tcp is not None, "bind() first"
+        listener = trio.SocketListener(self._tcp)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_datagrams)
+            nursery.start_soon(self._accept_streams, listener)
+            nursery.start_soon(self._drive)
+            nursery.start_soon(self._push_changes)
+            nursery.start_soon(self._reconnect)
+            if self._options.seeds:
+                nursery.start_soon(self._join_at_start, self._options.seeds)
+            log.info(
+                "gossip ready name=%s bind=%s advertise=%s profile=%s encrypted=%s",
+                self.core.name,
+                _host_port(self._options.bind),
+                _host_port(self.address),
+                self._options.profile,
+                self._keyring is not None,
+            )
+            task_status.started()
+
+    # -- Cluster protocol ----------------------------------------------------------------
+
+    def publish(self, records: Sequence[Record]) -> None:
+        for record in records:
+            try:
+                self.core.broadcast(record_key(record), encode_record(record))
+            except ValueError as exc:
+                # Still replicated, by push-pull only.
+                self.driver_stats.records_too_large += 1
+                log.warning("record too large to gossip key=%r reason=%s", record_key(record), exc)
+        self._wake.set()
+
+    def members(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for member in sorted(self.core.members(), key=lambda m: m.name):
+            address, labels = decode_meta(member.meta)
+            out.append(
+                {
+                    "name": member.name,
+                    "address": address or member.address[0],
+                    "gossip": _host_port(member.address),
+                    "status": member.state.name.lower(),
+                    "labels": labels,
+                    "incarnation": member.incarnation,
+                }
+            )
+        return out
+
+    async def join(self, seeds: Sequence[str]) -> int:
+        """Push-pull with each seed; how many answered."""
+        if self.core.leaving:
+            self._core = self._new_core(self.address)
+            log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
+        addresses: list[swim.Address] = []
+        unresolved = 0
+        for seed in seeds:
+            host, port = parse_address(seed, flag="seed")
+            try:
+                addresses.append(await self._resolve(host, port))
+            except OSError as exc:
+                unresolved += 1
+                log.warning("cannot resolve seed=%s reason=%s", seed, exc)
+        # Seeds that name ourselves are skipped by the core; unresolved ones are worth a retry.
+        self._join_requested = self.core.join(addresses, trio.current_time()) + unresolved
+        if not self._join_requested:
+            return 0
+        requests = self.core.take_stream_requests()
+        results: list[bool] = []
+
+        async def attempt(request: swim.StreamRequest) -> None:
+            results.append(await self._exchange(request))
+
+        async with trio.open_nursery() as nursery:
+            for request in requests:
+                if request.purpose is swim.StreamPurpose.JOIN and request.dest in addresses:
+                    nursery.start_soon(attempt, request)
+                else:
+                    self._start_stream(request)
+        self._wake.set()
+        joined = sum(results)
+        log.info("join seeds=%s reached=%d", ",".join(seeds), joined)
+        return joined
+
+    async def leave(self) -> None:
+        """Leave gracefully: announce it and give the announcement time to spread."""
+        core = self.core
+        if core.leaving:
+            return
+        core.leave(trio.current_time())
+        self._wake.set()
+        if core.num_live() > 1:
+            with trio.move_on_after(LEAVE_PROPAGATE_S):
+                while core.pending_broadcasts:
+                    await trio.sleep(self.config.gossip_interval)
+        log.info("left the cluster name=%s", core.name)
+
+    def stats(self) -> dict[str, Any]:
+        core = self.core
+        s = core.stats
+        d = self.driver_stats
+        states = Counter(m.state for m in core.members())
+        return {
+            "name": core.name,
+            "advertise": _host_port(core.local_member.address),
+            "profile": self._options.profile,
+            "encrypted": self._keyring is not None,
+            "incarnation": core.local_member.incarnation,
+            "health_score": core.health_score,
+            "members": {state.name.lower(): states.get(state, 0) for state in swim.MemberState},
+            "packets": {"received": s.packets_received, "sent": s.packets_sent},
+            "bytes": {"received": s.bytes_received, "sent": s.bytes_sent},
+            "messages": {"received": s.messages_received, "sent": s.messages_sent},
+            "drops": {
+                "auth": s.packets_dropped_auth,
+                "malformed": s.packets_dropped_malformed,
+                "oversized": d.datagrams_oversized,
+                "send_errors": d.datagrams_send_errors,
+                "receive_errors": d.datagrams_receive_errors,
+            },
+            "streams": {
+                "sent": s.streams_sent,
+                "received": s.streams_received,
+                "failed": s.streams_failed,
+                "dropped_auth": s.streams_dropped_auth,
+                "dropped_malformed": s.streams_dropped_malformed,
+                "timed_out": d.streams_timed_out,
+                "oversized": d.streams_oversized,
+                "busy": d.streams_busy,
+                "io_errors": d.streams_io_errors,
+            },
+            "probes": {"sent": s.probes_sent, "failed": s.probes_failed},
+            "refutations": s.refutations,
+            "records": {
+                "malformed": d.records_malformed,
+                "too_large": d.records_too_large,
+                "republished": d.republished,
+            },
+            "reconnects": d.reconnects,
+            "revival_syncs": d.revival_syncs,
+        }
+
+    # -- StateDelegate -------------------------------------------------------------------
+
+    def local_state(self) -> bytes:
+        return encode_state(list(self._daemon.node.table.records()))
+
+    def merge_remote_state(self, data: bytes, *, join: bool) -> None:
+        try:
+            items = decode_state(data)
+        except WireError as exc:
+            self.driver_stats.records_malformed += 1
+            log.debug("dropped malformed push-pull state reason=%s", exc)
+            return
+        self._merge_records(items)
+
+    def _merge_records(self, items: list[object]) -> None:
+        merged = self._daemon.merge_remote(items)
+        if merged.accepted:
+            self._queue_change(merged.accepted, local=False)
+        if merged.reasserted:
+            self.driver_stats.republished += len(merged.reasserted)
+            log.info("records reasserted above a peer's version count=%d", len(merged.reasserted))
+            self._queue_change(merged.reasserted, local=True)
+
+    def _queue_change(self, records: list[Record], *, local: bool) -> None:
+        self._changes.append((records, local))
+        self._changes_ready.set()
+
+    async def _push_changes(self) -> None:
+        """Hand changes to the daemon (supervisors, and gossip for ours), in order."""
+        while True:
+            await self._changes_ready.wait()
+            self._changes_ready = trio.Event()
+            changes, self._changes = self._changes, []
+            for records, local in changes:
+                await self._daemon.changed(records, local=local)
+
+    # -- driver loop ---------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while True:
+            now = trio.current_time()
+            if now >= self.core.next_deadline():
+                self.core.tick(now)
+            await self._drain()
+            deadline = max(self.core.next_deadline(), trio.current_time() + MIN_TICK_S)
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def _drain(self) -> None:
+        core = self.core
+        while True:
+            datagrams = core.take_datagrams()
+            requests = core.take_stream_requests()
+            events = core.take_events()
+            for request in requests:
+                self._start_stream(request)
+            for event in events:
+                self._on_event(event)
+            self._check_refuted()
+            for datagram in datagrams:
+                await self._send(datagram)
+            if not (datagrams or requests or events):
+                return
+
+    def _check_refuted(self) -> None:
+        incarnation = self.core.local_member.incarnation
+        if incarnation <= self._incarnation:
+            return
+        # We never change our own metadata, so a higher incarnation means we
+        # refuted a suspicion or a death: whoever declared us dead tombstoned
+        # our records, so write them again above those tombstones.
+        self._incarnation = incarnation
+        records = self._daemon.node.republish()
+        if records:
+            self.driver_stats.republished += len(records)
+            self._queue_change(records, local=True)
+
+    async def _send(self, datagram: swim.Datagram) -> None:
+        assert self._udp is not None
+        try:
+            await self._udp.sendto(datagram.data, datagram.dest)
+        except OSError as exc:
+            self.driver_stats.datagrams_send_errors += 1
+            log.debug("gossip send failed to=%s reason=%s", _host_port(datagram.dest), exc)
+
+    async def _receive_datagrams(self) -> None:
+        assert self._udp is not None
+        while True:
+            try:
+                data, source = await self._udp.recvfrom(RECEIVE_BUFFER_BYTES)
+            except OSError as exc:  # e.g. an ICMP error queued on the socket
+                self.driver_stats.datagrams_receive_errors += 1
+                log.debug("gossip receive failed reason=%s", exc)
+                continue
+            src: swim.Address = (str(source[0]), int(source[1]))
+            if len(data) > swim.MAX_PACKET_BYTES:
+                self.driver_stats.datagrams_oversized += 1
+                continue
+            core = self.core
+            before = core.stats.packets_dropped_auth
+            core.handle_datagram(src, data, trio.current_time())
+            if core.stats.packets_dropped_auth != before:
+                self._warn_auth(src, "datagram", core.stats.packets_dropped_auth)
+            self._wake.set()
+
+    def _warn_auth(self, src: swim.Address, what: str, total: int) -> None:
+        now = trio.current_time()
+        last = self._auth_warned.get(src[0])
+        if last is not None and now - last < AUTH_WARNING_INTERVAL_S:
+            return
+        if len(self._auth_warned) >= MAX_WARNED_SOURCES:
+            self._auth_warned.clear()
+        self._auth_warned[src[0]] = now
+        log.warning(
+            "gossip refused %s from=%s reason=authentication-failed (wrong or missing gossip "
+            "key?) refused_total=%d",
+            what,
+            _host_port(src),
+            total,
+        )
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def _accept_streams(self, listener: trio.SocketListener) -> None:
+        assert self._nursery is not None
+        await trio.serve_listeners(self._serve_stream, [listener], handler_nursery=self._nursery)
+
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self._inbound >= MAX_INBOUND_STREAMS:
+                self.driver_stats.streams_busy += 1
+                return
+            self._inbound += 1
+            try:
+                peer = stream.socket.getpeername()
+                src: swim.Address = (str(peer[0]), int(peer[1]))
+                with trio.move_on_after(self.config.tcp_timeout) as scope:
+                    data = await _receive_frame(stream)
+                    core = self.core
+                    before = core.stats.streams_dropped_auth
+                    reply = core.handle_stream(src, data, trio.current_time())
+                    if core.stats.streams_dropped_auth != before:
+                        self._warn_auth(src, "stream", core.stats.streams_dropped_auth)
+                    self._wake.set()
+                    if reply:
+                        await stream.send_all(_frame(reply))
+                if scope.cancelled_caught:
+                    self.driver_stats.streams_timed_out += 1
+                    log.debug("gossip stream timed out from=%s", _host_port(src))
+            except _Oversized:
+                self.driver_stats.streams_oversized += 1
+            except (_StreamError, trio.BrokenResourceError, OSError):
+                self.driver_stats.streams_io_errors += 1
+            finally:
+                self._inbound -= 1
+
+    def _start_stream(self, request: swim.StreamRequest) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._exchange, request)
+
+    async def _exchange(self, request: swim.StreamRequest) -> bool:
+        """Carry out a stream the core asked for; True if the peer answered well."""
+        core = self.core
+        if self._outbound >= MAX_OUTBOUND_STREAMS:
+            self.driver_stats.streams_busy += 1
+            core.stream_failed(request.dest, trio.current_time())
+            return False
+        self._outbound += 1
+        reply: bytes | None = None
+        try:
+            with trio.move_on_after(self.config.tcp_timeout) as scope:
+                host, port = request.dest
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(_frame(request.data))
+                    reply = await _receive_frame(stream)
+            if scope.cancelled_caught:
+                self.driver_stats.streams_timed_out += 1
+        except _Oversized:
+            self.driver_stats.streams_oversized += 1
+        except (_StreamError, trio.BrokenResourceError, OSError) as exc:
+            log.debug(
+                "gossip stream failed to=%s purpose=%s reason=%s",
+                _host_port(request.dest),
+                request.purpose.value,
+                exc,
+            )
+        finally:
+            self._outbound -= 1
+        if core is not self._core:  # we left and rejoined meanwhile
+            return False
+        ok = False
+        if reply is None:
+            core.stream_failed(request.dest, trio.current_time())
+        else:
+            before = self._stream_drops(core)
+            core.handle_stream_reply(request.dest, reply, trio.current_time())
+            ok = self._stream_drops(core) == before
+            if core.stats.streams_dropped_auth != before[0]:
+                self._warn_auth(request.dest, "stream reply", core.stats.streams_dropped_auth)
+        self._wake.set()
+        return ok
+
+    @staticmethod
+    def _stream_drops(core: swim.Swim) -> tuple[int, int]:
+        return (core.stats.streams_dropped_auth, core.stats.streams_dropped_malformed)
+
+    async def _resolve(self, host: str, port: int) -> swim.Address:
+        if _is_ip(host):
+            return (host, port)
+        family = socket.AF_INET6 if ":" in self._options.bind[0] else socket.AF_INET
+        infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        return (str(infos[0][4][0]), port)
+
+    # -- membership events ---------------------------------------------------------------
+
+    def _on_event(self, event: swim.Event) -> None:
+        match event:
+            case swim.MemberJoined(member=member):
+                log.info(
+                    "member joined name=%s gossip=%s", member.name, _host_port(member.address)
+                )
+                if self._failed.pop(member.name, None) is not None:
+                    self._revival_sync(member)
+            case swim.MemberUpdated(member=member):
+                log.info("member updated name=%s", member.name)
+            case swim.MemberSuspected(member=member, accuser=accuser):
+                log.info("member suspect name=%s accuser=%s", member.name, accuser)
+            case swim.MemberAlive(member=member):
+                log.info("member refuted suspicion name=%s", member.name)
+            case swim.MemberDead(member=member, accuser=accuser):
+                log.warning("member dead name=%s accuser=%s", member.name, accuser)
+                self._failed[member.name] = (member.address, trio.current_time())
+                self._forget(member.name)
+            case swim.MemberLeft(member=member):
+                log.info("member left name=%s", member.name)
+                self._failed.pop(member.name, None)
+                self._forget(member.name)
+            case swim.UserMessage(sender=sender, payload=payload):
+                try:
+                    item = unpack(payload)
+                except WireError:
+                    self.driver_stats.records_malformed += 1
+                    log.debug("dropped malformed record broadcast sender=%s", sender)
+                    return
+                self._merge_records([item])
+            case _:
+                assert_never(event)
+
+    def _forget(self, name: str) -> None:
+        tombstones = self._daemon.node.forget_node(name, now=time.time())
+        if tombstones:
+            log.info("records of a gone member withdrawn name=%s count=%d", name, len(tombstones))
+            self._queue_change(tombstones, local=False)
+
+    def _revival_sync(self, member: swim.Member) -> None:
+        """Show a member back from the dead the tombstones we wrote for it."""
+        others = max(1, self.core.num_live() - 1)
+        if self._rng.random() < min(1.0, REVIVAL_SYNC_FANOUT / others):
+            self.driver_stats.revival_syncs += 1
+            self.core.join([member.address], trio.current_time())
+            self._wake.set()
+
+    async def _reconnect(self) -> None:
+        """Like Serf: now and then, try a push-pull with one random failed member."""
+        interval = self.config.push_pull_interval / RECONNECT_PER_PUSH_PULL
+        if interval <= 0:
+            interval = self.config.probe_interval * 5
+        while True:
+            await trio.sleep(interval * (0.5 + self._rng.random()))
+            now = trio.current_time()
+            for name, (_, died) in list(self._failed.items()):
+                member = self.core.member(name)
+                if (
+                    now - died > RECONNECT_TIMEOUT_S
+                    or member is None
+                    or member.state is not swim.MemberState.DEAD
+                ):
+                    del self._failed[name]
+            if not self._failed or self.core.leaving:
+                continue
+            name = self._rng.choice(sorted(self._failed))
+            address, _ = self._failed[name]
+            self.driver_stats.reconnects += 1
+            log.debug("reconnect attempt name=%s gossip=%s", name, _host_port(address))
+            self.core.join([address], now)
+            self._wake.set()
+
+    async def _join_at_start(self, seeds: Sequence[str]) -> None:
+        delay = JOIN_BACKOFF_MIN_S
+        while True:
+            try:
+                joined = await self.join(seeds)
+            except ValueError as exc:  # validated at start; a resolver may still object
+                log.warning("join failed reason=%s", exc)
+                joined = 0
+            if joined or not self._join_requested:  # done, or every seed is ourselves
+                return
+            log.warning(
+                "join failed: no seed answered seeds=%s retry_in=%.0fs", ",".join(seeds), delay
+            )
+            await trio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, JOIN_BACKOFF_MAX_S)
+
+
+async def start_cluster(
+    nursery: trio.Nursery, daemon: Daemon, options: GossipOptions
+) -> GossipCluster:
+    """Bind, start serving in *nursery*, and attach the cluster to *daemon*."""
+    cluster = GossipCluster(daemon, options)
+    await cluster.bind()
+    await nursery.start(cluster.run)
+    daemon.cluster = cluster
+    return cluster
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "GossipCluster",
+    "GossipError",
+    "GossipOptions",
+    "decode_meta",
+    "encode_meta",
+    "gossip_options",
+    "load_keys",
+    "parse_address",
+    "record_key",
+    "start_cluster",
+]

@@ -1,0 +1,81 @@
+"""Which sockets still exist: NETLINK_SOCK_DIAG for listeners, /proc for the rest.
+
+The engine must notice when the app closes a virtual listener, to withdraw its
+service record, but ``close`` is not trapped (it is far too hot to trap).
+Once a second it asks the kernel for the inodes of every listening TCP socket
+of this network namespace: one netlink dump filtered by state in the kernel,
+so thousands of connections in TIME_WAIT cost nothing, unlike reading
+``/proc/net/tcp``.  A socket that is only bound appears in no table; for those
+the process's own fd table is the witness.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+TCP_LISTEN = 10
+
+_NLMSGHDR = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes).
+_REQ = struct.Struct("=BBBxI48x")
+# inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue, wqueue, uid, inode.
+_MSG_INODE_OFFSET = 4 + 48 + 16
+#: Upper bound on one dump's reply, in bytes, so a huge table cannot exhaust memory.
+MAX_DUMP_BYTES = 64 * 1024 * 1024
+
+
+def _dump(family: int, states: int) -> set[int]:
+    inodes: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+        body = _REQ.pack(family, socket.IPPROTO_TCP, 0, states)
+        nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
+                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        received = 0
+        while True:
+            data = nl.recv(65536)
+            received += len(data)
+            if not data or received > MAX_DUMP_BYTES:
+                return inodes
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    return inodes
+                if kind == NLMSG_DONE:
+                    return inodes
+                if kind == NLMSG_ERROR:
+                    raise OSError(errno.EIO, "sock_diag dump failed")
+                payload = offset + _NLMSGHDR.size
+                if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _MSG_INODE_OFFSET + 4:
+                    inodes.add(struct.unpack_from("=I", data, payload + _MSG_INODE_OFFSET)[0])
+                offset += (length + 3) & ~3
+
+
+def listening_inodes() -> set[int]:
+    """Inodes of every listening TCP socket (IPv4 and IPv6) in this namespace."""
+    return _dump(socket.AF_INET, 1 << TCP_LISTEN) | _dump(socket.AF_INET6, 1 << TCP_LISTEN)
+
+
+def holds_inode(pid: int, inode: int) -> bool:
+    """Whether process *pid* still has socket *inode* open."""
+    wanted = f"socket:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
+                return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,162 @@
+"""Reaching into the app's threads: their sockets and their memory, safely.
+
+Theory of operation
+-------------------
+A notification names a thread id.  Thread ids are reused, so every handle the
+engine keeps names one *task* for that task's whole life, never a number:
+
+* a pidfd (``pidfd_open(tid, PIDFD_THREAD)``) names one thread; once the thread
+  is gone, ``pidfd_getfd`` through it fails with ESRCH, it never reaches a new
+  thread that got the same id.  So pidfds are cached per tid, and a stale one
+  is replaced when it says ESRCH;
+* an open ``/proc/TID/mem`` names one address space.  After the thread exits
+  or execs, reads and writes through it fail; a cached one is reopened once,
+  and a freshly opened one is trusted only after the notification is checked
+  still valid (the thread is parked in its syscall, so the tid was not reused
+  between the open and the check).
+
+Both caches are bounded; dropping them only costs a re-open.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+from ._libc import PIDFD_THREAD, pidfd_getfd, pidfd_open
+
+#: Handles kept per cache (one fd each).
+MAX_CACHED = 256
+
+
+class Errno(Exception):
+    """Answer the notification with this errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+class Gone(Exception):
+    """The notification is no longer valid: the thread died or stopped waiting."""
+
+
+def _open_pidfd(tid: int) -> int:
+    try:
+        return pidfd_open(tid, PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    # Kernels before 6.9 know no thread pidfds: open the thread group leader.
+    with open(f"/proc/{tid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Tgid:"):
+                return pidfd_open(int(line.split()[1]))
+    raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
+
+
+class _Cache:
+    def __init__(self, opener: Callable[[int], int]) -> None:
+        self._opener = opener
+        self._fds: dict[int, int] = {}
+
+    def get(self, tid: int) -> tuple[int, bool]:
+        """(fd, fresh): a cached handle, or a newly opened one."""
+        fd = self._fds.get(tid)
+        if fd is not None:
+            return fd, False
+        fd = self._opener(tid)
+        if len(self._fds) >= MAX_CACHED:
+            self.clear()
+        self._fds[tid] = fd
+        return fd, True
+
+    def drop(self, tid: int) -> None:
+        fd = self._fds.pop(tid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def clear(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _open_mem(tid: int) -> int:
+    return os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+
+
+class Tasks:
+    """The app's threads, as far as the engine needs to reach them."""
+
+    def __init__(self, is_valid: Callable[[int], bool]) -> None:
+        self._is_valid = is_valid
+        self._pidfds = _Cache(_open_pidfd)
+        self._mems = _Cache(_open_mem)
+
+    def getfd(self, tid: int, target: int) -> int:
+        """Our duplicate of the thread's fd *target*; raises Errno or Gone."""
+        for attempt in (0, 1):
+            try:
+                pidfd, _ = self._pidfds.get(tid)
+            except OSError:
+                raise Gone from None
+            try:
+                return pidfd_getfd(pidfd, target)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise Errno(exc.errno or errno.EBADF) from None
+                self._pidfds.drop(tid)
+                if attempt:
+                    raise Gone from None
+        raise Gone
+
+    def mem(self, tid: int, notification_id: int) -> tuple[int, bool]:
+        """The thread's address space for writing results; raises Gone."""
+        try:
+            fd, fresh = self._mems.get(tid)
+        except OSError:
+            raise Gone from None
+        if fresh and not self._is_valid(notification_id):
+            self._mems.drop(tid)
+            raise Gone
+        return fd, fresh
+
+    def write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
+        """Store ``(address, bytes)`` pairs in the thread's memory; raises Errno(EFAULT) or Gone."""
+        for attempt in (0, 1):
+            fd, fresh = self.mem(tid, notification_id)
+            try:
+                for address, data in writes:
+                    if os.pwrite(fd, data, address) != len(data):
+                        raise OSError(errno.EFAULT, "short write")
+                return
+            except OSError:
+                self._mems.drop(tid)
+                if fresh or attempt:
+                    raise Errno(errno.EFAULT) from None
+        raise Errno(errno.EFAULT)
+
+    def read(self, tid: int, notification_id: int, address: int, size: int) -> bytes:
+        """*size* bytes of the thread's memory; raises Errno(EFAULT) or Gone.
+
+        Validity is the caller's to check *after* the read (the bytes only
+        count once the notification is known to be live).
+        """
+        for attempt in (0, 1):
+            fd, fresh = self.mem(tid, notification_id)
+            try:
+                data = os.pread(fd, size, address)
+                if len(data) == size:
+                    return data
+                raise OSError(errno.EFAULT, "short read")
+            except OSError:
+                self._mems.drop(tid)
+                if fresh or attempt:
+                    raise Errno(errno.EFAULT) from None
+        raise Errno(errno.EFAULT)
+
+    def close(self) -> None:
+        self._pidfds.clear()
+        self._mems.clear()
