@@ -78,7 +78,7 @@ def control_path(runtime: Path) -> Path:
 def peer_uid(sock: socket.socket) -> int:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     _pid, uid, _gid = _UCRED.unpack(raw)
-    return uid
+    return int(uid)
 
 
 # -- server ------------------------------------------------------------------

@@ -61,7 +61,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     if not clustered:
         return _run(args, None)
     # Imported here: a daemon without gossip never loads swim and cryptography.
-    from ._gossip import gossip_options  # noqa: PLC0415
+    from ._gossip import gossip_options
 
     try:
         gossip = gossip_options(
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
     async def main() -> None:
         cluster = None
         if gossip is not None:
-            from ._gossip import LEAVE_PROPAGATE_S, GossipCluster  # noqa: PLC0415
+            from ._gossip import LEAVE_PROPAGATE_S, GossipCluster
 
             cluster = GossipCluster(daemon, gossip)
             # Outside the nursery, so that a bind error is not wrapped in a group.
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
             nursery.cancel_scope.cancel()
 
     if gossip is not None:
-        from ._gossip import GossipError  # noqa: PLC0415
+        from ._gossip import GossipError
 
         reported = (ControlError, GossipError)
     try:

@@ -828,9 +828,7 @@ class GossipCluster:
     def _on_event(self, event: swim.Event) -> None:
         match event:
             case swim.MemberJoined(member=member):
-                log.info(
-                    "member joined name=%s gossip=%s", member.name, _host_port(member.address)
-                )
+                log.info("member joined name=%s gossip=%s", member.name, _host_port(member.address))
                 if self._failed.pop(member.name, None) is not None:
                     self._revival_sync(member)
             case swim.MemberUpdated(member=member):

@@ -84,7 +84,7 @@ class NodeConfig:
     #: connections to one destination, TIME_WAIT included).
     client_block: int = 2048
     #: Where addresses come from for apps started without ``--ip``.
-    virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(
+    virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(  # noqa: RUF009  # an immutable value
         "10.77.0.0/16"
     )
 

@@ -73,9 +73,20 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     native = host.popen(["python3", server_py, "9100"])
     try:
-        wait_until("native server", lambda: host.run(
-            ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9100))"],
-            timeout=10).returncode == 0)
+        wait_until(
+            "native server",
+            lambda: (
+                host.run(
+                    [
+                        "python3",
+                        "-c",
+                        "import socket; socket.create_connection(('127.0.0.1', 9100))",
+                    ],
+                    timeout=10,
+                ).returncode
+                == 0
+            ),
+        )
         done = host.run(["python3", client_py, "127.0.0.1", "9100", str(n), "200"], timeout=300)
         results["native"] = json.loads(done.stdout)
     finally:
@@ -83,8 +94,9 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     server = node.app(["python3", server_py, "9101"], ip="10.2.0.1")
     try:
         node.wait_service("10.2.0.1:9101")
-        done = node.run(["python3", client_py, "10.2.0.1", "9101", str(n), "200"], ip="10.2.0.2",
-                        timeout=300)
+        done = node.run(
+            ["python3", client_py, "10.2.0.1", "9101", str(n), "200"], ip="10.2.0.2", timeout=300
+        )
         results["axnet"] = json.loads(done.stdout)
     finally:
         stop_process(server)
@@ -101,10 +113,20 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     }
 
 
-def _iperf(host: NetnsHost, node: AxnetNode | None, target: str, port: int, seconds: int,
-           ip: str | None = None) -> float:
+def _iperf(
+    host: NetnsHost,
+    node: AxnetNode | None,
+    target: str,
+    port: int,
+    seconds: int,
+    ip: str | None = None,
+) -> float:
     argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J"]
-    done = node.run(argv, ip=ip, timeout=seconds + 60) if node else host.run(argv, timeout=seconds + 60)
+    done = (
+        node.run(argv, ip=ip, timeout=seconds + 60)
+        if node
+        else host.run(argv, timeout=seconds + 60)
+    )
     report = json.loads(done.stdout)
     return float(report["end"]["sum_received"]["bits_per_second"])
 
@@ -113,11 +135,16 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     host = node.host
     native_srv = host.popen(["iperf3", "-s", "-p", "5301"])
     axnet_srv = node.app(["iperf3", "-s", "-p", "5302"], ip="10.2.0.3")
-    haproxy_cfg = _script(node, "haproxy.cfg", (
-        "global\n  maxconn 1000\n"
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-        "frontend f\n  bind 127.0.0.1:5303\n  default_backend b\n"
-        "backend b\n  server s1 127.0.0.1:5301\n"))
+    haproxy_cfg = _script(
+        node,
+        "haproxy.cfg",
+        (
+            "global\n  maxconn 1000\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+            "frontend f\n  bind 127.0.0.1:5303\n  default_backend b\n"
+            "backend b\n  server s1 127.0.0.1:5301\n"
+        ),
+    )
     proxy = host.popen(["haproxy", "-f", haproxy_cfg]) if not has_program("haproxy") else None
     samples: dict[str, list[float]] = {"native": [], "axnet": [], "haproxy": []}
     try:
@@ -160,12 +187,17 @@ def redis(node: AxnetNode, requests: int, rounds: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {"native": [], "axnet": []}
     try:
         node.wait_service("10.2.0.5:6402")
-        wait_until("native redis", lambda: host.run(
-            ["redis-cli", "-p", "6401", "ping"], timeout=10).stdout.strip() == "PONG")
+        wait_until(
+            "native redis",
+            lambda: (
+                host.run(["redis-cli", "-p", "6401", "ping"], timeout=10).stdout.strip() == "PONG"
+            ),
+        )
         for _ in range(rounds):
             native = _redis_rps(host.run([*bench, "-h", "127.0.0.1", "-p", "6401"], timeout=300))
-            virtual = _redis_rps(node.run([*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6",
-                                          timeout=300))
+            virtual = _redis_rps(
+                node.run([*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6", timeout=300)
+            )
             samples["native"].append(sum(native.values()))
             samples["axnet"].append(sum(virtual.values()))
     finally:
@@ -209,7 +241,9 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.core", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     args = parser.parse_args(argv)
@@ -238,6 +272,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-

@@ -32,7 +32,7 @@ def _wait_for(what: str, predicate: Any, procs: list[subprocess.Popen[bytes]]) -
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what}: {' '.join(map(str, proc.args))} exited with {proc.returncode}")  # type: ignore[arg-type]  # args is a list here
+                raise RuntimeError(f"{what}: {proc.args!r} exited with {proc.returncode}")
         try:
             if predicate():
                 return
@@ -57,25 +57,53 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
     verbosity = ["-v"] * verbose
     try:
         with open(logs / "daemon.log", "wb") as log:
-            daemon = subprocess.Popen(_axnet(runtime, "daemon", "--name", "demo", *verbosity), stderr=log)
-        _wait_for("daemon", lambda: control_path(runtime).exists() and _services(runtime) is not None, [daemon])
+            daemon = subprocess.Popen(
+                _axnet(runtime, "daemon", "--name", "demo", *verbosity), stderr=log
+            )
+        _wait_for(
+            "daemon",
+            lambda: control_path(runtime).exists() and _services(runtime) is not None,
+            [daemon],
+        )
         for name, ip in SERVERS:
             with open(logs / f"{name}.log", "wb") as log:
                 started.append(
                     subprocess.Popen(
-                        _axnet(runtime, "run", "--ip", ip, "--name", name, "--label", "tier=web",
-                               *verbosity, "--", *_app("serve", name)),
+                        _axnet(
+                            runtime,
+                            "run",
+                            "--ip",
+                            ip,
+                            "--name",
+                            name,
+                            "--label",
+                            "tier=web",
+                            *verbosity,
+                            "--",
+                            *_app("serve", name),
+                        ),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
                 )
-        _wait_for("web servers", lambda: len(_services(runtime)) >= len(SERVERS), [daemon, *started])
+        _wait_for(
+            "web servers", lambda: len(_services(runtime)) >= len(SERVERS), [daemon, *started]
+        )
         services = _services(runtime)
         fetches = []
         for _, ip in SERVERS:
             done = subprocess.run(
-                _axnet(runtime, "run", "--ip", CLIENT_IP, "--label", "tier=client", *verbosity,
-                       "--", *_app("fetch", ip)),
+                _axnet(
+                    runtime,
+                    "run",
+                    "--ip",
+                    CLIENT_IP,
+                    "--label",
+                    "tier=client",
+                    *verbosity,
+                    "--",
+                    *_app("fetch", ip),
+                ),
                 capture_output=True,
                 timeout=30,
                 check=False,
@@ -83,7 +111,9 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             if done.returncode != 0:
                 sys.stderr.write(done.stderr.decode(errors="replace"))
                 raise RuntimeError(f"the client could not fetch from {ip} (exit {done.returncode})")
-            fetches.append({"target": ip, **json.loads(done.stdout.decode().strip().splitlines()[-1])})
+            fetches.append(
+                {"target": ip, **json.loads(done.stdout.decode().strip().splitlines()[-1])}
+            )
         report = {"services": services, "fetches": fetches}
         if as_json:
             json.dump(report, sys.stdout, indent=2)

@@ -94,6 +94,7 @@ _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
 _STREAM = int(socket.SOCK_STREAM)
+_INET = (_AF_INET, _AF_INET6)
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
 
@@ -180,7 +181,7 @@ class Engine:
         self._stopping = False
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
-        self._tasks = Tasks(lambda ident: self.notify.id_valid(ident))
+        self._tasks = Tasks(notify.id_valid)
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -329,7 +330,7 @@ class Engine:
 
     # -- reaching into the app --------------------------------------------------
 
-    def _socket(self, n: Notification) -> _socket.socket:
+    def _dup(self, n: Notification) -> _socket.socket:
         """Our duplicate of the app's socket ``args[0]`` (family and type probed)."""
         target = _int32(n.args[0])
         if target < 0:
@@ -378,14 +379,14 @@ class Engine:
         length = n.args[2] & 0xFFFFFFFF
         if length > MAX_SOCKADDR_LEN:
             raise Errno(errno.EINVAL)
-        sock = self._socket(n)
+        sock = self._dup(n)
         try:
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
             target = raw
             pinned = False
             family = sock.family
-            if sock.type == _STREAM and (family == _AF_INET or family == _AF_INET6):
+            if sock.type == _STREAM and family in _INET:
                 endpoint = self._endpoint(raw, family)
                 if endpoint is not None:
                     ip, port = endpoint
@@ -397,8 +398,13 @@ class Engine:
                             pinned = self._pin_source_ports(sock)
                         case Deny():
                             self.counters.refused += 1
-                            log.info("connect refused pid=%s dest=%s:%s reason=%s",
-                                     n.pid, ip, port, verdict.reason)
+                            log.info(
+                                "connect refused pid=%s dest=%s:%s reason=%s",
+                                n.pid,
+                                ip,
+                                port,
+                                verdict.reason,
+                            )
                             raise Errno(verdict.errno)
                         case Passthrough():
                             self.counters.passed += 1
@@ -468,12 +474,12 @@ class Engine:
         length = n.args[2] & 0xFFFFFFFF
         if length > MAX_SOCKADDR_LEN:
             raise Errno(errno.EINVAL)
-        sock = self._socket(n)
+        sock = self._dup(n)
         try:
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
             family = sock.family
-            if sock.type == _STREAM and (family == _AF_INET or family == _AF_INET6):
+            if sock.type == _STREAM and family in _INET:
                 endpoint = self._endpoint(raw, family)
                 if endpoint is not None:
                     ip, port = endpoint
@@ -481,8 +487,12 @@ class Engine:
                         sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
                     )
                     verdict = decide_bind(
-                        self.table, self.identity, ip, port,
-                        ipv6_socket=family == _AF_INET6, v6only=v6only,
+                        self.table,
+                        self.identity,
+                        ip,
+                        port,
+                        ipv6_socket=family == _AF_INET6,
+                        v6only=v6only,
                     )
                     match verdict:
                         case BindVirtual():
@@ -490,8 +500,13 @@ class Engine:
                             self._reply(n)
                             return
                         case Deny():
-                            log.info("bind refused pid=%s addr=%s:%s reason=%s",
-                                     n.pid, ip, port, verdict.reason)
+                            log.info(
+                                "bind refused pid=%s addr=%s:%s reason=%s",
+                                n.pid,
+                                ip,
+                                port,
+                                verdict.reason,
+                            )
                             raise Errno(verdict.errno)
                         case Passthrough():
                             pass
@@ -544,7 +559,7 @@ class Engine:
     def _binding_of(self, sock: _socket.socket) -> Binding | None:
         """The virtual binding behind *sock*, if it is one of ours."""
         family = sock.family
-        if sock.type != _STREAM or (family != _AF_INET and family != _AF_INET6):
+        if sock.type != _STREAM or family not in _INET:
             return None
         try:
             ip, port = self._local(sock)
@@ -556,7 +571,7 @@ class Engine:
 
     def _on_listen(self, n: Notification) -> None:
         backlog = _int32(n.args[1])
-        sock = self._socket(n)
+        sock = self._dup(n)
         try:
             self._check(n)
             binding = self._binding_of(sock)
@@ -564,7 +579,7 @@ class Engine:
             if (
                 binding is None
                 and sock.type == _STREAM
-                and (family == _AF_INET or family == _AF_INET6)
+                and family in _INET
                 and self._local(sock)[1] == 0
             ):
                 # listen() on an unbound socket binds it to any port first.
@@ -579,8 +594,12 @@ class Engine:
                     self.node.listen(binding.virtual)
                 except ClaimError as exc:
                     log.warning("publish failed service=%s reason=%s", binding.virtual, exc)
-                log.info("listening service=%s real=%s:%s",
-                         binding.virtual, self.identity.real_host, binding.real_port)
+                log.info(
+                    "listening service=%s real=%s:%s",
+                    binding.virtual,
+                    self.identity.real_host,
+                    binding.real_port,
+                )
             self._reply(n)
         finally:
             sock.close()
@@ -589,7 +608,7 @@ class Engine:
 
     def _on_accept(self, n: Notification) -> None:
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
-        sock = self._socket(n)
+        sock = self._dup(n)
         try:
             binding = self._binding_of(sock)
             if binding is None:
@@ -615,8 +634,9 @@ class Engine:
             conn, peer = _accept_nonblocking(fd, app_flags)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and not app_flags & os.O_NONBLOCK:
-                self._wait(n, sock, select.EPOLLIN,
-                           lambda n2, s2: self._accept(n2, s2, flags, binding))
+                self._wait(
+                    n, sock, select.EPOLLIN, lambda n2, s2: self._accept(n2, s2, flags, binding)
+                )
                 return
             sock.close()
             raise Errno(exc.errno or errno.EIO) from None
@@ -625,7 +645,12 @@ class Engine:
         self._deliver(n, family, conn, peer, flags, binding)
 
     def _deliver(
-        self, n: Notification, family: int, conn: int, peer: bytes | None, flags: int,
+        self,
+        n: Notification,
+        family: int,
+        conn: int,
+        peer: bytes | None,
+        flags: int,
         binding: Binding,
     ) -> None:
         """Hand an accepted connection to the app: peer address, then the fd itself."""
@@ -664,10 +689,10 @@ class Engine:
     # -- getsockname / getpeername ------------------------------------------------
 
     def _on_getname(self, n: Notification) -> None:
-        sock = self._socket(n)
+        sock = self._dup(n)
         try:
             family = sock.family
-            if sock.type != _STREAM or (family != _AF_INET and family != _AF_INET6):
+            if sock.type != _STREAM or family not in _INET:
                 self._continue(n)
                 return
             try:

@@ -35,10 +35,16 @@ MAX_DUMP_BYTES = 64 * 1024 * 1024
 
 def _dump(family: int, states: int) -> set[int]:
     inodes: set[int] = set()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    ) as nl:
         body = _REQ.pack(family, socket.IPPROTO_TCP, 0, states)
-        nl.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        nl.send(
+            _NLMSGHDR.pack(
+                _NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+            )
+            + body
+        )
         received = 0
         while True:
             data = nl.recv(65536)

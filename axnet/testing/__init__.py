@@ -1,5 +1,11 @@
 """Test doubles and test-host builders that tests and benchmarks share."""
 
+from ._axnet import APPS as APPS
+from ._axnet import AXNET as AXNET
+from ._axnet import AxnetNode as AxnetNode
+from ._axnet import gossip_daemon_args as gossip_daemon_args
+from ._axnet import stop_process as stop_process
+from ._axnet import wait_until as wait_until
 from ._hosts import CLUSTER_SUBNET as CLUSTER_SUBNET
 from ._hosts import Cluster as Cluster
 from ._hosts import HostError as HostError
@@ -18,9 +24,3 @@ from ._hosts import unprivileged as unprivileged
 from ._probe import can_make_netns as can_make_netns
 from ._probe import can_run_as_nobody as can_run_as_nobody
 from ._probe import has_program as has_program
-from ._axnet import APPS as APPS
-from ._axnet import AXNET as AXNET
-from ._axnet import AxnetNode as AxnetNode
-from ._axnet import gossip_daemon_args as gossip_daemon_args
-from ._axnet import stop_process as stop_process
-from ._axnet import wait_until as wait_until

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import signal
 import subprocess
 import sys
@@ -21,7 +20,9 @@ APPS = (sys.executable, "-m", "axnet.testing.apps")
 SETTLE_TIMEOUT_S = 15.0
 
 
-def wait_until(what: str, predicate: Callable[[], Any], *, timeout: float = SETTLE_TIMEOUT_S) -> Any:
+def wait_until(
+    what: str, predicate: Callable[[], Any], *, timeout: float = SETTLE_TIMEOUT_S
+) -> Any:
     """Poll *predicate* until it returns something truthy; AssertionError after *timeout*."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -69,8 +70,10 @@ class AxnetNode:
     def wait_ready(self) -> AxnetNode:
         """Wait until the daemon :meth:`launch` started answers."""
         assert self.daemon is not None
-        wait_until("daemon answers", lambda: self.axnet("status", check=False).returncode == 0
-                   or self._daemon_died())
+        wait_until(
+            "daemon answers",
+            lambda: self.axnet("status", check=False).returncode == 0 or self._daemon_died(),
+        )
         if self.daemon.poll() is not None:
             raise AssertionError(f"daemon exited: {self.log('daemon')}")
         return self
@@ -101,10 +104,14 @@ class AxnetNode:
 
     # -- commands and apps --------------------------------------------------------
 
-    def axnet(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def axnet(
+        self, *args: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         done = self.host.run([*AXNET, *args], env=self.env, timeout=timeout)
         if check and done.returncode != 0:
-            raise AssertionError(f"axnet {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+            raise AssertionError(
+                f"axnet {' '.join(args)} failed ({done.returncode}): {done.stderr}"
+            )
         return done
 
     def json(self, *args: str) -> Any:
@@ -220,6 +227,3 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-

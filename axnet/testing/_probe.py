@@ -96,7 +96,7 @@ def can_run_as_nobody() -> str | None:
     except KeyError:
         return "there is no user named 'nobody'"
     # Imported here, not at the top: _hosts imports this module.
-    from ._hosts import TestUser  # noqa: PLC0415
+    from ._hosts import TestUser
 
     nobody = TestUser.nobody()
     argv = nobody.wrap([sys.executable, "-c", "import axnet, os; print(os.getuid())"])

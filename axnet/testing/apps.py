@@ -144,8 +144,12 @@ def fork_connect(host: str, port: str) -> None:
         try:
             with socket.create_connection((host, int(port)), timeout=10) as conn:
                 data = conn.recv(4096)
-                os.write(w, json.dumps({"child_sockname": _addr(conn.getsockname()),
-                                        "server": json.loads(data)}).encode())
+                os.write(
+                    w,
+                    json.dumps(
+                        {"child_sockname": _addr(conn.getsockname()), "server": json.loads(data)}
+                    ).encode(),
+                )
         finally:
             os._exit(0)
     os.close(w)
@@ -185,7 +189,10 @@ def hostile() -> None:
     call("bind_bad_pointer", lambda: _libc.bind(fd, ctypes.c_void_p(8), 16))
     call("connect_not_a_socket", lambda: _libc.connect(os.open("/dev/null", os.O_RDONLY), good, 16))
     call("connect_bad_fd", lambda: _libc.connect(9999, good, 16))
-    call("getsockname_bad_pointer", lambda: _libc.getsockname(fd, ctypes.c_void_p(8), ctypes.c_void_p(8)))
+    call(
+        "getsockname_bad_pointer",
+        lambda: _libc.getsockname(fd, ctypes.c_void_p(8), ctypes.c_void_p(8)),
+    )
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", 0))
     listener.listen(1)

@@ -23,7 +23,9 @@ def _serve_dir(node: AxnetNode, text: str) -> str:
 
 def test_two_http_servers_on_port_80(node: AxnetNode) -> None:
     for ip, text in (("10.1.0.5", "alpha"), ("10.1.0.6", "beta")):
-        node.app(["python3", "-m", "http.server", "80"], ip=ip, name=text, cwd=_serve_dir(node, text))
+        node.app(
+            ["python3", "-m", "http.server", "80"], ip=ip, name=text, cwd=_serve_dir(node, text)
+        )
     node.wait_service("10.1.0.5:80")
     node.wait_service("10.1.0.6:80")
     for ip, text in (("10.1.0.5", "alpha"), ("10.1.0.6", "beta")):
@@ -66,9 +68,20 @@ def test_real_addresses_pass_through(node: AxnetNode) -> None:
     # A plain server outside axnet on the host's loopback.
     server = node.host.popen([*APPS, "greeter", "7003"])
     try:
-        wait_until("plain server", lambda: node.host.run(
-            ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 7003))"],
-            timeout=10).returncode == 0)
+        wait_until(
+            "plain server",
+            lambda: (
+                node.host.run(
+                    [
+                        "python3",
+                        "-c",
+                        "import socket; socket.create_connection(('127.0.0.1', 7003))",
+                    ],
+                    timeout=10,
+                ).returncode
+                == 0
+            ),
+        )
         seen = node.run_json([*APPS, "names", "127.0.0.1", "7003"], ip="10.1.0.9")
         assert seen["peername"] == ["127.0.0.1", 7003]
         assert seen["server"]["accepted_from"][0] == "127.0.0.1"
@@ -186,8 +199,10 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         node.start()
         # Both apps re-attach and the server's record comes back.
         node.wait_service("10.1.0.5:7008")
-        vips = wait_until("apps re-attached",
-                          lambda: {a["vip"] for a in node.json("apps")} >= {"10.1.0.5", "10.1.0.9"})
+        vips = wait_until(
+            "apps re-attached",
+            lambda: {a["vip"] for a in node.json("apps")} >= {"10.1.0.5", "10.1.0.9"},
+        )
         assert vips
         assert ask()["accepted_from"][0] == "10.1.0.9"  # type: ignore[index]
     finally:
@@ -213,16 +228,33 @@ def test_redis_through_a_virtual_ip(node: AxnetNode) -> None:
     for program in ("redis-server", "redis-cli", "redis-benchmark"):
         if reason := has_program(program):
             pytest.skip(reason)
-    node.app(["redis-server", "--port", "6379", "--save", "", "--appendonly", "no",
-         # Clients come from their virtual IPs, not loopback: protected mode would refuse them.
-         "--protected-mode", "no"], ip="10.1.0.5")
+    node.app(
+        [
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            # Clients come from their virtual IPs, not loopback: protected mode would refuse them.
+            "--protected-mode",
+            "no",
+        ],
+        ip="10.1.0.5",
+    )
     node.wait_service("10.1.0.5:6379")
-    assert node.run(["redis-cli", "-h", "10.1.0.5", "set", "k", "v"], timeout=30).stdout.strip() == "OK"
+    assert (
+        node.run(["redis-cli", "-h", "10.1.0.5", "set", "k", "v"], timeout=30).stdout.strip()
+        == "OK"
+    )
     assert node.run(["redis-cli", "-h", "10.1.0.5", "get", "k"], timeout=30).stdout.strip() == "v"
     clients = node.run(["redis-cli", "-h", "10.1.0.5", "client", "list"], ip="10.1.0.9", timeout=30)
     assert "addr=10.1.0.9:" in clients.stdout
-    bench = node.run(["redis-benchmark", "-h", "10.1.0.5", "-n", "2000", "-c", "4", "-q", "-t", "set,get"],
-                     timeout=120)
+    bench = node.run(
+        ["redis-benchmark", "-h", "10.1.0.5", "-n", "2000", "-c", "4", "-q", "-t", "set,get"],
+        timeout=120,
+    )
     assert bench.returncode == 0, bench.stderr
     assert "requests per second" in bench.stdout
 
@@ -232,7 +264,9 @@ def test_iperf3_dual_stack(node: AxnetNode) -> None:
         pytest.skip(reason)
     node.app(["iperf3", "-s", "-p", "5201"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:5201")
-    done = node.run(["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60)
+    done = node.run(
+        ["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
     report = json.loads(done.stdout)
     assert report["end"]["sum_received"]["bytes"] > 0
