@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import os
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,8 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # Our validators name their flag already: "argument --ip: --ip must be…" → "--ip must be…"
+        message = re.sub(r"^argument [^:]+: (?=-)", "", message)
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--client-block",
         type=int,
-        default=1024,
+        default=2048,
         metavar="N",
         help="source ports per app (default: %(default)s)",
     )

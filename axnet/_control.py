@@ -217,7 +217,12 @@ class ControlClient:
         """Send one request and wait for its reply; raise ControlError on refusal."""
         self._next_id += 1
         ident = self._next_id
-        self._sock.sendall(frame({"op": op, "id": ident, **fields}))
+        try:
+            self._sock.sendall(frame({"op": op, "id": ident, **fields}))
+        except OSError as exc:
+            raise ControlError(
+                f"lost the daemon during '{op}': {exc.strerror}", err=exc.errno or 0
+            ) from None
         while True:
             while self._pending:
                 message = self._pending.pop(0)
@@ -232,6 +237,10 @@ class ControlClient:
                 data = self._sock.recv(65536)
             except TimeoutError:
                 raise ControlError(f"the daemon did not answer '{op}' in time") from None
+            except OSError as exc:
+                raise ControlError(
+                    f"lost the daemon during '{op}': {exc.strerror}", err=exc.errno or 0
+                ) from None
             if not data:
                 raise ControlError(f"the daemon closed the connection during '{op}'")
             self._pending += self._decoder.feed(data)

@@ -150,7 +150,11 @@ class ServiceTable:
             if not _newer(record, old_service):
                 return False
             self.services[record.virtual] = record
-            if old_service is not None and not old_service.deleted:
+            if (
+                old_service is not None
+                and not old_service.deleted
+                and self._by_real.get(old_service.real) == old_service.virtual
+            ):
                 self._by_real.pop(old_service.real, None)
             if not record.deleted:
                 self._by_real[record.real] = record.virtual

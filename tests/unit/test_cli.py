@@ -31,11 +31,6 @@ def test_run_with_a_bad_ip_exits_2_with_the_message(capsys: pytest.CaptureFixtur
     assert line.endswith("--ip must be an IPv4 or IPv6 address, got 'foo'")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (cosmetic): argparse prefixes type errors with 'argument --ip: ', "
-    "so the flag is named twice instead of the exact message",
-)
 def test_run_with_a_bad_ip_prints_exactly_the_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -89,6 +84,7 @@ def test_no_command_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]
                 "--join",
                 "--gossip-key-file",
                 "--profile",
+                "--label",
                 "--runtime-dir",
                 "--verbose",
             ],
@@ -170,7 +166,7 @@ def test_node_config_defaults() -> None:
     assert config.real_host == ip_address("127.0.0.1")
     assert config.listen_ports == PortRange(lo=20000, hi=32767)
     assert config.client_ports == PortRange(lo=32768, hi=60999)
-    assert config.client_block == 1024
+    assert config.client_block == 2048
     assert config.virtual_range == ipaddress.ip_network("10.77.0.0/16")
 
 
@@ -190,6 +186,15 @@ def test_node_config_address_from_advertise(advertise: str, host: str) -> None:
 def test_node_config_address_from_bracketed_ipv6_advertise() -> None:
     config = node_config(daemon_args("--advertise", "[fd00::7]:7946"))
     assert config.real_host == ip_address("fd00::7")
+
+
+def test_node_config_address_from_the_gossip_host() -> None:
+    config = node_config(daemon_args(), gossip_host="10.0.0.8")
+    assert config.real_host == ip_address("10.0.0.8")
+
+
+def test_daemon_labels_parse() -> None:
+    assert daemon_args("--label", "zone=a").label == [("zone", "a")]
 
 
 def test_node_config_address_wins_over_advertise() -> None:
@@ -233,7 +238,9 @@ def test_node_config_validation(extra: list[str], message: str) -> None:
 
 def test_node_config_accepts_adjacent_ranges_and_edge_blocks() -> None:
     config = node_config(
-        daemon_args("--listen-ports", "1000-1999", "--client-ports", "2000-2015", "--client-block", "16")
+        daemon_args(
+            "--listen-ports", "1000-1999", "--client-ports", "2000-2015", "--client-block", "16"
+        )
     )
     assert len(config.client_ports) == config.client_block == 16
 

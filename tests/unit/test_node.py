@@ -150,9 +150,7 @@ def test_attach_avoids_taken_vips_until_the_range_is_full() -> None:
     assert len(vips) == 6
     assert vips == set(ipaddress.ip_network("10.77.0.0/29").hosts())
     with pytest.raises(ClaimError) as info:
-        node.attach(
-            app_id="a7", vip=None, name="", labels=(), pid=1, argv=(), block=None, now=NOW
-        )
+        node.attach(app_id="a7", vip=None, name="", labels=(), pid=1, argv=(), block=None, now=NOW)
     assert info.value.errno == errno.EADDRNOTAVAIL
     assert str(info.value) == "virtual range 10.77.0.0/29 is full"
 

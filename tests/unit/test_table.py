@@ -78,9 +78,7 @@ def service(
 
 def test_ip_address_unmaps_ipv4_mapped_ipv6() -> None:
     assert ip_address("::ffff:10.1.2.3") == ipaddress.IPv4Address("10.1.2.3")
-    assert ip_address(ipaddress.IPv6Address("::ffff:10.1.2.3")) == ipaddress.IPv4Address(
-        "10.1.2.3"
-    )
+    assert ip_address(ipaddress.IPv6Address("::ffff:10.1.2.3")) == ipaddress.IPv4Address("10.1.2.3")
 
 
 def test_ip_address_keeps_plain_addresses() -> None:
@@ -217,11 +215,6 @@ def test_vip_shared_by_two_apps_stays_virtual_until_both_are_gone() -> None:
     assert not table.is_virtual_ip(VIP)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ServiceTable.merge pops _by_real[old.real] even when that real address "
-    "now serves another virtual address, so a late tombstone erases a live reverse entry",
-)
 def test_late_tombstone_of_old_service_keeps_reverse_index_of_new_service() -> None:
     # A node released 10.77.0.5:80 (real port 20000) and later gave 20000 to
     # 10.77.0.5:81.  Gossip is unordered: a peer may hear the new service

@@ -1,0 +1,257 @@
+"""The control API: runtime directory rules, and the socket server with its client."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from axnet._control import (
+    CONTROL_SOCKET,
+    Connection,
+    ControlClient,
+    ControlError,
+    DaemonUnavailable,
+    control_path,
+    peer_uid,
+    prepare_runtime_dir,
+    runtime_dir,
+    serve_control,
+)
+from axnet._wire import frame
+
+# -- runtime_dir ---------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv("AXNET_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return monkeypatch
+
+
+def test_runtime_dir_explicit_wins(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("AXNET_RUNTIME_DIR", "/env/axnet")
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert runtime_dir("/explicit") == Path("/explicit")
+    assert runtime_dir(Path("/explicit")) == Path("/explicit")
+
+
+def test_runtime_dir_env_var_comes_next(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("AXNET_RUNTIME_DIR", "/env/axnet")
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert runtime_dir() == Path("/env/axnet")
+    assert runtime_dir(None) == Path("/env/axnet")
+    assert runtime_dir("") == Path("/env/axnet")  # an empty --runtime-dir is no choice
+
+
+def test_runtime_dir_xdg_comes_next(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert runtime_dir() == tmp_path / "axnet"
+    clean_env.setenv("AXNET_RUNTIME_DIR", "")
+    assert runtime_dir() == tmp_path / "axnet"
+
+
+def test_runtime_dir_falls_back_to_tmp(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert runtime_dir() == Path(f"/tmp/axnet-{os.getuid()}")
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))  # not writable
+    assert runtime_dir() == Path(f"/tmp/axnet-{os.getuid()}")
+
+
+def test_control_path() -> None:
+    assert control_path(Path("/run/x")) == Path("/run/x") / CONTROL_SOCKET
+
+
+# -- prepare_runtime_dir -------------------------------------------------------
+
+
+def test_prepare_runtime_dir_creates_a_private_dir(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b"
+    prepare_runtime_dir(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    prepare_runtime_dir(path)  # again: fine
+
+
+def test_prepare_runtime_dir_tightens_a_0755_dir(tmp_path: Path) -> None:
+    path = tmp_path / "rt"
+    path.mkdir()
+    path.chmod(0o755)
+    prepare_runtime_dir(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def _nobody() -> int | None:
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return None
+
+
+def test_prepare_runtime_dir_refuses_a_dir_of_somebody_else(tmp_path: Path) -> None:
+    nobody = _nobody()
+    if nobody is None:
+        pytest.skip("no user 'nobody' on this system")
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to nobody needs root")
+    path = tmp_path / "theirs"
+    path.mkdir(mode=0o755)
+    os.chown(path, nobody, nobody)
+    with pytest.raises(ControlError) as info:
+        prepare_runtime_dir(path)
+    assert str(info.value) == (
+        f"runtime directory {path} belongs to uid {nobody}, not to you "
+        f"(uid {os.getuid()}); choose another with --runtime-dir"
+    )
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # left alone
+
+
+# -- server and client ------------------------------------------------------------
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="axctl-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def echo(conn: Connection, _: Mapping[str, Any]) -> None:
+    async for message in conn.messages():
+        if message.get("op") == "fail":
+            await conn.fail(message, "refused on purpose", errno.EPERM)
+        else:
+            await conn.reply(message, echo=message)
+
+
+async def answer_nothing(conn: Connection, _: Mapping[str, Any]) -> None:
+    async for _message in conn.messages():
+        return  # read one request, then hang up
+
+
+async def hang_up(conn: Connection, _: Mapping[str, Any]) -> None:
+    return None  # hang up without reading: the kernel resets the connection
+
+
+def test_peer_uid_of_a_socketpair_is_ours() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert peer_uid(a) == os.getuid()
+
+
+async def test_serve_control_answers_a_control_client(sock_dir: Path) -> None:
+    path = sock_dir / CONTROL_SOCKET
+
+    def talk() -> list[dict[str, Any]]:
+        with ControlClient(path, timeout=5.0) as client:
+            first = client.request("ping", n=1)
+            second = client.request("ping", n=2)
+            with pytest.raises(ControlError) as info:
+                client.request("fail")
+            assert str(info.value) == "refused on purpose"
+            assert info.value.errno == errno.EPERM
+            return [first, second]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, echo)
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+        replies = await trio.to_thread.run_sync(talk)
+        nursery.cancel_scope.cancel()
+    assert replies == [
+        {"id": 1, "ok": True, "echo": {"op": "ping", "id": 1, "n": 1}},
+        {"id": 2, "ok": True, "echo": {"op": "ping", "id": 2, "n": 2}},
+    ]
+    assert not path.exists()  # the server removes its socket when it stops
+
+
+async def _status_against(path: Path, handler: Any) -> str:
+    def talk() -> str:
+        with ControlClient(path, timeout=5.0) as client, pytest.raises(ControlError) as info:
+            client.request("status")
+        return str(info.value)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, handler)
+        message = await trio.to_thread.run_sync(talk)
+        nursery.cancel_scope.cancel()
+    return message
+
+
+async def test_a_client_sees_the_daemon_hang_up(sock_dir: Path) -> None:
+    message = await _status_against(sock_dir / CONTROL_SOCKET, answer_nothing)
+    assert message == "the daemon closed the connection during 'status'"
+
+
+async def test_a_client_sees_the_daemon_reset_the_connection(sock_dir: Path) -> None:
+    message = await _status_against(sock_dir / CONTROL_SOCKET, hang_up)
+    assert "status" in message
+
+
+async def test_the_server_drops_a_session_that_sends_garbage(sock_dir: Path) -> None:
+    path = sock_dir / CONTROL_SOCKET
+
+    def talk() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(5.0)
+            raw.connect(str(path))
+            raw.sendall(frame("not a map") + b"\xff\xff\xff\xff")
+            return raw.recv(100)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, echo)
+        assert await trio.to_thread.run_sync(talk) == b""
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_control_replaces_a_stale_socket(sock_dir: Path) -> None:
+    path = sock_dir / CONTROL_SOCKET
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays; nobody listens
+    assert path.exists()
+
+    def talk() -> dict[str, Any]:
+        with ControlClient(path, timeout=5.0) as client:
+            return client.request("ping")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, echo)
+        assert (await trio.to_thread.run_sync(talk))["ok"] is True
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
+    path = sock_dir / CONTROL_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen(1)
+        with pytest.raises(ControlError) as info:
+            await serve_control(path, echo)
+        assert str(info.value) == (
+            f"a daemon already listens on {path}; stop it with 'axnet stop' "
+            f"or choose another --runtime-dir"
+        )
+        assert path.exists()  # the other daemon's socket is left alone
+
+
+def test_control_client_without_a_daemon_is_daemon_unavailable(sock_dir: Path) -> None:
+    path = sock_dir / CONTROL_SOCKET
+    with pytest.raises(DaemonUnavailable) as info:
+        ControlClient(path)
+    assert info.value.errno == errno.ENOENT
+    assert str(info.value) == (
+        f"no axnet daemon at {path} (No such file or directory); start one with: axnet daemon"
+    )
