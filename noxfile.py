@@ -75,5 +75,3 @@ def demo(session: nox.Session) -> None:
     """A local cluster showing what axnet does (``axnet demo``)."""
     _install(session)
     session.run("axnet", "demo", *session.posargs)
-
-

@@ -6,12 +6,12 @@ import argparse
 import ipaddress
 import json
 import logging
-import re
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._table import IPAddress, Labels, ip_address, labels_from
