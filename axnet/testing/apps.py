@@ -232,7 +232,51 @@ def listen_then_close(port: str, seconds: str) -> None:
     time.sleep(float(seconds))
 
 
+def stuck_server(port: str) -> None:
+    """Listen with the smallest backlog and never accept: connects pile up and hang."""
+    import time
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen(0)
+    _out(ready=True)
+    time.sleep(3600)
+
+
+def slow_and_fast(stuck_host: str, stuck_port: str, host: str, port: str) -> None:
+    """One thread blocks in connect to a full listener; others must not wait for it."""
+    import time
+
+    fillers = []
+    for _ in range(4):  # fill the stuck listener's accept queue
+        f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        f.setblocking(False)
+        f.connect_ex((stuck_host, int(stuck_port)))
+        fillers.append(f)
+    time.sleep(0.3)
+    state = {"stuck_done": False}
+
+    def stuck() -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # blocking, no timeout
+        s.connect_ex((stuck_host, int(stuck_port)))
+        state["stuck_done"] = True
+
+    threading.Thread(target=stuck, daemon=True).start()
+    time.sleep(0.5)
+    times = []
+    for _ in range(20):
+        t0 = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.recv(4096)
+        times.append(time.monotonic() - t0)
+    _out(max_fast_s=max(times), stuck_still_blocked=not state["stuck_done"])
+    sys.stdout.flush()
+    os._exit(0)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
+    "stuck-server": stuck_server,
+    "slow-and-fast": slow_and_fast,
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,

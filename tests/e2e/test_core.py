@@ -124,6 +124,21 @@ def test_32_threads_by_100_connects(node: AxnetNode) -> None:
     assert result == {"ok": 3200, "failures": []}
 
 
+def test_slow_blocking_connect_stalls_nobody(node: AxnetNode) -> None:
+    node.app([*APPS, "stuck-server", "7010"], ip="10.1.0.8")
+    node.app([*APPS, "greeter", "7011"], ip="10.1.0.5")
+    node.wait_service("10.1.0.8:7010")
+    node.wait_service("10.1.0.5:7011")
+    result = node.run_json([*APPS, "slow-and-fast", "10.1.0.8", "7010", "10.1.0.5", "7011"])
+    # The blocked thread is still waiting for its SYN to be answered, while all
+    # of the same app's other connects went through (a serial engine would have
+    # parked them behind it until the run's timeout).
+    assert result["stuck_still_blocked"] is True
+    # And another app is not held up either.
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7011"], ip="10.1.0.9")
+    assert seen["peername"] == ["10.1.0.5", 7011]
+
+
 def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7007"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7007")
