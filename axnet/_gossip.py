@@ -133,6 +133,8 @@ def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> 
         host, port_text = raw.split(":")
     else:
         host = raw  # an IPv4 address, a name, or a bare IPv6 address
+        if ":" in host and not _is_ip(host):
+            raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
     if not host:
         raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
     if port_text is None:

@@ -96,26 +96,36 @@ class Session:
             raise ControlError(str(reply.get("error")), err=int(reply.get("errno") or 0))
         return reply
 
-    async def handshake(self, op: str, fields: Mapping[str, Any], on_push: Any) -> dict[str, Any]:
-        """Send the first request and read until its reply, before :meth:`read` runs."""
+    async def handshake(
+        self, op: str, fields: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send the first request and read until its reply, before :meth:`read` runs.
+
+        Returns the reply and the pushes that followed it in the same reads:
+        they are newer than the reply's snapshot and must be applied after it.
+        Pushes before the reply are older than the snapshot and are dropped.
+        """
         self._next_id += 1
         ident = self._next_id
         await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
-        while True:
+        reply: dict[str, Any] | None = None
+        later: list[dict[str, Any]] = []
+        while reply is None:
             data = await self.stream.receive_some(65536)
             if not data:
                 raise DaemonUnavailable(f"the daemon closed the session during '{op}'")
+            # Pushes that follow the reply in the same read are applied too.
             for message in self._decoder.feed(data):
                 if not isinstance(message, dict):
                     continue
                 if "push" in message:
-                    on_push(message)
+                    if reply is not None:
+                        later.append(message)
                 elif message.get("id") == ident:
-                    if not message.get("ok"):
-                        raise ControlError(
-                            str(message.get("error")), err=int(message.get("errno") or 0)
-                        )
-                    return message
+                    reply = message
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error")), err=int(reply.get("errno") or 0))
+        return reply, later
 
     async def read(self, on_push: Any) -> None:
         """Dispatch replies and pushes until the daemon closes the session."""
@@ -223,6 +233,7 @@ class Supervisor:
                 log.warning("dropped malformed record reason=%s", exc)
 
     async def _attach(self) -> tuple[Session, dict[str, Any]]:
+        """Attach a new session and adopt its table (the reply, then later pushes)."""
         stream = await open_session(control_path(self.options.runtime_dir))
         session = Session(stream)
         claims: list[list[object]] = []
@@ -245,7 +256,10 @@ class Supervisor:
             "claims": claims,
         }
         with trio.fail_after(CLAIM_TIMEOUT_S * 5):
-            reply = await session.handshake("attach", fields, self._on_push)
+            reply, later = await session.handshake("attach", fields)
+        self._apply_attach(reply)
+        for push in later:
+            self._on_push(push)
         return session, reply
 
     async def _keep_session(self, session: Session) -> None:
@@ -263,7 +277,6 @@ class Supervisor:
                     log.debug("re-attach failed reason=%s", exc)
                     delay = min(delay * 2, RECONNECT_MAX_S)
                     continue
-                self._apply_attach(reply)
                 self.session = session
                 delay = RECONNECT_MIN_S
                 log.warning("re-attached to the daemon vip=%s", reply.get("vip"))
@@ -298,7 +311,6 @@ class Supervisor:
         except (ControlError, OSError) as exc:
             _kill_tree(launched_pid)
             raise ControlError(str(exc)) from None
-        self._apply_attach(reply)
         self.session = session
         assert self.identity is not None
         self.engine = engine_factory(self.identity, self.table, self)

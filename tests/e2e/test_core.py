@@ -210,7 +210,8 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         assert ask()["accepted_from"] == ["10.1.0.9", pytest.approx(0, abs=65535)]
         node.kill_daemon()
         # Running apps keep reaching the services they knew.
-        assert ask()["accepted_from"][0] == "10.1.0.9"  # type: ignore[index]
+        answer = ask()
+        assert answer["accepted_from"][0] == "10.1.0.9", answer  # type: ignore[index]
         node.start()
         # Both apps re-attach and the server's record comes back.
         node.wait_service("10.1.0.5:7008")

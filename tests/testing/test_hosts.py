@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import axnet.testing
 from axnet.testing import (
     Cluster,
     NetnsHost,
@@ -63,29 +62,6 @@ def _serve(server: NetnsHost, scratch: Path) -> tuple[subprocess.Popen[bytes], s
         stderr=scratch / "server.log",
     )
     return process, f"http://{server.address}:{PORT}/hello.txt"
-
-
-def test_public_surface() -> None:
-    assert sorted(name for name in dir(axnet.testing) if not name.startswith("_")) == [
-        "CLUSTER_SUBNET",
-        "Cluster",
-        "HostError",
-        "Leftovers",
-        "NetnsHost",
-        "TestUser",
-        "become_subreaper",
-        "can_make_netns",
-        "can_run_as_nobody",
-        "cleanup_stale",
-        "find_leftovers",
-        "has_program",
-        "make_hosts",
-        "make_runtime_dir",
-        "reap_zombie_children",
-        "remove_leftovers",
-        "shared_tmp",
-        "unprivileged",
-    ]
 
 
 def test_unprivileged_drops_to_nobody_only_when_root() -> None:
