@@ -307,7 +307,7 @@ class Supervisor:
         self._token = trio.lowlevel.current_trio_token()
         self._pid = launched_pid
         try:
-            session, reply = await self._attach()
+            session, _ = await self._attach()
         except (ControlError, OSError) as exc:
             _kill_tree(launched_pid)
             raise ControlError(str(exc)) from None
