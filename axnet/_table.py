@@ -138,6 +138,7 @@ class ServiceTable:
     apps: dict[str, AppRecord] = attrs.field(factory=dict)
     # Indexes, rebuilt from the records above on every change.
     _by_real: dict[RealAddress, VirtualAddress] = attrs.field(factory=dict)
+    _live: dict[tuple[IPAddress, int], ServiceRecord] = attrs.field(factory=dict)
     _vips: dict[IPAddress, int] = attrs.field(factory=dict)
     _blocks: dict[IPAddress, tuple[tuple[int, int, IPAddress], ...]] = attrs.field(factory=dict)
 
@@ -150,6 +151,11 @@ class ServiceTable:
             if not _newer(record, old_service):
                 return False
             self.services[record.virtual] = record
+            key = (record.virtual.ip, record.virtual.port)
+            if record.deleted:
+                self._live.pop(key, None)
+            else:
+                self._live[key] = record
             if (
                 old_service is not None
                 and not old_service.deleted
@@ -222,11 +228,8 @@ class ServiceTable:
     # -- lookups on the connect path ----------------------------------------
 
     def resolve(self, ip: IPAddress, port: int) -> ServiceRecord | None:
-        """The live service at virtual ``ip:port``, if any."""
-        record = self.services.get(VirtualAddress(ip=ip, port=port))
-        if record is None or record.deleted:
-            return None
-        return record
+        """The live service at virtual ``ip:port``, if any (the connect hot path)."""
+        return self._live.get((ip, port))
 
     def is_virtual_ip(self, ip: IPAddress) -> bool:
         """Whether some live app owns *ip* as its virtual address."""

@@ -11,7 +11,7 @@ import ipaddress
 
 import attrs
 
-from ._table import IPAddress, RealAddress, ServiceTable
+from ._table import IPAddress, RealAddress, ServiceTable, VirtualAddress
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +44,7 @@ class Redirect:
     """Connect the app's socket to *real* instead of the virtual destination."""
 
     real: RealAddress
-    service: str
+    service: VirtualAddress
 
 
 @attrs.frozen(kw_only=True)
@@ -62,7 +62,7 @@ def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) 
     """Where a stream connect to ``ip:port`` goes."""
     record = table.resolve(ip, port)
     if record is not None:
-        return Redirect(real=record.real, service=str(record.virtual))
+        return Redirect(real=record.real, service=record.virtual)
     if (
         ip == me.vip
         or table.is_virtual_ip(ip)

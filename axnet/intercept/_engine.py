@@ -202,23 +202,31 @@ class Engine:
             self.notify.set_sync_wakeup()
         except OSError:
             pass
-        self._epoll.register(nfd, select.EPOLLIN)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        # The loop sleeps in poll(), not epoll_wait(): with SYNC_WAKE_UP the
+        # kernel wakes a poll() sleeper on the app's own CPU, while an epoll
+        # sleeper is woken wherever it sleeps.  Parked waits live in an epoll
+        # set that poll() watches as one more fd.
+        poller = select.poll()
+        poller.register(nfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._epoll.fileno(), select.POLLIN)
+        epfd = self._epoll.fileno()
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         next_check = 0.0
         try:
             while not self._stopping:
-                timeout = _WAIT_SLICE_S if self._waiters else SWEEP_INTERVAL_S
-                for fd, events in self._epoll.poll(timeout):
+                timeout_ms = int((_WAIT_SLICE_S if self._waiters else SWEEP_INTERVAL_S) * 1000)
+                for fd, events in poller.poll(timeout_ms):
                     if fd == nfd:
-                        if events & select.EPOLLIN:
+                        if events & select.POLLIN:
                             self._serve_one()
-                        elif events & (select.EPOLLHUP | select.EPOLLERR):
+                        elif events & (select.POLLHUP | select.POLLERR):
                             return  # every filtered task is gone
+                    elif fd == epfd:
+                        for ready, _ in self._epoll.poll(0):
+                            self._wake_waiter(ready)
                     elif fd == self._wake_r:
                         return
-                    else:
-                        self._wake_waiter(fd)
                 now = time.monotonic()
                 if self._waiters and now >= next_check:
                     next_check = now + _WAIT_SLICE_S

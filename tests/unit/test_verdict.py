@@ -71,7 +71,8 @@ def me(vip: IPAddress = MY_VIP, *, virtual_range: bool = True) -> Identity:
 def test_connect_to_a_served_virtual_address_is_redirected() -> None:
     verdict = decide_connect(table(), me(), WEB_VIP, 80)
     assert verdict == Redirect(
-        real=RealAddress(host=ip_address("192.0.2.2"), port=20000), service="10.77.0.5:80"
+        real=RealAddress(host=ip_address("192.0.2.2"), port=20000),
+        service=VirtualAddress(ip=ip_address("10.77.0.5"), port=80),
     )
 
 
@@ -86,7 +87,8 @@ def test_connect_to_own_service_is_redirected() -> None:
         )
     )
     assert decide_connect(t, me(), MY_VIP, 8080) == Redirect(
-        real=RealAddress(host=HOST, port=20001), service="10.77.0.2:8080"
+        real=RealAddress(host=HOST, port=20001),
+        service=VirtualAddress(ip=ip_address("10.77.0.2"), port=8080),
     )
 
 
