@@ -4,12 +4,15 @@ test host without a default route, get their own virtual IPs and any port."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
+import os
+import stat
 import subprocess
 
 import pytest
 
-from axnet.testing import APPS, AxnetNode, has_program, stop_process, wait_until
+from axnet.testing import APPS, AXNET, AxnetNode, TestUser, has_program, stop_process, wait_until
 
 
 def _serve_dir(node: AxnetNode, text: str) -> str:
@@ -299,3 +302,39 @@ def test_demo_runs_and_cleans_up(node: AxnetNode) -> None:
         assert fetch["client_peername"] == [fetch["target"], 80]
         assert fetch["response"]["server_sockname"] == [fetch["target"], 80]
         assert fetch["response"]["accepted_from"][0] == "10.1.0.7"
+
+
+def test_app_without_ip_gets_one_from_the_virtual_range(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "7012"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7012")
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7012"])
+    assert ipaddress.ip_address(seen["sockname"][0]) in ipaddress.ip_network("10.77.0.0/16")
+    assert seen["server"]["accepted_from"][0] == seen["sockname"][0]
+
+
+def test_listings_print_tables_and_json(node: AxnetNode) -> None:
+    node.app([*APPS, "greeter", "80"], ip="10.1.0.5", name="web", labels=["tier=web"])
+    node.wait_service("10.1.0.5:80")
+    table = node.axnet("services").stdout
+    assert "10.1.0.5:80" in table and "tier=web" in table
+    apps = node.json("apps")
+    web = next(a for a in apps if a["vip"] == "10.1.0.5")
+    assert web["name"] == "web" and web["listening"] == ["10.1.0.5:80"]
+    assert "greeter" in node.axnet("apps").stdout
+
+
+def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
+    socket_path = node.runtime / "control.sock"
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(node.runtime.stat().st_mode) == 0o700
+    if os.geteuid() != 0:
+        pytest.skip("needs a second user: root, whose uid differs from the daemon's")
+    # Root passes the file modes, but the daemon checks the peer's uid and hangs up.
+    done = node.host.run(
+        [*AXNET, "status", "--runtime-dir", str(node.runtime)],
+        user=TestUser.root(),
+        env={},
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "closed the connection" in done.stderr or "lost the daemon" in done.stderr
