@@ -25,11 +25,15 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
     """
     address = args.address
     if address is None and args.advertise:
-        host = (
-            args.advertise.rsplit(":", 1)[0] if args.advertise.count(":") == 1 else args.advertise
-        )
+        text = args.advertise.strip()
+        if text.startswith("["):  # [V6] or [V6]:PORT
+            host = text[1:].partition("]")[0]
+        elif text.count(":") == 1:  # V4:PORT or NAME:PORT
+            host = text.rsplit(":", 1)[0]
+        else:  # V4, NAME or a bare V6
+            host = text
         try:
-            address = ip_address(host.strip("[]"))
+            address = ip_address(host)
         except ValueError:
             raise ValueError(
                 f"--advertise must be HOST[:PORT] with an IP host, got {args.advertise!r}"

@@ -37,8 +37,8 @@ sockets and the clock and carries bytes in and out:
   that a separate task drains into ``Daemon.changed``.
 * Healing.  SWIM alone never talks to a member it declared dead again, so two
   halves of a healed partition would stay apart (memberlist has the same
-  property; Serf adds reconnects).  Like Serf, every reconnect interval we
-  try a push-pull with one random failed member; and when a member comes
+  property; Serf adds reconnects).  The core reconnects (a push-pull with one
+  random failed member every ``reconnect_interval``); and when a member comes
   back to life we push-pull with it (each observer with probability
   ``REVIVAL_SYNC_FANOUT / (N - 1)``) so that it sees the tombstones written
   for it at once.
@@ -93,8 +93,6 @@ JOIN_BACKOFF_MAX_S = 30.0
 LEAVE_PROPAGATE_S = 5.0
 #: Reconnect interval = push_pull_interval / this (lan 5 s, local 2.5 s, wan 10 s).
 RECONNECT_PER_PUSH_PULL = 6
-#: Seconds a failed member is still retried (Serf's reconnect_timeout, 24 h).
-RECONNECT_TIMEOUT_S = 24 * 3600.0
 #: Expected number of members that push-pull with a member that came back to life.
 REVIVAL_SYNC_FANOUT = 3
 #: Shortest sleep of the driver loop, seconds: a deadline in the past never spins it.
@@ -364,7 +362,6 @@ class DriverStats:
     streams_io_errors: int = 0
     records_malformed: int = 0
     records_too_large: int = 0
-    reconnects: int = 0
     revival_syncs: int = 0
     republished: int = 0
 
@@ -378,7 +375,13 @@ class GossipCluster:
     def __init__(self, daemon: Daemon, options: GossipOptions) -> None:
         self._daemon = daemon
         self._options = options
-        self.config = PROFILES[options.profile]()
+        # Reconnects (push-pull with a failed member, in the core) every
+        # push-pull interval / RECONNECT_PER_PUSH_PULL: a healed partition
+        # reunites within seconds rather than Serf's 30 s.
+        base = PROFILES[options.profile]()
+        self.config = attrs.evolve(
+            base, reconnect_interval=base.push_pull_interval / RECONNECT_PER_PUSH_PULL
+        )
         self._keyring = (
             swim.Keyring(options.keys[0], others=options.keys[1:]) if options.keys else None
         )
@@ -397,7 +400,8 @@ class GossipCluster:
         self._outbound = 0
         self._auth_warned: dict[str, float] = {}
         #: Failed (dead, not left) members: name → (gossip address, time of death).
-        self._failed: dict[str, tuple[swim.Address, float]] = {}
+        #: Names of failed (dead, not left) members, to notice their revival.
+        self._failed: set[str] = set()
         self.driver_stats = DriverStats()
 
     # -- setup -------------------------------------------------------------------------
@@ -474,7 +478,6 @@ class GossipCluster:
             nursery.start_soon(self._accept_streams, listener)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._push_changes)
-            nursery.start_soon(self._reconnect)
             if self._options.seeds:
                 nursery.start_soon(self._join_at_start, self._options.seeds)
             log.info(
@@ -604,7 +607,7 @@ class GossipCluster:
                 "too_large": d.records_too_large,
                 "republished": d.republished,
             },
-            "reconnects": d.reconnects,
+            "reconnects": s.reconnects,
             "revival_syncs": d.revival_syncs,
         }
 
@@ -831,7 +834,8 @@ class GossipCluster:
         match event:
             case swim.MemberJoined(member=member):
                 log.info("member joined name=%s gossip=%s", member.name, _host_port(member.address))
-                if self._failed.pop(member.name, None) is not None:
+                if member.name in self._failed:
+                    self._failed.discard(member.name)
                     self._revival_sync(member)
             case swim.MemberUpdated(member=member):
                 log.info("member updated name=%s", member.name)
@@ -841,11 +845,11 @@ class GossipCluster:
                 log.info("member refuted suspicion name=%s", member.name)
             case swim.MemberDead(member=member, accuser=accuser):
                 log.warning("member dead name=%s accuser=%s", member.name, accuser)
-                self._failed[member.name] = (member.address, trio.current_time())
+                self._failed.add(member.name)
                 self._forget(member.name)
             case swim.MemberLeft(member=member):
                 log.info("member left name=%s", member.name)
-                self._failed.pop(member.name, None)
+                self._failed.discard(member.name)
                 self._forget(member.name)
             case swim.UserMessage(sender=sender, payload=payload):
                 try:
@@ -870,31 +874,6 @@ class GossipCluster:
         if self._rng.random() < min(1.0, REVIVAL_SYNC_FANOUT / others):
             self.driver_stats.revival_syncs += 1
             self.core.join([member.address], trio.current_time())
-            self._wake.set()
-
-    async def _reconnect(self) -> None:
-        """Like Serf: now and then, try a push-pull with one random failed member."""
-        interval = self.config.push_pull_interval / RECONNECT_PER_PUSH_PULL
-        if interval <= 0:
-            interval = self.config.probe_interval * 5
-        while True:
-            await trio.sleep(interval * (0.5 + self._rng.random()))
-            now = trio.current_time()
-            for name, (_, died) in list(self._failed.items()):
-                member = self.core.member(name)
-                if (
-                    now - died > RECONNECT_TIMEOUT_S
-                    or member is None
-                    or member.state is not swim.MemberState.DEAD
-                ):
-                    del self._failed[name]
-            if not self._failed or self.core.leaving:
-                continue
-            name = self._rng.choice(sorted(self._failed))
-            address, _ = self._failed[name]
-            self.driver_stats.reconnects += 1
-            log.debug("reconnect attempt name=%s gossip=%s", name, _host_port(address))
-            self.core.join([address], now)
             self._wake.set()
 
     async def _join_at_start(self, seeds: Sequence[str]) -> None:

@@ -342,9 +342,9 @@ class Node:
         Others' records are merged last-writer-wins.  Records that claim to be
         ours are never taken as they are: when a peer holds a version of one of
         our records above ours (it declared us dead during a partition and
-        tombstoned them, or it remembers a previous life of this node), we
-        write our truth again above that version: the live record if we still
-        own it, else a tombstone.
+        tombstoned them, or it remembers a previous life of this node), or a
+        different record at the same version, we write our truth again above
+        that version: the live record if we still own it, else a tombstone.
         """
         accepted: list[AppRecord | ServiceRecord] = []
         reasserted: list[AppRecord | ServiceRecord] = []
@@ -354,7 +354,11 @@ class Node:
                     accepted.append(record)
                 continue
             current = self._current(record)
-            if current is not None and not _supersedes(record, current):
+            # A different record at our very version (another node's
+            # tombstone of ours, version + 1, against our own next write)
+            # ties: neither would ever win, so we write above both.
+            tie = current is not None and record.version == current.version and record != current
+            if current is not None and not tie and not _supersedes(record, current):
                 continue
             # Every version we write from now on must beat the one the peer holds.
             self._version = max(self._version, record.version)

@@ -67,6 +67,14 @@ class Config:
     #: seconds after its death during which a dead member still receives our
     #: gossip, so that it can learn it was declared dead and refute.
     gossip_to_the_dead_time: float = 30.0
+    #: seconds between two push-pulls with one random dead (failed, not left)
+    #: member: SWIM alone never speaks to a member it declared dead again, so
+    #: without this the two sides of a healed partition stay apart (Serf's
+    #: reconnect_interval).  0 disables.
+    reconnect_interval: float = 30.0
+    #: seconds after its death during which a failed member is still retried
+    #: (Serf's reconnect_timeout, 24 h).
+    reconnect_timeout: float = 24 * 3600.0
     #: Lifeguard health multiplier ceiling (count): the score ranges over
     #: 0 .. awareness_max_multiplier - 1, so timeouts stretch at most *8.
     awareness_max_multiplier: int = attrs.field(default=8, validator=_at_least_one)
@@ -110,4 +118,5 @@ class Config:
             probe_interval=1.0,
             gossip_interval=0.1,
             gossip_to_the_dead_time=15.0,
+            reconnect_interval=10.0,
         )

@@ -114,6 +114,10 @@ class _Probe:
     nacks: int = 0
 
 
+#: Fraction of the probe timeout a helper waits for the target before it nacks.
+NACK_FRACTION = 0.8
+
+
 @attrs.define(kw_only=True, slots=True)
 class _Relay:
     requester: Address
@@ -180,6 +184,11 @@ class Swim:
         self._next_push_pull_at = (
             now + config.push_pull_interval * (1 + rng.random())
             if config.push_pull_interval > 0
+            else math.inf
+        )
+        self._next_reconnect_at = (
+            now + config.reconnect_interval * (1 + rng.random())
+            if config.reconnect_interval > 0
             else math.inf
         )
         self._queue_self_alive()
@@ -347,7 +356,7 @@ class Swim:
 
     def next_deadline(self) -> float:
         """Latest time at which `tick` must be called."""
-        deadline = min(self._next_gossip_at, self._next_push_pull_at)
+        deadline = min(self._next_gossip_at, self._next_push_pull_at, self._next_reconnect_at)
         if not self._leaving:
             deadline = min(deadline, self._next_probe_at)
         probe = self._probe
@@ -385,6 +394,9 @@ class Swim:
                 self._config.push_pull_interval, self._table.live
             )
             self._push_pull_random()
+        if now >= self._next_reconnect_at:
+            self._next_reconnect_at = now + self._config.reconnect_interval
+            self._reconnect(now)
 
     # -- simulation support -------------------------------------------------------
 
@@ -532,7 +544,12 @@ class Swim:
             requester=src,
             seq=request.seq,
             nack=request.nack,
-            deadline=now + self._config.probe_timeout,
+            # The requester sent this ping-req one probe timeout into a probe
+            # that lasts two (LAN), so a nack after a full timeout lands just
+            # after the probe ended and counts as missed: our silence would
+            # then lower the requester's health exactly when it is right.
+            # Answer a little early instead (memberlist waits the full timeout).
+            deadline=now + NACK_FRACTION * self._config.probe_timeout,
         )
         ping = Ping(seq=self._seq, target=request.target, source=self._name)
         self._send(request.target_address, [encode_message(ping)])
@@ -702,6 +719,25 @@ class Swim:
         peers = self._pick(1, lambda m: m.state is MemberState.ALIVE)
         for peer in peers:
             self._request_stream(peer.address, self._push_pull(join=False), StreamPurpose.PUSH_PULL)
+
+    def _reconnect(self, now: float) -> None:
+        """Push-pull with one random failed member (Serf's reconnect)."""
+        if self._leaving:
+            return
+        timeout = self._config.reconnect_timeout
+        failed = sorted(
+            name
+            for name, died in self._dead_at.items()
+            if now - died <= timeout
+            and (m := self._table.get(name)) is not None
+            and m.state is MemberState.DEAD
+        )
+        if not failed:
+            return
+        member = self._table.get(failed[int(self._rng.random() * len(failed))])
+        assert member is not None
+        self.stats.reconnects += 1
+        self._request_stream(member.address, self._push_pull(join=False), StreamPurpose.PUSH_PULL)
 
     def _merge(self, remote: PushPull, now: float) -> None:
         for entry in remote.members:

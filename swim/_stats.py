@@ -30,3 +30,5 @@ class Stats:
     probes_sent: int = 0
     probes_failed: int = 0
     refutations: int = 0
+    #: push-pulls started with a failed member (reconnect)
+    reconnects: int = 0

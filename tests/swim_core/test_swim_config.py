@@ -52,6 +52,7 @@ def test_local_derives_from_lan() -> None:
         probe_interval=1.0,
         gossip_interval=0.1,
         gossip_to_the_dead_time=15.0,
+        reconnect_interval=10.0,
     )
     assert Config.local() == expected
 

@@ -128,11 +128,15 @@ def test_unanswered_probe_leads_to_suspect_then_dead() -> None:
         a.tick(now)
         a.take_datagrams()
         for request in a.take_stream_requests():
-            assert request.purpose is StreamPurpose.PING
+            # TCP fallback pings while b is probed; reconnect attempts once it is dead.
+            assert request.purpose in (StreamPurpose.PING, StreamPurpose.PUSH_PULL)
             a.stream_failed(request.dest, now)
+            if request.purpose is StreamPurpose.PUSH_PULL:
+                assert a.member("b").state is MemberState.DEAD  # type: ignore[union-attr]
         events.extend(a.take_events())
     kinds = [type(e) for e in events]
     assert kinds[:2] == [MemberSuspected, MemberDead]
+    assert a.stats.reconnects >= 1
     # Two members: no confirmations expected (k = 0), so the minimum applies:
     # 4 * max(1, log10 2) * 1 s = 4 s after the failed probe.
     assert a.member("b").state is MemberState.DEAD  # type: ignore[union-attr]

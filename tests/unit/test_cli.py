@@ -178,11 +178,6 @@ def test_node_config_address_from_advertise(advertise: str, host: str) -> None:
     assert node_config(daemon_args("--advertise", advertise)).real_host == ip_address(host)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: node_config keeps the ':PORT' of a bracketed IPv6 --advertise "
-    "('[fd00::7]:7946') and rejects it",
-)
 def test_node_config_address_from_bracketed_ipv6_advertise() -> None:
     config = node_config(daemon_args("--advertise", "[fd00::7]:7946"))
     assert config.real_host == ip_address("fd00::7")

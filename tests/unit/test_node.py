@@ -520,12 +520,6 @@ def test_forget_node_is_overridden_when_the_node_republishes() -> None:
     assert node.table.is_virtual_ip(b.vip)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forget_node's tombstone (version+1, the dead node's name) ties with the "
-    "owner's next version; merge_remote skips a record of ours that only ties, so the "
-    "tombstone and the live record never converge",
-)
 def test_a_false_death_converges_when_the_owner_writes_the_same_next_version() -> None:
     node = make_node(name="n1")
     other = make_node(name="n2")

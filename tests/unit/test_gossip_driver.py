@@ -1,0 +1,156 @@
+"""The gossip driver in one process: real daemons' nodes, real sockets on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from axnet._daemon import Daemon, DaemonConfig
+from axnet._gossip import GossipCluster, gossip_options
+from axnet._node import NodeConfig
+from axnet._table import VirtualAddress
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+def make_daemon(name: str) -> Daemon:
+    node = NodeConfig(name=name, real_host=ipaddress.ip_address("127.0.0.1"))
+    return Daemon(DaemonConfig(node=node, runtime_dir=Path("/nonexistent")))
+
+
+@asynccontextmanager
+async def running(name: str, *, key: bytes | None = KEY) -> AsyncIterator[GossipCluster]:
+    daemon = make_daemon(name)
+    options = gossip_options(bind="127.0.0.1:0", advertise=None, profile="local")
+    if key is not None:
+        options = type(options)(
+            bind=options.bind, advertise=options.advertise, keys=(key,), profile="local"
+        )
+    cluster = GossipCluster(daemon, options)
+    await cluster.bind()
+    daemon.cluster = cluster
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cluster.run)
+        yield cluster
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(what: str, predicate: Callable[[], object], timeout: float = 10) -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"{what}: not true after {timeout} s")
+
+
+def seed(cluster: GossipCluster) -> str:
+    host, port = cluster.address
+    return f"{host}:{port}"
+
+
+def statuses(cluster: GossipCluster) -> dict[str, str]:
+    return {m["name"]: m["status"] for m in cluster.members()}
+
+
+async def publish_service(cluster: GossipCluster, daemon: Daemon, port: int) -> VirtualAddress:
+    node = daemon.node
+    app, written = node.attach(
+        app_id=f"app{port}",
+        vip=ipaddress.ip_address("10.1.0.5"),
+        name="web",
+        labels=(),
+        pid=1,
+        argv=["web"],
+        block=None,
+        now=trio.current_time(),
+    )
+    claim = node.claim(app.app_id, VirtualAddress(ip=app.vip, port=port))
+    written += node.listen(app.app_id, claim.virtual)
+    await daemon.changed(written)
+    return claim.virtual
+
+
+async def test_join_replicate_leave() -> None:
+    async with running("a") as a, running("b") as b, running("c") as c:
+        assert await b.join([seed(a)]) == 1
+        assert await c.join([seed(a)]) == 1
+        everyone = {"a": "alive", "b": "alive", "c": "alive"}
+        await eventually("members agree", lambda: all(statuses(x) == everyone for x in (a, b, c)))
+        assert a.members()[1]["address"] == "127.0.0.1"
+
+        virtual = await publish_service(a, a._daemon, 80)
+        await eventually(
+            "service replicated",
+            lambda: all(x._daemon.node.table.resolve(virtual.ip, 80) for x in (b, c)),
+        )
+        await c.leave()
+        await eventually("c left", lambda: statuses(a).get("c") == "left")
+        stats = a.stats()
+        assert stats["members"] == {"alive": 2, "suspect": 0, "dead": 0, "left": 1}
+        assert stats["encrypted"] is True
+
+
+async def test_a_restarted_member_withdraws_what_its_previous_life_published() -> None:
+    async with running("a") as a:
+        async with running("b") as b:
+            assert await b.join([seed(a)]) == 1
+            virtual = await publish_service(b, b._daemon, 81)
+            await eventually("replicated", lambda: a._daemon.node.table.resolve(virtual.ip, 81))
+        # b crashed (no leave); a new life of b joins without the app.
+        async with running("b") as b2:
+            assert await b2.join([seed(a)]) == 1
+            await eventually(
+                "stale service withdrawn",
+                lambda: a._daemon.node.table.resolve(virtual.ip, 81) is None,
+            )
+
+
+async def test_wrong_key_is_refused_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="axnet.gossip")
+    async with running("a") as a, running("x", key=OTHER_KEY) as x:
+        assert await x.join([seed(a)]) == 0
+        assert statuses(a) == {"a": "alive"}
+        assert a.stats()["streams"]["dropped_auth"] == 1
+        assert "gossip refused stream from=127.0.0.1:" in caplog.text
+        # Datagrams too; warnings about one source address are rate-limited
+        # (the stream refused above already warned about 127.0.0.1).
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(5):
+            await sock.sendto(b"\x81" + os.urandom(60), a.address)
+        await eventually("counted", lambda: a.stats()["drops"]["auth"] == 5)
+        assert caplog.text.count("gossip refused") == 1
+        sock.close()
+
+
+async def test_bad_datagrams_and_stalled_streams_are_counted() -> None:
+    async with running("a", key=None) as a:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.sendto(b"\x01\xc1", a.address)  # malformed
+        await sock.sendto(b"\x01" + bytes(2000), a.address)  # oversized
+        stalled = trio.socket.socket()
+        await stalled.connect(a.address)
+        await stalled.send(struct.pack("!I", 1000) + b"\x01")
+        huge = trio.socket.socket()
+        await huge.connect(a.address)
+        await huge.send(struct.pack("!I", 2**31))
+        await eventually(
+            "counted",
+            lambda: (
+                a.stats()["drops"]["malformed"] == 1
+                and a.stats()["drops"]["oversized"] == 1
+                and a.stats()["streams"]["oversized"] == 1
+                and a.stats()["streams"]["timed_out"] == 1
+            ),  # local: tcp_timeout 1 s
+        )
+        for s in (sock, stalled, huge):
+            s.close()
