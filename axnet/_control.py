@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,22 +109,29 @@ class Connection:
     async def fail(self, request: Mapping[str, Any], message: str, err: int = 0) -> None:
         await self.send({"id": request.get("id"), "ok": False, "error": message, "errno": err})
 
-    async def messages(self) -> Any:
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """Yield decoded requests until the peer closes or sends garbage."""
-        while True:
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            try:
-                batch = self._decoder.feed(data)
-            except WireError:
-                return
-            for message in batch:
-                if isinstance(message, dict):
-                    yield message
+        try:
+            async for message in receive_messages(self.stream, self._decoder):
+                yield message
+        except WireError:
+            return
+
+
+async def receive_messages(
+    stream: trio.SocketStream, decoder: FrameDecoder
+) -> AsyncIterator[dict[str, Any]]:
+    """Decoded map messages until the peer closes; WireError on garbage."""
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if not data:
+            return
+        for message in decoder.feed(data):
+            if isinstance(message, dict):
+                yield message
 
 
 async def serve_control(

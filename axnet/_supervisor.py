@@ -35,7 +35,14 @@ from typing import Any
 import attrs
 import trio
 
-from ._control import ControlClient, ControlError, DaemonUnavailable, control_path, open_session
+from ._control import (
+    ControlClient,
+    ControlError,
+    DaemonUnavailable,
+    control_path,
+    open_session,
+    receive_messages,
+)
 from ._node import ClaimError
 from ._table import IPAddress, Labels, ServiceTable, VirtualAddress, ip_address
 from ._verdict import Identity
@@ -130,25 +137,13 @@ class Session:
     async def read(self, on_push: Any) -> None:
         """Dispatch replies and pushes until the daemon closes the session."""
         try:
-            while True:
-                try:
-                    data = await self.stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                try:
-                    messages = self._decoder.feed(data)
-                except WireError as exc:
-                    log.warning("session closed reason=%s", exc)
-                    return
-                for message in messages:
-                    if not isinstance(message, dict):
-                        continue
-                    if "push" in message:
-                        on_push(message)
-                    elif (channel := self._waiting.get(message.get("id", -1))) is not None:
-                        channel.send_nowait(message)
+            async for message in receive_messages(self.stream, self._decoder):
+                if "push" in message:
+                    on_push(message)
+                elif (channel := self._waiting.get(message.get("id", -1))) is not None:
+                    channel.send_nowait(message)
+        except WireError as exc:
+            log.warning("session closed reason=%s", exc)
         finally:
             self.closed.set()
             for channel in self._waiting.values():

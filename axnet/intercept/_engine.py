@@ -67,20 +67,20 @@ from .._verdict import (
     decide_connect,
 )
 from . import _raw, _sockdiag
+from ._bpf import (
+    NR_ACCEPT,
+    NR_ACCEPT4,
+    NR_BIND,
+    NR_CONNECT,
+    NR_GETPEERNAME,
+    NR_GETSOCKNAME,
+    NR_LISTEN,
+)
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
 from ._libc import Notification, NotifyFd, read_memory
 from ._tasks import Errno, Gone, Tasks
 
 log = logging.getLogger("axnet.run")
-
-# x86_64 syscall numbers of the trapped calls.
-NR_CONNECT = 42
-NR_ACCEPT = 43
-NR_BIND = 49
-NR_LISTEN = 50
-NR_GETSOCKNAME = 51
-NR_GETPEERNAME = 52
-NR_ACCEPT4 = 288
 
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
@@ -383,7 +383,12 @@ class Engine:
 
     # -- connect ---------------------------------------------------------------
 
-    def _on_connect(self, n: Notification) -> None:
+    def _sockaddr_call(
+        self, n: Notification
+    ) -> tuple[_socket.socket, bytes, tuple[IPAddress, int] | None]:
+        """The common start of ``connect`` and ``bind``: (our duplicate of the
+        socket, the private copy of the sockaddr, its inet endpoint when the
+        socket is an inet stream socket of the same family, else None)."""
         length = n.args[2] & 0xFFFFFFFF
         if length > MAX_SOCKADDR_LEN:
             raise Errno(errno.EINVAL)
@@ -391,31 +396,39 @@ class Engine:
         try:
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
+            endpoint = None
+            if sock.type == _STREAM and sock.family in _INET:
+                endpoint = self._endpoint(raw, sock.family)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, raw, endpoint
+
+    def _on_connect(self, n: Notification) -> None:
+        sock, raw, endpoint = self._sockaddr_call(n)
+        try:
             target = raw
             pinned = False
-            family = sock.family
-            if sock.type == _STREAM and family in _INET:
-                endpoint = self._endpoint(raw, family)
-                if endpoint is not None:
-                    ip, port = endpoint
-                    verdict = decide_connect(self.table, self.identity, ip, port)
-                    match verdict:
-                        case Redirect():
-                            self.counters.redirected += 1
-                            target = _pack(family, verdict.real.host, verdict.real.port)
-                            pinned = self._pin_source_ports(sock)
-                        case Deny():
-                            self.counters.refused += 1
-                            log.info(
-                                "connect refused pid=%s dest=%s:%s reason=%s",
-                                n.pid,
-                                ip,
-                                port,
-                                verdict.reason,
-                            )
-                            raise Errno(verdict.errno)
-                        case Passthrough():
-                            self.counters.passed += 1
+            if endpoint is not None:
+                ip, port = endpoint
+                verdict = decide_connect(self.table, self.identity, ip, port)
+                match verdict:
+                    case Redirect():
+                        self.counters.redirected += 1
+                        target = _pack(sock.family, verdict.real.host, verdict.real.port)
+                        pinned = self._pin_source_ports(sock)
+                    case Deny():
+                        self.counters.refused += 1
+                        log.info(
+                            "connect refused pid=%s dest=%s:%s reason=%s",
+                            n.pid,
+                            ip,
+                            port,
+                            verdict.reason,
+                        )
+                        raise Errno(verdict.errno)
+                    case Passthrough():
+                        self.counters.passed += 1
             self._connect(n, sock, target, pinned=pinned)
             sock = None  # type: ignore[assignment]  # _connect owns it now
         finally:
@@ -479,45 +492,31 @@ class Engine:
     # -- bind / listen -----------------------------------------------------------
 
     def _on_bind(self, n: Notification) -> None:
-        length = n.args[2] & 0xFFFFFFFF
-        if length > MAX_SOCKADDR_LEN:
-            raise Errno(errno.EINVAL)
-        sock = self._dup(n)
+        sock, raw, endpoint = self._sockaddr_call(n)
         try:
-            raw = self._read_sockaddr(n, n.args[1], length)
-            self._check(n)
-            family = sock.family
-            if sock.type == _STREAM and family in _INET:
-                endpoint = self._endpoint(raw, family)
-                if endpoint is not None:
-                    ip, port = endpoint
-                    v6only = family == _AF_INET6 and bool(
-                        sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-                    )
-                    verdict = decide_bind(
-                        self.table,
-                        self.identity,
-                        ip,
-                        port,
-                        ipv6_socket=family == _AF_INET6,
-                        v6only=v6only,
-                    )
-                    match verdict:
-                        case BindVirtual():
-                            self._bind_virtual(sock, verdict.port, n.pid)
-                            self._reply(n)
-                            return
-                        case Deny():
-                            log.info(
-                                "bind refused pid=%s addr=%s:%s reason=%s",
-                                n.pid,
-                                ip,
-                                port,
-                                verdict.reason,
-                            )
-                            raise Errno(verdict.errno)
-                        case Passthrough():
-                            pass
+            if endpoint is not None:
+                ip, port = endpoint
+                ipv6 = sock.family == _AF_INET6
+                v6only = ipv6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+                verdict = decide_bind(
+                    self.table, self.identity, ip, port, ipv6_socket=ipv6, v6only=v6only
+                )
+                match verdict:
+                    case BindVirtual():
+                        self._bind_virtual(sock, verdict.port, n.pid)
+                        self._reply(n)
+                        return
+                    case Deny():
+                        log.info(
+                            "bind refused pid=%s addr=%s:%s reason=%s",
+                            n.pid,
+                            ip,
+                            port,
+                            verdict.reason,
+                        )
+                        raise Errno(verdict.errno)
+                    case Passthrough():
+                        pass
             self._reply(n, error=_raw.bind(sock.fileno(), raw))
         finally:
             sock.close()
