@@ -532,6 +532,8 @@ class Engine:
             try:
                 real_port, vport = self.node.claim(virtual, avoid)
             except ClaimError as exc:
+                if exc.errno == errno.EADDRINUSE and self._release_if_closed(virtual):
+                    continue  # our own socket, closed since: the port is free again
                 log.info("bind refused addr=%s reason=%s", virtual, exc)
                 raise Errno(exc.errno) from None
             claimed = VirtualAddress(ip=me.vip, port=vport)
@@ -556,6 +558,23 @@ class Engine:
                 raise Errno(err)
             avoid.append(real_port)  # taken by a process outside axnet
         raise Errno(errno.EADDRINUSE)
+
+    def _release_if_closed(self, virtual: VirtualAddress) -> bool:
+        """Release our binding of *virtual* if its socket is closed; whether it was.
+
+        ``close`` is not trapped, so a server that closes its listener and binds
+        the same port again (iperf3 does, between tests) would otherwise find
+        its own stale claim until the next sweep.
+        """
+        with self._bindings_lock:
+            stale = [b for b in self.bindings.values() if b.virtual == virtual]
+        if not stale:
+            return False
+        listening = _sockdiag.listening_inodes()
+        if any(_alive(b, listening) for b in stale):
+            return False
+        self._release(stale)
+        return True
 
     @staticmethod
     def _local(sock: _socket.socket) -> tuple[IPAddress, int]:
@@ -750,19 +769,18 @@ class Engine:
         if not self.bindings:
             return
         try:
-            alive = _sockdiag.listening_inodes()
+            listening = _sockdiag.listening_inodes()
         except OSError as exc:
             log.warning("cannot list listening sockets: %s", exc)
             return
         with self._bindings_lock:
-            gone = [
-                b
-                for b in self.bindings.values()
-                if b.inode not in alive
-                and (b.listening or not _sockdiag.holds_inode(b.pid, b.inode))
-            ]
+            gone = [b for b in self.bindings.values() if not _alive(b, listening)]
+        self._release(gone)
+
+    def _release(self, gone: list[Binding]) -> None:
+        with self._bindings_lock:
             for binding in gone:
-                del self.bindings[binding.real_port]
+                self.bindings.pop(binding.real_port, None)
                 for conn in self._pending.pop(binding.real_port, ()):
                     os.close(conn)
         for binding in gone:
@@ -775,6 +793,13 @@ class Engine:
     def snapshot_bindings(self) -> list[Binding]:
         with self._bindings_lock:
             return list(self.bindings.values())
+
+
+def _alive(binding: Binding, listening: set[int]) -> bool:
+    """Whether the socket behind *binding* is still open (listening ones are cheap to tell)."""
+    if binding.inode in listening:
+        return True
+    return not binding.listening and _sockdiag.holds_inode(binding.pid, binding.inode)
 
 
 def _accept_nonblocking(fd: int, flags: int) -> tuple[int, bytes]:

@@ -274,7 +274,23 @@ def slow_and_fast(stuck_host: str, stuck_port: str, host: str, port: str) -> Non
     os._exit(0)
 
 
+def rebind(port: str) -> None:
+    """Listen, close, listen again on the same port at once (as iperf3 does)."""
+    errors = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", int(port)))
+            s.listen(1)
+        except OSError as exc:
+            errors.append(exc.errno)
+        s.close()
+    _out(errors=errors)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
+    "rebind": rebind,
     "stuck-server": stuck_server,
     "slow-and-fast": slow_and_fast,
     "names": names,

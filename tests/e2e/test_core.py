@@ -104,6 +104,11 @@ def test_same_virtual_port_twice_is_in_use(node: AxnetNode) -> None:
     assert result["errno"] == errno.EADDRINUSE
 
 
+def test_listen_close_listen_again_on_the_same_port(node: AxnetNode) -> None:
+    result = node.run_json([*APPS, "rebind", "7013"], ip="10.1.0.5")
+    assert result == {"errors": []}
+
+
 def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -> None:
     app = node.app([*APPS, "listen-then-close", "7004", "3"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7004")
@@ -283,14 +288,15 @@ def test_iperf3_dual_stack(node: AxnetNode) -> None:
         pytest.skip(reason)
     node.app(["iperf3", "-s", "-p", "5201"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:5201")
-    done = node.run(
-        ["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
-    report = json.loads(done.stdout)
-    assert report["end"]["sum_received"]["bytes"] > 0
-    assert report["start"]["connected"][0]["remote_host"] == "10.1.0.5"
-    assert report["start"]["connected"][0]["local_host"] == "10.1.0.9"
+    for _ in range(2):  # iperf3 -s closes its listener and opens a fresh one per test
+        done = node.run(
+            ["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+        report = json.loads(done.stdout)
+        assert report["end"]["sum_received"]["bytes"] > 0
+        assert report["start"]["connected"][0]["remote_host"] == "10.1.0.5"
+        assert report["start"]["connected"][0]["local_host"] == "10.1.0.9"
 
 
 def test_demo_runs_and_cleans_up(node: AxnetNode) -> None:
