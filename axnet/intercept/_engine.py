@@ -77,7 +77,7 @@ from ._bpf import (
     NR_LISTEN,
 )
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
-from ._libc import Notification, NotifyFd, read_memory
+from ._libc import Notification, NotifyFd
 from ._tasks import Errno, Gone, Tasks
 
 log = logging.getLogger("axnet.run")
@@ -182,6 +182,8 @@ class Engine:
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
         self._tasks = Tasks(notify.id_valid)
+        self._block_identity: Identity | None = None
+        self._block_value = b""
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -356,10 +358,11 @@ class Engine:
         if length == 0:
             return b""
         try:
-            return read_memory(n.pid, ptr, length)
-        except OSError:
+            # Through the cached /proc/TID/mem handle: one pread, no iovecs.
+            return self._tasks.read(n.pid, n.id, ptr, length)
+        except Errno:
             self.counters.faults += 1
-            raise Errno(errno.EFAULT) from None
+            raise
 
     def _store_sockaddr(self, n: Notification, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
         """Store a result address the way the kernel does (truncate, report full length)."""
@@ -447,13 +450,14 @@ class Engine:
 
     def _pin_source_ports(self, sock: _socket.socket) -> bool:
         """Keep the source port in the app's block, so servers can name the client."""
-        block = self.identity.block
-        if block is None:
+        me = self.identity
+        if me.block is None:
             return False
+        if self._block_identity is not me:
+            self._block_identity = me
+            self._block_value = _UINT32.pack(me.block[0] | me.block[1] << 16)
         try:
-            sock.setsockopt(
-                socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(block[0] | block[1] << 16)
-            )
+            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._block_value)
         except OSError as exc:
             log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
             return False
