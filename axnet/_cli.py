@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._table import IPAddress, Labels, ip_address, labels_from
@@ -278,63 +278,55 @@ def _labels_text(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _words(values: list[str]) -> str:
+    return " ".join(values)
+
+
+#: For each listing: the reply's key, the table's columns, and how a row reads.
+_LISTINGS: dict[str, tuple[str, list[str], Any]] = {
+    "services": (
+        "services",
+        ["virtual", "real", "node", "name", "labels"],
+        lambda s: [s["virtual"], s["real"], s["node"], s["name"], _labels_text(s["labels"])],
+    ),
+    "apps": (
+        "apps",
+        ["vip", "node", "name", "pid", "listening", "command", "labels"],
+        lambda a: [
+            a["vip"],
+            a["node"],
+            a["name"],
+            a["pid"],
+            _words(a["listening"]),
+            a["command"],
+            _labels_text(a["labels"]),
+        ],
+    ),
+    "members": (
+        "members",
+        ["name", "address", "status", "labels"],
+        lambda m: [m["name"], m["address"], m["status"], _labels_text(m.get("labels") or {})],
+    ),
+}
+
+
 def cmd_listing(args: argparse.Namespace) -> int:
     with _client(args) as client:
         reply = client.request(args.command)
-    if args.command == "services":
-        services = reply["services"]
+    if args.command in _LISTINGS:
+        key, columns, row = _LISTINGS[args.command]
+        items = reply[key]
         if args.json:
-            _print_json(services)
+            _print_json(items)
         else:
-            _table(
-                "services",
-                ["virtual", "real", "node", "name", "labels"],
-                [
-                    [s["virtual"], s["real"], s["node"], s["name"], _labels_text(s["labels"])]
-                    for s in services
-                ],
-            )
-    elif args.command == "apps":
-        apps = reply["apps"]
-        if args.json:
-            _print_json(apps)
-        else:
-            _table(
-                "apps",
-                ["vip", "node", "name", "pid", "listening", "command", "labels"],
-                [
-                    [
-                        a["vip"],
-                        a["node"],
-                        a["name"],
-                        a["pid"],
-                        " ".join(a["listening"]),
-                        a["command"],
-                        _labels_text(a["labels"]),
-                    ]
-                    for a in apps
-                ],
-            )
-    elif args.command == "members":
-        members = reply["members"]
-        if args.json:
-            _print_json(members)
-        else:
-            _table(
-                "members",
-                ["name", "address", "status", "labels"],
-                [
-                    [m["name"], m["address"], m["status"], _labels_text(m.get("labels") or {})]
-                    for m in members
-                ],
-            )
+            _table(args.command, columns, [row(item) for item in items])
+        return 0
+    status = {k: v for k, v in reply.items() if k not in ("id", "ok")}
+    if args.json:
+        _print_json(status)
     else:
-        status = {k: v for k, v in reply.items() if k not in ("id", "ok")}
-        if args.json:
-            _print_json(status)
-        else:
-            for key in sorted(status):
-                print(f"{key}: {status[key]}")
+        for key in sorted(status):
+            print(f"{key}: {status[key]}")
     return 0
 
 

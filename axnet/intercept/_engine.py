@@ -422,14 +422,7 @@ class Engine:
                         pinned = self._pin_source_ports(sock)
                     case Deny():
                         self.counters.refused += 1
-                        log.info(
-                            "connect refused pid=%s dest=%s:%s reason=%s",
-                            n.pid,
-                            ip,
-                            port,
-                            verdict.reason,
-                        )
-                        raise Errno(verdict.errno)
+                        raise _refused(n, "connect", ip, port, verdict)
                     case Passthrough():
                         self.counters.passed += 1
             self._connect(n, sock, target, pinned=pinned)
@@ -511,14 +504,7 @@ class Engine:
                         self._reply(n)
                         return
                     case Deny():
-                        log.info(
-                            "bind refused pid=%s addr=%s:%s reason=%s",
-                            n.pid,
-                            ip,
-                            port,
-                            verdict.reason,
-                        )
-                        raise Errno(verdict.errno)
+                        raise _refused(n, "bind", ip, port, verdict)
                     case Passthrough():
                         pass
             self._reply(n, error=_raw.bind(sock.fileno(), raw))
@@ -797,6 +783,12 @@ class Engine:
     def snapshot_bindings(self) -> list[Binding]:
         with self._bindings_lock:
             return list(self.bindings.values())
+
+
+def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny) -> Errno:
+    """Log a refused call (visible at -v) and return the error the app gets."""
+    log.info("%s refused pid=%s addr=%s:%s reason=%s", call, n.pid, ip, port, verdict.reason)
+    return Errno(verdict.errno)
 
 
 def _alive(binding: Binding, listening: set[int]) -> bool:

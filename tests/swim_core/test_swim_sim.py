@@ -57,18 +57,6 @@ def test_slow_member_does_not_get_others_killed() -> None:
     assert net["n2"].health_score > 0  # Lifeguard: n2 backed off instead
 
 
-def test_partition_heals() -> None:
-    net = cluster(8, seed=7)
-    left, right = net.names[:4], net.names[4:]
-    net.partition(left, right)
-    assert net.run_until(
-        lambda: all(net.state_of(a, b) is MemberState.DEAD for a in left for b in right), 120.0
-    )
-    net.heal()
-    # Push-pull (every 30 s) and refutation bring both sides back together.
-    assert net.run_until(net.converged, 180.0)
-
-
 def test_user_broadcast_reaches_all() -> None:
     net = cluster(16, seed=2)
     net["n3"].broadcast(b"svc/web", b"10.1.0.5:80")
