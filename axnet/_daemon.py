@@ -195,7 +195,11 @@ class Daemon:
             await conn.reply(request, members=members)
         elif op == "join":
             if self.cluster is None:
-                raise ClaimError(errno.ENOTCONN, "this daemon runs without gossip (--no-gossip)")
+                raise ClaimError(
+                    errno.ENOTCONN,
+                    "this daemon runs without gossip; restart it with "
+                    "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
+                )
             joined = await self.cluster.join([str(s) for s in request.get("seeds") or []])
             await conn.reply(request, joined=joined)
         elif op == "leave":
