@@ -157,7 +157,7 @@ class Node:
                 return block
         return None  # the app still runs; servers see the node's address for it
 
-    def _pick_vip(self, now: float) -> IPAddress:
+    def _pick_vip(self) -> IPAddress:
         network = self.config.virtual_range
         taken = {a.vip for a in self.table.apps.values() if not a.deleted}
         size = network.num_addresses
@@ -221,7 +221,7 @@ class Node:
         """Register an app; pick its virtual IP and client block when not given."""
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
-        chosen_vip = vip if vip is not None else self._pick_vip(now)
+        chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
         app = App(
             app_id=app_id,
