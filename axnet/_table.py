@@ -21,6 +21,11 @@ after ``TOMBSTONE_TTL`` seconds by :meth:`ServiceTable.expire`, long enough for
 every member to have heard of them through gossip or push-pull.
 
 The table never reads a clock: callers pass ``now``.
+
+Next to its lookup indexes the table keeps the same indexes keyed by packed
+*endpoints* (:func:`endpoint`: 16 address bytes, IPv4 as v4-mapped, and a
+2-byte big-endian port), which the engine's native hot path reads without
+building address objects.  Both kinds are updated together, in ``merge``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Seconds a tombstone is kept before it is forgotten.
 TOMBSTONE_TTL = 60.0
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def packed_ip(ip: IPAddress) -> bytes:
+    """16 bytes: an IPv6 address as is, an IPv4 address v4-mapped."""
+    return _V4_MAPPED + ip.packed if ip.version == 4 else ip.packed
+
+
+def endpoint(ip: IPAddress, port: int) -> bytes:
+    """``ip:port`` packed as the engine's fast path keys it (18 bytes)."""
+    return packed_ip(ip) + port.to_bytes(2, "big")
 
 
 def ip_address(text: str | IPAddress) -> IPAddress:
@@ -120,6 +138,10 @@ class ServiceRecord:
         return self.virtual
 
 
+def _packed_block(app: AppRecord) -> bytes:
+    return app.port_lo.to_bytes(2, "big") + app.port_hi.to_bytes(2, "big") + packed_ip(app.vip)
+
+
 def _newer(candidate: AppRecord | ServiceRecord, current: AppRecord | ServiceRecord | None) -> bool:
     if current is None:
         return True
@@ -141,6 +163,11 @@ class ServiceTable:
     _live: dict[tuple[IPAddress, int], ServiceRecord] = attrs.field(factory=dict)
     _vips: dict[IPAddress, int] = attrs.field(factory=dict)
     _blocks: dict[IPAddress, tuple[tuple[int, int, IPAddress], ...]] = attrs.field(factory=dict)
+    # The same, packed (see `endpoint`): virtual → real, real → virtual, and
+    # host address → blocks as lo (2 bytes) + hi (2 bytes) + vip (16 bytes).
+    live_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
+    real_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
+    block_keys: dict[bytes, tuple[bytes, ...]] = attrs.field(factory=dict, init=False)
 
     # -- merging -----------------------------------------------------------
 
@@ -152,18 +179,24 @@ class ServiceTable:
                 return False
             self.services[record.virtual] = record
             key = (record.virtual.ip, record.virtual.port)
+            packed_virtual = endpoint(*key)
+            packed_real = endpoint(record.real.host, record.real.port)
             if record.deleted:
                 self._live.pop(key, None)
+                self.live_keys.pop(packed_virtual, None)
             else:
                 self._live[key] = record
+                self.live_keys[packed_virtual] = packed_real
             if (
                 old_service is not None
                 and not old_service.deleted
                 and self._by_real.get(old_service.real) == old_service.virtual
             ):
                 self._by_real.pop(old_service.real, None)
+                self.real_keys.pop(endpoint(old_service.real.host, old_service.real.port), None)
             if not record.deleted:
                 self._by_real[record.real] = record.virtual
+                self.real_keys[packed_real] = packed_virtual
             return True
         old_app = self.apps.get(record.app_id)
         if not _newer(record, old_app):
@@ -178,6 +211,8 @@ class ServiceTable:
                 *blocks,
                 (record.port_lo, record.port_hi, record.vip),
             )
+            host = packed_ip(record.real_host)
+            self.block_keys[host] = (*self.block_keys.get(host, ()), _packed_block(record))
         return True
 
     def merge_all(
@@ -198,6 +233,12 @@ class ServiceTable:
             self._blocks[app.real_host] = remaining
         else:
             self._blocks.pop(app.real_host, None)
+        host, packed = packed_ip(app.real_host), _packed_block(app)
+        kept = tuple(b for b in self.block_keys.get(host, ()) if b != packed)
+        if kept:
+            self.block_keys[host] = kept
+        else:
+            self.block_keys.pop(host, None)
 
     def expire(self, now: float, ttl: float = TOMBSTONE_TTL) -> int:
         """Forget tombstones older than *ttl*; return how many were dropped."""

@@ -35,6 +35,14 @@ next ``accept`` on that listener: it is never lost.
 
 The table and identity are read here and replaced (whole objects) by the
 supervisor's trio thread; a lookup is a single dictionary read.
+
+The hot path — a redirected ``connect``, an ``accept`` on a virtual listener,
+``getsockname``/``getpeername`` — also exists in C (``_fastpath.c``), which
+receives each notification first and answers it when it can; whatever it
+cannot answer it hands back here before doing anything the app could see, or
+hands over exactly what is left to do (a connection to deliver, a connect to
+wait for).  Without the compiled module, or with ``AXNET_FASTPATH=0`` in the
+supervisor's environment, this module answers everything itself.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from typing import Protocol
 import attrs
 
 from .._node import ClaimError
-from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress
+from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress, endpoint, packed_ip
 from .._verdict import (
     BindVirtual,
     Deny,
@@ -77,8 +85,13 @@ from ._bpf import (
     NR_LISTEN,
 )
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
-from ._libc import Notification, NotifyFd
+from ._libc import Notification, NotifyFd, buffer_sizes
 from ._tasks import Errno, Gone, Tasks
+
+try:
+    from . import _fastpath
+except ImportError:  # built without a C compiler: the Python path does everything
+    _fastpath = None  # type: ignore[assignment]
 
 log = logging.getLogger("axnet.run")
 
@@ -184,6 +197,22 @@ class Engine:
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
         self._block_value = b""
+        #: Real port -> packed virtual endpoint of each binding (the fast path's view).
+        self._names: dict[int, bytes] = {}
+        self._me_identity: Identity | None = None
+        self._me = b""
+        self._fast = None
+        if _fastpath is not None and os.environ.get("AXNET_FASTPATH", "1") != "0":
+            notif_size, resp_size = buffer_sizes()
+            self._fast = _fastpath.Fast(
+                fd=notify.fileno(),
+                notif_size=notif_size,
+                resp_size=resp_size,
+                pidfds=self._tasks.pidfds,
+                mems=self._tasks.mems,
+                names=self._names,
+                pending=self._pending,
+            )
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -198,45 +227,35 @@ class Engine:
 
     def serve(self) -> None:
         """Answer notifications until :meth:`stop` or until no target is left."""
-        nfd = self.notify.fileno()
         try:
             # Hand the CPU straight between the app and this thread (Linux 6.6).
             self.notify.set_sync_wakeup()
         except OSError:
             pass
-        # The loop sleeps in poll(), not epoll_wait(): with SYNC_WAKE_UP the
-        # kernel wakes a poll() sleeper on the app's own CPU, while an epoll
-        # sleeper is woken wherever it sleeps.  Parked waits live in an epoll
-        # set that poll() watches as one more fd.
-        poller = select.poll()
-        poller.register(nfd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        poller.register(self._epoll.fileno(), select.POLLIN)
-        epfd = self._epoll.fileno()
+        turn = self._native_turn if self._fast is not None else self._python_turns()
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         next_check = 0.0
         try:
             while not self._stopping:
-                timeout_ms = int((_WAIT_SLICE_S if self._waiters else SWEEP_INTERVAL_S) * 1000)
-                for fd, events in poller.poll(timeout_ms):
-                    if fd == nfd:
-                        if events & select.POLLIN:
-                            self._serve_one()
-                        elif events & (select.POLLHUP | select.POLLERR):
-                            return  # every filtered task is gone
-                    elif fd == epfd:
-                        for ready, _ in self._epoll.poll(0):
-                            self._wake_waiter(ready)
-                    elif fd == self._wake_r:
-                        return
+                waiting = bool(self._waiters) or (self._fast is not None and self._fast.parked > 0)
+                timeout_ms = int((_WAIT_SLICE_S if waiting else SWEEP_INTERVAL_S) * 1000)
+                if not turn(timeout_ms):
+                    return
                 now = time.monotonic()
-                if self._waiters and now >= next_check:
+                if waiting and now >= next_check:
                     next_check = now + _WAIT_SLICE_S
                     self._drop_abandoned_waiters()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL_S
                     self.sweep()
         finally:
+            log.info(
+                "engine done python=%s native=%s",
+                attrs.asdict(self.counters),
+                self._fast.counters if self._fast is not None else "off",
+            )
+            if self._fast is not None:
+                self._fast.close()
             for waiter in list(self._waiters.values()):
                 self._unwait(waiter)
             self._tasks.close()
@@ -249,6 +268,57 @@ class Engine:
         except OSError:
             pass
 
+    @property
+    def fast(self) -> bool:
+        """Whether the native hot path answers first."""
+        return self._fast is not None
+
+    def _python_turns(self) -> Callable[[int], bool]:
+        """One turn of the Python loop: wait up to a timeout, answer what is ready."""
+        nfd, epfd, wake = self.notify.fileno(), self._epoll.fileno(), self._wake_r
+        # The loop sleeps in poll(), not epoll_wait(): with SYNC_WAKE_UP the
+        # kernel wakes a poll() sleeper on the app's own CPU, while an epoll
+        # sleeper is woken wherever it sleeps.  Parked waits live in an epoll
+        # set that poll() watches as one more fd.
+        poller = select.poll()
+        for fd in (nfd, wake, epfd):
+            poller.register(fd, select.POLLIN)
+
+        def turn(timeout_ms: int) -> bool:
+            for fd, events in poller.poll(timeout_ms):
+                if fd == nfd:
+                    if events & select.POLLIN:
+                        self._serve_one()
+                    elif events & (select.POLLHUP | select.POLLERR):
+                        return False  # every filtered task is gone
+                elif fd == epfd:
+                    self._wake_waiters()
+                elif fd == wake:
+                    return False
+            return True
+
+        return turn
+
+    def _native_turn(self, timeout_ms: int) -> bool:
+        """One turn of the native loop (the same, in C); Python only for what it hands back."""
+        assert self._fast is not None
+        out = self._fast.serve(self, self._wake_r, self._epoll.fileno(), timeout_ms)
+        if isinstance(out, tuple):
+            kind, fd, extra, nid, pid, flags, nr, arch, ip, args = out
+            n = Notification(nid, pid, flags, nr, arch, ip, args)
+            self.counters.notifications += 1
+            if kind == _fastpath.DELIVER:
+                self._guarded(n, self._deliver_handed, n, fd, extra)
+            elif kind == _fastpath.CONNECTING:
+                self._wait(n, _socket.socket(fileno=fd), select.EPOLLOUT, self._connected)
+            else:
+                self._dispatch(n)
+            return True
+        if out == _fastpath.WAITERS:
+            self._wake_waiters()
+            return True
+        return out == _fastpath.TIMEOUT  # not WAKE (stop) nor HUP (no task left)
+
     def _serve_one(self) -> None:
         try:
             n = self.notify.recv()
@@ -257,6 +327,9 @@ class Engine:
                 return  # the task died between the wake-up and RECV
             raise
         self.counters.notifications += 1
+        self._dispatch(n)
+
+    def _dispatch(self, n: Notification) -> None:
         handler = self._handlers.get(n.nr)
         if handler is None:
             # Not a call the filter traps; never happens unless the filter
@@ -277,6 +350,33 @@ class Engine:
             self.counters.errors += 1
             log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
             self._reply(n, error=errno.EIO)
+
+    def _packed_me(self) -> bytes:
+        """The identity as the fast path reads it: real host, vip, block lo, hi."""
+        me = self.identity
+        if me is not self._me_identity:
+            lo, hi = me.block or (0, 0)
+            self._me = (
+                packed_ip(me.real_host)
+                + packed_ip(me.vip)
+                + lo.to_bytes(2, "big")
+                + hi.to_bytes(2, "big")
+            )
+            self._me_identity = me
+        return self._me
+
+    def _deliver_handed(
+        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | None
+    ) -> None:
+        """Finish an accept the fast path started: it has the connection, not the answer."""
+        assert extra is not None  # DELIVER carries (family, real port, peer)
+        family, real_port, peer = extra
+        flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
+        binding = self.bindings.get(real_port)
+        if binding is None:  # cannot happen: the fast path found it a moment ago
+            os.close(conn)
+            raise Errno(errno.ECONNABORTED)
+        self._deliver(n, family, conn, peer, flags, binding)
 
     # -- waiting without blocking the loop ---------------------------------------
 
@@ -301,6 +401,10 @@ class Engine:
             pass
         waiter.sock.close()
 
+    def _wake_waiters(self) -> None:
+        for ready, _ in self._epoll.poll(0):
+            self._wake_waiter(ready)
+
     def _wake_waiter(self, fd: int) -> None:
         waiter = self._waiters.pop(fd, None)
         if waiter is None:
@@ -314,6 +418,8 @@ class Engine:
 
     def _drop_abandoned_waiters(self) -> None:
         """Forget waits whose app thread was killed (nobody to answer any more)."""
+        if self._fast is not None and self._fast.parked:
+            self._fast.drop_abandoned()
         for waiter in list(self._waiters.values()):
             if not self.notify.id_valid(waiter.n.id):
                 self._unwait(waiter)
@@ -541,6 +647,7 @@ class Engine:
                 )
                 with self._bindings_lock:
                     self.bindings[real_port] = binding
+                    self._names[real_port] = endpoint(claimed.ip, claimed.port)
                 log.debug("bind virtual=%s real=%s:%s", claimed, me.real_host, real_port)
                 return binding
             self.node.release(claimed)
@@ -771,6 +878,7 @@ class Engine:
         with self._bindings_lock:
             for binding in gone:
                 self.bindings.pop(binding.real_port, None)
+                self._names.pop(binding.real_port, None)
                 for conn in self._pending.pop(binding.real_port, ()):
                     os.close(conn)
         for binding in gone:

@@ -176,7 +176,7 @@ def notif_sizes() -> tuple[int, int, int]:
 _checked_sizes: tuple[int, int] | None = None
 
 
-def _buffer_sizes() -> tuple[int, int]:
+def buffer_sizes() -> tuple[int, int]:
     """Buffer sizes for RECV and SEND, refusing a kernel whose layout is smaller than ours."""
     global _checked_sizes  # computed once per process  # noqa: PLW0603
     if _checked_sizes is None:
@@ -208,7 +208,7 @@ class NotifyFd:
     __slots__ = ("_addfd", "_fd", "_id", "_notif", "_resp")
 
     def __init__(self, fd: int) -> None:
-        notif_size, resp_size = _buffer_sizes()
+        notif_size, resp_size = buffer_sizes()
         self._fd = fd
         # The kernel copies its own (possibly larger) struct size into the buffer,
         # and SEND rejects nonzero tails it does not know about: size both by the kernel.

@@ -15,7 +15,10 @@ engine keeps names one *task* for that task's whole life, never a number:
   still valid (the thread is parked in its syscall, so the tid was not reused
   between the open and the check).
 
-Both caches are bounded; dropping them only costs a re-open.
+Both caches are bounded; dropping them only costs a re-open.  The native hot
+path (``_fastpath``) reads the same two caches (:attr:`Tasks.pidfds`,
+:attr:`Tasks.mems`) but never fills them: a handle is only ever opened and
+validated here.
 """
 
 from __future__ import annotations
@@ -59,28 +62,29 @@ def _open_pidfd(tid: int) -> int:
 class _Cache:
     def __init__(self, opener: Callable[[int], int]) -> None:
         self._opener = opener
-        self._fds: dict[int, int] = {}
+        #: tid -> fd; the same dict object for life (the native path holds it).
+        self.fds: dict[int, int] = {}
 
     def get(self, tid: int) -> tuple[int, bool]:
         """(fd, fresh): a cached handle, or a newly opened one."""
-        fd = self._fds.get(tid)
+        fd = self.fds.get(tid)
         if fd is not None:
             return fd, False
         fd = self._opener(tid)
-        if len(self._fds) >= MAX_CACHED:
+        if len(self.fds) >= MAX_CACHED:
             self.clear()
-        self._fds[tid] = fd
+        self.fds[tid] = fd
         return fd, True
 
     def drop(self, tid: int) -> None:
-        fd = self._fds.pop(tid, None)
+        fd = self.fds.pop(tid, None)
         if fd is not None:
             os.close(fd)
 
     def clear(self) -> None:
-        for fd in self._fds.values():
+        for fd in self.fds.values():
             os.close(fd)
-        self._fds.clear()
+        self.fds.clear()
 
 
 def _open_mem(tid: int) -> int:
@@ -107,7 +111,10 @@ class Tasks:
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
                     raise Errno(exc.errno or errno.EBADF) from None
+                # The thread is gone and its id may be another task's now:
+                # its address space handle goes too.
                 self._pidfds.drop(tid)
+                self._mems.drop(tid)
                 if attempt:
                     raise Gone from None
         raise Gone
@@ -156,6 +163,16 @@ class Tasks:
                 if fresh or attempt:
                     raise Errno(errno.EFAULT) from None
         raise Errno(errno.EFAULT)
+
+    @property
+    def pidfds(self) -> dict[int, int]:
+        """The pidfd cache, tid -> fd (read-only outside this class)."""
+        return self._pidfds.fds
+
+    @property
+    def mems(self) -> dict[int, int]:
+        """The ``/proc/TID/mem`` cache, tid -> fd (read-only outside this class)."""
+        return self._mems.fds
 
     def close(self) -> None:
         self._pidfds.clear()

@@ -1,0 +1,894 @@
+/* The engine's hot path in C: one notification, received and usually answered.
+ *
+ * Theory of operation
+ * -------------------
+ * The Python engine (_engine.py) is the whole truth of what axnet does with
+ * an app's socket calls.  This module does the same for the calls a busy app
+ * makes over and over, without an interpreter in between:
+ *
+ *   connect      to a virtual address the table serves (the redirect);
+ *   accept(4)    on a virtual listener, with the client's virtual address;
+ *   getsockname  and getpeername, rewritten or passed on with CONTINUE.
+ *
+ * Everything else — binds, listens, refusals, real destinations, parked
+ * waits, first contact with a thread, faults — goes back to Python, which
+ * handles it from the start.  The rule that keeps the two paths one: this
+ * code hands a notification back only *before* it has done anything the app
+ * could see (reads, lookups and our own duplicates of its socket do not
+ * count), or it hands back exactly the state Python needs to finish (an
+ * accepted connection to deliver, a connect to wait for).
+ *
+ * What it reads, Python owns: the pidfd and /proc/TID/mem caches (only
+ * handles already there are used: opening and validating fresh ones stays in
+ * Python), the engine's bindings, the table's packed indexes.  Keys are
+ * "endpoints": a 16-byte IPv6 or v4-mapped address and a 2-byte big-endian
+ * port.  The GIL is held throughout: every syscall here is non-blocking and
+ * short, and dropping the GIL per call would cost more than the call.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+#ifndef IP_LOCAL_PORT_RANGE
+#define IP_LOCAL_PORT_RANGE 51
+#endif
+#ifndef SECCOMP_ADDFD_FLAG_SEND
+#define SECCOMP_ADDFD_FLAG_SEND (1UL << 1)
+#endif
+
+#define ENDPOINT_LEN 18 /* address (16) + port (2, network order) */
+#define ME_LEN 36       /* real host (16), vip (16), block lo (2), block hi (2) */
+
+/* What step() hands back to Python, besides None (answered). */
+enum { SLOW = 0, DELIVER = 1, CONNECTING = 2, PARKED = 3 };
+
+static const unsigned char v4_mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+/* An accept waiting natively for its listener: a copy of the notification. */
+typedef struct {
+    struct seccomp_notif n;
+    int family;
+    unsigned port;
+} Parked;
+
+typedef struct {
+    PyObject_HEAD
+    int nfd;
+    int ep; /* epoll set of parked accepts' listeners (our duplicates) */
+    size_t notif_size, resp_size;
+    unsigned char *notif_buf, *resp_buf;
+    PyObject *pidfds, *mems, *names, *pending; /* dicts owned by Python */
+    PyObject *identity, *me;                   /* the engine's identity, packed */
+    Parked **parked;                           /* indexed by listener fd */
+    int parked_cap, parked_count;
+    unsigned long long notifications, answered, redirected, deferred;
+} Fast;
+
+/* What a hand-back carries besides the notification. */
+typedef struct {
+    int fd;        /* DELIVER: the accepted connection; CONNECTING, PARKED: our duplicate */
+    int family;    /* DELIVER, PARKED: the listener's family */
+    unsigned port; /* DELIVER, PARKED: the listener's real port */
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+} Handback;
+
+/* Everything one notification needs while it is handled. */
+typedef struct {
+    Fast *self;
+    struct seccomp_notif *n;
+    PyObject *live, *by_real, *blocks; /* the table's packed indexes */
+    const unsigned char *me;           /* the packed identity (ME_LEN bytes) */
+} Call;
+
+/* -- small helpers ------------------------------------------------------------ */
+
+static int dict_fd(PyObject *dict, uint32_t tid) {
+    PyObject *key = PyLong_FromUnsignedLong(tid);
+    if (key == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    Py_DECREF(key);
+    if (value == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_Clear();
+        return -1;
+    }
+    return (int)fd;
+}
+
+/* Borrowed value of dict[bytes(key)] or NULL. */
+static PyObject *dict_bytes(PyObject *dict, const unsigned char *key, Py_ssize_t len) {
+    PyObject *k = PyBytes_FromStringAndSize((const char *)key, len);
+    if (k == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *v = PyDict_GetItemWithError(dict, k);
+    Py_DECREF(k);
+    if (v == NULL) PyErr_Clear();
+    return v;
+}
+
+static int respond(Fast *self, uint64_t id, int64_t val, int error, uint32_t flags) {
+    struct seccomp_notif_resp *resp = (struct seccomp_notif_resp *)self->resp_buf;
+    memset(self->resp_buf, 0, self->resp_size);
+    resp->id = id;
+    resp->val = val;
+    resp->error = -error;
+    resp->flags = flags;
+    if (ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0 && errno != ENOENT) return -1;
+    self->answered++;
+    return 0;
+}
+
+static int id_valid(Fast *self, uint64_t id) {
+    return ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
+}
+
+/* Our duplicate of the app's fd args[0] through a cached pidfd; -1 if none. */
+static int dup_target(Call *c) {
+    int64_t target = (int32_t)c->n->data.args[0];
+    if (target < 0) return -1;
+    int pidfd = dict_fd(c->self->pidfds, c->n->pid);
+    if (pidfd < 0) return -1;
+    long fd = syscall(SYS_pidfd_getfd, pidfd, (int)target, 0);
+    return fd < 0 ? -1 : (int)fd;
+}
+
+/* Exactly len bytes of the app's memory through a cached mem handle. */
+static int read_app(Call *c, uint64_t address, void *out, size_t len) {
+    int mem = dict_fd(c->self->mems, c->n->pid);
+    if (mem < 0) return -1;
+    return pread(mem, out, len, (off_t)address) == (ssize_t)len ? 0 : -1;
+}
+
+static int write_app(Call *c, uint64_t address, const void *data, size_t len) {
+    int mem = dict_fd(c->self->mems, c->n->pid);
+    if (mem < 0) return -1;
+    return pwrite(mem, data, len, (off_t)address) == (ssize_t)len ? 0 : -1;
+}
+
+/* Family of an inet stream socket, or 0 for anything else. */
+static int inet_stream_family(int fd) {
+    int family = 0, type = 0;
+    socklen_t len = sizeof family;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &len) < 0) return 0;
+    len = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0) return 0;
+    if (type != SOCK_STREAM || (family != AF_INET && family != AF_INET6)) return 0;
+    return family;
+}
+
+/* sockaddr -> endpoint; 0, or -1 when it is not a plain inet address. */
+static int endpoint_of(const struct sockaddr_storage *sa, socklen_t len, unsigned char *out) {
+    if (sa->ss_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        memcpy(out, v4_mapped_prefix, 12);
+        memcpy(out + 12, &in->sin_addr, 4);
+        memcpy(out + 16, &in->sin_port, 2);
+        return 0;
+    }
+    if (sa->ss_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        memcpy(out, &in6->sin6_addr, 16);
+        memcpy(out + 16, &in6->sin6_port, 2);
+        return 0;
+    }
+    return -1;
+}
+
+/* endpoint -> sockaddr of the socket's family, as pack_inet(); its length, or 0. */
+static socklen_t sockaddr_of(int family, const unsigned char *endpoint,
+                             struct sockaddr_storage *out) {
+    memset(out, 0, sizeof *out);
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)out;
+        in6->sin6_family = AF_INET6;
+        memcpy(&in6->sin6_addr, endpoint, 16);
+        memcpy(&in6->sin6_port, endpoint + 16, 2);
+        return sizeof *in6;
+    }
+    if (memcmp(endpoint, v4_mapped_prefix, 12) != 0) return 0; /* IPv6 in AF_INET */
+    struct sockaddr_in *in = (struct sockaddr_in *)out;
+    in->sin_family = AF_INET;
+    memcpy(&in->sin_addr, endpoint + 12, 4);
+    memcpy(&in->sin_port, endpoint + 16, 2);
+    return sizeof *in;
+}
+
+static unsigned port_of(const unsigned char *endpoint) {
+    return (unsigned)endpoint[16] << 8 | endpoint[17];
+}
+
+static unsigned be16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+/* The virtual IP of the app whose connections leave from endpoint, into vip. */
+static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip) {
+    PyObject *blocks = dict_bytes(c->blocks, endpoint, 16);
+    if (blocks == NULL || !PyTuple_Check(blocks)) return -1;
+    unsigned port = port_of(endpoint);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *block = PyTuple_GET_ITEM(blocks, i);
+        if (!PyBytes_Check(block) || PyBytes_GET_SIZE(block) != 20) continue;
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(block);
+        if (be16(b) <= port && port <= be16(b + 2)) {
+            memcpy(vip, b + 4, 16);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Store a result address as the kernel does: truncated to the room the app
+ * gave, full length reported.  0, -1 on a fault (which Python retries). */
+static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr,
+                          const struct sockaddr_storage *sa, socklen_t len, int *einval) {
+    if (!addr_ptr || !len_ptr) return 0;
+    int32_t room;
+    if (read_app(c, len_ptr, &room, sizeof room) < 0) return -1;
+    if (room < 0) {
+        *einval = 1;
+        return 0;
+    }
+    if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
+    int32_t full = (int32_t)len;
+    return write_app(c, len_ptr, &full, sizeof full);
+}
+
+/* -- connect -------------------------------------------------------------------- */
+
+/* Each handler returns -1 when the notification is answered (or gone), else
+ * the kind of hand-back, with *fd_out set where the kind carries a socket. */
+static int on_connect(Call *c, Handback *out) {
+    struct seccomp_notif *n = c->n;
+    uint32_t addrlen = (uint32_t)n->data.args[2];
+    int fd = dup_target(c);
+    if (fd < 0) return SLOW;
+    int family = inet_stream_family(fd);
+    if (!family || addrlen != (family == AF_INET ? sizeof(struct sockaddr_in)
+                                                 : sizeof(struct sockaddr_in6)))
+        goto slow;
+    struct sockaddr_storage sa;
+    if (read_app(c, n->data.args[1], &sa, addrlen) < 0) goto slow;
+    if (!id_valid(c->self, n->id)) {
+        close(fd);
+        return -1; /* gone: nobody to answer */
+    }
+    unsigned char endpoint[ENDPOINT_LEN];
+    if (sa.ss_family != family || endpoint_of(&sa, addrlen, endpoint) < 0) goto slow;
+    if (family == AF_INET6 && ((struct sockaddr_in6 *)&sa)->sin6_scope_id) goto slow;
+    PyObject *real = dict_bytes(c->live, endpoint, ENDPOINT_LEN);
+    if (real == NULL || !PyBytes_Check(real) || PyBytes_GET_SIZE(real) != ENDPOINT_LEN) goto slow;
+    struct sockaddr_storage target;
+    socklen_t target_len =
+        sockaddr_of(family, (const unsigned char *)PyBytes_AS_STRING(real), &target);
+    if (!target_len) goto slow;
+
+    unsigned lo = be16(c->me + 32), hi = be16(c->me + 34);
+    if (lo) {
+        uint32_t range = lo | hi << 16;
+        if (setsockopt(fd, IPPROTO_IP, IP_LOCAL_PORT_RANGE, &range, sizeof range) < 0) goto slow;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) goto slow;
+    int blocking = !(flags & O_NONBLOCK);
+    if (blocking) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int err = connect(fd, (struct sockaddr *)&target, target_len) == 0 ? 0 : errno;
+    if (blocking) fcntl(fd, F_SETFL, flags);
+    if (err == EADDRNOTAVAIL && lo) goto slow; /* block exhausted: Python logs and retries */
+    c->self->redirected++;
+    if (blocking && (err == EINPROGRESS || err == EALREADY)) {
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        if (poll(&p, 1, 0) != 1) {
+            out->fd = fd;
+            return CONNECTING;
+        }
+        socklen_t len = sizeof err;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    }
+    close(fd);
+    respond(c->self, n->id, 0, err, 0);
+    return -1;
+slow:
+    close(fd);
+    return SLOW;
+}
+
+/* -- accept ---------------------------------------------------------------------- */
+
+/* Accept one connection on our duplicate fd of the virtual listener at real
+ * port `port` (family `family`) and hand it to the app.  Does not close fd.
+ * -1: answered; PARKED: nothing queued on a blocking listener; SLOW: not
+ * started; DELIVER: accepted, Python finishes. */
+static int accept_on(Call *c, int fd, int family, unsigned port, Handback *out) {
+    struct seccomp_notif *n = c->n;
+    int flags = n->data.nr == __NR_accept4 ? (int32_t)n->data.args[3] : 0;
+    uint64_t addr_ptr = n->data.args[1], len_ptr = n->data.args[2];
+    int32_t room;
+    if (addr_ptr && len_ptr && read_app(c, len_ptr, &room, sizeof room) < 0) return SLOW;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) return SLOW;
+    /* Never block here, even on a blocking listener (the app's thread is
+     * parked in this very accept; every accept on it comes through here). */
+    int blocking = !(fl & O_NONBLOCK);
+    if (blocking) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    out->peer_len = sizeof out->peer;
+    int conn = accept4(fd, (struct sockaddr *)&out->peer, &out->peer_len, SOCK_CLOEXEC);
+    int err = conn < 0 ? errno : 0;
+    if (blocking) fcntl(fd, F_SETFL, fl);
+    if (conn < 0 && blocking && (err == EAGAIN || err == EWOULDBLOCK)) return PARKED;
+    if (conn < 0) {
+        respond(c->self, n->id, 0, err, 0);
+        return -1;
+    }
+    out->fd = conn;
+    out->family = family;
+    out->port = port;
+    if (addr_ptr && len_ptr) {
+        unsigned char peer_end[ENDPOINT_LEN], vip[16];
+        if (endpoint_of(&out->peer, out->peer_len, peer_end) < 0) return DELIVER;
+        if (client_vip(c, peer_end, vip) == 0) memcpy(peer_end, vip, 16);
+        struct sockaddr_storage shown;
+        socklen_t shown_len = sockaddr_of(family, peer_end, &shown);
+        int einval = 0;
+        if (!shown_len || store_sockaddr(c, addr_ptr, len_ptr, &shown, shown_len, &einval) < 0 ||
+            einval)
+            return DELIVER;
+    }
+    if (flags & SOCK_NONBLOCK) fcntl(conn, F_SETFL, fcntl(conn, F_GETFL) | O_NONBLOCK);
+    struct seccomp_notif_addfd addfd = {
+        .id = n->id,
+        .flags = SECCOMP_ADDFD_FLAG_SEND,
+        .srcfd = (uint32_t)conn,
+        .newfd = 0,
+        .newfd_flags = flags & SOCK_CLOEXEC ? O_CLOEXEC : 0,
+    };
+    if (ioctl(c->self->nfd, SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) < 0) {
+        /* The thread stopped waiting, or worse: Python keeps or reports it. */
+        return DELIVER;
+    }
+    close(conn);
+    out->fd = -1;
+    c->self->answered++;
+    return -1;
+}
+
+static int on_accept(Call *c, Handback *out) {
+    struct seccomp_notif *n = c->n;
+    int flags = n->data.nr == __NR_accept4 ? (int32_t)n->data.args[3] : 0;
+    int fd = dup_target(c);
+    if (fd < 0) return SLOW;
+    struct sockaddr_storage local;
+    socklen_t local_len = sizeof local;
+    unsigned char endpoint[ENDPOINT_LEN];
+    if (!inet_stream_family(fd) || getsockname(fd, (struct sockaddr *)&local, &local_len) < 0 ||
+        endpoint_of(&local, local_len, endpoint) < 0)
+        goto slow;
+    if (memcmp(endpoint, c->me, 16) != 0) goto pass; /* not on the node address */
+    PyObject *port = PyLong_FromUnsignedLong(port_of(endpoint));
+    if (port == NULL) {
+        PyErr_Clear();
+        goto slow;
+    }
+    PyObject *name = PyDict_GetItemWithError(c->self->names, port);
+    PyObject *queued = name ? PyDict_GetItemWithError(c->self->pending, port) : NULL;
+    Py_DECREF(port);
+    PyErr_Clear();
+    if (name == NULL) goto pass;
+    if (queued != NULL && PyObject_IsTrue(queued)) goto slow; /* connections kept for it */
+    if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) {
+        close(fd);
+        respond(c->self, n->id, 0, EINVAL, 0);
+        return -1;
+    }
+    int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), out);
+    if (kind == PARKED) {
+        out->fd = fd; /* Python waits on it, and owns it */
+        out->family = local.ss_family;
+        out->port = port_of(endpoint);
+        return PARKED;
+    }
+    close(fd);
+    return kind;
+pass:
+    close(fd);
+    respond(c->self, n->id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+    return -1;
+slow:
+    close(fd);
+    return SLOW;
+}
+
+/* -- getsockname / getpeername --------------------------------------------------- */
+
+static int on_getname(Call *c) {
+    struct seccomp_notif *n = c->n;
+    int fd = dup_target(c);
+    if (fd < 0) return SLOW;
+    int family = inet_stream_family(fd);
+    if (!family) goto pass;
+    struct sockaddr_storage sa;
+    socklen_t len = sizeof sa;
+    unsigned char endpoint[ENDPOINT_LEN], shown_end[ENDPOINT_LEN];
+    int local = n->data.nr == __NR_getsockname;
+    if ((local ? getsockname(fd, (struct sockaddr *)&sa, &len)
+               : getpeername(fd, (struct sockaddr *)&sa, &len)) < 0)
+        goto slow; /* ENOTCONN and friends: Python answers */
+    if (endpoint_of(&sa, len, endpoint) < 0) goto slow;
+    if (local) {
+        if (memcmp(endpoint, c->me, 16) != 0) goto pass;
+        PyObject *port = PyLong_FromUnsignedLong(port_of(endpoint));
+        if (port == NULL) {
+            PyErr_Clear();
+            goto slow;
+        }
+        PyObject *name = PyDict_GetItemWithError(c->self->names, port);
+        Py_DECREF(port);
+        PyErr_Clear();
+        unsigned lo = be16(c->me + 32), hi = be16(c->me + 34), p = port_of(endpoint);
+        if (name != NULL && PyBytes_Check(name) && PyBytes_GET_SIZE(name) == ENDPOINT_LEN) {
+            memcpy(shown_end, PyBytes_AS_STRING(name), ENDPOINT_LEN);
+        } else if (name == NULL && lo && lo <= p && p <= hi) {
+            memcpy(shown_end, c->me + 16, 16);
+            memcpy(shown_end + 16, endpoint + 16, 2);
+        } else if (name == NULL) {
+            goto pass;
+        } else {
+            goto slow;
+        }
+    } else {
+        PyObject *server = dict_bytes(c->by_real, endpoint, ENDPOINT_LEN);
+        if (server != NULL) {
+            if (!PyBytes_Check(server) || PyBytes_GET_SIZE(server) != ENDPOINT_LEN) goto slow;
+            memcpy(shown_end, PyBytes_AS_STRING(server), ENDPOINT_LEN);
+        } else if (client_vip(c, endpoint, shown_end) == 0) {
+            memcpy(shown_end + 16, endpoint + 16, 2);
+        } else {
+            goto pass;
+        }
+    }
+    struct sockaddr_storage shown;
+    socklen_t shown_len = sockaddr_of(family, shown_end, &shown);
+    int einval = 0;
+    if (!shown_len || store_sockaddr(c, n->data.args[1], n->data.args[2], &shown, shown_len,
+                                     &einval) < 0)
+        goto slow;
+    close(fd);
+    respond(c->self, n->id, 0, einval ? EINVAL : 0, 0);
+    return -1;
+pass:
+    close(fd);
+    respond(c->self, n->id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE);
+    return -1;
+slow:
+    close(fd);
+    return SLOW;
+}
+
+/* -- the type -------------------------------------------------------------------- */
+
+static PyObject *hand_back(const struct seccomp_notif *n, int kind, int fd, PyObject *extra) {
+    const __u64 *a = n->data.args;
+    return Py_BuildValue("(iiOKkkiIK(KKKKKK))", kind, fd, extra, (unsigned long long)n->id,
+                         (unsigned long)n->pid, (unsigned long)n->flags, n->data.nr,
+                         n->data.arch, (unsigned long long)n->data.instruction_pointer,
+                         (unsigned long long)a[0], (unsigned long long)a[1],
+                         (unsigned long long)a[2], (unsigned long long)a[3],
+                         (unsigned long long)a[4], (unsigned long long)a[5]);
+}
+
+/* The hand-back tuple of kind (a new reference); closes out->fd if it fails. */
+static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handback *out) {
+    PyObject *extra;
+    if (kind == DELIVER)
+        extra = Py_BuildValue("(iIy#)", out->family, out->port, (const char *)&out->peer,
+                              (Py_ssize_t)out->peer_len);
+    else
+        extra = Py_NewRef(Py_None);
+    PyObject *handed = extra ? hand_back(n, kind, out->fd, extra) : NULL;
+    Py_XDECREF(extra);
+    if (handed == NULL && out->fd >= 0) close(out->fd);
+    return handed;
+}
+
+/* -- the engine's state, read afresh for every notification ------------------------ */
+
+static PyObject *s_table, *s_identity, *s_live, *s_real, *s_blocks, *s_packed_me;
+
+/* Fill c's table and identity from the engine: strong references, released by
+ * call_done().  The supervisor replaces the engine's table and identity as
+ * whole objects; the table's dicts change in place. */
+static int call_load(Call *c, PyObject *engine) {
+    Fast *self = c->self;
+    PyObject *table = PyObject_GetAttr(engine, s_table);
+    if (table == NULL) return -1;
+    c->live = PyObject_GetAttr(table, s_live);
+    c->by_real = PyObject_GetAttr(table, s_real);
+    c->blocks = PyObject_GetAttr(table, s_blocks);
+    Py_DECREF(table);
+    PyObject *identity = PyObject_GetAttr(engine, s_identity);
+    if (c->live == NULL || c->by_real == NULL || c->blocks == NULL || identity == NULL) {
+        Py_XDECREF(identity);
+        return -1;
+    }
+    if (identity != self->identity) {
+        PyObject *me = PyObject_CallMethodNoArgs(engine, s_packed_me);
+        if (me == NULL || !PyBytes_Check(me) || PyBytes_GET_SIZE(me) != ME_LEN) {
+            Py_XDECREF(me);
+            Py_DECREF(identity);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_packed_me(): 36 bytes");
+            return -1;
+        }
+        Py_XSETREF(self->me, me);
+        Py_XSETREF(self->identity, identity);
+    } else {
+        Py_DECREF(identity);
+    }
+    if (!PyDict_Check(c->live) || !PyDict_Check(c->by_real) || !PyDict_Check(c->blocks)) {
+        PyErr_SetString(PyExc_TypeError, "table indexes must be dicts");
+        return -1;
+    }
+    c->me = (const unsigned char *)PyBytes_AS_STRING(self->me);
+    return 0;
+}
+
+static void call_done(Call *c) {
+    Py_CLEAR(c->live);
+    Py_CLEAR(c->by_real);
+    Py_CLEAR(c->blocks);
+}
+
+/* -- parked accepts ------------------------------------------------------------------ */
+
+/* Wait natively for the listener fd (ours) of an accept; 0, or -1 if it cannot. */
+static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) {
+    int fd = out->fd;
+    if (fd >= self->parked_cap) {
+        int cap = fd + 64;
+        Parked **grown = PyMem_Realloc(self->parked, (size_t)cap * sizeof *grown);
+        if (grown == NULL) return -1;
+        memset(grown + self->parked_cap, 0, (size_t)(cap - self->parked_cap) * sizeof *grown);
+        self->parked = grown;
+        self->parked_cap = cap;
+    }
+    Parked *p = PyMem_Malloc(sizeof *p);
+    if (p == NULL) return -1;
+    p->n = *n;
+    p->family = out->family;
+    p->port = out->port;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = fd};
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        PyMem_Free(p);
+        return -1;
+    }
+    self->parked[fd] = p;
+    self->parked_count++;
+    self->deferred++;
+    return 0;
+}
+
+/* Stop waiting on fd: forget it and close it. */
+static void unpark(Fast *self, int fd) {
+    epoll_ctl(self->ep, EPOLL_CTL_DEL, fd, NULL);
+    PyMem_Free(self->parked[fd]);
+    self->parked[fd] = NULL;
+    self->parked_count--;
+    close(fd);
+}
+
+/* One parked accept whose listener is ready: None, or a hand-back. */
+static PyObject *serve_parked(Fast *self, PyObject *engine) {
+    struct epoll_event ev;
+    int ready = epoll_wait(self->ep, &ev, 1, 0);
+    if (ready <= 0) Py_RETURN_NONE;
+    int fd = ev.data.fd;
+    if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
+    Parked *p = self->parked[fd];
+    struct seccomp_notif n = p->n;
+    Call c = {self, &n, NULL, NULL, NULL, NULL};
+    Handback out = {.fd = -1};
+    int kind = SLOW;
+    if (call_load(&c, engine) == 0)
+        kind = accept_on(&c, fd, p->family, p->port, &out);
+    else
+        PyErr_Clear(); /* Python answers it (and meets the same error there) */
+    call_done(&c);
+    if (kind == PARKED) {
+        ev.events = EPOLLIN | EPOLLONESHOT; /* somebody else took it: wait again */
+        if (epoll_ctl(self->ep, EPOLL_CTL_MOD, fd, &ev) == 0) Py_RETURN_NONE;
+        kind = SLOW;
+    }
+    unpark(self, fd);
+    if (kind < 0) Py_RETURN_NONE;
+    /* DELIVER: Python finishes; SLOW: Python answers the accept from the start. */
+    return hand_back_with(&n, kind, &out);
+}
+
+/* -- notifications ------------------------------------------------------------------- */
+
+static PyObject *serve_notification(Fast *self, PyObject *engine) {
+    struct seccomp_notif *n = (struct seccomp_notif *)self->notif_buf;
+    memset(self->notif_buf, 0, self->notif_size);
+    if (ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_RECV, n) < 0) {
+        if (errno == ENOENT || errno == EINTR) Py_RETURN_NONE; /* the task died meanwhile */
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->notifications++;
+    Call c = {self, n, NULL, NULL, NULL, NULL};
+    if (call_load(&c, engine) < 0) {
+        call_done(&c);
+        PyErr_Clear(); /* Python answers it (and meets the same error there) */
+        Handback none = {.fd = -1};
+        return hand_back_with(n, SLOW, &none);
+    }
+    Handback out = {.fd = -1};
+    int kind;
+    switch (n->data.nr) {
+    case __NR_connect:
+        kind = on_connect(&c, &out);
+        break;
+    case __NR_accept:
+    case __NR_accept4:
+        kind = on_accept(&c, &out);
+        break;
+    case __NR_getsockname:
+    case __NR_getpeername:
+        kind = on_getname(&c);
+        break;
+    default:
+        kind = SLOW;
+    }
+    call_done(&c);
+    if (kind == PARKED) {
+        if (park(self, n, &out) == 0) Py_RETURN_NONE;
+        close(out.fd); /* nothing done yet that Python cannot redo */
+        out.fd = -1;
+        kind = SLOW;
+    }
+    if (kind < 0) Py_RETURN_NONE;
+    return hand_back_with(n, kind, &out);
+}
+
+/* -- the loop --------------------------------------------------------------------------- */
+
+enum { TIMEOUT = 0, WAKE = 1, WAITERS = 2, HUP = 3 };
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "serve(engine, wake_fd, waiters_fd, timeout_ms)");
+        return NULL;
+    }
+    PyObject *engine = args[0];
+    long wake_fd = PyLong_AsLong(args[1]), waiters_fd = PyLong_AsLong(args[2]);
+    long timeout = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    long long deadline = now_ms() + timeout;
+    /* poll(), not epoll_wait(): with SYNC_WAKE_UP the kernel wakes a poll()
+     * sleeper on the app's own CPU. */
+    struct pollfd fds[4] = {
+        {.fd = self->nfd, .events = POLLIN},
+        {.fd = (int)wake_fd, .events = POLLIN},
+        {.fd = (int)waiters_fd, .events = POLLIN},
+        {.fd = self->ep, .events = POLLIN},
+    };
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left < 0) left = 0;
+        int ready;
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(fds, 4, (int)left);
+        Py_END_ALLOW_THREADS
+        if (ready < 0) {
+            if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+            if (PyErr_CheckSignals() < 0) return NULL;
+            continue;
+        }
+        if (ready == 0) return PyLong_FromLong(TIMEOUT);
+        if (fds[1].revents) return PyLong_FromLong(WAKE);
+        if (fds[2].revents) return PyLong_FromLong(WAITERS);
+        if (fds[3].revents & POLLIN) {
+            PyObject *handed = serve_parked(self, engine);
+            if (handed != Py_None) return handed;
+            Py_DECREF(handed);
+        }
+        if (fds[0].revents & POLLIN) {
+            PyObject *handed = serve_notification(self, engine);
+            if (handed != Py_None) return handed;
+            Py_DECREF(handed);
+        } else if (fds[0].revents & (POLLHUP | POLLERR)) {
+            return PyLong_FromLong(HUP); /* every filtered task is gone */
+        }
+        if (deadline - now_ms() < 0) return PyLong_FromLong(TIMEOUT);
+    }
+}
+
+static PyObject *Fast_drop_abandoned(Fast *self, PyObject *unused) {
+    (void)unused;
+    for (int fd = 0; fd < self->parked_cap; fd++)
+        if (self->parked[fd] != NULL && !id_valid(self, self->parked[fd]->n.id)) unpark(self, fd);
+    return PyLong_FromLong(self->parked_count);
+}
+
+static void close_parked(Fast *self) {
+    for (int fd = 0; fd < self->parked_cap; fd++)
+        if (self->parked[fd] != NULL) unpark(self, fd);
+}
+
+static PyObject *Fast_close(Fast *self, PyObject *unused) {
+    (void)unused;
+    close_parked(self);
+    Py_RETURN_NONE;
+}
+
+/* -- the type ---------------------------------------------------------------------------- */
+
+static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", "notif_size", "resp_size", "pidfds", "mems", "names", "pending",
+                             NULL};
+    int fd;
+    Py_ssize_t notif_size, resp_size;
+    PyObject *pidfds, *mems, *names, *pending;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!", kwlist, &fd, &notif_size,
+                                     &resp_size, &PyDict_Type, &pidfds, &PyDict_Type, &mems,
+                                     &PyDict_Type, &names, &PyDict_Type, &pending))
+        return -1;
+    if (self->notif_buf != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Fast is initialised once");
+        return -1;
+    }
+    if (notif_size < (Py_ssize_t)sizeof(struct seccomp_notif) ||
+        resp_size < (Py_ssize_t)sizeof(struct seccomp_notif_resp) || notif_size > 65536 ||
+        resp_size > 65536) {
+        PyErr_SetString(PyExc_ValueError, "seccomp structure sizes out of range");
+        return -1;
+    }
+    self->notif_buf = PyMem_Calloc(1, (size_t)notif_size);
+    self->resp_buf = PyMem_Calloc(1, (size_t)resp_size);
+    if (self->notif_buf == NULL || self->resp_buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (self->ep < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->nfd = fd;
+    self->notif_size = (size_t)notif_size;
+    self->resp_size = (size_t)resp_size;
+    self->pidfds = Py_NewRef(pidfds);
+    self->mems = Py_NewRef(mems);
+    self->names = Py_NewRef(names);
+    self->pending = Py_NewRef(pending);
+    return 0;
+}
+
+static PyObject *Fast_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)args;
+    (void)kwds;
+    Fast *self = (Fast *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->nfd = -1;
+        self->ep = -1;
+    }
+    return (PyObject *)self;
+}
+
+static void Fast_dealloc(Fast *self) {
+    if (self->parked != NULL) close_parked(self);
+    PyMem_Free(self->parked);
+    if (self->ep >= 0) close(self->ep);
+    Py_XDECREF(self->pidfds);
+    Py_XDECREF(self->mems);
+    Py_XDECREF(self->names);
+    Py_XDECREF(self->pending);
+    Py_XDECREF(self->identity);
+    Py_XDECREF(self->me);
+    PyMem_Free(self->notif_buf);
+    PyMem_Free(self->resp_buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Fast_counters(Fast *self, void *closure) {
+    (void)closure;
+    return Py_BuildValue("{sKsKsKsKsi}", "notifications", self->notifications, "answered",
+                         self->answered, "redirected", self->redirected, "deferred",
+                         self->deferred, "parked", self->parked_count);
+}
+
+static PyObject *Fast_parked(Fast *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->parked_count);
+}
+
+static PyMethodDef Fast_methods[] = {
+    {"serve", (PyCFunction)(void (*)(void))Fast_serve, METH_FASTCALL,
+     "serve(engine, wake_fd, waiters_fd, timeout_ms) -> int | hand-back\n\n"
+     "Answer notifications and parked accepts until Python is needed: a hand-back\n"
+     "(kind, fd, extra, id, pid, flags, nr, arch, ip, args), or TIMEOUT, WAKE,\n"
+     "WAITERS (an fd of Python's own waits is ready) or HUP (no task left)."},
+    {"drop_abandoned", (PyCFunction)Fast_drop_abandoned, METH_NOARGS,
+     "Forget parked accepts whose thread went away; returns how many are left."},
+    {"close", (PyCFunction)Fast_close, METH_NOARGS, "Forget every parked accept."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Fast_getset[] = {
+    {"counters", (getter)Fast_counters, NULL, "what the native path did", NULL},
+    {"parked", (getter)Fast_parked, NULL, "accepts waiting natively", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject FastType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "axnet.intercept._fastpath.Fast",
+    .tp_basicsize = sizeof(Fast),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The engine's hot path for one seccomp listener fd.",
+    .tp_new = Fast_new,
+    .tp_init = (initproc)Fast_init,
+    .tp_dealloc = (destructor)Fast_dealloc,
+    .tp_methods = Fast_methods,
+    .tp_getset = Fast_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "axnet.intercept._fastpath",
+    .m_doc = "The interception engine's hot path (see _fastpath.c).", .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (PyType_Ready(&FastType) < 0) return NULL;
+    s_table = PyUnicode_InternFromString("table");
+    s_identity = PyUnicode_InternFromString("identity");
+    s_live = PyUnicode_InternFromString("live_keys");
+    s_real = PyUnicode_InternFromString("real_keys");
+    s_blocks = PyUnicode_InternFromString("block_keys");
+    s_packed_me = PyUnicode_InternFromString("_packed_me");
+    if (!s_table || !s_identity || !s_live || !s_real || !s_blocks || !s_packed_me) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    static const struct {
+        const char *name;
+        int value;
+    } constants[] = {
+        {"SLOW", SLOW},       {"DELIVER", DELIVER}, {"CONNECTING", CONNECTING},
+        {"TIMEOUT", TIMEOUT}, {"WAKE", WAKE},       {"WAITERS", WAITERS},
+        {"HUP", HUP},
+    };
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "Fast", (PyObject *)&FastType) < 0) goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,46 @@
+# Types of the native hot path (_fastpath.c).
+import collections
+from typing import Any, Final
+
+SLOW: Final[int]
+DELIVER: Final[int]
+CONNECTING: Final[int]
+TIMEOUT: Final[int]
+WAKE: Final[int]
+WAITERS: Final[int]
+HUP: Final[int]
+
+#: (kind, fd, extra, id, pid, flags, nr, arch, instruction pointer, args)
+Handed = tuple[
+    int,
+    int,
+    tuple[int, int, bytes] | None,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    tuple[int, int, int, int, int, int],
+]
+
+class Fast:
+    def __init__(
+        self,
+        fd: int,
+        notif_size: int,
+        resp_size: int,
+        pidfds: dict[int, int],
+        mems: dict[int, int],
+        names: dict[int, bytes],
+        pending: dict[int, collections.deque[int]],
+    ) -> None: ...
+    def serve(
+        self, engine: Any, wake_fd: int, waiters_fd: int, timeout_ms: int, /
+    ) -> int | Handed: ...
+    def drop_abandoned(self) -> int: ...
+    def close(self) -> None: ...
+    @property
+    def counters(self) -> dict[str, int]: ...
+    @property
+    def parked(self) -> int: ...
