@@ -27,6 +27,7 @@ DEBIAN_PACKAGE = {
     "curl": "curl",
     "socat": "socat",
     "iperf3": "iperf3",
+    "gcc": "gcc",
 }
 
 PROBE_TIMEOUT = 10.0  # seconds for one probe command; a probe never hangs a test run

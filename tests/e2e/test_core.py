@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import stat
 import subprocess
 
@@ -50,6 +51,17 @@ def test_addresses_each_side_sees(node: AxnetNode) -> None:
     assert seen["server"]["peername"] == seen["server"]["accepted_from"]
     # While the kernel really routed it to the node's real address.
     assert service["real"].startswith("127.0.0.1:")
+    # And the engine that answered is the one this run asked for: with the
+    # native path on, it answers the client's calls after the first.
+    log = node.run([*APPS, "names", "10.1.0.5", "7000"], ip="10.1.0.9").stderr
+    answered = re.search(
+        r"engine done .* native=(off|\{'notifications': \d+, 'answered': (\d+))", log
+    )
+    assert answered is not None, log
+    if node.env.get("AXNET_FASTPATH") == "0":
+        assert answered[1] == "off"
+    else:
+        assert int(answered[2]) > 0, log
 
 
 def test_dual_stack_server_sees_mapped_addresses(node: AxnetNode) -> None:

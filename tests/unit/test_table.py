@@ -17,8 +17,10 @@ from axnet._table import (
     ServiceRecord,
     ServiceTable,
     VirtualAddress,
+    endpoint,
     ip_address,
     labels_from,
+    packed_ip,
 )
 
 HOST = ip_address("192.0.2.1")
@@ -431,3 +433,63 @@ def test_merge_is_idempotent_and_keeps_the_greatest_version_node(
         if held is None or (record.version, record.node) > (held.version, held.node):
             winners[record.key] = record
     assert sorted(map(repr, table.records())) == sorted(map(repr, winners.values()))
+
+
+# -- packed indexes (what the engine's native path reads) ------------------------
+
+
+def test_endpoint_packs_v4_as_mapped_and_v6_as_is() -> None:
+    assert endpoint(ip_address("10.1.0.5"), 80) == bytes(10) + b"\xff\xff" + bytes(
+        [10, 1, 0, 5]
+    ) + bytes([0, 80])
+    v6 = ip_address("fd00::1")
+    assert endpoint(v6, 0x1F90) == v6.packed + b"\x1f\x90"
+
+
+def _unpacked_view(table: ServiceTable) -> object:
+    """The packed indexes, answered the way the object lookups answer."""
+    out: dict[object, object] = {}
+    for record in table.services.values():
+        vkey = endpoint(record.virtual.ip, record.virtual.port)
+        rkey = endpoint(record.real.host, record.real.port)
+        out["live", vkey] = table.live_keys.get(vkey)
+        out["real", rkey] = table.real_keys.get(rkey)
+    for host in _HOSTS:
+        for port in range(40000, 40300, 25):
+            vip = None
+            for block in table.block_keys.get(packed_ip(host), ()):
+                lo, hi = int.from_bytes(block[:2], "big"), int.from_bytes(block[2:4], "big")
+                if lo <= port <= hi:
+                    vip = block[4:]
+                    break
+            out["client", host, port] = vip
+    return out
+
+
+def _object_view(table: ServiceTable) -> object:
+    out: dict[object, object] = {}
+    for record in table.services.values():
+        vkey = endpoint(record.virtual.ip, record.virtual.port)
+        rkey = endpoint(record.real.host, record.real.port)
+        live = table.resolve(record.virtual.ip, record.virtual.port)
+        out["live", vkey] = None if live is None else endpoint(live.real.host, live.real.port)
+        server = table.virtual_of_server(record.real)
+        out["real", rkey] = None if server is None else endpoint(server.ip, server.port)
+    for host in _HOSTS:
+        for port in range(40000, 40300, 25):
+            vip = table.virtual_of_client(host, port)
+            out["client", host, port] = None if vip is None else packed_ip(vip)
+    return out
+
+
+@given(_RECORDS)
+def test_packed_indexes_answer_as_the_object_lookups(
+    records: list[AppRecord | ServiceRecord],
+) -> None:
+    table = ServiceTable()
+    for record in records:
+        table.merge(record)
+        assert _unpacked_view(table) == _object_view(table)
+    # Nothing is left behind for records that are gone.
+    assert len(table.live_keys) == len(table._live)
+    assert len(table.real_keys) == len(table._by_real)
