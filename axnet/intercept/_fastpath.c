@@ -243,16 +243,10 @@ static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip
 }
 
 /* Store a result address as the kernel does: truncated to the room the app
- * gave, full length reported.  0, -1 on a fault (which Python retries). */
-static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr,
-                          const struct sockaddr_storage *sa, socklen_t len, int *einval) {
-    if (!addr_ptr || !len_ptr) return 0;
-    int32_t room;
-    if (read_app(c, len_ptr, &room, sizeof room) < 0) return -1;
-    if (room < 0) {
-        *einval = 1;
-        return 0;
-    }
+ * gave (read by the caller, >= 0), full length reported.  0, or -1 on a
+ * fault (which Python retries). */
+static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t room,
+                          const struct sockaddr_storage *sa, socklen_t len) {
     if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
     int32_t full = (int32_t)len;
     return write_app(c, len_ptr, &full, sizeof full);
@@ -327,8 +321,9 @@ static int accept_on(Call *c, int fd, int family, unsigned port, Handback *out) 
     struct seccomp_notif *n = c->n;
     int flags = n->data.nr == __NR_accept4 ? (int32_t)n->data.args[3] : 0;
     uint64_t addr_ptr = n->data.args[1], len_ptr = n->data.args[2];
-    int32_t room;
-    if (addr_ptr && len_ptr && read_app(c, len_ptr, &room, sizeof room) < 0) return SLOW;
+    int32_t room = 0;
+    int want_peer = addr_ptr && len_ptr;
+    if (want_peer && read_app(c, len_ptr, &room, sizeof room) < 0) return SLOW;
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0) return SLOW;
     /* Never block here, even on a blocking listener (the app's thread is
@@ -347,15 +342,14 @@ static int accept_on(Call *c, int fd, int family, unsigned port, Handback *out) 
     out->fd = conn;
     out->family = family;
     out->port = port;
-    if (addr_ptr && len_ptr) {
+    if (want_peer) {
+        /* room < 0: Python answers EINVAL and drops the connection, as the kernel does. */
         unsigned char peer_end[ENDPOINT_LEN], vip[16];
-        if (endpoint_of(&out->peer, out->peer_len, peer_end) < 0) return DELIVER;
+        if (room < 0 || endpoint_of(&out->peer, out->peer_len, peer_end) < 0) return DELIVER;
         if (client_vip(c, peer_end, vip) == 0) memcpy(peer_end, vip, 16);
         struct sockaddr_storage shown;
         socklen_t shown_len = sockaddr_of(family, peer_end, &shown);
-        int einval = 0;
-        if (!shown_len || store_sockaddr(c, addr_ptr, len_ptr, &shown, shown_len, &einval) < 0 ||
-            einval)
+        if (!shown_len || store_sockaddr(c, addr_ptr, len_ptr, room, &shown, shown_len) < 0)
             return DELIVER;
     }
     if (flags & SOCK_NONBLOCK) fcntl(conn, F_SETFL, fcntl(conn, F_GETFL) | O_NONBLOCK);
@@ -472,12 +466,19 @@ static int on_getname(Call *c) {
     }
     struct sockaddr_storage shown;
     socklen_t shown_len = sockaddr_of(family, shown_end, &shown);
-    int einval = 0;
-    if (!shown_len || store_sockaddr(c, n->data.args[1], n->data.args[2], &shown, shown_len,
-                                     &einval) < 0)
-        goto slow;
+    if (!shown_len) goto slow;
+    uint64_t addr_ptr = n->data.args[1], len_ptr = n->data.args[2];
+    int err = 0;
+    if (addr_ptr && len_ptr) {
+        int32_t room;
+        if (read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
+        if (room < 0)
+            err = EINVAL;
+        else if (store_sockaddr(c, addr_ptr, len_ptr, room, &shown, shown_len) < 0)
+            goto slow;
+    }
     close(fd);
-    respond(c->self, n->id, 0, einval ? EINVAL : 0, 0);
+    respond(c->self, n->id, 0, err, 0);
     return -1;
 pass:
     close(fd);
