@@ -268,11 +268,6 @@ class Engine:
         except OSError:
             pass
 
-    @property
-    def fast(self) -> bool:
-        """Whether the native hot path answers first."""
-        return self._fast is not None
-
     def _python_turns(self) -> Callable[[int], bool]:
         """One turn of the Python loop: wait up to a timeout, answer what is ready."""
         nfd, epfd, wake = self.notify.fileno(), self._epoll.fileno(), self._wake_r
