@@ -255,7 +255,7 @@ static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t 
 /* -- connect -------------------------------------------------------------------- */
 
 /* Each handler returns -1 when the notification is answered (or gone), else
- * the kind of hand-back, with *fd_out set where the kind carries a socket. */
+ * the kind of hand-back, with out->fd set where the kind carries a socket. */
 static int on_connect(Call *c, Handback *out) {
     struct seccomp_notif *n = c->n;
     uint32_t addrlen = (uint32_t)n->data.args[2];
