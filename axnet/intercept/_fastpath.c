@@ -99,18 +99,22 @@ typedef struct {
 
 /* -- small helpers ------------------------------------------------------------ */
 
+/* dict[key] for an int key: 0 with *value borrowed (NULL when absent), or -1
+ * when Python could not look (the error is cleared: callers go the slow way). */
+static int dict_int(PyObject *dict, unsigned long key, PyObject **value) {
+    PyObject *k = PyLong_FromUnsignedLong(key);
+    *value = k ? PyDict_GetItemWithError(dict, k) : NULL;
+    Py_XDECREF(k);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
+
 static int dict_fd(PyObject *dict, uint32_t tid) {
-    PyObject *key = PyLong_FromUnsignedLong(tid);
-    if (key == NULL) {
-        PyErr_Clear();
-        return -1;
-    }
-    PyObject *value = PyDict_GetItemWithError(dict, key);
-    Py_DECREF(key);
-    if (value == NULL) {
-        PyErr_Clear();
-        return -1;
-    }
+    PyObject *value;
+    if (dict_int(dict, tid, &value) < 0 || value == NULL) return -1;
     long fd = PyLong_AsLong(value);
     if (fd < 0 || fd > INT32_MAX) {
         PyErr_Clear();
@@ -382,15 +386,10 @@ static int on_accept(Call *c, Handback *out) {
         endpoint_of(&local, local_len, endpoint) < 0)
         goto slow;
     if (memcmp(endpoint, c->me, 16) != 0) goto pass; /* not on the node address */
-    PyObject *port = PyLong_FromUnsignedLong(port_of(endpoint));
-    if (port == NULL) {
-        PyErr_Clear();
+    PyObject *name, *queued = NULL;
+    if (dict_int(c->self->names, port_of(endpoint), &name) < 0 ||
+        (name && dict_int(c->self->pending, port_of(endpoint), &queued) < 0))
         goto slow;
-    }
-    PyObject *name = PyDict_GetItemWithError(c->self->names, port);
-    PyObject *queued = name ? PyDict_GetItemWithError(c->self->pending, port) : NULL;
-    Py_DECREF(port);
-    PyErr_Clear();
     if (name == NULL) goto pass;
     if (queued != NULL && PyObject_IsTrue(queued)) goto slow; /* connections kept for it */
     if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) {
@@ -434,14 +433,8 @@ static int on_getname(Call *c) {
     if (endpoint_of(&sa, len, endpoint) < 0) goto slow;
     if (local) {
         if (memcmp(endpoint, c->me, 16) != 0) goto pass;
-        PyObject *port = PyLong_FromUnsignedLong(port_of(endpoint));
-        if (port == NULL) {
-            PyErr_Clear();
-            goto slow;
-        }
-        PyObject *name = PyDict_GetItemWithError(c->self->names, port);
-        Py_DECREF(port);
-        PyErr_Clear();
+        PyObject *name;
+        if (dict_int(c->self->names, port_of(endpoint), &name) < 0) goto slow;
         unsigned lo = be16(c->me + 32), hi = be16(c->me + 34), p = port_of(endpoint);
         if (name != NULL && PyBytes_Check(name) && PyBytes_GET_SIZE(name) == ENDPOINT_LEN) {
             memcpy(shown_end, PyBytes_AS_STRING(name), ENDPOINT_LEN);
