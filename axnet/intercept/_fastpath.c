@@ -65,6 +65,7 @@ typedef struct {
     struct seccomp_notif n;
     int family;
     unsigned port;
+    int32_t room; /* *addrlen as the app passed it, read once */
 } Parked;
 
 typedef struct {
@@ -85,6 +86,7 @@ typedef struct {
     int fd;        /* DELIVER: the accepted connection; CONNECTING, PARKED: our duplicate */
     int family;    /* DELIVER, PARKED: the listener's family */
     unsigned port; /* DELIVER, PARKED: the listener's real port */
+    int32_t room;  /* PARKED: the app's *addrlen */
     struct sockaddr_storage peer;
     socklen_t peer_len;
 } Handback;
@@ -305,7 +307,10 @@ static int on_connect(Call *c, Handback *out) {
             return CONNECTING;
         }
         socklen_t len = sizeof err;
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+        if (p.revents == POLLOUT) /* established, nothing pending (loopback's usual case) */
+            err = 0;
+        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
     }
     close(fd);
     respond(c->self, n->id, 0, err, 0);
@@ -318,22 +323,29 @@ slow:
 /* -- accept ---------------------------------------------------------------------- */
 
 /* Accept one connection on our duplicate fd of the virtual listener at real
- * port `port` (family `family`) and hand it to the app.  Does not close fd.
+ * port `port` (family `family`) and hand it to the app.  `room` is the app's
+ * *addrlen (read by the caller; unused without an address to fill); `ready`
+ * says epoll has just seen a connection queued.  Does not close fd.
  * -1: answered; PARKED: nothing queued on a blocking listener; SLOW: not
  * started; DELIVER: accepted, Python finishes. */
-static int accept_on(Call *c, int fd, int family, unsigned port, Handback *out) {
+static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, int ready,
+                     Handback *out) {
     struct seccomp_notif *n = c->n;
     int flags = n->data.nr == __NR_accept4 ? (int32_t)n->data.args[3] : 0;
     uint64_t addr_ptr = n->data.args[1], len_ptr = n->data.args[2];
-    int32_t room = 0;
     int want_peer = addr_ptr && len_ptr;
-    if (want_peer && read_app(c, len_ptr, &room, sizeof room) < 0) return SLOW;
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0) return SLOW;
     /* Never block here, even on a blocking listener (the app's thread is
-     * parked in this very accept; every accept on it comes through here). */
+     * parked in this very accept; every accept on it comes through here).
+     * A blocking listener with nothing queued parks at once: one poll()
+     * instead of switching O_NONBLOCK on and off around a failing accept. */
     int blocking = !(fl & O_NONBLOCK);
-    if (blocking) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    if (blocking) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (!ready && poll(&p, 1, 0) == 0) return PARKED;
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    }
     out->peer_len = sizeof out->peer;
     int conn = accept4(fd, (struct sockaddr *)&out->peer, &out->peer_len, SOCK_CLOEXEC);
     int err = conn < 0 ? errno : 0;
@@ -397,11 +409,15 @@ static int on_accept(Call *c, Handback *out) {
         respond(c->self, n->id, 0, EINVAL, 0);
         return -1;
     }
-    int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), out);
+    uint64_t len_ptr = n->data.args[2];
+    int32_t room = 0;
+    if (n->data.args[1] && len_ptr && read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
+    int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), room, 0, out);
     if (kind == PARKED) {
-        out->fd = fd; /* Python waits on it, and owns it */
+        out->fd = fd; /* the loop waits on it, and owns it */
         out->family = local.ss_family;
         out->port = port_of(endpoint);
+        out->room = room;
         return PARKED;
     }
     close(fd);
@@ -573,6 +589,7 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->n = *n;
     p->family = out->family;
     p->port = out->port;
+    p->room = out->room;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = fd};
     if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
         PyMem_Free(p);
@@ -606,7 +623,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
     Handback out = {.fd = -1};
     int kind = SLOW;
     if (call_load(&c, engine) == 0)
-        kind = accept_on(&c, fd, p->family, p->port, &out);
+        kind = accept_on(&c, fd, p->family, p->port, p->room, 1, &out);
     else
         PyErr_Clear(); /* Python answers it (and meets the same error there) */
     call_done(&c);
