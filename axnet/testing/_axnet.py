@@ -147,12 +147,17 @@ class AxnetNode:
         name: str = "",
         labels: Sequence[str] = (),
         cwd: Path | str = "/",
+        wrap: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start *argv* under ``axnet run`` in the background; output in ``logs``."""
+        """Start *argv* under ``axnet run`` in the background; output in ``logs``.
+
+        *wrap* goes before ``axnet run`` (``taskset -c 0``, say), so that it
+        holds for the supervisor and the app alike.
+        """
         self._apps += 1
         tag = f"app{self._apps}"
         return self.host.popen(
-            [*AXNET, "run", *self.run_flags(ip, name, labels), "--", *argv],
+            [*wrap, *AXNET, "run", *self.run_flags(ip, name, labels), "--", *argv],
             env=self.env,
             stdout=self.logs / f"{tag}.out",
             stderr=self.logs / f"{tag}.err",
@@ -167,10 +172,11 @@ class AxnetNode:
         name: str = "",
         labels: Sequence[str] = (),
         timeout: float = 60,
+        wrap: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """Run *argv* under ``axnet run`` to completion; output captured."""
+        """Run *argv* under ``axnet run`` to completion; output captured.  *wrap*: as in :meth:`app`."""
         return self.host.run(
-            [*AXNET, "run", *self.run_flags(ip, name, labels), "--", *argv],
+            [*wrap, *AXNET, "run", *self.run_flags(ip, name, labels), "--", *argv],
             env=self.env,
             timeout=timeout,
         )
