@@ -15,7 +15,12 @@ route); everything measured runs as ``nobody``, as a user would run it.
     with SEND and with ADDFD (how accept is answered), free and on one CPU.
 (b) iperf3 throughput through a virtual IP ÷ native; HAProxy in TCP mode
     (the sidecar-proxy baseline) ÷ native.
-(c) redis-benchmark keep-alive request rate through a virtual IP ÷ native.
+(c) redis-benchmark keep-alive request rate through a virtual IP ÷ native;
+    beside it, both sides under a seccomp filter that traps nothing
+    (bench/c/seccomp_only.c): the kernel's own price for any filter.
+
+Ratios in (b) and (c) are medians of side-by-side ratios: each run divided by
+the native run next to it, the order alternating between rounds.
 
 Targets (issue 2): (b), (c) ≥ 0.95; (a) ≤ 60 µs added at p50.
 """
@@ -70,19 +75,25 @@ def _script(node: AxnetNode, name: str, text: str) -> str:
     return str(path)
 
 
+def _build_c(node: AxnetNode, name: str) -> str | None:
+    """bench/c/NAME.c compiled into the node's scratch directory; None without gcc."""
+    if has_program("gcc"):
+        return None
+    binary = node.scratch / name
+    if not binary.exists():
+        source = Path(__file__).parent / "c" / f"{name}.c"
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+        binary.chmod(0o755)
+    return str(binary)
+
+
 def _programs(node: AxnetNode) -> dict[str, tuple[list[str], list[str]]]:
     """Round-trip (server, client) command prefixes: C when gcc is here, and Python."""
     server_py = _script(node, "rt_server.py", ROUNDTRIP_SERVER)
     client_py = _script(node, "rt_client.py", ROUNDTRIP_CLIENT)
     programs = {"python": (["python3", server_py], ["python3", client_py])}
-    binary = node.scratch / "roundtrip"
-    if not has_program("gcc"):
-        subprocess.run(
-            ["gcc", "-O2", "-o", str(binary), str(Path(__file__).parent / "c" / "roundtrip.c")],
-            check=True,
-        )
-        binary.chmod(0o755)
-        programs["c"] = ([str(binary), "server"], [str(binary), "client"])
+    if (binary := _build_c(node, "roundtrip")) is not None:
+        programs["c"] = ([binary, "server"], [binary, "client"])
     return programs
 
 
@@ -190,17 +201,14 @@ def wakeups(node: AxnetNode) -> dict[str, Any] | None:
     what the kernel's two ways of answering cost on this machine.  axnet
     answers accept with ADDFD|SEND, whose wakeups are not kept on the CPU.
     """
-    if has_program("gcc"):
+    binary = _build_c(node, "wakeup")
+    if binary is None:
         return None
-    binary = node.scratch / "wakeup"
-    source = Path(__file__).parent / "c" / "wakeup.c"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
-    binary.chmod(0o755)
     results: dict[str, Any] = {}
     for mode in ("send", "addfd"):
         for placement in PLACEMENTS:
             done = node.host.run(
-                [*_pin(placement), str(binary), mode, str(WAKEUP_CALLS)], timeout=120, check=True
+                [*_pin(placement), binary, mode, str(WAKEUP_CALLS)], timeout=120, check=True
             )
             results[f"{mode}/{placement}"] = json.loads(done.stdout)
     return results
@@ -231,6 +239,24 @@ def _iperf(
     raise RuntimeError(f"iperf3 to {target}:{port} failed: {error}")
 
 
+def paired_ratio(measured: list[float], baseline: list[float]) -> float:
+    """Median of measured[i] / baseline[i]: each run against the baseline run beside it.
+
+    On a shared machine a run lands in one of a few speed modes (two CPUs or
+    one, a busy neighbour or not); the ratio of two medians flips with the
+    mode each median falls in, the median of side-by-side ratios does not.
+    """
+    return statistics.median(m / b for m, b in zip(measured, baseline, strict=True))
+
+
+def _in_turn(round_: int, runs: dict[str, Any]) -> dict[str, Any]:
+    """The runs of one round, in an order that alternates between rounds."""
+    names = list(runs)
+    if round_ % 2:
+        names.reverse()
+    return {name: runs[name]() for name in names}
+
+
 def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     host = node.host
     native_srv = host.popen(["iperf3", "-s", "-p", "5301"])
@@ -250,11 +276,15 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     try:
         node.wait_service("10.2.0.3:5302")
         time.sleep(0.5)
-        for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
-            samples["native"].append(_iperf(host, None, "127.0.0.1", 5301, seconds))
-            samples["axnet"].append(_iperf(host, node, "10.2.0.3", 5302, seconds, ip="10.2.0.4"))
-            if proxy is not None:
-                samples["haproxy"].append(_iperf(host, None, "127.0.0.1", 5303, seconds))
+        runs = {
+            "native": lambda: _iperf(host, None, "127.0.0.1", 5301, seconds),
+            "axnet": lambda: _iperf(host, node, "10.2.0.3", 5302, seconds, ip="10.2.0.4"),
+        }
+        if proxy is not None:
+            runs["haproxy"] = lambda: _iperf(host, None, "127.0.0.1", 5303, seconds)
+        for round_ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
+            for name, bits in _in_turn(round_, runs).items():
+                samples[name].append(bits)
     finally:
         for proc in (native_srv, axnet_srv, proxy):
             if proc is not None:
@@ -264,8 +294,11 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
         "seconds": seconds,
         "rounds": rounds,
         "gbit_s": {k: v / 1e9 for k, v in med.items()},
-        "axnet_over_native": med["axnet"] / med["native"],
-        "haproxy_over_native": med["haproxy"] / med["native"] if med["haproxy"] else None,
+        "samples_gbit_s": {k: [x / 1e9 for x in v] for k, v in samples.items()},
+        "axnet_over_native": paired_ratio(samples["axnet"], samples["native"]),
+        "haproxy_over_native": (
+            paired_ratio(samples["haproxy"], samples["native"]) if samples["haproxy"] else None
+        ),
     }
 
 
@@ -281,34 +314,59 @@ def _redis_rps(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
 def redis(node: AxnetNode, requests: int, rounds: int) -> dict[str, Any]:
     host = node.host
     args = ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
-    native_srv = host.popen(["redis-server", "--port", "6401", *args])
-    axnet_srv = node.app(["redis-server", "--port", "6402", *args], ip="10.2.0.5")
     bench = ["redis-benchmark", "-n", str(requests), "-c", "50", "-t", "set,get", "--csv"]
-    samples: dict[str, list[float]] = {"native": [], "axnet": []}
+    # The kernel's own price for a seccomp filter, beside axnet's: both sides
+    # under a filter that traps nothing (bench/c/seccomp_only.c).
+    wrapper = _build_c(node, "seccomp_only")
+    filtered = [wrapper] if wrapper else []
+    servers = [
+        host.popen(["redis-server", "--port", "6401", *args]),
+        node.app(["redis-server", "--port", "6402", *args], ip="10.2.0.5"),
+    ]
+    if filtered:
+        servers.append(host.popen([*filtered, "redis-server", "--port", "6403", *args]))
+    runs = {
+        "native": lambda: host.run([*bench, "-h", "127.0.0.1", "-p", "6401"], timeout=300),
+        "axnet": lambda: node.run(
+            [*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6", timeout=300
+        ),
+    }
+    if filtered:
+        runs["seccomp_only"] = lambda: host.run(
+            [*filtered, *bench, "-h", "127.0.0.1", "-p", "6403"], timeout=300
+        )
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     try:
         node.wait_service("10.2.0.5:6402")
-        wait_until(
-            "native redis",
-            lambda: (
-                host.run(["redis-cli", "-p", "6401", "ping"], timeout=10).stdout.strip() == "PONG"
-            ),
-        )
-        for _ in range(rounds):
-            native = _redis_rps(host.run([*bench, "-h", "127.0.0.1", "-p", "6401"], timeout=300))
-            virtual = _redis_rps(
-                node.run([*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6", timeout=300)
+        for port in (6401, 6403) if filtered else (6401,):
+            wait_until(
+                f"redis on {port}",
+                lambda p=port: (  # type: ignore[misc]
+                    host.run(["redis-cli", "-p", str(p), "ping"], timeout=10).stdout.strip()
+                    == "PONG"
+                ),
             )
-            samples["native"].append(sum(native.values()))
-            samples["axnet"].append(sum(virtual.values()))
+        for round_ in range(rounds):
+            for name, done in _in_turn(round_, runs).items():
+                rates = _redis_rps(done)
+                if set(rates) != {"SET", "GET"}:
+                    raise RuntimeError(
+                        f"redis-benchmark ({name}) gave {rates}: {done.stderr[-500:]}"
+                    )
+                samples[name].append(sum(rates.values()))
     finally:
-        stop_process(native_srv)
-        stop_process(axnet_srv)
+        for server in servers:
+            stop_process(server)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "requests": requests,
         "rounds": rounds,
         "rps_set_plus_get": med,
-        "axnet_over_native": med["axnet"] / med["native"],
+        "samples_rps": samples,
+        "axnet_over_native": paired_ratio(samples["axnet"], samples["native"]),
+        "seccomp_only_over_native": (
+            paired_ratio(samples["seccomp_only"], samples["native"]) if filtered else None
+        ),
     }
 
 
@@ -369,6 +427,13 @@ def summary(results: dict[str, Any]) -> str:
             f"| {rd['rps_set_plus_get']['axnet']:.0f} | ×{ratio:.3f} "
             f"| ≥ {RATIO_TARGET} {_mark(ratio >= RATIO_TARGET)} |"
         )
+    if rd is not None and rd.get("seccomp_only_over_native") is not None:
+        lines.append(
+            f"| redis-benchmark, a filter that traps nothing | "
+            f"{rd['rps_set_plus_get']['native']:.0f} "
+            f"| {rd['rps_set_plus_get']['seccomp_only']:.0f} "
+            f"| ×{rd['seccomp_only_over_native']:.3f} | the kernel's price for seccomp |"
+        )
     wake = results.get("wakeups")
     if wake:
         lines += [
@@ -414,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         if reason := has_program(program):
             print(f"bench.core: {reason}", file=sys.stderr)
             return 1
-    n, seconds, rounds, requests = (500, 1, 1, 20000) if args.quick else (3000, 3, 3, 100000)
+    n, seconds, rounds, requests = (500, 1, 2, 20000) if args.quick else (3000, 3, 4, 100000)
     with NetnsHost.create("bench") as host:
         node = AxnetNode(host).start()
         try:
@@ -426,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in parts:
                 results["throughput"] = throughput(node, seconds, rounds)
             if "redis" in parts:
-                results["redis"] = redis(node, requests, rounds)
+                results["redis"] = redis(node, requests, 3 * rounds)  # a run is short
         finally:
             node.close()
     args.out.mkdir(parents=True, exist_ok=True)
