@@ -198,6 +198,16 @@ def hostile() -> None:
     listener.listen(1)
     lfd = listener.fileno()
     call("accept4_bad_flags", lambda: _libc.accept4(lfd, None, None, 0x7FFF0000))
+    # A blocking accept on a socket that is bound but not listening: EINVAL at
+    # once, as the kernel answers (never a wait for connections).
+    unlistened = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    unlistened.bind(("0.0.0.0", 0))
+    room = ctypes.c_uint32(16)
+    peer = ctypes.create_string_buffer(16)
+    call(
+        "accept_not_listening",
+        lambda: _libc.accept(unlistened.fileno(), peer, ctypes.byref(room)),
+    )
     # The supervisor must still answer normally afterwards.
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     probe.bind(("0.0.0.0", 0))

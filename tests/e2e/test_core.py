@@ -184,6 +184,7 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["connect_bad_fd"] == errno.EBADF
     assert result["getsockname_bad_pointer"] == errno.EFAULT
     assert result["accept4_bad_flags"] == errno.EINVAL
+    assert result["accept_not_listening"] == errno.EINVAL
     assert result["still_working"] == 1
 
 
