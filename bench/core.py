@@ -394,7 +394,8 @@ def summary(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rt.values():
-        what = f"{r['lang']} apps, {r['placement'].replace('_', ' ')}"
+        where = {"free": "free", "one_cpu": "one CPU"}[r["placement"]]
+        what = f"{r['lang']} apps, {where}"
         added = r["added_us"]["p50"]
         target = (
             f"≤ {ADDED_P50_TARGET_US:.0f} µs added {_mark(added <= ADDED_P50_TARGET_US)}"
