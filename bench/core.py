@@ -9,8 +9,9 @@ route); everything measured runs as ``nobody``, as a user would run it.
     accepts and closes, the client sees EOF.  Native: both on 127.0.0.1.
     axnet: both under ``axnet run`` on virtual IPs.  The two alternate in
     blocks against servers that stay up.  Reported: added µs at p50 and p99,
-    where the scheduler puts the processes (the target) and with all of them
-    on one CPU (axnet's own work, without the cost of waking an idle CPU).
+    where the scheduler puts the processes (the target), with all of them
+    on one CPU (axnet's own work, without the cost of waking an idle CPU),
+    and with the server side on one CPU and the client side on another.
     Beside it, bench/c/wakeup.c: what one trapped call costs when answered
     with SEND and with ADDFD (how accept is answered), free and on one CPU.
 (b) iperf3 throughput through a virtual IP ÷ native; HAProxy in TCP mode
@@ -113,14 +114,25 @@ ROUNDTRIP_WARMUP = 100
 #: user's apps run — the target is judged here.  "one_cpu": every process of
 #: both runs (apps and supervisors) pinned to one CPU, which takes the
 #: hypervisor's cost of waking an idle CPU out and leaves the work axnet adds.
-PLACEMENTS = ("free", "one_cpu")
+#: "two_cpus": the server side (app and supervisor) on one CPU, the client
+#: side on another, native and axnet alike: every round trip pays the same
+#: two cross-CPU wakeups on both sides.  Free placement moves between
+#: the last two, and native and axnet need not be in the same one.
+PLACEMENTS = ("free", "one_cpu", "two_cpus")
+PLACEMENT_NAMES = {"free": "free", "one_cpu": "one CPU", "two_cpus": "two CPUs"}
 
 
-def _pin(placement: str) -> list[str]:
-    """The command prefix that puts a process where *placement* says."""
+def _pins(placement: str) -> tuple[list[str], list[str]] | None:
+    """Command prefixes that put the (server, client) sides where *placement*
+    says; None when this machine cannot (two_cpus on one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
     if placement == "free":
-        return []
-    return ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
+        return [], []
+    if placement == "one_cpu":
+        return ["taskset", "-c", str(cpus[0])], ["taskset", "-c", str(cpus[0])]
+    if len(cpus) < 2:
+        return None
+    return ["taskset", "-c", str(cpus[0])], ["taskset", "-c", str(cpus[1])]
 
 
 def _roundtrip_pair(
@@ -128,15 +140,16 @@ def _roundtrip_pair(
     server: list[str],
     client: list[str],
     ports: tuple[int, int],
-    pin: list[str],
+    pins: tuple[list[str], list[str]],
     per_block: int,
 ) -> dict[str, list[int]]:
     """Latencies of native and axnet round trips, alternating in blocks."""
     host = node.host
     native_port, virtual_port = ports
+    server_pin, client_pin = pins
     times: dict[str, list[int]] = {"native": [], "axnet": []}
-    native = host.popen([*pin, *server, str(native_port)])
-    server_app = node.app([*server, str(virtual_port)], ip="10.2.0.1", wrap=pin)
+    native = host.popen([*server_pin, *server, str(native_port)])
+    server_app = node.app([*server, str(virtual_port)], ip="10.2.0.1", wrap=server_pin)
     try:
         probe = f"import socket; socket.create_connection(('127.0.0.1', {native_port}))"
         wait_until(
@@ -146,13 +159,15 @@ def _roundtrip_pair(
         node.wait_service(f"10.2.0.1:{virtual_port}")
         args = [str(per_block), str(ROUNDTRIP_WARMUP)]
         for _ in range(ROUNDTRIP_BLOCKS):
-            done = host.run([*pin, *client, "127.0.0.1", str(native_port), *args], timeout=300)
+            done = host.run(
+                [*client_pin, *client, "127.0.0.1", str(native_port), *args], timeout=300
+            )
             times["native"] += _parse_times(done.stdout)
             done = node.run(
                 [*client, "10.2.0.1", str(virtual_port), *args],
                 ip="10.2.0.2",
                 timeout=300,
-                wrap=pin,
+                wrap=client_pin,
             )
             times["axnet"] += _parse_times(done.stdout)
     finally:
@@ -170,9 +185,9 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     port = 9100
     for lang, (server, client) in _programs(node).items():
         for placement in PLACEMENTS:
-            times = _roundtrip_pair(
-                node, server, client, (port, port + 1), _pin(placement), per_block
-            )
+            if (pins := _pins(placement)) is None:
+                continue
+            times = _roundtrip_pair(node, server, client, (port, port + 1), pins, per_block)
             port += 2
             native_t, axnet_t = times["native"], times["axnet"]
             results[f"{lang}/{placement}"] = {
@@ -206,10 +221,9 @@ def wakeups(node: AxnetNode) -> dict[str, Any] | None:
         return None
     results: dict[str, Any] = {}
     for mode in ("send", "addfd"):
-        for placement in PLACEMENTS:
-            done = node.host.run(
-                [*_pin(placement), binary, mode, str(WAKEUP_CALLS)], timeout=120, check=True
-            )
+        for placement in ("free", "one_cpu"):  # one process pair: no two_cpus
+            pin, _ = _pins(placement) or ([], [])
+            done = node.host.run([*pin, binary, mode, str(WAKEUP_CALLS)], timeout=120, check=True)
             results[f"{mode}/{placement}"] = json.loads(done.stdout)
     return results
 
@@ -388,13 +402,15 @@ def summary(results: dict[str, Any]) -> str:
         "Round trips: a client connects, the server accepts and closes, the client sees EOF;",
         "both apps under `axnet run` on virtual IPs, against both on 127.0.0.1 natively.",
         "Placement *free*: where the scheduler puts them (the target is judged here);",
-        "*one CPU*: every process of both runs pinned to one CPU (axnet's own work).",
+        "*one CPU*: every process of both runs pinned to one CPU (axnet's own work);",
+        "*two CPUs*: server side on one CPU, client side on another, native and axnet alike.",
+        "Free placement moves between those two, and native and axnet need not be in the same one.",
         "",
         "| measure | native | axnet | result | target |",
         "|---|---|---|---|---|",
     ]
     for r in rt.values():
-        where = {"free": "free", "one_cpu": "one CPU"}[r["placement"]]
+        where = PLACEMENT_NAMES[r["placement"]]
         what = f"{r['lang']} apps, {where}"
         added = r["added_us"]["p50"]
         target = (
