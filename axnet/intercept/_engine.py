@@ -29,7 +29,10 @@ started without blocking (``O_NONBLOCK`` flipped on the shared description for
 the one call: the app's thread is parked in that very call, and every accept
 on a virtual listener comes through here) and the socket joins the epoll set;
 the app's thread stays parked until the socket is ready.  Waits are re-checked
-every ``_WAIT_SLICE_S`` for threads that were killed meanwhile.  A connection
+every ``_WAIT_SLICE_S``: a wait whose thread was killed is dropped, and one whose
+thread has a signal to take is answered ``ERESTARTSYS``, so the kernel runs the
+handler and restarts the call or fails it with EINTR, as it would for a
+blocking call of its own (a parked thread waits killably, see ``_libc``).  A connection
 accepted for an ``accept`` whose thread went away is kept and handed to the
 next ``accept`` on that listener: it is never lost.
 
@@ -54,6 +57,7 @@ import fcntl
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import threading
@@ -85,8 +89,8 @@ from ._bpf import (
     NR_LISTEN,
 )
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
-from ._libc import Notification, NotifyFd, buffer_sizes
-from ._tasks import Errno, Gone, Tasks
+from ._libc import ERESTARTSYS, Notification, NotifyFd, buffer_sizes
+from ._tasks import Errno, Gone, Tasks, signal_waiting
 
 try:
     from . import _fastpath
@@ -97,7 +101,8 @@ log = logging.getLogger("axnet.run")
 
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
-#: How often parked waits are checked for threads that went away, in seconds.
+#: How often parked waits are checked for threads that went away or have a
+#: signal to take, in seconds.
 _WAIT_SLICE_S = 0.2
 #: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
@@ -144,6 +149,8 @@ class Counters:
     deferred: int = 0
     faults: int = 0
     errors: int = 0
+    #: Parked calls answered ERESTARTSYS because a signal waited for their thread.
+    interrupted: int = 0
 
 
 @attrs.define
@@ -226,7 +233,12 @@ class Engine:
     # -- loop -----------------------------------------------------------------
 
     def serve(self) -> None:
-        """Answer notifications until :meth:`stop` or until no target is left."""
+        """Answer notifications until :meth:`stop` or until no target is left.
+
+        Runs in a thread of its own, which takes no signals: they go to the
+        supervisor's main thread, and none can interrupt a seccomp ioctl here.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             # Hand the CPU straight between the app and this thread (Linux 6.6).
             self.notify.set_sync_wakeup()
@@ -244,7 +256,7 @@ class Engine:
                 now = time.monotonic()
                 if waiting and now >= next_check:
                     next_check = now + _WAIT_SLICE_S
-                    self._drop_abandoned_waiters()
+                    self._check_waits()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL_S
                     self.sweep()
@@ -411,13 +423,22 @@ class Engine:
         # The step owns the socket from here: it closes it, or waits again.
         self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
 
-    def _drop_abandoned_waiters(self) -> None:
-        """Forget waits whose app thread was killed (nobody to answer any more)."""
+    def _check_waits(self) -> None:
+        """Forget waits whose app thread was killed (nobody to answer any more);
+        interrupt those whose thread has a signal to take."""
         if self._fast is not None and self._fast.parked:
             self._fast.drop_abandoned()
+            for tid in self._fast.parked_tids():
+                if signal_waiting(tid) and self._fast.interrupt(tid, ERESTARTSYS):
+                    self.counters.interrupted += 1
         for waiter in list(self._waiters.values()):
             if not self.notify.id_valid(waiter.n.id):
                 self._unwait(waiter)
+            elif signal_waiting(waiter.n.pid):
+                # A connect carries on in the background, as the kernel's does.
+                self._unwait(waiter)
+                self._reply(waiter.n, error=ERESTARTSYS)
+                self.counters.interrupted += 1
 
     # -- answers --------------------------------------------------------------
 

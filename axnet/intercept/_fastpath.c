@@ -157,13 +157,21 @@ static int respond(Fast *self, uint64_t id, int64_t val, int error, uint32_t fla
     resp->val = val;
     resp->error = -error;
     resp->flags = flags;
-    if (ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_SEND, resp) < 0 && errno != ENOENT) return -1;
+    int rc;
+    do /* the notify lock is taken interruptibly */
+        rc = ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_SEND, resp);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0 && errno != ENOENT) return -1;
     self->answered++;
     return 0;
 }
 
 static int id_valid(Fast *self, uint64_t id) {
-    return ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
+    int rc;
+    do
+        rc = ioctl(self->nfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id);
+    while (rc < 0 && errno == EINTR);
+    return rc == 0;
 }
 
 /* Our duplicate of the app's fd args[0] through a cached pidfd; -1 if none. */
@@ -761,6 +769,40 @@ static PyObject *Fast_drop_abandoned(Fast *self, PyObject *unused) {
     return PyLong_FromLong(self->parked_count);
 }
 
+static PyObject *Fast_parked_tids(Fast *self, PyObject *unused) {
+    (void)unused;
+    PyObject *tids = PyList_New(0);
+    for (int fd = 0; tids != NULL && fd < self->parked_cap; fd++) {
+        if (self->parked[fd] == NULL) continue;
+        PyObject *tid = PyLong_FromUnsignedLong(self->parked[fd]->n.pid);
+        if (tid == NULL || PyList_Append(tids, tid) < 0) Py_CLEAR(tids);
+        Py_XDECREF(tid);
+    }
+    return tids;
+}
+
+static PyObject *Fast_interrupt(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
+    unsigned long tid;
+    long error;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "interrupt(tid, error)");
+        return NULL;
+    }
+    tid = PyLong_AsUnsignedLong(args[0]);
+    error = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    for (int fd = 0; fd < self->parked_cap; fd++) {
+        if (self->parked[fd] == NULL || self->parked[fd]->n.pid != tid) continue;
+        if (respond(self, self->parked[fd]->n.id, 0, (int)error, 0) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return NULL;
+        }
+        unpark(self, fd);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
 static void close_parked(Fast *self) {
     for (int fd = 0; fd < self->parked_cap; fd++)
         if (self->parked[fd] != NULL) unpark(self, fd);
@@ -861,6 +903,11 @@ static PyMethodDef Fast_methods[] = {
      "WAITERS (an fd of Python's own waits is ready) or HUP (no task left)."},
     {"drop_abandoned", (PyCFunction)Fast_drop_abandoned, METH_NOARGS,
      "Forget parked accepts whose thread went away; returns how many are left."},
+    {"parked_tids", (PyCFunction)Fast_parked_tids, METH_NOARGS,
+     "The thread ids of the parked accepts."},
+    {"interrupt", (PyCFunction)(void (*)(void))Fast_interrupt, METH_FASTCALL,
+     "interrupt(tid, error) -> bool\n\n"
+     "Answer the accept parked for thread tid with error and forget it."},
     {"close", (PyCFunction)Fast_close, METH_NOARGS, "Forget every parked accept."},
     {NULL, NULL, 0, NULL},
 };

@@ -26,7 +26,9 @@ Kernel facts relied upon (Linux 6.x, include/uapi/linux/seccomp.h):
 * `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (Linux >= 5.19): once the
   supervisor has received a notification the task waits killably, so a
   non-fatal signal (Go's SIGURG preemption, a timer) cannot abort and restart
-  a connect the supervisor is already carrying out on the task's behalf.
+  a connect the supervisor is already carrying out on the task's behalf.  A
+  call parked for longer (a blocking accept or connect) is interrupted by the
+  engine itself when a signal waits for its thread (`ERESTARTSYS`).
 * `SECCOMP_ADDFD_FLAG_SEND` (Linux >= 5.14) installs the fd and answers the
   notification with its number in one step, so the task cannot observe the
   fd before the syscall returns.
@@ -68,6 +70,13 @@ SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1 << 0
 SECCOMP_ADDFD_FLAG_SETFD = 1 << 0
 SECCOMP_ADDFD_FLAG_SEND = 1 << 1
 SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1 << 0
+
+#: The kernel's "interrupted: restart if the handler allows" (include/linux/errno.h).
+#: An answer with this error leaves the decision to the kernel's own signal
+#: code on the way back to user space: with SA_RESTART (or no handler to run)
+#: the call is made again, without it the app sees EINTR.  Only for a thread
+#: that has a signal pending, or the value would reach the app as errno 512.
+ERESTARTSYS = 512
 
 #: pidfd_open flag (Linux >= 6.9): a pidfd for a thread, not a thread-group leader.
 PIDFD_THREAD = os.O_EXCL

@@ -15,6 +15,10 @@ engine keeps names one *task* for that task's whole life, never a number:
   still valid (the thread is parked in its syscall, so the tid was not reused
   between the open and the check).
 
+A thread parked in a blocking call waits killably (see ``_libc``): only a
+fatal signal ends the wait.  :func:`signal_waiting` tells the engine when a
+signal the kernel would interrupt that call for is pending for the thread.
+
 Both caches are bounded; dropping them only costs a re-open.  The native hot
 path (``_fastpath``) reads the same two caches (:attr:`Tasks.pidfds`,
 :attr:`Tasks.mems`) but never fills them: a handle is only ever opened and
@@ -59,6 +63,37 @@ def _open_pidfd(tid: int) -> int:
     raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
 
 
+def deliverable(status: bytes, tid: int) -> bool:
+    """Whether ``/proc/TID/status`` text shows a signal the thread will take.
+
+    A signal sent to the thread (``SigPnd``) is its own.  One sent to the
+    process (``ShdPnd``) goes to the thread-group leader unless the leader
+    blocks it; for any other thread the kernel may pick a sibling, so it
+    counts only for the leader.  Blocked signals (``SigBlk``) wait.
+    """
+    fields: dict[bytes, bytes] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        fields[key] = value.strip()
+    try:
+        blocked = int(fields[b"SigBlk"], 16)
+        mine = int(fields[b"SigPnd"], 16) & ~blocked
+        shared = int(fields[b"ShdPnd"], 16) & ~blocked
+        leader = int(fields[b"Tgid"]) == tid
+    except (KeyError, ValueError):
+        return False
+    return bool(mine or (shared and leader))
+
+
+def signal_waiting(tid: int) -> bool:
+    """Whether thread *tid* has a signal pending that would interrupt a blocking call."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:
+            return deliverable(status.read(), tid)
+    except OSError:
+        return False  # gone: the validity check drops its wait
+
+
 class _Cache:
     def __init__(self, opener: Callable[[int], int]) -> None:
         self._opener = opener
@@ -85,6 +120,17 @@ class _Cache:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+#: /proc/TID/mem takes offsets as a signed 64-bit off_t; no user address is
+#: that high anyway.
+_ADDRESS_LIMIT = 1 << 63
+
+
+def _check_range(address: int, size: int) -> None:
+    """EFAULT, as the kernel answers, for an address no app memory can be at."""
+    if not 0 <= address <= _ADDRESS_LIMIT - size:
+        raise Errno(errno.EFAULT)
 
 
 def _open_mem(tid: int) -> int:
@@ -132,6 +178,8 @@ class Tasks:
 
     def write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
         """Store ``(address, bytes)`` pairs in the thread's memory; raises Errno(EFAULT) or Gone."""
+        for address, data in writes:
+            _check_range(address, len(data))
         for attempt in (0, 1):
             fd, fresh = self.mem(tid, notification_id)
             try:
@@ -151,6 +199,7 @@ class Tasks:
         Validity is the caller's to check *after* the read (the bytes only
         count once the notification is known to be live).
         """
+        _check_range(address, size)
         for attempt in (0, 1):
             fd, fresh = self.mem(tid, notification_id)
             try:

@@ -187,6 +187,12 @@ def hostile() -> None:
     call("connect_bad_pointer", lambda: _libc.connect(fd, ctypes.c_void_p(8), 16))
     call("connect_oversized_len", lambda: _libc.connect(fd, good, 100000))
     call("bind_bad_pointer", lambda: _libc.bind(fd, ctypes.c_void_p(8), 16))
+    kernel_half = ctypes.c_void_p(0xFFFF_FFFF_FFFF_0000)  # no user address is up there
+    call("connect_kernel_pointer", lambda: _libc.connect(fd, kernel_half, 16))
+    call(
+        "getsockname_kernel_pointer",
+        lambda: _libc.getsockname(fd, kernel_half, ctypes.byref(ctypes.c_uint32(16))),
+    )
     call("connect_not_a_socket", lambda: _libc.connect(os.open("/dev/null", os.O_RDONLY), good, 16))
     call("connect_bad_fd", lambda: _libc.connect(9999, good, 16))
     call(
@@ -257,13 +263,7 @@ def slow_and_fast(stuck_host: str, stuck_port: str, host: str, port: str) -> Non
     """One thread blocks in connect to a full listener; others must not wait for it."""
     import time
 
-    fillers = []
-    for _ in range(4):  # fill the stuck listener's accept queue
-        f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        f.setblocking(False)
-        f.connect_ex((stuck_host, int(stuck_port)))
-        fillers.append(f)
-    time.sleep(0.3)
+    _held_open = _fill_queue(stuck_host, stuck_port)  # closing them would free the queue
     state = {"stuck_done": False}
 
     def stuck() -> None:
@@ -282,6 +282,84 @@ def slow_and_fast(stuck_host: str, stuck_port: str, host: str, port: str) -> Non
     _out(max_fast_s=max(times), stuck_still_blocked=not state["stuck_done"])
     sys.stdout.flush()
     os._exit(0)
+
+
+def _fill_queue(host: str, port: str) -> list[socket.socket]:
+    """Fill the accept queue of a listener that never accepts (``stuck-server``)."""
+    import time
+
+    fillers = []
+    for _ in range(4):
+        f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        f.setblocking(False)
+        f.connect_ex((host, int(port)))
+        fillers.append(f)
+    time.sleep(0.3)
+    return fillers
+
+
+def signals(port: str, stuck_host: str, stuck_port: str) -> None:
+    """A timer signal during a blocking accept and a blocking connect.
+
+    Without SA_RESTART (Python's default) the handler runs and its exception
+    ends the call; with SA_RESTART the call carries on after the handler.
+    """
+    import select
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def alarm(signum: int, frame: object) -> None:
+        raise Alarm
+
+    def interrupted(call: Callable[[], object]) -> bool:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            call()
+        except Alarm:
+            return True
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return False
+
+    signal.signal(signal.SIGALRM, alarm)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    accept_interrupted = interrupted(listener.accept)
+    fillers = _fill_queue(stuck_host, stuck_port)
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # blocking, no timeout
+    connect_interrupted = interrupted(lambda: stuck.connect((stuck_host, int(stuck_port))))
+
+    ran: list[int] = []
+    signal.signal(signal.SIGALRM, lambda signum, frame: ran.append(signum))
+    signal.siginterrupt(signal.SIGALRM, False)  # SA_RESTART
+    # The signal's arrival, seen at once (Python runs the handler itself only
+    # once accept returns): a client connects only after it, so the accept
+    # is still parked when the signal comes.
+    arrived, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    signal.set_wakeup_fd(wakeup)
+    me = listener.getsockname()
+    seen: dict[str, bool] = {}
+
+    def connect_once_signalled() -> None:
+        seen["signal_arrived_first"] = bool(select.select([arrived], [], [], 30)[0])
+        socket.create_connection(me, timeout=10).close()
+
+    threading.Thread(target=connect_once_signalled, daemon=True).start()
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    conn, peer = listener.accept()
+    conn.close()
+    _out(
+        accept_interrupted=accept_interrupted,
+        connect_interrupted=connect_interrupted,
+        restarted_accept_from=_addr(peer),
+        handler_ran=ran == [signal.SIGALRM],
+        fillers=len(fillers),
+        **seen,
+    )
 
 
 def rebind(port: str) -> None:
@@ -303,6 +381,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
     "stuck-server": stuck_server,
     "slow-and-fast": slow_and_fast,
+    "signals": signals,
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,

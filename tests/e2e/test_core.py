@@ -159,6 +159,25 @@ def test_slow_blocking_connect_stalls_nobody(node: AxnetNode) -> None:
     assert seen["peername"] == ["10.1.0.5", 7011]
 
 
+def test_signals_interrupt_parked_calls(node: AxnetNode) -> None:
+    # A thread parked in a blocking accept or connect takes its signals as it
+    # would without axnet: Ctrl-C or a timer is not held until a client comes.
+    node.app([*APPS, "stuck-server", "7012"], ip="10.1.0.8")
+    node.wait_service("10.1.0.8:7012")
+    done = node.run([*APPS, "signals", "7013", "10.1.0.8", "7012"], ip="10.1.0.5")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["accept_interrupted"] is True
+    assert result["connect_interrupted"] is True
+    # With SA_RESTART the accept went on after the handler, and got its client.
+    assert result["signal_arrived_first"] is True
+    assert result["handler_ran"] is True
+    assert result["restarted_accept_from"][0] == "10.1.0.5"
+    counted = re.search(r"engine done python=\{[^}]*'interrupted': (\d+)", done.stderr)
+    assert counted is not None, done.stderr
+    assert int(counted[1]) == 3  # the accept, the connect, the restarted accept
+
+
 def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7007"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7007")
@@ -180,6 +199,8 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["connect_bad_pointer"] == errno.EFAULT
     assert result["connect_oversized_len"] == errno.EINVAL
     assert result["bind_bad_pointer"] == errno.EFAULT
+    assert result["connect_kernel_pointer"] == errno.EFAULT
+    assert result["getsockname_kernel_pointer"] == errno.EFAULT
     assert result["connect_not_a_socket"] == errno.ENOTSOCK
     assert result["connect_bad_fd"] == errno.EBADF
     assert result["getsockname_bad_pointer"] == errno.EFAULT

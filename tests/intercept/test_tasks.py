@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from axnet.intercept._tasks import Errno, Gone, Tasks
+from axnet.intercept._tasks import Errno, Gone, Tasks, deliverable, signal_waiting
 
 
 def _child() -> tuple[subprocess.Popen[bytes], int]:
@@ -70,3 +70,50 @@ def test_bad_addresses_are_efault() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _status(tgid: int, pending: int, shared: int, blocked: int) -> bytes:
+    return (
+        f"Name:\tapp\nTgid:\t{tgid}\nPid:\t{tgid + 1}\n"
+        f"SigPnd:\t{pending:016x}\nShdPnd:\t{shared:016x}\nSigBlk:\t{blocked:016x}\n"
+        "SigIgn:\t0000000000000000\nSigCgt:\t0000000000004002\n"
+    ).encode()
+
+
+def _bit(signum: int) -> int:
+    return 1 << (signum - 1)
+
+
+def test_which_pending_signals_a_parked_thread_takes() -> None:
+    alrm, intr = _bit(signal.SIGALRM), _bit(signal.SIGINT)
+    # Sent to the thread itself: it takes it, unless it blocks it.
+    assert deliverable(_status(100, alrm, 0, 0), 200)
+    assert not deliverable(_status(100, alrm, 0, alrm), 200)
+    # Sent to the process: the leader takes it; another thread may not be the one.
+    assert deliverable(_status(100, 0, intr, 0), 100)
+    assert not deliverable(_status(100, 0, intr, 0), 200)
+    assert not deliverable(_status(100, 0, intr, intr), 100)
+    # Nothing pending, or text that is not a status file.
+    assert not deliverable(_status(100, 0, 0, 0), 100)
+    assert not deliverable(b"garbage\n", 100)
+
+
+def test_signal_waiting_reads_a_real_thread() -> None:
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); print(1, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        assert not signal_waiting(child.pid)
+        child.send_signal(signal.SIGUSR1)  # blocked: pending, but it does not take it
+        assert not signal_waiting(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not signal_waiting(child.pid)  # gone
