@@ -21,6 +21,7 @@ The app is forked before trio or any thread starts (``launch`` forks).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -114,25 +115,36 @@ class Session:
         """
         self._next_id += 1
         ident = self._next_id
-        await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
         reply: dict[str, Any] | None = None
         later: list[dict[str, Any]] = []
-        while reply is None:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise DaemonUnavailable(f"the daemon closed the session during '{op}'")
-            # Pushes that follow the reply in the same read are applied too.
-            for message in self._decoder.feed(data):
-                if not isinstance(message, dict):
-                    continue
-                if "push" in message:
-                    if reply is not None:
-                        later.append(message)
-                elif message.get("id") == ident:
-                    reply = message
+        try:
+            await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
+            while reply is None:
+                data = await self.stream.receive_some(65536)
+                reply = self._take_handshake(op, ident, data, later)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise DaemonUnavailable(f"the daemon closed the session during '{op}'") from None
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error")), err=int(reply.get("errno") or 0))
         return reply, later
+
+    def _take_handshake(
+        self, op: str, ident: int, data: bytes, later: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Feed one read of the handshake; the reply once it is in."""
+        reply: dict[str, Any] | None = None
+        if not data:
+            raise DaemonUnavailable(f"the daemon closed the session during '{op}'")
+        # Pushes that follow the reply in the same read are applied too.
+        for message in self._decoder.feed(data):
+            if not isinstance(message, dict):
+                continue
+            if "push" in message:
+                if reply is not None:
+                    later.append(message)
+            elif message.get("id") == ident:
+                reply = message
+        return reply
 
     async def read(self, on_push: Any) -> None:
         """Dispatch replies and pushes until the daemon closes the session."""
@@ -250,9 +262,17 @@ class Supervisor:
             "argv": list(self.options.argv),
             "claims": claims,
         }
-        with trio.fail_after(CLAIM_TIMEOUT_S * 5):
-            reply, later = await session.handshake("attach", fields)
-        self._apply_attach(reply)
+        try:
+            with trio.fail_after(CLAIM_TIMEOUT_S * 5):
+                reply, later = await session.handshake("attach", fields)
+            self._apply_attach(reply)
+        except BaseException as exc:
+            stream.socket.close()
+            if isinstance(exc, trio.TooSlowError):
+                raise ControlError("the daemon did not answer 'attach' in time") from None
+            if isinstance(exc, (KeyError, ValueError, TypeError)):
+                raise ControlError(f"the daemon's attach reply is malformed ({exc!r})") from None
+            raise
         for push in later:
             self._on_push(push)
         return session, reply
@@ -270,6 +290,10 @@ class Supervisor:
                     session, reply = await self._attach()
                 except (ControlError, OSError) as exc:
                     log.debug("re-attach failed reason=%s", exc)
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    continue
+                except Exception:  # never let the app lose its supervisor over it
+                    log.exception("re-attach failed")
                     delay = min(delay * 2, RECONNECT_MAX_S)
                     continue
                 self.session = session
@@ -299,12 +323,23 @@ class Supervisor:
     # -- main ---------------------------------------------------------------------
 
     async def main(self, launched_pid: int, launched_pidfd: int, engine_factory: Any) -> int:
+        """Supervise the launched app until it exits; its exit status.
+
+        Whatever ends this early (no daemon, a bug) takes the app's whole tree
+        down with it: without its supervisor every trapped call would fail.
+        """
+        try:
+            return await self._supervise(launched_pid, launched_pidfd, engine_factory)
+        except BaseException:
+            _kill_tree(launched_pidfd)
+            raise
+
+    async def _supervise(self, launched_pid: int, launched_pidfd: int, engine_factory: Any) -> int:
         self._token = trio.lowlevel.current_trio_token()
         self._pid = launched_pid
         try:
             session, _ = await self._attach()
         except (ControlError, OSError) as exc:
-            _kill_tree(launched_pid)
             raise ControlError(str(exc)) from None
         self.session = session
         assert self.identity is not None
@@ -325,7 +360,10 @@ class Supervisor:
             status = _reap(launched_pid)
             nursery.cancel_scope.cancel()
         self._token = None
-        await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
+        # The rest of the tree gets its grace period; a second Ctrl-C meanwhile
+        # must not cut the clean-up short.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
         assert self.engine is not None
         self.engine.stop()
         thread.join(timeout=2.0)
@@ -343,6 +381,8 @@ class Supervisor:
             signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
         ) as signals:
             async for signum in signals:
+                if signum in _FROM_TERMINAL and _terminal_sent_it_too(pid):
+                    continue
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
@@ -371,39 +411,56 @@ def _children() -> list[int]:
 
 
 def _terminate_tree() -> None:
-    """SIGTERM what is left of the app's tree (we are its subreaper), then SIGKILL."""
+    """SIGTERM what is left of the app's tree (we are its subreaper), then SIGKILL.
+
+    Orphans keep arriving (reparented to us) while their parents die, so every
+    round signals whoever is a child now: SIGTERM once within the grace
+    period, SIGKILL after it.  Returns once no child is left.
+    """
     import time
 
     deadline = time.monotonic() + TERMINATE_GRACE_S
-    sent_kill = False
-    for pid in _children():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    termed: set[int] = set()
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass  # reap every exited child (our children: their pids are not reused meanwhile)
         except ChildProcessError:
             return
-        if pid:
-            continue
-        if time.monotonic() > deadline and not sent_kill:
-            for child in _children():
-                try:
-                    os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sent_kill = True
+        late = time.monotonic() > deadline
+        for child in _children():
+            if late or child not in termed:
+                termed.add(child)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL if late else signal.SIGTERM)
         time.sleep(0.02)
 
 
-def _kill_tree(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_tree(pidfd: int) -> None:
+    """SIGKILL the app (by pidfd: its pid may be reaped and reused) and end its tree."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     _terminate_tree()
+
+
+#: Signals a terminal sends to its whole foreground process group.
+_FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
+
+
+def _terminal_sent_it_too(pid: int) -> bool:
+    """Whether the app shares our process group and it is the terminal's
+    foreground group: then a Ctrl-C reached the app already, and forwarding
+    it would deliver it twice (a second Ctrl-C means "force quit" to many apps)."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp() == os.getpgid(pid)
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
 
 
 def run(options: RunOptions) -> int:

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ._libc import NotifyFd, install_filter, pidfd_getfd, pidfd_open
+from ._libc import NotifyFd, install_filter, pidfd_getfd, pidfd_open, set_parent_death_signal
 
 #: Exit status of a child that could not execute the application (as a shell does).
 EXIT_CANNOT_EXECUTE = 127
@@ -56,7 +56,11 @@ class Launched:
 
 
 def launch(argv: Sequence[str], *, env: Mapping[str, str] | None, program: bytes) -> Launched:
-    """Start `argv` (searched on PATH) under the seccomp `program`."""
+    """Start `argv` (searched on PATH) under the seccomp `program`.
+
+    The program is SIGKILLed when the thread that called this ends (the
+    kernel's parent-death signal): call it from the thread that supervises.
+    """
     if not argv:
         raise ValueError("argv must name a program to run")
     if isinstance(argv, str):
@@ -134,6 +138,12 @@ def _child(
 ) -> None:  # pragma: no cover - runs in the forked child
     code = EXIT_CANNOT_EXECUTE
     try:
+        # Without its supervisor every trapped call of the app would fail:
+        # if the supervisor dies (even by SIGKILL), the app goes with it.
+        parent = os.getppid()
+        set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:
+            return  # it died before the line above
         try:
             listener = install_filter(program)
         except OSError as e:

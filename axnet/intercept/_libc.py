@@ -61,6 +61,7 @@ NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 
 # --- prctl / seccomp ----------------------------------------------------------
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
@@ -137,6 +138,12 @@ _prctl_fn = _libc.prctl
 _prctl_fn.argtypes = [_c_int, _c_ulong, _c_ulong, _c_ulong, _c_ulong]
 _prctl_fn.restype = _c_int
 _prctl: Callable[[int, int, int, int, int], int] = _prctl_fn
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send *signum* to this process when its parent thread dies."""
+    if _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) < 0:
+        raise _oserror()
 
 
 def _syscall(*argtypes: type[ctypes._SimpleCData[Any]]) -> Any:

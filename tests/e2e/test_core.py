@@ -178,6 +178,101 @@ def test_signals_interrupt_parked_calls(node: AxnetNode) -> None:
     assert int(counted[1]) == 3  # the accept, the connect, the restarted accept
 
 
+def _processes(node: AxnetNode, marker: str) -> list[int]:
+    """Live (not zombie) app processes of the test host whose command line has
+    *marker* (supervisors, ``axnet run …``, are not counted)."""
+    found = []
+    for pid in node.host.pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and b"axnet\0run\0" not in cmdline and state != "Z":
+            found.append(pid)
+    return found
+
+
+def test_app_goes_when_its_supervisor_is_killed(node: AxnetNode) -> None:
+    # Without its supervisor every trapped call of the app would fail: the app
+    # must not be left running, even when the supervisor dies by SIGKILL.
+    # (An app parked in a trapped call would fail with ENOSYS and exit by
+    # itself; this one is busy elsewhere.)
+    marker = "axnet-sleeper-marker"
+    supervisor = node.app(["python3", "-c", "import time; time.sleep(600)", marker])
+    assert wait_until("app started", lambda: len(_processes(node, marker)) == 1)
+    supervisor.kill()
+    supervisor.wait()
+    assert wait_until("app gone", lambda: not _processes(node, marker))
+
+
+ORPHANS = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by both below
+if os.fork() == 0:
+    if os.fork() == 0:
+        time.sleep(600)  # the grandchild: reparented to the supervisor only
+        os._exit(0)      # once its parent is SIGKILLed at the end of the grace
+    time.sleep(600)
+    os._exit(0)
+print("leaving them behind", flush=True)
+"""
+
+
+def test_orphans_that_ignore_sigterm_are_ended(node: AxnetNode) -> None:
+    done = node.run(["python3", "-c", ORPHANS, "axnet-orphan-marker"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "leaving them behind" in done.stdout
+    assert _processes(node, "axnet-orphan-marker") == []
+
+
+SIGINT_COUNTER = """
+import json, signal, time
+got = []
+signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+print("ready", flush=True)
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps({"sigints": len(got)}), flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_app_once(node: AxnetNode) -> None:
+    # The terminal sends Ctrl-C to its whole foreground group, the app and
+    # its supervisor alike; the supervisor must not send it a second time.
+    master, terminal = os.openpty()
+    try:
+        run = node.host.popen(
+            ["setsid", "-c", *node.run_cmd_prefix(ip="10.1.0.5"), "python3", "-c", SIGINT_COUNTER],
+            env=node.env,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=node.logs / "ctrl-c.err",
+        )
+        seen = b""
+
+        def read_until(text: bytes) -> bool:
+            nonlocal seen
+            while text not in seen:
+                chunk = os.read(master, 4096)
+                if not chunk:
+                    return False
+                seen += chunk
+            return True
+
+        assert read_until(b"ready"), seen
+        os.write(master, b"\x03")
+        assert read_until(b"}"), seen
+        assert run.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+        os.close(terminal)
+    assert json.loads(seen[seen.rindex(b"{") :])["sigints"] == 1, seen
+
+
 def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7007"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7007")
