@@ -443,6 +443,17 @@ def _kill_tree(pidfd: int) -> None:
     _terminate_tree()
 
 
+def _raise_fd_limit() -> None:
+    """Let the supervisor hold as many fds as it may: it keeps one per parked
+    call and per cached thread handle of an app with any number of threads."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 #: Signals a terminal sends to its whole foreground process group.
 _FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 
@@ -472,6 +483,7 @@ def run(options: RunOptions) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     launched = launch(options.argv, env=options.env, program=build_filter())
+    _raise_fd_limit()  # after the launch: the app keeps the limits it was given
     supervisor = Supervisor(options)
 
     def make_engine(identity: Identity, table: ServiceTable, node: Supervisor) -> Engine:

@@ -107,6 +107,7 @@ _WAIT_SLICE_S = 0.2
 #: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
 _INT32 = struct.Struct("=i")
+_INT32_MAX = 0x7FFFFFFF
 _UINT32 = struct.Struct("=I")
 _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _AF_INET = int(socket.AF_INET)
@@ -352,7 +353,10 @@ class Engine:
         except Errno as exc:
             self._reply(n, error=exc.errno)
         except Gone:
-            pass
+            # Nobody to answer, as a rule; should the thread still wait after
+            # all, it must not wait forever.
+            if self.notify.id_valid(n.id):
+                self._reply(n, error=errno.EIO)
         except Exception:
             self.counters.errors += 1
             log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
@@ -724,7 +728,9 @@ class Engine:
                 # listen() on an unbound socket binds it to any port first.
                 binding = self._bind_virtual(sock, 0, n.pid)
             try:
-                sock.listen(backlog)
+                # The kernel takes a negative backlog as "as many as allowed";
+                # CPython would make it 0.
+                sock.listen(backlog if backlog >= 0 else _INT32_MAX)
             except OSError as exc:
                 raise Errno(exc.errno or errno.EINVAL) from None
             if binding is not None and not binding.listening:
@@ -755,10 +761,6 @@ class Engine:
                 return
             if flags & ~_ACCEPT4_FLAGS:
                 raise Errno(errno.EINVAL)
-            pending = self._pending.get(binding.real_port)
-            if pending:
-                self._deliver(n, sock.family, pending.popleft(), None, flags, binding)
-                return
             self._accept(n, sock, flags, binding)
             sock = None  # type: ignore[assignment]  # _accept owns it now
         finally:
@@ -767,8 +769,20 @@ class Engine:
 
     def _accept(self, n: Notification, sock: _socket.socket, flags: int, binding: Binding) -> None:
         """Accept one connection for the app, or wait for one; owns *sock*."""
+        family = sock.family
+        pending = self._pending.get(binding.real_port)
+        if pending:  # connections kept for this listener go first
+            sock.close()
+            self._deliver(n, family, pending.popleft(), None, flags, binding)
+            return
         fd = sock.fileno()
-        app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            # A wait whose thread was killed must not take a live one's connection.
+            self._check(n)
+            app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except BaseException:
+            sock.close()
+            raise
         try:
             conn, peer = _accept_nonblocking(fd, app_flags)
         except OSError as exc:
@@ -779,7 +793,6 @@ class Engine:
                 return
             sock.close()
             raise Errno(exc.errno or errno.EIO) from None
-        family = sock.family
         sock.close()
         self._deliver(n, family, conn, peer, flags, binding)
 
@@ -792,34 +805,48 @@ class Engine:
         flags: int,
         binding: Binding,
     ) -> None:
-        """Hand an accepted connection to the app: peer address, then the fd itself."""
+        """Hand an accepted connection to the app: peer address, then the fd itself.
+
+        Owns *conn*: it ends in the app, or closed (as the kernel drops a
+        connection whose address it cannot store), or kept for the next
+        accept on its listener when the app could not take it: its thread
+        went away, or it has no fd free (EMFILE, which the kernel answers
+        before taking a connection off the queue).
+        """
+        keep = False
         try:
             addr_ptr, len_ptr = n.args[1], n.args[2]
             if addr_ptr and len_ptr:
                 if peer is None:
-                    peer = _raw.getpeername(conn)
+                    try:
+                        peer = _raw.getpeername(conn)
+                    except OSError:
+                        raise Errno(errno.ECONNABORTED) from None  # reset while queued
                 endpoint = inet_endpoint(peer)
                 if endpoint is None:
                     raise Errno(errno.EINVAL)
                 ip, port = endpoint
                 vip = self.table.virtual_of_client(ip, port)
                 self._store_sockaddr(n, addr_ptr, len_ptr, _pack(family, vip or ip, port))
-            if flags & socket.SOCK_NONBLOCK:
-                fcntl.fcntl(conn, fcntl.F_SETFL, fcntl.fcntl(conn, fcntl.F_GETFL) | os.O_NONBLOCK)
-            self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
-        except Gone:
-            self._keep(binding, conn)
-            raise
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                os.close(conn)
+            _set_nonblocking(conn, bool(flags & socket.SOCK_NONBLOCK))
+            try:
+                self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    keep = True  # the thread stopped waiting (killed)
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    keep = True
+                    raise Errno(exc.errno) from None
                 raise
-            self._keep(binding, conn)  # the thread stopped waiting (killed)
-            return
-        except Errno:
-            os.close(conn)  # as the kernel does when it cannot store the address
+        except Gone:
+            keep = True
             raise
-        os.close(conn)
+        finally:
+            if keep:
+                self._keep(binding, conn)
+            else:
+                os.close(conn)
 
     def _keep(self, binding: Binding, conn: int) -> None:
         """A connection nobody took: the next accept on its listener gets it."""
@@ -920,6 +947,14 @@ def _alive(binding: Binding, listening: set[int]) -> bool:
     if binding.inode in listening:
         return True
     return not binding.listening and _sockdiag.holds_inode(binding.pid, binding.inode)
+
+
+def _set_nonblocking(fd: int, on: bool) -> None:
+    """O_NONBLOCK exactly as asked (a kept connection may carry an earlier ask)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    wanted = flags | os.O_NONBLOCK if on else flags & ~os.O_NONBLOCK
+    if wanted != flags:
+        fcntl.fcntl(fd, fcntl.F_SETFL, wanted)
 
 
 def _accept_nonblocking(fd: int, flags: int) -> tuple[int, bytes]:

@@ -639,10 +639,18 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
+    if (!id_valid(self, n.id)) {
+        /* Its thread was killed: the connection is for a live accept. */
+        unpark(self, fd);
+        Py_RETURN_NONE;
+    }
     Call c = {self, &n, NULL, NULL, NULL, NULL};
     Handback out = {.fd = -1};
     int kind = SLOW;
-    if (call_load(&c, engine) == 0)
+    PyObject *queued = NULL;
+    if (dict_int(self->pending, p->port, &queued) < 0 || (queued && PyObject_IsTrue(queued)))
+        kind = SLOW; /* connections kept for this listener go first: Python */
+    else if (call_load(&c, engine) == 0)
         kind = accept_on(&c, fd, p->family, p->port, p->room, 1, &out);
     else
         PyErr_Clear(); /* Python answers it (and meets the same error there) */

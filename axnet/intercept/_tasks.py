@@ -94,6 +94,17 @@ def signal_waiting(tid: int) -> bool:
         return False  # gone: the validity check drops its wait
 
 
+def _gone_or_errno(exc: OSError) -> Exception:
+    """Gone when the thread is, else the reason to answer with.
+
+    Anything else (EMFILE, ENFILE in the supervisor, EACCES for a
+    non-dumpable app) would leave the thread waiting for an answer forever.
+    """
+    if exc.errno in (errno.ESRCH, errno.ENOENT):
+        return Gone()
+    return Errno(exc.errno or errno.EIO)
+
+
 class _Cache:
     def __init__(self, opener: Callable[[int], int]) -> None:
         self._opener = opener
@@ -150,8 +161,8 @@ class Tasks:
         for attempt in (0, 1):
             try:
                 pidfd, _ = self._pidfds.get(tid)
-            except OSError:
-                raise Gone from None
+            except OSError as exc:
+                raise _gone_or_errno(exc) from None
             try:
                 return pidfd_getfd(pidfd, target)
             except OSError as exc:
@@ -166,11 +177,11 @@ class Tasks:
         raise Gone
 
     def mem(self, tid: int, notification_id: int) -> tuple[int, bool]:
-        """The thread's address space for writing results; raises Gone."""
+        """The thread's address space for writing results; raises Gone or Errno."""
         try:
             fd, fresh = self._mems.get(tid)
-        except OSError:
-            raise Gone from None
+        except OSError as exc:
+            raise _gone_or_errno(exc) from None
         if fresh and not self._is_valid(notification_id):
             self._mems.drop(tid)
             raise Gone

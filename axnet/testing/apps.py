@@ -362,6 +362,47 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     )
 
 
+def accept_without_fds(port: str) -> None:
+    """Accept with no fd free (EMFILE), then again with room: the connection waits."""
+    import resource
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    client = socket.create_connection(listener.getsockname(), timeout=10)
+    client.sendall(b"hello")
+    # Take every free fd number up to the highest in use, then set the limit
+    # just above: no fd is left for the accepted connection.
+    top = max(int(name) for name in os.listdir("/proc/self/fd"))
+    held = [os.dup(0)]
+    while held[-1] <= top:
+        held.append(os.dup(0))
+    fd = held[-1]
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 1, limits[1]))
+    try:
+        listener.accept()
+        first = 0
+    except OSError as exc:
+        first = exc.errno or 0
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    for fd in held:
+        os.close(fd)
+    conn, peer = listener.accept()
+    _out(first_errno=first, then_got=conn.recv(5).decode(), peer=_addr(peer))
+
+
+def listen_backlog(port: str, backlog: str) -> None:
+    """listen(2) with BACKLOG as given (CPython would clamp a negative one)."""
+    import time
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("0.0.0.0", int(port)))
+    rc = _libc.listen(sock.fileno(), int(backlog))
+    _out(listened=rc == 0)
+    time.sleep(600)
+
+
 def rebind(port: str) -> None:
     """Listen, close, listen again on the same port at once (as iperf3 does)."""
     errors = []
@@ -382,6 +423,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "stuck-server": stuck_server,
     "slow-and-fast": slow_and_fast,
     "signals": signals,
+    "accept-without-fds": accept_without_fds,
+    "listen-backlog": listen_backlog,
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,

@@ -273,6 +273,26 @@ def test_ctrl_c_in_a_terminal_reaches_the_app_once(node: AxnetNode) -> None:
     assert json.loads(seen[seen.rindex(b"{") :])["sigints"] == 1, seen
 
 
+def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode) -> None:
+    # As the kernel: EMFILE, and the connection waits for the next accept.
+    done = node.run_json([*APPS, "accept-without-fds", "7016"], ip="10.1.0.5")
+    assert done == {
+        "first_errno": errno.EMFILE,
+        "then_got": "hello",
+        "peer": ["10.1.0.5", done["peer"][1]],
+    }
+
+
+def test_negative_listen_backlog_means_the_most_allowed(node: AxnetNode) -> None:
+    node.app([*APPS, "listen-backlog", "7017", "-1"], ip="10.1.0.5")
+    real = node.wait_service("10.1.0.5:7017")["real"]
+    port = real.rsplit(":", 1)[1]
+    listing = node.host.run(["ss", "-Hltn", f"sport = :{port}"], timeout=10, check=True)
+    backlog = int(listing.stdout.split()[2])  # Send-Q of a listener
+    somaxconn = int(node.host.run(["cat", "/proc/sys/net/core/somaxconn"], timeout=10).stdout)
+    assert backlog == somaxconn
+
+
 def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7007"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7007")
