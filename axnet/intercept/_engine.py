@@ -914,8 +914,17 @@ class Engine:
             log.warning("cannot list listening sockets: %s", exc)
             return
         with self._bindings_lock:
-            gone = [b for b in self.bindings.values() if not _alive(b, listening)]
-        self._release(gone)
+            unseen = [b for b in self.bindings.values() if not _alive(b, listening)]
+        if any(not b.listening for b in unseen):
+            # Only bound: the thread that bound it may be gone while another
+            # thread or a child still holds it (bind, fork, listen later).
+            app = _sockdiag.descendants(os.getpid())
+            unseen = [
+                b
+                for b in unseen
+                if b.listening or not any(_sockdiag.holds_inode(pid, b.inode) for pid in app)
+            ]
+        self._release(unseen)
 
     def _release(self, gone: list[Binding]) -> None:
         with self._bindings_lock:

@@ -6,7 +6,9 @@ Once a second it asks the kernel for the inodes of every listening TCP socket
 of this network namespace: one netlink dump filtered by state in the kernel,
 so thousands of connections in TIME_WAIT cost nothing, unlike reading
 ``/proc/net/tcp``.  A socket that is only bound appears in no table; for those
-the process's own fd table is the witness.
+the fd table of the thread that bound it is the witness, and when that thread
+is gone, those of every process of the app (its threads and children may
+hold the socket still).
 """
 
 from __future__ import annotations
@@ -85,3 +87,24 @@ def holds_inode(pid: int, inode: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below *pid*: children, theirs, and so on."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(child) for child in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found

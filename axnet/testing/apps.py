@@ -392,6 +392,20 @@ def accept_without_fds(port: str) -> None:
     _out(first_errno=first, then_got=conn.recv(5).decode(), peer=_addr(peer))
 
 
+def bind_in_a_thread(port: str, seconds: str) -> None:
+    """Bind in a thread that then ends; listen in the main thread SECONDS later."""
+    import time
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    binder = threading.Thread(target=lambda: sock.bind(("0.0.0.0", int(port))))
+    binder.start()
+    binder.join()
+    time.sleep(float(seconds))
+    sock.listen(8)
+    _out(listening=_addr(sock.getsockname()))
+    time.sleep(600)
+
+
 def listen_backlog(port: str, backlog: str) -> None:
     """listen(2) with BACKLOG as given (CPython would clamp a negative one)."""
     import time
@@ -425,6 +439,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "signals": signals,
     "accept-without-fds": accept_without_fds,
     "listen-backlog": listen_backlog,
+    "bind-in-a-thread": bind_in_a_thread,
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,

@@ -283,6 +283,14 @@ def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode) -> None:
     }
 
 
+def test_bound_socket_outlives_the_thread_that_bound_it(node: AxnetNode) -> None:
+    # The binding thread ends; the socket, held by the rest of the app, is
+    # still the app's virtual address across the engine's sweeps (1 s apart).
+    node.app([*APPS, "bind-in-a-thread", "7018", "2.5"], ip="10.1.0.5")
+    service = node.wait_service("10.1.0.5:7018")
+    assert service["real"].startswith("127.0.0.1:")
+
+
 def test_negative_listen_backlog_means_the_most_allowed(node: AxnetNode) -> None:
     node.app([*APPS, "listen-backlog", "7017", "-1"], ip="10.1.0.5")
     real = node.wait_service("10.1.0.5:7017")["real"]
