@@ -491,9 +491,8 @@ class Engine:
             raise
 
     def _store_sockaddr(self, n: Notification, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
-        """Store a result address the way the kernel does (truncate, report full length)."""
-        if not addr_ptr or not len_ptr:
-            return
+        """Store a result address the way the kernel does (truncate, report full
+        length): a NULL length pointer, or a NULL address with room, is EFAULT."""
         try:
             (room,) = _INT32.unpack(self._tasks.read(n.pid, n.id, len_ptr, 4))
         except Errno:
@@ -816,7 +815,7 @@ class Engine:
         keep = False
         try:
             addr_ptr, len_ptr = n.args[1], n.args[2]
-            if addr_ptr and len_ptr:
+            if addr_ptr:  # accept stores the address only when asked for one
                 if peer is None:
                     try:
                         peer = _raw.getpeername(conn)

@@ -431,7 +431,8 @@ static int on_accept(Call *c, Handback *out) {
     }
     uint64_t len_ptr = n->data.args[2];
     int32_t room = 0;
-    if (n->data.args[1] && len_ptr && read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
+    if (n->data.args[1] && !len_ptr) goto slow; /* EFAULT, after the accept: Python */
+    if (n->data.args[1] && read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
     int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), room, 0, out);
     if (kind == PARKED) {
         out->fd = fd; /* the loop waits on it, and owns it */
@@ -498,14 +499,13 @@ static int on_getname(Call *c) {
     if (!shown_len) goto slow;
     uint64_t addr_ptr = n->data.args[1], len_ptr = n->data.args[2];
     int err = 0;
-    if (addr_ptr && len_ptr) {
-        int32_t room;
-        if (read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
-        if (room < 0)
-            err = EINVAL;
-        else if (store_sockaddr(c, addr_ptr, len_ptr, room, &shown, shown_len) < 0)
-            goto slow;
-    }
+    if (!addr_ptr || !len_ptr) goto slow; /* EFAULT or a bare length: Python */
+    int32_t room;
+    if (read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
+    if (room < 0)
+        err = EINVAL;
+    else if (store_sockaddr(c, addr_ptr, len_ptr, room, &shown, shown_len) < 0)
+        goto slow;
     close(fd);
     respond(c->self, n->id, 0, err, 0);
     return -1;

@@ -199,6 +199,21 @@ def hostile() -> None:
         "getsockname_bad_pointer",
         lambda: _libc.getsockname(fd, ctypes.c_void_p(8), ctypes.c_void_p(8)),
     )
+    # NULL pointers, as the kernel's move_addr_to_user() takes them, on a
+    # socket bound to the virtual address (whose name axnet answers).
+    named = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    named.bind(("0.0.0.0", 0))
+    length = ctypes.c_uint32(0)
+    call("getsockname_null_length", lambda: _libc.getsockname(named.fileno(), good, None))
+    call(
+        "getsockname_null_address_room",
+        lambda: _libc.getsockname(named.fileno(), None, ctypes.byref(ctypes.c_uint32(16))),
+    )
+    call(
+        "getsockname_null_address_no_room",
+        lambda: _libc.getsockname(named.fileno(), None, ctypes.byref(length)),
+    )
+    results["getsockname_full_length"] = length.value
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", 0))
     listener.listen(1)

@@ -327,6 +327,10 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["connect_not_a_socket"] == errno.ENOTSOCK
     assert result["connect_bad_fd"] == errno.EBADF
     assert result["getsockname_bad_pointer"] == errno.EFAULT
+    assert result["getsockname_null_length"] == errno.EFAULT
+    assert result["getsockname_null_address_room"] == errno.EFAULT
+    assert result["getsockname_null_address_no_room"] == 0
+    assert result["getsockname_full_length"] == 16
     assert result["accept4_bad_flags"] == errno.EINVAL
     assert result["accept_not_listening"] == errno.EINVAL
     assert result["still_working"] == 1
