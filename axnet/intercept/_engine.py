@@ -32,7 +32,9 @@ the app's thread stays parked until the socket is ready.  Waits are re-checked
 every ``_WAIT_SLICE_S``: a wait whose thread was killed is dropped, and one whose
 thread has a signal to take is answered ``ERESTARTSYS``, so the kernel runs the
 handler and restarts the call or fails it with EINTR, as it would for a
-blocking call of its own (a parked thread waits killably, see ``_libc``).  A connection
+blocking call of its own (a parked thread waits killably, see ``_libc``); one
+whose socket timeout ran out gets the kernel's answer for that (EAGAIN,
+EINPROGRESS).  Timeouts are therefore kept to within a slice.  A connection
 accepted for an ``accept`` whose thread went away is kept and handed to the
 next ``accept`` on that listener: it is never lost.
 
@@ -102,7 +104,7 @@ log = logging.getLogger("axnet.run")
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
 #: How often parked waits are checked for threads that went away or have a
-#: signal to take, in seconds.
+#: signal to take, and for socket timeouts, in seconds (their granularity).
 _WAIT_SLICE_S = 0.2
 #: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
@@ -159,6 +161,8 @@ class _Waiter:
     n: Notification
     sock: _socket.socket
     then: Callable[[Notification, _socket.socket], None]
+    #: When the call started waiting (monotonic): its socket timeout counts from here.
+    since: float
 
 
 def _int32(value: int) -> int:
@@ -202,6 +206,7 @@ class Engine:
         self._stopping = False
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
+        self._rewait_since: float | None = None
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
         self._block_value = b""
@@ -400,7 +405,8 @@ class Engine:
     ) -> None:
         """Call ``then(n, sock)`` once *sock* is ready; the app stays parked meanwhile."""
         self.counters.deferred += 1
-        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then)
+        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
+        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
         self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
 
     def _unwait(self, waiter: _Waiter) -> None:
@@ -424,25 +430,42 @@ class Engine:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
             pass
-        # The step owns the socket from here: it closes it, or waits again.
-        self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
+        # The step owns the socket from here: it closes it, or waits again
+        # (still counting from when the call first waited).
+        self._rewait_since = waiter.since
+        try:
+            self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
+        finally:
+            self._rewait_since = None
 
     def _check_waits(self) -> None:
         """Forget waits whose app thread was killed (nobody to answer any more);
-        interrupt those whose thread has a signal to take."""
+        interrupt those whose thread has a signal to take; end those whose
+        socket timeout ran out (SO_RCVTIMEO for accept, SO_SNDTIMEO for
+        connect), as the kernel's blocking calls do.  A connect carries on in
+        the background either way, as the kernel's does."""
         if self._fast is not None and self._fast.parked:
             self._fast.drop_abandoned()
             for tid in self._fast.parked_tids():
                 if signal_waiting(tid) and self._fast.interrupt(tid, ERESTARTSYS):
                     self.counters.interrupted += 1
+            self._fast.expire()
+        now = time.monotonic()
         for waiter in list(self._waiters.values()):
+            connect = waiter.n.nr == NR_CONNECT
             if not self.notify.id_valid(waiter.n.id):
                 self._unwait(waiter)
             elif signal_waiting(waiter.n.pid):
-                # A connect carries on in the background, as the kernel's does.
                 self._unwait(waiter)
                 self._reply(waiter.n, error=ERESTARTSYS)
                 self.counters.interrupted += 1
+            elif _timed_out(
+                waiter.sock,
+                socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO,
+                now - waiter.since,
+            ):
+                self._unwait(waiter)
+                self._reply(waiter.n, error=errno.EINPROGRESS if connect else errno.EAGAIN)
 
     # -- answers --------------------------------------------------------------
 
@@ -955,6 +978,19 @@ def _alive(binding: Binding, listening: set[int]) -> bool:
     if binding.inode in listening:
         return True
     return not binding.listening and _sockdiag.holds_inode(binding.pid, binding.inode)
+
+
+_TIMEVAL = struct.Struct("@ll")
+
+
+def _timed_out(sock: _socket.socket, option: int, waited: float) -> bool:
+    """Whether *sock*'s SO_RCVTIMEO or SO_SNDTIMEO (0: none) is shorter than *waited* seconds."""
+    try:
+        seconds, micros = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _TIMEVAL.size))
+    except OSError:
+        return False
+    limit: float = seconds + micros / 1e6
+    return 0 < limit <= waited
 
 
 def _set_nonblocking(fd: int, on: bool) -> None:

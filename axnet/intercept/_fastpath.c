@@ -52,6 +52,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_getfd
@@ -78,7 +79,14 @@ typedef struct {
     int family;
     unsigned port;
     int32_t room; /* *addrlen as the app passed it, read once */
+    long long since_ms; /* when it parked: SO_RCVTIMEO counts from here */
 } Parked;
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
 
 typedef struct {
     PyObject_HEAD
@@ -610,6 +618,7 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->family = out->family;
     p->port = out->port;
     p->room = out->room;
+    p->since_ms = now_ms();
     struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = fd};
     if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
         PyMem_Free(p);
@@ -715,12 +724,6 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
 
 enum { TIMEOUT = 0, WAKE = 1, WAITERS = 2, HUP = 3 };
 
-static long long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
-}
-
 static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "serve(engine, wake_fd, waiters_fd, timeout_ms)");
@@ -775,6 +778,26 @@ static PyObject *Fast_drop_abandoned(Fast *self, PyObject *unused) {
     for (int fd = 0; fd < self->parked_cap; fd++)
         if (self->parked[fd] != NULL && !id_valid(self, self->parked[fd]->n.id)) unpark(self, fd);
     return PyLong_FromLong(self->parked_count);
+}
+
+/* Answer EAGAIN to parked accepts whose listener's SO_RCVTIMEO has run out,
+ * as the kernel's own blocking accept does; how many. */
+static PyObject *Fast_expire(Fast *self, PyObject *unused) {
+    (void)unused;
+    long long now = now_ms();
+    int expired = 0;
+    for (int fd = 0; fd < self->parked_cap; fd++) {
+        Parked *p = self->parked[fd];
+        struct timeval tv;
+        socklen_t len = sizeof tv;
+        if (p == NULL || getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) < 0) continue;
+        long long limit = tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
+        if (limit <= 0 || now - p->since_ms < limit) continue;
+        if (respond(self, p->n.id, 0, EAGAIN, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+        unpark(self, fd);
+        expired++;
+    }
+    return PyLong_FromLong(expired);
 }
 
 static PyObject *Fast_parked_tids(Fast *self, PyObject *unused) {
@@ -911,6 +934,8 @@ static PyMethodDef Fast_methods[] = {
      "WAITERS (an fd of Python's own waits is ready) or HUP (no task left)."},
     {"drop_abandoned", (PyCFunction)Fast_drop_abandoned, METH_NOARGS,
      "Forget parked accepts whose thread went away; returns how many are left."},
+    {"expire", (PyCFunction)Fast_expire, METH_NOARGS,
+     "Answer EAGAIN to parked accepts past their SO_RCVTIMEO; returns how many."},
     {"parked_tids", (PyCFunction)Fast_parked_tids, METH_NOARGS,
      "The thread ids of the parked accepts."},
     {"interrupt", (PyCFunction)(void (*)(void))Fast_interrupt, METH_FASTCALL,

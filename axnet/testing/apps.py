@@ -432,6 +432,32 @@ def listen_backlog(port: str, backlog: str) -> None:
     time.sleep(600)
 
 
+def socket_timeouts(port: str, stuck_host: str, stuck_port: str) -> None:
+    """Blocking accept with SO_RCVTIMEO, blocking connect with SO_SNDTIMEO."""
+    import struct
+
+    quarter_second = struct.pack("@ll", 0, 250_000)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, quarter_second)
+    results: dict[str, int] = {}
+    try:
+        listener.accept()
+        results["accept"] = 0
+    except OSError as exc:
+        results["accept"] = exc.errno or 0
+    _held_open = _fill_queue(stuck_host, stuck_port)  # closing them would free the queue
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, quarter_second)
+    try:
+        stuck.connect((stuck_host, int(stuck_port)))
+        results["connect"] = 0
+    except OSError as exc:
+        results["connect"] = exc.errno or 0
+    _out(**results)
+
+
 def rebind(port: str) -> None:
     """Listen, close, listen again on the same port at once (as iperf3 does)."""
     errors = []
@@ -452,6 +478,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "stuck-server": stuck_server,
     "slow-and-fast": slow_and_fast,
     "signals": signals,
+    "socket-timeouts": socket_timeouts,
     "accept-without-fds": accept_without_fds,
     "listen-backlog": listen_backlog,
     "bind-in-a-thread": bind_in_a_thread,

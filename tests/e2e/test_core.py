@@ -195,6 +195,15 @@ def _processes(node: AxnetNode, marker: str) -> list[int]:
     return found
 
 
+def test_socket_timeouts_end_parked_calls(node: AxnetNode) -> None:
+    # SO_RCVTIMEO on a listener and SO_SNDTIMEO on a connecting socket end a
+    # blocking accept (EAGAIN) and connect (EINPROGRESS), as in the kernel.
+    node.app([*APPS, "stuck-server", "7019"], ip="10.1.0.8")
+    node.wait_service("10.1.0.8:7019")
+    done = node.run_json([*APPS, "socket-timeouts", "7020", "10.1.0.8", "7019"], ip="10.1.0.5")
+    assert done == {"accept": errno.EAGAIN, "connect": errno.EINPROGRESS}
+
+
 def test_app_goes_when_its_supervisor_is_killed(node: AxnetNode) -> None:
     # Without its supervisor every trapped call of the app would fail: the app
     # must not be left running, even when the supervisor dies by SIGKILL.
