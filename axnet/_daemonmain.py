@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         print(f"axnet daemon: {exc}", file=sys.stderr)
         return 2
     daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
-    reported: tuple[type[Exception], ...] = (ControlError,)
+    reported: tuple[type[Exception], ...] = (ControlError, OSError)
 
     async def main() -> None:
         cluster = None
@@ -113,12 +113,27 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
     if gossip is not None:
         from ._gossip import GossipError
 
-        reported = (ControlError, GossipError)
+        reported = (ControlError, GossipError, OSError)
     try:
         trio.run(main)
-    except reported as exc:
-        print(f"axnet daemon: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        # Errors from inside the nurseries arrive wrapped in exception groups.
+        if _first(exc, (KeyboardInterrupt,)) is not None:
+            return 0
+        found = _first(exc, reported)
+        if found is None:
+            raise
+        print(f"axnet daemon: {found}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
     return 0
+
+
+def _first(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """*exc* itself, or the first exception of *kinds* inside its groups; else None."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _first(inner, kinds)) is not None:
+                return found
+    return None

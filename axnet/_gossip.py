@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import logging
 import random
@@ -112,6 +113,16 @@ class GossipError(Exception):
 
 
 # -- options (pure) --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_literal(host: str) -> bool:
+    """Whether *host* is an IP address, not a name (members advertise IPs)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> swim.Address:
@@ -496,7 +507,7 @@ class GossipCluster:
         for record in records:
             try:
                 self.core.broadcast(record_key(record), encode_record(record))
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:
                 # Still replicated, by push-pull only.
                 self.driver_stats.records_too_large += 1
                 log.warning("record too large to gossip key=%r reason=%s", record_key(record), exc)
@@ -691,9 +702,12 @@ class GossipCluster:
 
     async def _send(self, datagram: swim.Datagram) -> None:
         assert self._udp is not None
+        if not _ip_literal(datagram.dest[0]):
+            self.driver_stats.datagrams_send_errors += 1
+            return  # an address a peer made up: no DNS lookup on the gossip path
         try:
             await self._udp.sendto(datagram.data, datagram.dest)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an address trio cannot encode
             self.driver_stats.datagrams_send_errors += 1
             log.debug("gossip send failed to=%s reason=%s", _host_port(datagram.dest), exc)
 
@@ -779,6 +793,9 @@ class GossipCluster:
             self.driver_stats.streams_busy += 1
             core.stream_failed(request.dest, trio.current_time())
             return False
+        if not _ip_literal(request.dest[0]):  # seeds were resolved before the core saw them
+            core.stream_failed(request.dest, trio.current_time())
+            return False
         self._outbound += 1
         reply: bytes | None = None
         try:
@@ -792,7 +809,7 @@ class GossipCluster:
                 self.driver_stats.streams_timed_out += 1
         except _Oversized:
             self.driver_stats.streams_oversized += 1
-        except (_StreamError, trio.BrokenResourceError, OSError) as exc:
+        except (_StreamError, trio.BrokenResourceError, OSError, ValueError) as exc:
             log.debug(
                 "gossip stream failed to=%s purpose=%s reason=%s",
                 _host_port(request.dest),

@@ -138,6 +138,18 @@ def _int(value: object) -> int:
     return value
 
 
+#: Versions from the wire stay below this, so that a node's next write
+#: (one above the highest it has seen) still fits msgpack's 64 bits.
+MAX_VERSION = 2**63 - 1
+
+
+def _version(value: object) -> int:
+    version = _int(value)
+    if not 0 <= version <= MAX_VERSION:
+        raise WireError(f"version out of range: {version}")
+    return version
+
+
 def _float(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WireError(f"expected a number, got {type(value).__name__}")
@@ -170,7 +182,7 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
             port_hi=hi_port,
             name=_str(name),
             labels=_labels(labels),
-            version=_int(version),
+            version=_version(version),
             deleted=bool(deleted),
             deleted_at=_float(at),
         )
@@ -183,7 +195,7 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
             app_id=_str(app_id),
             name=_str(name),
             labels=_labels(labels),
-            version=_int(version),
+            version=_version(version),
             deleted=bool(deleted),
             deleted_at=_float(at),
         )

@@ -34,6 +34,13 @@ Address: TypeAlias = tuple[str, int]
 
 _MAX_NAME = 255
 _MAX_U64 = 2**64 - 1
+#: Incarnations from the wire stay below this, so that ours, one above the
+#: highest we were accused at, still fits the wire's unsigned 64 bits.
+_MAX_INCARNATION = 2**63 - 1
+#: Objects (array elements) one envelope may decode to: 20 MB of empty arrays
+#: must not become gigabytes of Python lists.  A push-pull of a member
+#: costs 7, so this is room for ~70 000 members.
+MAX_ENVELOPE_OBJECTS = 500_000
 
 
 class MemberState(enum.IntEnum):
@@ -245,7 +252,13 @@ def _bool(value: object) -> bool:
 
 
 def _addr(host: object, port: object) -> Address:
+    # The host is opaque here (a simulated network names hosts as it likes);
+    # a driver on real sockets sends only to IP literals.
     return (_str(host), _int(port, 0, 65535))
+
+
+def _incarnation(value: object) -> int:
+    return _int(value, 0, _MAX_INCARNATION)
 
 
 def _arity(fields: list[Any], n: int) -> None:
@@ -279,12 +292,12 @@ def _message(fields: object) -> Message:
         case _Tag.SUSPECT:
             _arity(fields, 4)
             return Suspect(
-                incarnation=_int(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
+                incarnation=_incarnation(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
             )
         case _Tag.ALIVE:
             _arity(fields, 6)
             return Alive(
-                incarnation=_int(fields[1]),
+                incarnation=_incarnation(fields[1]),
                 member=_str(fields[2]),
                 address=_addr(fields[3], fields[4]),
                 meta=_bin(fields[5], MAX_META_BYTES),
@@ -292,7 +305,7 @@ def _message(fields: object) -> Message:
         case _Tag.DEAD:
             _arity(fields, 4)
             return Dead(
-                incarnation=_int(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
+                incarnation=_incarnation(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
             )
         case _Tag.USER:
             _arity(fields, 6)
@@ -316,7 +329,7 @@ def _message(fields: object) -> Message:
                     PushPullEntry(
                         name=_str(item[0]),
                         address=_addr(item[1], item[2]),
-                        incarnation=_int(item[3]),
+                        incarnation=_incarnation(item[3]),
                         state=MemberState(_int(item[4], 0, max(MemberState))),
                         meta=_bin(item[5], MAX_META_BYTES),
                     )
@@ -329,13 +342,26 @@ def _message(fields: object) -> Message:
 
 
 def _unpack(body: bytes) -> object:
+    left = [MAX_ENVELOPE_OBJECTS]
+
+    def counted(items: list[Any]) -> list[Any]:
+        left[0] -= len(items) + 1
+        if left[0] < 0:
+            raise ProtocolError(f"envelope holds more than {MAX_ENVELOPE_OBJECTS} objects")
+        return items
+
     try:
         return msgpack.unpackb(
             body,
             raw=False,
             use_list=True,
             strict_map_key=True,
+            max_array_len=MAX_ENVELOPE_OBJECTS,
+            max_map_len=0,  # the protocol has none
+            list_hook=counted,
         )
+    except ProtocolError:
+        raise
     except (ValueError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError...
         raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}") from exc
 

@@ -358,6 +358,14 @@ def test_run_without_daemon_says_how_to_start_one(node: AxnetNode) -> None:
     assert "start one with: axnet daemon" in done.stderr
 
 
+def test_a_second_daemon_says_one_runs(node: AxnetNode) -> None:
+    done = node.axnet("daemon", check=False)
+    assert done.returncode == 1
+    assert "a daemon already listens on" in done.stderr
+    assert "stop it with 'axnet stop'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
     server = node.app([*APPS, "greeter", "7008"], ip="10.1.0.5", name="greeter")
     node.wait_service("10.1.0.5:7008")

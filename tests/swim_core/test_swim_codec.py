@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from swim import MemberState, ProtocolError, decode_envelope
 from swim._messages import (
+    MAX_ENVELOPE_OBJECTS,
     Ack,
     Alive,
     Dead,
@@ -22,12 +23,15 @@ from swim._messages import (
     PushPullEntry,
     Suspect,
     UserBroadcast,
+    _Tag,
     compound,
     encode_message,
 )
 
 names = st.text(max_size=20)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
+#: Room for one more: a member refutes one above the incarnation it was accused at.
+incarnations = st.integers(min_value=0, max_value=2**63 - 1)
 addresses = st.tuples(st.text(max_size=20), st.integers(min_value=0, max_value=65535))
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ping, seq=u64, target=names, source=names),
@@ -36,9 +40,15 @@ messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(Ack, seq=u64),
     st.builds(Nack, seq=u64),
-    st.builds(Suspect, incarnation=u64, member=names, accuser=names),
-    st.builds(Alive, incarnation=u64, member=names, address=addresses, meta=st.binary(max_size=64)),
-    st.builds(Dead, incarnation=u64, member=names, accuser=names),
+    st.builds(Suspect, incarnation=incarnations, member=names, accuser=names),
+    st.builds(
+        Alive,
+        incarnation=incarnations,
+        member=names,
+        address=addresses,
+        meta=st.binary(max_size=64),
+    ),
+    st.builds(Dead, incarnation=incarnations, member=names, accuser=names),
     st.builds(
         UserBroadcast,
         origin=names,
@@ -55,7 +65,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
                 PushPullEntry,
                 name=names,
                 address=addresses,
-                incarnation=u64,
+                incarnation=incarnations,
                 state=st.sampled_from(MemberState),
                 meta=st.binary(max_size=8),
             ),
@@ -119,3 +129,22 @@ def test_protocol_error_is_value_error() -> None:
         decode_envelope(b"")
     with pytest.raises(ProtocolError):
         decode_envelope(b"\x01" + msgpack.packb([[1, True, "a", "b"]]))  # bool is not a seq
+
+
+def test_an_incarnation_with_no_room_above_is_refused() -> None:
+    alive = [int(_Tag.ALIVE), 2**63, "m", "10.0.0.1", 7946, b""]
+    assert decode_envelope(
+        b"\x01" + msgpack.packb([[*alive[:1], 2**63 - 1, *alive[2:]]], use_bin_type=True)
+    )
+    with pytest.raises(ProtocolError, match="expected an integer"):
+        decode_envelope(b"\x01" + msgpack.packb([alive], use_bin_type=True))
+
+
+def test_an_envelope_of_too_many_objects_is_refused_before_it_is_built() -> None:
+    # 1.2 MB of empty arrays would be ~70 MB of Python lists; far bigger
+    # frames fit MAX_PUSH_PULL_BYTES.
+    flat = msgpack.packb([[]] * (MAX_ENVELOPE_OBJECTS + 1))
+    nested = msgpack.packb([[[]] * 1000] * (MAX_ENVELOPE_OBJECTS // 1000 + 1))
+    for body in (flat, nested):
+        with pytest.raises(ProtocolError, match=r"objects|undecodable"):
+            decode_envelope(b"\x01" + body)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
@@ -154,3 +155,19 @@ async def test_bad_datagrams_and_stalled_streams_are_counted() -> None:
         )
         for s in (sock, stalled, huge):
             s.close()
+
+
+@pytest.mark.parametrize("host", ["..", "a" * 64 + ".example", "bad\x00host", "\udcff"])
+async def test_an_address_a_peer_made_up_is_not_sent_to(host: str) -> None:
+    # A PingReq asks us to ping target_address: a name that cannot be encoded,
+    # or one that needs a DNS lookup, is dropped; the driver keeps serving.
+    async with running("a", key=None) as a, running("b", key=None) as b:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        body = msgpack.packb(
+            [[2, 1, "x", host, 7946, "attacker", False]], unicode_errors="surrogatepass"
+        )
+        await sock.sendto(b"\x01" + body, a.address)
+        sock.close()
+        await trio.sleep(0.2)  # the relayed ping is attempted (and dropped) meanwhile
+        assert await a.join([seed(b)]) == 1
+        await eventually("both alive", lambda: statuses(a) == {"a": "alive", "b": "alive"})

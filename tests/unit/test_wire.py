@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from axnet._table import AppRecord, IPAddress, RealAddress, ServiceRecord, VirtualAddress
 from axnet._wire import (
     MAX_FRAME_BYTES,
+    MAX_VERSION,
     FrameDecoder,
     WireError,
     frame,
@@ -35,7 +36,7 @@ ips: st.SearchStrategy[IPAddress] = st.ip_addresses().filter(_not_mapped)
 ports = st.integers(0, 65535)
 texts = st.text(max_size=20)
 labels = st.lists(st.tuples(texts, texts), max_size=4).map(tuple)
-versions = st.integers(-(2**63), 2**64 - 1)
+versions = st.integers(0, MAX_VERSION)
 times = st.floats(allow_nan=False)
 
 
@@ -143,6 +144,9 @@ def _good_app_wire() -> list[Any]:
         (8, [["k", 1]], "label keys and values must be strings"),
         (9, 1.5, "expected an integer, got float"),
         (9, False, "expected an integer, got bool"),
+        # Room above the highest version seen: a node's next write must encode.
+        (9, -1, "version out of range: -1"),
+        (9, MAX_VERSION + 1, f"version out of range: {MAX_VERSION + 1}"),
         (11, "now", "expected a number, got str"),
         (11, True, "expected a number, got bool"),
     ],
