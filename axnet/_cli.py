@@ -237,8 +237,8 @@ def _gossip_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--profile",
         choices=("lan", "wan", "local"),
-        default="lan",
-        help="gossip timing preset (default: %(default)s)",
+        default=None,
+        help="gossip timing preset (default: lan)",
     )
     d.add_argument(
         "--label",
@@ -371,11 +371,27 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Seconds `axnet join` waits for the daemon: above the slowest profile's
+#: stream timeout (wan: 30 s), with room for resolving the seeds.
+JOIN_TIMEOUT_S = 60.0
+
+
 def cmd_join(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    path = control_path(runtime_dir(args.runtime_dir))
+    with ControlClient(path, timeout=JOIN_TIMEOUT_S) as client:
         reply = client.request("join", seeds=list(args.seeds))
-    print(f"joined through {reply['joined']} of {len(args.seeds)} seed(s)")
-    return 0 if reply["joined"] else EXIT_FAILURE
+    joined, asked = int(reply["joined"]), len(args.seeds)
+    if not joined:
+        print(
+            f"axnet join: no member answered through {asked} seed(s). Check the seed's "
+            "address and gossip port (default 7946), that its daemon gossips "
+            "('axnet daemon --advertise IP'), and that both use the same --gossip-key-file; "
+            "the daemon's log (axnet daemon -v) says what failed.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(f"joined through {joined} of {asked} seed(s)")
+    return 0
 
 
 def cmd_leave(args: argparse.Namespace) -> int:

@@ -7,12 +7,20 @@ send ``{"push": KIND, ...}`` frames on a session (table changes).
 
 Only the user who owns the daemon may talk to it: the directory is 0700, the
 socket 0600, and the server checks the peer's uid with ``SO_PEERCRED`` in case
-the file modes were loosened by hand.
+the file modes were loosened by hand.  Clients check the server's uid the same
+way: in ``/tmp`` another user could have made the directory first.
+
+The daemon never waits on one client to serve another: what it sends a
+connection goes through that connection's bounded outbox, written by a task of
+its own.  A client that stops reading (an ``axnet run`` stopped with Ctrl-Z)
+fills its outbox and is disconnected; a supervisor re-attaches when it runs
+again and gets the whole table afresh.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -25,8 +33,14 @@ import trio
 
 from ._wire import FrameDecoder, WireError, frame
 
+log = logging.getLogger("axnet.daemon")
+
 CONTROL_SOCKET = "control.sock"
 _UCRED = struct.Struct("3i")
+#: Messages a connection may have waiting to be written before it is dropped.
+OUTBOX_MESSAGES = 4096
+#: accept() errors that mean "out of resources for now", not "broken".
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ControlError(Exception):
@@ -92,16 +106,39 @@ class Connection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._decoder = FrameDecoder()
-        self._send_lock = trio.Lock()
+        self._outbox, self._to_write = trio.open_memory_channel[bytes](OUTBOX_MESSAGES)
         self.closed = False
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        data = frame(dict(message))
-        async with self._send_lock:
+        """Queue *message* for this client; never waits for it to read."""
+        data = frame(dict(message))  # ValueError when too large: the caller's to answer
+        if self.closed:
+            return
+        try:
+            self._outbox.send_nowait(data)
+        except trio.WouldBlock:
+            log.warning("control client not reading: disconnected (a supervisor re-attaches)")
+            self._drop()
+        except trio.ClosedResourceError:
+            pass
+
+    async def write_out(self) -> None:
+        """Write queued messages until :meth:`finish`, or until the client is gone."""
+        async for data in self._to_write:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.closed = True
+                self._drop()
+                return
+
+    def finish(self) -> None:
+        """No more messages: :meth:`write_out` ends once the queued ones are out."""
+        self._outbox.close()
+
+    def _drop(self) -> None:
+        self.closed = True
+        self._outbox.close()
+        self.stream.socket.close()  # wakes the reader: the session ends
 
     async def reply(self, request: Mapping[str, Any], **fields: Any) -> None:
         await self.send({"id": request.get("id"), "ok": True, **fields})
@@ -167,7 +204,15 @@ async def serve_control(
         try:
             if peer_uid(sock) != my_uid:  # type: ignore[arg-type]  # trio sockets proxy getsockopt
                 return
-            await handler(Connection(stream), {})
+            conn = Connection(stream)
+            async with trio.open_nursery() as writer:
+                writer.start_soon(conn.write_out)
+                try:
+                    await handler(conn, {})
+                except Exception:  # one client's trouble never ends the server
+                    log.exception("control connection failed")
+                finally:
+                    conn.finish()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -175,7 +220,14 @@ async def serve_control(
     try:
         async with trio.open_nursery() as nursery:
             while True:
-                sock, _ = await listener.accept()
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    log.warning("control socket: cannot accept now (%s); retrying", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(run_one, sock)
     finally:
         listener.close()
@@ -186,6 +238,17 @@ async def serve_control(
 
 
 # -- clients -------------------------------------------------------------------
+
+
+def _check_server(sock: socket.socket, path: Path) -> None:
+    """Refuse a control socket served by another user (who made the directory first)."""
+    uid = peer_uid(sock)
+    if uid != os.getuid():
+        raise ControlError(
+            f"the daemon at {path} runs as uid {uid}, not as you (uid {os.getuid()}); "
+            f"remove {path.parent} or choose another --runtime-dir",
+            err=errno.EACCES,
+        )
 
 
 def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
@@ -204,9 +267,13 @@ class ControlClient:
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(str(path))
+            _check_server(self._sock, path)
         except OSError as exc:
             self._sock.close()
             raise _connect_error(path, exc) from None
+        except ControlError:
+            self._sock.close()
+            raise
         self._decoder = FrameDecoder()
         self._next_id = 0
         self._pending: list[Any] = []
@@ -258,7 +325,11 @@ async def open_session(path: Path) -> trio.SocketStream:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(str(path))
+        _check_server(sock, path)  # type: ignore[arg-type]  # trio sockets proxy getsockopt
     except OSError as exc:
         sock.close()
         raise _connect_error(path, exc) from None
+    except ControlError:
+        sock.close()
+        raise
     return trio.SocketStream(sock)

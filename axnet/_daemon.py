@@ -98,7 +98,14 @@ class Daemon:
                         await self._command(conn, str(op), request)
                 except ClaimError as exc:
                     await conn.fail(request, str(exc), exc.errno)
-                except (ControlError, ValueError, WireError, KeyError, TypeError) as exc:
+                except (
+                    ControlError,
+                    ValueError,
+                    WireError,
+                    KeyError,
+                    TypeError,
+                    ArithmeticError,
+                ) as exc:
                     await conn.fail(request, f"bad request '{op}': {exc}", errno.EINVAL)
         finally:
             if app_id is not None:
@@ -108,30 +115,49 @@ class Daemon:
                 log.info("app detached app=%s", app_id)
 
     async def _attach(self, conn: Connection, request: Mapping[str, Any]) -> str:
+        # Everything is read and checked before the node changes: a bad
+        # request is refused whole, never half attached.
         app_id = str(request["app_id"])
         vip_text = request.get("vip")
         vip = ip_address(str(vip_text)) if vip_text else None
         block = request.get("block")
+        wanted_block = (_port(block[0]), _port(block[1])) if block else None
+        # Bindings a supervisor kept across a daemon restart.
+        claims = [
+            (VirtualAddress(ip=ip_address(str(vip_s)), port=_port(vport)), _port(real), bool(on))
+            for vip_s, vport, real, on in request.get("claims") or []
+        ]
         app, written = self.node.attach(
             app_id=app_id,
             vip=vip,
             name=str(request.get("name") or ""),
             labels=labels_from([(str(k), str(v)) for k, v in request.get("labels") or []]),
-            pid=int(request.get("pid") or 0),
+            pid=_int(request.get("pid") or 0),
             argv=[str(a) for a in request.get("argv") or []],
-            block=(int(block[0]), int(block[1])) if block else None,
+            block=wanted_block,
             now=time.time(),
         )
-        # Bindings a supervisor kept across a daemon restart.
-        for vip_s, vport, real_port, listening in request.get("claims") or []:
-            virtual = VirtualAddress(ip=ip_address(str(vip_s)), port=int(vport))
-            try:
-                self.node.claim(app_id, virtual, real_port=int(real_port))
-            except ClaimError as exc:
-                log.warning("adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc)
-                continue
-            if listening:
-                written += self.node.listen(app_id, virtual)
+        try:
+            for virtual, real_port, listening in claims:
+                try:
+                    self.node.claim(app_id, virtual, real_port=real_port)
+                except ClaimError as exc:
+                    log.warning("adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc)
+                    continue
+                if listening:
+                    written += self.node.listen(app_id, virtual)
+            await conn.reply(
+                request,
+                node=self.config.node.name,
+                real_host=str(self.config.node.real_host),
+                vip=str(app.vip),
+                block=list(app.block) if app.block else None,
+                records=[record_to_wire(r) for r in self.node.table.records()],
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.changed(self.node.detach(app_id, now=time.time()))
+            raise
         self.sessions[app_id] = conn
         log.info("app attached app=%s vip=%s pid=%s argv=%s", app_id, app.vip, app.pid, app.argv)
         if app.block is None:
@@ -140,24 +166,16 @@ class Daemon:
                 "for its connections; raise --client-ports or lower --client-block",
                 app_id,
             )
-        await conn.reply(
-            request,
-            node=self.config.node.name,
-            real_host=str(self.config.node.real_host),
-            vip=str(app.vip),
-            block=list(app.block) if app.block else None,
-            records=[record_to_wire(r) for r in self.node.table.records()],
-        )
         await self.changed(written)
         return app_id
 
     async def _session_op(
         self, conn: Connection, app_id: str, op: str, request: Mapping[str, Any]
     ) -> None:
-        virtual = VirtualAddress(ip=ip_address(str(request["vip"])), port=int(request["vport"]))
+        virtual = VirtualAddress(ip=ip_address(str(request["vip"])), port=_port(request["vport"]))
         if op == "claim":
             claim = self.node.claim(
-                app_id, virtual, avoid=[int(p) for p in request.get("avoid") or []]
+                app_id, virtual, avoid=[_port(p) for p in request.get("avoid") or []]
             )
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
         elif op == "listen":
@@ -265,6 +283,20 @@ class Daemon:
                 log.info("daemon stopping signal=%s", signal.Signals(signum).name)
                 self._stop.set()
                 return
+
+
+def _int(value: object) -> int:
+    """A plain integer from a request (no bool, float or string)."""
+    if type(value) is not int:
+        raise ValueError(f"expected an integer, got {value!r:.40}")
+    return value
+
+
+def _port(value: object) -> int:
+    port = _int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port {port}")
+    return port
 
 
 def _describe(record: Record) -> str:

@@ -63,6 +63,13 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
 def run_daemon(args: argparse.Namespace) -> int:
     clustered = bool(args.bind or args.advertise or args.join or args.gossip_key_file)
     if not clustered:
+        if args.label or args.profile is not None:
+            print(
+                "axnet daemon: --label and --profile are gossip settings, and this daemon "
+                "does not gossip; add --advertise IP (or --bind, --join) to cluster",
+                file=sys.stderr,
+            )
+            return 2
         return _run(args, None)
     # Imported here: a daemon without gossip never loads swim and cryptography.
     from ._gossip import gossip_options
@@ -73,7 +80,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             advertise=args.advertise,
             join=args.join,
             key_file=args.gossip_key_file,
-            profile=args.profile,
+            profile=args.profile or "lan",
             address=str(args.address) if args.address is not None else None,
             labels=labels_from(args.label),
         )

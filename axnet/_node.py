@@ -147,12 +147,22 @@ class Node:
         lo, hi = self.config.client_ports.lo, self.config.client_ports.hi
         return [(start, min(start + size - 1, hi)) for start in range(lo, hi + 1, size)]
 
+    def _block_free(self, block: tuple[int, int]) -> bool:
+        """Inside --client-ports and overlapping no block in use: a source port
+        must name one app only."""
+        lo, hi = block
+        ports = self.config.client_ports
+        return ports.lo <= lo <= hi <= ports.hi and all(
+            hi < used_lo or used_hi < lo for used_lo, used_hi in self._blocks_in_use
+        )
+
     def _take_block(self, wanted: tuple[int, int] | None) -> tuple[int, int] | None:
-        if wanted is not None and wanted not in self._blocks_in_use:
+        """The block a re-attaching app had if it is still free, else a fresh one."""
+        if wanted is not None and self._block_free(wanted):
             self._blocks_in_use.add(wanted)
             return wanted
         for block in self._all_blocks():
-            if block not in self._blocks_in_use:
+            if self._block_free(block):
                 self._blocks_in_use.add(block)
                 return block
         return None  # the app still runs; servers see the node's address for it

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import attrs
 
@@ -138,6 +138,18 @@ class ServiceRecord:
         return self.virtual
 
 
+T = TypeVar("T")
+
+
+def _without_one(items: tuple[T, ...], item: T) -> tuple[T, ...]:
+    """*items* less the first occurrence of *item*."""
+    try:
+        at = items.index(item)
+    except ValueError:
+        return items
+    return items[:at] + items[at + 1 :]
+
+
 def _packed_block(app: AppRecord) -> bytes:
     return app.port_lo.to_bytes(2, "big") + app.port_hi.to_bytes(2, "big") + packed_ip(app.vip)
 
@@ -227,14 +239,16 @@ class ServiceTable:
             self._vips[app.vip] = count
         else:
             self._vips.pop(app.vip, None)
+        # One entry each: another live app may have the same block and vip
+        # (a node reused them after a restart), and keeps its own.
         block = (app.port_lo, app.port_hi, app.vip)
-        remaining = tuple(b for b in self._blocks.get(app.real_host, ()) if b != block)
+        remaining = _without_one(self._blocks.get(app.real_host, ()), block)
         if remaining:
             self._blocks[app.real_host] = remaining
         else:
             self._blocks.pop(app.real_host, None)
         host, packed = packed_ip(app.real_host), _packed_block(app)
-        kept = tuple(b for b in self.block_keys.get(host, ()) if b != packed)
+        kept = _without_one(self.block_keys.get(host, ()), packed)
         if kept:
             self.block_keys[host] = kept
         else:

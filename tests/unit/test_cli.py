@@ -245,3 +245,14 @@ def test_run_daemon_reports_bad_flags_and_returns_2(capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err == (
         "axnet daemon: --listen-ports and --client-ports must not overlap\n"
     )
+
+
+@pytest.mark.parametrize("flags", [["--label", "zone=a"], ["--profile", "wan"]])
+def test_gossip_settings_without_gossip_are_refused(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_daemon(daemon_args(*flags)) == 2
+    assert capsys.readouterr().err == (
+        "axnet daemon: --label and --profile are gossip settings, and this daemon does not "
+        "gossip; add --advertise IP (or --bind, --join) to cluster\n"
+    )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import pwd
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +31,8 @@ from axnet._control import (
     runtime_dir,
     serve_control,
 )
+from axnet._daemon import Daemon, DaemonConfig
+from axnet._node import NodeConfig
 from axnet._wire import frame
 
 # -- runtime_dir ---------------------------------------------------------------
@@ -255,3 +260,126 @@ def test_control_client_without_a_daemon_is_daemon_unavailable(sock_dir: Path) -
     assert str(info.value) == (
         f"no axnet daemon at {path} (No such file or directory); start one with: axnet daemon"
     )
+
+
+# -- the daemon behind it ---------------------------------------------------------
+
+
+def _daemon(runtime: Path) -> Daemon:
+    node = NodeConfig(name="n1", real_host=ipaddress.ip_address("127.0.0.1"))
+    return Daemon(DaemonConfig(node=node, runtime_dir=runtime))
+
+
+def _attach(client: ControlClient, app_id: str, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"app_id": app_id, "pid": 1, "argv": ["app"], "claims": []}
+    return client.request("attach", **{**base, **fields})
+
+
+async def _with_daemon(runtime: Path, talk: Any) -> Any:
+    daemon = _daemon(runtime)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        with trio.fail_after(120):
+            result = await trio.to_thread.run_sync(talk)
+        daemon.stop()
+    return result
+
+
+async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+
+    def talk() -> list[str]:
+        errors = []
+        with ControlClient(path, timeout=5.0) as client:
+            for fields in ({"block": [70000, 70001]}, {"pid": 1.5}, {"pid": "1"}):
+                with pytest.raises(ControlError) as info:
+                    _attach(client, "a1", **fields)
+                assert info.value.errno == errno.EINVAL
+                errors.append(str(info.value))
+            vip = _attach(client, "a1")["vip"]
+            for port in (70000, -1, True):
+                with pytest.raises(ControlError) as info:
+                    client.request("claim", vip=vip, vport=port)
+                assert info.value.errno == errno.EINVAL
+            assert client.request("status")["apps"] == 1
+        return errors
+
+    errors = await _with_daemon(sock_dir, talk)
+    assert errors[0] == "bad request 'attach': bad port 70000"
+
+
+async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+
+    def talk() -> None:
+        with ControlClient(path, timeout=5.0) as client:
+            with pytest.raises(ControlError) as info:
+                _attach(client, "a1", claims=[["10.77.0.9", 80, 20000, True], ["x"]])
+            assert info.value.errno == errno.EINVAL
+            assert client.request("status")["apps"] == 0
+            assert client.request("services")["services"] == []
+        with ControlClient(path, timeout=5.0) as client:
+            assert _attach(client, "a1")["ok"] is True  # not "already attached"
+
+    await _with_daemon(sock_dir, talk)
+
+
+async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> None:
+    # An `axnet run` stopped with Ctrl-Z reads nothing; every table change is
+    # pushed to it too.  Other apps must still be answered, and it is dropped.
+    path = control_path(sock_dir)
+
+    def talk() -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+            stalled.connect(str(path))
+            stalled.sendall(frame({"op": "attach", "id": 1, "app_id": "stalled", "claims": []}))
+            with ControlClient(path, timeout=10.0) as client:
+                vip = _attach(client, "busy")["vip"]
+                for port in range(1, 3001):  # two pushes each, to every session
+                    client.request("claim", vip=vip, vport=port)
+                    client.request("listen", vip=vip, vport=port)
+                    client.request("release", vip=vip, vport=port)
+            stalled.settimeout(10.0)
+            received = b""
+            while chunk := stalled.recv(1 << 20):
+                received += chunk
+            return received
+
+    received = await _with_daemon(sock_dir, talk)
+    assert received  # what fit before it was dropped; then the end of the stream
+
+
+def test_a_client_refuses_a_daemon_of_another_user(sock_dir: Path) -> None:
+    # In /tmp, another user could make the runtime directory first and serve
+    # a socket there: no argv, pid or address of ours goes to it.
+    nobody = _nobody()
+    if nobody is None or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("serving a socket as another user needs root, setpriv and 'nobody'")
+    sock_dir.chmod(0o777)
+    path = sock_dir / CONTROL_SOCKET
+    server = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={nobody}",
+            f"--regid={nobody}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]);"
+            " s.listen(); print(1, flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline()
+        with pytest.raises(ControlError) as info:
+            ControlClient(path)
+        assert info.value.errno == errno.EACCES
+        assert str(info.value) == (
+            f"the daemon at {path} runs as uid {nobody}, not as you (uid {os.getuid()}); "
+            f"remove {sock_dir} or choose another --runtime-dir"
+        )
+    finally:
+        server.kill()
+        server.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 
 import attrs
 import pytest
@@ -185,6 +186,19 @@ def test_attach_wanted_block_in_use_gets_another() -> None:
     assert node.apps["a1"].block == (40000, 40099)
     attach(node, "a2", block=(40000, 40099))
     assert node.apps["a2"].block == (40100, 40199)
+
+
+def test_a_wanted_block_that_overlaps_one_in_use_or_leaves_the_range_gets_another() -> None:
+    # A supervisor from before a restart with another --client-block asks for
+    # its old block: a source port must still name exactly one app.
+    node = make_node(client=(40000, 40499), block=100)
+    attach(node, "old", block=(40050, 40149))
+    attach(node, "a2", block=(40000, 40099))
+    assert node.apps["a2"].block == (40200, 40299)  # the first grid block clear of it
+    attach(node, "a3", block=(50000, 50099))  # outside --client-ports
+    assert node.apps["a3"].block == (40300, 40399)
+    blocks = sorted(a.block for a in node.apps.values() if a.block)
+    assert all(hi < lo for (_, hi), (lo, _) in itertools.pairwise(blocks))
 
 
 def test_client_blocks_are_disjoint_and_last_is_clamped() -> None:

@@ -186,6 +186,18 @@ def test_app_tombstone_drops_vip_and_block() -> None:
     assert table.virtual_of_client(HOST, 40050) is None
 
 
+def test_a_tombstone_leaves_another_app_with_the_same_block_and_vip() -> None:
+    # A node restarted and gave a new app its old app's VIP and block; a peer
+    # still holds the old app live when the new one arrives, then its tombstone.
+    table = ServiceTable()
+    table.merge(app("old", version=1))
+    table.merge(app("new", version=5))
+    table.merge(app("old", version=2, deleted=True, deleted_at=1.0))
+    assert table.is_virtual_ip(VIP)
+    assert table.virtual_of_client(HOST, 40050) == VIP
+    assert len(table.block_keys[packed_ip(HOST)]) == 1
+
+
 def test_app_update_moves_vip_and_block() -> None:
     table = ServiceTable()
     new_vip = ip_address("10.77.0.6")
