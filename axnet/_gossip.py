@@ -408,6 +408,8 @@ class GossipCluster:
         self._nursery: trio.Nursery | None = None
         self._inbound = 0
         self._join_requested = 0
+        #: Set by leave(): a start-up join still retrying stops.
+        self._left = False
         self._outbound = 0
         self._auth_warned: dict[str, float] = {}
         #: Failed (dead, not left) members: name → (gossip address, time of death).
@@ -504,6 +506,10 @@ class GossipCluster:
     # -- Cluster protocol ----------------------------------------------------------------
 
     def publish(self, records: Sequence[Record]) -> None:
+        if self.core.leaving:
+            # Left: peers dropped our records and would never hear of these
+            # again.  They stay in our table; a rejoin's push-pull carries them.
+            return
         for record in records:
             try:
                 self.core.broadcast(record_key(record), encode_record(record))
@@ -531,6 +537,7 @@ class GossipCluster:
 
     async def join(self, seeds: Sequence[str]) -> int:
         """Push-pull with each seed; how many answered."""
+        self._left = False
         if self.core.leaving:
             self._core = self._new_core(self.address)
             log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
@@ -567,6 +574,7 @@ class GossipCluster:
     async def leave(self) -> None:
         """Leave gracefully: announce it and give the announcement time to spread."""
         core = self.core
+        self._left = True  # the start-up join, if still retrying, gives up
         if core.leaving:
             return
         core.leave(trio.current_time())
@@ -895,7 +903,7 @@ class GossipCluster:
 
     async def _join_at_start(self, seeds: Sequence[str]) -> None:
         delay = JOIN_BACKOFF_MIN_S
-        while True:
+        while not self._left:
             try:
                 joined = await self.join(seeds)
             except ValueError as exc:  # validated at start; a resolver may still object

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -514,6 +515,23 @@ def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs a second user: root, whose uid differs from the daemon's")
     # Root passes the file modes, but the daemon checks the peer's uid and hangs up.
+    raw_client = (
+        "import socket, sys; from axnet._wire import frame\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+        "s.sendall(frame({'op': 'status', 'id': 1}))\n"
+        "try:\n"
+        "    print('answered' if s.recv(100) else 'hung up')\n"
+        "except ConnectionResetError:\n"
+        "    print('hung up')\n"
+    )
+    done = node.host.run(
+        [sys.executable, "-c", raw_client, str(socket_path)],
+        user=TestUser.root(),
+        env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        timeout=30,
+    )
+    assert done.stdout.strip() == "hung up", done.stderr
+    # And axnet's own clients do not talk to a daemon of another user at all.
     done = node.host.run(
         [*AXNET, "status", "--runtime-dir", str(node.runtime)],
         user=TestUser.root(),
@@ -521,4 +539,4 @@ def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
         timeout=30,
     )
     assert done.returncode == 1
-    assert "closed the connection" in done.stderr or "lost the daemon" in done.stderr
+    assert "runs as uid" in done.stderr and "not as you (uid 0)" in done.stderr

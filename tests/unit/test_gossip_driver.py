@@ -171,3 +171,19 @@ async def test_an_address_a_peer_made_up_is_not_sent_to(host: str) -> None:
         await trio.sleep(0.2)  # the relayed ping is attempted (and dropped) meanwhile
         assert await a.join([seed(b)]) == 1
         await eventually("both alive", lambda: statuses(a) == {"a": "alive", "b": "alive"})
+
+
+async def test_what_a_member_publishes_after_leaving_waits_for_its_rejoin() -> None:
+    async with running("a") as a, running("b") as b:
+        assert await b.join([seed(a)]) == 1
+        await eventually("joined", lambda: statuses(a) == {"a": "alive", "b": "alive"})
+        await b.leave()
+        await eventually("b left", lambda: statuses(a).get("b") == "left")
+        virtual = await publish_service(b, b._daemon, 81)
+        # Gossiped now, it would outlive b in a's table: a already took b's leave.
+        await trio.sleep(0.5)  # many gossip rounds of the local profile
+        assert a._daemon.node.table.resolve(virtual.ip, 81) is None
+        assert await b.join([seed(a)]) == 1
+        await eventually(
+            "replicated after the rejoin", lambda: a._daemon.node.table.resolve(virtual.ip, 81)
+        )
