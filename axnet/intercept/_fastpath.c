@@ -158,6 +158,17 @@ static PyObject *dict_bytes(PyObject *dict, const unsigned char *key, Py_ssize_t
     return v;
 }
 
+/* Whether Python keeps connections for the listener at real port `port`
+ * (or cannot say): then an accept on it is Python's to answer. */
+static int kept_for(Fast *self, unsigned port) {
+    PyObject *queued;
+    if (dict_int(self->pending, port, &queued) < 0) return 1;
+    if (queued == NULL) return 0;
+    int kept = PyObject_IsTrue(queued);
+    if (kept < 0) PyErr_Clear();
+    return kept != 0;
+}
+
 static int respond(Fast *self, uint64_t id, int64_t val, int error, uint32_t flags) {
     struct seccomp_notif_resp *resp = (struct seccomp_notif_resp *)self->resp_buf;
     memset(self->resp_buf, 0, self->resp_size);
@@ -426,12 +437,10 @@ static int on_accept(Call *c, Handback *out) {
         endpoint_of(&local, local_len, endpoint) < 0)
         goto slow;
     if (memcmp(endpoint, c->me, 16) != 0) goto pass; /* not on the node address */
-    PyObject *name, *queued = NULL;
-    if (dict_int(c->self->names, port_of(endpoint), &name) < 0 ||
-        (name && dict_int(c->self->pending, port_of(endpoint), &queued) < 0))
-        goto slow;
+    PyObject *name;
+    if (dict_int(c->self->names, port_of(endpoint), &name) < 0) goto slow;
     if (name == NULL) goto pass;
-    if (queued != NULL && PyObject_IsTrue(queued)) goto slow; /* connections kept for it */
+    if (kept_for(c->self, port_of(endpoint))) goto slow; /* connections kept for it */
     if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) {
         close(fd);
         respond(c->self, n->id, 0, EINVAL, 0);
@@ -648,27 +657,24 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
-    if (!id_valid(self, n.id)) {
-        /* Its thread was killed: the connection is for a live accept. */
-        unpark(self, fd);
-        Py_RETURN_NONE;
-    }
     Call c = {self, &n, NULL, NULL, NULL, NULL};
     Handback out = {.fd = -1};
-    int kind = SLOW;
-    PyObject *queued = NULL;
-    if (dict_int(self->pending, p->port, &queued) < 0 || (queued && PyObject_IsTrue(queued)))
-        kind = SLOW; /* connections kept for this listener go first: Python */
-    else if (call_load(&c, engine) == 0)
-        kind = accept_on(&c, fd, p->family, p->port, p->room, 1, &out);
-    else
-        PyErr_Clear(); /* Python answers it (and meets the same error there) */
-    call_done(&c);
-    if (kind == PARKED) {
-        ev.events = EPOLLIN | EPOLLONESHOT; /* somebody else took it: wait again */
-        if (epoll_ctl(self->ep, EPOLL_CTL_MOD, fd, &ev) == 0) Py_RETURN_NONE;
-        kind = SLOW;
+    int kind = SLOW; /* connections kept for this listener go first: Python */
+    if (!kept_for(self, p->port)) {
+        if (call_load(&c, engine) == 0)
+            kind = accept_on(&c, fd, p->family, p->port, p->room, 1, &out);
+        else
+            PyErr_Clear(); /* Python answers it (and meets the same error there) */
     }
+    call_done(&c);
+    /* PARKED: somebody else took it.  If that was an accept whose thread had
+     * died (parked accepts are checked only every slice), Python has kept
+     * the connection for this one; else wait again. */
+    if (kind == PARKED && !kept_for(self, p->port)) {
+        ev.events = EPOLLIN | EPOLLONESHOT;
+        if (epoll_ctl(self->ep, EPOLL_CTL_MOD, fd, &ev) == 0) Py_RETURN_NONE;
+    }
+    if (kind == PARKED) kind = SLOW;
     unpark(self, fd);
     if (kind < 0) Py_RETURN_NONE;
     /* DELIVER: Python finishes; SLOW: Python answers the accept from the start. */
