@@ -793,14 +793,14 @@ class Engine:
         """Accept one connection for the app, or wait for one; owns *sock*."""
         family = sock.family
         pending = self._pending.get(binding.real_port)
-        if pending:  # connections kept for this listener go first
+        # Connections kept for this listener go first (one taken by a wait
+        # whose thread had just died reaches the next accept that wakes).
+        if pending:
             sock.close()
             self._deliver(n, family, pending.popleft(), None, flags, binding)
             return
         fd = sock.fileno()
         try:
-            # A wait whose thread was killed must not take a live one's connection.
-            self._check(n)
             app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except BaseException:
             sock.close()
