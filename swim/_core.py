@@ -34,7 +34,7 @@ other than from the `rng` given at construction.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol, assert_never
 
 import attrs
@@ -60,6 +60,7 @@ from ._events import (
 from ._keyring import SEAL_OVERHEAD, SEALED_VERSION, AuthenticationError, Keyring
 from ._math import push_pull_scale, retransmit_limit, suspicion_timeout
 from ._messages import (
+    MAX_INCARNATION,
     PLAIN_VERSION,
     Ack,
     Address,
@@ -281,7 +282,10 @@ class Swim:
         """Announce new metadata at incarnation + 1."""
         if len(meta) > MAX_META_BYTES:
             raise ValueError(f"meta must be at most {MAX_META_BYTES} bytes, got {len(meta)}")
-        self._set_self(attrs.evolve(self._self, incarnation=self._self.incarnation + 1, meta=meta))
+        if self._leaving:
+            return  # an Alive now would bring a left member back
+        incarnation = min(self._self.incarnation + 1, MAX_INCARNATION)
+        self._set_self(attrs.evolve(self._self, incarnation=incarnation, meta=meta))
         self._queue_self_alive()
 
     def leave(self, now: float) -> None:
@@ -308,8 +312,22 @@ class Swim:
         except ProtocolError:
             self.stats.packets_dropped_malformed += 1
             return
+        # One ping and one ping-req per datagram, as any member sends: a
+        # datagram packed with them must not turn into as many replies, each
+        # draining the broadcast queue toward its sender.
+        pinged = relayed = False
         for message in messages:
             self.stats.messages_received += 1
+            if isinstance(message, Ping):
+                if pinged:
+                    self.stats.messages_dropped += 1
+                    continue
+                pinged = True
+            elif isinstance(message, PingReq):
+                if relayed:
+                    self.stats.messages_dropped += 1
+                    continue
+                relayed = True
             self._dispatch(src, message, now)
 
     def handle_stream(self, src: Address, data: bytes, now: float) -> bytes:
@@ -419,7 +437,7 @@ class Swim:
             case Nack():
                 probe = self._probe
                 if probe is not None and probe.seq == message.seq:
-                    probe.nacks += 1
+                    probe.nacks = min(probe.nacks + 1, probe.expected_nacks)  # replays count once
             case Suspect():
                 self._on_suspect(message, now)
             case Alive():
@@ -570,12 +588,22 @@ class Swim:
     def _queue_self_alive(self) -> None:
         me = self._self
         alive = Alive(incarnation=me.incarnation, member=me.name, address=me.address, meta=me.meta)
-        self._queue.queue(me.name, encode_message(alive))
+        self._disseminate(me.name, encode_message(alive))
+
+    def _disseminate(self, key: Hashable, data: bytes) -> None:
+        """Queue *data* for piggybacking, if it can ever ride on a packet: a
+        peer's message too big to fit would never be sent nor retired, and
+        would crowd out every other."""
+        if len(data) > self._packet_room():
+            self.stats.broadcasts_dropped_oversized += 1
+            return
+        self._queue.queue(key, data)
 
     def _refute(self, accused: int) -> None:
-        incarnation = self._self.incarnation + 1
-        if accused >= incarnation:
-            incarnation = accused + 1
+        # Never above what every peer decodes: a refutation nobody can read
+        # would cut this member off for good.  (At the top, an accusation
+        # there cannot be refuted: a peer that sent it can evict us anyway.)
+        incarnation = min(max(self._self.incarnation + 1, accused + 1), MAX_INCARNATION)
         self._set_self(attrs.evolve(self._self, incarnation=incarnation))
         self._queue_self_alive()
         self._awareness.apply_delta(1)
@@ -607,7 +635,7 @@ class Swim:
             meta=alive.meta,
         )
         self._table.put(new)
-        self._queue.queue(alive.member, encode_message(alive))
+        self._disseminate(alive.member, encode_message(alive))
         if old is None or old.state in (MemberState.DEAD, MemberState.LEFT):
             self._events.append(MemberJoined(member=new))
             return
@@ -627,13 +655,13 @@ class Swim:
         suspicion = self._suspicions.get(suspect.member)
         if suspicion is not None:
             if suspicion.confirm(suspect.accuser):
-                self._queue.queue(suspect.member, encode_message(suspect))
+                self._disseminate(suspect.member, encode_message(suspect))
             return
         if member.state is not MemberState.ALIVE:
             return
         new = attrs.evolve(member, incarnation=suspect.incarnation, state=MemberState.SUSPECT)
         self._table.put(new)
-        self._queue.queue(suspect.member, encode_message(suspect))
+        self._disseminate(suspect.member, encode_message(suspect))
         n = self._table.live
         k = self._config.suspicion_mult - 2
         if n - 2 < k:
@@ -684,7 +712,7 @@ class Swim:
             self._events.append(
                 MemberLeft(member=new) if left else MemberDead(member=new, accuser=dead.accuser)
             )
-        self._queue.queue(dead.member, encode_message(dead))
+        self._disseminate(dead.member, encode_message(dead))
 
     def _on_user(self, message: UserBroadcast) -> None:
         if message.origin == self._name:
@@ -697,7 +725,7 @@ class Swim:
         self._events.append(
             UserMessage(sender=message.origin, key=message.key, payload=message.payload)
         )
-        self._queue.queue(_user_key(message.origin, message.key), encode_message(message))
+        self._disseminate(_user_key(message.origin, message.key), encode_message(message))
 
     # -- anti-entropy -------------------------------------------------------------
 

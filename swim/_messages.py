@@ -36,7 +36,7 @@ _MAX_NAME = 255
 _MAX_U64 = 2**64 - 1
 #: Incarnations from the wire stay below this, so that ours, one above the
 #: highest we were accused at, still fits the wire's unsigned 64 bits.
-_MAX_INCARNATION = 2**63 - 1
+MAX_INCARNATION = 2**63 - 1
 #: Objects (array elements) one envelope may decode to: 20 MB of empty arrays
 #: must not become gigabytes of Python lists.  A push-pull of a member
 #: costs 7, so this is room for ~70 000 members.
@@ -234,8 +234,9 @@ def _int(value: object, low: int = 0, high: int = _MAX_U64) -> int:
 
 
 def _str(value: object, limit: int = _MAX_NAME) -> str:
-    if type(value) is not str or len(value) > limit:
-        raise ProtocolError(f"expected a string of at most {limit} characters")
+    # Bounded in encoded bytes, as it travels: 255 characters can be 1020.
+    if type(value) is not str or len(value) > limit or len(value.encode()) > limit:
+        raise ProtocolError(f"expected a string of at most {limit} bytes")
     return value
 
 
@@ -258,7 +259,7 @@ def _addr(host: object, port: object) -> Address:
 
 
 def _incarnation(value: object) -> int:
-    return _int(value, 0, _MAX_INCARNATION)
+    return _int(value, 0, MAX_INCARNATION)
 
 
 def _arity(fields: list[Any], n: int) -> None:

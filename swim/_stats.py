@@ -22,6 +22,10 @@ class Stats:
     bytes_sent: int = 0
     messages_received: int = 0
     messages_sent: int = 0
+    #: received messages ignored: pings beyond the one a datagram may carry
+    messages_dropped: int = 0
+    #: peers' messages too big ever to ride on a packet, not disseminated
+    broadcasts_dropped_oversized: int = 0
     streams_sent: int = 0
     streams_received: int = 0
     streams_failed: int = 0

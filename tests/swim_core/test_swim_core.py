@@ -22,6 +22,7 @@ from swim import (
     UserMessage,
 )
 from swim._messages import (
+    MAX_INCARNATION,
     Ack,
     Alive,
     Dead,
@@ -167,6 +168,45 @@ def test_refutes_suspicion_about_itself() -> None:
     assert a.stats.refutations == 1
     a.handle_datagram(B, packet(Dead(incarnation=9, member="a", accuser="b")), 0.0)
     assert a.local_member.incarnation == 10
+
+
+def test_a_refutation_stays_decodable_at_the_top_incarnation() -> None:
+    # An accusation at the highest incarnation peers decode must not push
+    # ours above it: a refutation nobody can read would cut us off for good.
+    a = make("a", A, incarnation=5)
+    a.handle_datagram(B, packet(Suspect(incarnation=MAX_INCARNATION, member="a", accuser="b")), 0.0)
+    assert a.local_member.incarnation == MAX_INCARNATION
+    a.update_meta(b"x", 0.0)
+    assert a.local_member.incarnation == MAX_INCARNATION
+    a.handle_datagram(B, packet(Ping(seq=1, target="a", source="b")), 0.0)
+    for d in a.take_datagrams():
+        decode_envelope(d.data)  # everything it sends, its Alive included, decodes
+
+
+def test_a_peers_broadcast_too_big_for_a_packet_is_not_queued() -> None:
+    a, _ = joined_pair()
+    queued = a.pending_broadcasts
+    big = UserBroadcast(origin="b", key=b"k", boot=1, seq=1, payload=bytes(2000))
+    a.handle_datagram(B, packet(big), 0.0)
+    assert a.pending_broadcasts == queued
+    assert a.stats.broadcasts_dropped_oversized == 1
+
+
+def test_one_reply_per_datagram_of_pings() -> None:
+    a = make("a", A)
+    pings = [Ping(seq=i, target="a", source="b") for i in range(50)]
+    a.handle_datagram(B, packet(*pings), 0.0)
+    (reply,) = a.take_datagrams()
+    assert decode_envelope(reply.data)[0] == Ack(seq=0)
+    assert a.stats.messages_dropped == 49
+
+
+def test_update_meta_after_leave_does_not_bring_the_member_back() -> None:
+    a = make("a", A, incarnation=3)
+    a.leave(0.0)
+    a.update_meta(b"late", 0.0)
+    assert a.local_member.state is MemberState.LEFT
+    assert a.local_member.incarnation == 3
 
 
 def test_alive_with_higher_incarnation_updates_meta() -> None:
