@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
-from ._table import IPAddress, Labels, ip_address, labels_from
+from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -61,6 +61,15 @@ def parse_ip(text: str, *, flag: str) -> IPAddress:
         ) from None
 
 
+def parse_virtual_ip(text: str) -> IPAddress:
+    """``--ip``: an address an app can own (not loopback, multicast, …)."""
+    ip = parse_ip(text, flag="--ip")
+    reason = reserved_reason(ipaddress.ip_network(ip))
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"--ip {text} cannot be a virtual IP: {reason}")
+    return ip
+
+
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(c.isspace() for c in key):
@@ -70,11 +79,17 @@ def parse_label(text: str) -> tuple[str, str]:
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--virtual-range must be a network like 10.77.0.0/16, got {text!r}"
         ) from None
+    reason = reserved_reason(network)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(
+            f"--virtual-range {text} cannot hold virtual IPs: {reason}"
+        )
+    return network
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument(
         "--ip",
-        type=lambda t: parse_ip(t, flag="--ip"),
+        type=parse_virtual_ip,
         help="the app's virtual IP (default: one from the node's virtual range)",
     )
     r.add_argument("--name", default="", help="service name")
@@ -265,12 +280,15 @@ def _print_json(value: object) -> None:
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        # Text, not markup: an address like [fd00::5]:80 or a label with
+        # brackets is shown as it is.
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     Console().print(table)
 
 

@@ -107,6 +107,8 @@ class Connection:
         self.stream = stream
         self._decoder = FrameDecoder()
         self._outbox, self._to_write = trio.open_memory_channel[bytes](OUTBOX_MESSAGES)
+        self._queued = self._written = 0
+        self._caught_up = trio.Event()
         self.closed = False
 
     async def send(self, message: Mapping[str, Any]) -> None:
@@ -116,6 +118,7 @@ class Connection:
             return
         try:
             self._outbox.send_nowait(data)
+            self._queued += 1
         except trio.WouldBlock:
             log.warning("control client not reading: disconnected (a supervisor re-attaches)")
             self._drop()
@@ -130,6 +133,15 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._drop()
                 return
+            self._written += 1
+            if self._written == self._queued:
+                self._caught_up.set()
+                self._caught_up = trio.Event()
+
+    async def flush(self) -> None:
+        """Wait until what is queued so far is written (or the client is gone)."""
+        while self._written < self._queued and not self.closed:
+            await self._caught_up.wait()
 
     def finish(self) -> None:
         """No more messages: :meth:`write_out` ends once the queued ones are out."""
@@ -137,6 +149,7 @@ class Connection:
 
     def _drop(self) -> None:
         self.closed = True
+        self._caught_up.set()
         self._outbox.close()
         self.stream.socket.close()  # wakes the reader: the session ends
 
@@ -252,8 +265,12 @@ def _check_server(sock: socket.socket, path: Path) -> None:
 
 
 def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
+    # The command that starts a daemon where this client looked.
+    start = "axnet daemon"
+    if path.parent != runtime_dir():
+        start += f" --runtime-dir {path.parent}"
     return DaemonUnavailable(
-        f"no axnet daemon at {path} ({exc.strerror}); start one with: axnet daemon",
+        f"no axnet daemon at {path} ({exc.strerror}); start one with: {start}",
         err=exc.errno or errno.ECONNREFUSED,
     )
 

@@ -228,6 +228,8 @@ class Daemon:
             await conn.reply(request, records=[record_to_wire(r) for r in table.records()])
         elif op == "stop":
             await conn.reply(request)
+            with trio.move_on_after(1.0):
+                await conn.flush()  # the answer goes out before everything stops
             self._stop.set()
         else:
             raise ClaimError(errno.EINVAL, f"unknown operation {op!r}")

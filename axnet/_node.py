@@ -33,6 +33,7 @@ from ._table import (
     ServiceRecord,
     ServiceTable,
     VirtualAddress,
+    reserved_reason,
 )
 
 
@@ -231,6 +232,12 @@ class Node:
         """Register an app; pick its virtual IP and client block when not given."""
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
+        if vip is not None:
+            reason = reserved_reason(ipaddress.ip_network(vip))
+            if reason is None and vip == self.config.real_host:
+                reason = "it is this node's real address"
+            if reason is not None:
+                raise ClaimError(errno.EINVAL, f"{vip} cannot be a virtual IP: {reason}")
         chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
         app = App(

@@ -55,6 +55,35 @@ def endpoint(ip: IPAddress, port: int) -> bytes:
     return packed_ip(ip) + port.to_bytes(2, "big")
 
 
+#: Addresses an app cannot own as its virtual IP: a connect to one of them
+#: must keep reaching what the kernel has there (loopback above all).
+_RESERVED = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "::ffff:0:0/96",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
+
+
+def reserved_reason(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """Why *network* (or a single address as /32, /128) cannot hold virtual IPs, or None."""
+    for special in _RESERVED:
+        if special.version == network.version and network.overlaps(special):
+            return (
+                f"it overlaps {special} (loopback, unspecified, link-local, multicast or reserved)"
+            )
+    return None
+
+
 def ip_address(text: str | IPAddress) -> IPAddress:
     """Parse an address and unmap IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``)."""
     ip = ipaddress.ip_address(text) if isinstance(text, str) else text
@@ -272,13 +301,16 @@ class ServiceTable:
         yield from self.services.values()
 
     def live_services(self) -> list[ServiceRecord]:
+        # IPv4 and IPv6 addresses do not compare: the version goes first.
         return sorted(
             (r for r in self.services.values() if not r.deleted),
-            key=lambda r: (r.virtual.ip, r.virtual.port),
+            key=lambda r: (r.virtual.ip.version, r.virtual.ip, r.virtual.port),
         )
 
     def live_apps(self) -> list[AppRecord]:
-        return sorted((a for a in self.apps.values() if not a.deleted), key=lambda a: a.vip)
+        return sorted(
+            (a for a in self.apps.values() if not a.deleted), key=lambda a: (a.vip.version, a.vip)
+        )
 
     # -- lookups on the connect path ----------------------------------------
 

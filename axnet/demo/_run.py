@@ -154,6 +154,7 @@ def _addr(pair: list[Any]) -> str:
 def _print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     console.print(
@@ -166,7 +167,7 @@ def _print_report(report: dict[str, Any]) -> None:
         services.add_column(column)
     for s in report["services"]:
         labels = ",".join(f"{k}={v}" for k, v in s["labels"].items())
-        services.add_row(s["virtual"], s["real"], s["name"], labels)
+        services.add_row(Text(s["virtual"]), Text(s["real"]), Text(s["name"]), Text(labels))
     console.print(services)
     seen = Table(title="what each side saw", title_justify="left")
     for column in ("", "client's socket", "server's socket"):
@@ -174,9 +175,14 @@ def _print_report(report: dict[str, Any]) -> None:
     for f in report["fetches"]:
         r = f["response"]
         seen.add_row(
-            f"GET http://{f['target']}/ → {r['server']}",
-            f"getsockname {_addr(f['client_sockname'])}\ngetpeername {_addr(f['client_peername'])}",
-            f"getsockname {_addr(r['server_sockname'])}\naccept peer {_addr(r['accepted_from'])}",
+            Text(f"GET http://{f['target']}/ → {r['server']}"),
+            Text(
+                f"getsockname {_addr(f['client_sockname'])}\n"
+                f"getpeername {_addr(f['client_peername'])}"
+            ),
+            Text(
+                f"getsockname {_addr(r['server_sockname'])}\naccept peer {_addr(r['accepted_from'])}"
+            ),
         )
     console.print(seen)
     console.print("Every app and the daemon this demo started have been stopped.")

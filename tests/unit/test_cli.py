@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from axnet._cli import EXIT_USAGE, build_parser, main, parse_label, parse_network
+from axnet._cli import EXIT_USAGE, _table, build_parser, main, parse_label, parse_network
 from axnet._daemonmain import node_config, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
@@ -256,3 +256,26 @@ def test_gossip_settings_without_gossip_are_refused(
         "axnet daemon: --label and --profile are gossip settings, and this daemon does not "
         "gossip; add --advertise IP (or --bind, --join) to cluster\n"
     )
+
+
+@pytest.mark.parametrize(
+    "ip", ["127.0.0.1", "0.0.0.0", "224.0.0.1", "169.254.1.1", "::1", "fe80::1"]
+)
+def test_run_refuses_an_ip_an_app_cannot_own(ip: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _usage_error(["run", "--ip", ip, "--", "true"], capsys)
+    assert f": error: --ip {ip} cannot be a virtual IP: it overlaps " in line
+
+
+def test_daemon_refuses_a_virtual_range_over_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _usage_error(["daemon", "--virtual-range", "127.0.0.0/24"], capsys)
+    assert (
+        ": error: --virtual-range 127.0.0.0/24 cannot hold virtual IPs: it overlaps 127.0.0.0/8"
+        in line
+    )
+
+
+def test_tables_show_values_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    _table("t", ["virtual", "name"], [["[fd00::5]:80", "[bold]web"]])
+    out = capsys.readouterr().out
+    assert "[fd00::5]:80" in out
+    assert "[bold]web" in out

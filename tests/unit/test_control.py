@@ -252,14 +252,22 @@ async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
         assert path.exists()  # the other daemon's socket is left alone
 
 
-def test_control_client_without_a_daemon_is_daemon_unavailable(sock_dir: Path) -> None:
+def test_control_client_without_a_daemon_is_daemon_unavailable(
+    sock_dir: Path, clean_env: pytest.MonkeyPatch
+) -> None:
     path = sock_dir / CONTROL_SOCKET
     with pytest.raises(DaemonUnavailable) as info:
         ControlClient(path)
     assert info.value.errno == errno.ENOENT
+    # Not the default directory: the command says which one.
     assert str(info.value) == (
-        f"no axnet daemon at {path} (No such file or directory); start one with: axnet daemon"
+        f"no axnet daemon at {path} (No such file or directory); "
+        f"start one with: axnet daemon --runtime-dir {sock_dir}"
     )
+    clean_env.setenv("AXNET_RUNTIME_DIR", str(sock_dir))
+    with pytest.raises(DaemonUnavailable) as info:
+        ControlClient(path)
+    assert str(info.value).endswith("; start one with: axnet daemon")
 
 
 # -- the daemon behind it ---------------------------------------------------------
@@ -383,3 +391,17 @@ def test_a_client_refuses_a_daemon_of_another_user(sock_dir: Path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+async def test_stop_is_answered_before_the_daemon_stops(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+    for _ in range(5):  # the answer and the shutdown race; it must always win
+        daemon = _daemon(sock_dir)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+
+            def stop() -> dict[str, Any]:
+                with ControlClient(path, timeout=5.0) as client:
+                    return client.request("stop")
+
+            assert (await trio.to_thread.run_sync(stop))["ok"] is True

@@ -569,3 +569,13 @@ def test_republish_writes_fresh_versions_of_live_records() -> None:
 
 def test_republish_of_an_empty_node_writes_nothing() -> None:
     assert make_node().republish() == []
+
+
+@pytest.mark.parametrize("vip", ["127.0.0.1", "::1", "224.0.0.1", "192.0.2.1"])
+def test_attach_refuses_a_vip_an_app_cannot_own(vip: str) -> None:
+    node = make_node()
+    with pytest.raises(ClaimError) as info:
+        attach(node, "a1", vip=ip_address(vip))
+    assert info.value.errno == errno.EINVAL
+    assert "cannot be a virtual IP" in str(info.value)
+    assert "a1" not in node.apps

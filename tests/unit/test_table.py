@@ -505,3 +505,14 @@ def test_packed_indexes_answer_as_the_object_lookups(
     # Nothing is left behind for records that are gone.
     assert len(table.live_keys) == len(table._live)
     assert len(table.real_keys) == len(table._by_real)
+
+
+def test_listings_mix_ipv4_and_ipv6() -> None:
+    table = ServiceTable()
+    v6 = ip_address("fd00::5")
+    table.merge(app("a1"))
+    table.merge(app("a2", vip=v6, block=(41000, 41099)))
+    table.merge(service())
+    table.merge(service(v6, 80, app_id="a2", real_port=20001))
+    assert [a.vip for a in table.live_apps()] == [VIP, v6]
+    assert [s.virtual.ip for s in table.live_services()] == [VIP, v6]
