@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="run an app with its own virtual IP",
-        description="Run an unmodified app with its own virtual IP, any port, and the "
-        "cluster's services reachable by their virtual addresses.",
+        description="Run an unmodified app with its own virtual IP, any TCP port, and the "
+        "cluster's services reachable by their virtual addresses (TCP over IPv4 and IPv6; "
+        "UDP and other sockets are left to the kernel).",
         epilog=_EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -204,9 +204,10 @@ class Daemon:
             await conn.reply(request, services=[service_view(r) for r in table.live_services()])
         elif op == "apps":
             local = self.node.apps
+            services = table.live_services()
             await conn.reply(
                 request,
-                apps=[app_view(a, local.get(a.app_id)) for a in table.live_apps()],
+                apps=[app_view(a, local.get(a.app_id), services) for a in table.live_apps()],
             )
         elif op == "members":
             members = self.cluster.members() if self.cluster is not None else [self._self_member()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import trio
 from ._control import ControlError, runtime_dir
 from ._daemon import Daemon, DaemonConfig, default_node_name
 from ._node import NodeConfig, PortRange
-from ._table import ip_address, labels_from
+from ._table import IPAddress, ip_address, labels_from
 
 if TYPE_CHECKING:
     from ._gossip import GossipOptions
@@ -96,6 +97,14 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
     except ValueError as exc:
         print(f"axnet daemon: {exc}", file=sys.stderr)
         return 2
+    problem = _unbindable(node.real_host)
+    if problem is not None:
+        print(
+            f"axnet daemon: apps' listeners are bound to {node.real_host} and it cannot be "
+            f"bound here ({problem}); give --address (or --advertise) an address of this host",
+            file=sys.stderr,
+        )
+        return 2
     daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
     reported: tuple[type[Exception], ...] = (ControlError, OSError)
 
@@ -133,6 +142,17 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         print(f"axnet daemon: {found}", file=sys.stderr)
         return 1
     return 0
+
+
+def _unbindable(address: IPAddress) -> str | None:
+    """Why a TCP socket cannot bind *address* here (not this host's), or None."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _first(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ._node import App
@@ -19,7 +20,15 @@ def service_view(record: ServiceRecord) -> dict[str, Any]:
     }
 
 
-def app_view(record: AppRecord, local: App | None) -> dict[str, Any]:
+def app_view(
+    record: AppRecord, local: App | None, services: Sequence[ServiceRecord] = ()
+) -> dict[str, Any]:
+    """An app; its listeners from the node when it runs here, else from the
+    service records it published (an app on another node)."""
+    if local is not None:
+        listening = sorted(str(v) for v, c in local.claims.items() if c.listening)
+    else:
+        listening = sorted(str(s.virtual) for s in services if s.app_id == record.app_id)
     return {
         "app": record.app_id,
         "vip": str(record.vip),
@@ -29,7 +38,5 @@ def app_view(record: AppRecord, local: App | None) -> dict[str, Any]:
         "client_ports": f"{record.port_lo}-{record.port_hi}",
         "pid": local.pid if local else None,
         "command": " ".join(local.argv) if local else None,
-        "listening": sorted(str(v) for v, c in local.claims.items() if c.listening)
-        if local
-        else [],
+        "listening": listening,
     }

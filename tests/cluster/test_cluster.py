@@ -85,6 +85,10 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
         done = nodes[4].run(["curl", "-sS", "-m", "10", "http://10.1.0.5/"], timeout=30)
         assert done.returncode == 0, done.stderr
         assert done.stdout == "hello from host 1"
+        # Host 5 lists the remote app with what it serves (no pid: not its own).
+        (web,) = [a for a in nodes[4].json("apps") if a["vip"] == "10.1.0.5"]
+        assert web["listening"] == ["10.1.0.5:80"]
+        assert web["node"] == "h1" and web["pid"] is None
     finally:
         stop_process(server)
     # The app is gone: its service disappears everywhere.

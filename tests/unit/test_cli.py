@@ -279,3 +279,14 @@ def test_tables_show_values_as_they_are(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "[fd00::5]:80" in out
     assert "[bold]web" in out
+
+
+def test_daemon_refuses_an_address_that_is_not_this_hosts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_daemon(daemon_args("--address", "192.0.2.77")) == 2
+    assert capsys.readouterr().err == (
+        "axnet daemon: apps' listeners are bound to 192.0.2.77 and it cannot be bound here "
+        "(Cannot assign requested address); give --address (or --advertise) an address of "
+        "this host\n"
+    )
