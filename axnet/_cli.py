@@ -400,6 +400,14 @@ def cmd_join(args: argparse.Namespace) -> int:
     with ControlClient(path, timeout=JOIN_TIMEOUT_S) as client:
         reply = client.request("join", seeds=list(args.seeds))
     joined, asked = int(reply["joined"]), len(args.seeds)
+    conflicts = reply.get("conflicts") or []
+    if conflicts:
+        print(
+            f"axnet join: another member uses this node's name (at {', '.join(conflicts)}); "
+            "members need distinct names: restart one daemon with its own --name",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     if not joined:
         print(
             f"axnet join: no member answered through {asked} seed(s). Check the seed's "

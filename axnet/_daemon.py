@@ -44,6 +44,7 @@ class Cluster(Protocol):
     async def join(self, seeds: Sequence[str]) -> int: ...
     async def leave(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def name_conflicts(self) -> list[str]: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -220,7 +221,7 @@ class Daemon:
                     "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
                 )
             joined = await self.cluster.join([str(s) for s in request.get("seeds") or []])
-            await conn.reply(request, joined=joined)
+            await conn.reply(request, joined=joined, conflicts=self.cluster.name_conflicts())
         elif op == "leave":
             if self.cluster is not None:
                 await self.cluster.leave()

@@ -410,6 +410,8 @@ class GossipCluster:
         self._join_requested = 0
         #: Set by leave(): a start-up join still retrying stops.
         self._left = False
+        #: Gossip addresses of other members that use this node's name.
+        self._conflicts: list[str] = []
         self._outbound = 0
         self._auth_warned: dict[str, float] = {}
         #: Failed (dead, not left) members: name → (gossip address, time of death).
@@ -534,6 +536,10 @@ class GossipCluster:
                 }
             )
         return out
+
+    def name_conflicts(self) -> list[str]:
+        """Gossip addresses of members that use this node's own name."""
+        return list(self._conflicts)
 
     async def join(self, seeds: Sequence[str]) -> int:
         """Push-pull with each seed; how many answered."""
@@ -876,6 +882,14 @@ class GossipCluster:
                 log.info("member left name=%s", member.name)
                 self._failed.discard(member.name)
                 self._forget(member.name)
+            case swim.NameConflict(name=name, address=address):
+                self._conflicts.append(_host_port(address))
+                log.error(
+                    "another member is named %s, at %s: members need distinct names; "
+                    "restart one daemon with its own --name",
+                    name,
+                    _host_port(address),
+                )
             case swim.UserMessage(sender=sender, payload=payload):
                 try:
                     item = unpack(payload)

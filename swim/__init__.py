@@ -35,6 +35,7 @@ from ._events import MemberJoined as MemberJoined
 from ._events import MemberLeft as MemberLeft
 from ._events import MemberSuspected as MemberSuspected
 from ._events import MemberUpdated as MemberUpdated
+from ._events import NameConflict as NameConflict
 from ._events import StreamPurpose as StreamPurpose
 from ._events import StreamRequest as StreamRequest
 from ._events import UserMessage as UserMessage

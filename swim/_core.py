@@ -53,6 +53,7 @@ from ._events import (
     MemberLeft,
     MemberSuspected,
     MemberUpdated,
+    NameConflict,
     StreamPurpose,
     StreamRequest,
     UserMessage,
@@ -172,6 +173,8 @@ class Swim:
         self._seq = 0
         self._round = (0, 1, 0, 0)  # n, a, b, i of the current probe permutation
         self._leaving = False
+        #: Addresses seen announcing our own name (reported once each).
+        self._conflicts: set[Address] = set()
         self._boot = incarnation
         self._user_seq = 0
         self._user_seen: dict[tuple[str, bytes], tuple[int, int]] = {}
@@ -612,6 +615,14 @@ class Swim:
     def _on_alive(self, alive: Alive, now: float) -> None:
         if alive.member == self._name:
             me = self._self
+            if alive.address != me.address:
+                # Another node with our name (as memberlist): say so once per
+                # address, and do not fight it over incarnations.
+                self.stats.name_conflicts += 1
+                if alive.address not in self._conflicts:
+                    self._conflicts.add(alive.address)
+                    self._events.append(NameConflict(name=self._name, address=alive.address))
+                return
             if self._leaving or alive.incarnation < me.incarnation:
                 return
             if (

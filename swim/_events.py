@@ -64,6 +64,15 @@ class MemberLeft:
 
 
 @attrs.frozen(kw_only=True)
+class NameConflict:
+    """Another member announces this member's own name from another address:
+    names must be unique, and its messages about 'us' are ignored."""
+
+    name: str
+    address: Address
+
+
+@attrs.frozen(kw_only=True)
 class UserMessage:
     """An application broadcast from `sender` (the newest for its key)."""
 
@@ -79,6 +88,7 @@ Event: TypeAlias = (
     | MemberAlive
     | MemberDead
     | MemberLeft
+    | NameConflict
     | UserMessage
 )
 

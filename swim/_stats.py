@@ -34,5 +34,7 @@ class Stats:
     probes_sent: int = 0
     probes_failed: int = 0
     refutations: int = 0
+    #: messages about our own name from another address (a duplicate name)
+    name_conflicts: int = 0
     #: push-pulls started with a failed member (reconnect)
     reconnects: int = 0

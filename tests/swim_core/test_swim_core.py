@@ -17,6 +17,7 @@ from swim import (
     MemberState,
     MemberSuspected,
     MemberUpdated,
+    NameConflict,
     StreamPurpose,
     Swim,
     UserMessage,
@@ -338,3 +339,13 @@ def test_random_sequences_keep_invariants(steps: list[object]) -> None:
         assert a.num_live() == sum(
             1 for m in a.members() if m.state in (MemberState.ALIVE, MemberState.SUSPECT)
         )
+
+
+def test_another_member_with_our_name_is_reported_once_and_not_fought() -> None:
+    a = make("a", A, incarnation=5)
+    twin = Alive(incarnation=9, member="a", address=B, meta=b"")
+    for _ in range(3):
+        a.handle_datagram(B, packet(twin), 0.0)
+    assert a.take_events() == [NameConflict(name="a", address=B)]
+    assert a.local_member.incarnation == 5  # no incarnation war
+    assert a.stats.name_conflicts == 3

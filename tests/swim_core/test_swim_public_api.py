@@ -24,6 +24,7 @@ EXPECTED = {
     "MemberDead",
     "MemberJoined",
     "MemberLeft",
+    "NameConflict",
     "MemberState",
     "MemberSuspected",
     "MemberUpdated",

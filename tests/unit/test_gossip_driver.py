@@ -187,3 +187,10 @@ async def test_what_a_member_publishes_after_leaving_waits_for_its_rejoin() -> N
         await eventually(
             "replicated after the rejoin", lambda: a._daemon.node.table.resolve(virtual.ip, 81)
         )
+
+
+async def test_a_member_with_our_name_is_reported_by_join() -> None:
+    async with running("twin") as a, running("twin") as b:
+        await a.join([seed(b)])
+        await eventually("conflict seen", lambda: a.name_conflicts() == [seed(b)])
+        assert statuses(a) == {"twin": "alive"}  # never one member for two nodes
