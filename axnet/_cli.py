@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -343,10 +343,24 @@ def cmd_listing(args: argparse.Namespace) -> int:
     status = {k: v for k, v in reply.items() if k not in ("id", "ok")}
     if args.json:
         _print_json(status)
-    else:
-        for key in sorted(status):
-            print(f"{key}: {status[key]}")
+        return 0
+    if status.get("uptime") is not None:
+        status["uptime"] = f"{float(status['uptime']):.0f} s"
+    if status.get("gossip") is None:
+        status["gossip"] = "off (this daemon does not cluster)"
+    _print_fields(status)
     return 0
+
+
+def _print_fields(fields: Mapping[str, Any], indent: str = "") -> None:
+    """``key: value`` lines, nested mappings indented under their key."""
+    for key in sorted(fields):
+        value = fields[key]
+        if isinstance(value, Mapping):
+            print(f"{indent}{key}:")
+            _print_fields(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -375,7 +389,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run(options)
     except LaunchError as exc:
         print(str(exc), file=sys.stderr)
-        return 127
+        return exc.exit_code
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -396,6 +410,14 @@ JOIN_TIMEOUT_S = 60.0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    from ._gossip import parse_address
+
+    for seed in args.seeds:
+        try:
+            parse_address(seed, flag="SEED")
+        except ValueError as exc:
+            print(f"axnet join: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     path = control_path(runtime_dir(args.runtime_dir))
     with ControlClient(path, timeout=JOIN_TIMEOUT_S) as client:
         reply = client.request("join", seeds=list(args.seeds))

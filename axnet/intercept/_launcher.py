@@ -43,7 +43,15 @@ _MAX_REPORT = 64
 
 
 class LaunchError(Exception):
-    """The application could not be started; the message is for the user."""
+    """The application could not be started; the message is for the user.
+
+    ``exit_code`` follows the shell: 127 when the program was not found, 126
+    when it was found but could not be executed.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 127) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @attrs.frozen
@@ -93,7 +101,10 @@ def launch(argv: Sequence[str], *, env: Mapping[str, str] | None, program: bytes
         ack_w = -1
         kind, value = _read_message(report_r)
         if kind == "X":
-            raise LaunchError(f"axnet run: cannot execute {args[0]!r}: {os.strerror(value)}")
+            raise LaunchError(
+                f"axnet run: cannot execute {args[0]!r}: {os.strerror(value)}",
+                exit_code=127 if value == errno.ENOENT else 126,
+            )
         if kind != "":
             raise LaunchError(f"axnet run: launcher protocol error ({kind!r})")
         return Launched(pid=pid, pidfd=pidfd, notify=NotifyFd(notify_fd))

@@ -207,8 +207,8 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
         lambda: all_see([nodes[0], nodes[2]], {"h1": "alive", "h2": "left", "h3": "alive"}),
     )
     bad = nodes[0].axnet("join", "10.203.0.10:notaport", check=False)
-    assert bad.returncode == 1
-    assert "seed must be HOST[:PORT]" in bad.stderr
+    assert bad.returncode == 2  # a usage error, found before asking the daemon
+    assert "axnet join: SEED must be HOST[:PORT], got '10.203.0.10:notaport'" in bad.stderr
 
 
 ATTACK = r"""

@@ -71,11 +71,13 @@ def test_exec_failure_is_reported_exactly() -> None:
     assert str(info.value) == (
         "axnet run: cannot execute 'axnet-no-such-program': No such file or directory"
     )
+    assert info.value.exit_code == 127  # not found, as a shell says
 
 
 def test_exec_of_a_directory_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(LaunchError, match=r"cannot execute '/': Permission denied"):
+    with pytest.raises(LaunchError, match=r"cannot execute '/': Permission denied") as info:
         launch(["/"], env=None, program=build_filter())
+    assert info.value.exit_code == 126  # found, not executable
 
 
 def test_child_does_not_keep_the_notification_fd(tmp_path: Path) -> None:

@@ -290,3 +290,10 @@ def test_daemon_refuses_an_address_that_is_not_this_hosts(
         "(Cannot assign requested address); give --address (or --advertise) an address of "
         "this host\n"
     )
+
+
+def test_join_with_a_malformed_seed_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["join", "host:notaport"]) == EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "axnet join: SEED must be HOST[:PORT], got 'host:notaport'\n"
+    )
