@@ -20,6 +20,7 @@ new daemon it hands them over (``adopt``) so the new daemon republishes them.
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 from collections.abc import Iterable
 
@@ -132,6 +133,9 @@ class Node:
         self.table = ServiceTable()
         self.apps: dict[str, App] = {}
         self._version = int(now * 1_000_000)
+        self._vip_offset = int.from_bytes(
+            hashlib.sha256(f"{config.name}/{now!r}".encode()).digest()[:8], "big"
+        )
         self._claims: dict[VirtualAddress, Claim] = {}
         self._ports_in_use: set[int] = set()
         self._next_port = config.listen_ports.lo
@@ -172,9 +176,11 @@ class Node:
         network = self.config.virtual_range
         taken = {a.vip for a in self.table.apps.values() if not a.deleted}
         size = network.num_addresses
-        # Start at an offset derived from the node name so that two nodes
-        # assigning at once rarely pick the same address.
-        start = sum(self.config.name.encode()) * 257 % max(size - 2, 1)
+        # Start at an offset derived from the node name and this daemon's
+        # start, so that two nodes assigning at once rarely pick the same
+        # address, nor a restarted daemon one that a surviving app (not yet
+        # re-attached) still holds.
+        start = self._vip_offset % max(size - 2, 1)
         for i in range(min(size - 2, 1 << 16)):
             candidate = network.network_address + 1 + (start + i) % max(size - 2, 1)
             if candidate not in taken:

@@ -579,3 +579,11 @@ def test_attach_refuses_a_vip_an_app_cannot_own(vip: str) -> None:
     assert info.value.errno == errno.EINVAL
     assert "cannot be a virtual IP" in str(info.value)
     assert "a1" not in node.apps
+
+
+def test_a_restarted_node_starts_picking_virtual_ips_elsewhere() -> None:
+    # Apps that survived a daemon restart re-attach with their VIPs a moment
+    # later; a fresh app meanwhile should not take the first one again.
+    before = [attach(make_node(virtual_range="10.77.0.0/16", now=1000.0), "a").vip]
+    after = [attach(make_node(virtual_range="10.77.0.0/16", now=2000.0), "a").vip]
+    assert before != after
