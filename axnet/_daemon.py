@@ -205,10 +205,15 @@ class Daemon:
             await conn.reply(request, services=[service_view(r) for r in table.live_services()])
         elif op == "apps":
             local = self.node.apps
-            services = table.live_services()
+            served: dict[str, list[ServiceRecord]] = {}
+            for service in table.live_services():
+                served.setdefault(service.app_id, []).append(service)
             await conn.reply(
                 request,
-                apps=[app_view(a, local.get(a.app_id), services) for a in table.live_apps()],
+                apps=[
+                    app_view(a, local.get(a.app_id), served.get(a.app_id, []))
+                    for a in table.live_apps()
+                ],
             )
         elif op == "members":
             members = self.cluster.members() if self.cluster is not None else [self._self_member()]

@@ -23,12 +23,12 @@ def service_view(record: ServiceRecord) -> dict[str, Any]:
 def app_view(
     record: AppRecord, local: App | None, services: Sequence[ServiceRecord] = ()
 ) -> dict[str, Any]:
-    """An app; its listeners from the node when it runs here, else from the
-    service records it published (an app on another node)."""
+    """An app; its listeners from the node when it runs here, else from
+    *services*, the live service records it published (an app elsewhere)."""
     if local is not None:
         listening = sorted(str(v) for v, c in local.claims.items() if c.listening)
     else:
-        listening = sorted(str(s.virtual) for s in services if s.app_id == record.app_id)
+        listening = sorted(str(s.virtual) for s in services)
     return {
         "app": record.app_id,
         "vip": str(record.vip),
