@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
+from ._version import __version__
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Container networking for unprivileged apps: virtual IPs, any port, "
         "a cluster-wide service table, with no root and no proxy on the data path.",
     )
+    parser.add_argument("--version", action="version", version=f"axnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     d = sub.add_parser("daemon", help="run this host's node", description="Run this host's node.")

@@ -297,3 +297,10 @@ def test_join_with_a_malformed_seed_is_a_usage_error(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err == (
         "axnet join: SEED must be HOST[:PORT], got 'host:notaport'\n"
     )
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("axnet ")
