@@ -51,8 +51,11 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
         raise ValueError(
             f"--client-block must be between 16 and {len(client)}, got {args.client_block}"
         )
+    name = args.name or default_node_name()
+    if len(name.encode()) > 255:  # gossip names travel as at most 255 bytes
+        raise ValueError(f"--name must be at most 255 bytes of UTF-8, got {len(name.encode())}")
     return NodeConfig(
-        name=args.name or default_node_name(),
+        name=name,
         real_host=address,
         listen_ports=listen,
         client_ports=client,

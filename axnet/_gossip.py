@@ -544,7 +544,9 @@ class GossipCluster:
     async def join(self, seeds: Sequence[str]) -> int:
         """Push-pull with each seed; how many answered."""
         self._left = False
-        if self.core.leaving:
+        self._conflicts.clear()  # what this join finds, not what earlier ones did
+        rejoining = self.core.leaving
+        if rejoining:
             self._core = self._new_core(self.address)
             log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
         addresses: list[swim.Address] = []
@@ -572,8 +574,14 @@ class GossipCluster:
                     nursery.start_soon(attempt, request)
                 else:
                     self._start_stream(request)
-        self._wake.set()
         joined = sum(results)
+        if rejoining and joined:
+            # Published while we were away: peers heard none of it.
+            records = self._daemon.node.republish()
+            if records:
+                self._queue_change(records, local=True)
+        await self._drain()  # the join's events (a name conflict among them) are seen now
+        self._wake.set()
         log.info("join seeds=%s reached=%d", ",".join(seeds), joined)
         return joined
 

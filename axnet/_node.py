@@ -175,6 +175,7 @@ class Node:
     def _pick_vip(self) -> IPAddress:
         network = self.config.virtual_range
         taken = {a.vip for a in self.table.apps.values() if not a.deleted}
+        taken.add(self.config.real_host)  # never the node's own address
         size = network.num_addresses
         # Start at an offset derived from the node name and this daemon's
         # start, so that two nodes assigning at once rarely pick the same

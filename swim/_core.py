@@ -148,8 +148,8 @@ class Swim:
         delegate: StateDelegate | None = None,
         keyring: Keyring | None = None,
     ) -> None:
-        if not name or len(name) > _MAX_NAME:
-            raise ValueError(f"name must be 1 to {_MAX_NAME} characters, got {name!r}")
+        if not name or len(name.encode()) > _MAX_NAME:
+            raise ValueError(f"name must be 1 to {_MAX_NAME} bytes of UTF-8, got {name!r}")
         if len(meta) > MAX_META_BYTES:
             raise ValueError(f"meta must be at most {MAX_META_BYTES} bytes, got {len(meta)}")
         if incarnation < 0:

@@ -453,17 +453,15 @@ class Engine:
         now = time.monotonic()
         for waiter in list(self._waiters.values()):
             connect = waiter.n.nr == NR_CONNECT
+            timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
             if not self.notify.id_valid(waiter.n.id):
                 self._unwait(waiter)
             elif signal_waiting(waiter.n.pid):
                 self._unwait(waiter)
-                self._reply(waiter.n, error=ERESTARTSYS)
+                # The kernel never restarts a call that has a timeout (signal(7)).
+                self._reply(waiter.n, error=errno.EINTR if timeout else ERESTARTSYS)
                 self.counters.interrupted += 1
-            elif _timed_out(
-                waiter.sock,
-                socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO,
-                now - waiter.since,
-            ):
+            elif 0 < timeout <= now - waiter.since:
                 self._unwait(waiter)
                 self._reply(waiter.n, error=errno.EINPROGRESS if connect else errno.EAGAIN)
 
@@ -709,10 +707,10 @@ class Engine:
             stale = [b for b in self.bindings.values() if b.virtual == virtual]
         if not stale:
             return False
-        listening = _sockdiag.listening_inodes()
-        if any(_alive(b, listening) for b in stale):
+        closed = _closed(stale, _sockdiag.listening_inodes())
+        if len(closed) < len(stale):
             return False
-        self._release(stale)
+        self._release(closed)
         return True
 
     @staticmethod
@@ -936,17 +934,8 @@ class Engine:
             log.warning("cannot list listening sockets: %s", exc)
             return
         with self._bindings_lock:
-            unseen = [b for b in self.bindings.values() if not _alive(b, listening)]
-        if any(not b.listening for b in unseen):
-            # Only bound: the thread that bound it may be gone while another
-            # thread or a child still holds it (bind, fork, listen later).
-            app = _sockdiag.descendants(os.getpid())
-            unseen = [
-                b
-                for b in unseen
-                if b.listening or not any(_sockdiag.holds_inode(pid, b.inode) for pid in app)
-            ]
-        self._release(unseen)
+            bindings = list(self.bindings.values())
+        self._release(_closed(bindings, listening))
 
     def _release(self, gone: list[Binding]) -> None:
         with self._bindings_lock:
@@ -973,24 +962,40 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
     return Errno(verdict.errno)
 
 
-def _alive(binding: Binding, listening: set[int]) -> bool:
-    """Whether the socket behind *binding* is still open (listening ones are cheap to tell)."""
-    if binding.inode in listening:
-        return True
-    return not binding.listening and _sockdiag.holds_inode(binding.pid, binding.inode)
+def _closed(bindings: list[Binding], listening: set[int]) -> list[Binding]:
+    """Those of *bindings* whose socket the app has closed.
+
+    A listening socket is cheap to tell (the kernel's list of listeners).
+    One only bound is asked of the thread that bound it, then, if that says
+    no, of every process of the app: the thread may be gone while another
+    thread or a child still holds the socket (bind, fork, listen later).
+    """
+    unseen = [
+        b
+        for b in bindings
+        if b.inode not in listening and (b.listening or not _sockdiag.holds_inode(b.pid, b.inode))
+    ]
+    if not any(not b.listening for b in unseen):
+        return unseen
+    app = _sockdiag.descendants(os.getpid())
+    return [
+        b
+        for b in unseen
+        if b.listening or not any(_sockdiag.holds_inode(pid, b.inode) for pid in app)
+    ]
 
 
 _TIMEVAL = struct.Struct("@ll")
 
 
-def _timed_out(sock: _socket.socket, option: int, waited: float) -> bool:
-    """Whether *sock*'s SO_RCVTIMEO or SO_SNDTIMEO (0: none) is shorter than *waited* seconds."""
+def _timeout(sock: _socket.socket, option: int) -> float:
+    """*sock*'s SO_RCVTIMEO or SO_SNDTIMEO in seconds; 0 for none."""
     try:
         seconds, micros = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _TIMEVAL.size))
     except OSError:
-        return False
+        return 0.0
     limit: float = seconds + micros / 1e6
-    return 0 < limit <= waited
+    return limit
 
 
 def _set_nonblocking(fd: int, on: bool) -> None:

@@ -657,6 +657,12 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
+    if (!id_valid(self, n.id)) {
+        /* Its thread was killed (parked accepts are checked only every
+         * slice): the connection stays queued for a live accept. */
+        unpark(self, fd);
+        Py_RETURN_NONE;
+    }
     Call c = {self, &n, NULL, NULL, NULL, NULL};
     Handback out = {.fd = -1};
     int kind = SLOW; /* connections kept for this listener go first: Python */
@@ -667,9 +673,8 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
             PyErr_Clear(); /* Python answers it (and meets the same error there) */
     }
     call_done(&c);
-    /* PARKED: somebody else took it.  If that was an accept whose thread had
-     * died (parked accepts are checked only every slice), Python has kept
-     * the connection for this one; else wait again. */
+    /* PARKED: somebody else took it; unless Python keeps a connection for
+     * this listener (its accept failed after taking it), wait again. */
     if (kind == PARKED && !kept_for(self, p->port)) {
         ev.events = EPOLLIN | EPOLLONESHOT;
         if (epoll_ctl(self->ep, EPOLL_CTL_MOD, fd, &ev) == 0) Py_RETURN_NONE;
@@ -830,6 +835,11 @@ static PyObject *Fast_interrupt(Fast *self, PyObject *const *args, Py_ssize_t na
     if (PyErr_Occurred()) return NULL;
     for (int fd = 0; fd < self->parked_cap; fd++) {
         if (self->parked[fd] == NULL || self->parked[fd]->n.pid != tid) continue;
+        /* The kernel never restarts an accept that has a timeout (signal(7)). */
+        struct timeval tv;
+        socklen_t len = sizeof tv;
+        if (getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0 && (tv.tv_sec || tv.tv_usec))
+            error = EINTR;
         if (respond(self, self->parked[fd]->n.id, 0, (int)error, 0) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             return NULL;
@@ -946,7 +956,8 @@ static PyMethodDef Fast_methods[] = {
      "The thread ids of the parked accepts."},
     {"interrupt", (PyCFunction)(void (*)(void))Fast_interrupt, METH_FASTCALL,
      "interrupt(tid, error) -> bool\n\n"
-     "Answer the accept parked for thread tid with error and forget it."},
+     "Answer the accept parked for thread tid with error (EINTR when its listener\n"
+     "has SO_RCVTIMEO, as the kernel never restarts it) and forget it."},
     {"close", (PyCFunction)Fast_close, METH_NOARGS, "Forget every parked accept."},
     {NULL, NULL, 0, NULL},
 };

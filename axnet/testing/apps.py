@@ -321,6 +321,7 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     """
     import select
     import signal
+    import struct
 
     class Alarm(Exception):
         pass
@@ -367,12 +368,22 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     conn, peer = listener.accept()
     conn.close()
+    # With a socket timeout the kernel never restarts: EINTR, SA_RESTART or not.
+    timed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    timed.bind(("0.0.0.0", int(port) + 1))
+    timed.listen(8)
+    timed.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 30, 0))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    ctypes.set_errno(0)
+    timed_rc = _libc.accept(timed.fileno(), None, None)
+    timed_errno = ctypes.get_errno() if timed_rc < 0 else 0
     _out(
         accept_interrupted=accept_interrupted,
         connect_interrupted=connect_interrupted,
         restarted_accept_from=_addr(peer),
-        handler_ran=ran == [signal.SIGALRM],
+        handler_ran=ran == [signal.SIGALRM, signal.SIGALRM],
         fillers=len(fillers),
+        timed_accept_errno=timed_errno,
         **seen,
     )
 
@@ -419,6 +430,20 @@ def bind_in_a_thread(port: str, seconds: str) -> None:
     sock.listen(8)
     _out(listening=_addr(sock.getsockname()))
     time.sleep(600)
+
+
+def bind_after_a_thread(port: str) -> None:
+    """A thread binds PORT and ends; the main thread binds PORT again."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    binder = threading.Thread(target=lambda: held.bind(("0.0.0.0", int(port))))
+    binder.start()
+    binder.join()
+    again = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        again.bind(("0.0.0.0", int(port)))
+        _out(errno=0, held=_addr(held.getsockname()))
+    except OSError as exc:
+        _out(errno=exc.errno, held=_addr(held.getsockname()))
 
 
 def listen_backlog(port: str, backlog: str) -> None:
@@ -482,6 +507,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "accept-without-fds": accept_without_fds,
     "listen-backlog": listen_backlog,
     "bind-in-a-thread": bind_in_a_thread,
+    "bind-after-a-thread": bind_after_a_thread,
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,

@@ -174,9 +174,11 @@ def test_signals_interrupt_parked_calls(node: AxnetNode) -> None:
     assert result["signal_arrived_first"] is True
     assert result["handler_ran"] is True
     assert result["restarted_accept_from"][0] == "10.1.0.5"
+    # An accept with SO_RCVTIMEO is never restarted: EINTR even with SA_RESTART.
+    assert result["timed_accept_errno"] == errno.EINTR
     counted = re.search(r"engine done python=\{[^}]*'interrupted': (\d+)", done.stderr)
     assert counted is not None, done.stderr
-    assert int(counted[1]) == 3  # the accept, the connect, the restarted accept
+    assert int(counted[1]) == 4  # the accept, the connect, the restarted one, the timed one
 
 
 def _processes(node: AxnetNode, marker: str) -> list[int]:
@@ -299,6 +301,11 @@ def test_bound_socket_outlives_the_thread_that_bound_it(node: AxnetNode) -> None
     node.app([*APPS, "bind-in-a-thread", "7018", "2.5"], ip="10.1.0.5")
     service = node.wait_service("10.1.0.5:7018")
     assert service["real"].startswith("127.0.0.1:")
+
+
+def test_a_port_bound_by_a_thread_that_ended_is_still_in_use(node: AxnetNode) -> None:
+    done = node.run_json([*APPS, "bind-after-a-thread", "7021"], ip="10.1.0.5")
+    assert done == {"errno": errno.EADDRINUSE, "held": ["10.1.0.5", 7021]}
 
 
 def test_negative_listen_backlog_means_the_most_allowed(node: AxnetNode) -> None:

@@ -304,3 +304,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("axnet ")
+
+
+def test_class_e_is_a_fine_virtual_range() -> None:
+    # Nothing real lives in 240.0.0.0/4, and virtual IPs never reach a wire.
+    assert str(parse_network("240.1.0.0/16")) == "240.1.0.0/16"
+
+
+def test_daemon_refuses_a_name_too_long_to_gossip(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_daemon(daemon_args("--name", "é" * 200)) == 2
+    assert capsys.readouterr().err == (
+        "axnet daemon: --name must be at most 255 bytes of UTF-8, got 400\n"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -347,14 +348,17 @@ async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> N
                     client.request("claim", vip=vip, vport=port)
                     client.request("listen", vip=vip, vport=port)
                     client.request("release", vip=vip, vport=port)
-            stalled.settimeout(10.0)
+            # Dropped, or (with large socket buffers) all of it still queued:
+            # either way the busy app above was never held up.
+            stalled.settimeout(2.0)
             received = b""
-            while chunk := stalled.recv(1 << 20):
-                received += chunk
+            with contextlib.suppress(TimeoutError):
+                while chunk := stalled.recv(1 << 20):
+                    received += chunk
             return received
 
     received = await _with_daemon(sock_dir, talk)
-    assert received  # what fit before it was dropped; then the end of the stream
+    assert received  # its attach was answered, before it stopped reading
 
 
 def test_a_client_refuses_a_daemon_of_another_user(sock_dir: Path) -> None:

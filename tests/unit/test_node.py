@@ -587,3 +587,9 @@ def test_a_restarted_node_starts_picking_virtual_ips_elsewhere() -> None:
     before = [attach(make_node(virtual_range="10.77.0.0/16", now=1000.0), "a").vip]
     after = [attach(make_node(virtual_range="10.77.0.0/16", now=2000.0), "a").vip]
     assert before != after
+
+
+def test_picked_virtual_ips_never_include_the_nodes_own_address() -> None:
+    node = make_node(virtual_range="192.0.2.0/29")  # HOST, 192.0.2.1, is in it
+    vips = {attach(node, f"a{i}").vip for i in range(5)}
+    assert HOST not in vips and len(vips) == 5
