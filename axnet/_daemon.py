@@ -31,7 +31,7 @@ from ._control import Connection, ControlError, control_path, prepare_runtime_di
 from ._node import ClaimError, Merged, Node, NodeConfig
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
-from ._wire import WireError, record_from_wire, record_to_wire
+from ._wire import WireError, int_from_wire, port_from_wire, record_from_wire, record_to_wire
 
 log = logging.getLogger("axnet.daemon")
 
@@ -122,10 +122,14 @@ class Daemon:
         vip_text = request.get("vip")
         vip = ip_address(str(vip_text)) if vip_text else None
         block = request.get("block")
-        wanted_block = (_port(block[0]), _port(block[1])) if block else None
+        wanted_block = (port_from_wire(block[0]), port_from_wire(block[1])) if block else None
         # Bindings a supervisor kept across a daemon restart.
         claims = [
-            (VirtualAddress(ip=ip_address(str(vip_s)), port=_port(vport)), _port(real), bool(on))
+            (
+                VirtualAddress(ip=ip_address(str(vip_s)), port=port_from_wire(vport)),
+                port_from_wire(real),
+                bool(on),
+            )
             for vip_s, vport, real, on in request.get("claims") or []
         ]
         app, written = self.node.attach(
@@ -133,7 +137,7 @@ class Daemon:
             vip=vip,
             name=str(request.get("name") or ""),
             labels=labels_from([(str(k), str(v)) for k, v in request.get("labels") or []]),
-            pid=_int(request.get("pid") or 0),
+            pid=int_from_wire(request.get("pid") or 0),
             argv=[str(a) for a in request.get("argv") or []],
             block=wanted_block,
             now=time.time(),
@@ -173,10 +177,12 @@ class Daemon:
     async def _session_op(
         self, conn: Connection, app_id: str, op: str, request: Mapping[str, Any]
     ) -> None:
-        virtual = VirtualAddress(ip=ip_address(str(request["vip"])), port=_port(request["vport"]))
+        virtual = VirtualAddress(
+            ip=ip_address(str(request["vip"])), port=port_from_wire(request["vport"])
+        )
         if op == "claim":
             claim = self.node.claim(
-                app_id, virtual, avoid=[_port(p) for p in request.get("avoid") or []]
+                app_id, virtual, avoid=[port_from_wire(p) for p in request.get("avoid") or []]
             )
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
         elif op == "listen":
@@ -292,20 +298,6 @@ class Daemon:
                 log.info("daemon stopping signal=%s", signal.Signals(signum).name)
                 self._stop.set()
                 return
-
-
-def _int(value: object) -> int:
-    """A plain integer from a request (no bool, float or string)."""
-    if type(value) is not int:
-        raise ValueError(f"expected an integer, got {value!r:.40}")
-    return value
-
-
-def _port(value: object) -> int:
-    port = _int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad port {port}")
-    return port
 
 
 def _describe(record: Record) -> str:

@@ -120,7 +120,8 @@ def record_to_wire(record: AppRecord | ServiceRecord) -> list[object]:
     ]
 
 
-def _port(value: object) -> int:
+def port_from_wire(value: object) -> int:
+    """A port number as it came in: a plain int 0-65535; WireError otherwise."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise WireError(f"bad port {value!r}")
     return value
@@ -132,7 +133,8 @@ def _str(value: object) -> str:
     return value
 
 
-def _int(value: object) -> int:
+def int_from_wire(value: object) -> int:
+    """A plain int as it came in (no bool); WireError otherwise."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise WireError(f"expected an integer, got {type(value).__name__}")
     return value
@@ -144,7 +146,7 @@ MAX_VERSION = 2**63 - 1
 
 
 def _version(value: object) -> int:
-    version = _int(value)
+    version = int_from_wire(value)
     if not 0 <= version <= MAX_VERSION:
         raise WireError(f"version out of range: {version}")
     return version
@@ -170,7 +172,7 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     kind = data[0]
     if kind == "a" and len(data) == 12:
         _, app_id, node, vip, real_host, lo, hi, name, labels, version, deleted, at = data
-        lo_port, hi_port = _port(lo), _port(hi)
+        lo_port, hi_port = port_from_wire(lo), port_from_wire(hi)
         if lo_port > hi_port:
             raise WireError("port block ends before it starts")
         return AppRecord(
@@ -189,8 +191,8 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     if kind == "s" and len(data) == 12:
         _, vip, vport, real_host, real_port, node, app_id, name, labels, version, deleted, at = data
         return ServiceRecord(
-            virtual=VirtualAddress(ip=_ip(vip), port=_port(vport)),
-            real=RealAddress(host=_ip(real_host), port=_port(real_port)),
+            virtual=VirtualAddress(ip=_ip(vip), port=port_from_wire(vport)),
+            real=RealAddress(host=_ip(real_host), port=port_from_wire(real_port)),
             node=_str(node),
             app_id=_str(app_id),
             name=_str(name),
