@@ -641,6 +641,7 @@ class GossipCluster:
                 "republished": d.republished,
             },
             "reconnects": s.reconnects,
+            "members_reaped": s.members_reaped,
             "revival_syncs": d.revival_syncs,
         }
 
@@ -890,6 +891,9 @@ class GossipCluster:
                 log.info("member left name=%s", member.name)
                 self._failed.discard(member.name)
                 self._forget(member.name)
+            case swim.MemberReaped(member=member):
+                log.info("member forgotten name=%s", member.name)
+                self._failed.discard(member.name)
             case swim.NameConflict(name=name, address=address):
                 self._conflicts.append(_host_port(address))
                 log.error(

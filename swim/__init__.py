@@ -33,6 +33,7 @@ from ._events import MemberAlive as MemberAlive
 from ._events import MemberDead as MemberDead
 from ._events import MemberJoined as MemberJoined
 from ._events import MemberLeft as MemberLeft
+from ._events import MemberReaped as MemberReaped
 from ._events import MemberSuspected as MemberSuspected
 from ._events import MemberUpdated as MemberUpdated
 from ._events import NameConflict as NameConflict

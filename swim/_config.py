@@ -73,8 +73,14 @@ class Config:
     #: reconnect_interval).  0 disables.
     reconnect_interval: float = 30.0
     #: seconds after its death during which a failed member is still retried
-    #: (Serf's reconnect_timeout, 24 h).
-    reconnect_timeout: float = 24 * 3600.0
+    #: (Serf's reconnect_timeout, 24 h); then it is forgotten.
+    reconnect_timeout: float = attrs.field(default=24 * 3600.0, validator=_positive)
+    #: seconds after it left during which a left member is remembered, so that a
+    #: late message about it cannot bring it back (Serf's tombstone_timeout).
+    tombstone_timeout: float = attrs.field(default=24 * 3600.0, validator=_positive)
+    #: seconds between two sweeps that forget failed and left members past
+    #: their timeouts (Serf's reap_interval).
+    reap_interval: float = attrs.field(default=15.0, validator=_positive)
     #: Lifeguard health multiplier ceiling (count): the score ranges over
     #: 0 .. awareness_max_multiplier - 1, so timeouts stretch at most *8.
     awareness_max_multiplier: int = attrs.field(default=8, validator=_at_least_one)

@@ -51,6 +51,7 @@ from ._events import (
     MemberDead,
     MemberJoined,
     MemberLeft,
+    MemberReaped,
     MemberSuspected,
     MemberUpdated,
     NameConflict,
@@ -195,6 +196,7 @@ class Swim:
             if config.reconnect_interval > 0
             else math.inf
         )
+        self._next_reap_at = now + config.reap_interval
         self._queue_self_alive()
 
     # -- read-only views ------------------------------------------------------
@@ -377,7 +379,12 @@ class Swim:
 
     def next_deadline(self) -> float:
         """Latest time at which `tick` must be called."""
-        deadline = min(self._next_gossip_at, self._next_push_pull_at, self._next_reconnect_at)
+        deadline = min(
+            self._next_gossip_at,
+            self._next_push_pull_at,
+            self._next_reconnect_at,
+            self._next_reap_at,
+        )
         if not self._leaving:
             deadline = min(deadline, self._next_probe_at)
         probe = self._probe
@@ -418,6 +425,9 @@ class Swim:
         if now >= self._next_reconnect_at:
             self._next_reconnect_at = now + self._config.reconnect_interval
             self._reconnect(now)
+        if now >= self._next_reap_at:
+            self._next_reap_at = now + self._config.reap_interval
+            self._reap(now)
 
     # -- simulation support -------------------------------------------------------
 
@@ -466,6 +476,8 @@ class Swim:
                 i = 0
             index = (a * i + b) % n
             i += 1
+            if index >= len(self._table):
+                continue  # reaped since the round began
             member = self._table.get(self._table.name_at(index))
             if member is None or member.name == self._name:
                 continue
@@ -777,6 +789,30 @@ class Swim:
         assert member is not None
         self.stats.reconnects += 1
         self._request_stream(member.address, self._push_pull(join=False), StreamPurpose.PUSH_PULL)
+
+    def _reap(self, now: float) -> None:
+        """Forget failed members past reconnect_timeout and left ones past
+        tombstone_timeout (Serf's reaper): without it every name that ever
+        joined is kept, and sent in every push-pull, for good."""
+        reaped: set[str] = set()
+        for name, died in list(self._dead_at.items()):
+            member = self._table.get(name)
+            if member is None or member.state not in (MemberState.DEAD, MemberState.LEFT):
+                del self._dead_at[name]
+                continue
+            if member.state is MemberState.DEAD:
+                timeout = self._config.reconnect_timeout
+            else:
+                timeout = self._config.tombstone_timeout
+            if now - died <= timeout or not self._table.remove(name):
+                continue
+            del self._dead_at[name]
+            reaped.add(name)
+            self.stats.members_reaped += 1
+            self._events.append(MemberReaped(member=member))
+        if reaped:
+            for seen in [k for k in self._user_seen if k[0] in reaped]:
+                del self._user_seen[seen]
 
     def _merge(self, remote: PushPull, now: float) -> None:
         for entry in remote.members:

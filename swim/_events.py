@@ -64,6 +64,14 @@ class MemberLeft:
 
 
 @attrs.frozen(kw_only=True)
+class MemberReaped:
+    """A failed or left member was forgotten, its timeout over: a message
+    about it from now on is news of a new member."""
+
+    member: Member
+
+
+@attrs.frozen(kw_only=True)
 class NameConflict:
     """Another member announces this member's own name from another address:
     names must be unique, and its messages about 'us' are ignored."""
@@ -88,6 +96,7 @@ Event: TypeAlias = (
     | MemberAlive
     | MemberDead
     | MemberLeft
+    | MemberReaped
     | NameConflict
     | UserMessage
 )

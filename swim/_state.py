@@ -12,6 +12,10 @@ Names are append-only (index → name), so a probe round can walk an implicit
 permutation of indices and gossip can pick uniformly random indices, both in
 O(1) memory. Dead and left members stay as tombstones: they are skipped by
 probes, and they carry the incarnation that a restarted member must beat.
+The core reaps old tombstones with `remove`, which moves the last name into
+the freed index: a probe round under way may then visit one member twice or
+skip one, which the next round makes good. Members of a shared base are
+never removed (the simulator's runs are far shorter than any tombstone's life).
 """
 
 from __future__ import annotations
@@ -73,6 +77,20 @@ class MemberTable:
         if member.state in _LIVE:
             self._live += 1
         self._local[member.name] = member
+
+    def remove(self, name: str) -> bool:
+        """Forget a member learned locally; False for the local base's (kept)."""
+        member = self._local.get(name)
+        if member is None or name in self._base.members:
+            return False
+        del self._local[name]
+        names = self._local_names
+        index = names.index(name)
+        names[index] = names[-1]
+        names.pop()
+        if member.state in _LIVE:
+            self._live -= 1
+        return True
 
     def name_at(self, index: int) -> str:
         base = self._base.names

@@ -38,3 +38,5 @@ class Stats:
     name_conflicts: int = 0
     #: push-pulls started with a failed member (reconnect)
     reconnects: int = 0
+    #: failed and left members forgotten after their timeouts
+    members_reaped: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from swim import (
     MemberDead,
     MemberJoined,
     MemberLeft,
+    MemberReaped,
     MemberState,
     MemberSuspected,
     MemberUpdated,
@@ -40,11 +42,18 @@ A = ("10.0.0.1", 7946)
 B = ("10.0.0.2", 7946)
 
 
-def make(name: str, address: tuple[str, int], *, incarnation: int = 1, seed: int = 0) -> Swim:
+def make(
+    name: str,
+    address: tuple[str, int],
+    *,
+    incarnation: int = 1,
+    seed: int = 0,
+    config: Config | None = None,
+) -> Swim:
     return Swim(
         name=name,
         address=address,
-        config=Config.lan(),
+        config=config or Config.lan(),
         rng=random.Random(seed),
         now=0.0,
         incarnation=incarnation,
@@ -63,8 +72,8 @@ class Recorder:
         self.merged.append((data, join))
 
 
-def joined_pair() -> tuple[Swim, Swim]:
-    a, b = make("a", A), make("b", B, seed=1)
+def joined_pair(config: Config | None = None) -> tuple[Swim, Swim]:
+    a, b = make("a", A, config=config), make("b", B, seed=1, config=config)
     b.join([A], 0.0)
     (request,) = b.take_stream_requests()
     assert request.purpose is StreamPurpose.JOIN
@@ -237,6 +246,68 @@ def test_leave_is_dead_by_self() -> None:
     events = b.take_events()
     assert any(isinstance(e, MemberLeft) for e in events)
     assert b.member("a").state is MemberState.LEFT  # type: ignore[union-attr]
+
+
+def run_alone(member: Swim, until: float) -> list[object]:
+    """Tick a member that hears nobody until `until`; its events."""
+    events: list[object] = []
+    now = 0.0
+    while now < until:
+        now = min(member.next_deadline(), until)
+        member.tick(now)
+        member.take_datagrams()
+        for request in member.take_stream_requests():
+            member.stream_failed(request.dest, now)
+        events.extend(member.take_events())
+    return events
+
+
+REAPING = attrs.evolve(
+    Config.lan(), tombstone_timeout=100.0, reconnect_timeout=200.0, reap_interval=5.0
+)
+
+
+def test_a_left_member_is_forgotten_after_the_tombstone_timeout() -> None:
+    a, _ = joined_pair(REAPING)
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 0.0)
+    assert a.member("b").state is MemberState.LEFT  # type: ignore[union-attr]
+    run_alone(a, 99.0)
+    assert a.member("b") is not None, "forgotten before its tombstone timeout"
+    events = run_alone(a, 110.0)
+    assert [e.member.name for e in events if isinstance(e, MemberReaped)] == ["b"]
+    assert a.member("b") is None
+    assert {m.name for m in a.members()} == {"a"}
+    assert a.stats.members_reaped == 1
+    # Late news of its death does not bring it back; a new life does.
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 111.0)
+    a.handle_datagram(B, packet(Suspect(incarnation=1, member="b", accuser="c")), 111.0)
+    assert a.member("b") is None
+    a.handle_datagram(B, packet(Alive(incarnation=7, member="b", address=B, meta=b"")), 111.0)
+    assert a.member("b").state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert [type(e) for e in a.take_events()] == [MemberJoined]
+
+
+def test_a_failed_member_is_retried_until_the_reconnect_timeout_then_forgotten() -> None:
+    a, _ = joined_pair(REAPING)
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="c")), 0.0)
+    assert a.member("b").state is MemberState.DEAD  # type: ignore[union-attr]
+    run_alone(a, 150.0)
+    assert a.member("b").state is MemberState.DEAD, "failed members outlive left ones"  # type: ignore[union-attr]
+    reconnects = a.stats.reconnects
+    assert reconnects >= 1
+    events = run_alone(a, 300.0)
+    assert [e.member.name for e in events if isinstance(e, MemberReaped)] == ["b"]
+    assert a.member("b") is None
+    assert a.stats.reconnects <= reconnects + 2  # none once it is forgotten
+    # A push-pull from a peer that still holds the tombstone does not revive it.
+    c = make("c", ("10.0.0.3", 7946), config=REAPING)
+    c.handle_datagram(B, packet(Alive(incarnation=1, member="b", address=B, meta=b"")), 0.0)
+    c.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="c")), 0.0)
+    c.join([A], 300.0)
+    (request,) = c.take_stream_requests()
+    a.handle_stream(c.local_member.address, request.data, 300.0)
+    assert a.member("b") is None
+    assert a.member("c").state is MemberState.ALIVE  # type: ignore[union-attr]
 
 
 def test_user_broadcast_supersedes_by_key_and_is_delivered_once() -> None:

@@ -24,6 +24,7 @@ EXPECTED = {
     "MemberDead",
     "MemberJoined",
     "MemberLeft",
+    "MemberReaped",
     "NameConflict",
     "MemberState",
     "MemberSuspected",
