@@ -9,11 +9,14 @@ engine keeps names one *task* for that task's whole life, never a number:
   is gone, ``pidfd_getfd`` through it fails with ESRCH, it never reaches a new
   thread that got the same id.  So pidfds are cached per tid, and a stale one
   is replaced when it says ESRCH;
-* an open ``/proc/TID/mem`` names one address space.  After the thread exits
-  or execs, reads and writes through it fail; a cached one is reopened once,
-  and a freshly opened one is trusted only after the notification is checked
-  still valid (the thread is parked in its syscall, so the tid was not reused
-  between the open and the check).
+* an open ``/proc/TID/mem`` names one address space, the process's, not the
+  thread's: it outlives the thread it was opened through for as long as the
+  process lives.  So a mem handle is only used beside a live pidfd of the same
+  task: opening a fresh pidfd for a tid drops its mem handle, and a cached mem
+  handle is used only once its pidfd is checked alive.  A freshly opened one
+  is trusted only after the notification is checked still valid (the thread
+  is parked in its syscall, so the tid was not reused between the open and
+  the check).
 
 A thread parked in a blocking call waits killably (see ``_libc``): only a
 fatal signal ends the wait.  :func:`signal_waiting` tells the engine when a
@@ -22,13 +25,15 @@ signal the kernel would interrupt that call for is pending for the thread.
 Both caches are bounded; dropping them only costs a re-open.  The native hot
 path (``_fastpath``) reads the same two caches (:attr:`Tasks.pidfds`,
 :attr:`Tasks.mems`) but never fills them: a handle is only ever opened and
-validated here.
+validated here.  It reads memory only after ``pidfd_getfd`` through the cached
+pidfd succeeded, which is its liveness check.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Callable
 
 from ._libc import PIDFD_THREAD, pidfd_getfd, pidfd_open
@@ -144,6 +149,16 @@ def _check_range(address: int, size: int) -> None:
         raise Errno(errno.EFAULT)
 
 
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # it exists (EPERM: it changed credentials)
+    return True
+
+
 def _open_mem(tid: int) -> int:
     return os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
 
@@ -156,28 +171,42 @@ class Tasks:
         self._pidfds = _Cache(_open_pidfd)
         self._mems = _Cache(_open_mem)
 
+    def _pidfd(self, tid: int) -> tuple[int, bool]:
+        """(pidfd, fresh) for *tid*; a fresh one drops the tid's mem handle,
+        which may be an earlier task's; raises Errno or Gone."""
+        try:
+            pidfd, fresh = self._pidfds.get(tid)
+        except OSError as exc:
+            raise _gone_or_errno(exc) from None
+        if fresh:
+            self._mems.drop(tid)
+        return pidfd, fresh
+
+    def _forget(self, tid: int) -> None:
+        """The thread is gone and its id may be another task's now."""
+        self._pidfds.drop(tid)
+        self._mems.drop(tid)
+
     def getfd(self, tid: int, target: int) -> int:
         """Our duplicate of the thread's fd *target*; raises Errno or Gone."""
         for attempt in (0, 1):
-            try:
-                pidfd, _ = self._pidfds.get(tid)
-            except OSError as exc:
-                raise _gone_or_errno(exc) from None
+            pidfd, _ = self._pidfd(tid)
             try:
                 return pidfd_getfd(pidfd, target)
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
                     raise Errno(exc.errno or errno.EBADF) from None
-                # The thread is gone and its id may be another task's now:
-                # its address space handle goes too.
-                self._pidfds.drop(tid)
-                self._mems.drop(tid)
+                self._forget(tid)
                 if attempt:
                     raise Gone from None
         raise Gone
 
     def mem(self, tid: int, notification_id: int) -> tuple[int, bool]:
         """The thread's address space for writing results; raises Gone or Errno."""
+        pidfd, fresh = self._pidfd(tid)
+        if not fresh and not _alive(pidfd):
+            self._forget(tid)
+            self._pidfd(tid)  # whoever has the id now (validated below)
         try:
             fd, fresh = self._mems.get(tid)
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -117,3 +118,54 @@ def test_signal_waiting_reads_a_real_thread() -> None:
         child.kill()
         child.wait()
     assert not signal_waiting(child.pid)  # gone
+
+
+_MARKER_CHILD = (
+    "import ctypes, sys, time; b = ctypes.create_string_buffer(sys.argv[1].encode(), 16); "
+    "print(ctypes.addressof(b), flush=True); time.sleep(60)"
+)
+
+
+def _marked(marker: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A process holding *marker* in its memory; (process, the marker's address)."""
+    child = subprocess.Popen([sys.executable, "-c", _MARKER_CHILD, marker], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    return child, int(child.stdout.readline())
+
+
+def test_a_cached_address_space_never_outlives_the_task_it_was_opened_for() -> None:
+    # /proc/TID/mem names a process, not a thread: after thread X of P exits,
+    # a handle opened through X still reads P.  When the kernel gives X's id
+    # to another task Q, Q's calls must not read P.  Stand-ins here: P holds
+    # "old", Q holds "new", and Q's id keys P's cached handle, as after X exited.
+    old, _ = _marked("old")
+    new, address = _marked("new")
+    gone, _ = _child()
+    gone_pidfd = os.pidfd_open(gone.pid)
+    gone.kill()
+    gone.wait()
+    tasks = Tasks(lambda ident: True)
+
+    def cache_old_for_new() -> None:
+        tasks.mems[new.pid] = os.open(f"/proc/{old.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    try:
+        # No pidfd cached (that cache was cleared): a fresh pidfd drops it.
+        cache_old_for_new()
+        assert tasks.read(new.pid, 1, address, 3) == b"new"
+        # Beside the pidfd of a task that is gone: the liveness check drops it.
+        tasks.close()
+        tasks.pidfds[new.pid] = gone_pidfd
+        cache_old_for_new()
+        assert tasks.read(new.pid, 1, address, 3) == b"new"
+        # The native path reads memory only after pidfd_getfd through a cached
+        # pidfd worked: a pidfd opened for that drops the stale handle too.
+        tasks.close()
+        cache_old_for_new()
+        os.close(tasks.getfd(new.pid, 0))
+        assert new.pid not in tasks.mems
+    finally:
+        tasks.close()
+        for child in (old, new):
+            child.kill()
+            child.wait()
