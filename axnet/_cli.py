@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 from ._version import __version__
+from ._wire import MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_TEXT_BYTES
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -71,11 +72,29 @@ def parse_virtual_ip(text: str) -> IPAddress:
     return ip
 
 
+def _utf8_len(text: str) -> int:
+    return len(text.encode(errors="surrogateescape"))
+
+
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(c.isspace() for c in key):
         raise argparse.ArgumentTypeError(f"--label must look like key=value, got {text!r}")
+    if _utf8_len(key) > MAX_LABEL_KEY_BYTES or _utf8_len(value) > MAX_LABEL_VALUE_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"--label keys may be {MAX_LABEL_KEY_BYTES} bytes long and values "
+            f"{MAX_LABEL_VALUE_BYTES}, got {text!r}"
+        )
     return key, value
+
+
+def parse_name(text: str) -> str:
+    """``--name``: a service name, at most MAX_TEXT_BYTES bytes."""
+    if _utf8_len(text) > MAX_TEXT_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"--name may be {MAX_TEXT_BYTES} bytes long, got {_utf8_len(text)}"
+        )
+    return text
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -173,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_virtual_ip,
         help="the app's virtual IP (default: one from the node's virtual range)",
     )
-    r.add_argument("--name", default="", help="service name")
+    r.add_argument("--name", default="", type=parse_name, help="service name")
     r.add_argument(
         "--label",
         action="append",
@@ -378,6 +397,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "axnet run --ip 10.1.0.5 -- python3 -m http.server 80",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    if len(args.label) > MAX_LABELS:
+        print(f"axnet run: at most {MAX_LABELS} --label, got {len(args.label)}", file=sys.stderr)
         return EXIT_USAGE
     labels: Labels = labels_from(args.label)
     options = RunOptions(

@@ -31,7 +31,16 @@ from ._control import Connection, ControlError, control_path, prepare_runtime_di
 from ._node import ClaimError, Merged, Node, NodeConfig
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
-from ._wire import WireError, int_from_wire, port_from_wire, record_from_wire, record_to_wire
+from ._wire import (
+    RECORDS_PER_FRAME,
+    WireError,
+    int_from_wire,
+    labels_from_wire,
+    port_from_wire,
+    record_from_wire,
+    record_to_wire,
+    text_from_wire,
+)
 
 log = logging.getLogger("axnet.daemon")
 
@@ -75,9 +84,10 @@ class Daemon:
             log.info("record %s", _describe(record))
         if local and self.cluster is not None:
             self.cluster.publish(records)
-        message = {"push": "records", "records": [record_to_wire(r) for r in records]}
-        for conn in list(self.sessions.values()):
-            await conn.send(message)
+        for chunk in _framed([record_to_wire(r) for r in records]):
+            message = {"push": "records", "records": chunk}
+            for conn in list(self.sessions.values()):
+                await conn.send(message)
 
     # -- control API --------------------------------------------------------
 
@@ -135,8 +145,8 @@ class Daemon:
         app, written = self.node.attach(
             app_id=app_id,
             vip=vip,
-            name=str(request.get("name") or ""),
-            labels=labels_from([(str(k), str(v)) for k, v in request.get("labels") or []]),
+            name=text_from_wire(request.get("name") or "", "name"),
+            labels=labels_from(labels_from_wire(request.get("labels") or [])),
             pid=int_from_wire(request.get("pid") or 0),
             argv=[str(a) for a in request.get("argv") or []],
             block=wanted_block,
@@ -151,14 +161,19 @@ class Daemon:
                     continue
                 if listening:
                     written += self.node.listen(app_id, virtual)
+            # The table in frames: the reply, then pushes, which the
+            # supervisor applies after the reply.
+            first, *rest = _framed([record_to_wire(r) for r in self.node.table.records()])
             await conn.reply(
                 request,
                 node=self.config.node.name,
                 real_host=str(self.config.node.real_host),
                 vip=str(app.vip),
                 block=list(app.block) if app.block else None,
-                records=[record_to_wire(r) for r in self.node.table.records()],
+                records=first,
             )
+            for chunk in rest:
+                await conn.send({"push": "records", "records": chunk})
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.changed(self.node.detach(app_id, now=time.time()))
@@ -185,14 +200,16 @@ class Daemon:
                 app_id, virtual, avoid=[port_from_wire(p) for p in request.get("avoid") or []]
             )
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
-        elif op == "listen":
-            written = self.node.listen(app_id, virtual)
-            await conn.reply(request)
-            await self.changed(written)
         else:
-            written = self.node.release(app_id, virtual, now=time.time())
-            await conn.reply(request)
+            # The push before the reply: the supervisor has the record in its
+            # table before the app's listen() (or close) returns, so that the
+            # app's next connect to it is decided by the new table.
+            if op == "listen":
+                written = self.node.listen(app_id, virtual)
+            else:
+                written = self.node.release(app_id, virtual, now=time.time())
             await self.changed(written)
+            await conn.reply(request)
 
     async def _command(self, conn: Connection, op: str, request: Mapping[str, Any]) -> None:
         table = self.node.table
@@ -258,11 +275,14 @@ class Daemon:
     def merge_remote(self, wire_records: Sequence[object]) -> Merged:
         """Merge records from the cluster; see :meth:`Node.merge_remote`."""
         records: list[Record] = []
+        dropped: list[str] = []
         for item in wire_records:
             try:
                 records.append(record_from_wire(item))
             except WireError as exc:
-                log.warning("dropped malformed record reason=%s", exc)
+                dropped.append(str(exc))
+        if dropped:
+            log.warning("dropped malformed records count=%d first=%s", len(dropped), dropped[0])
         return self.node.merge_remote(records, now=time.time())
 
     # -- lifecycle ------------------------------------------------------------
@@ -309,3 +329,9 @@ def _describe(record: Record) -> str:
 
 def default_node_name() -> str:
     return os.uname().nodename or "axnet-node"
+
+
+def _framed(items: list[object]) -> list[list[object]]:
+    """*items* in runs that each fit one control frame (at least one run)."""
+    runs = [items[i : i + RECORDS_PER_FRAME] for i in range(0, len(items), RECORDS_PER_FRAME)]
+    return runs or [[]]

@@ -245,6 +245,13 @@ class Node:
                 reason = "it is this node's real address"
             if reason is not None:
                 raise ClaimError(errno.EINVAL, f"{vip} cannot be a virtual IP: {reason}")
+            for other in self.apps.values():
+                if other.vip == vip:
+                    raise ClaimError(
+                        errno.EADDRINUSE,
+                        f"{vip} is already the virtual IP of app {other.app_id} "
+                        f"(pid {other.pid}): give each app its own --ip",
+                    )
         chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
         app = App(
@@ -302,6 +309,13 @@ class Node:
         bound (after a daemon restart).
         """
         app = self._app(app_id)
+        if virtual.ip != app.vip:
+            # An app's binds become its own virtual address: a claim of any
+            # other (a neighbour's, loopback, a real host) would redirect
+            # every app's connects to it.
+            raise ClaimError(
+                errno.EADDRNOTAVAIL, f"{virtual.ip} is not app {app_id}'s virtual IP {app.vip}"
+            )
         if virtual.port != 0 and self._in_use(virtual):
             raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
         if real_port is None:

@@ -7,6 +7,7 @@ here is a bug of ours.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from typing import Any
 
@@ -19,11 +20,25 @@ from ._table import (
     ServiceRecord,
     VirtualAddress,
     ip_address,
+    reserved_reason,
 )
 
-#: Largest control-API frame accepted (a full table for a big cluster fits).
+#: Largest control-API frame accepted.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 _HEADER = struct.Struct("!I")
+
+#: Arrays and maps, and their items, one decoded message may hold: a peer's
+#: few bytes per empty array must not become gigabytes of Python objects.
+MAX_OBJECTS = 2_000_000
+
+#: Bounds of a record's texts, in UTF-8 bytes: names and ids (a DNS name fits),
+#: label keys and values (as Kubernetes'), and labels per record.  A record is
+#: then at most about 12 KB, so RECORDS_PER_FRAME of them always fit a frame.
+MAX_TEXT_BYTES = 255
+MAX_LABEL_KEY_BYTES = 63
+MAX_LABEL_VALUE_BYTES = 255
+MAX_LABELS = 32
+RECORDS_PER_FRAME = 1000
 
 
 class WireError(ValueError):
@@ -35,8 +50,26 @@ def pack(obj: object) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
+    left = [MAX_OBJECTS]
+
+    def counted(items: Any) -> Any:
+        left[0] -= len(items) + 1
+        if left[0] < 0:
+            raise WireError(f"message holds more than {MAX_OBJECTS} objects")
+        return items
+
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            max_array_len=MAX_OBJECTS,
+            max_map_len=MAX_OBJECTS,
+            list_hook=counted,
+            object_hook=counted,
+        )
+    except WireError:
+        raise
     except Exception as exc:  # msgpack raises a zoo of types on garbage
         raise WireError(f"undecodable message: {exc}") from None
 
@@ -74,17 +107,32 @@ class FrameDecoder:
 # -- records ---------------------------------------------------------------
 
 
-def _labels(value: object) -> Labels:
+def text_from_wire(value: object, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """A string of at most *limit* UTF-8 bytes; WireError otherwise."""
+    if not isinstance(value, str):
+        raise WireError(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > limit or len(value.encode(errors="replace")) > limit:
+        raise WireError(f"{what} is longer than {limit} bytes")
+    return value
+
+
+def labels_from_wire(value: object) -> Labels:
+    """At most MAX_LABELS ``[key, value]`` pairs of bounded strings."""
     if not isinstance(value, list | tuple):
         raise WireError("labels must be a list")
+    if len(value) > MAX_LABELS:
+        raise WireError(f"more than {MAX_LABELS} labels")
     out: list[tuple[str, str]] = []
     for item in value:
         if not (isinstance(item, list | tuple) and len(item) == 2):
             raise WireError("a label must be a [key, value] pair")
         k, v = item
-        if not (isinstance(k, str) and isinstance(v, str)):
-            raise WireError("label keys and values must be strings")
-        out.append((k, v))
+        out.append(
+            (
+                text_from_wire(k, "a label key", MAX_LABEL_KEY_BYTES),
+                text_from_wire(v, "a label value", MAX_LABEL_VALUE_BYTES),
+            )
+        )
     return tuple(out)
 
 
@@ -165,6 +213,16 @@ def _ip(value: object) -> Any:
         raise WireError(f"bad IP address {value!r}") from None
 
 
+def _vip(value: object) -> Any:
+    """A virtual IP: never loopback, unspecified, multicast…, which every
+    app's connects to would then be redirected from."""
+    ip = _ip(value)
+    reason = reserved_reason(ipaddress.ip_network(ip))
+    if reason is not None:
+        raise WireError(f"{ip} cannot be a virtual IP: {reason}")
+    return ip
+
+
 def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     """Decode one record; raises :class:`WireError` on anything malformed."""
     if not isinstance(data, list) or not data:
@@ -176,14 +234,14 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
         if lo_port > hi_port:
             raise WireError("port block ends before it starts")
         return AppRecord(
-            app_id=_str(app_id),
-            node=_str(node),
-            vip=_ip(vip),
+            app_id=text_from_wire(app_id, "app id"),
+            node=text_from_wire(node, "node name"),
+            vip=_vip(vip),
             real_host=_ip(real_host),
             port_lo=lo_port,
             port_hi=hi_port,
-            name=_str(name),
-            labels=_labels(labels),
+            name=text_from_wire(name, "name"),
+            labels=labels_from_wire(labels),
             version=_version(version),
             deleted=bool(deleted),
             deleted_at=_float(at),
@@ -191,12 +249,12 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     if kind == "s" and len(data) == 12:
         _, vip, vport, real_host, real_port, node, app_id, name, labels, version, deleted, at = data
         return ServiceRecord(
-            virtual=VirtualAddress(ip=_ip(vip), port=port_from_wire(vport)),
+            virtual=VirtualAddress(ip=_vip(vip), port=port_from_wire(vport)),
             real=RealAddress(host=_ip(real_host), port=port_from_wire(real_port)),
-            node=_str(node),
-            app_id=_str(app_id),
-            name=_str(name),
-            labels=_labels(labels),
+            node=text_from_wire(node, "node name"),
+            app_id=text_from_wire(app_id, "app id"),
+            name=text_from_wire(name, "name"),
+            labels=labels_from_wire(labels),
             version=_version(version),
             deleted=bool(deleted),
             deleted_at=_float(at),

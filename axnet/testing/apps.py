@@ -263,6 +263,27 @@ def listen_then_close(port: str, seconds: str) -> None:
     time.sleep(float(seconds))
 
 
+def listen_connect_close(port: str, rounds: str) -> None:
+    """ROUNDS times: listen, connect to it at once, then close it and connect
+    again at once; what a kernel answers: connected, then refused."""
+    outcomes: dict[str, int] = {}
+    for _ in range(int(rounds)):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", int(port)))
+        listener.listen(8)
+        address = listener.getsockname()
+        for phase in ("listening", "closed"):
+            try:
+                socket.create_connection(address, timeout=10).close()
+                outcome = f"{phase}: connected"
+            except OSError as exc:
+                outcome = f"{phase}: {errno.errorcode.get(exc.errno or 0, exc)}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            listener.close()
+    _out(outcomes=outcomes)
+
+
 def stuck_server(port: str) -> None:
     """Listen with the smallest backlog and never accept: connects pile up and hang."""
     import time
@@ -520,6 +541,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "hostile": hostile,
     "bind-twice": bind_twice,
     "listen-then-close": listen_then_close,
+    "listen-connect-close": listen_connect_close,
 }
 
 if __name__ == "__main__":

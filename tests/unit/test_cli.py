@@ -44,6 +44,28 @@ def test_run_with_a_bad_label_exits_2(label: str, capsys: pytest.CaptureFixture[
     assert line.endswith(f"--label must look like key=value, got {label!r}")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--label", "k" * 64 + "=v"], "--label keys may be 63 bytes long and values 255, got "),
+        (["--label", "k=" + "é" * 128], "--label keys may be 63 bytes long and values 255, got "),
+        (["--name", "n" * 256], "--name may be 255 bytes long, got 256"),
+    ],
+)
+def test_run_with_an_oversized_name_or_label_exits_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Peers refuse records with longer texts: refused here, not half published.
+    line = _usage_error(["run", *args, "--", "true"], capsys)
+    assert line.startswith(f"axnet run: error: {message}")
+
+
+def test_run_with_too_many_labels_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    labels = [arg for i in range(33) for arg in ("--label", f"k{i}=v")]
+    assert main(["run", *labels, "--", "true"]) == EXIT_USAGE
+    assert capsys.readouterr().err == "axnet run: at most 32 --label, got 33\n"
+
+
 def test_daemon_with_a_bad_virtual_range_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     line = _usage_error(["daemon", "--virtual-range", "10.0.0/x"], capsys)
     assert line.endswith("--virtual-range must be a network like 10.77.0.0/16, got '10.0.0/x'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import pwd
@@ -34,7 +35,7 @@ from axnet._control import (
 )
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._node import NodeConfig
-from axnet._wire import frame
+from axnet._wire import MAX_LABELS, FrameDecoder, frame
 
 # -- runtime_dir ---------------------------------------------------------------
 
@@ -359,6 +360,69 @@ async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> N
 
     received = await _with_daemon(sock_dir, talk)
     assert received  # its attach was answered, before it stopped reading
+
+
+def _services_received(sock: socket.socket, want: int) -> set[str]:
+    """Virtual IPs of the service records in the attach reply and the pushes
+    after it, once *want* of them came."""
+    decoder, got = FrameDecoder(), set[str]()
+    sock.settimeout(30.0)
+    while len(got) < want:
+        data = sock.recv(1 << 20)
+        assert data, f"the daemon hung up after {len(got)} of {want} services"
+        for message in decoder.feed(data):
+            assert message.get("ok", True) is True, message
+            got |= {r[1] for r in message.get("records") or [] if r[0] == "s"}
+    return got
+
+
+async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Path) -> None:
+    # A peer's push-pull may carry more than one control frame holds (16 MB):
+    # 2 500 records of ~11 KB here.  Before, pushing it raised and ended the daemon.
+    path = control_path(sock_dir)
+    daemon = _daemon(sock_dir)
+    labels = [[f"{i:02d}" + "k" * 61, "v" * 255] for i in range(MAX_LABELS)]
+    wire = [
+        [
+            "s",
+            f"10.9.{i // 250}.{i % 250 + 1}",
+            80,
+            "192.0.2.9",
+            20000 + i,
+            "n2",
+            f"b{i}",
+            "s",
+            labels,
+            1,
+            False,
+            0.0,
+        ]
+        for i in range(2500)
+    ]
+
+    def attach(sock: socket.socket, app_id: str) -> None:
+        sock.connect(str(path))
+        sock.sendall(frame({"op": "attach", "id": 1, "app_id": app_id, "claims": []}))
+
+    def talk() -> tuple[set[str], set[str]]:
+        with socket.socket(socket.AF_UNIX) as early, socket.socket(socket.AF_UNIX) as late:
+            attach(early, "early")
+            _services_received(early, 0)
+            merged = trio.from_thread.run_sync(daemon.merge_remote, wire)
+            trio.from_thread.run(functools.partial(daemon.changed, merged.accepted, local=False))
+            pushed = _services_received(early, len(wire))
+            attach(late, "late")
+            snapshot = _services_received(late, len(wire))
+            with ControlClient(path, timeout=5.0) as client:
+                assert client.request("status")["apps"] == 2
+        return pushed, snapshot
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        with trio.fail_after(120):
+            pushed, snapshot = await trio.to_thread.run_sync(talk)
+        daemon.stop()
+    assert pushed == snapshot == {r[1] for r in wire}
 
 
 def test_a_client_refuses_a_daemon_of_another_user(sock_dir: Path) -> None:

@@ -276,15 +276,41 @@ def test_claim_gives_real_ports_from_the_pool_in_turn() -> None:
     assert not first.listening
 
 
-def test_claim_duplicate_across_apps_is_eaddrinuse() -> None:
+def test_a_virtual_ip_in_use_is_not_given_to_a_second_app() -> None:
     node = make_node()
-    attach(node, "a1")
-    attach(node, "a2")
+    attach(node, "a1", vip=ip_address("10.1.0.5"))
+    with pytest.raises(ClaimError) as info:
+        attach(node, "a2", vip=ip_address("10.1.0.5"))
+    assert info.value.errno == errno.EADDRINUSE
+    assert str(info.value) == (
+        "10.1.0.5 is already the virtual IP of app a1 (pid 1234): give each app its own --ip"
+    )
+    assert "a2" not in node.apps
+    node.detach("a1", now=NOW)
+    attach(node, "a2", vip=ip_address("10.1.0.5"))  # free again
+
+
+def test_claim_twice_is_eaddrinuse() -> None:
+    node = make_node()
+    attach(node, "a1", vip=ip_address("10.1.0.5"))
     node.claim("a1", va("10.1.0.5", 80))
     with pytest.raises(ClaimError) as info:
-        node.claim("a2", va("10.1.0.5", 80))
+        node.claim("a1", va("10.1.0.5", 80))
     assert info.value.errno == errno.EADDRINUSE
     assert str(info.value) == "10.1.0.5:80 is already in use"
+
+
+def test_an_app_claims_only_its_own_virtual_ip() -> None:
+    # Any other address (loopback, a real host, a neighbour's VIP) would
+    # redirect every app's connects to it.
+    node = make_node()
+    attach(node, "a1", vip=ip_address("10.1.0.5"))
+    for ip in ("127.0.0.1", "192.0.2.1", "10.1.0.6"):
+        with pytest.raises(ClaimError) as info:
+            node.claim("a1", va(ip, 5432))
+        assert info.value.errno == errno.EADDRNOTAVAIL
+        assert str(info.value) == f"{ip} is not app a1's virtual IP 10.1.0.5"
+    assert node.table.resolve(ip_address("127.0.0.1"), 5432) is None
 
 
 def test_claim_of_a_remote_service_is_eaddrinuse() -> None:
@@ -293,7 +319,7 @@ def test_claim_of_a_remote_service_is_eaddrinuse() -> None:
     b = attach(other, "b1", vip=ip_address("10.1.0.5"))
     other.claim("b1", VirtualAddress(ip=b.vip, port=80))
     node.merge_remote(other.listen("b1", VirtualAddress(ip=b.vip, port=80)), now=NOW)
-    attach(node, "a1")
+    attach(node, "a1", vip=ip_address("10.1.0.5"))
     with pytest.raises(ClaimError) as info:
         node.claim("a1", va("10.1.0.5", 80))
     assert info.value.errno == errno.EADDRINUSE
@@ -415,12 +441,11 @@ def test_release_tombstones_with_a_higher_version() -> None:
 
 def test_release_of_a_claim_never_listened_writes_nothing_but_frees_it() -> None:
     node = make_node()
-    attach(node, "a1")
-    attach(node, "a2")
+    attach(node, "a1", vip=ip_address("10.1.0.5"))
     virtual = va("10.1.0.5", 80)
     node.claim("a1", virtual)
     assert node.release("a1", virtual, now=NOW) == []
-    node.claim("a2", virtual)  # free again
+    node.claim("a1", virtual)  # free again
 
 
 # -- records from elsewhere --------------------------------------------------------

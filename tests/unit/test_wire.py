@@ -13,10 +13,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from axnet._table import AppRecord, IPAddress, RealAddress, ServiceRecord, VirtualAddress
+from axnet._table import (
+    AppRecord,
+    IPAddress,
+    RealAddress,
+    ServiceRecord,
+    VirtualAddress,
+    reserved_reason,
+)
 from axnet._wire import (
     MAX_FRAME_BYTES,
+    MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES,
+    MAX_LABELS,
+    MAX_OBJECTS,
+    MAX_TEXT_BYTES,
     MAX_VERSION,
+    RECORDS_PER_FRAME,
     FrameDecoder,
     WireError,
     frame,
@@ -33,6 +46,7 @@ def _not_mapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 ips: st.SearchStrategy[IPAddress] = st.ip_addresses().filter(_not_mapped)
+vips = ips.filter(lambda ip: reserved_reason(ipaddress.ip_network(ip)) is None)
 ports = st.integers(0, 65535)
 texts = st.text(max_size=20)
 labels = st.lists(st.tuples(texts, texts), max_size=4).map(tuple)
@@ -46,7 +60,7 @@ def app_records(draw: st.DrawFn) -> AppRecord:
     return AppRecord(
         app_id=draw(texts),
         node=draw(texts),
-        vip=draw(ips),
+        vip=draw(vips),
         real_host=draw(ips),
         port_lo=lo,
         port_hi=draw(st.integers(lo, 65535)),
@@ -61,7 +75,7 @@ def app_records(draw: st.DrawFn) -> AppRecord:
 @st.composite
 def service_records(draw: st.DrawFn) -> ServiceRecord:
     return ServiceRecord(
-        virtual=VirtualAddress(ip=draw(ips), port=draw(ports)),
+        virtual=VirtualAddress(ip=draw(vips), port=draw(ports)),
         real=RealAddress(host=draw(ips), port=draw(ports)),
         node=draw(texts),
         app_id=draw(texts),
@@ -133,7 +147,22 @@ def _good_app_wire() -> list[Any]:
     ("index", "value", "message"),
     [
         (0, "x", "unknown record kind 'x' or wrong length 12"),
-        (1, 7, "expected a string, got int"),
+        (1, 7, "app id must be a string, got int"),
+        (2, "n" * 256, "node name is longer than 255 bytes"),
+        (7, "é" * 128, "name is longer than 255 bytes"),  # 256 bytes of UTF-8
+        # Every app's connects to such an address would be redirected.
+        (
+            3,
+            "127.0.0.1",
+            "127.0.0.1 cannot be a virtual IP: it overlaps 127.0.0.0/8 "
+            "(loopback, unspecified, link-local, multicast or reserved)",
+        ),
+        (
+            3,
+            "::",
+            ":: cannot be a virtual IP: it overlaps ::/128 "
+            "(loopback, unspecified, link-local, multicast or reserved)",
+        ),
         (3, "10.0.0.300", "bad IP address '10.0.0.300'"),
         (3, 10, "bad IP address 10"),
         (5, 70000, "bad port 70000"),
@@ -141,7 +170,10 @@ def _good_app_wire() -> list[Any]:
         (6, 39999, "port block ends before it starts"),
         (8, "k=v", "labels must be a list"),
         (8, [["k"]], "a label must be a [key, value] pair"),
-        (8, [["k", 1]], "label keys and values must be strings"),
+        (8, [["k", 1]], "a label value must be a string, got int"),
+        (8, [["k", "v"]] * 33, "more than 32 labels"),
+        (8, [["k" * 64, ""]], "a label key is longer than 63 bytes"),
+        (8, [["k", "v" * 256]], "a label value is longer than 255 bytes"),
         (9, 1.5, "expected an integer, got float"),
         (9, False, "expected an integer, got bool"),
         # Room above the highest version seen: a node's next write must encode.
@@ -292,3 +324,53 @@ def test_decoder_on_any_framed_body_raises_only_wire_error(body: bytes) -> None:
     decoder = FrameDecoder()
     with contextlib.suppress(WireError):
         decoder.feed(struct.pack("!I", len(body)) + body)
+
+
+def test_a_service_record_for_a_reserved_address_is_refused() -> None:
+    wire = record_to_wire(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=ipaddress.ip_address("10.0.0.1"), port=5432),
+            real=RealAddress(host=ipaddress.ip_address("192.0.2.1"), port=20000),
+            node="n",
+            app_id="a",
+            name="",
+            labels=(),
+            version=1,
+            deleted=False,
+            deleted_at=0.0,
+        )
+    )
+    wire[1] = "127.0.0.1"
+    with pytest.raises(WireError, match="cannot be a virtual IP"):
+        record_from_wire(wire)
+
+
+def test_a_message_of_countless_empty_arrays_is_refused_before_it_is_built() -> None:
+    # Empty arrays are 1 byte each on the wire and ~60 in Python.
+    half = MAX_OBJECTS // 2 + 1
+    with pytest.raises(WireError, match=f"more than {MAX_OBJECTS} objects"):
+        unpack(pack([[[]] * half, [[]] * half]))
+    with pytest.raises(WireError, match="exceeds max_array_len"):
+        unpack(b"\xdd" + struct.pack("!I", MAX_OBJECTS + 1) + b"\x90" * (MAX_OBJECTS + 1))
+    assert unpack(pack({"k": [[]] * 10})) == {"k": [[]] * 10}
+
+
+def test_a_frame_of_the_largest_records_fits() -> None:
+    big = AppRecord(
+        app_id="a" * MAX_TEXT_BYTES,
+        node="n" * MAX_TEXT_BYTES,
+        vip=ipaddress.ip_address("fd00::1"),
+        real_host=ipaddress.ip_address("fd00::2"),
+        port_lo=0,
+        port_hi=65535,
+        name="é" * (MAX_TEXT_BYTES // 2),
+        labels=tuple(
+            (f"{i:02d}" + "k" * (MAX_LABEL_KEY_BYTES - 2), "v" * MAX_LABEL_VALUE_BYTES)
+            for i in range(MAX_LABELS)
+        ),
+        version=MAX_VERSION,
+        deleted=False,
+        deleted_at=0.0,
+    )
+    assert record_from_wire(unpack(pack(record_to_wire(big)))) == big
+    frame({"push": "records", "records": [record_to_wire(big)] * RECORDS_PER_FRAME})
