@@ -87,6 +87,11 @@ from ._stats import Stats
 from ._suspicion import Suspicion
 
 _MAX_NAME = 255
+
+#: Distinct (origin, key) broadcasts remembered; past it new keys are dropped
+#: (and counted) until members are reaped.  ~200 bytes each.
+MAX_USER_KEYS = 200_000
+
 #: Worst-case envelope bytes around the messages: version + array header.
 _ENVELOPE = 1 + 3
 #: Eligible-member scans are exact below this table size, sampled above.
@@ -740,8 +745,17 @@ class Swim:
     def _on_user(self, message: UserBroadcast) -> None:
         if message.origin == self._name:
             return
+        origin = self._table.get(message.origin)
+        if origin is None or origin.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            # From nobody we know (push-pull brings a member's state along
+            # with the member): made-up origins must not buy memory here.
+            self.stats.broadcasts_dropped_unknown += 1
+            return
         version = (message.boot, message.seq)
         seen = self._user_seen.get((message.origin, message.key))
+        if seen is None and len(self._user_seen) >= MAX_USER_KEYS:
+            self.stats.broadcasts_dropped_full += 1
+            return
         if seen is not None and seen >= version:
             return
         self._user_seen[(message.origin, message.key)] = version

@@ -329,6 +329,47 @@ def test_user_broadcast_supersedes_by_key_and_is_delivered_once() -> None:
     assert b.take_events() == []
 
 
+def test_broadcasts_from_nobody_we_know_buy_no_memory() -> None:
+    a, _ = joined_pair()
+    a.take_events()
+    queued = a.pending_broadcasts
+    made_up = [
+        UserBroadcast(origin=f"ghost{i}", key=b"k", boot=1, seq=1, payload=b"x") for i in range(50)
+    ]
+    a.handle_datagram(B, packet(*made_up), 0.0)
+    assert a.take_events() == []
+    assert a.pending_broadcasts == queued
+    assert a.stats.broadcasts_dropped_unknown == 50
+    # A member's own is delivered; a left member's late one is not.
+    a.handle_datagram(
+        B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=1, payload=b"x")), 0.0
+    )
+    assert a.take_events() == [UserMessage(sender="b", key=b"k", payload=b"x")]
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 0.0)
+    a.take_events()
+    a.handle_datagram(
+        B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=2, payload=b"y")), 0.0
+    )
+    assert a.take_events() == []
+
+
+def test_broadcast_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("swim._core.MAX_USER_KEYS", 10)
+    a, _ = joined_pair()
+    a.take_events()
+    for i in range(20):
+        a.handle_datagram(
+            B, packet(UserBroadcast(origin="b", key=b"%d" % i, boot=1, seq=1, payload=b"")), 0.0
+        )
+    assert len([e for e in a.take_events() if isinstance(e, UserMessage)]) == 10
+    assert a.stats.broadcasts_dropped_full == 10
+    # A newer version of a key already held is still taken.
+    a.handle_datagram(
+        B, packet(UserBroadcast(origin="b", key=b"0", boot=1, seq=2, payload=b"v2")), 0.0
+    )
+    assert a.take_events() == [UserMessage(sender="b", key=b"0", payload=b"v2")]
+
+
 def test_oversized_broadcast_is_refused() -> None:
     a = make("a", A)
     with pytest.raises(ValueError, match="does not fit in a packet"):
