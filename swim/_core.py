@@ -326,6 +326,9 @@ class Swim:
         # datagram packed with them must not turn into as many replies, each
         # draining the broadcast queue toward its sender.
         pinged = relayed = False
+        # Broadcasts last: a member's Alive packed after its broadcast must
+        # make it known first (broadcasts from unknown members are dropped).
+        messages.sort(key=lambda m: isinstance(m, UserBroadcast))
         for message in messages:
             self.stats.messages_received += 1
             if isinstance(message, Ping):

@@ -40,6 +40,7 @@ from swim._messages import (
 
 A = ("10.0.0.1", 7946)
 B = ("10.0.0.2", 7946)
+C = ("10.0.0.3", 7946)
 
 
 def make(
@@ -340,6 +341,10 @@ def test_broadcasts_from_nobody_we_know_buy_no_memory() -> None:
     assert a.take_events() == []
     assert a.pending_broadcasts == queued
     assert a.stats.broadcasts_dropped_unknown == 50
+    # A new member's broadcast packed before its Alive is delivered.
+    c = UserBroadcast(origin="c", key=b"k", boot=1, seq=1, payload=b"c")
+    a.handle_datagram(C, packet(c, Alive(incarnation=1, member="c", address=C, meta=b"")), 0.0)
+    assert UserMessage(sender="c", key=b"k", payload=b"c") in a.take_events()
     # A member's own is delivered; a left member's late one is not.
     a.handle_datagram(
         B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=1, payload=b"x")), 0.0
