@@ -20,6 +20,8 @@ from ._wire import MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_T
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports it
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 _EPILOG_RUN = """\
 examples:
@@ -509,12 +511,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _setup_logging(args.verbose)
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is met below, not at exit
+        return status
     except ControlError as exc:
         print(f"axnet {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        # Ctrl-C that reached a trio nursery comes out wrapped.
+        if group.split(KeyboardInterrupt)[1] is None:
+            return EXIT_INTERRUPTED
+        raise
+    except BrokenPipeError:
+        # The reader went away (`axnet apps | head -1`): stop quietly, as
+        # tools killed by SIGPIPE do, and keep the final flush from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -5,11 +5,22 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from axnet._cli import EXIT_USAGE, _table, build_parser, main, parse_label, parse_network
+from axnet._cli import (
+    _COMMANDS,
+    EXIT_USAGE,
+    _table,
+    build_parser,
+    main,
+    parse_label,
+    parse_network,
+)
 from axnet._daemonmain import node_config, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
@@ -338,3 +349,37 @@ def test_daemon_refuses_a_name_too_long_to_gossip(capsys: pytest.CaptureFixture[
     assert capsys.readouterr().err == (
         "axnet daemon: --name must be at most 255 bytes of UTF-8, got 400\n"
     )
+
+
+def test_ctrl_c_wrapped_by_trio_exits_130_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: argparse.Namespace) -> int:
+        raise BaseExceptionGroup("nursery", [KeyboardInterrupt()])
+
+    monkeypatch.setitem(_COMMANDS, "keygen", interrupted)
+    assert main(["keygen"]) == 130
+    assert capsys.readouterr().err == ""
+
+    def failed(args: argparse.Namespace) -> int:
+        raise BaseExceptionGroup("nursery", [KeyboardInterrupt(), OSError("real trouble")])
+
+    monkeypatch.setitem(_COMMANDS, "keygen", failed)
+    with pytest.raises(BaseExceptionGroup):
+        main(["keygen"])  # a real error is not hidden behind the Ctrl-C
+
+
+def test_a_reader_gone_early_ends_output_quietly() -> None:
+    # `axnet keygen | head -c0`: the pipe is closed before anything is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run(
+        [sys.executable, "-m", "axnet", "keygen"],
+        check=False,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
