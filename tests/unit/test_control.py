@@ -318,6 +318,24 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
     assert errors[0] == "bad request 'attach': bad port 70000"
 
 
+async def test_join_and_leave_without_gossip_say_how_to_cluster(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+
+    def talk() -> list[str]:
+        errors = []
+        with ControlClient(path, timeout=5.0) as client:
+            for op, fields in (("join", {"seeds": ["192.0.2.1"]}), ("leave", {})):
+                with pytest.raises(ControlError) as info:
+                    client.request(op, **fields)
+                assert info.value.errno == errno.ENOTCONN
+                errors.append(str(info.value))
+        return errors
+
+    errors = await _with_daemon(sock_dir, talk)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("this daemon runs without gossip; restart it with ")
+
+
 async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
     path = control_path(sock_dir)
 
