@@ -241,19 +241,20 @@ class Daemon:
         elif op == "members":
             members = self.cluster.members() if self.cluster is not None else [self._self_member()]
             await conn.reply(request, members=members)
-        elif op in ("join", "leave") and self.cluster is None:
-            raise ClaimError(
-                errno.ENOTCONN,
-                "this daemon runs without gossip; restart it with "
-                "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
-            )
-        elif op == "join":
-            joined = await self.cluster.join([str(s) for s in request.get("seeds") or []])
-            await conn.reply(request, joined=joined, conflicts=self.cluster.name_conflicts())
-        elif op == "leave":
-            assert self.cluster is not None
-            await self.cluster.leave()
-            await conn.reply(request)
+        elif op in ("join", "leave"):
+            cluster = self.cluster
+            if cluster is None:
+                raise ClaimError(
+                    errno.ENOTCONN,
+                    "this daemon runs without gossip; restart it with "
+                    "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
+                )
+            if op == "join":
+                joined = await cluster.join([str(s) for s in request.get("seeds") or []])
+                await conn.reply(request, joined=joined, conflicts=cluster.name_conflicts())
+            else:
+                await cluster.leave()
+                await conn.reply(request)
         elif op == "records":
             await conn.reply(request, records=[record_to_wire(r) for r in table.records()])
         elif op == "stop":

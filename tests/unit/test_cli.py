@@ -87,6 +87,20 @@ def test_daemon_with_a_bad_address_exits_2(capsys: pytest.CaptureFixture[str]) -
     assert line.endswith("--address must be an IPv4 or IPv6 address, got 'host'")
 
 
+@pytest.mark.parametrize(
+    "argv", [["status", "--bogus"], ["services", "extra"], ["keygen", "--json"]]
+)
+def test_a_commands_unknown_argument_shows_that_commands_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: axnet {argv[0]} ")
+    assert err.rstrip().endswith(f"axnet {argv[0]}: error: unrecognized arguments: {argv[1]}")
+
+
 def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     line = _usage_error(["frobnicate"], capsys)
     assert "invalid choice: 'frobnicate'" in line
