@@ -107,6 +107,9 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
             f"--virtual-range must be a network like 10.77.0.0/16, got {text!r}"
         ) from None
     reason = reserved_reason(network)
+    if reason is None and network.num_addresses < 4:
+        # Apps never get the network's first and last addresses.
+        reason = "it is too small: give it at least 4 addresses (a /30, or /126 for IPv6)"
     if reason is not None:
         raise argparse.ArgumentTypeError(
             f"--virtual-range {text} cannot hold virtual IPs: {reason}"

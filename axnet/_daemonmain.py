@@ -108,6 +108,12 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = port_problem(
+        node.listen_ports, node.client_ports, _ephemeral_range(), _lowest_bindable_port()
+    )
+    if problem is not None:
+        print(f"axnet daemon: {problem}", file=sys.stderr)
+        return 2
     daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
     reported: tuple[type[Exception], ...] = (ControlError, OSError)
 
@@ -145,6 +151,56 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         print(f"axnet daemon: {found}", file=sys.stderr)
         return 1
     return 0
+
+
+def port_problem(
+    listen: PortRange, client: PortRange, ephemeral: PortRange | None, lowest_bindable: int
+) -> str | None:
+    """Why the kernel would defeat these port ranges, or None.
+
+    A client block works only inside the kernel's ephemeral range
+    (IP_LOCAL_PORT_RANGE narrows it, never widens it): elsewhere connections
+    leave from any port and servers see the node's address, not the app's.
+    Listener ports below the unprivileged start cannot be bound at all.
+    """
+    if ephemeral is not None and not (ephemeral.lo <= client.lo and client.hi <= ephemeral.hi):
+        return (
+            f"--client-ports {client.lo}-{client.hi} must lie within the kernel's ephemeral "
+            f"ports {ephemeral.lo}-{ephemeral.hi} (net.ipv4.ip_local_port_range), or servers "
+            "see this node's address instead of apps' virtual IPs"
+        )
+    if listen.lo < lowest_bindable:
+        return (
+            f"--listen-ports {listen.lo}-{listen.hi} starts below {lowest_bindable}, the "
+            "lowest port this user may bind (net.ipv4.ip_unprivileged_port_start); apps "
+            f"still get port 80 and any other: pick ports from {lowest_bindable} up"
+        )
+    return None
+
+
+def _ephemeral_range() -> PortRange | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return PortRange(lo=lo, hi=hi)
+    except (OSError, ValueError):
+        return None
+
+
+_CAP_NET_BIND_SERVICE = 10
+
+
+def _lowest_bindable_port() -> int:
+    """1 with CAP_NET_BIND_SERVICE, else ip_unprivileged_port_start."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+        if int(caps.split()[1], 16) >> _CAP_NET_BIND_SERVICE & 1:
+            return 1
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError, StopIteration):
+        return 1  # cannot tell: let bind say
 
 
 def _unbindable(address: IPAddress) -> str | None:

@@ -21,7 +21,7 @@ from axnet._cli import (
     parse_label,
     parse_network,
 )
-from axnet._daemonmain import node_config, run_daemon
+from axnet._daemonmain import node_config, port_problem, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
 
@@ -319,6 +319,45 @@ def test_daemon_refuses_a_virtual_range_over_loopback(capsys: pytest.CaptureFixt
         ": error: --virtual-range 127.0.0.0/24 cannot hold virtual IPs: it overlaps 127.0.0.0/8"
         in line
     )
+
+
+@pytest.mark.parametrize("network", ["10.9.0.0/31", "10.9.0.7/32", "fd00::/127"])
+def test_daemon_refuses_a_virtual_range_with_no_room(
+    network: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _usage_error(["daemon", "--virtual-range", network], capsys)
+    assert line.endswith(
+        f"--virtual-range {network} cannot hold virtual IPs: it is too small: "
+        "give it at least 4 addresses (a /30, or /126 for IPv6)"
+    )
+    assert parse_network("10.9.0.0/30").num_addresses == 4
+
+
+def test_port_ranges_the_kernel_would_defeat_are_refused() -> None:
+    listen, client = PortRange(lo=20000, hi=32767), PortRange(lo=32768, hi=60999)
+    ephemeral = PortRange(lo=32768, hi=60999)
+    assert port_problem(listen, client, ephemeral, 1024) is None
+    assert port_problem(listen, client, None, 1024) is None  # cannot tell: bind says
+    outside = port_problem(listen, PortRange(lo=1000, hi=1100), ephemeral, 1024)
+    assert outside == (
+        "--client-ports 1000-1100 must lie within the kernel's ephemeral ports 32768-60999 "
+        "(net.ipv4.ip_local_port_range), or servers see this node's address instead of "
+        "apps' virtual IPs"
+    )
+    low = port_problem(PortRange(lo=80, hi=90), client, ephemeral, 1024)
+    assert low == (
+        "--listen-ports 80-90 starts below 1024, the lowest port this user may bind "
+        "(net.ipv4.ip_unprivileged_port_start); apps still get port 80 and any other: "
+        "pick ports from 1024 up"
+    )
+    assert port_problem(PortRange(lo=80, hi=90), client, ephemeral, 1) is None
+
+
+def test_run_daemon_refuses_client_ports_outside_the_ephemeral_range(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_daemon(daemon_args("--client-ports", "1000-1100", "--client-block", "16")) == 2
+    assert capsys.readouterr().err.startswith("axnet daemon: --client-ports 1000-1100 must lie")
 
 
 def test_tables_show_values_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
