@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import logging
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
+from ._groups import first_of
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 from ._version import __version__
 from ._wire import MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_TEXT_BYTES
@@ -419,6 +421,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    except (OSError, BaseExceptionGroup) as exc:
+        # The supervisor failed (the app's tree is gone by now): say why.
+        if first_of(exc, (KeyboardInterrupt,)) is not None:
+            raise
+        control = first_of(exc, (ControlError,))
+        if control is not None:
+            print(f"axnet run: {control}", file=sys.stderr)
+            return EXIT_FAILURE
+        found = first_of(exc, (OSError,))
+        if found is None:
+            raise
+        hint = ""
+        if isinstance(found, OSError) and found.errno in (errno.EMFILE, errno.ENFILE):
+            hint = "; raise the open-file limit (ulimit -n) and run it again"
+        print(f"axnet run: the supervisor failed: {found}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import trio
 
 from ._control import ControlError, runtime_dir
 from ._daemon import Daemon, DaemonConfig, default_node_name
+from ._groups import first_of
 from ._node import NodeConfig, PortRange
 from ._table import IPAddress, ip_address, labels_from
 
@@ -143,9 +144,9 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         trio.run(main)
     except BaseException as exc:
         # Errors from inside the nurseries arrive wrapped in exception groups.
-        if _first(exc, (KeyboardInterrupt,)) is not None:
+        if first_of(exc, (KeyboardInterrupt,)) is not None:
             return 0
-        found = _first(exc, reported)
+        found = first_of(exc, reported)
         if found is None:
             raise
         print(f"axnet daemon: {found}", file=sys.stderr)
@@ -211,15 +212,4 @@ def _unbindable(address: IPAddress) -> str | None:
             probe.bind((str(address), 0))
         except OSError as exc:
             return exc.strerror or str(exc)
-    return None
-
-
-def _first(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """*exc* itself, or the first exception of *kinds* inside its groups; else None."""
-    if isinstance(exc, kinds):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _first(inner, kinds)) is not None:
-                return found
     return None

@@ -522,6 +522,16 @@ def test_listings_print_tables_and_json(node: AxnetNode) -> None:
     assert "greeter" in node.axnet("apps").stdout
 
 
+def test_a_supervisor_out_of_fds_says_so_and_leaves_nothing(node: AxnetNode) -> None:
+    # Where the supervisor runs out depends on the engine; what it says does not.
+    done = node.run(["/bin/true"], wrap=["prlimit", "--nofile=12", "--"], timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("axnet run: ") and "[Errno 24] Too many open files" in last
+    assert "Traceback" not in done.stderr
+    wait_until("its session is gone", lambda: node.json("apps") == [])
+
+
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
     socket_path = node.runtime / "control.sock"
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
