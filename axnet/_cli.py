@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser(
         "keygen",
         help="print a new gossip key",
-        description="Print a new random gossip key (base64, AES-256).",
+        description="Print a new random gossip key (base64, AES-256). Keep it private: "
+        "(umask 077; axnet keygen > gossip.key).",
     )
     k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 

@@ -247,6 +247,13 @@ def gossip_options(
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     keys = load_keys(key_file) if key_file is not None else ()
+    if key_file is not None and key_file.stat().st_mode & 0o077:
+        log.warning(
+            "gossip key file %s is readable by other users (mode %o): whoever reads it "
+            "can join the cluster and read its records; chmod 600 it",
+            key_file,
+            key_file.stat().st_mode & 0o777,
+        )
     options = GossipOptions(
         bind=bind_addr,
         advertise=adv,

@@ -177,3 +177,20 @@ def test_meta_round_trip_and_garbage() -> None:
     assert decode_meta(b"\xc1") == (None, {})
     assert decode_meta(b"\x92\x01\x02") == (None, {})
     assert decode_meta(b"\x82\xa1a\x05\xa1l\x91\x01") == (None, {})
+
+
+def test_a_key_file_others_can_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "key"
+    path.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    path.chmod(0o644)
+    gossip_options(bind=None, advertise="10.0.0.1", key_file=path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gossip key file {path} is readable by other users (mode 644): whoever reads it "
+        "can join the cluster and read its records; chmod 600 it"
+    ]
+    caplog.clear()
+    path.chmod(0o600)
+    gossip_options(bind=None, advertise="10.0.0.1", key_file=path)
+    assert caplog.records == []
