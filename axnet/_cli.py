@@ -352,8 +352,14 @@ _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
     ),
     "members": (
         "members",
-        ["name", "address", "status", "labels"],
-        lambda m: [m["name"], m["address"], m["status"], _labels_text(m.get("labels") or {})],
+        ["name", "address", "gossip", "status", "labels"],
+        lambda m: [
+            m["name"],
+            m["address"],
+            m["gossip"],
+            m["status"],
+            _labels_text(m.get("labels") or {}),
+        ],
     ),
 }
 

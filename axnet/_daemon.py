@@ -269,6 +269,7 @@ class Daemon:
         return {
             "name": self.config.node.name,
             "address": str(self.config.node.real_host),
+            "gossip": "",  # none: this daemon does not gossip
             "status": "alive",
             "labels": {},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,10 +158,17 @@ def _print_report(report: dict[str, Any]) -> None:
     from rich.text import Text
 
     console = Console()
+    if os.geteuid() == 0:
+        who, no = (
+            "run as root here, which axnet does not need (an ordinary user gets the same)",
+            "No",
+        )
+    else:
+        who, no = "run by an ordinary user", "No root, no"
     console.print(
         "[bold]axnet demo[/bold]: two unmodified servers both listen on port 80, each on its own "
-        "virtual IP, run by an ordinary user; a client reaches each by that IP.\n"
-        "No root, no network namespace, no proxy: after connect, bytes flow on a plain kernel socket."
+        f"virtual IP, {who}; a client reaches each by that IP.\n"
+        f"{no} network namespace, no proxy: after connect, bytes flow on a plain kernel socket."
     )
     services = Table(title="services published (virtual → real)", title_justify="left")
     for column in ("virtual", "real", "name", "labels"):

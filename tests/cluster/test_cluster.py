@@ -70,6 +70,8 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
         }
     table = nodes[2].axnet("members")
     assert "h5" in table.stdout and "alive" in table.stdout
+    # Where each member gossips: what tells two nodes of one host apart.
+    assert all(m["gossip"] in table.stdout for m in nodes[2].json("members"))
 
     server = nodes[0].app(
         ["python3", "-m", "http.server", "80"],
