@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import _socket
 import collections
+import contextlib
 import errno
 import fcntl
 import logging
@@ -64,7 +65,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import attrs
@@ -81,6 +82,7 @@ from .._verdict import (
     decide_connect,
 )
 from . import _raw, _sockdiag
+from ._appfs import AppFs, is_path_address
 from ._bpf import (
     NR_ACCEPT,
     NR_ACCEPT4,
@@ -92,7 +94,7 @@ from ._bpf import (
 )
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
 from ._libc import ERESTARTSYS, Notification, NotifyFd, buffer_sizes
-from ._tasks import Errno, Gone, Tasks, signal_waiting
+from ._tasks import Errno, Gone, Tasks, gone_or_errno, signal_waiting
 
 try:
     from . import _fastpath
@@ -206,6 +208,7 @@ class Engine:
         self._stopping = False
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
+        self._appfs: AppFs | None = None  # made by serve(), in the engine thread
         self._rewait_since: float | None = None
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
@@ -245,6 +248,7 @@ class Engine:
         supervisor's main thread, and none can interrupt a seccomp ioctl here.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        self._appfs = AppFs()
         try:
             # Hand the CPU straight between the app and this thread (Linux 6.6).
             self.notify.set_sync_wakeup()
@@ -278,6 +282,7 @@ class Engine:
                 self._unwait(waiter)
             self._tasks.close()
             self._epoll.close()
+            self._appfs.close()
 
     def stop(self) -> None:
         self._stopping = True
@@ -571,7 +576,8 @@ class Engine:
                         raise _refused(n, "connect", ip, port, verdict)
                     case Passthrough():
                         self.counters.passed += 1
-            self._connect(n, sock, target, pinned=pinned)
+            with self._as_app(n, target):
+                self._connect(n, sock, target, pinned=pinned)
             sock = None  # type: ignore[assignment]  # _connect owns it now
         finally:
             if sock is not None:
@@ -653,9 +659,22 @@ class Engine:
                         raise _refused(n, "bind", ip, port, verdict)
                     case Passthrough():
                         pass
-            self._reply(n, error=_raw.bind(sock.fileno(), raw))
+            with self._as_app(n, raw):
+                err = _raw.bind(sock.fileno(), raw)
+            self._reply(n, error=err)
         finally:
             sock.close()
+
+    @contextlib.contextmanager
+    def _as_app(self, n: Notification, raw: bytes) -> Iterator[None]:
+        """For a path socket address: the app thread's directory and umask."""
+        with contextlib.ExitStack() as stack:
+            if self._appfs is not None and is_path_address(raw):
+                try:
+                    stack.enter_context(self._appfs.like(n.pid, lambda: self._check(n)))
+                except OSError as exc:
+                    raise gone_or_errno(exc) from None
+            yield
 
     def _bind_virtual(self, sock: _socket.socket, port: int, pid: int) -> Binding:
         """Claim ``vip:port`` and bind the socket to a real port; raises Errno."""

@@ -146,6 +146,20 @@ def set_parent_death_signal(signum: int) -> None:
         raise _oserror()
 
 
+CLONE_FS = 0x200
+
+_unshare_fn = _libc.unshare
+_unshare_fn.argtypes = [_c_int]
+_unshare_fn.restype = _c_int
+_unshare: Callable[[int], int] = _unshare_fn
+
+
+def unshare_fs() -> None:
+    """Give the calling thread its own working directory and umask."""
+    if _unshare(CLONE_FS) < 0:
+        raise _oserror()
+
+
 def _syscall(*argtypes: type[ctypes._SimpleCData[Any]]) -> Any:
     fn = _libc["syscall"]
     fn.argtypes = [_c_long, *argtypes]

@@ -99,7 +99,7 @@ def signal_waiting(tid: int) -> bool:
         return False  # gone: the validity check drops its wait
 
 
-def _gone_or_errno(exc: OSError) -> Exception:
+def gone_or_errno(exc: OSError) -> Exception:
     """Gone when the thread is, else the reason to answer with.
 
     Anything else (EMFILE, ENFILE in the supervisor, EACCES for a
@@ -177,7 +177,7 @@ class Tasks:
         try:
             pidfd, fresh = self._pidfds.get(tid)
         except OSError as exc:
-            raise _gone_or_errno(exc) from None
+            raise gone_or_errno(exc) from None
         if fresh:
             self._mems.drop(tid)
         return pidfd, fresh
@@ -210,7 +210,7 @@ class Tasks:
         try:
             fd, fresh = self._mems.get(tid)
         except OSError as exc:
-            raise _gone_or_errno(exc) from None
+            raise gone_or_errno(exc) from None
         if fresh and not self._is_valid(notification_id):
             self._mems.drop(tid)
             raise Gone

@@ -284,6 +284,34 @@ def listen_connect_close(port: str, rounds: str) -> None:
     _out(outcomes=outcomes)
 
 
+def unix_paths() -> None:
+    """In a directory of its own with umask 077: bind, connect and accept on a
+    relative AF_UNIX path (long enough to be trapped); where and how it was made."""
+    import shutil
+    import stat
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="axnet-unix-")
+    try:
+        os.chdir(home)
+        os.umask(0o077)
+        name = "a-relative-socket-name.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(name)
+        server.listen(1)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(name)
+        conn, _ = server.accept()
+        client.sendall(b"ping")
+        _out(
+            files=sorted(os.listdir(".")),
+            mode=oct(stat.S_IMODE(os.stat(name).st_mode)),
+            got=conn.recv(4).decode(),
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def stuck_server(port: str) -> None:
     """Listen with the smallest backlog and never accept: connects pile up and hang."""
     import time
@@ -542,6 +570,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "bind-twice": bind_twice,
     "listen-then-close": listen_then_close,
     "listen-connect-close": listen_connect_close,
+    "unix-paths": unix_paths,
 }
 
 if __name__ == "__main__":

@@ -532,6 +532,13 @@ def test_a_supervisor_out_of_fds_says_so_and_leaves_nothing(node: AxnetNode) -> 
     wait_until("its session is gone", lambda: node.json("apps") == [])
 
 
+def test_a_relative_unix_socket_path_is_the_apps_own(node: AxnetNode) -> None:
+    # The engine binds and connects for the app: in the app's directory and
+    # under its umask, not the supervisor's.
+    result = node.run_json([*APPS, "unix-paths"])
+    assert result == {"files": ["a-relative-socket-name.sock"], "mode": "0o700", "got": "ping"}
+
+
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
     socket_path = node.runtime / "control.sock"
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
