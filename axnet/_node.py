@@ -245,13 +245,6 @@ class Node:
                 reason = "it is this node's real address"
             if reason is not None:
                 raise ClaimError(errno.EINVAL, f"{vip} cannot be a virtual IP: {reason}")
-            for other in self.apps.values():
-                if other.vip == vip:
-                    raise ClaimError(
-                        errno.EADDRINUSE,
-                        f"{vip} is already the virtual IP of app {other.app_id} "
-                        f"(pid {other.pid}): give each app its own --ip",
-                    )
         chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
         app = App(

@@ -276,18 +276,16 @@ def test_claim_gives_real_ports_from_the_pool_in_turn() -> None:
     assert not first.listening
 
 
-def test_a_virtual_ip_in_use_is_not_given_to_a_second_app() -> None:
+def test_apps_sharing_a_virtual_ip_share_its_ports_as_on_one_host() -> None:
     node = make_node()
     attach(node, "a1", vip=ip_address("10.1.0.5"))
+    attach(node, "a2", vip=ip_address("10.1.0.5"))
+    node.claim("a1", va("10.1.0.5", 80))
     with pytest.raises(ClaimError) as info:
-        attach(node, "a2", vip=ip_address("10.1.0.5"))
+        node.claim("a2", va("10.1.0.5", 80))
     assert info.value.errno == errno.EADDRINUSE
-    assert str(info.value) == (
-        "10.1.0.5 is already the virtual IP of app a1 (pid 1234): give each app its own --ip"
-    )
-    assert "a2" not in node.apps
-    node.detach("a1", now=NOW)
-    attach(node, "a2", vip=ip_address("10.1.0.5"))  # free again
+    assert str(info.value) == "10.1.0.5:80 is already in use"
+    node.claim("a2", va("10.1.0.5", 81))
 
 
 def test_claim_twice_is_eaddrinuse() -> None:
