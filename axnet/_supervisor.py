@@ -355,7 +355,8 @@ class Supervisor:
         status = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_session, session)
-            nursery.start_soon(self._forward_signals, launched_pid)
+            await nursery.start(self._forward_signals, launched_pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # what came meanwhile, too
             await trio.lowlevel.wait_readable(launched_pidfd)
             status = _reap(launched_pid)
             nursery.cancel_scope.cancel()
@@ -376,10 +377,11 @@ class Supervisor:
         except Exception:
             log.exception("engine stopped")
 
-    async def _forward_signals(self, pid: int) -> None:
-        with trio.open_signal_receiver(
-            signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
-        ) as signals:
+    async def _forward_signals(
+        self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.open_signal_receiver(*_FORWARDED) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum in _FROM_TERMINAL and _terminal_sent_it_too(pid):
                     continue
@@ -454,6 +456,9 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: Signals the supervisor passes on to the app.
+_FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
 #: Signals a terminal sends to its whole foreground process group.
 _FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 
@@ -482,7 +487,11 @@ def run(options: RunOptions) -> int:
         client.request("status")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    launched = launch(options.argv, env=options.env, program=build_filter())
+    # Held until the supervisor forwards them (see _supervise): a Ctrl-C while
+    # it attaches must not kill the app, nor skip the terminal check.  Every
+    # thread started from here on inherits the block; the app does not.
+    app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    launched = launch(options.argv, env=options.env, program=build_filter(), sigmask=app_mask)
     _raise_fd_limit()  # after the launch: the app keeps the limits it was given
     supervisor = Supervisor(options)
 

@@ -31,7 +31,7 @@ import contextlib
 import errno
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -63,11 +63,18 @@ class Launched:
     notify: NotifyFd
 
 
-def launch(argv: Sequence[str], *, env: Mapping[str, str] | None, program: bytes) -> Launched:
+def launch(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    program: bytes,
+    sigmask: Iterable[int] | None = None,
+) -> Launched:
     """Start `argv` (searched on PATH) under the seccomp `program`.
 
     The program is SIGKILLed when the thread that called this ends (the
     kernel's parent-death signal): call it from the thread that supervises.
+    It starts with the signal mask *sigmask* (default: the caller's).
     """
     if not argv:
         raise ValueError("argv must name a program to run")
@@ -84,7 +91,7 @@ def launch(argv: Sequence[str], *, env: Mapping[str, str] | None, program: bytes
             os.close(fd)
         raise
     if pid == 0:  # pragma: no cover - runs in the child, never returns
-        _child(args, environ, program, report_w, ack_r)
+        _child(args, environ, program, report_w, ack_r, sigmask)
     os.close(report_w)
     os.close(ack_r)
     pidfd = notify_fd = -1
@@ -145,7 +152,12 @@ def _reap(pid: int) -> None:
 
 
 def _child(
-    args: list[str], environ: dict[str, str], program: bytes, report_w: int, ack_r: int
+    args: list[str],
+    environ: dict[str, str],
+    program: bytes,
+    report_w: int,
+    ack_r: int,
+    sigmask: Iterable[int] | None,
 ) -> None:  # pragma: no cover - runs in the forked child
     code = EXIT_CANNOT_EXECUTE
     try:
@@ -169,6 +181,8 @@ def _child(
         # the defaults the application expects (as subprocess does).
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
+        if sigmask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
         try:
             os.execvpe(args[0], args, environ)
         except OSError as e:
