@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -218,8 +219,17 @@ class Supervisor:
             session = self.session
             if session is None or session.closed.is_set():
                 raise DaemonUnavailable("no daemon session")
-            with trio.fail_after(CLAIM_TIMEOUT_S):
-                return await session.request(op, **fields)
+            try:
+                with trio.fail_after(CLAIM_TIMEOUT_S):
+                    return await session.request(op, **fields)
+            except trio.TooSlowError:
+                # The daemon may still act on it (claim a real port the app
+                # never binds): end the session instead, so that it withdraws
+                # this app's records and the re-attach carries what the app
+                # has really bound.
+                with contextlib.suppress(OSError):
+                    session.stream.socket.shutdown(socket.SHUT_RDWR)
+                raise
 
         try:
             return trio.from_thread.run(call, trio_token=token)

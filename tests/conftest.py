@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from axnet.testing import (
     Cluster,
@@ -28,6 +29,10 @@ from axnet.testing import (
     remove_leftovers,
     shared_tmp,
 )
+
+# Machines here are shared and noisy: a stalled example is no failure.
+settings.register_profile("axnet", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("axnet")
 
 
 def _require(reason: str | None) -> None:

@@ -249,18 +249,24 @@ def bind_twice(port: str) -> None:
         _out(errno=exc.errno)
 
 
-def listen_then_close(port: str, seconds: str) -> None:
-    """Listen, wait, close the listener, wait again (records must be withdrawn)."""
+def listen_then_close(port: str, trigger: str) -> None:
+    """Listen; once file TRIGGER exists close the listener, and once it is
+    gone again exit (records must be withdrawn at each step)."""
     import time
+
+    def wait_for(exists: bool) -> None:
+        give_up = time.monotonic() + 120
+        while os.path.exists(trigger) != exists and time.monotonic() < give_up:
+            time.sleep(0.05)
 
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("0.0.0.0", int(port)))
     s.listen(1)
     _out(listening=True)
-    time.sleep(float(seconds))
+    wait_for(True)
     s.close()
     _out(closed=True)
-    time.sleep(float(seconds))
+    wait_for(False)
 
 
 def listen_connect_close(port: str, rounds: str) -> None:
@@ -362,6 +368,11 @@ def _fill_queue(host: str, port: str) -> list[socket.socket]:
     return fillers
 
 
+#: When the timer fires in `signals`: long after the call parked, even on a
+#: loaded machine, so that the engine holds it by then.
+SIGNAL_AFTER_S = 1.0
+
+
 def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     """A timer signal during a blocking accept and a blocking connect.
 
@@ -379,7 +390,7 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
         raise Alarm
 
     def interrupted(call: Callable[[], object]) -> bool:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
         try:
             call()
         except Alarm:
@@ -414,7 +425,7 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
         socket.create_connection(me, timeout=10).close()
 
     threading.Thread(target=connect_once_signalled, daemon=True).start()
-    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
     conn, peer = listener.accept()
     conn.close()
     # With a socket timeout the kernel never restarts: EINTR, SA_RESTART or not.
@@ -422,7 +433,7 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     timed.bind(("0.0.0.0", int(port) + 1))
     timed.listen(8)
     timed.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 30, 0))
-    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
     ctypes.set_errno(0)
     timed_rc = _libc.accept(timed.fileno(), None, None)
     timed_errno = ctypes.get_errno() if timed_rc < 0 else 0

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -125,9 +126,13 @@ def test_listen_close_listen_again_on_the_same_port(node: AxnetNode) -> None:
 
 
 def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -> None:
-    app = node.app([*APPS, "listen-then-close", "7004", "3"], ip="10.1.0.5")
+    trigger = node.scratch / "close-now"
+    app = node.app([*APPS, "listen-then-close", "7004", str(trigger)], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7004")
+    trigger.touch()  # the app closes its listener and stays
     wait_until("withdrawn after close", lambda: "10.1.0.5:7004" not in node.services())
+    assert any(a["vip"] == "10.1.0.5" for a in node.json("apps"))
+    trigger.unlink()  # the app exits
     app.wait(timeout=30)
     wait_until("app gone", lambda: not any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
 
@@ -488,8 +493,15 @@ def test_iperf3_dual_stack(node: AxnetNode) -> None:
     if reason := has_program("iperf3"):
         pytest.skip(reason)
     node.app(["iperf3", "-s", "-p", "5201"], ip="10.1.0.5")
-    node.wait_service("10.1.0.5:5201")
-    for _ in range(2):  # iperf3 -s closes its listener and opens a fresh one per test
+    listener = node.wait_service("10.1.0.5:5201")["real"]
+    for run in range(2):  # iperf3 -s closes its listener and opens a fresh one per test
+        if run:  # as without axnet, a client must wait for the fresh one
+            wait_until(
+                "iperf3 listening again",
+                lambda: (
+                    node.services().get("10.1.0.5:5201", {}).get("real") not in (None, listener)
+                ),
+            )
         done = node.run(
             ["iperf3", "-c", "10.1.0.5", "-p", "5201", "-t", "1", "-J"], ip="10.1.0.9", timeout=60
         )
@@ -545,6 +557,25 @@ def test_a_relative_unix_socket_path_is_the_apps_own(node: AxnetNode) -> None:
     # under its umask, not the supervisor's.
     result = node.run_json([*APPS, "unix-paths"])
     assert result == {"files": ["a-relative-socket-name.sock"], "mode": "0o700", "got": "ping"}
+
+
+def test_a_claim_answered_too_late_is_never_published_wrong(node: AxnetNode) -> None:
+    # The daemon stalls during a bind: the supervisor binds a port of its own
+    # choosing meanwhile.  The daemon's late answer named another port, which
+    # must not be what the service is published with.
+    trigger = node.scratch / "bind-now"
+    wait_then = f'while [ ! -e {trigger} ]; do sleep 0.05; done; exec "$@"'
+    node.app(["sh", "-c", wait_then, "sh", *APPS, "greeter", "7023"], ip="10.1.0.5")
+    wait_until("attached", lambda: any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
+    assert node.daemon is not None
+    node.daemon.send_signal(signal.SIGSTOP)
+    try:
+        trigger.touch()
+        wait_until("the claim timed out", lambda: "bind without daemon" in node.log("app"))
+    finally:
+        node.daemon.send_signal(signal.SIGCONT)
+    node.wait_service("10.1.0.5:7023")
+    assert node.run_json([*APPS, "connect-errno", "10.1.0.5", "7023"]) == {"errno": 0}
 
 
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
