@@ -37,7 +37,6 @@ from ._wire import (
     int_from_wire,
     labels_from_wire,
     port_from_wire,
-    record_from_wire,
     record_to_wire,
     text_from_wire,
 )
@@ -274,17 +273,8 @@ class Daemon:
             "labels": {},
         }
 
-    def merge_remote(self, wire_records: Sequence[object]) -> Merged:
+    def merge_remote(self, records: Sequence[Record]) -> Merged:
         """Merge records from the cluster; see :meth:`Node.merge_remote`."""
-        records: list[Record] = []
-        dropped: list[str] = []
-        for item in wire_records:
-            try:
-                records.append(record_from_wire(item))
-            except WireError as exc:
-                dropped.append(str(exc))
-        if dropped:
-            log.warning("dropped malformed records count=%d first=%s", len(dropped), dropped[0])
         return self.node.merge_remote(records, now=time.time())
 
     # -- lifecycle ------------------------------------------------------------

@@ -71,7 +71,7 @@ import swim
 
 from ._daemon import Daemon, Record
 from ._table import Labels, ServiceRecord
-from ._wire import WireError, pack, record_to_wire, unpack
+from ._wire import WireError, pack, record_to_wire, records_from_wire, unpack
 
 log = logging.getLogger("axnet.gossip")
 
@@ -669,7 +669,11 @@ class GossipCluster:
         self._merge_records(items)
 
     def _merge_records(self, items: list[object]) -> None:
-        merged = self._daemon.merge_remote(items)
+        records, errors = records_from_wire(items)
+        if errors:
+            self.driver_stats.records_malformed += len(errors)
+            log.warning("dropped malformed records count=%d first=%s", len(errors), errors[0])
+        merged = self._daemon.merge_remote(records)
         if merged.accepted:
             self._queue_change(merged.accepted, local=False)
         if merged.reasserted:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -260,3 +261,17 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
             deleted_at=_float(at),
         )
     raise WireError(f"unknown record kind {kind!r} or wrong length {len(data)}")
+
+
+def records_from_wire(
+    items: Sequence[object],
+) -> tuple[list[AppRecord | ServiceRecord], list[str]]:
+    """The records among *items* that decode, and why each other one did not."""
+    records: list[AppRecord | ServiceRecord] = []
+    errors: list[str] = []
+    for item in items:
+        try:
+            records.append(record_from_wire(item))
+        except WireError as exc:
+            errors.append(str(exc))
+    return records, errors

@@ -35,7 +35,7 @@ from axnet._control import (
 )
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._node import NodeConfig
-from axnet._wire import MAX_LABELS, FrameDecoder, frame
+from axnet._wire import MAX_LABELS, FrameDecoder, frame, records_from_wire
 
 # -- runtime_dir ---------------------------------------------------------------
 
@@ -426,7 +426,9 @@ async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Pa
         with socket.socket(socket.AF_UNIX) as early, socket.socket(socket.AF_UNIX) as late:
             attach(early, "early")
             _services_received(early, 0)
-            merged = trio.from_thread.run_sync(daemon.merge_remote, wire)
+            records, errors = records_from_wire(wire)
+            assert errors == []
+            merged = trio.from_thread.run_sync(daemon.merge_remote, records)
             trio.from_thread.run(functools.partial(daemon.changed, merged.accepted, local=False))
             pushed = _services_received(early, len(wire))
             attach(late, "late")

@@ -19,6 +19,7 @@ from axnet._daemon import Daemon, DaemonConfig
 from axnet._gossip import GossipCluster, gossip_options
 from axnet._node import NodeConfig
 from axnet._table import VirtualAddress
+from axnet._wire import pack
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -194,3 +195,22 @@ async def test_a_member_with_our_name_is_reported_by_join() -> None:
         await a.join([seed(b)])
         await eventually("conflict seen", lambda: a.name_conflicts() == [seed(b)])
         assert statuses(a) == {"twin": "alive"}  # never one member for two nodes
+
+
+async def test_a_peers_records_for_reserved_addresses_are_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running("a") as cluster:
+        daemon = cluster._daemon  # the node this cluster feeds
+        good = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 1, False, 0.0]
+        hijack = ["s", "127.0.0.1", 5432, "192.0.2.9", 20001, "n2", "b2", "", [], 1, False, 0.0]
+        cluster.merge_remote_state(pack([good, hijack, hijack]), join=False)
+        table = daemon.node.table
+        assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
+        assert table.resolve(ipaddress.ip_address("127.0.0.1"), 5432) is None
+        assert cluster.stats()["records"]["malformed"] == 2
+        warnings = [r.getMessage() for r in caplog.records if "dropped malformed" in r.getMessage()]
+        assert warnings == [
+            "dropped malformed records count=2 first=127.0.0.1 cannot be a virtual IP: it "
+            "overlaps 127.0.0.0/8 (loopback, unspecified, link-local, multicast or reserved)"
+        ]
