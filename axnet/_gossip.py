@@ -626,7 +626,7 @@ class GossipCluster:
                 "auth": s.packets_dropped_auth,
                 "malformed": s.packets_dropped_malformed,
                 "broadcasts_unknown": s.broadcasts_dropped_unknown,
-                "broadcasts_full": s.broadcasts_dropped_full,
+                "broadcast_keys_forgotten": s.broadcast_keys_forgotten,
                 "oversized": d.datagrams_oversized,
                 "send_errors": d.datagrams_send_errors,
                 "receive_errors": d.datagrams_receive_errors,

@@ -88,8 +88,8 @@ from ._suspicion import Suspicion
 
 _MAX_NAME = 255
 
-#: Distinct (origin, key) broadcasts remembered; past it new keys are dropped
-#: (and counted) until members are reaped.  ~200 bytes each.
+#: Distinct (origin, key) broadcasts remembered; past it the oldest is
+#: forgotten (and counted).  ~200 bytes each.
 MAX_USER_KEYS = 200_000
 
 #: Worst-case envelope bytes around the messages: version + array header.
@@ -748,19 +748,21 @@ class Swim:
     def _on_user(self, message: UserBroadcast) -> None:
         if message.origin == self._name:
             return
-        origin = self._table.get(message.origin)
-        if origin is None or origin.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+        if self._table.get(message.origin) is None:
             # From nobody we know (push-pull brings a member's state along
             # with the member): made-up origins must not buy memory here.
+            # A member we hold dead may be back: its news is taken.
             self.stats.broadcasts_dropped_unknown += 1
             return
         version = (message.boot, message.seq)
         seen = self._user_seen.get((message.origin, message.key))
-        if seen is None and len(self._user_seen) >= MAX_USER_KEYS:
-            self.stats.broadcasts_dropped_full += 1
-            return
         if seen is not None and seen >= version:
             return
+        if seen is None and len(self._user_seen) >= MAX_USER_KEYS:
+            # Forget the oldest key: a replay of it is news again, which the
+            # application's own versions judge.
+            del self._user_seen[next(iter(self._user_seen))]
+            self.stats.broadcast_keys_forgotten += 1
         self._user_seen[(message.origin, message.key)] = version
         self._events.append(
             UserMessage(sender=message.origin, key=message.key, payload=message.payload)
@@ -830,6 +832,7 @@ class Swim:
         if reaped:
             for seen in [k for k in self._user_seen if k[0] in reaped]:
                 del self._user_seen[seen]
+            self._round = (0, 1, 0, 0)  # the table's indices moved: start a fresh round
 
     def _merge(self, remote: PushPull, now: float) -> None:
         for entry in remote.members:

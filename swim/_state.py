@@ -45,12 +45,13 @@ _EMPTY = SharedView([])
 class MemberTable:
     """Members by name, with an index order and a live count."""
 
-    __slots__ = ("_base", "_live", "_local", "_local_names")
+    __slots__ = ("_base", "_live", "_local", "_local_index", "_local_names")
 
     def __init__(self, base: SharedView = _EMPTY) -> None:
         self._base = base
         self._local: dict[str, Member] = {}
         self._local_names: list[str] = []
+        self._local_index: dict[str, int] = {}  # name -> its index in _local_names
         self._live = base.live
 
     def __len__(self) -> int:
@@ -71,6 +72,7 @@ class MemberTable:
         old = self.get(member.name)
         if old is None:
             if member.name not in self._base.members:
+                self._local_index[member.name] = len(self._local_names)
                 self._local_names.append(member.name)
         elif old.state in _LIVE:
             self._live -= 1
@@ -84,10 +86,12 @@ class MemberTable:
         if member is None or name in self._base.members:
             return False
         del self._local[name]
-        names = self._local_names
-        index = names.index(name)
-        names[index] = names[-1]
-        names.pop()
+        names, where = self._local_names, self._local_index
+        index = where.pop(name)
+        last = names.pop()
+        if last != name:
+            names[index] = last
+            where[last] = index
         if member.state in _LIVE:
             self._live -= 1
         return True

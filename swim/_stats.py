@@ -26,10 +26,10 @@ class Stats:
     messages_dropped: int = 0
     #: peers' messages too big ever to ride on a packet, not disseminated
     broadcasts_dropped_oversized: int = 0
-    #: application broadcasts from no live member we know
+    #: application broadcasts from no member we know
     broadcasts_dropped_unknown: int = 0
-    #: application broadcasts under a new key while MAX_USER_KEYS are held
-    broadcasts_dropped_full: int = 0
+    #: broadcast keys forgotten to keep MAX_USER_KEYS (oldest first)
+    broadcast_keys_forgotten: int = 0
     streams_sent: int = 0
     streams_received: int = 0
     streams_failed: int = 0

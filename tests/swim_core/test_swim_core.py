@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import attrs
@@ -345,34 +346,68 @@ def test_broadcasts_from_nobody_we_know_buy_no_memory() -> None:
     c = UserBroadcast(origin="c", key=b"k", boot=1, seq=1, payload=b"c")
     a.handle_datagram(C, packet(c, Alive(incarnation=1, member="c", address=C, meta=b"")), 0.0)
     assert UserMessage(sender="c", key=b"k", payload=b"c") in a.take_events()
-    # A member's own is delivered; a left member's late one is not.
-    a.handle_datagram(
-        B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=1, payload=b"x")), 0.0
-    )
+
+    # A member's own is delivered, even while we hold it dead: a member that
+    # refutes its death republishes, and its news may come before its Alive.
+    def from_b(seq: int, payload: bytes) -> None:
+        a.handle_datagram(
+            B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=seq, payload=payload)), 0.0
+        )
+
+    from_b(1, b"x")
     assert a.take_events() == [UserMessage(sender="b", key=b"k", payload=b"x")]
-    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 0.0)
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="c")), 0.0)
     a.take_events()
-    a.handle_datagram(
-        B, packet(UserBroadcast(origin="b", key=b"k", boot=1, seq=2, payload=b"y")), 0.0
-    )
-    assert a.take_events() == []
+    from_b(2, b"y")
+    assert a.take_events() == [UserMessage(sender="b", key=b"k", payload=b"y")]
 
 
-def test_broadcast_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broadcast_keys_are_bounded_oldest_forgotten_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr("swim._core.MAX_USER_KEYS", 10)
     a, _ = joined_pair()
     a.take_events()
-    for i in range(20):
+
+    def send(key: bytes, seq: int) -> list[object]:
+        message = UserBroadcast(origin="b", key=key, boot=1, seq=seq, payload=b"")
+        a.handle_datagram(B, packet(message), 0.0)
+        return [e for e in a.take_events() if isinstance(e, UserMessage)]
+
+    for i in range(20):  # every new key is taken; the oldest ones are forgotten
+        assert len(send(b"%d" % i, 1)) == 1
+    assert a.stats.broadcast_keys_forgotten == 10
+    assert send(b"19", 1) == []  # a replay of a key still held is not news
+    assert len(send(b"0", 1)) == 1  # one forgotten is news again (the app's versions judge)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_probe_round_goes_on_after_a_mass_reap(seed: int) -> None:
+    # 500 members leave and are reaped in one sweep, in the middle of a probe
+    # round: the one live member is probed every interval after it (before,
+    # up to 90 intervals went by while the old round's indices ran out).
+    a = make("a", A, seed=seed, config=REAPING)
+    a.handle_datagram(B, packet(Alive(incarnation=1, member="b", address=B, meta=b"")), 0.0)
+    for i in range(500):
+        name, address = f"m{i}", (f"10.1.{i // 250}.{i % 250 + 1}", 7946)
+        alive = Alive(incarnation=1, member=name, address=address, meta=b"")
         a.handle_datagram(
-            B, packet(UserBroadcast(origin="b", key=b"%d" % i, boot=1, seq=1, payload=b"")), 0.0
+            address, packet(alive, Dead(incarnation=1, member=name, accuser=name)), 0.0
         )
-    assert len([e for e in a.take_events() if isinstance(e, UserMessage)]) == 10
-    assert a.stats.broadcasts_dropped_full == 10
-    # A newer version of a key already held is still taken.
-    a.handle_datagram(
-        B, packet(UserBroadcast(origin="b", key=b"0", boot=1, seq=2, payload=b"v2")), 0.0
-    )
-    assert a.take_events() == [UserMessage(sender="b", key=b"0", payload=b"v2")]
+    now, probed_b = 0.0, []
+    while now < 200.0:
+        now = a.next_deadline()
+        a.tick(now)
+        for d in a.take_datagrams():
+            for message in decode_envelope(d.data):
+                if d.dest == B and isinstance(message, Ping):
+                    probed_b.append(now)
+                    a.handle_datagram(B, packet(Ack(seq=message.seq)), now)  # b answers
+        a.take_stream_requests()
+    assert a.stats.members_reaped == 500
+    after = [t for t in probed_b if t > 100.0]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(after)]
+    assert max(gaps) <= 2.0, gaps
 
 
 def test_oversized_broadcast_is_refused() -> None:
