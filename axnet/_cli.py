@@ -356,7 +356,7 @@ _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
         lambda m: [
             m["name"],
             m["address"],
-            m["gossip"],
+            m.get("gossip", ""),  # older daemons do not say
             m["status"],
             _labels_text(m.get("labels") or {}),
         ],
@@ -399,7 +399,7 @@ def _print_fields(fields: Mapping[str, Any], indent: str = "") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ._supervisor import RunOptions, run
+    from ._supervisor import EngineFailed, RunOptions, run
     from .intercept._launcher import LaunchError
 
     argv = list(args.argv)
@@ -428,6 +428,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    except EngineFailed as exc:
+        print(f"axnet run: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (OSError, BaseExceptionGroup) as exc:
         # The supervisor failed (the app's tree is gone by now): say why.
         if first_of(exc, (KeyboardInterrupt,)) is not None:

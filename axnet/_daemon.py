@@ -127,7 +127,7 @@ class Daemon:
     async def _attach(self, conn: Connection, request: Mapping[str, Any]) -> str:
         # Everything is read and checked before the node changes: a bad
         # request is refused whole, never half attached.
-        app_id = str(request["app_id"])
+        app_id = text_from_wire(request["app_id"], "app id")
         vip_text = request.get("vip")
         vip = ip_address(str(vip_text)) if vip_text else None
         block = request.get("block")
@@ -201,8 +201,9 @@ class Daemon:
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
         else:
             # The push before the reply: the supervisor has the record in its
-            # table before the app's listen() (or close) returns, so that the
-            # app's next connect to it is decided by the new table.
+            # table before the app's listen() returns, so that the app's next
+            # connect to it is decided by the new table (and a release, from
+            # a sweep or a rebind, is seen as soon as it is answered).
             if op == "listen":
                 written = self.node.listen(app_id, virtual)
             else:

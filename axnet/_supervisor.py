@@ -74,6 +74,10 @@ class RunOptions:
     env: Mapping[str, str] | None = None
 
 
+class EngineFailed(Exception):
+    """The supervisor's engine thread died; the app was stopped with it."""
+
+
 class Session:
     """The supervisor's side of its control session (request/reply plus pushes)."""
 
@@ -172,6 +176,7 @@ class Supervisor:
         self.engine: Engine | None = None
         self.identity: Identity | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self.engine_failed = False
 
     # -- NodeLink, called from the engine thread --------------------------------
 
@@ -354,7 +359,9 @@ class Supervisor:
         self.session = session
         assert self.identity is not None
         self.engine = engine_factory(self.identity, self.table, self)
-        thread = threading.Thread(target=self._serve_engine, name="axnet-engine", daemon=True)
+        thread = threading.Thread(
+            target=self._serve_engine, args=(launched_pidfd,), name="axnet-engine", daemon=True
+        )
         thread.start()
         log.info(
             "app started pid=%s vip=%s client_ports=%s",
@@ -378,14 +385,23 @@ class Supervisor:
         assert self.engine is not None
         self.engine.stop()
         thread.join(timeout=2.0)
+        if self.engine_failed:
+            raise EngineFailed(
+                "the interception engine failed (see the log above); the app was stopped"
+            )
         return status
 
-    def _serve_engine(self) -> None:
+    def _serve_engine(self, app_pidfd: int) -> None:
         assert self.engine is not None
         try:
             self.engine.serve()
         except Exception:
+            # Nobody answers the app's trapped calls now: every one of them
+            # would hang.  Stop it rather than leave it so.
             log.exception("engine stopped")
+            self.engine_failed = True
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(app_pidfd, signal.SIGKILL)
 
     async def _forward_signals(
         self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -46,13 +46,13 @@ class AppFs:
     in the thread that makes the calls."""
 
     def __init__(self) -> None:
+        self._home = -1
         try:
+            self._home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             unshare_fs()
-            self._own = True
         except OSError as exc:  # then paths resolve from the supervisor's directory
             log.warning("path sockets resolve from the supervisor's directory: %s", exc)
-            self._own = False
-        self._home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if self._own else -1
+            self.close()
 
     @contextlib.contextmanager
     def like(self, tid: int, still_valid: Callable[[], None]) -> Iterator[None]:
@@ -62,7 +62,7 @@ class AppFs:
         the handles were opened on the app's thread, not on a task that got
         its id after it was gone.  OSError when they cannot be opened.
         """
-        if not self._own:
+        if self._home < 0:
             yield
             return
         cwd = os.open(f"/proc/{tid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -77,7 +77,10 @@ class AppFs:
             finally:
                 if old is not None:
                     os.umask(old)
-                os.fchdir(self._home)
+                try:
+                    os.fchdir(self._home)
+                except OSError as exc:  # the call itself is done: its answer stands
+                    log.warning("engine could not return to its directory: %s", exc)
         finally:
             os.close(cwd)
 

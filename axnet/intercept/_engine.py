@@ -248,7 +248,7 @@ class Engine:
         supervisor's main thread, and none can interrupt a seccomp ioctl here.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        self._appfs = AppFs()
+        self._appfs = AppFs()  # never raises: without it, paths resolve from here
         try:
             # Hand the CPU straight between the app and this thread (Linux 6.6).
             self.notify.set_sync_wakeup()
