@@ -71,7 +71,15 @@ import swim
 
 from ._daemon import Daemon, Record
 from ._table import Labels, ServiceRecord
-from ._wire import WireError, pack, record_to_wire, records_from_wire, unpack
+from ._wire import (
+    Decoded,
+    WireError,
+    pack,
+    record_to_wire,
+    records_from_state,
+    records_from_wire,
+    unpack,
+)
 
 log = logging.getLogger("axnet.gossip")
 
@@ -287,16 +295,6 @@ def encode_record(record: Record) -> bytes:
 def encode_state(records: Sequence[Record]) -> bytes:
     """The push-pull state: every record, tombstones included."""
     return pack([record_to_wire(r) for r in records])
-
-
-def decode_state(data: bytes) -> list[object]:
-    """Wire records of a push-pull state; WireError if it is not a list."""
-    if not data:
-        return []
-    items = unpack(data)
-    if not isinstance(items, list):
-        raise WireError("push-pull state must be a list of records")
-    return items
 
 
 def encode_meta(address: str, labels: Labels) -> bytes:
@@ -661,19 +659,22 @@ class GossipCluster:
 
     def merge_remote_state(self, data: bytes, *, join: bool) -> None:
         try:
-            items = decode_state(data)
+            decoded = records_from_state(data)
         except WireError as exc:
             self.driver_stats.records_malformed += 1
             log.debug("dropped malformed push-pull state reason=%s", exc)
             return
-        self._merge_records(items)
+        self._merge_records(decoded)
 
-    def _merge_records(self, items: list[object]) -> None:
-        records, errors = records_from_wire(items)
-        if errors:
-            self.driver_stats.records_malformed += len(errors)
-            log.warning("dropped malformed records count=%d first=%s", len(errors), errors[0])
-        merged = self._daemon.merge_remote(records)
+    def _merge_records(self, decoded: Decoded) -> None:
+        if decoded.dropped:
+            self.driver_stats.records_malformed += decoded.dropped
+            log.warning(
+                "dropped malformed records count=%d first=%s",
+                decoded.dropped,
+                decoded.first_error,
+            )
+        merged = self._daemon.merge_remote(decoded.records)
         if merged.accepted:
             self._queue_change(merged.accepted, local=False)
         if merged.reasserted:
@@ -922,7 +923,7 @@ class GossipCluster:
                     self.driver_stats.records_malformed += 1
                     log.debug("dropped malformed record broadcast sender=%s", sender)
                     return
-                self._merge_records([item])
+                self._merge_records(records_from_wire([item]))
             case _:
                 assert_never(event)
 

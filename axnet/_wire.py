@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import attrs
 import msgpack
 
 from ._table import (
@@ -59,13 +60,14 @@ def unpack(data: bytes) -> Any:
             raise WireError(f"message holds more than {MAX_OBJECTS} objects")
         return items
 
+    cap = min(MAX_OBJECTS, len(data))  # no header may promise more items than bytes
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=False,
-            max_array_len=MAX_OBJECTS,
-            max_map_len=MAX_OBJECTS,
+            max_array_len=cap,
+            max_map_len=cap,
             list_hook=counted,
             object_hook=counted,
         )
@@ -263,15 +265,79 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     raise WireError(f"unknown record kind {kind!r} or wrong length {len(data)}")
 
 
-def records_from_wire(
-    items: Sequence[object],
-) -> tuple[list[AppRecord | ServiceRecord], list[str]]:
-    """The records among *items* that decode, and why each other one did not."""
+@attrs.frozen
+class Decoded:
+    """Records that decoded, and how many did not (with the first reason)."""
+
+    records: list[AppRecord | ServiceRecord]
+    dropped: int = 0
+    first_error: str = ""
+
+
+def records_from_wire(items: Iterable[object]) -> Decoded:
+    """The records among *items* that decode; the others counted."""
     records: list[AppRecord | ServiceRecord] = []
-    errors: list[str] = []
+    dropped, first = 0, ""
     for item in items:
         try:
             records.append(record_from_wire(item))
         except WireError as exc:
-            errors.append(str(exc))
-    return records, errors
+            dropped += 1
+            first = first or str(exc)
+    return Decoded(records=records, dropped=dropped, first_error=first)
+
+
+#: Arrays and maps, and their items, in one record of a push-pull state: a
+#: record holds about 15, 150 with the most labels.
+MAX_RECORD_OBJECTS = 1000
+
+
+def records_from_state(data: bytes) -> Decoded:
+    """The records of a push-pull state (an array of records), decoded one at
+    a time: the state may be 20 MB, and only records that decode are kept.
+    WireError when it is not such an array, or a record is absurdly nested."""
+    if not data:
+        return Decoded(records=[])
+    left = [0]
+
+    def counted(items: Any) -> Any:
+        left[0] -= len(items) + 1
+        if left[0] < 0:
+            raise WireError(f"a record holds more than {MAX_RECORD_OBJECTS} objects")
+        return items
+
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=len(data),
+        max_array_len=min(MAX_RECORD_OBJECTS, len(data)),
+        max_map_len=min(MAX_RECORD_OBJECTS, len(data)),
+        list_hook=counted,
+        object_hook=counted,
+    )
+    unpacker.feed(data)
+    try:
+        count = unpacker.read_array_header()
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise WireError(f"push-pull state must be an array of records ({exc})") from None
+    if count > len(data):
+        raise WireError("push-pull state promises more records than it has bytes")
+
+    def items() -> Iterator[object]:
+        for _ in range(count):
+            left[0] = MAX_RECORD_OBJECTS
+            yield unpacker.unpack()
+
+    try:
+        decoded = records_from_wire(items())
+    except WireError:
+        raise
+    except Exception as exc:
+        raise WireError(f"undecodable push-pull state: {exc}") from None
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return decoded
+    except Exception:
+        pass
+    raise WireError("push-pull state has bytes after its records")

@@ -426,9 +426,9 @@ async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Pa
         with socket.socket(socket.AF_UNIX) as early, socket.socket(socket.AF_UNIX) as late:
             attach(early, "early")
             _services_received(early, 0)
-            records, errors = records_from_wire(wire)
-            assert errors == []
-            merged = trio.from_thread.run_sync(daemon.merge_remote, records)
+            decoded = records_from_wire(wire)
+            assert decoded.dropped == 0
+            merged = trio.from_thread.run_sync(daemon.merge_remote, decoded.records)
             trio.from_thread.run(functools.partial(daemon.changed, merged.accepted, local=False))
             pushed = _services_received(early, len(wire))
             attach(late, "late")

@@ -13,7 +13,6 @@ import pytest
 from axnet._gossip import (
     DEFAULT_PORT,
     decode_meta,
-    decode_state,
     encode_meta,
     encode_record,
     encode_state,
@@ -23,7 +22,14 @@ from axnet._gossip import (
     record_key,
 )
 from axnet._table import AppRecord, RealAddress, ServiceRecord, VirtualAddress
-from axnet._wire import WireError, record_from_wire, unpack
+from axnet._wire import (
+    WireError,
+    pack,
+    record_from_wire,
+    record_to_wire,
+    records_from_state,
+    unpack,
+)
 
 IP = ipaddress.ip_address
 
@@ -156,12 +162,29 @@ def test_record_and_state_codecs_round_trip() -> None:
         service(port=81, deleted=True, deleted_at=5.0),
     ]
     assert record_from_wire(unpack(encode_record(records[0]))) == records[0]
-    assert [record_from_wire(item) for item in decode_state(encode_state(records))] == records
-    assert decode_state(b"") == []
-    with pytest.raises(WireError):
-        decode_state(b"\x81\xa1a\x01")  # a map, not a list
-    with pytest.raises(WireError):
-        decode_state(b"\xc1")  # never valid msgpack
+    assert records_from_state(encode_state(records)).records == records
+    assert records_from_state(b"").records == []
+    for garbage in (
+        b"\x81\xa1a\x01",  # a map, not a list
+        b"\xc1",  # never valid msgpack
+        b"\xdd\x7f\xff\xff\xff",  # promises 2^31 records
+        encode_state(records)[:-3],  # cut short
+        encode_state(records) + b"\x01",  # more after it
+        pack([[[[[]] * 600] * 2]]),  # one record nested past any record's size
+    ):
+        with pytest.raises(WireError):
+            records_from_state(garbage)
+
+
+def test_a_state_of_junk_records_costs_one_record_at_a_time() -> None:
+    # 2 M empty arrays (2 MB): each decoded, refused and counted on its own,
+    # never two million Python lists at once.
+    junk = b"\xdd" + (2_000_000).to_bytes(4, "big") + b"\x90" * 2_000_000
+    decoded = records_from_state(junk)
+    assert (decoded.records, decoded.dropped) == ([], 2_000_000)
+    assert decoded.first_error == "a record must be a non-empty list"
+    mixed = records_from_state(pack([record_to_wire(service()), [], "x"]))
+    assert (mixed.records, mixed.dropped) == ([service()], 2)
 
 
 def test_a_record_fits_a_packet() -> None:
