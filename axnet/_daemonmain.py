@@ -45,7 +45,10 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
     if address is None:
         address = ip_address("127.0.0.1")
     listen = PortRange.parse(args.listen_ports, flag="--listen-ports")
-    client = PortRange.parse(args.client_ports, flag="--client-ports")
+    if args.client_ports is not None:
+        client = PortRange.parse(args.client_ports, flag="--client-ports")
+    else:
+        client = _ephemeral_range() or PortRange(lo=32768, hi=60999)
     if not (listen.hi < client.lo or client.hi < listen.lo):
         raise ValueError("--listen-ports and --client-ports must not overlap")
     if not 16 <= args.client_block <= len(client):

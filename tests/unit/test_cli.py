@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -212,7 +213,9 @@ def test_node_config_defaults() -> None:
     assert config.name == "n1"
     assert config.real_host == ip_address("127.0.0.1")
     assert config.listen_ports == PortRange(lo=20000, hi=32767)
-    assert config.client_ports == PortRange(lo=32768, hi=60999)
+    # Source ports default to the kernel's whole ephemeral range.
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert config.client_ports == PortRange(lo=lo, hi=hi)
     assert config.client_block == 2048
     assert config.virtual_range == ipaddress.ip_network("10.77.0.0/16")
 
