@@ -22,7 +22,9 @@ A thread parked in a blocking call waits killably (see ``_libc``): only a
 fatal signal ends the wait.  :func:`signal_waiting` tells the engine when a
 signal the kernel would interrupt that call for is pending for the thread.
 
-Both caches are bounded; dropping them only costs a re-open.  The native hot
+Kernels before 6.9 have no thread pidfds; there nothing is kept between
+calls (see :class:`Tasks`).  Both caches are bounded; dropping them only
+costs a re-open.  The native hot
 path (``_fastpath``) reads the same two caches (:attr:`Tasks.pidfds`,
 :attr:`Tasks.mems`) but never fills them: a handle is only ever opened and
 validated here.  It reads memory only after ``pidfd_getfd`` through the cached
@@ -32,6 +34,7 @@ pidfd succeeded, which is its liveness check.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 from collections.abc import Callable
@@ -52,6 +55,16 @@ class Errno(Exception):
 
 class Gone(Exception):
     """The notification is no longer valid: the thread died or stopped waiting."""
+
+
+@functools.cache
+def thread_pidfds() -> bool:
+    """Whether this kernel gives pidfds of threads (PIDFD_THREAD, Linux 6.9)."""
+    try:
+        os.close(pidfd_open(os.getpid(), PIDFD_THREAD))
+    except OSError:
+        return False
+    return True
 
 
 def _open_pidfd(tid: int) -> int:
@@ -166,10 +179,16 @@ def _open_mem(tid: int) -> int:
 class Tasks:
     """The app's threads, as far as the engine needs to reach them."""
 
-    def __init__(self, is_valid: Callable[[int], bool]) -> None:
+    def __init__(self, is_valid: Callable[[int], bool], *, keep: bool | None = None) -> None:
         self._is_valid = is_valid
         self._pidfds = _Cache(_open_pidfd)
         self._mems = _Cache(_open_mem)
+        #: Whether handles are kept between calls.  Not without thread pidfds:
+        #: the leader's pidfd outlives a thread whose id a task of another
+        #: process may get, so nothing could tell a kept handle is stale.  Each
+        #: call then opens its own, trusted once the notification is checked
+        #: (and the native path, finding none, hands every call to Python).
+        self._keep = thread_pidfds() if keep is None else keep
 
     def _pidfd(self, tid: int) -> tuple[int, bool]:
         """(pidfd, fresh) for *tid*; a fresh one drops the tid's mem handle,
@@ -189,6 +208,13 @@ class Tasks:
 
     def getfd(self, tid: int, target: int) -> int:
         """Our duplicate of the thread's fd *target*; raises Errno or Gone."""
+        try:
+            return self._getfd(tid, target)
+        finally:
+            if not self._keep:
+                self._forget(tid)
+
+    def _getfd(self, tid: int, target: int) -> int:
         for attempt in (0, 1):
             pidfd, _ = self._pidfd(tid)
             try:
@@ -218,6 +244,13 @@ class Tasks:
 
     def write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
         """Store ``(address, bytes)`` pairs in the thread's memory; raises Errno(EFAULT) or Gone."""
+        try:
+            self._write(tid, notification_id, writes)
+        finally:
+            if not self._keep:
+                self._forget(tid)
+
+    def _write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
         for address, data in writes:
             _check_range(address, len(data))
         for attempt in (0, 1):
@@ -239,6 +272,13 @@ class Tasks:
         Validity is the caller's to check *after* the read (the bytes only
         count once the notification is known to be live).
         """
+        try:
+            return self._read(tid, notification_id, address, size)
+        finally:
+            if not self._keep:
+                self._forget(tid)
+
+    def _read(self, tid: int, notification_id: int, address: int, size: int) -> bytes:
         _check_range(address, size)
         for attempt in (0, 1):
             fd, fresh = self.mem(tid, notification_id)

@@ -169,3 +169,18 @@ def test_a_cached_address_space_never_outlives_the_task_it_was_opened_for() -> N
         for child in (old, new):
             child.kill()
             child.wait()
+
+
+def test_without_thread_pidfds_nothing_is_kept_between_calls() -> None:
+    # Before Linux 6.9 a kept handle could outlive its thread unnoticed: each
+    # call opens its own, and the native path, finding none, goes slow.
+    child, address = _marked("mine")
+    tasks = Tasks(lambda ident: True, keep=False)
+    try:
+        assert tasks.read(child.pid, 1, address, 4) == b"mine"
+        os.close(tasks.getfd(child.pid, 0))
+        assert tasks.pidfds == {} and tasks.mems == {}
+    finally:
+        tasks.close()
+        child.kill()
+        child.wait()
