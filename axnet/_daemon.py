@@ -160,8 +160,8 @@ class Daemon:
                     continue
                 if listening:
                     written += self.node.listen(app_id, virtual)
-            # The table in frames: the reply, then pushes, which the
-            # supervisor applies after the reply.
+            # The table in frames: the reply, then `more` records in pushes,
+            # which the supervisor waits for before it adopts the table.
             first, *rest = _framed([record_to_wire(r) for r in self.node.table.records()])
             await conn.reply(
                 request,
@@ -170,6 +170,7 @@ class Daemon:
                 vip=str(app.vip),
                 block=list(app.block) if app.block else None,
                 records=first,
+                more=sum(len(chunk) for chunk in rest),
             )
             for chunk in rest:
                 await conn.send({"push": "records", "records": chunk})

@@ -48,7 +48,7 @@ from ._control import (
 from ._node import ClaimError
 from ._table import IPAddress, Labels, ServiceTable, VirtualAddress, ip_address
 from ._verdict import Identity
-from ._wire import FrameDecoder, WireError, frame, record_from_wire
+from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire
 from .intercept._bpf import build_filter
 from .intercept._engine import Engine
 from .intercept._launcher import launch
@@ -117,35 +117,46 @@ class Session:
         Returns the reply and the pushes that followed it in the same reads:
         they are newer than the reply's snapshot and must be applied after it.
         Pushes before the reply are older than the snapshot and are dropped.
+        A reply that says ``more`` records follow (a table larger than one
+        frame) is returned once that many have come in pushes.
         """
         self._next_id += 1
         ident = self._next_id
         reply: dict[str, Any] | None = None
         later: list[dict[str, Any]] = []
+
+        def complete() -> bool:
+            if reply is None:
+                return False
+            pushed = sum(len(p.get("records") or []) for p in later)
+            return pushed >= int_from_wire(reply.get("more") or 0)
+
         try:
             await self.stream.send_all(frame({"op": op, "id": ident, **fields}))
-            while reply is None:
+            while not complete():
                 data = await self.stream.receive_some(65536)
-                reply = self._take_handshake(op, ident, data, later)
+                got = self._take_handshake(op, ident, data, later, replied=reply is not None)
+                reply = got or reply
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise DaemonUnavailable(f"the daemon closed the session during '{op}'") from None
+        assert reply is not None
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error")), err=int(reply.get("errno") or 0))
         return reply, later
 
     def _take_handshake(
-        self, op: str, ident: int, data: bytes, later: list[dict[str, Any]]
+        self, op: str, ident: int, data: bytes, later: list[dict[str, Any]], *, replied: bool
     ) -> dict[str, Any] | None:
-        """Feed one read of the handshake; the reply once it is in."""
+        """Feed one read of the handshake; the reply if it is in this read."""
         reply: dict[str, Any] | None = None
         if not data:
             raise DaemonUnavailable(f"the daemon closed the session during '{op}'")
-        # Pushes that follow the reply in the same read are applied too.
+        # Pushes that follow the reply (in this read or a later one) are kept.
         for message in self._decoder.feed(data):
             if not isinstance(message, dict):
                 continue
             if "push" in message:
-                if reply is not None:
+                if replied or reply is not None:
                     later.append(message)
             elif message.get("id") == ident:
                 reply = message
@@ -280,7 +291,7 @@ class Supervisor:
         try:
             with trio.fail_after(CLAIM_TIMEOUT_S * 5):
                 reply, later = await session.handshake("attach", fields)
-            self._apply_attach(reply)
+            self._apply_attach(reply, later)
         except BaseException as exc:
             stream.socket.close()
             if isinstance(exc, trio.TooSlowError):
@@ -288,8 +299,6 @@ class Supervisor:
             if isinstance(exc, (KeyError, ValueError, TypeError)):
                 raise ControlError(f"the daemon's attach reply is malformed ({exc!r})") from None
             raise
-        for push in later:
-            self._on_push(push)
         return session, reply
 
     async def _keep_session(self, session: Session) -> None:
@@ -316,9 +325,16 @@ class Supervisor:
                 log.warning("re-attached to the daemon vip=%s", reply.get("vip"))
                 break
 
-    def _apply_attach(self, reply: Mapping[str, Any]) -> None:
+    def _apply_attach(self, reply: Mapping[str, Any], later: Sequence[Mapping[str, Any]]) -> None:
+        """Adopt the attach reply's table, with the pushes after it (the rest
+        of a table larger than a frame, and newer changes), whole: the engine
+        never decides from half a table."""
         fresh = ServiceTable()
-        for item in reply.get("records") or []:
+        items = [*(reply.get("records") or [])]
+        for push in later:
+            if push.get("push") == "records":
+                items += push.get("records") or []
+        for item in items:
             try:
                 fresh.merge(record_from_wire(item))
             except WireError as exc:

@@ -28,6 +28,7 @@ from axnet._control import (
     ControlError,
     DaemonUnavailable,
     control_path,
+    open_session,
     peer_uid,
     prepare_runtime_dir,
     runtime_dir,
@@ -35,6 +36,7 @@ from axnet._control import (
 )
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._node import NodeConfig
+from axnet._supervisor import Session
 from axnet._wire import MAX_LABELS, FrameDecoder, frame, records_from_wire
 
 # -- runtime_dir ---------------------------------------------------------------
@@ -443,6 +445,44 @@ async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Pa
             pushed, snapshot = await trio.to_thread.run_sync(talk)
         daemon.stop()
     assert pushed == snapshot == {r[1] for r in wire}
+
+
+async def test_an_attach_waits_for_the_whole_table(sock_dir: Path) -> None:
+    # A table larger than a frame comes as the reply and pushes after it: the
+    # supervisor's handshake returns only once all of it is in.
+    daemon = _daemon(sock_dir)
+    wire = [
+        [
+            "s",
+            f"10.9.{i // 250}.{i % 250 + 1}",
+            80,
+            "192.0.2.9",
+            20000 + i,
+            "n2",
+            f"b{i}",
+            "",
+            [],
+            1,
+            False,
+            0.0,
+        ]
+        for i in range(2500)
+    ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        await daemon.changed(
+            daemon.merge_remote(records_from_wire(wire).records).accepted, local=False
+        )
+        session = Session(await open_session(control_path(sock_dir)))
+        with trio.fail_after(30):
+            reply, later = await session.handshake(
+                "attach", {"app_id": "a1", "pid": 1, "argv": ["app"], "claims": []}
+            )
+        await session.stream.aclose()
+        daemon.stop()
+    got = [*reply["records"], *(r for push in later for r in push["records"])]
+    assert reply["more"] == 2500 + 1 - 1000  # the app's own record too
+    assert {r[1] for r in got if r[0] == "s"} == {r[1] for r in wire}
 
 
 def test_a_client_refuses_a_daemon_of_another_user(sock_dir: Path) -> None:
