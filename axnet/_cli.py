@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-ports",
         metavar="LO-HI",
         help="source ports for apps' connections, inside net.ipv4.ip_local_port_range "
-        "(default: that whole range)",
+        "(default: that range, above --listen-ports where they meet)",
     )
     d.add_argument(
         "--client-block",

@@ -48,7 +48,7 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
     if args.client_ports is not None:
         client = PortRange.parse(args.client_ports, flag="--client-ports")
     else:
-        client = _ephemeral_range() or PortRange(lo=32768, hi=60999)
+        client = default_client_ports(listen, _ephemeral_range())
     if not (listen.hi < client.lo or client.hi < listen.lo):
         raise ValueError("--listen-ports and --client-ports must not overlap")
     if not 16 <= args.client_block <= len(client):
@@ -155,6 +155,22 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         print(f"axnet daemon: {found}", file=sys.stderr)
         return 1
     return 0
+
+
+def default_client_ports(listen: PortRange, ephemeral: PortRange | None) -> PortRange:
+    """The kernel's ephemeral range, above the listener ports where they meet."""
+    if ephemeral is None:
+        return PortRange(lo=32768, hi=60999)  # Linux's default range
+    lo = ephemeral.lo
+    if ephemeral.lo <= listen.hi and listen.lo <= ephemeral.hi:  # they overlap
+        lo = listen.hi + 1
+    if lo > ephemeral.hi:
+        raise ValueError(
+            f"the kernel's ephemeral ports {ephemeral.lo}-{ephemeral.hi} leave none above "
+            f"--listen-ports {listen.lo}-{listen.hi}: give --listen-ports below them, "
+            "or --client-ports"
+        )
+    return PortRange(lo=lo, hi=ephemeral.hi)
 
 
 def port_problem(

@@ -377,6 +377,8 @@ class DriverStats:
     streams_oversized: int = 0
     streams_io_errors: int = 0
     records_malformed: int = 0
+    #: live records of members held failed or left, not merged
+    records_of_gone: int = 0
     records_too_large: int = 0
     revival_syncs: int = 0
     republished: int = 0
@@ -644,6 +646,7 @@ class GossipCluster:
             "refutations": s.refutations,
             "records": {
                 "malformed": d.records_malformed,
+                "of_gone_members": d.records_of_gone,
                 "too_large": d.records_too_large,
                 "republished": d.republished,
             },
@@ -674,13 +677,25 @@ class GossipCluster:
                 decoded.dropped,
                 decoded.first_error,
             )
-        merged = self._daemon.merge_remote(decoded.records)
+        # A gone member's records were withdrawn when it went; one still on
+        # its way (a broadcast retransmitted, a peer's older push-pull) must
+        # not bring it back.  Its revival republishes them.
+        records = [r for r in decoded.records if r.deleted or not self._gone(r.node)]
+        self.driver_stats.records_of_gone += len(decoded.records) - len(records)
+        merged = self._daemon.merge_remote(records)
         if merged.accepted:
             self._queue_change(merged.accepted, local=False)
         if merged.reasserted:
             self.driver_stats.republished += len(merged.reasserted)
             log.info("records reasserted above a peer's version count=%d", len(merged.reasserted))
             self._queue_change(merged.reasserted, local=True)
+
+    def _gone(self, node: str) -> bool:
+        """Whether *node* is a member we hold failed or left."""
+        if node in self._failed:
+            return True
+        member = self.core.member(node)
+        return member is not None and member.state is swim.MemberState.LEFT
 
     def _queue_change(self, records: list[Record], *, local: bool) -> None:
         self._changes.append((records, local))

@@ -274,8 +274,9 @@ class Decoded:
     first_error: str = ""
 
 
-def records_from_wire(items: Iterable[object]) -> Decoded:
-    """The records among *items* that decode; the others counted."""
+def records_from_wire(items: Iterable[object], *, max_dropped: int | None = None) -> Decoded:
+    """The records among *items* that decode; the others counted.  Past
+    *max_dropped* bad ones, WireError: a source that sends mostly junk."""
     records: list[AppRecord | ServiceRecord] = []
     dropped, first = 0, ""
     for item in items:
@@ -283,7 +284,11 @@ def records_from_wire(items: Iterable[object]) -> Decoded:
             records.append(record_from_wire(item))
         except WireError as exc:
             dropped += 1
-            first = first or str(exc)
+            first = first or str(exc)[:200]
+            if max_dropped is not None and dropped > max_dropped:
+                raise WireError(
+                    f"more than {max_dropped} malformed records; first: {first}"
+                ) from None
     return Decoded(records=records, dropped=dropped, first_error=first)
 
 
@@ -291,19 +296,32 @@ def records_from_wire(items: Iterable[object]) -> Decoded:
 #: record holds about 15, 150 with the most labels.
 MAX_RECORD_OBJECTS = 1000
 
+#: The same in a whole state: a record costs one per 3 bytes at most, so a
+#: full 20 MB state of real records fits; junk is refused long before.
+MAX_STATE_OBJECTS = 8_000_000
+
+#: Malformed records a state may hold before it is refused whole.
+MAX_STATE_DROPPED = 1000
+
 
 def records_from_state(data: bytes) -> Decoded:
     """The records of a push-pull state (an array of records), decoded one at
     a time: the state may be 20 MB, and only records that decode are kept.
-    WireError when it is not such an array, or a record is absurdly nested."""
+    WireError when it is not such an array, or it holds mostly junk (nested
+    past any record's size, past MAX_STATE_OBJECTS, past MAX_STATE_DROPPED
+    bad records, or followed by anything)."""
     if not data:
         return Decoded(records=[])
-    left = [0]
+    record_left, state_left = [0], [MAX_STATE_OBJECTS]
 
     def counted(items: Any) -> Any:
-        left[0] -= len(items) + 1
-        if left[0] < 0:
+        cost = len(items) + 1
+        record_left[0] -= cost
+        state_left[0] -= cost
+        if record_left[0] < 0:
             raise WireError(f"a record holds more than {MAX_RECORD_OBJECTS} objects")
+        if state_left[0] < 0:
+            raise WireError(f"push-pull state holds more than {MAX_STATE_OBJECTS} objects")
         return items
 
     unpacker = msgpack.Unpacker(
@@ -325,19 +343,15 @@ def records_from_state(data: bytes) -> Decoded:
 
     def items() -> Iterator[object]:
         for _ in range(count):
-            left[0] = MAX_RECORD_OBJECTS
+            record_left[0] = MAX_RECORD_OBJECTS
             yield unpacker.unpack()
 
     try:
-        decoded = records_from_wire(items())
+        decoded = records_from_wire(items(), max_dropped=MAX_STATE_DROPPED)
     except WireError:
         raise
     except Exception as exc:
         raise WireError(f"undecodable push-pull state: {exc}") from None
-    try:
-        unpacker.unpack()
-    except msgpack.OutOfData:
-        return decoded
-    except Exception:
-        pass
-    raise WireError("push-pull state has bytes after its records")
+    if unpacker.tell() != len(data):
+        raise WireError("push-pull state has bytes after its records")
+    return decoded

@@ -33,6 +33,7 @@ other than from the `rng` given at construction.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol, assert_never
@@ -183,7 +184,10 @@ class Swim:
         self._conflicts: set[Address] = set()
         self._boot = incarnation
         self._user_seq = 0
-        self._user_seen: dict[tuple[str, bytes], tuple[int, int]] = {}
+        #: (origin, key) -> newest (boot, seq) seen; oldest first, for the cap.
+        self._user_seen: collections.OrderedDict[tuple[str, bytes], tuple[int, int]] = (
+            collections.OrderedDict()
+        )
         self._datagrams: list[Datagram] = []
         self._streams: list[StreamRequest] = []
         self._events: list[Event] = []
@@ -761,7 +765,7 @@ class Swim:
         if seen is None and len(self._user_seen) >= MAX_USER_KEYS:
             # Forget the oldest key: a replay of it is news again, which the
             # application's own versions judge.
-            del self._user_seen[next(iter(self._user_seen))]
+            self._user_seen.popitem(last=False)
             self.stats.broadcast_keys_forgotten += 1
         self._user_seen[(message.origin, message.key)] = version
         self._events.append(

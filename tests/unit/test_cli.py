@@ -22,7 +22,7 @@ from axnet._cli import (
     parse_label,
     parse_network,
 )
-from axnet._daemonmain import node_config, port_problem, run_daemon
+from axnet._daemonmain import default_client_ports, node_config, port_problem, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
 
@@ -255,7 +255,7 @@ def test_node_config_address_wins_over_advertise() -> None:
             "--advertise must be HOST[:PORT] with an IP host, got 'myhost:7946'",
         ),
         (
-            ["--listen-ports", "20000-40000"],
+            ["--listen-ports", "20000-40000", "--client-ports", "32768-60999"],
             "--listen-ports and --client-ports must not overlap",
         ),
         (
@@ -291,7 +291,8 @@ def test_node_config_accepts_adjacent_ranges_and_edge_blocks() -> None:
 
 
 def test_run_daemon_reports_bad_flags_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_daemon(daemon_args("--listen-ports", "20000-40000")) == 2
+    flags = ("--listen-ports", "20000-40000", "--client-ports", "32768-60999")
+    assert run_daemon(daemon_args(*flags)) == 2
     assert capsys.readouterr().err == (
         "axnet daemon: --listen-ports and --client-ports must not overlap\n"
     )
@@ -334,6 +335,20 @@ def test_daemon_refuses_a_virtual_range_with_no_room(
         "give it at least 4 addresses (a /30, or /126 for IPv6)"
     )
     assert parse_network("10.9.0.0/30").num_addresses == 4
+
+
+def test_client_ports_default_to_the_ephemeral_range_above_the_listeners() -> None:
+    listen = PortRange(lo=20000, hi=32767)
+    assert default_client_ports(listen, PortRange(lo=32768, hi=60999)) == PortRange(
+        lo=32768, hi=60999
+    )
+    # A wide range (1024-65535) holds the listener ports too: the part above them.
+    assert default_client_ports(listen, PortRange(lo=1024, hi=65535)) == PortRange(
+        lo=32768, hi=65535
+    )
+    assert default_client_ports(listen, None) == PortRange(lo=32768, hi=60999)
+    with pytest.raises(ValueError, match="leave none above --listen-ports 20000-32767"):
+        default_client_ports(listen, PortRange(lo=20000, hi=30000))
 
 
 def test_port_ranges_the_kernel_would_defeat_are_refused() -> None:

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import msgpack
 import pytest
 import trio
 
+import swim
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._gossip import GossipCluster, gossip_options
 from axnet._node import NodeConfig
@@ -214,3 +216,22 @@ async def test_a_peers_records_for_reserved_addresses_are_dropped_and_counted(
             "dropped malformed records count=2 first=127.0.0.1 cannot be a virtual IP: it "
             "overlaps 127.0.0.0/8 (loopback, unspecified, link-local, multicast or reserved)"
         ]
+
+
+async def test_a_gone_members_records_do_not_come_back() -> None:
+    # n2 is declared dead and its records withdrawn; a broadcast of a newer
+    # record of it, still on its way, must not bring it (or n2) back.
+    async with running("a") as cluster:
+        table = cluster._daemon.node.table
+        n2 = swim.Member(
+            name="n2", address=("192.0.2.9", 7946), incarnation=1, state=swim.MemberState.DEAD
+        )
+        cluster._on_event(swim.MemberDead(member=n2, accuser="a"))
+        late = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 5, False, 0.0]
+        cluster.merge_remote_state(pack([late]), join=False)
+        assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is None
+        assert cluster.stats()["records"]["of_gone_members"] == 1
+        # Back (its revival republishes): its records are taken again.
+        cluster._on_event(swim.MemberJoined(member=attrs.evolve(n2, state=swim.MemberState.ALIVE)))
+        cluster.merge_remote_state(pack([late]), join=False)
+        assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
