@@ -46,6 +46,7 @@ from ._control import (
     receive_messages,
 )
 from ._node import ClaimError
+from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import IPAddress, Labels, ServiceTable, VirtualAddress, ip_address
 from ._verdict import Identity
 from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire
@@ -389,15 +390,13 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_session, session)
             await nursery.start(self._forward_signals, launched_pid)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # what came meanwhile, too
             await trio.lowlevel.wait_readable(launched_pidfd)
             status = _reap(launched_pid)
             nursery.cancel_scope.cancel()
         self._token = None
         # The rest of the tree gets its grace period; a second Ctrl-C meanwhile
-        # must not cut the clean-up short.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
+        # must not cut the clean-up short (the signals stay blocked: ignored).
+        await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
         assert self.engine is not None
         self.engine.stop()
         thread.join(timeout=2.0)
@@ -422,15 +421,26 @@ class Supervisor:
     async def _forward_signals(
         self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        with trio.open_signal_receiver(*_FORWARDED) as signals:
+        """Pass SIGINT/TERM/HUP/QUIT on to the app, those that came while the
+        supervisor attached included; not a terminal's, which the app got too."""
+        fd = open_signalfd(_FORWARDED)
+        try:
             task_status.started()
-            async for signum in signals:
-                if signum in _FROM_TERMINAL and _terminal_sent_it_too(pid):
-                    continue
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    return
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                for signum, code in read_signals(fd):
+                    if (
+                        signum in _FROM_TERMINAL
+                        and code == SI_KERNEL
+                        and _terminal_sent_it_too(pid)
+                    ):
+                        continue
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        return
+        finally:
+            os.close(fd)
 
     _pid: int = 0
 
@@ -501,7 +511,8 @@ def _raise_fd_limit() -> None:
 #: Signals the supervisor passes on to the app.
 _FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
-#: Signals a terminal sends to its whole foreground process group.
+#: Signals a terminal sends to its whole foreground process group (with
+#: si_code SI_KERNEL).
 _FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 
 
@@ -529,9 +540,10 @@ def run(options: RunOptions) -> int:
         client.request("status")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    # Held until the supervisor forwards them (see _supervise): a Ctrl-C while
-    # it attaches must not kill the app, nor skip the terminal check.  Every
-    # thread started from here on inherits the block; the app does not.
+    # Blocked for good, and read from a signalfd by the forwarder, which knows
+    # who sent each (see _forward_signals): a Ctrl-C while the supervisor
+    # attaches waits for it.  Every thread started from here on inherits the
+    # block (as a signalfd needs); the app does not.
     app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     launched = launch(options.argv, env=options.env, program=build_filter(), sigmask=app_mask)
     _raise_fd_limit()  # after the launch: the app keeps the limits it was given

@@ -257,10 +257,10 @@ def test_orphans_that_ignore_sigterm_are_ended(node: AxnetNode) -> None:
 
 
 SIGINT_COUNTER = """
-import json, signal, time
+import json, os, signal, time
 got = []
 signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-print("ready", flush=True)
+print("ready", os.getppid(), "!", flush=True)
 give_up = time.monotonic() + 30
 while not got and time.monotonic() < give_up:
     time.sleep(0.05)
@@ -269,9 +269,9 @@ print(json.dumps({"sigints": len(got)}), flush=True)
 """
 
 
-def test_ctrl_c_in_a_terminal_reaches_the_app_once(node: AxnetNode) -> None:
-    # The terminal sends Ctrl-C to its whole foreground group, the app and
-    # its supervisor alike; the supervisor must not send it a second time.
+def _sigint_in_a_terminal(node: AxnetNode, *, by_kill: bool) -> int:
+    """Run SIGINT_COUNTER as a terminal's foreground job; send one SIGINT, by
+    Ctrl-C or by kill(2) to `axnet run` alone; how many the app got."""
     master, terminal = os.openpty()
     try:
         run = node.host.popen(
@@ -297,14 +297,31 @@ def test_ctrl_c_in_a_terminal_reaches_the_app_once(node: AxnetNode) -> None:
                 seen += chunk
             return True
 
-        assert read_until(b"ready"), seen
-        os.write(master, b"\x03")
+        assert read_until(b"!"), seen
+        supervisor = int(seen.split(b"ready", 1)[1].split()[0])  # the app's parent
+        if by_kill:
+            os.kill(supervisor, signal.SIGINT)
+        else:
+            os.write(master, b"\x03")
         assert read_until(b"}"), seen
         assert run.wait(timeout=30) == 0
     finally:
         os.close(master)
         os.close(terminal)
-    assert json.loads(seen[seen.rindex(b"{") :])["sigints"] == 1, seen
+    sigints: int = json.loads(seen[seen.rindex(b"{") :])["sigints"]
+    return sigints
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_app_once(node: AxnetNode) -> None:
+    # The terminal sends Ctrl-C to its whole foreground group, the app and
+    # its supervisor alike; the supervisor must not send it a second time.
+    assert _sigint_in_a_terminal(node, by_kill=False) == 1
+
+
+def test_kill_int_at_a_foreground_axnet_run_reaches_the_app(node: AxnetNode) -> None:
+    # The same signal sent to `axnet run` alone reaches the app only if it is
+    # forwarded: the supervisor tells them apart by who sent them.
+    assert _sigint_in_a_terminal(node, by_kill=True) == 1
 
 
 def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode) -> None:
