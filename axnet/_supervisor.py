@@ -429,11 +429,7 @@ class Supervisor:
             while True:
                 await trio.lowlevel.wait_readable(fd)
                 for signum, code in read_signals(fd):
-                    if (
-                        signum in _FROM_TERMINAL
-                        and code == SI_KERNEL
-                        and _terminal_sent_it_too(pid)
-                    ):
+                    if code == SI_KERNEL and _kernel_sent_it_too(pid, signum):
                         continue
                     try:
                         os.kill(pid, signum)
@@ -511,25 +507,20 @@ def _raise_fd_limit() -> None:
 #: Signals the supervisor passes on to the app.
 _FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
-#: Signals a terminal sends to its whole foreground process group (with
-#: si_code SI_KERNEL).
-_FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 
-
-def _terminal_sent_it_too(pid: int) -> bool:
-    """Whether the app shares our process group and it is the terminal's
-    foreground group: then a Ctrl-C reached the app already, and forwarding
-    it would deliver it twice (a second Ctrl-C means "force quit" to many apps)."""
+def _kernel_sent_it_too(pid: int, signum: int) -> bool:
+    """Whether a signal the kernel raised (si_code SI_KERNEL) reached the app
+    as well: a terminal's Ctrl-C or Ctrl-\\, or the SIGHUP of a session leader's
+    exit, go to the whole foreground group, which the app shares with us
+    (forwarding would deliver them twice: a second Ctrl-C means "force quit"
+    to many apps).  A hang-up signals the session leader alone: when that is
+    us, the app did not get it."""
     try:
-        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return False  # no controlling terminal
-    try:
-        return os.tcgetpgrp(tty) == os.getpgrp() == os.getpgid(pid)
+        if os.getpgid(pid) != os.getpgrp():
+            return False  # the app made a group of its own
+        return not (signum == signal.SIGHUP and os.getsid(0) == os.getpid())
     except OSError:
         return False
-    finally:
-        os.close(tty)
 
 
 def run(options: RunOptions) -> int:

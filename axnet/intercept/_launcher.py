@@ -178,8 +178,10 @@ def _child(
         os.close(listener)
         os.close(ack_r)
         # Python ignores SIGPIPE and SIGXFSZ; exec keeps "ignored", so restore
-        # the defaults the application expects (as subprocess does).
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        # the defaults the application expects (as subprocess does).  SIGINT
+        # too: a Ctrl-C that waited in the mask must end this child as it
+        # would the app, not raise KeyboardInterrupt here (exit 127).
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)

@@ -324,6 +324,76 @@ def test_kill_int_at_a_foreground_axnet_run_reaches_the_app(node: AxnetNode) -> 
     assert _sigint_in_a_terminal(node, by_kill=True) == 1
 
 
+SIGHUP_COUNTER = """
+import json, signal, sys, time
+got = []
+signal.signal(signal.SIGHUP, lambda signum, frame: got.append(signum))
+out = open(sys.argv[1], "w")
+print("ready", file=out, flush=True)
+give_up = time.monotonic() + 30
+while not got and time.monotonic() < give_up:
+    time.sleep(0.05)
+time.sleep(3)  # room for a second, duplicate SIGHUP
+print(json.dumps({"sighups": len(got)}), file=out, flush=True)
+"""
+
+# A session leader (a shell, say) that starts its command as the terminal's
+# foreground job and exits once the command is ready: the kernel then sends
+# SIGHUP to the foreground group, the app and its supervisor alike.
+EXITING_LEADER = """
+import os, signal, sys, time
+child = os.fork()
+if child == 0:
+    os.setpgid(0, 0)
+    while os.tcgetpgrp(0) != os.getpgrp():
+        time.sleep(0.01)
+    os.execvp(sys.argv[2], sys.argv[2:])
+os.setpgid(child, child)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+os.tcsetpgrp(0, child)
+give_up = time.monotonic() + 30
+while time.monotonic() < give_up:
+    try:
+        if "ready" in open(sys.argv[1]).read():
+            break
+    except FileNotFoundError:
+        pass
+    time.sleep(0.05)
+os._exit(0)
+"""
+
+
+def test_a_session_leaders_exit_hangs_up_the_app_once(node: AxnetNode) -> None:
+    out = node.logs / "hup.out"  # the logs directory is anybody's to write
+    master, terminal = os.openpty()
+    try:
+        node.host.popen(
+            [
+                "setsid",
+                "-c",
+                "python3",
+                "-c",
+                EXITING_LEADER,
+                str(out),
+                *node.run_cmd_prefix(ip="10.1.0.5"),
+                "python3",
+                "-c",
+                SIGHUP_COUNTER,
+                str(out),
+            ],
+            env=node.env,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=node.logs / "hup.err",
+        )
+        wait_until("the app reports", lambda: "}" in (out.read_text() if out.exists() else ""))
+    finally:
+        os.close(master)
+        os.close(terminal)
+    text = out.read_text()
+    assert json.loads(text[text.rindex("{") :]) == {"sighups": 1}, node.log("hup")
+
+
 def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode) -> None:
     # As the kernel: EMFILE, and the connection waits for the next accept.
     done = node.run_json([*APPS, "accept-without-fds", "7016"], ip="10.1.0.5")
