@@ -122,6 +122,10 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
 
 
+#: The context of a call that needs none (reusable).
+_NOTHING = contextlib.nullcontext()
+
+
 class NodeLink(Protocol):
     """How the engine claims virtual ports from the node (the supervisor implements it)."""
 
@@ -665,15 +669,21 @@ class Engine:
         finally:
             sock.close()
 
+    def _as_app(self, n: Notification, raw: bytes) -> contextlib.AbstractContextManager[None]:
+        """For a path socket address, the app thread's directory and umask;
+        for any other address nothing (the inet connect path pays no more)."""
+        if self._appfs is None or not is_path_address(raw):
+            return _NOTHING
+        return self._in_app_dir(n)
+
     @contextlib.contextmanager
-    def _as_app(self, n: Notification, raw: bytes) -> Iterator[None]:
-        """For a path socket address: the app thread's directory and umask."""
+    def _in_app_dir(self, n: Notification) -> Iterator[None]:
+        assert self._appfs is not None
         with contextlib.ExitStack() as stack:
-            if self._appfs is not None and is_path_address(raw):
-                try:
-                    stack.enter_context(self._appfs.like(n.pid, lambda: self._check(n)))
-                except OSError as exc:
-                    raise gone_or_errno(exc) from None
+            try:
+                stack.enter_context(self._appfs.like(n.pid, lambda: self._check(n)))
+            except OSError as exc:
+                raise gone_or_errno(exc) from None
             yield
 
     def _bind_virtual(self, sock: _socket.socket, port: int, pid: int) -> Binding:

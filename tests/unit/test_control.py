@@ -396,13 +396,11 @@ def _services_received(sock: socket.socket, want: int) -> set[str]:
     return got
 
 
-async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Path) -> None:
-    # A peer's push-pull may carry more than one control frame holds (16 MB):
-    # 2 500 records of ~11 KB here.  Before, pushing it raised and ended the daemon.
-    path = control_path(sock_dir)
-    daemon = _daemon(sock_dir)
-    labels = [[f"{i:02d}" + "k" * 61, "v" * 255] for i in range(MAX_LABELS)]
-    wire = [
+def _remote_services(
+    count: int, *, name: str = "", labels: list[list[str]] | None = None
+) -> list[list[object]]:
+    """*count* wire service records of another node, on distinct virtual IPs."""
+    return [
         [
             "s",
             f"10.9.{i // 250}.{i % 250 + 1}",
@@ -411,14 +409,23 @@ async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Pa
             20000 + i,
             "n2",
             f"b{i}",
-            "s",
-            labels,
+            name,
+            labels or [],
             1,
             False,
             0.0,
         ]
-        for i in range(2500)
+        for i in range(count)
     ]
+
+
+async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Path) -> None:
+    # A peer's push-pull may carry more than one control frame holds (16 MB):
+    # 2 500 records of ~11 KB here.  Before, pushing it raised and ended the daemon.
+    path = control_path(sock_dir)
+    daemon = _daemon(sock_dir)
+    labels = [[f"{i:02d}" + "k" * 61, "v" * 255] for i in range(MAX_LABELS)]
+    wire = _remote_services(2500, name="s", labels=labels)
 
     def attach(sock: socket.socket, app_id: str) -> None:
         sock.connect(str(path))
@@ -451,23 +458,7 @@ async def test_an_attach_waits_for_the_whole_table(sock_dir: Path) -> None:
     # A table larger than a frame comes as the reply and pushes after it: the
     # supervisor's handshake returns only once all of it is in.
     daemon = _daemon(sock_dir)
-    wire = [
-        [
-            "s",
-            f"10.9.{i // 250}.{i % 250 + 1}",
-            80,
-            "192.0.2.9",
-            20000 + i,
-            "n2",
-            f"b{i}",
-            "",
-            [],
-            1,
-            False,
-            0.0,
-        ]
-        for i in range(2500)
-    ]
+    wire = _remote_services(2500)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         await daemon.changed(
