@@ -7,7 +7,9 @@ same thing replaces the older one instead of travelling beside it. Each time
 a message rides on an outgoing packet its transmit count goes up; once it
 reaches retransmit_mult * ceil(log10(N + 1)) it is dropped. Packets are
 filled with the least-transmitted messages first, newest first among equals
-(as memberlist), which spreads fresh news fastest.
+(as memberlist), which spreads fresh news fastest. A message is never put on
+a packet to a member known to hold it (`holders`: whoever told us, the
+origin), and such a skip costs no transmit.
 
 Items live in buckets indexed by transmit count, each an insertion-ordered
 dict, so queueing, invalidating and taking are O(1) per message touched, not
@@ -25,12 +27,15 @@ _MIN_MESSAGE = 4
 
 
 class _Item:
-    __slots__ = ("data", "id", "key", "transmits")
+    __slots__ = ("data", "holders", "id", "key", "transmits")
 
-    def __init__(self, item_id: int, key: Hashable, data: bytes) -> None:
+    def __init__(
+        self, item_id: int, key: Hashable, data: bytes, holders: tuple[Hashable, ...]
+    ) -> None:
         self.id = item_id
         self.key = key
         self.data = data
+        self.holders = holders
         self.transmits = 0
 
 
@@ -47,18 +52,29 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def queue(self, key: Hashable, data: bytes) -> None:
-        """Queue `data`, replacing any message queued under `key`."""
+    def queue(self, key: Hashable, data: bytes, holders: tuple[Hashable, ...] = ()) -> None:
+        """Queue `data`, replacing any message queued under `key`.
+
+        `holders` are destinations known to hold it already (whoever told
+        us); it never rides on a packet to them, so no transmit is spent
+        telling a member what it just told us.
+        """
         old = self._by_key.pop(key, None)
         if old is not None:
             del self._buckets[old.transmits][old.id]
-        item = _Item(self._next_id, key, data)
+        item = _Item(self._next_id, key, data, holders)
         self._next_id += 1
         self._by_key[key] = item
         self._buckets[0][item.id] = item
 
-    def take(self, free_bytes: int, per_message_overhead: int, transmit_limit: int) -> list[bytes]:
-        """Messages fitting in `free_bytes`; counts one transmission for each."""
+    def take(
+        self,
+        free_bytes: int,
+        per_message_overhead: int,
+        transmit_limit: int,
+        dest: Hashable = None,
+    ) -> list[bytes]:
+        """Messages for `dest` fitting in `free_bytes`; counts one transmission for each."""
         chosen: list[_Item] = []
         scanned = 0
         for bucket in self._buckets:
@@ -66,6 +82,8 @@ class BroadcastQueue:
                 break
             for item in reversed(bucket.values()):
                 scanned += 1
+                if dest is not None and dest in item.holders:
+                    continue
                 cost = len(item.data) + per_message_overhead
                 if cost <= free_bytes:
                     chosen.append(item)

@@ -46,3 +46,14 @@ def test_prune() -> None:
     q.take(100, 0, 10)
     q.prune(2)
     assert len(q) == 0
+
+
+def test_a_holder_is_never_sent_what_it_told_us() -> None:
+    q = BroadcastQueue()
+    q.queue("a", b"news", ("B",))
+    q.queue("b", b"other")
+    # Nothing is spent on B for the news: it is still owed two transmits.
+    assert q.take(100, 0, 2, "B") == [b"other"]
+    assert sorted(q.take(100, 0, 2, "C")) == [b"news", b"other"]
+    assert q.take(100, 0, 2, "D") == [b"news"]
+    assert len(q) == 0

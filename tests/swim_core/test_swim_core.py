@@ -331,6 +331,21 @@ def test_user_broadcast_supersedes_by_key_and_is_delivered_once() -> None:
     assert b.take_events() == []
 
 
+def test_news_is_never_sent_back_to_who_told_us_nor_to_its_origin() -> None:
+    a, _ = joined_pair()
+    d = ("10.0.0.4", 7946)
+    members = [Alive(incarnation=1, member=n, address=x, meta=b"") for n, x in (("c", C), ("d", d))]
+    a.handle_datagram(B, packet(*members), 0.0)
+    news = UserBroadcast(origin="c", key=b"svc", boot=1, seq=1, payload=b"for d")
+    a.handle_datagram(B, packet(news), 0.0)
+    sent_to = []
+    for _ in range(200):
+        a.tick(a.next_deadline())
+        sent_to += [g.dest for g in a.take_datagrams() if news in decode_envelope(g.data)]
+    # Every transmit the limit allows (4 with four members) went to d.
+    assert sent_to == [d] * 4
+
+
 def test_broadcasts_from_nobody_we_know_buy_no_memory() -> None:
     a, _ = joined_pair()
     a.take_events()
