@@ -24,12 +24,12 @@ SUSPICION_MAX_TIMEOUT_MULT = 6
 PUSH_PULL_INTERVAL_S = 30.0
 LOCAL_PUSH_PULL_INTERVAL_S = 15.0  # the `local` profile's
 
-#: Latest a record change is seen everywhere. A broadcast nearly always gets
-#: there within a second; a member it missed (about one broadcast in 2000
-#: with five members, in simulation) gets the record at its next push-pull,
-#: at most an interval later; a few seconds more for that exchange on a
-#: loaded machine.
-RECORD_SPREAD_S = PUSH_PULL_INTERVAL_S + 5.0
+#: Latest a change (a member joined, a record) is seen everywhere. A broadcast
+#: nearly always gets there within a second; a member it missed (about one
+#: broadcast in 2000 with five members, in simulation) learns the change at
+#: its next push-pull, at most an interval later; a few seconds more for that
+#: exchange on a loaded machine.
+SPREAD_S = PUSH_PULL_INTERVAL_S + 5.0
 
 
 def max_detection_s(n: int) -> float:
@@ -52,6 +52,12 @@ def everyone_alive(nodes: list[AxnetNode]) -> dict[str, str]:
     return {f"h{i + 1}": "alive" for i in range(len(nodes))}
 
 
+def wait_agreement(nodes: list[AxnetNode]) -> None:
+    wait_until(
+        "members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)), timeout=SPREAD_S
+    )
+
+
 def serve_dir(node: AxnetNode, text: str) -> str:
     path = node.scratch / "www"
     path.mkdir()
@@ -70,7 +76,7 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
     start_nodes: StartNodes, interception: None
 ) -> None:
     nodes = start_nodes(5)
-    wait_until("members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+    wait_agreement(nodes)
     for node in nodes:
         members = node.json("members")
         assert {m["name"]: m["address"] for m in members} == {
@@ -88,7 +94,7 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
         cwd=serve_dir(nodes[0], "hello from host 1"),
     )
     try:
-        service = nodes[4].wait_service("10.1.0.5:80", timeout=RECORD_SPREAD_S)
+        service = nodes[4].wait_service("10.1.0.5:80", timeout=SPREAD_S)
         # Host 5 connects straight to host 1's real address.
         assert service["real"].startswith(f"{nodes[0].host.address}:")
         assert service["node"] == "h1"
@@ -105,7 +111,7 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
     wait_until(
         "service withdrawn everywhere",
         lambda: all("10.1.0.5:80" not in node.services() for node in nodes[1:]),
-        timeout=RECORD_SPREAD_S,
+        timeout=SPREAD_S,
     )
 
 
@@ -113,12 +119,12 @@ def test_killed_daemon_is_dead_everywhere_then_rejoins(
     start_nodes: StartNodes, interception: None
 ) -> None:
     nodes = start_nodes(5)
-    wait_until("members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+    wait_agreement(nodes)
     app = nodes[2].app([*APPS, "greeter", "7000"], ip="10.1.0.7", name="greeter")
     others = [n for i, n in enumerate(nodes) if i != 2]
     try:
         for node in others:
-            node.wait_service("10.1.0.7:7000", timeout=RECORD_SPREAD_S)
+            node.wait_service("10.1.0.7:7000", timeout=SPREAD_S)
         nodes[2].kill_daemon()
         dead = {**everyone_alive(nodes), "h3": "dead"}
         # How fast is the simulator's to check (virtual time, no noise); here
@@ -131,9 +137,13 @@ def test_killed_daemon_is_dead_everywhere_then_rejoins(
         # Restarted: it rejoins with a higher incarnation, its app re-attaches
         # and the service comes back everywhere.
         nodes[2].start()
-        wait_until("h3 alive again everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+        wait_until(
+            "h3 alive again everywhere",
+            lambda: all_see(nodes, everyone_alive(nodes)),
+            timeout=SPREAD_S,
+        )
         for node in others:
-            node.wait_service("10.1.0.7:7000", timeout=RECORD_SPREAD_S)
+            node.wait_service("10.1.0.7:7000", timeout=SPREAD_S)
         seen = nodes[0].json("members")
         assert [m["status"] for m in seen if m["name"] == "h3"] == ["alive"], seen
     finally:
@@ -142,15 +152,15 @@ def test_killed_daemon_is_dead_everywhere_then_rejoins(
 
 def test_partition_heals(start_nodes: StartNodes, interception: None) -> None:
     nodes = start_nodes(5)
-    wait_until("members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+    wait_agreement(nodes)
     apps = [
         nodes[0].app([*APPS, "greeter", "7001"], ip="10.1.0.11"),
         nodes[4].app([*APPS, "greeter", "7005"], ip="10.1.0.15"),
     ]
     try:
         for node in nodes:
-            node.wait_service("10.1.0.11:7001", timeout=RECORD_SPREAD_S)
-            node.wait_service("10.1.0.15:7005", timeout=RECORD_SPREAD_S)
+            node.wait_service("10.1.0.11:7001", timeout=SPREAD_S)
+            node.wait_service("10.1.0.15:7005", timeout=SPREAD_S)
         # Hosts 1-2 | hosts 3-5: each side declares the other dead.
         left, right = nodes[:2], nodes[2:]
         for a in left:
@@ -172,8 +182,8 @@ def test_partition_heals(start_nodes: StartNodes, interception: None) -> None:
         nodes.net.heal()
         wait_until("members agree again", lambda: all_see(nodes, everyone_alive(nodes)), timeout=60)
         for node in nodes:
-            node.wait_service("10.1.0.11:7001", timeout=RECORD_SPREAD_S)
-            node.wait_service("10.1.0.15:7005", timeout=RECORD_SPREAD_S)
+            node.wait_service("10.1.0.11:7001", timeout=SPREAD_S)
+            node.wait_service("10.1.0.15:7005", timeout=SPREAD_S)
     finally:
         for app in apps:
             stop_process(app)
@@ -210,7 +220,7 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
     for node in nodes[1:]:
         done = node.axnet("join", f"{nodes[0].host.address}:7946")
         assert "joined through 1 of 1 seed(s)" in done.stdout
-    wait_until("members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+    wait_agreement(nodes)
     nodes[1].axnet("leave")
     wait_until(
         "h2 left, everywhere",
@@ -292,7 +302,7 @@ def test_bad_input_is_counted_and_the_daemon_keeps_serving(
 ) -> None:
     # `local`: streams time out after 1 s (tcp_timeout), well within the attack.
     nodes = start_nodes(3, profile="local")
-    wait_until("members agree everywhere", lambda: all_see(nodes, everyone_alive(nodes)))
+    wait_agreement(nodes)
     target = nodes[0]
     rss_before = rss_kib(target)
     attacker = nodes[2].host.popen(
