@@ -368,9 +368,48 @@ def _fill_queue(host: str, port: str) -> list[socket.socket]:
     return fillers
 
 
-#: When the timer fires in `signals`: long after the call parked, even on a
-#: loaded machine, so that the engine holds it by then.
-SIGNAL_AFTER_S = 1.0
+#: Syscall numbers (x86-64) of the calls `signals` interrupts.
+_ACCEPTS = (43, 288)
+_CONNECT = (42,)
+
+
+def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
+    """Fire SIGALRM once the engine holds the call the main thread blocks in.
+
+    A signal that came before the engine received the call would find it
+    still queued: the kernel withdraws it and the engine never sees it.  So
+    a thread waits until the main thread is blocked in one of *calls*, then
+    makes a trapped call of its own: the engine receives notifications in
+    order, so once that is answered it holds the earlier one.  Then a timer
+    fires.  Returns what stops the thread and disarms the timer.
+    """
+    import signal
+    import time
+
+    tid = threading.get_native_id()
+    done = threading.Event()
+
+    def arm() -> None:
+        deadline = time.monotonic() + 30
+        while not done.is_set() and time.monotonic() < deadline:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                number = f.read().split()[0]
+            if number.isdigit() and int(number) in calls:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.getsockname()
+                signal.setitimer(signal.ITIMER_REAL, 0.01)
+                return
+            done.wait(0.005)
+
+    thread = threading.Thread(target=arm, daemon=True)
+    thread.start()
+
+    def disarm() -> None:
+        done.set()
+        thread.join()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    return disarm
 
 
 def signals(port: str, stuck_host: str, stuck_port: str) -> None:
@@ -389,24 +428,26 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     def alarm(signum: int, frame: object) -> None:
         raise Alarm
 
-    def interrupted(call: Callable[[], object]) -> bool:
-        signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
+    def interrupted(call: Callable[[], object], calls: tuple[int, ...]) -> bool:
+        disarm = _alarm_once_held(calls)
         try:
             call()
         except Alarm:
             return True
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            disarm()
         return False
 
     signal.signal(signal.SIGALRM, alarm)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", int(port)))
     listener.listen(8)
-    accept_interrupted = interrupted(listener.accept)
+    accept_interrupted = interrupted(listener.accept, _ACCEPTS)
     fillers = _fill_queue(stuck_host, stuck_port)
     stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # blocking, no timeout
-    connect_interrupted = interrupted(lambda: stuck.connect((stuck_host, int(stuck_port))))
+    connect_interrupted = interrupted(
+        lambda: stuck.connect((stuck_host, int(stuck_port))), _CONNECT
+    )
 
     ran: list[int] = []
     signal.signal(signal.SIGALRM, lambda signum, frame: ran.append(signum))
@@ -425,18 +466,20 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
         socket.create_connection(me, timeout=10).close()
 
     threading.Thread(target=connect_once_signalled, daemon=True).start()
-    signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
+    disarm = _alarm_once_held(_ACCEPTS)
     conn, peer = listener.accept()
+    disarm()
     conn.close()
     # With a socket timeout the kernel never restarts: EINTR, SA_RESTART or not.
     timed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     timed.bind(("0.0.0.0", int(port) + 1))
     timed.listen(8)
     timed.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 30, 0))
-    signal.setitimer(signal.ITIMER_REAL, SIGNAL_AFTER_S)
+    disarm = _alarm_once_held(_ACCEPTS)
     ctypes.set_errno(0)
     timed_rc = _libc.accept(timed.fileno(), None, None)
     timed_errno = ctypes.get_errno() if timed_rc < 0 else 0
+    disarm()
     _out(
         accept_interrupted=accept_interrupted,
         connect_interrupted=connect_interrupted,
