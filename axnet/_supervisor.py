@@ -399,7 +399,7 @@ class Supervisor:
         await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
         assert self.engine is not None
         self.engine.stop()
-        thread.join(timeout=2.0)
+        thread.join(timeout=10.0)  # it stops at once; only a wedged engine is left behind
         if self.engine_failed:
             raise EngineFailed(
                 "the interception engine failed (see the log above); the app was stopped"

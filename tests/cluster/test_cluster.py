@@ -102,7 +102,11 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
         assert done.returncode == 0, done.stderr
         assert done.stdout == "hello from host 1"
         # Host 5 lists the remote app with what it serves (no pid: not its own).
-        (web,) = [a for a in nodes[4].json("apps") if a["vip"] == "10.1.0.5"]
+        (web,) = wait_until(
+            "the app's record on host 5",
+            lambda: [a for a in nodes[4].json("apps") if a["vip"] == "10.1.0.5"],
+            timeout=SPREAD_S,
+        )
         assert web["listening"] == ["10.1.0.5:80"]
         assert web["node"] == "h1" and web["pid"] is None
     finally:
@@ -225,6 +229,7 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
     wait_until(
         "h2 left, everywhere",
         lambda: all_see([nodes[0], nodes[2]], {"h1": "alive", "h2": "left", "h3": "alive"}),
+        timeout=SPREAD_S,
     )
     bad = nodes[0].axnet("join", "10.203.0.10:notaport", check=False)
     assert bad.returncode == 2  # a usage error, found before asking the daemon
