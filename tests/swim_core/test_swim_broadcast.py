@@ -57,3 +57,15 @@ def test_a_holder_is_never_sent_what_it_told_us() -> None:
     assert sorted(q.take(100, 0, 2, "C")) == [b"news", b"other"]
     assert q.take(100, 0, 2, "D") == [b"news"]
     assert len(q) == 0
+
+
+def test_messages_only_holders_are_offered_give_way_then_go() -> None:
+    q = BroadcastQueue()
+    for i in range(300):
+        q.queue(("held", i), b"h", ("B",))
+    q.queue("news", b"news")
+    # B is the only member to send to, and holds the 300: the news still
+    # gets every transmit it is owed, and the 300 are dropped in the end.
+    sent = [q.take(1400, 0, 4, "B") for _ in range(12)]
+    assert sent == [[b"news"]] * 4 + [[]] * 8
+    assert len(q) == 0
