@@ -390,16 +390,18 @@ def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
     done = threading.Event()
 
     def arm() -> None:
-        deadline = time.monotonic() + 30
-        while not done.is_set() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # then fire anyway: a count is off, nothing hangs
+        while time.monotonic() < deadline:
+            if done.is_set():
+                return
             with open(f"/proc/self/task/{tid}/syscall") as f:
                 number = f.read().split()[0]
             if number.isdigit() and int(number) in calls:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                    probe.getsockname()
-                signal.setitimer(signal.ITIMER_REAL, 0.01)
-                return
+                break
             done.wait(0.005)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.getsockname()
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
 
     thread = threading.Thread(target=arm, daemon=True)
     thread.start()
