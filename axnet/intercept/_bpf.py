@@ -19,6 +19,12 @@ must never let an address the supervisor did not see reach the kernel.
   AF_INET6 addresses with EINVAL, so what slips past is at most a short
   AF_UNIX path, which the supervisor has no business with.  `socklen_t` is 32
   bits and the kernel ignores the upper half of the register, so we must too.
+* sendto/sendmsg/sendmmsg trap only with MSG_FASTOPEN in their flags
+  (args[3], args[2], args[3]; `int`, so the low 32 bits).  TCP Fast Open
+  connects inside the send, to an address the supervisor would otherwise
+  never see: a virtual IP would leave on the real network.  Every other send
+  is allowed after a dozen instructions, which is what these calls now cost
+  (the action cache can no longer prove them always allowed).
 * Every other path is a plain `RET_ALLOW` that depends on `nr` and `arch`
   only.  That keeps the kernel's seccomp action cache (Linux >= 5.11) able to
   prove those calls always allowed and skip running the filter for them.
@@ -86,11 +92,14 @@ def seccomp_data_arg_lo(index: int) -> int:
 # --- x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl) ------
 NR_CONNECT = 42
 NR_ACCEPT = 43
+NR_SENDTO = 44
+NR_SENDMSG = 46
 NR_BIND = 49
 NR_LISTEN = 50
 NR_GETSOCKNAME = 51
 NR_GETPEERNAME = 52
 NR_ACCEPT4 = 288
+NR_SENDMMSG = 307
 NR_IO_URING_SETUP = 425
 NR_IO_URING_ENTER = 426
 NR_IO_URING_REGISTER = 427
@@ -102,6 +111,10 @@ MIN_INET_ADDRLEN = 16
 ADDRESS_CALLS = (NR_CONNECT, NR_BIND)
 #: Calls trapped unconditionally.
 ALWAYS_TRAPPED = (NR_LISTEN, NR_ACCEPT, NR_ACCEPT4, NR_GETSOCKNAME, NR_GETPEERNAME)
+#: linux/socket.h: a send that connects first (TCP Fast Open).
+MSG_FASTOPEN = 0x20000000
+#: Sends trapped when their flags (this argument) ask for Fast Open.
+FASTOPEN_FLAGS_ARG = {NR_SENDTO: 3, NR_SENDMMSG: 3, NR_SENDMSG: 2}
 #: Calls refused with ENOSYS.
 REFUSED = (NR_IO_URING_SETUP, NR_IO_URING_ENTER, NR_IO_URING_REGISTER)
 
@@ -160,6 +173,10 @@ def jgt(k: int, jt: str | None = None, jf: str | None = None) -> _Jump:
     return _Jump(JGT_K, k, jt, jf)
 
 
+def jset(k: int, jt: str | None = None, jf: str | None = None) -> _Jump:
+    return _Jump(JSET_K, k, jt, jf)
+
+
 Statement = Insn | Label | _Jump
 
 
@@ -213,9 +230,16 @@ def instructions(*, arch: int = AUDIT_ARCH_X86_64) -> list[Insn]:
     ]
     prog += [jeq(nr, jt="addrlen") for nr in ADDRESS_CALLS]
     prog += [jeq(nr, jt="notify") for nr in ALWAYS_TRAPPED]
+    prog += [jeq(nr, jt=f"flags{arg}") for nr, arg in FASTOPEN_FLAGS_ARG.items()]
     prog += [jeq(nr, jt="enosys") for nr in REFUSED]
+    prog.append(ret(SECCOMP_RET_ALLOW))
+    for arg in sorted(set(FASTOPEN_FLAGS_ARG.values())):
+        prog += [
+            Label(f"flags{arg}"),
+            ld_abs(seccomp_data_arg_lo(arg)),
+            jset(MSG_FASTOPEN, jt="notify", jf="short"),
+        ]
     prog += [
-        ret(SECCOMP_RET_ALLOW),
         Label("addrlen"),
         ld_abs(seccomp_data_arg_lo(2)),
         jge(MIN_INET_ADDRLEN, jf="short"),

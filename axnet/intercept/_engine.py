@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The seccomp filter (``_bpf``) sends ``connect``, ``bind``, ``listen``,
-``accept``/``accept4``, ``getsockname`` and ``getpeername`` here.  For each
+``accept``/``accept4``, ``getsockname`` and ``getpeername`` here, and any
+send that asks for TCP Fast Open (``MSG_FASTOPEN``).  For each
 notification the engine
 
 1. takes a duplicate of the app's socket with ``pidfd_getfd`` — the *same*
@@ -91,6 +92,9 @@ from ._bpf import (
     NR_GETPEERNAME,
     NR_GETSOCKNAME,
     NR_LISTEN,
+    NR_SENDMMSG,
+    NR_SENDMSG,
+    NR_SENDTO,
 )
 from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
 from ._libc import ERESTARTSYS, Notification, NotifyFd, buffer_sizes
@@ -241,6 +245,9 @@ class Engine:
             NR_ACCEPT4: self._on_accept,
             NR_GETSOCKNAME: self._on_getname,
             NR_GETPEERNAME: self._on_getname,
+            NR_SENDTO: self._on_fastopen,
+            NR_SENDMSG: self._on_fastopen,
+            NR_SENDMMSG: self._on_fastopen,
         }
 
     # -- loop -----------------------------------------------------------------
@@ -586,6 +593,27 @@ class Engine:
         finally:
             if sock is not None:
                 sock.close()
+
+    def _on_fastopen(self, n: Notification) -> None:
+        """A send with ``MSG_FASTOPEN`` (the filter traps no other send).
+
+        On a TCP socket it would connect inside the send, to an address read
+        from the app's memory after any check of ours: a virtual IP would
+        leave on the real network.  Answered as a kernel with client Fast
+        Open switched off answers (``net.ipv4.tcp_fastopen``): EOPNOTSUPP,
+        whether the socket is connected or not.  Apps fall back to
+        ``connect()``, which comes here.  Other sockets ignore the flag: the
+        kernel runs the call (nothing read from the app decided that).
+        """
+        sock = self._dup(n)
+        try:
+            tcp = sock.type == _STREAM and sock.family in _INET
+        finally:
+            sock.close()
+        if tcp:
+            self.counters.refused += 1
+            raise Errno(errno.EOPNOTSUPP)
+        self._continue(n)
 
     @staticmethod
     def _endpoint(raw: bytes, family: int) -> tuple[IPAddress, int] | None:

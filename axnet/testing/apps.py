@@ -172,6 +172,34 @@ def io_uring() -> None:
     _out(result=result, errno=ctypes.get_errno() if result < 0 else 0)
 
 
+def fastopen(host: str, port: str) -> None:
+    """TCP Fast Open sends to HOST:PORT and to loopback, then the usual
+    fallback to connect(); a UDP send with the flag (which UDP ignores)."""
+    target = (host, int(port))
+    results: dict[str, object] = {}
+
+    def errno_of(name: str, fn: Callable[[socket.socket], object]) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            try:
+                fn(sock)
+                results[name] = 0
+            except OSError as exc:
+                results[name] = exc.errno
+
+    errno_of("sendto", lambda s: s.sendto(b"hi", socket.MSG_FASTOPEN, target))
+    errno_of("sendmsg", lambda s: s.sendmsg([b"hi"], [], socket.MSG_FASTOPEN, target))
+    errno_of("sendto_loopback", lambda s: s.sendto(b"hi", socket.MSG_FASTOPEN, ("127.0.0.1", 9)))
+    with socket.create_connection(target, timeout=10) as conn:  # what apps do on EOPNOTSUPP
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        results["fallback"] = json.loads(data)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        results["udp"] = udp.sendto(b"x", socket.MSG_FASTOPEN, ("127.0.0.1", 9))
+    _out(**results)
+
+
 def hostile() -> None:
     """Socket calls with hostile arguments; report each errno."""
     results: dict[str, int] = {}
@@ -622,6 +650,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "fork-connect": fork_connect,
     "exec-names": exec_names,
     "io-uring": io_uring,
+    "fastopen": fastopen,
     "hostile": hostile,
     "bind-twice": bind_twice,
     "listen-then-close": listen_then_close,

@@ -447,6 +447,21 @@ def test_io_uring_is_refused(node: AxnetNode) -> None:
     assert result["errno"] == errno.ENOSYS
 
 
+def test_fast_open_sends_are_refused_and_apps_fall_back_to_connect(node: AxnetNode) -> None:
+    # A Fast Open send connects inside the send, to an address axnet would
+    # never vet: it must fail as on a kernel with client Fast Open off, and
+    # no SYN may leave for the virtual IP (this namespace has no default
+    # route, so a leak would show as ENETUNREACH here).
+    node.app([*APPS, "greeter", "7012"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7012")
+    result = node.run_json([*APPS, "fastopen", "10.1.0.5", "7012"], ip="10.1.0.9")
+    assert result["sendto"] == errno.EOPNOTSUPP
+    assert result["sendmsg"] == errno.EOPNOTSUPP
+    assert result["sendto_loopback"] == errno.EOPNOTSUPP
+    assert result["fallback"]["accepted_from"][0] == "10.1.0.9"
+    assert result["udp"] == 1  # other sockets ignore the flag, as the kernel's do
+
+
 def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     result = node.run_json([*APPS, "hostile"], ip="10.1.0.5")
     assert result["connect_bad_pointer"] == errno.EFAULT

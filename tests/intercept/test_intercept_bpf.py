@@ -38,6 +38,9 @@ def expected(data: SeccompData) -> int:
         return NOTIFY if data.args[2] & 0xFFFFFFFF >= 16 else ALLOW
     if data.nr in (50, 43, 288, 51, 52):
         return NOTIFY
+    flags = {44: 3, 307: 3, 46: 2}.get(data.nr)
+    if flags is not None and data.args[flags] & 0x20000000:  # MSG_FASTOPEN
+        return NOTIFY
     return ALLOW
 
 
@@ -83,6 +86,21 @@ def test_socket_calls_always_trap(nr: int, addrlen: int) -> None:
     assert action(nr, addrlen=addrlen) == NOTIFY
 
 
+@pytest.mark.parametrize(("nr", "flags_arg"), [(44, 3), (46, 2), (307, 3)])
+def test_sends_trap_only_with_fast_open(nr: int, flags_arg: int) -> None:
+    def with_flags(flags: int) -> int:
+        args = [3, 0x7FFF0000, 16, 0, 0, 0]
+        args[flags_arg] = flags
+        a0, a1, a2, a3, a4, a5 = args
+        return run(PROGRAM, SeccompData(nr, args=(a0, a1, a2, a3, a4, a5))).action
+
+    assert with_flags(0) == ALLOW
+    assert with_flags(0x4000 | 0x40) == ALLOW  # MSG_NOSIGNAL | MSG_DONTWAIT
+    assert with_flags(0x20000000) == NOTIFY
+    assert with_flags(0x20000000 | 0x4000) == NOTIFY
+    assert with_flags(0xFFFFFFFF_00000000) == ALLOW  # flags is an int: the low half only
+
+
 @pytest.mark.parametrize("nr", [425, 426, 427])
 def test_io_uring_is_refused(nr: int) -> None:
     assert action(nr) == REFUSE
@@ -106,18 +124,22 @@ def test_x32_and_out_of_range_numbers_are_refused(nr: int) -> None:
     assert action(nr & 0xFFFFFFFF) == REFUSE
 
 
-def test_only_connect_and_bind_read_arguments() -> None:
+def test_only_address_calls_and_sends_read_arguments() -> None:
     # Paths that read only nr and arch are what the kernel's action cache can prove.
     for nr in range(0, 500):
         outcome = run(PROGRAM, SeccompData(nr))
-        if nr in (42, 49):
+        if nr in (42, 49, 46):  # addrlen; sendmsg's flags
             assert outcome.loads == {0, 4, 32}
+        elif nr in (44, 307):  # sendto's and sendmmsg's flags
+            assert outcome.loads == {0, 4, 40}
         else:
             assert outcome.loads <= {0, 4}, nr
 
 
 args_st = st.tuples(*[st.integers(0, U64)] * 6)
-interesting_nr = st.sampled_from([42, 49, 50, 43, 288, 51, 52, 425, 426, 427, 0x40000000 | 42])
+interesting_nr = st.sampled_from(
+    [42, 44, 46, 49, 50, 43, 288, 51, 52, 307, 425, 426, 427, 0x40000000 | 42]
+)
 
 
 @given(
