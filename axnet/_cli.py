@@ -18,7 +18,13 @@ from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._groups import first_of
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 from ._version import __version__
-from ._wire import MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_LABELS, MAX_TEXT_BYTES
+from ._wire import (
+    MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES,
+    MAX_LABELS,
+    MAX_TEXT_BYTES,
+    has_control,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -80,8 +86,16 @@ def _utf8_len(text: str) -> int:
     return len(text.encode(errors="surrogateescape"))
 
 
+def _printable(text: str, flag: str) -> str:
+    """*text*, unless it holds a control character (they never travel: they
+    would reach other users' terminals and logs)."""
+    if has_control(text):
+        raise argparse.ArgumentTypeError(f"{flag} may not contain control characters, got {text!r}")
+    return text
+
+
 def parse_label(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
+    key, sep, value = _printable(text, "--label").partition("=")
     if not sep or not key or any(c.isspace() for c in key):
         raise argparse.ArgumentTypeError(f"--label must look like key=value, got {text!r}")
     if _utf8_len(key) > MAX_LABEL_KEY_BYTES or _utf8_len(value) > MAX_LABEL_VALUE_BYTES:
@@ -93,7 +107,8 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 def parse_name(text: str) -> str:
-    """``--name``: a service name, at most MAX_TEXT_BYTES bytes."""
+    """``--name``: a service or node name, at most MAX_TEXT_BYTES bytes."""
+    _printable(text, "--name")
     if _utf8_len(text) > MAX_TEXT_BYTES:
         raise argparse.ArgumentTypeError(
             f"--name may be {MAX_TEXT_BYTES} bytes long, got {_utf8_len(text)}"

@@ -73,9 +73,16 @@ def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def prepare_runtime_dir(path: Path) -> None:
-    """Create *path* as 0700 and refuse one owned by somebody else."""
+    """Create *path* as 0700 and refuse one owned by somebody else.
+
+    Ownership is checked on the path itself before any link is followed: in
+    /tmp anyone can plant ``/tmp/axnet-UID`` as a link to a directory of
+    ours, which we would otherwise make 0700 and put a socket in.
+    """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid():
+        info = path.stat()  # our own link: what it points to must be ours too
     if info.st_uid != os.getuid():
         raise ControlError(
             f"runtime directory {path} belongs to uid {info.st_uid}, not to you "

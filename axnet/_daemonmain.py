@@ -14,6 +14,7 @@ from ._daemon import Daemon, DaemonConfig, default_node_name
 from ._groups import first_of
 from ._node import NodeConfig, PortRange
 from ._table import IPAddress, ip_address, labels_from
+from ._wire import has_control
 
 if TYPE_CHECKING:
     from ._gossip import GossipOptions
@@ -58,6 +59,8 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
     name = args.name or default_node_name()
     if len(name.encode()) > 255:  # gossip names travel as at most 255 bytes
         raise ValueError(f"--name must be at most 255 bytes of UTF-8, got {len(name.encode())}")
+    if has_control(name):  # peers refuse them: names reach terminals and logs
+        raise ValueError(f"--name may not contain control characters, got {name!r}")
     return NodeConfig(
         name=name,
         real_host=address,

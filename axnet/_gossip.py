@@ -262,6 +262,13 @@ def gossip_options(
             key_file,
             key_file.stat().st_mode & 0o777,
         )
+    if not keys and not ipaddress.ip_address(bind_addr[0]).is_loopback:
+        log.warning(
+            "gossip on %s:%d is not encrypted: anyone who can reach it can join the "
+            "cluster, read its records and publish services; give every node "
+            "--gossip-key-file (see axnet keygen)",
+            *bind_addr,
+        )
     options = GossipOptions(
         bind=bind_addr,
         advertise=adv,
@@ -683,6 +690,17 @@ class GossipCluster:
         records = [r for r in decoded.records if r.deleted or not self._gone(r.node)]
         self.driver_stats.records_of_gone += len(decoded.records) - len(records)
         merged = self._daemon.merge_remote(records)
+        if merged.refused:
+            self.driver_stats.records_malformed += len(merged.refused)
+            first = merged.refused[0]
+            log.warning(
+                "dropped records dated over a day ahead of this clock count=%d "
+                "first=%s node=%s version=%d",
+                len(merged.refused),
+                record_key(first).decode(),
+                first.node,
+                first.version,
+            )
         if merged.accepted:
             self._queue_change(merged.accepted, local=False)
         if merged.reasserted:

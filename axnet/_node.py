@@ -119,6 +119,16 @@ class Merged:
     accepted: list[AppRecord | ServiceRecord]
     #: Our own records written again above a version a peer held (to gossip).
     reasserted: list[AppRecord | ServiceRecord]
+    #: Records from further ahead of our clock than MAX_AHEAD_S: not merged.
+    refused: list[AppRecord | ServiceRecord] = attrs.field(factory=list)
+
+
+#: How far ahead of this node's clock a peer's record may be dated.  Versions
+#: are microseconds of wall-clock time (then one above the highest seen), and
+#: a record from further ahead than any clock skew between hosts could never
+#: be superseded by its owner: one such record would pin a service, or, naming
+#: us, push every version we write past what peers accept.
+MAX_AHEAD_S = 86_400.0
 
 
 def _supersedes(candidate: AppRecord | ServiceRecord, current: AppRecord | ServiceRecord) -> bool:
@@ -379,7 +389,14 @@ class Node:
         """
         accepted: list[AppRecord | ServiceRecord] = []
         reasserted: list[AppRecord | ServiceRecord] = []
+        refused: list[AppRecord | ServiceRecord] = []
+        horizon = now + MAX_AHEAD_S
         for record in records:
+            if record.version > horizon * 1_000_000 or (
+                record.deleted and record.deleted_at > horizon
+            ):
+                refused.append(record)
+                continue
             if record.node != self.config.name:
                 if self.table.merge(record):
                     accepted.append(record)
@@ -401,7 +418,7 @@ class Node:
             else:
                 tomb = attrs.evolve(record, version=self._bump(), deleted=True, deleted_at=now)
                 reasserted.append(self._write(tomb))
-        return Merged(accepted=accepted, reasserted=reasserted)
+        return Merged(accepted=accepted, reasserted=reasserted, refused=refused)
 
     def _current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
         if isinstance(record, ServiceRecord):

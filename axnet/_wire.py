@@ -8,6 +8,8 @@ here is a bug of ours.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -110,12 +112,25 @@ class FrameDecoder:
 # -- records ---------------------------------------------------------------
 
 
+#: C0 and C1 control characters: from a peer they would reach terminals
+#: (escape sequences in `axnet services`) and forge log lines (newlines).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control(text: str) -> bool:
+    """Whether *text* holds a C0 or C1 control character (never on the wire)."""
+    return _CONTROL.search(text) is not None
+
+
 def text_from_wire(value: object, what: str, limit: int = MAX_TEXT_BYTES) -> str:
-    """A string of at most *limit* UTF-8 bytes; WireError otherwise."""
+    """A string of at most *limit* UTF-8 bytes, without control characters;
+    WireError otherwise."""
     if not isinstance(value, str):
         raise WireError(f"{what} must be a string, got {type(value).__name__}")
     if len(value) > limit or len(value.encode(errors="replace")) > limit:
         raise WireError(f"{what} is longer than {limit} bytes")
+    if has_control(value):
+        raise WireError(f"{what} contains a control character: {value!r:.80}")
     return value
 
 
@@ -204,9 +219,13 @@ def _version(value: object) -> int:
 
 
 def _float(value: object) -> float:
+    """A finite number (a NaN tombstone time would never expire)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WireError(f"expected a number, got {type(value).__name__}")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise WireError(f"expected a finite number, got {number}")
+    return number
 
 
 def _ip(value: object) -> Any:

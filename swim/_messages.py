@@ -237,6 +237,9 @@ def _str(value: object, limit: int = _MAX_NAME) -> str:
     # Bounded in encoded bytes, as it travels: 255 characters can be 1020.
     if type(value) is not str or len(value) > limit or len(value.encode()) > limit:
         raise ProtocolError(f"expected a string of at most {limit} bytes")
+    # No control characters: names reach terminals and log lines.
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise ProtocolError(f"control character in {value!r:.80}")
     return value
 
 

@@ -28,11 +28,12 @@ from swim._messages import (
     encode_message,
 )
 
-names = st.text(max_size=20)
+#: Control characters are refused (test_names_with_control_characters_are_refused).
+names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 #: Room for one more: a member refutes one above the incarnation it was accused at.
 incarnations = st.integers(min_value=0, max_value=2**63 - 1)
-addresses = st.tuples(st.text(max_size=20), st.integers(min_value=0, max_value=65535))
+addresses = st.tuples(names, st.integers(min_value=0, max_value=65535))
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ping, seq=u64, target=names, source=names),
     st.builds(
@@ -79,6 +80,14 @@ messages: st.SearchStrategy[Message] = st.one_of(
 @given(st.lists(messages, max_size=5))
 def test_round_trip(batch: list[Message]) -> None:
     assert decode_envelope(compound([encode_message(m) for m in batch])) == batch
+
+
+@pytest.mark.parametrize("name", ["b\x1b]0;owned\x07", "b\nforged", "\x00", "b\x9b"])
+def test_names_with_control_characters_are_refused(name: str) -> None:
+    # Member names reach terminals (`axnet members`) and log lines.
+    packet = compound([encode_message(Dead(incarnation=1, member=name, accuser="a"))])
+    with pytest.raises(ProtocolError, match="control character"):
+        decode_envelope(packet)
 
 
 @given(st.binary(max_size=512))

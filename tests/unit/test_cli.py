@@ -72,6 +72,21 @@ def test_run_with_an_oversized_name_or_label_exits_2(
     assert line.startswith(f"axnet run: error: {message}")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "web\x1b[2J"], "--name may not contain control characters, got 'web\\x1b[2J'"),
+        (["--label", "k=a\nb"], "--label may not contain control characters, got 'k=a\\nb'"),
+    ],
+)
+def test_run_with_control_characters_exits_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Names and labels reach other users' terminals and logs: peers refuse them.
+    line = _usage_error(["run", *args, "--", "true"], capsys)
+    assert line == f"axnet run: error: {message}"
+
+
 def test_run_with_too_many_labels_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     labels = [arg for i in range(33) for arg in ("--label", f"k{i}=v")]
     assert main(["run", *labels, "--", "true"]) == EXIT_USAGE
@@ -419,6 +434,15 @@ def test_daemon_refuses_a_name_too_long_to_gossip(capsys: pytest.CaptureFixture[
     assert run_daemon(daemon_args("--name", "é" * 200)) == 2
     assert capsys.readouterr().err == (
         "axnet daemon: --name must be at most 255 bytes of UTF-8, got 400\n"
+    )
+
+
+def test_daemon_refuses_a_name_with_control_characters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_daemon(daemon_args("--name", "n\x1b]0;x\x07")) == 2
+    assert capsys.readouterr().err == (
+        "axnet daemon: --name may not contain control characters, got 'n\\x1b]0;x\\x07'\n"
     )
 
 

@@ -106,6 +106,32 @@ def _nobody() -> int | None:
         return None
 
 
+def test_prepare_runtime_dir_refuses_a_link_somebody_else_planted(tmp_path: Path) -> None:
+    # In /tmp anyone can create /tmp/axnet-UID as a link to a directory of ours.
+    nobody = _nobody()
+    if nobody is None:
+        pytest.skip("no user 'nobody' on this system")
+    if os.geteuid() != 0:
+        pytest.skip("giving a link to nobody needs root")
+    ours = tmp_path / "home"
+    ours.mkdir(mode=0o755)
+    planted = tmp_path / "axnet-link"
+    planted.symlink_to(ours)
+    os.lchown(planted, nobody, nobody)
+    with pytest.raises(ControlError, match=f"belongs to uid {nobody}, not to you"):
+        prepare_runtime_dir(planted)
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o755  # left alone
+
+
+def test_prepare_runtime_dir_follows_a_link_of_our_own(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    prepare_runtime_dir(link)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+
+
 def test_prepare_runtime_dir_refuses_a_dir_of_somebody_else(tmp_path: Path) -> None:
     nobody = _nobody()
     if nobody is None:

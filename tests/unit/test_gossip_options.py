@@ -223,3 +223,21 @@ def test_a_key_file_others_can_read_is_warned_about(
     path.chmod(0o600)
     gossip_options(bind=None, advertise="10.0.0.1", key_file=path)
     assert caplog.records == []
+
+
+def test_unencrypted_gossip_off_loopback_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gossip_options(bind=None, advertise="10.0.0.1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "gossip on 0.0.0.0:7946 is not encrypted: anyone who can reach it can join the "
+        "cluster, read its records and publish services; give every node "
+        "--gossip-key-file (see axnet keygen)"
+    ]
+    caplog.clear()
+    gossip_options(bind="127.0.0.1:7946", advertise=None)  # one host's daemons only
+    path = tmp_path / "key"
+    path.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    path.chmod(0o600)
+    gossip_options(bind=None, advertise="10.0.0.1", key_file=path)
+    assert caplog.records == []

@@ -9,7 +9,7 @@ import itertools
 import attrs
 import pytest
 
-from axnet._node import ClaimError, Merged, Node, NodeConfig, PortRange
+from axnet._node import MAX_AHEAD_S, ClaimError, Merged, Node, NodeConfig, PortRange
 from axnet._table import (
     AppRecord,
     IPAddress,
@@ -522,6 +522,26 @@ def test_merge_remote_returns_what_changed() -> None:
     merged = node.merge_remote([newer, older, newer], now=NOW)
     assert merged == Merged(accepted=[newer], reasserted=[])
     assert node.table.resolve(ip_address("10.9.0.1"), 80) == newer
+
+
+def test_merge_remote_refuses_records_dated_far_ahead_of_our_clock() -> None:
+    # Versions are microseconds of wall-clock time: one from further ahead
+    # than any skew could never be superseded by its owner's next write.
+    node = make_node(name="n1")
+    mine = attach(node, "a1")
+    ahead = int((NOW + MAX_AHEAD_S + 1) * 1_000_000)
+    pinned = _remote_service("n2", version=ahead)
+    ours = attrs.evolve(mine, version=2**63 - 1, deleted=True, deleted_at=NOW)
+    late_tomb = attrs.evolve(_remote_service("n2", version=3), deleted=True, deleted_at=NOW * 1e6)
+    merged = node.merge_remote([pinned, ours, late_tomb], now=NOW)
+    assert merged == Merged(accepted=[], reasserted=[], refused=[pinned, ours, late_tomb])
+    assert node.table.services == {}
+    assert node.table.apps["a1"] == mine
+    # Our next write is still an ordinary one, which every peer accepts.
+    assert attach(node, "a2").version < int((NOW + MAX_AHEAD_S) * 1_000_000)
+    # Skew within the bound is merged as before.
+    skewed = _remote_service("n2", version=int((NOW + 3600) * 1_000_000))
+    assert node.merge_remote([skewed], now=NOW).accepted == [skewed]
 
 
 def test_forget_node_tombstones_its_live_records_locally() -> None:

@@ -48,10 +48,11 @@ def _not_mapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 ips: st.SearchStrategy[IPAddress] = st.ip_addresses().filter(_not_mapped)
 vips = ips.filter(lambda ip: reserved_reason(ipaddress.ip_network(ip)) is None)
 ports = st.integers(0, 65535)
-texts = st.text(max_size=20)
+#: Control characters never cross the wire (test_text_refuses_control_characters).
+texts = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
 labels = st.lists(st.tuples(texts, texts), max_size=4).map(tuple)
 versions = st.integers(0, MAX_VERSION)
-times = st.floats(allow_nan=False)
+times = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @st.composite
@@ -181,6 +182,8 @@ def _good_app_wire() -> list[Any]:
         (9, MAX_VERSION + 1, f"version out of range: {MAX_VERSION + 1}"),
         (11, "now", "expected a number, got str"),
         (11, True, "expected a number, got bool"),
+        (11, float("nan"), "expected a finite number, got nan"),
+        (11, float("inf"), "expected a finite number, got inf"),
     ],
 )
 def test_record_from_wire_messages(index: int, value: object, message: str) -> None:
@@ -205,6 +208,15 @@ def test_record_from_wire_shape(data: object, message: str) -> None:
     with pytest.raises(WireError) as info:
         record_from_wire(data)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["web\x1b[2J", "a\nforged log line", "\x00", "del\x7f", "c1\x9b"])
+def test_text_refuses_control_characters(text: str) -> None:
+    # From a peer they would reach terminals and log lines as they are.
+    wire = _good_app_wire()
+    wire[1] = text  # the app id
+    with pytest.raises(WireError, match="control character"):
+        record_from_wire(wire)
 
 
 def test_wire_error_is_a_value_error() -> None:
