@@ -215,6 +215,18 @@ _IN4_FAMILY = _FAMILY.pack(AF_INET)
 _IN6_FAMILY = _FAMILY.pack(AF_INET6)
 
 
+def unspec_wildcard_as_inet(data: bytes) -> bytes | None:
+    """The AF_INET sockaddr that a bind on an AF_INET socket reads *data* as,
+    when *data* is AF_UNSPEC with address 0.0.0.0 (Linux's compatibility rule
+    in ``__inet_bind``: a ``struct sockaddr_in`` whose family was left zero);
+    None for anything else."""
+    if len(data) < SOCKADDR_IN_LEN or data[0] | data[1] << 8 != AF_UNSPEC:
+        return None
+    if data[4:8] != bytes(4):
+        return None
+    return _IN4_FAMILY + data[2:]
+
+
 def pack_inet(family: int, ip: IPAddress, port: int) -> bytes:
     """The sockaddr an AF_INET or AF_INET6 socket reports for ``ip:port``.
 

@@ -35,7 +35,10 @@ thread has a signal to take is answered ``ERESTARTSYS``, so the kernel runs the
 handler and restarts the call or fails it with EINTR, as it would for a
 blocking call of its own (a parked thread waits killably, see ``_libc``); one
 whose socket timeout ran out gets the kernel's answer for that (EAGAIN,
-EINPROGRESS).  Timeouts are therefore kept to within a slice.  A connection
+EINPROGRESS).  Timeouts are therefore kept to within a slice.  A blocking
+``connect`` of a Unix socket to a listener whose backlog is full, which the
+kernel would sleep in until there is room, is tried again every slice: no fd
+tells us when there is.  A connection
 accepted for an ``accept`` whose thread went away is kept and handed to the
 next ``accept`` on that listener: it is never lost.
 
@@ -96,7 +99,13 @@ from ._bpf import (
     NR_SENDMSG,
     NR_SENDTO,
 )
-from ._decode import MAX_SOCKADDR_LEN, SockaddrError, inet_endpoint, pack_inet
+from ._decode import (
+    MAX_SOCKADDR_LEN,
+    SockaddrError,
+    inet_endpoint,
+    pack_inet,
+    unspec_wildcard_as_inet,
+)
 from ._libc import ERESTARTSYS, Notification, NotifyFd, buffer_sizes
 from ._tasks import Errno, Gone, Tasks, gone_or_errno, signal_waiting
 
@@ -119,6 +128,7 @@ _INT32_MAX = 0x7FFFFFFF
 _UINT32 = struct.Struct("=I")
 _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _AF_INET = int(socket.AF_INET)
+_AF_UNIX = int(socket.AF_UNIX)
 _AF_INET6 = int(socket.AF_INET6)
 _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
@@ -216,6 +226,8 @@ class Engine:
         self._stopping = False
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
+        #: Waits nothing can signal, tried again at every check (by our fd).
+        self._retries: dict[int, _Waiter] = {}
         self._appfs: AppFs | None = None  # made by serve(), in the engine thread
         self._rewait_since: float | None = None
         self._tasks = Tasks(notify.id_valid)
@@ -270,7 +282,11 @@ class Engine:
         next_check = 0.0
         try:
             while not self._stopping:
-                waiting = bool(self._waiters) or (self._fast is not None and self._fast.parked > 0)
+                waiting = (
+                    bool(self._waiters)
+                    or bool(self._retries)
+                    or (self._fast is not None and self._fast.parked > 0)
+                )
                 timeout_ms = int((_WAIT_SLICE_S if waiting else SWEEP_INTERVAL_S) * 1000)
                 if not turn(timeout_ms):
                     return
@@ -289,7 +305,7 @@ class Engine:
             )
             if self._fast is not None:
                 self._fast.close()
-            for waiter in list(self._waiters.values()):
+            for waiter in [*self._waiters.values(), *self._retries.values()]:
                 self._unwait(waiter)
             self._tasks.close()
             self._epoll.close()
@@ -425,9 +441,22 @@ class Engine:
         self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
         self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
 
+    def _retry(
+        self,
+        n: Notification,
+        sock: _socket.socket,
+        then: Callable[[Notification, _socket.socket], None],
+    ) -> None:
+        """Call ``then(n, sock)`` again at the next check of waits (every
+        ``_WAIT_SLICE_S``): a wait no fd can signal.  Checked like the others."""
+        self.counters.deferred += 1
+        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
+        self._retries[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
+
     def _unwait(self, waiter: _Waiter) -> None:
         fd = waiter.sock.fileno()
         self._waiters.pop(fd, None)
+        self._retries.pop(fd, None)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -468,18 +497,36 @@ class Engine:
             self._fast.expire()
         now = time.monotonic()
         for waiter in list(self._waiters.values()):
-            connect = waiter.n.nr == NR_CONNECT
-            timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
-            if not self.notify.id_valid(waiter.n.id):
-                self._unwait(waiter)
-            elif signal_waiting(waiter.n.pid):
-                self._unwait(waiter)
-                # The kernel never restarts a call that has a timeout (signal(7)).
-                self._reply(waiter.n, error=errno.EINTR if timeout else ERESTARTSYS)
-                self.counters.interrupted += 1
-            elif 0 < timeout <= now - waiter.since:
-                self._unwait(waiter)
-                self._reply(waiter.n, error=errno.EINPROGRESS if connect else errno.EAGAIN)
+            # A TCP connect that runs out of time is still in progress.
+            self._end_if_due(waiter, now, errno.EINPROGRESS)
+        for waiter in list(self._retries.values()):
+            if not self._end_if_due(waiter, now, errno.EAGAIN):
+                self._retries.pop(waiter.sock.fileno())
+                self._rewait_since = waiter.since
+                try:
+                    self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
+                finally:
+                    self._rewait_since = None
+
+    def _end_if_due(self, waiter: _Waiter, now: float, connect_timed_out: int) -> bool:
+        """End *waiter* if its thread is gone, has a signal to take, or ran
+        out of socket timeout (a connect's answer then: *connect_timed_out*;
+        an accept's: EAGAIN).  Whether it ended."""
+        connect = waiter.n.nr == NR_CONNECT
+        timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
+        if not self.notify.id_valid(waiter.n.id):
+            self._unwait(waiter)
+        elif signal_waiting(waiter.n.pid):
+            self._unwait(waiter)
+            # The kernel never restarts a call that has a timeout (signal(7)).
+            self._reply(waiter.n, error=errno.EINTR if timeout else ERESTARTSYS)
+            self.counters.interrupted += 1
+        elif 0 < timeout <= now - waiter.since:
+            self._unwait(waiter)
+            self._reply(waiter.n, error=connect_timed_out if connect else errno.EAGAIN)
+        else:
+            return False
+        return True
 
     # -- answers --------------------------------------------------------------
 
@@ -587,8 +634,7 @@ class Engine:
                         raise _refused(n, "connect", ip, port, verdict)
                     case Passthrough():
                         self.counters.passed += 1
-            with self._as_app(n, target):
-                self._connect(n, sock, target, pinned=pinned)
+            self._connect_as_app(n, sock, target, pinned=pinned)
             sock = None  # type: ignore[assignment]  # _connect owns it now
         finally:
             if sock is not None:
@@ -602,18 +648,15 @@ class Engine:
         leave on the real network.  Answered as a kernel with client Fast
         Open switched off answers (``net.ipv4.tcp_fastopen``): EOPNOTSUPP,
         whether the socket is connected or not.  Apps fall back to
-        ``connect()``, which comes here.  Other sockets ignore the flag: the
-        kernel runs the call (nothing read from the app decided that).
+        ``connect()``, which comes here.  Other sockets, which ignore the
+        flag, get the same answer: the kernel cannot be left to run the call
+        (CONTINUE), since the app can swap another socket in under the fd
+        number between our look and the kernel's.
         """
-        sock = self._dup(n)
-        try:
-            tcp = sock.type == _STREAM and sock.family in _INET
-        finally:
-            sock.close()
-        if tcp:
-            self.counters.refused += 1
-            raise Errno(errno.EOPNOTSUPP)
-        self._continue(n)
+        sock = self._dup(n)  # EBADF, ENOTSOCK as the kernel would answer
+        sock.close()
+        self.counters.refused += 1
+        raise Errno(errno.EOPNOTSUPP)
 
     @staticmethod
     def _endpoint(raw: bytes, family: int) -> tuple[IPAddress, int] | None:
@@ -640,6 +683,12 @@ class Engine:
             return False
         return True
 
+    def _connect_as_app(
+        self, n: Notification, sock: _socket.socket, target: bytes, *, pinned: bool = False
+    ) -> None:
+        with self._as_app(n, target):
+            self._connect(n, sock, target, pinned=pinned)
+
     def _connect(
         self, n: Notification, sock: _socket.socket, target: bytes, *, pinned: bool = False
     ) -> None:
@@ -660,6 +709,11 @@ class Engine:
                 self._wait(n, sock, select.EPOLLOUT, self._connected)
                 return
             err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        if not app_flags & os.O_NONBLOCK and err == errno.EAGAIN and sock.family == _AF_UNIX:
+            # The listener's backlog is full: the kernel's blocking connect
+            # waits for room (and looks the path up again), so do we.
+            self._retry(n, sock, lambda n2, s2: self._connect_as_app(n2, s2, target))
+            return
         sock.close()
         self._reply(n, error=err)
 
@@ -675,6 +729,14 @@ class Engine:
     def _on_bind(self, n: Notification) -> None:
         sock, raw, endpoint = self._sockaddr_call(n)
         try:
+            if (
+                endpoint is None
+                and sock.type == _STREAM
+                and sock.family == _AF_INET
+                and (inet := unspec_wildcard_as_inet(raw)) is not None
+            ):
+                # The kernel binds AF_UNSPEC + 0.0.0.0 as the wildcard.
+                raw, endpoint = inet, self._endpoint(inet, _AF_INET)
             if endpoint is not None:
                 ip, port = endpoint
                 ipv6 = sock.family == _AF_INET6

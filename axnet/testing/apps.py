@@ -174,7 +174,7 @@ def io_uring() -> None:
 
 def fastopen(host: str, port: str) -> None:
     """TCP Fast Open sends to HOST:PORT and to loopback, then the usual
-    fallback to connect(); a UDP send with the flag (which UDP ignores)."""
+    fallback to connect(); a UDP send with the flag, then without."""
     target = (host, int(port))
     results: dict[str, object] = {}
 
@@ -196,7 +196,11 @@ def fastopen(host: str, port: str) -> None:
             data += chunk
         results["fallback"] = json.loads(data)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        results["udp"] = udp.sendto(b"x", socket.MSG_FASTOPEN, ("127.0.0.1", 9))
+        try:
+            results["udp"] = udp.sendto(b"x", socket.MSG_FASTOPEN, ("127.0.0.1", 9))
+        except OSError as exc:
+            results["udp"] = exc.errno
+        results["udp_plain"] = udp.sendto(b"x", ("127.0.0.1", 9))
     _out(**results)
 
 
@@ -262,6 +266,23 @@ def hostile() -> None:
     probe.bind(("0.0.0.0", 0))
     results["still_working"] = int(probe.getsockname()[1] != 0)
     _out(**results, ENOENT=errno.ENOENT)
+
+
+def unspec_bind(port: str) -> None:
+    """Bind a sockaddr_in whose family was left zero (AF_UNSPEC, 0.0.0.0),
+    as Linux allows on AF_INET sockets; listen; report getsockname."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw = ctypes.create_string_buffer(b"\x00\x00" + int(port).to_bytes(2, "big") + bytes(12), 16)
+    ctypes.set_errno(0)
+    rc = _libc.bind(sock.fileno(), raw, 16)
+    if rc < 0:
+        _out(errno=ctypes.get_errno())
+        return
+    sock.listen(8)
+    _out(errno=0, sockname=_addr(sock.getsockname()))
+    conn, peer = sock.accept()
+    conn.sendall(json.dumps({"accepted_from": _addr(peer)}).encode())
+    conn.close()
 
 
 def bind_twice(port: str) -> None:
@@ -344,6 +365,44 @@ def unix_paths() -> None:
         )
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def unix_backlog() -> None:
+    """Blocking Unix connects to a listener whose backlog is full: one waits
+    until a thread accepts, one with SO_SNDTIMEO runs out of time."""
+    import struct
+    import tempfile
+    import time
+
+    path = os.path.join(tempfile.mkdtemp(), "backlog.sock")  # long enough to be trapped
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    for _ in range(64):  # fill the backlog with non-blocking connects
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex(path) != 0:
+            sock.close()
+            break
+        queued.append(sock)
+    results: dict[str, object] = {"queued": len(queued)}
+    timed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    timed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("qq", 0, 300_000))
+    results["with_timeout"] = timed.connect_ex(path)
+    accepted = threading.Event()
+
+    def accept_later() -> None:
+        time.sleep(0.5)
+        conn, _ = listener.accept()
+        accepted.set()
+        conn.close()
+
+    threading.Thread(target=accept_later, daemon=True).start()
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    results["blocking"] = waiting.connect_ex(path)
+    results["after_an_accept"] = accepted.is_set()
+    _out(**results)
 
 
 def stuck_server(port: str) -> None:
@@ -653,9 +712,11 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "fastopen": fastopen,
     "hostile": hostile,
     "bind-twice": bind_twice,
+    "unspec-bind": unspec_bind,
     "listen-then-close": listen_then_close,
     "listen-connect-close": listen_connect_close,
     "unix-paths": unix_paths,
+    "unix-backlog": unix_backlog,
 }
 
 if __name__ == "__main__":

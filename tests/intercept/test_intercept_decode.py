@@ -22,6 +22,7 @@ from axnet.intercept._decode import (
     decode_sockaddr,
     encode_sockaddr,
     unmap,
+    unspec_wildcard_as_inet,
     v4_mapped,
 )
 
@@ -95,6 +96,16 @@ def test_other_families_are_passed_through() -> None:
     assert decode_sockaddr(b"\x10\x00" + bytes(10)) == OtherFamily(16, bytes(10))
     with pytest.raises(ValueError, match="own class"):
         OtherFamily(AF_INET, b"")
+
+
+def test_an_unspec_wildcard_is_an_inet_bind_address() -> None:
+    # struct sockaddr_in with the family left zero, as __inet_bind accepts it.
+    unspec = b"\x00\x00\x00\x50" + bytes(12)
+    assert unspec_wildcard_as_inet(unspec) == b"\x02\x00\x00\x50" + bytes(12)
+    assert unspec_wildcard_as_inet(unspec + b"tail") == b"\x02\x00\x00\x50" + bytes(12) + b"tail"
+    assert unspec_wildcard_as_inet(b"\x00\x00\x00\x50\x7f\x00\x00\x01" + bytes(8)) is None
+    assert unspec_wildcard_as_inet(b"\x02\x00\x00\x50" + bytes(12)) is None  # already AF_INET
+    assert unspec_wildcard_as_inet(bytes(15)) is None  # too short for a sockaddr_in
 
 
 def test_field_validation() -> None:
