@@ -39,6 +39,8 @@ import os
 import signal
 from collections.abc import Callable
 
+import attrs
+
 from ._libc import PIDFD_THREAD, pidfd_getfd, pidfd_open
 
 #: Handles kept per cache (one fd each).
@@ -81,33 +83,71 @@ def _open_pidfd(tid: int) -> int:
     raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
 
 
-def deliverable(status: bytes, tid: int) -> bool:
-    """Whether ``/proc/TID/status`` text shows a signal the thread will take.
-
-    A signal sent to the thread (``SigPnd``) is its own.  One sent to the
-    process (``ShdPnd``) goes to the thread-group leader unless the leader
-    blocks it; for any other thread the kernel may pick a sibling, so it
-    counts only for the leader.  Blocked signals (``SigBlk``) wait.
-    """
+def _fields(status: bytes) -> dict[bytes, bytes]:
     fields: dict[bytes, bytes] = {}
     for line in status.splitlines():
         key, _, value = line.partition(b":")
         fields[key] = value.strip()
-    try:
-        blocked = int(fields[b"SigBlk"], 16)
-        mine = int(fields[b"SigPnd"], 16) & ~blocked
-        shared = int(fields[b"ShdPnd"], 16) & ~blocked
-        leader = int(fields[b"Tgid"]) == tid
-    except (KeyError, ValueError):
+    return fields
+
+
+@attrs.frozen
+class _Signals:
+    """What a ``/proc/TID/status`` text says of a thread's signals."""
+
+    tgid: int
+    own: int  # sent to the thread and not blocked
+    shared: int  # sent to the process and not blocked by this thread
+    blocked: int
+    exiting: bool
+
+    @classmethod
+    def parse(cls, status: bytes) -> _Signals | None:
+        fields = _fields(status)
+        try:
+            blocked = int(fields[b"SigBlk"], 16)
+            return cls(
+                tgid=int(fields[b"Tgid"]),
+                own=int(fields[b"SigPnd"], 16) & ~blocked,
+                shared=int(fields[b"ShdPnd"], 16) & ~blocked,
+                blocked=blocked,
+                exiting=fields.get(b"State", b"")[:1] in (b"Z", b"X"),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+def deliverable(status: bytes, tid: int, leader: bytes | None = None) -> bool:
+    """Whether ``/proc/TID/status`` text shows a signal the thread will take.
+
+    A signal sent to the thread (``SigPnd``) is its own.  One sent to the
+    process (``ShdPnd``) goes to the thread-group leader unless the leader
+    blocks it or is exiting (``complete_signal``): then to some thread that
+    does not block it, which may be this one.  So for any other thread it
+    counts only when the leader's status (*leader*) shows the leader will
+    not take it.  Blocked signals (``SigBlk``) wait.  (Answering a thread
+    that the kernel then gives no signal is harmless: its call restarts.)
+    """
+    mine = _Signals.parse(status)
+    if mine is None:
         return False
-    return bool(mine or (shared and leader))
+    if mine.own or (mine.shared and mine.tgid == tid):
+        return True
+    theirs = _Signals.parse(leader) if mine.shared and leader is not None else None
+    return theirs is not None and (theirs.exiting or mine.shared & theirs.blocked != 0)
 
 
 def signal_waiting(tid: int) -> bool:
     """Whether thread *tid* has a signal pending that would interrupt a blocking call."""
     try:
         with open(f"/proc/{tid}/status", "rb") as status:
-            return deliverable(status.read(), tid)
+            text = status.read()
+        mine = _Signals.parse(text)
+        if mine is None or not mine.shared or mine.tgid == tid:
+            return deliverable(text, tid)
+        # Sent to the process: whether the leader leaves it to the others.
+        with open(f"/proc/{mine.tgid}/status", "rb") as status:
+            return deliverable(text, tid, leader=status.read())
     except OSError:
         return False  # gone: the validity check drops its wait
 

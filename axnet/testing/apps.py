@@ -501,6 +501,46 @@ def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
     return disarm
 
 
+def signal_to_worker(port: str) -> None:
+    """A signal sent to the process while the main thread blocks it and a
+    worker blocks in accept on PORT: the kernel gives it to the worker, whose
+    accept fails with EINTR (the handler is installed without SA_RESTART)."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    result: dict[str, int] = {}
+    started = threading.Event()
+    worker_tid = [0]
+
+    def worker() -> None:
+        worker_tid[0] = threading.get_native_id()
+        started.set()
+        ctypes.set_errno(0)
+        rc = _libc.accept(listener.fileno(), None, None)
+        result["accept_errno"] = ctypes.get_errno() if rc < 0 else 0
+
+    # Threads inherit the mask: start the worker unblocked, then block here.
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    started.wait()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the worker blocks in accept
+        with open(f"/proc/self/task/{worker_tid[0]}/syscall") as f:
+            if f.read().split()[0] in ("43", "288"):
+                break
+        time.sleep(0.005)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.getsockname()  # answered after the engine took the accept: it holds it
+    os.kill(os.getpid(), signal.SIGUSR1)
+    thread.join(10)
+    _out(accept_errno=result.get("accept_errno", -1))
+
+
 def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     """A timer signal during a blocking accept and a blocking connect.
 
@@ -695,6 +735,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "stuck-server": stuck_server,
     "slow-and-fast": slow_and_fast,
     "signals": signals,
+    "signal-to-worker": signal_to_worker,
     "socket-timeouts": socket_timeouts,
     "accept-without-fds": accept_without_fds,
     "listen-backlog": listen_backlog,

@@ -703,6 +703,15 @@ def test_a_blocking_unix_connect_to_a_full_backlog_waits_as_the_kernels_does(
     }
 
 
+def test_a_signal_the_main_thread_blocks_interrupts_a_worker_in_accept(
+    node: AxnetNode,
+) -> None:
+    # kill(pid) goes to a thread that does not block the signal: here the
+    # worker parked in accept, which must fail with EINTR as the kernel's does.
+    result = node.run_json([*APPS, "signal-to-worker", "7014"], ip="10.1.0.5", timeout=60)
+    assert result == {"accept_errno": errno.EINTR}
+
+
 def test_a_claim_answered_too_late_is_never_published_wrong(node: AxnetNode) -> None:
     # The daemon stalls during a bind: the supervisor binds a port of its own
     # choosing meanwhile.  The daemon's late answer named another port, which

@@ -73,9 +73,9 @@ def test_bad_addresses_are_efault() -> None:
         child.wait()
 
 
-def _status(tgid: int, pending: int, shared: int, blocked: int) -> bytes:
+def _status(tgid: int, pending: int, shared: int, blocked: int, state: str = "S") -> bytes:
     return (
-        f"Name:\tapp\nTgid:\t{tgid}\nPid:\t{tgid + 1}\n"
+        f"Name:\tapp\nState:\t{state} (x)\nTgid:\t{tgid}\nPid:\t{tgid + 1}\n"
         f"SigPnd:\t{pending:016x}\nShdPnd:\t{shared:016x}\nSigBlk:\t{blocked:016x}\n"
         "SigIgn:\t0000000000000000\nSigCgt:\t0000000000004002\n"
     ).encode()
@@ -94,6 +94,15 @@ def test_which_pending_signals_a_parked_thread_takes() -> None:
     assert deliverable(_status(100, 0, intr, 0), 100)
     assert not deliverable(_status(100, 0, intr, 0), 200)
     assert not deliverable(_status(100, 0, intr, intr), 100)
+    # ... unless the leader blocks it or is exiting: then any thread that does not.
+    leader_blocks = _status(100, 0, intr, intr)
+    assert deliverable(_status(100, 0, intr, 0), 200, leader=leader_blocks)
+    assert deliverable(_status(100, 0, intr, 0), 200, leader=_status(100, 0, intr, 0, "Z"))
+    assert not deliverable(_status(100, 0, intr, 0), 200, leader=_status(100, 0, intr, 0))
+    assert not deliverable(_status(100, 0, intr, intr), 200, leader=leader_blocks)
+    both = intr | alrm  # the leader takes SIGALRM; SIGINT is left to the others
+    assert deliverable(_status(100, 0, both, 0), 200, leader=_status(100, 0, both, intr))
+    assert not deliverable(_status(100, 0, intr, 0), 200, leader=b"garbage\n")
     # Nothing pending, or text that is not a status file.
     assert not deliverable(_status(100, 0, 0, 0), 100)
     assert not deliverable(b"garbage\n", 100)
