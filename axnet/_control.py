@@ -37,8 +37,10 @@ log = logging.getLogger("axnet.daemon")
 
 CONTROL_SOCKET = "control.sock"
 _UCRED = struct.Struct("3i")
-#: Messages a connection may have waiting to be written before it is dropped.
+#: Messages a connection may have waiting to be written before it is dropped,
+#: and bytes (a push frame can be megabytes: the count alone bounds nothing).
 OUTBOX_MESSAGES = 4096
+OUTBOX_BYTES = 64 * 1024 * 1024
 #: accept() errors that mean "out of resources for now", not "broken".
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -115,6 +117,7 @@ class Connection:
         self._decoder = FrameDecoder()
         self._outbox, self._to_write = trio.open_memory_channel[bytes](OUTBOX_MESSAGES)
         self._queued = self._written = 0
+        self._waiting_bytes = 0
         self._caught_up = trio.Event()
         self.closed = False
 
@@ -124,8 +127,11 @@ class Connection:
         if self.closed:
             return
         try:
+            if self._waiting_bytes + len(data) > OUTBOX_BYTES:
+                raise trio.WouldBlock
             self._outbox.send_nowait(data)
             self._queued += 1
+            self._waiting_bytes += len(data)
         except trio.WouldBlock:
             log.warning("control client not reading: disconnected (a supervisor re-attaches)")
             self._drop()
@@ -135,6 +141,7 @@ class Connection:
     async def write_out(self) -> None:
         """Write queued messages until :meth:`finish`, or until the client is gone."""
         async for data in self._to_write:
+            self._waiting_bytes -= len(data)
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

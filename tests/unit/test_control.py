@@ -23,6 +23,8 @@ import trio
 
 from axnet._control import (
     CONTROL_SOCKET,
+    OUTBOX_BYTES,
+    OUTBOX_MESSAGES,
     Connection,
     ControlClient,
     ControlError,
@@ -550,3 +552,20 @@ async def test_stop_is_answered_before_the_daemon_stops(sock_dir: Path) -> None:
                     return client.request("stop")
 
             assert (await trio.to_thread.run_sync(stop))["ok"] is True
+
+
+@pytest.mark.parametrize("size", [100, 4 << 20])
+async def test_a_client_that_stops_reading_is_dropped_at_a_bound(size: int) -> None:
+    # Nothing writes this outbox out (as for an `axnet run` stopped with Ctrl-Z):
+    # it holds at most OUTBOX_MESSAGES messages and OUTBOX_BYTES bytes.
+    message = {"push": "records", "body": b"x" * size}
+    fit = min(OUTBOX_MESSAGES, OUTBOX_BYTES // len(frame(message)))
+    ours, theirs = trio.socket.socketpair()
+    with theirs:
+        conn = Connection(trio.SocketStream(ours))
+        sent = 0
+        while not conn.closed and sent <= OUTBOX_MESSAGES:
+            await conn.send(message)
+            sent += 1
+        assert conn.closed
+        assert sent == fit + 1  # the one that did not fit dropped the client
