@@ -23,8 +23,10 @@ must never let an address the supervisor did not see reach the kernel.
   (args[3], args[2], args[3]; `int`, so the low 32 bits).  TCP Fast Open
   connects inside the send, to an address the supervisor would otherwise
   never see: a virtual IP would leave on the real network.  Every other send
-  is allowed after a dozen instructions, which is what these calls now cost
-  (the action cache can no longer prove them always allowed).
+  is allowed after a dozen instructions.  The action cache can no longer
+  prove these calls always allowed, so each send runs the filter: about
+  15 ns on the development machine (a send costs 300), where the order of
+  the tests made no measurable difference.
 * Every other path is a plain `RET_ALLOW` that depends on `nr` and `arch`
   only.  That keeps the kernel's seccomp action cache (Linux >= 5.11) able to
   prove those calls always allowed and skip running the filter for them.
