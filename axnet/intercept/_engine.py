@@ -552,15 +552,19 @@ class Engine:
 
     def _dup(self, n: Notification) -> _socket.socket:
         """Our duplicate of the app's socket ``args[0]`` (family and type probed)."""
+        fd = self._dup_fd(n)
+        try:
+            return _as_socket(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _dup_fd(self, n: Notification) -> int:
+        """Our duplicate of the app's fd ``args[0]``, whatever it is (else EBADF)."""
         target = _int32(n.args[0])
         if target < 0:
             raise Errno(errno.EBADF)
-        fd = self._tasks.getfd(n.pid, target)
-        try:
-            return _socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise Errno(exc.errno or errno.ENOTSOCK) from None
+        return self._tasks.getfd(n.pid, target)
 
     def _read_sockaddr(self, n: Notification, ptr: int, length: int) -> bytes:
         if length > MAX_SOCKADDR_LEN:
@@ -601,18 +605,29 @@ class Engine:
         """The common start of ``connect`` and ``bind``: (our duplicate of the
         socket, the private copy of the sockaddr, its inet endpoint when the
         socket is an inet stream socket of the same family, else None)."""
-        length = n.args[2] & 0xFFFFFFFF
-        if length > MAX_SOCKADDR_LEN:
-            raise Errno(errno.EINVAL)
-        sock = self._dup(n)
+        # The kernel's order of errors: the fd (EBADF); for bind, whether it
+        # is a socket (ENOTSOCK); the address (EINVAL, EFAULT); for connect,
+        # whether it is a socket.
+        fd = self._dup_fd(n)
+        sock: _socket.socket | None = None
         try:
+            if n.nr == NR_BIND:
+                sock = _as_socket(fd)
+            length = n.args[2] & 0xFFFFFFFF
+            if length > MAX_SOCKADDR_LEN:
+                raise Errno(errno.EINVAL)
             raw = self._read_sockaddr(n, n.args[1], length)
             self._check(n)
+            if sock is None:
+                sock = _as_socket(fd)
             endpoint = None
             if sock.type == _STREAM and sock.family in _INET:
                 endpoint = self._endpoint(raw, sock.family)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
+            else:
+                os.close(fd)
             raise
         return sock, raw, endpoint
 
@@ -1105,6 +1120,15 @@ def _closed(bindings: list[Binding], listening: set[int]) -> list[Binding]:
 
 
 _TIMEVAL = struct.Struct("@ll")
+
+
+def _as_socket(fd: int) -> _socket.socket:
+    """A socket object owning *fd*; Errno (ENOTSOCK) if it is no socket, and
+    then *fd* is still the caller's to close."""
+    try:
+        return _socket.socket(fileno=fd)
+    except OSError as exc:
+        raise Errno(exc.errno or errno.ENOTSOCK) from None
 
 
 def _timeout(sock: _socket.socket, option: int) -> float:

@@ -227,6 +227,13 @@ def hostile() -> None:
     )
     call("connect_not_a_socket", lambda: _libc.connect(os.open("/dev/null", os.O_RDONLY), good, 16))
     call("connect_bad_fd", lambda: _libc.connect(9999, good, 16))
+    # Which error first when several apply, in the kernel's order: the fd,
+    # for bind whether it is a socket, the address, for connect the socket.
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    call("connect_bad_fd_oversized_len", lambda: _libc.connect(9999, good, 100000))
+    call("connect_not_a_socket_bad_pointer", lambda: _libc.connect(devnull, ctypes.c_void_p(8), 16))
+    call("bind_not_a_socket_bad_pointer", lambda: _libc.bind(devnull, ctypes.c_void_p(8), 16))
+    os.close(devnull)
     call(
         "getsockname_bad_pointer",
         lambda: _libc.getsockname(fd, ctypes.c_void_p(8), ctypes.c_void_p(8)),

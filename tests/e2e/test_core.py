@@ -485,6 +485,9 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["getsockname_kernel_pointer"] == errno.EFAULT
     assert result["connect_not_a_socket"] == errno.ENOTSOCK
     assert result["connect_bad_fd"] == errno.EBADF
+    assert result["connect_bad_fd_oversized_len"] == errno.EBADF
+    assert result["connect_not_a_socket_bad_pointer"] == errno.EFAULT
+    assert result["bind_not_a_socket_bad_pointer"] == errno.ENOTSOCK
     assert result["getsockname_bad_pointer"] == errno.EFAULT
     assert result["getsockname_null_length"] == errno.EFAULT
     assert result["getsockname_null_address_room"] == errno.EFAULT
