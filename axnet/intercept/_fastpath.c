@@ -294,6 +294,10 @@ static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t 
                           const struct sockaddr_storage *sa, socklen_t len) {
     if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
     int32_t full = (int32_t)len;
+    /* The kernel writes *addrlen back even when it holds that value already
+     * (the usual case: room for exactly this family); writing the same value
+     * again changes nothing the app can see, and costs a /proc access. */
+    if (full == room) return 0;
     return write_app(c, len_ptr, &full, sizeof full);
 }
 
