@@ -108,13 +108,20 @@ def _nobody() -> int | None:
         return None
 
 
-def test_prepare_runtime_dir_refuses_a_link_somebody_else_planted(tmp_path: Path) -> None:
-    # In /tmp anyone can create /tmp/axnet-UID as a link to a directory of ours.
+def _nobody_as_root(what: str) -> int:
+    """The uid of 'nobody', for a test that hands it something; skips
+    where there is no such user, or where *what* needs root and we are not."""
     nobody = _nobody()
     if nobody is None:
         pytest.skip("no user 'nobody' on this system")
     if os.geteuid() != 0:
-        pytest.skip("giving a link to nobody needs root")
+        pytest.skip(f"{what} needs root")
+    return nobody
+
+
+def test_prepare_runtime_dir_refuses_a_link_somebody_else_planted(tmp_path: Path) -> None:
+    # In /tmp anyone can create /tmp/axnet-UID as a link to a directory of ours.
+    nobody = _nobody_as_root("giving a link to nobody")
     ours = tmp_path / "home"
     ours.mkdir(mode=0o755)
     planted = tmp_path / "axnet-link"
@@ -135,11 +142,7 @@ def test_prepare_runtime_dir_follows_a_link_of_our_own(tmp_path: Path) -> None:
 
 
 def test_prepare_runtime_dir_refuses_a_dir_of_somebody_else(tmp_path: Path) -> None:
-    nobody = _nobody()
-    if nobody is None:
-        pytest.skip("no user 'nobody' on this system")
-    if os.geteuid() != 0:
-        pytest.skip("giving a directory to nobody needs root")
+    nobody = _nobody_as_root("giving a directory to nobody")
     path = tmp_path / "theirs"
     path.mkdir(mode=0o755)
     os.chown(path, nobody, nobody)
