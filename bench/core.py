@@ -8,7 +8,7 @@ route); everything measured runs as ``nobody``, as a user would run it.
 (a) connect + accept + close round trips: a client connects, the server
     accepts and closes, the client sees EOF.  Native: both on 127.0.0.1.
     axnet: both under ``axnet run`` on virtual IPs.  The two alternate in
-    blocks against servers that stay up.  Reported: added µs at p50 and p99,
+    blocks, each with servers started afresh (a new placement draw).  Reported: added µs at p50 and p99,
     where the scheduler puts the processes (the target), with all of them
     on one CPU (axnet's own work, without the cost of waking an idle CPU),
     and with the server side on one CPU and the client side on another.
@@ -106,8 +106,11 @@ def _parse_times(stdout: str) -> list[int]:
 
 
 #: Native and axnet runs alternate in this many blocks, so that both see the
-#: same moments of a shared, noisy machine.
-ROUNDTRIP_BLOCKS = 6
+#: same moments of a shared, noisy machine.  Each block starts its servers
+#: afresh: where the scheduler puts a pair of processes is drawn when they
+#: start and mostly kept (one draw per row let a single lucky or unlucky
+#: placement decide it), so every block is a new draw for both sides.
+ROUNDTRIP_BLOCKS = 10
 ROUNDTRIP_WARMUP = 100
 
 #: Where the round trips run.  "free": where the scheduler puts them, as a
@@ -135,47 +138,71 @@ def _pins(placement: str) -> tuple[list[str], list[str]] | None:
     return ["taskset", "-c", str(cpus[0])], ["taskset", "-c", str(cpus[1])]
 
 
-def _roundtrip_pair(
+def _native_block(
     node: AxnetNode,
     server: list[str],
     client: list[str],
-    ports: tuple[int, int],
+    port: int,
     pins: tuple[list[str], list[str]],
-    per_block: int,
-) -> dict[str, list[int]]:
-    """Latencies of native and axnet round trips, alternating in blocks."""
+    args: list[str],
+) -> list[int]:
+    """One block of native round trips against a server started for it."""
     host = node.host
-    native_port, virtual_port = ports
     server_pin, client_pin = pins
-    times: dict[str, list[int]] = {"native": [], "axnet": []}
-    native = host.popen([*server_pin, *server, str(native_port)])
-    server_app = node.app([*server, str(virtual_port)], ip="10.2.0.1", wrap=server_pin)
+    native = host.popen([*server_pin, *server, str(port)])
     try:
-        probe = f"import socket; socket.create_connection(('127.0.0.1', {native_port}))"
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}))"
         wait_until(
             "native server",
             lambda: host.run(["python3", "-c", probe], timeout=10).returncode == 0,
         )
-        node.wait_service(f"10.2.0.1:{virtual_port}")
-        args = [str(per_block), str(ROUNDTRIP_WARMUP)]
-        for _ in range(ROUNDTRIP_BLOCKS):
-            done = host.run(
-                [*client_pin, *client, "127.0.0.1", str(native_port), *args], timeout=300
-            )
-            times["native"] += _parse_times(done.stdout)
-            done = node.run(
-                [*client, "10.2.0.1", str(virtual_port), *args],
-                ip="10.2.0.2",
-                timeout=300,
-                wrap=client_pin,
-            )
-            times["axnet"] += _parse_times(done.stdout)
+        done = host.run([*client_pin, *client, "127.0.0.1", str(port), *args], timeout=300)
     finally:
         stop_process(native)
+    return _parse_times(done.stdout)
+
+
+def _axnet_block(
+    node: AxnetNode,
+    server: list[str],
+    client: list[str],
+    port: int,
+    pins: tuple[list[str], list[str]],
+    args: list[str],
+) -> list[int]:
+    """One block of round trips between two apps under axnet, the server started for it."""
+    server_pin, client_pin = pins
+    server_app = node.app([*server, str(port)], ip="10.2.0.1", wrap=server_pin)
+    try:
+        node.wait_service(f"10.2.0.1:{port}")
+        done = node.run(
+            [*client, "10.2.0.1", str(port), *args], ip="10.2.0.2", timeout=300, wrap=client_pin
+        )
+    finally:
         stop_process(server_app)
+    return _parse_times(done.stdout)
+
+
+def _roundtrip_pair(
+    node: AxnetNode,
+    server: list[str],
+    client: list[str],
+    port: int,
+    pins: tuple[list[str], list[str]],
+    per_block: int,
+) -> tuple[dict[str, list[int]], int]:
+    """Latencies of native and axnet round trips, alternating in blocks, and
+    the next unused port (each block's servers listen on ports of their own)."""
+    times: dict[str, list[int]] = {"native": [], "axnet": []}
+    args = [str(per_block), str(ROUNDTRIP_WARMUP)]
+    for block in range(ROUNDTRIP_BLOCKS):
+        sides = [("native", _native_block), ("axnet", _axnet_block)]
+        for name, run_block in sides if block % 2 == 0 else reversed(sides):
+            times[name] += run_block(node, server, client, port, pins, args)
+            port += 1
     if not times["native"] or not times["axnet"]:
         raise RuntimeError(f"round trips gave no times: {server} / {client}")
-    return times
+    return times, port
 
 
 def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
@@ -187,8 +214,7 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
         for placement in PLACEMENTS:
             if (pins := _pins(placement)) is None:
                 continue
-            times = _roundtrip_pair(node, server, client, (port, port + 1), pins, per_block)
-            port += 2
+            times, port = _roundtrip_pair(node, server, client, port, pins, per_block)
             native_t, axnet_t = times["native"], times["axnet"]
             results[f"{lang}/{placement}"] = {
                 "lang": lang,
@@ -404,7 +430,8 @@ def summary(results: dict[str, Any]) -> str:
         "Placement *free*: where the scheduler puts them (the target is judged here);",
         "*one CPU*: every process of both runs pinned to one CPU (axnet's own work);",
         "*two CPUs*: server side on one CPU, client side on another, native and axnet alike.",
-        "Free placement moves between those two, and native and axnet need not be in the same one.",
+        "Free placement moves between those two, and native and axnet need not be in the same one;",
+        f"they alternate in {ROUNDTRIP_BLOCKS} blocks, each starting its servers afresh (a new draw).",
         "",
         "| measure | native | axnet | result | target |",
         "|---|---|---|---|---|",
