@@ -8,10 +8,11 @@ route); everything measured runs as ``nobody``, as a user would run it.
 (a) connect + accept + close round trips: a client connects, the server
     accepts and closes, the client sees EOF.  Native: both on 127.0.0.1.
     axnet: both under ``axnet run`` on virtual IPs.  The two alternate in
-    blocks, each with servers started afresh (a new placement draw).  Reported: added µs at p50 and p99,
-    where the scheduler puts the processes (the target), with all of them
-    on one CPU (axnet's own work, without the cost of waking an idle CPU),
-    and with the server side on one CPU and the client side on another.
+    blocks, each with servers started afresh (a new placement draw).
+    Reported: added µs at p50 and p99, where the scheduler puts the
+    processes (the target), with all of them on one CPU (axnet's own work,
+    without the cost of waking an idle CPU), and with the server side on
+    one CPU and the client side on another.
     Beside it, bench/c/wakeup.c: what one trapped call costs when answered
     with SEND and with ADDFD (how accept is answered), free and on one CPU.
 (b) iperf3 throughput through a virtual IP ÷ native; HAProxy in TCP mode
