@@ -22,7 +22,8 @@ route); everything measured runs as ``nobody``, as a user would run it.
     (bench/c/seccomp_only.c): the kernel's own price for any filter.
 
 Ratios in (b) and (c) are medians of side-by-side ratios: each run divided by
-the native run next to it, the order alternating between rounds.
+the native run next to it, the order alternating between rounds.  Every run
+starts its own servers, so each is a new placement draw, as in (a).
 
 Targets (issue 2): (b), (c) ≥ 0.95; (a) ≤ 60 µs added at p50.
 """
@@ -30,12 +31,14 @@ Targets (issue 2): (b), (c) ≥ 0.95; (a) ≤ 60 µs added at p50.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -290,47 +293,86 @@ def paired_ratio(measured: list[float], baseline: list[float]) -> float:
     return statistics.median(m / b for m, b in zip(measured, baseline, strict=True))
 
 
-def _in_turn(round_: int, runs: dict[str, Any]) -> dict[str, Any]:
-    """The runs of one round, in an order that alternates between rounds."""
-    names = list(runs)
-    if round_ % 2:
-        names.reverse()
-    return {name: runs[name]() for name in names}
+#: One side of a throughput or request-rate comparison: given ports of its
+#: own (PORTS_PER_SIDE from the one it is given), it starts its servers,
+#: measures once, stops them and returns the figure.
+Side = Callable[[int], float]
+PORTS_PER_SIDE = 2  # HAProxy's side needs two: its backend and itself
+
+
+def fresh_rounds(rounds: int, sides: dict[str, Side], first_port: int) -> dict[str, list[float]]:
+    """Every side measured once per round, the order alternating between rounds.
+
+    Each measurement starts its servers afresh, as the round trips do: a
+    long-lived server keeps the CPU it was first put on, so one placement
+    draw per side would decide every round.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    port = first_port
+    for round_ in range(rounds):
+        names = list(sides)
+        if round_ % 2:
+            names.reverse()
+        for name in names:
+            samples[name].append(sides[name](port))
+            port += PORTS_PER_SIDE
+    return samples
+
+
+@contextlib.contextmanager
+def _serving(*servers: subprocess.Popen[bytes]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for server in servers:
+            stop_process(server)
+
+
+def _listening(host: NetnsHost, port: int) -> bool:
+    done = host.run(["ss", "-Hltn", f"sport = :{port}"], timeout=10)
+    return bool(done.stdout.strip())
+
+
+def _wait_listening(host: NetnsHost, *ports: int) -> None:
+    for port in ports:
+        wait_until(f"a server listening on port {port}", lambda p=port: _listening(host, p))  # type: ignore[misc]
 
 
 def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     host = node.host
-    native_srv = host.popen(["iperf3", "-s", "-p", "5301"])
-    axnet_srv = node.app(["iperf3", "-s", "-p", "5302"], ip="10.2.0.3")
-    haproxy_cfg = _script(
-        node,
-        "haproxy.cfg",
-        (
-            "global\n  maxconn 1000\n"
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-            "frontend f\n  bind 127.0.0.1:5303\n  default_backend b\n"
-            "backend b\n  server s1 127.0.0.1:5301\n"
-        ),
-    )
-    proxy = host.popen(["haproxy", "-f", haproxy_cfg]) if not has_program("haproxy") else None
-    samples: dict[str, list[float]] = {"native": [], "axnet": [], "haproxy": []}
-    try:
-        node.wait_service("10.2.0.3:5302")
-        time.sleep(0.5)
-        runs = {
-            "native": lambda: _iperf(host, None, "127.0.0.1", 5301, seconds),
-            "axnet": lambda: _iperf(host, node, "10.2.0.3", 5302, seconds, ip="10.2.0.4"),
-        }
-        if proxy is not None:
-            runs["haproxy"] = lambda: _iperf(host, None, "127.0.0.1", 5303, seconds)
-        for round_ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
-            for name, bits in _in_turn(round_, runs).items():
-                samples[name].append(bits)
-    finally:
-        for proc in (native_srv, axnet_srv, proxy):
-            if proc is not None:
-                stop_process(proc)
-    med = {k: statistics.median(v) if v else 0.0 for k, v in samples.items()}
+
+    def native(port: int) -> float:
+        with _serving(host.popen(["iperf3", "-s", "-p", str(port)])):
+            _wait_listening(host, port)
+            return _iperf(host, None, "127.0.0.1", port, seconds)
+
+    def axnet(port: int) -> float:
+        with _serving(node.app(["iperf3", "-s", "-p", str(port)], ip="10.2.0.3")):
+            node.wait_service(f"10.2.0.3:{port}")
+            return _iperf(host, node, "10.2.0.3", port, seconds, ip="10.2.0.4")
+
+    def haproxy(port: int) -> float:
+        config = _script(
+            node,
+            f"haproxy-{port}.cfg",
+            (
+                "global\n  maxconn 1000\n"
+                "defaults\n  mode tcp\n  timeout connect 5s\n"
+                "  timeout client 60s\n  timeout server 60s\n"
+                f"frontend f\n  bind 127.0.0.1:{port + 1}\n  default_backend b\n"
+                f"backend b\n  server s1 127.0.0.1:{port}\n"
+            ),
+        )
+        backend = host.popen(["iperf3", "-s", "-p", str(port)])
+        with _serving(backend, host.popen(["haproxy", "-f", config])):
+            _wait_listening(host, port, port + 1)
+            return _iperf(host, None, "127.0.0.1", port + 1, seconds)
+
+    sides: dict[str, Side] = {"native": native, "axnet": axnet}
+    if not has_program("haproxy"):
+        sides["haproxy"] = haproxy
+    samples = fresh_rounds(rounds, sides, first_port=5300)
+    med = {k: statistics.median(v) for k, v in samples.items()}
     return {
         "seconds": seconds,
         "rounds": rounds,
@@ -338,75 +380,72 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
         "samples_gbit_s": {k: [x / 1e9 for x in v] for k, v in samples.items()},
         "axnet_over_native": paired_ratio(samples["axnet"], samples["native"]),
         "haproxy_over_native": (
-            paired_ratio(samples["haproxy"], samples["native"]) if samples["haproxy"] else None
+            paired_ratio(samples["haproxy"], samples["native"]) if "haproxy" in samples else None
         ),
     }
 
 
-def _redis_rps(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
+def _redis_rps(done: subprocess.CompletedProcess[str], side: str) -> float:
+    """SET + GET requests per second from redis-benchmark --csv."""
     rates: dict[str, float] = {}
     for line in done.stdout.splitlines():
         parts = [p.strip('"') for p in line.split(",")]
         if len(parts) >= 2 and parts[0] in ("SET", "GET"):
             rates[parts[0]] = float(parts[1])
-    return rates
+    if set(rates) != {"SET", "GET"}:
+        raise RuntimeError(f"redis-benchmark ({side}) gave {rates}: {done.stderr[-500:]}")
+    return sum(rates.values())
+
+
+def _redis_ready(host: NetnsHost, port: int) -> None:
+    wait_until(
+        f"redis on {port}",
+        lambda: (
+            host.run(["redis-cli", "-p", str(port), "ping"], timeout=10).stdout.strip() == "PONG"
+        ),
+    )
 
 
 def redis(node: AxnetNode, requests: int, rounds: int) -> dict[str, Any]:
     host = node.host
-    args = ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+    server = ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"]
     bench = ["redis-benchmark", "-n", str(requests), "-c", "50", "-t", "set,get", "--csv"]
+
+    def native(port: int) -> float:
+        with _serving(host.popen([*server, "--port", str(port)])):
+            _redis_ready(host, port)
+            done = host.run([*bench, "-h", "127.0.0.1", "-p", str(port)], timeout=300)
+        return _redis_rps(done, "native")
+
+    def axnet(port: int) -> float:
+        with _serving(node.app([*server, "--port", str(port)], ip="10.2.0.5")):
+            node.wait_service(f"10.2.0.5:{port}")
+            done = node.run([*bench, "-h", "10.2.0.5", "-p", str(port)], ip="10.2.0.6", timeout=300)
+        return _redis_rps(done, "axnet")
+
+    sides: dict[str, Side] = {"native": native, "axnet": axnet}
     # The kernel's own price for a seccomp filter, beside axnet's: both sides
     # under a filter that traps nothing (bench/c/seccomp_only.c).
-    wrapper = _build_c(node, "seccomp_only")
-    filtered = [wrapper] if wrapper else []
-    servers = [
-        host.popen(["redis-server", "--port", "6401", *args]),
-        node.app(["redis-server", "--port", "6402", *args], ip="10.2.0.5"),
-    ]
-    if filtered:
-        servers.append(host.popen([*filtered, "redis-server", "--port", "6403", *args]))
-    runs = {
-        "native": lambda: host.run([*bench, "-h", "127.0.0.1", "-p", "6401"], timeout=300),
-        "axnet": lambda: node.run(
-            [*bench, "-h", "10.2.0.5", "-p", "6402"], ip="10.2.0.6", timeout=300
-        ),
-    }
-    if filtered:
-        runs["seccomp_only"] = lambda: host.run(
-            [*filtered, *bench, "-h", "127.0.0.1", "-p", "6403"], timeout=300
-        )
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    try:
-        node.wait_service("10.2.0.5:6402")
-        for port in (6401, 6403) if filtered else (6401,):
-            wait_until(
-                f"redis on {port}",
-                lambda p=port: (  # type: ignore[misc]
-                    host.run(["redis-cli", "-p", str(p), "ping"], timeout=10).stdout.strip()
-                    == "PONG"
-                ),
-            )
-        for round_ in range(rounds):
-            for name, done in _in_turn(round_, runs).items():
-                rates = _redis_rps(done)
-                if set(rates) != {"SET", "GET"}:
-                    raise RuntimeError(
-                        f"redis-benchmark ({name}) gave {rates}: {done.stderr[-500:]}"
-                    )
-                samples[name].append(sum(rates.values()))
-    finally:
-        for server in servers:
-            stop_process(server)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    if (wrapper := _build_c(node, "seccomp_only")) is not None:
+
+        def seccomp_only(port: int) -> float:
+            with _serving(host.popen([wrapper, *server, "--port", str(port)])):
+                _redis_ready(host, port)
+                done = host.run([wrapper, *bench, "-h", "127.0.0.1", "-p", str(port)], timeout=300)
+            return _redis_rps(done, "seccomp_only")
+
+        sides["seccomp_only"] = seccomp_only
+    samples = fresh_rounds(rounds, sides, first_port=6400)
     return {
         "requests": requests,
         "rounds": rounds,
-        "rps_set_plus_get": med,
+        "rps_set_plus_get": {k: statistics.median(v) for k, v in samples.items()},
         "samples_rps": samples,
         "axnet_over_native": paired_ratio(samples["axnet"], samples["native"]),
         "seccomp_only_over_native": (
-            paired_ratio(samples["seccomp_only"], samples["native"]) if filtered else None
+            paired_ratio(samples["seccomp_only"], samples["native"])
+            if "seccomp_only" in samples
+            else None
         ),
     }
 
@@ -433,6 +472,8 @@ def summary(results: dict[str, Any]) -> str:
         "*two CPUs*: server side on one CPU, client side on another, native and axnet alike.",
         "Free placement moves between those two, and native and axnet need not be in the same one;",
         f"they alternate in {ROUNDTRIP_BLOCKS} blocks, each starting its servers afresh (a new draw).",
+        "iperf3 and redis: every run starts its own servers too; a ratio is the median of",
+        "each run against the native run beside it, the order alternating between rounds.",
         "",
         "| measure | native | axnet | result | target |",
         "|---|---|---|---|---|",
