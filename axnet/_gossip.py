@@ -32,7 +32,11 @@ sockets and the clock and carries bytes in and out:
   every other member does the same.  A member that was declared dead while it
   was alive (a partition) learns it by refuting, or from the tombstones a peer
   shows it in push-pull, and writes its records again above them
-  (``Node.merge_remote``).
+  (``Node.merge_remote``).  Records of a node that is no member at all
+  (forgotten after its death, then brought back by a peer that was partitioned
+  all along) would have no event to go with: a sweep withdraws them after
+  ``ORPHAN_GRACE_S``.  Names whose records were withdrawn are remembered, and
+  their live records not taken again, until they join.
 * Supervisors must never stall gossip: changes for them go through a queue
   that a separate task drains into ``Daemon.changed``.
 * Healing.  SWIM alone never talks to a member it declared dead again, so two
@@ -106,6 +110,16 @@ RECONNECT_PER_PUSH_PULL = 6
 REVIVAL_SYNC_FANOUT = 3
 #: Shortest sleep of the driver loop, seconds: a deadline in the past never spins it.
 MIN_TICK_S = 0.001
+#: Seconds a node's live records are kept while the node is no member at all
+#: (never seen, or forgotten after its death).  A joining node's records may
+#: arrive a moment before its membership does; past this, no member event will
+#: ever withdraw them, so the sweep does.
+ORPHAN_GRACE_S = 60.0
+#: Seconds between two sweeps for such records.
+ORPHAN_SWEEP_S = 15.0
+#: Names held gone (see ``GossipCluster._gone``) at most; the oldest fall off,
+#: and the sweep withdraws what one of them might still bring back.
+MAX_GONE_NAMES = 10_000
 
 _FRAME = struct.Struct("!I")
 
@@ -384,8 +398,10 @@ class DriverStats:
     streams_oversized: int = 0
     streams_io_errors: int = 0
     records_malformed: int = 0
-    #: live records of members held failed or left, not merged
+    #: live records of members held gone (dead, left, or withdrawn as no member), not merged
     records_of_gone: int = 0
+    #: nodes whose records were withdrawn because they were no member (see sweep_orphans)
+    non_members_withdrawn: int = 0
     records_too_large: int = 0
     revival_syncs: int = 0
     republished: int = 0
@@ -428,9 +444,14 @@ class GossipCluster:
         self._conflicts: list[str] = []
         self._outbound = 0
         self._auth_warned: dict[str, float] = {}
-        #: Failed (dead, not left) members: name → (gossip address, time of death).
         #: Names of failed (dead, not left) members, to notice their revival.
         self._failed: set[str] = set()
+        #: Names whose records we withdrew: members that died or left (kept
+        #: after the core forgets them) and nodes swept as no member.  Their
+        #: live records are not merged until they join again.  Oldest first.
+        self._gone: dict[str, None] = {}
+        #: Nodes that own live records here without being members: name → since.
+        self._orphans: dict[str, float] = {}
         self.driver_stats = DriverStats()
 
     # -- setup -------------------------------------------------------------------------
@@ -507,6 +528,7 @@ class GossipCluster:
             nursery.start_soon(self._accept_streams, listener)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._push_changes)
+            nursery.start_soon(self._sweep_orphans_forever)
             if self._options.seeds:
                 nursery.start_soon(self._join_at_start, self._options.seeds)
             log.info(
@@ -654,6 +676,7 @@ class GossipCluster:
             "records": {
                 "malformed": d.records_malformed,
                 "of_gone_members": d.records_of_gone,
+                "non_members_withdrawn": d.non_members_withdrawn,
                 "too_large": d.records_too_large,
                 "republished": d.republished,
             },
@@ -687,7 +710,7 @@ class GossipCluster:
         # A gone member's records were withdrawn when it went; one still on
         # its way (a broadcast retransmitted, a peer's older push-pull) must
         # not bring it back.  Its revival republishes them.
-        records = [r for r in decoded.records if r.deleted or not self._gone(r.node)]
+        records = [r for r in decoded.records if r.deleted or not self._is_gone(r.node)]
         self.driver_stats.records_of_gone += len(decoded.records) - len(records)
         merged = self._daemon.merge_remote(records)
         if merged.refused:
@@ -708,12 +731,45 @@ class GossipCluster:
             log.info("records reasserted above a peer's version count=%d", len(merged.reasserted))
             self._queue_change(merged.reasserted, local=True)
 
-    def _gone(self, node: str) -> bool:
-        """Whether *node* is a member we hold failed or left."""
-        if node in self._failed:
+    def _is_gone(self, node: str) -> bool:
+        """Whether we withdrew *node*'s records and it has not joined since."""
+        if node in self._gone:
             return True
-        member = self.core.member(node)
+        member = self.core.member(node)  # left, its event not handled yet
         return member is not None and member.state is swim.MemberState.LEFT
+
+    def _hold_gone(self, node: str) -> None:
+        self._gone.pop(node, None)
+        self._gone[node] = None
+        while len(self._gone) > MAX_GONE_NAMES:
+            del self._gone[next(iter(self._gone))]
+
+    def sweep_orphans(self, now: float) -> int:
+        """Withdraw the records of nodes that have been no member for ORPHAN_GRACE_S.
+
+        Records normally go with their member's death or leave.  Those of a
+        node that is no member at all (forgotten after its death, then brought
+        back by a peer that was partitioned all along, or never seen here)
+        would stay forever.  Returns how many nodes' records were withdrawn.
+        """
+        core = self.core
+        owners = {r.node for r in self._daemon.node.table.records() if not r.deleted}
+        strays = {node for node in owners if node != core.name and core.member(node) is None}
+        # Those that joined, or whose records went, leave the watch.
+        self._orphans = {node: self._orphans.get(node, now) for node in strays}
+        withdrawn = [n for n, since in self._orphans.items() if now - since >= ORPHAN_GRACE_S]
+        for node in withdrawn:
+            del self._orphans[node]
+            log.warning("node is no member of the cluster: its records are withdrawn name=%s", node)
+            self._hold_gone(node)
+            self._forget(node)
+        self.driver_stats.non_members_withdrawn += len(withdrawn)
+        return len(withdrawn)
+
+    async def _sweep_orphans_forever(self) -> None:
+        while True:
+            await trio.sleep(ORPHAN_SWEEP_S)
+            self.sweep_orphans(trio.current_time())
 
     def _queue_change(self, records: list[Record], *, local: bool) -> None:
         self._changes.append((records, local))
@@ -921,6 +977,7 @@ class GossipCluster:
         match event:
             case swim.MemberJoined(member=member):
                 log.info("member joined name=%s gossip=%s", member.name, _host_port(member.address))
+                self._gone.pop(member.name, None)
                 if member.name in self._failed:
                     self._failed.discard(member.name)
                     self._revival_sync(member)
@@ -933,10 +990,12 @@ class GossipCluster:
             case swim.MemberDead(member=member, accuser=accuser):
                 log.warning("member dead name=%s accuser=%s", member.name, accuser)
                 self._failed.add(member.name)
+                self._hold_gone(member.name)
                 self._forget(member.name)
             case swim.MemberLeft(member=member):
                 log.info("member left name=%s", member.name)
                 self._failed.discard(member.name)
+                self._hold_gone(member.name)
                 self._forget(member.name)
             case swim.MemberReaped(member=member):
                 log.info("member forgotten name=%s", member.name)

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +19,9 @@ import trio
 
 import swim
 from axnet._daemon import Daemon, DaemonConfig
-from axnet._gossip import GossipCluster, gossip_options
+from axnet._gossip import ORPHAN_GRACE_S, GossipCluster, gossip_options
 from axnet._node import NodeConfig
-from axnet._table import VirtualAddress
+from axnet._table import TOMBSTONE_TTL, VirtualAddress
 from axnet._wire import pack
 
 KEY = bytes(range(32))
@@ -235,3 +236,64 @@ async def test_a_gone_members_records_do_not_come_back() -> None:
         cluster._on_event(swim.MemberJoined(member=attrs.evolve(n2, state=swim.MemberState.ALIVE)))
         cluster.merge_remote_state(pack([late]), join=False)
         assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
+
+
+STRAY = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 5, False, 0.0]
+N2 = swim.Member(name="n2", address=("192.0.2.9", 7946), incarnation=1, state=swim.MemberState.DEAD)
+
+
+def stray_served(cluster: GossipCluster) -> bool:
+    return cluster._daemon.node.table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
+
+
+def expire_tombstones(cluster: GossipCluster) -> None:
+    cluster._daemon.node.table.expire(time.time() + 2 * TOMBSTONE_TTL)
+
+
+async def test_records_of_a_node_that_is_no_member_are_withdrawn_after_a_grace() -> None:
+    # n2 is no member here (a peer partitioned since n2 was forgotten brings
+    # its records back, say): no member event would ever withdraw them.
+    async with running("a") as cluster:
+        cluster.merge_remote_state(pack([STRAY]), join=False)
+        assert cluster.sweep_orphans(100.0) == 0
+        assert stray_served(cluster)  # n2 may be joining: its records stay a while
+        assert cluster.sweep_orphans(100.0 + ORPHAN_GRACE_S / 2) == 0
+        assert stray_served(cluster)
+        assert cluster.sweep_orphans(100.0 + ORPHAN_GRACE_S) == 1
+        assert not stray_served(cluster)
+        assert cluster.stats()["records"]["non_members_withdrawn"] == 1
+        # Once its tombstones are gone, the same record again is not taken...
+        expire_tombstones(cluster)
+        cluster.merge_remote_state(pack([STRAY]), join=False)
+        assert not stray_served(cluster)
+        assert cluster.stats()["records"]["of_gone_members"] == 1
+        # ...until n2 joins.
+        alive = attrs.evolve(N2, state=swim.MemberState.ALIVE)
+        cluster._on_event(swim.MemberJoined(member=alive))
+        cluster.merge_remote_state(pack([STRAY]), join=False)
+        assert stray_served(cluster)
+
+
+async def test_a_forgotten_members_records_do_not_come_back() -> None:
+    # The core forgets a dead member after a while; a peer partitioned since
+    # before its death still gossips its records.
+    async with running("a") as cluster:
+        cluster.merge_remote_state(pack([STRAY]), join=False)
+        cluster._on_event(swim.MemberDead(member=N2, accuser="a"))
+        assert not stray_served(cluster)
+        cluster._on_event(swim.MemberReaped(member=N2))
+        expire_tombstones(cluster)
+        cluster.merge_remote_state(pack([STRAY]), join=False)
+        assert not stray_served(cluster)
+
+
+async def test_a_members_records_are_never_swept() -> None:
+    async with running("a") as a, running("b") as b:
+        assert await b.join([seed(a)]) == 1
+        virtual = await publish_service(b, b._daemon, 82)
+        await eventually("replicated", lambda: a._daemon.node.table.resolve(virtual.ip, 82))
+        now = trio.current_time()
+        for cluster in (a, b):  # b: its own records
+            assert cluster.sweep_orphans(now) == 0
+            assert cluster.sweep_orphans(now + 10 * ORPHAN_GRACE_S) == 0
+            assert cluster._daemon.node.table.resolve(virtual.ip, 82) is not None
