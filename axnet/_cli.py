@@ -76,7 +76,7 @@ def parse_ip(text: str, *, flag: str) -> IPAddress:
 def parse_virtual_ip(text: str) -> IPAddress:
     """``--ip``: an address an app can own (not loopback, multicast, …)."""
     ip = parse_ip(text, flag="--ip")
-    reason = reserved_reason(ipaddress.ip_network(ip))
+    reason = reserved_reason(ip)
     if reason is not None:
         raise argparse.ArgumentTypeError(f"--ip {text} cannot be a virtual IP: {reason}")
     return ip

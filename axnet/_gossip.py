@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import functools
 import ipaddress
 import logging
@@ -79,6 +80,7 @@ from ._wire import (
     Decoded,
     WireError,
     pack,
+    pack_packed_array,
     record_to_wire,
     records_from_state,
     records_from_wire,
@@ -117,6 +119,12 @@ MIN_TICK_S = 0.001
 ORPHAN_GRACE_S = 60.0
 #: Seconds between two sweeps for such records.
 ORPHAN_SWEEP_S = 15.0
+#: Push-pull states waiting to be merged at most; past it the oldest is
+#: dropped (and counted): the next push-pull with that peer brings it again.
+MAX_PENDING_STATES = 4
+#: Records merged between two checkpoints: a push-pull of 100 000 records
+#: takes seconds to merge, and probes must be answered meanwhile.
+MERGE_CHUNK = 2000
 #: Names held gone (see ``GossipCluster._gone``) at most; the oldest fall off,
 #: and the sweep withdraws what one of them might still bring back.
 MAX_GONE_NAMES = 10_000
@@ -315,7 +323,7 @@ def encode_record(record: Record) -> bytes:
 
 def encode_state(records: Sequence[Record]) -> bytes:
     """The push-pull state: every record, tombstones included."""
-    return pack([record_to_wire(r) for r in records])
+    return pack_packed_array([encode_record(r) for r in records])
 
 
 def encode_meta(address: str, labels: Labels) -> bytes:
@@ -403,6 +411,8 @@ class DriverStats:
     #: nodes whose records were withdrawn because they were no member (see sweep_orphans)
     non_members_withdrawn: int = 0
     records_too_large: int = 0
+    #: push-pull states dropped unmerged, MAX_PENDING_STATES already waiting
+    states_dropped: int = 0
     revival_syncs: int = 0
     republished: int = 0
 
@@ -435,6 +445,13 @@ class GossipCluster:
         self._wake = trio.Event()
         self._changes: list[tuple[list[Record], bool]] = []
         self._changes_ready = trio.Event()
+        #: Each record in our last push-pull state, packed, by id() (see local_state).
+        self._packed: dict[int, tuple[Record, bytes]] = {}
+        #: Push-pull states to merge (see merge_remote_state), oldest first.
+        self._states: collections.deque[bytes] = collections.deque()
+        self._states_ready = trio.Event()
+        self._merging = False
+        self._merged = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._inbound = 0
         self._join_requested = 0
@@ -528,6 +545,7 @@ class GossipCluster:
             nursery.start_soon(self._accept_streams, listener)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._push_changes)
+            nursery.start_soon(self._merge_states)
             nursery.start_soon(self._sweep_orphans_forever)
             if self._options.seeds:
                 nursery.start_soon(self._join_at_start, self._options.seeds)
@@ -617,6 +635,7 @@ class GossipCluster:
             if records:
                 self._queue_change(records, local=True)
         await self._drain()  # the join's events (a name conflict among them) are seen now
+        await self.wait_merged()  # and the seeds' tables are ours
         self._wake.set()
         log.info("join seeds=%s reached=%d", ",".join(seeds), joined)
         return joined
@@ -678,6 +697,7 @@ class GossipCluster:
                 "of_gone_members": d.records_of_gone,
                 "non_members_withdrawn": d.non_members_withdrawn,
                 "too_large": d.records_too_large,
+                "states_dropped": d.states_dropped,
                 "republished": d.republished,
             },
             "reconnects": s.reconnects,
@@ -688,18 +708,66 @@ class GossipCluster:
     # -- StateDelegate -------------------------------------------------------------------
 
     def local_state(self) -> bytes:
-        return encode_state(list(self._daemon.node.table.records()))
+        # The core asks for it in the middle of a stream, and packing 200 000
+        # records takes a second.  Records are immutable: each is packed once,
+        # and reused for as long as the table holds that very object.
+        old = self._packed
+        self._packed = {}
+        for record in self._daemon.node.table.records():
+            entry = old.get(id(record))
+            if entry is None or entry[0] is not record:
+                entry = (record, encode_record(record))
+            self._packed[id(record)] = entry
+        return pack_packed_array([packed for _, packed in self._packed.values()])
 
     def merge_remote_state(self, data: bytes, *, join: bool) -> None:
+        # Called by the core in the middle of a stream.  Decoding and merging
+        # a large table takes seconds, so a task does it (_merge_states) and
+        # the loop goes on answering probes.  Merges commute (the newer
+        # version wins), so their order against broadcasts does not matter.
+        if len(self._states) >= MAX_PENDING_STATES:
+            self._states.popleft()
+            self.driver_stats.states_dropped += 1
+        self._states.append(data)
+        self._states_ready.set()
+
+    async def wait_merged(self) -> None:
+        """Return once every push-pull state received so far is merged."""
+        while self._states or self._merging:
+            await self._merged.wait()
+
+    async def _merge_states(self) -> None:
+        while True:
+            await self._states_ready.wait()
+            self._states_ready = trio.Event()
+            while self._states:
+                data = self._states.popleft()
+                self._merging = True
+                try:
+                    await self._merge_state(data)
+                finally:
+                    self._merging = False
+            self._merged.set()  # wakes wait_merged(), which looks again
+            self._merged = trio.Event()
+
+    async def _merge_state(self, data: bytes) -> None:
         try:
-            decoded = records_from_state(data)
+            # In a thread: the loop gets the interpreter back every few ms.
+            decoded = await trio.to_thread.run_sync(
+                records_from_state, data, abandon_on_cancel=True
+            )
         except WireError as exc:
             self.driver_stats.records_malformed += 1
             log.debug("dropped malformed push-pull state reason=%s", exc)
             return
-        self._merge_records(decoded)
+        self._count_dropped(decoded)
+        records = decoded.records
+        for start in range(0, len(records), MERGE_CHUNK):
+            if start:
+                await trio.sleep(0)
+            self._merge_records(records[start : start + MERGE_CHUNK])
 
-    def _merge_records(self, decoded: Decoded) -> None:
+    def _count_dropped(self, decoded: Decoded) -> None:
         if decoded.dropped:
             self.driver_stats.records_malformed += decoded.dropped
             log.warning(
@@ -707,11 +775,13 @@ class GossipCluster:
                 decoded.dropped,
                 decoded.first_error,
             )
+
+    def _merge_records(self, received: list[Record]) -> None:
         # A gone member's records were withdrawn when it went; one still on
         # its way (a broadcast retransmitted, a peer's older push-pull) must
         # not bring it back.  Its revival republishes them.
-        records = [r for r in decoded.records if r.deleted or not self._is_gone(r.node)]
-        self.driver_stats.records_of_gone += len(decoded.records) - len(records)
+        records = [r for r in received if r.deleted or not self._is_gone(r.node)]
+        self.driver_stats.records_of_gone += len(received) - len(records)
         merged = self._daemon.merge_remote(records)
         if merged.refused:
             self.driver_stats.records_malformed += len(merged.refused)
@@ -726,6 +796,8 @@ class GossipCluster:
             )
         if merged.accepted:
             self._queue_change(merged.accepted, local=False)
+            for record in merged.accepted:  # packed now, a chunk at a time, not by local_state
+                self._packed[id(record)] = (record, encode_record(record))
         if merged.reasserted:
             self.driver_stats.republished += len(merged.reasserted)
             log.info("records reasserted above a peer's version count=%d", len(merged.reasserted))
@@ -1015,7 +1087,9 @@ class GossipCluster:
                     self.driver_stats.records_malformed += 1
                     log.debug("dropped malformed record broadcast sender=%s", sender)
                     return
-                self._merge_records(records_from_wire([item]))
+                decoded = records_from_wire([item])
+                self._count_dropped(decoded)
+                self._merge_records(decoded.records)
             case _:
                 assert_never(event)
 

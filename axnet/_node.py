@@ -250,7 +250,7 @@ class Node:
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
         if vip is not None:
-            reason = reserved_reason(ipaddress.ip_network(vip))
+            reason = reserved_reason(vip)
             if reason is None and vip == self.config.real_host:
                 reason = "it is this node's real address"
             if reason is not None:

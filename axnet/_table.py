@@ -56,28 +56,36 @@ def endpoint(ip: IPAddress, port: int) -> bytes:
 
 
 #: Addresses an app cannot own as its virtual IP: a connect to one of them
-#: must keep reaching what the kernel has there (loopback above all).
+#: must keep reaching what the kernel has there (loopback above all).  Each
+#: with its first and last address as integers, for a quick overlap test.
 _RESERVED = tuple(
-    ipaddress.ip_network(n)
-    for n in (
-        "0.0.0.0/8",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "224.0.0.0/4",
-        "255.255.255.255/32",
-        "::/128",
-        "::1/128",
-        "::ffff:0:0/96",
-        "fe80::/10",
-        "ff00::/8",
+    (network, int(network.network_address), int(network.broadcast_address))
+    for network in map(
+        ipaddress.ip_network,
+        (
+            "0.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/4",
+            "255.255.255.255/32",
+            "::/128",
+            "::1/128",
+            "::ffff:0:0/96",
+            "fe80::/10",
+            "ff00::/8",
+        ),
     )
 )
 
 
-def reserved_reason(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
-    """Why *network* (or a single address as /32, /128) cannot hold virtual IPs, or None."""
-    for special in _RESERVED:
-        if special.version == network.version and network.overlaps(special):
+def reserved_reason(where: IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """Why *where* (an address, or a network) cannot hold virtual IPs, or None."""
+    if isinstance(where, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        lo = hi = int(where)
+    else:
+        lo, hi = int(where.network_address), int(where.broadcast_address)
+    for special, first, last in _RESERVED:
+        if special.version == where.version and lo <= last and first <= hi:
             return (
                 f"it overlaps {special} (loopback, unspecified, link-local, multicast or reserved)"
             )

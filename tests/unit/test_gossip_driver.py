@@ -19,10 +19,16 @@ import trio
 
 import swim
 from axnet._daemon import Daemon, DaemonConfig
-from axnet._gossip import ORPHAN_GRACE_S, GossipCluster, gossip_options
+from axnet._gossip import (
+    MERGE_CHUNK,
+    ORPHAN_GRACE_S,
+    GossipCluster,
+    encode_state,
+    gossip_options,
+)
 from axnet._node import NodeConfig
-from axnet._table import TOMBSTONE_TTL, VirtualAddress
-from axnet._wire import pack
+from axnet._table import TOMBSTONE_TTL, ServiceRecord, VirtualAddress
+from axnet._wire import pack, records_from_state
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -56,6 +62,12 @@ async def eventually(what: str, predicate: Callable[[], object], timeout: float 
             await trio.sleep(0.02)
         return
     raise AssertionError(f"{what}: not true after {timeout} s")
+
+
+async def merge_state(cluster: GossipCluster, records: list[list[object]]) -> None:
+    """Hand *records* to the cluster as a peer's push-pull state, and wait for the merge."""
+    cluster.merge_remote_state(pack(records), join=False)
+    await cluster.wait_merged()
 
 
 def seed(cluster: GossipCluster) -> str:
@@ -207,7 +219,7 @@ async def test_a_peers_records_for_reserved_addresses_are_dropped_and_counted(
         daemon = cluster._daemon  # the node this cluster feeds
         good = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 1, False, 0.0]
         hijack = ["s", "127.0.0.1", 5432, "192.0.2.9", 20001, "n2", "b2", "", [], 1, False, 0.0]
-        cluster.merge_remote_state(pack([good, hijack, hijack]), join=False)
+        await merge_state(cluster, [good, hijack, hijack])
         table = daemon.node.table
         assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
         assert table.resolve(ipaddress.ip_address("127.0.0.1"), 5432) is None
@@ -229,17 +241,23 @@ async def test_a_gone_members_records_do_not_come_back() -> None:
         )
         cluster._on_event(swim.MemberDead(member=n2, accuser="a"))
         late = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 5, False, 0.0]
-        cluster.merge_remote_state(pack([late]), join=False)
+        await merge_state(cluster, [late])
         assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is None
         assert cluster.stats()["records"]["of_gone_members"] == 1
         # Back (its revival republishes): its records are taken again.
         cluster._on_event(swim.MemberJoined(member=attrs.evolve(n2, state=swim.MemberState.ALIVE)))
-        cluster.merge_remote_state(pack([late]), join=False)
+        await merge_state(cluster, [late])
         assert table.resolve(ipaddress.ip_address("10.9.0.1"), 80) is not None
 
 
 STRAY = ["s", "10.9.0.1", 80, "192.0.2.9", 20000, "n2", "b1", "", [], 5, False, 0.0]
 N2 = swim.Member(name="n2", address=("192.0.2.9", 7946), incarnation=1, state=swim.MemberState.DEAD)
+
+
+def stray_service(i: int) -> list[object]:
+    """A distinct service record of n2, for i < 2**24."""
+    vip = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+    return ["s", vip, 80, "192.0.2.9", 20000, "n2", f"b{i}", "", [], 5, False, 0.0]
 
 
 def stray_served(cluster: GossipCluster) -> bool:
@@ -254,7 +272,7 @@ async def test_records_of_a_node_that_is_no_member_are_withdrawn_after_a_grace()
     # n2 is no member here (a peer partitioned since n2 was forgotten brings
     # its records back, say): no member event would ever withdraw them.
     async with running("a") as cluster:
-        cluster.merge_remote_state(pack([STRAY]), join=False)
+        await merge_state(cluster, [STRAY])
         assert cluster.sweep_orphans(100.0) == 0
         assert stray_served(cluster)  # n2 may be joining: its records stay a while
         assert cluster.sweep_orphans(100.0 + ORPHAN_GRACE_S / 2) == 0
@@ -264,13 +282,13 @@ async def test_records_of_a_node_that_is_no_member_are_withdrawn_after_a_grace()
         assert cluster.stats()["records"]["non_members_withdrawn"] == 1
         # Once its tombstones are gone, the same record again is not taken...
         expire_tombstones(cluster)
-        cluster.merge_remote_state(pack([STRAY]), join=False)
+        await merge_state(cluster, [STRAY])
         assert not stray_served(cluster)
         assert cluster.stats()["records"]["of_gone_members"] == 1
         # ...until n2 joins.
         alive = attrs.evolve(N2, state=swim.MemberState.ALIVE)
         cluster._on_event(swim.MemberJoined(member=alive))
-        cluster.merge_remote_state(pack([STRAY]), join=False)
+        await merge_state(cluster, [STRAY])
         assert stray_served(cluster)
 
 
@@ -278,12 +296,12 @@ async def test_a_forgotten_members_records_do_not_come_back() -> None:
     # The core forgets a dead member after a while; a peer partitioned since
     # before its death still gossips its records.
     async with running("a") as cluster:
-        cluster.merge_remote_state(pack([STRAY]), join=False)
+        await merge_state(cluster, [STRAY])
         cluster._on_event(swim.MemberDead(member=N2, accuser="a"))
         assert not stray_served(cluster)
         cluster._on_event(swim.MemberReaped(member=N2))
         expire_tombstones(cluster)
-        cluster.merge_remote_state(pack([STRAY]), join=False)
+        await merge_state(cluster, [STRAY])
         assert not stray_served(cluster)
 
 
@@ -297,3 +315,42 @@ async def test_a_members_records_are_never_swept() -> None:
             assert cluster.sweep_orphans(now) == 0
             assert cluster.sweep_orphans(now + 10 * ORPHAN_GRACE_S) == 0
             assert cluster._daemon.node.table.resolve(virtual.ip, 82) is not None
+
+
+async def test_a_large_state_is_merged_while_the_loop_goes_on() -> None:
+    # 100 000 records take seconds to decode and merge.  A daemon whose loop
+    # stalled that long would miss its probes and be declared dead, so the
+    # merge runs beside the loop, which gets a turn at least once a chunk.
+    big = [stray_service(i) for i in range(100_000)]
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await trio.sleep(0.001)
+            turns += 1
+
+    async with running("a") as cluster, trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await merge_state(cluster, big)
+        nursery.cancel_scope.cancel()
+    assert len(cluster._daemon.node.table.live_services()) == 100_000
+    assert turns >= len(big) // MERGE_CHUNK
+
+
+async def test_our_push_pull_state_is_the_whole_table_as_it_changes() -> None:
+    # local_state() reuses what it packed before: never a stale record.
+    async with running("a") as cluster:
+        table = cluster._daemon.node.table
+        await merge_state(cluster, [stray_service(i) for i in range(3)])
+        assert cluster.local_state() == encode_state(list(table.records()))
+        moved = stray_service(1)
+        moved[4], moved[9] = 20001, 6  # a newer version, on another port
+        await merge_state(cluster, [moved])
+        await publish_service(cluster, cluster._daemon, 83)
+        state = cluster.local_state()
+        assert state == encode_state(list(table.records()))
+        records = records_from_state(state).records
+        assert len(records) == 5  # three of n2's, our app and its service
+        moved_back = [r for r in records if isinstance(r, ServiceRecord) and r.version == 6]
+        assert [r.real.port for r in moved_back] == [20001]

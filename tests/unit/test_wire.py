@@ -34,6 +34,7 @@ from axnet._wire import (
     WireError,
     frame,
     pack,
+    pack_packed_array,
     record_from_wire,
     record_to_wire,
     unpack,
@@ -386,3 +387,13 @@ def test_a_frame_of_the_largest_records_fits() -> None:
     )
     assert record_from_wire(unpack(pack(record_to_wire(big)))) == big
     frame({"push": "records", "records": [record_to_wire(big)] * RECORDS_PER_FRAME})
+
+
+@given(st.lists(st.recursive(st.integers(-(2**63), 2**64 - 1) | st.text() | st.none(), st.lists)))
+def test_an_array_of_packed_items_is_the_packed_array(items: list[object]) -> None:
+    assert pack_packed_array([pack(item) for item in items]) == pack(items)
+
+
+def test_an_array_of_packed_items_past_the_16_bit_header() -> None:
+    items = list(range(70_000))
+    assert pack_packed_array([pack(item) for item in items]) == pack(items)
