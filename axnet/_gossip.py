@@ -39,6 +39,10 @@ sockets and the clock and carries bytes in and out:
   their live records not taken again, until they join.
 * Supervisors must never stall gossip: changes for them go through a queue
   that a separate task drains into ``Daemon.changed``.
+* Nor may a large table.  The core hands us a peer's push-pull state in the
+  middle of a stream; a task decodes it in a thread and merges it
+  ``MERGE_CHUNK`` records at a time, so probes are answered meanwhile.  Our
+  own state packs each record once and reuses it while the table holds it.
 * Healing.  SWIM alone never talks to a member it declared dead again, so two
   halves of a healed partition would stay apart (memberlist has the same
   property; Serf adds reconnects).  The core reconnects (a push-pull with one
