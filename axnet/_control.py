@@ -2,8 +2,9 @@
 
 Frames are length-prefixed msgpack maps (see :mod:`axnet._wire`).  A request
 is ``{"op": NAME, "id": N, ...}``; its reply is ``{"id": N, "ok": True, ...}``
-or ``{"id": N, "ok": False, "error": TEXT, "errno": E}``.  The daemon may also
-send ``{"push": KIND, ...}`` frames on a session (table changes).
+or ``{"id": N, "ok": False, "error": TEXT, "errno": E}``.  A listing too long
+for one frame comes in parts, each but the last with ``"more": True``.  The
+daemon may also send ``{"push": KIND, ...}`` frames on a session (table changes).
 
 Only the user who owns the daemon may talk to it: the directory is 0700, the
 socket 0600, and the server checks the peer's uid with ``SO_PEERCRED`` in case
@@ -25,13 +26,13 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ._wire import FrameDecoder, WireError, frame
+from ._wire import LISTING_PART_BYTES, FrameDecoder, WireError, frame, runs_under
 
 log = logging.getLogger("axnet.daemon")
 
@@ -172,6 +173,19 @@ class Connection:
 
     async def fail(self, request: Mapping[str, Any], message: str, err: int = 0) -> None:
         await self.send({"id": request.get("id"), "ok": False, "error": message, "errno": err})
+
+    async def reply_listing(
+        self, request: Mapping[str, Any], field: str, items: Sequence[object], **fields: Any
+    ) -> None:
+        """Reply with a list that may not fit one frame: in parts of at most
+        LISTING_PART_BYTES, each but the last marked ``more`` (the client joins
+        them).  Each part is written before the next is queued, so a long
+        listing never fills the outbox."""
+        parts = runs_under(items, LISTING_PART_BYTES)
+        for part in parts[:-1]:
+            await self.reply(request, **{field: part}, more=True)
+            await self.flush()
+        await self.reply(request, **{field: parts[-1]}, **fields)
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """Yield decoded requests until the peer closes or sends garbage."""
@@ -319,7 +333,12 @@ class ControlClient:
         self.close()
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise ControlError on refusal."""
+        """Send one request and wait for its reply; raise ControlError on refusal.
+
+        A reply in parts (``more``, see Connection.reply_listing) comes back
+        whole: the lists of its parts joined, in order.
+        """
+        parts: dict[str, list[object]] = {}
         self._next_id += 1
         ident = self._next_id
         try:
@@ -337,7 +356,12 @@ class ControlClient:
                             str(message.get("error", "request failed")),
                             err=int(message.get("errno") or 0),
                         )
-                    return message
+                    for key, value in message.items():
+                        if isinstance(value, list):
+                            parts.setdefault(key, []).extend(value)
+                    if message.get("more") is True:
+                        continue
+                    return {**message, **parts}
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:

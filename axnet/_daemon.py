@@ -226,22 +226,25 @@ class Daemon:
                 gossip=self.cluster.stats() if self.cluster is not None else None,
             )
         elif op == "services":
-            await conn.reply(request, services=[service_view(r) for r in table.live_services()])
+            await conn.reply_listing(
+                request, "services", [service_view(r) for r in table.live_services()]
+            )
         elif op == "apps":
             local = self.node.apps
             served: dict[str, list[ServiceRecord]] = {}
             for service in table.live_services():
                 served.setdefault(service.app_id, []).append(service)
-            await conn.reply(
+            await conn.reply_listing(
                 request,
-                apps=[
+                "apps",
+                [
                     app_view(a, local.get(a.app_id), served.get(a.app_id, []))
                     for a in table.live_apps()
                 ],
             )
         elif op == "members":
             members = self.cluster.members() if self.cluster is not None else [self._self_member()]
-            await conn.reply(request, members=members)
+            await conn.reply_listing(request, "members", members)
         elif op in ("join", "leave"):
             cluster = self.cluster
             if cluster is None:
@@ -257,7 +260,9 @@ class Daemon:
                 await cluster.leave()
                 await conn.reply(request)
         elif op == "records":
-            await conn.reply(request, records=[record_to_wire(r) for r in table.records()])
+            await conn.reply_listing(
+                request, "records", [record_to_wire(r) for r in table.records()]
+            )
         elif op == "stop":
             await conn.reply(request)
             with trio.move_on_after(1.0):

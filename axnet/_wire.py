@@ -54,6 +54,25 @@ def pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+#: Packed bytes of the items in one part of a listing reply: a quarter of a frame.
+LISTING_PART_BYTES = MAX_FRAME_BYTES // 4
+
+
+def runs_under(items: Sequence[object], budget: int) -> list[list[object]]:
+    """*items* in order, in runs whose packed sizes add up to at most *budget*
+    (an item larger than that alone in its run); at least one run."""
+    runs: list[list[object]] = [[]]
+    size = 0
+    for item in items:
+        cost = len(pack(item))
+        if runs[-1] and size + cost > budget:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += cost
+    return runs
+
+
 def pack_packed_array(items: Sequence[bytes]) -> bytes:
     """An array of objects each packed by pack() already: pack(list) of them."""
     header: bytes = msgpack.Packer(use_bin_type=True).pack_array_header(len(items))

@@ -485,6 +485,34 @@ async def test_a_table_bigger_than_a_frame_reaches_every_supervisor(sock_dir: Pa
     assert pushed == snapshot == {r[1] for r in wire}
 
 
+async def test_listings_bigger_than_a_frame_come_whole(sock_dir: Path) -> None:
+    # 2 500 services of ~11 KB: about 27 MB, where a frame holds 16 MB.
+    path = control_path(sock_dir)
+    daemon = _daemon(sock_dir)
+    labels = [[f"{i:02d}" + "k" * 61, "v" * 255] for i in range(MAX_LABELS)]
+    wire = _remote_services(2500, name="s", labels=labels)
+
+    def talk() -> tuple[list[dict[str, Any]], list[list[object]], dict[str, Any]]:
+        with ControlClient(path, timeout=30.0) as client:
+            return (
+                client.request("services")["services"],
+                client.request("records")["records"],
+                client.request("status"),
+            )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        await daemon.changed(
+            daemon.merge_remote(records_from_wire(wire).records).accepted, local=False
+        )
+        with trio.fail_after(120):
+            services, records, status = await trio.to_thread.run_sync(talk)
+        daemon.stop()
+    assert [s["virtual"] for s in services] == [f"{r[1]}:80" for r in wire]
+    assert records == wire
+    assert status["services"] == 2500  # the connection still serves after the parts
+
+
 async def test_an_attach_waits_for_the_whole_table(sock_dir: Path) -> None:
     # A table larger than a frame comes as the reply and pushes after it: the
     # supervisor's handshake returns only once all of it is in.

@@ -37,6 +37,7 @@ from axnet._wire import (
     pack_packed_array,
     record_from_wire,
     record_to_wire,
+    runs_under,
     unpack,
 )
 
@@ -397,3 +398,14 @@ def test_an_array_of_packed_items_is_the_packed_array(items: list[object]) -> No
 def test_an_array_of_packed_items_past_the_16_bit_header() -> None:
     items = list(range(70_000))
     assert pack_packed_array([pack(item) for item in items]) == pack(items)
+
+
+@given(st.lists(st.text(max_size=40)), st.integers(1, 200))
+def test_runs_under_a_budget_keep_every_item_in_order(items: list[str], budget: int) -> None:
+    runs = runs_under(items, budget)
+    assert [item for run in runs for item in run] == items
+    assert all(run for run in runs) or runs == [[]]
+    for run in runs:  # within the budget, unless one item alone is over it
+        assert len(run) == 1 or sum(len(pack(item)) for item in run) <= budget
+    for before, after in itertools.pairwise(runs):  # and never split needlessly
+        assert sum(len(pack(item)) for item in [*before, after[0]]) > budget
