@@ -17,8 +17,9 @@ sockets and the clock and carries bytes in and out:
   ``swim.MAX_PUSH_PULL_BYTES`` are dropped unread; every stream, both ways,
   lives at most ``Config.tcp_timeout`` seconds, so a peer that stalls in the
   middle of a push-pull costs a task for that long and no more; at most
-  ``MAX_INBOUND_STREAMS`` inbound and ``MAX_OUTBOUND_STREAMS`` outbound
-  streams exist at once (the rest are refused and counted).  Undecodable or
+  ``MAX_INBOUND_STREAMS`` inbound (``MAX_INBOUND_PER_SOURCE`` from one
+  address) and ``MAX_OUTBOUND_STREAMS`` outbound streams exist at once (the
+  rest are refused and counted).  Undecodable or
   unauthenticated input is counted by the core (``swim.Stats``); failed
   authentication is also logged, at most once per source address every
   ``AUTH_WARNING_INTERVAL_S``, because it almost always means a member runs
@@ -97,6 +98,9 @@ log = logging.getLogger("axnet.gossip")
 DEFAULT_PORT = 7946
 #: Inbound streams served at once; more are closed at once and counted.
 MAX_INBOUND_STREAMS = 8
+#: Inbound streams from one address at once: a host that opens streams and
+#: never sends holds this many slots (each for tcp_timeout), not all of them.
+MAX_INBOUND_PER_SOURCE = 2
 #: Outbound streams (push-pull, join, TCP ping) at once; more fail at once.
 MAX_OUTBOUND_STREAMS = 16
 #: Receive buffer: the largest UDP payload, so an oversized datagram is seen whole.
@@ -458,6 +462,7 @@ class GossipCluster:
         self._merged = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._inbound = 0
+        self._inbound_from: Counter[str] = Counter()
         self._join_requested = 0
         #: Set by leave(): a start-up join still retrying stops.
         self._left = False
@@ -957,13 +962,21 @@ class GossipCluster:
 
     async def _serve_stream(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if self._inbound >= MAX_INBOUND_STREAMS:
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:  # reset before we got to it
+                self.driver_stats.streams_io_errors += 1
+                return
+            src: swim.Address = (str(peer[0]), int(peer[1]))
+            if (
+                self._inbound >= MAX_INBOUND_STREAMS
+                or self._inbound_from[src[0]] >= MAX_INBOUND_PER_SOURCE
+            ):
                 self.driver_stats.streams_busy += 1
                 return
             self._inbound += 1
+            self._inbound_from[src[0]] += 1
             try:
-                peer = stream.socket.getpeername()
-                src: swim.Address = (str(peer[0]), int(peer[1]))
                 with trio.move_on_after(self.config.tcp_timeout) as scope:
                     data = await _receive_frame(stream)
                     core = self.core
@@ -983,6 +996,9 @@ class GossipCluster:
                 self.driver_stats.streams_io_errors += 1
             finally:
                 self._inbound -= 1
+                self._inbound_from[src[0]] -= 1
+                if not self._inbound_from[src[0]]:
+                    del self._inbound_from[src[0]]
 
     def _start_stream(self, request: swim.StreamRequest) -> None:
         assert self._nursery is not None

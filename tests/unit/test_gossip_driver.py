@@ -20,6 +20,8 @@ import trio
 import swim
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._gossip import (
+    MAX_INBOUND_PER_SOURCE,
+    MAX_INBOUND_STREAMS,
     MERGE_CHUNK,
     ORPHAN_GRACE_S,
     GossipCluster,
@@ -171,6 +173,24 @@ async def test_bad_datagrams_and_stalled_streams_are_counted() -> None:
         )
         for s in (sock, stalled, huge):
             s.close()
+
+
+async def test_one_address_cannot_take_every_inbound_stream() -> None:
+    # Streams that never send their frame hold a slot for tcp_timeout each.
+    # From one address, only MAX_INBOUND_PER_SOURCE of them: a member
+    # elsewhere still gets its join through.
+    async with running("a") as a, running("b") as b:
+        stalls = []
+        for _ in range(MAX_INBOUND_STREAMS):
+            sock = trio.socket.socket()
+            await sock.bind(("127.0.0.2", 0))
+            await sock.connect(a.address)
+            stalls.append(sock)
+        refused = MAX_INBOUND_STREAMS - MAX_INBOUND_PER_SOURCE
+        await eventually("refused", lambda: a.stats()["streams"]["busy"] == refused)
+        assert await b.join([seed(a)]) == 1
+        for sock in stalls:
+            sock.close()
 
 
 @pytest.mark.parametrize("host", ["..", "a" * 64 + ".example", "bad\x00host", "\udcff"])
