@@ -458,8 +458,9 @@ class GossipCluster:
         #: Push-pull states to merge (see merge_remote_state), oldest first.
         self._states: collections.deque[bytes] = collections.deque()
         self._states_ready = trio.Event()
-        self._merging = False
-        self._merged = trio.Event()
+        #: States received, and states merged or dropped, so far.
+        self._states_in = self._states_out = 0
+        self._state_out = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._inbound = 0
         self._inbound_from: Counter[str] = Counter()
@@ -734,30 +735,34 @@ class GossipCluster:
         # a large table takes seconds, so a task does it (_merge_states) and
         # the loop goes on answering probes.  Merges commute (the newer
         # version wins), so their order against broadcasts does not matter.
+        self._states_in += 1
         if len(self._states) >= MAX_PENDING_STATES:
             self._states.popleft()
             self.driver_stats.states_dropped += 1
+            self._state_done()
         self._states.append(data)
         self._states_ready.set()
 
     async def wait_merged(self) -> None:
-        """Return once every push-pull state received so far is merged."""
-        while self._states or self._merging:
-            await self._merged.wait()
+        """Return once every push-pull state received so far is merged (or dropped)."""
+        received = self._states_in
+        while self._states_out < received:
+            await self._state_out.wait()
+
+    def _state_done(self) -> None:
+        self._states_out += 1
+        self._state_out.set()
+        self._state_out = trio.Event()
 
     async def _merge_states(self) -> None:
         while True:
             await self._states_ready.wait()
             self._states_ready = trio.Event()
             while self._states:
-                data = self._states.popleft()
-                self._merging = True
                 try:
-                    await self._merge_state(data)
+                    await self._merge_state(self._states.popleft())
                 finally:
-                    self._merging = False
-            self._merged.set()  # wakes wait_merged(), which looks again
-            self._merged = trio.Event()
+                    self._state_done()
 
     async def _merge_state(self, data: bytes) -> None:
         try:

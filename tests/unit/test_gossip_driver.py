@@ -22,6 +22,7 @@ from axnet._daemon import Daemon, DaemonConfig
 from axnet._gossip import (
     MAX_INBOUND_PER_SOURCE,
     MAX_INBOUND_STREAMS,
+    MAX_PENDING_STATES,
     MERGE_CHUNK,
     ORPHAN_GRACE_S,
     GossipCluster,
@@ -374,3 +375,19 @@ async def test_our_push_pull_state_is_the_whole_table_as_it_changes() -> None:
         assert len(records) == 5  # three of n2's, our app and its service
         moved_back = [r for r in records if isinstance(r, ServiceRecord) and r.version == 6]
         assert [r.real.port for r in moved_back] == [20001]
+
+
+async def test_states_past_the_pending_bound_drop_the_oldest() -> None:
+    # Push-pull repeats: a state dropped now comes again at that peer's next one.
+    states = MAX_PENDING_STATES + 2
+    async with running("a") as cluster:
+        for i in range(states):  # no checkpoint in between: none merged yet
+            cluster.merge_remote_state(pack([stray_service(i)]), join=False)
+        await cluster.wait_merged()
+        table = cluster._daemon.node.table
+        served = [
+            table.resolve(ipaddress.ip_address(f"10.0.0.{i}"), 80) is not None
+            for i in range(states)
+        ]
+        assert served == [False] * 2 + [True] * MAX_PENDING_STATES
+        assert cluster.stats()["records"]["states_dropped"] == 2
