@@ -320,12 +320,11 @@ def fresh_rounds(rounds: int, sides: dict[str, Side], first_port: int) -> dict[s
 
 
 @contextlib.contextmanager
-def _serving(*servers: subprocess.Popen[bytes]) -> Iterator[None]:
+def _serving(server: subprocess.Popen[bytes]) -> Iterator[None]:
     try:
         yield
     finally:
-        for server in servers:
-            stop_process(server)
+        stop_process(server)
 
 
 def _listening(host: NetnsHost, port: int) -> bool:
@@ -363,8 +362,10 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
                 f"backend b\n  server s1 127.0.0.1:{port}\n"
             ),
         )
-        backend = host.popen(["iperf3", "-s", "-p", str(port)])
-        with _serving(backend, host.popen(["haproxy", "-f", config])):
+        with (
+            _serving(host.popen(["iperf3", "-s", "-p", str(port)])),
+            _serving(host.popen(["haproxy", "-f", config])),
+        ):
             _wait_listening(host, port, port + 1)
             return _iperf(host, None, "127.0.0.1", port + 1, seconds)
 
