@@ -18,8 +18,9 @@ sockets and the clock and carries bytes in and out:
   lives at most ``Config.tcp_timeout`` seconds, so a peer that stalls in the
   middle of a push-pull costs a task for that long and no more; at most
   ``MAX_INBOUND_STREAMS`` inbound (``MAX_INBOUND_PER_SOURCE`` from one
-  address) and ``MAX_OUTBOUND_STREAMS`` outbound streams exist at once (the
-  rest are refused and counted).  Undecodable or
+  address, and ``MEMBER_RESERVED_STREAMS`` kept for members' addresses) and
+  ``MAX_OUTBOUND_STREAMS`` outbound streams exist at once (the rest are
+  refused and counted).  Undecodable or
   unauthenticated input is counted by the core (``swim.Stats``); failed
   authentication is also logged, at most once per source address every
   ``AUTH_WARNING_INTERVAL_S``, because it almost always means a member runs
@@ -101,6 +102,9 @@ MAX_INBOUND_STREAMS = 8
 #: Inbound streams from one address at once: a host that opens streams and
 #: never sends holds this many slots (each for tcp_timeout), not all of them.
 MAX_INBOUND_PER_SOURCE = 2
+#: Inbound slots only members' addresses may take: hosts that are no member
+#: (a joining node, or anybody who can reach the port) share the rest.
+MEMBER_RESERVED_STREAMS = 2
 #: Outbound streams (push-pull, join, TCP ping) at once; more fail at once.
 MAX_OUTBOUND_STREAMS = 16
 #: Receive buffer: the largest UDP payload, so an oversized datagram is seen whole.
@@ -464,6 +468,8 @@ class GossipCluster:
         self._nursery: trio.Nursery | None = None
         self._inbound = 0
         self._inbound_from: Counter[str] = Counter()
+        #: Hosts of every member's gossip address; None: to be rebuilt.
+        self._member_hosts: set[str] | None = None
         self._join_requested = 0
         #: Set by leave(): a start-up join still retrying stops.
         self._left = False
@@ -612,6 +618,7 @@ class GossipCluster:
         rejoining = self.core.leaving
         if rejoining:
             self._core = self._new_core(self.address)
+            self._member_hosts = None
             log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
         addresses: list[swim.Address] = []
         unresolved = 0
@@ -973,10 +980,10 @@ class GossipCluster:
                 self.driver_stats.streams_io_errors += 1
                 return
             src: swim.Address = (str(peer[0]), int(peer[1]))
-            if (
-                self._inbound >= MAX_INBOUND_STREAMS
-                or self._inbound_from[src[0]] >= MAX_INBOUND_PER_SOURCE
-            ):
+            limit = MAX_INBOUND_STREAMS
+            if not self._is_member_host(src[0]):
+                limit -= MEMBER_RESERVED_STREAMS
+            if self._inbound >= limit or self._inbound_from[src[0]] >= MAX_INBOUND_PER_SOURCE:
                 self.driver_stats.streams_busy += 1
                 return
             self._inbound += 1
@@ -1004,6 +1011,11 @@ class GossipCluster:
                 self._inbound_from[src[0]] -= 1
                 if not self._inbound_from[src[0]]:
                     del self._inbound_from[src[0]]
+
+    def _is_member_host(self, host: str) -> bool:
+        if self._member_hosts is None:
+            self._member_hosts = {m.address[0] for m in self.core.members()}
+        return host in self._member_hosts
 
     def _start_stream(self, request: swim.StreamRequest) -> None:
         assert self._nursery is not None
@@ -1071,6 +1083,8 @@ class GossipCluster:
     # -- membership events ---------------------------------------------------------------
 
     def _on_event(self, event: swim.Event) -> None:
+        if not isinstance(event, swim.UserMessage):
+            self._member_hosts = None  # membership changed
         match event:
             case swim.MemberJoined(member=member):
                 log.info("member joined name=%s gossip=%s", member.name, _host_port(member.address))

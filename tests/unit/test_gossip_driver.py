@@ -23,6 +23,7 @@ from axnet._gossip import (
     MAX_INBOUND_PER_SOURCE,
     MAX_INBOUND_STREAMS,
     MAX_PENDING_STATES,
+    MEMBER_RESERVED_STREAMS,
     MERGE_CHUNK,
     ORPHAN_GRACE_S,
     GossipCluster,
@@ -189,6 +190,29 @@ async def test_one_address_cannot_take_every_inbound_stream() -> None:
             stalls.append(sock)
         refused = MAX_INBOUND_STREAMS - MAX_INBOUND_PER_SOURCE
         await eventually("refused", lambda: a.stats()["streams"]["busy"] == refused)
+        assert await b.join([seed(a)]) == 1
+        for sock in stalls:
+            sock.close()
+
+
+async def test_hosts_that_are_no_member_leave_slots_for_members() -> None:
+    # Hosts that are no member, each holding the most one address may, take
+    # only the unreserved slots: the last of them is refused, and a member
+    # still gets its push-pull through.
+    async with running("a") as a, running("b") as b:
+        assert await b.join([seed(a)]) == 1  # b, at 127.0.0.1, is a member now
+        unreserved = MAX_INBOUND_STREAMS - MEMBER_RESERVED_STREAMS
+        stalls = []
+        for i in range(unreserved // MAX_INBOUND_PER_SOURCE + 1):
+            for _ in range(MAX_INBOUND_PER_SOURCE):
+                sock = trio.socket.socket()
+                await sock.bind((f"127.0.0.{2 + i}", 0))
+                await sock.connect(a.address)
+                stalls.append(sock)
+        await eventually(
+            "the last host refused",
+            lambda: a.stats()["streams"]["busy"] == MAX_INBOUND_PER_SOURCE,
+        )
         assert await b.join([seed(a)]) == 1
         for sock in stalls:
             sock.close()
