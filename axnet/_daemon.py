@@ -10,7 +10,11 @@ supervisors decide ``connect`` from their own copy without asking us.
 
 The daemon never touches an application's syscalls.  If it dies, supervisors
 go on with their last copy of the table and re-attach, handing over their
-bindings, as soon as a daemon answers again.
+bindings, as soon as a daemon answers again.  For SETTLE_S after its start a
+daemon's table may still lack live services (their supervisors have not
+re-attached yet, the cluster's records are still on their way): its attach
+replies say for how long more (``settling``), and a re-attaching supervisor
+keeps what it knew and the new table lacks until then.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from ._wire import (
 )
 
 log = logging.getLogger("axnet.daemon")
+
+#: Seconds after a daemon's start during which its table may still lack live
+#: records: supervisors re-attach within 2 s (their RECONNECT_MAX_S), and a
+#: join's push-pull brings the cluster's records a moment after the start.
+SETTLE_S = 5.0
 
 
 class Cluster(Protocol):
@@ -171,6 +180,7 @@ class Daemon:
                 block=list(app.block) if app.block else None,
                 records=first,
                 more=sum(len(chunk) for chunk in rest),
+                settling=max(0.0, SETTLE_S - (time.time() - self.started)),
             )
             for chunk in rest:
                 await conn.send({"push": "records", "records": chunk})

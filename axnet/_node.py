@@ -401,7 +401,7 @@ class Node:
                 if self.table.merge(record):
                     accepted.append(record)
                 continue
-            current = self._current(record)
+            current = self.table.current(record)
             # A different record at our very version (another node's
             # tombstone of ours, version + 1, against our own next write)
             # ties: neither would ever win, so we write above both.
@@ -419,11 +419,6 @@ class Node:
                 tomb = attrs.evolve(record, version=self._bump(), deleted=True, deleted_at=now)
                 reasserted.append(self._write(tomb))
         return Merged(accepted=accepted, reasserted=reasserted, refused=refused)
-
-    def _current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
-        if isinstance(record, ServiceRecord):
-            return self.table.services.get(record.virtual)
-        return self.table.apps.get(record.app_id)
 
     def _owned_record(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
         """A fresh version of the live record we own under *record*'s key, if any."""

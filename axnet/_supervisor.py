@@ -47,7 +47,15 @@ from ._control import (
 )
 from ._node import ClaimError
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
-from ._table import IPAddress, Labels, ServiceTable, VirtualAddress, ip_address
+from ._table import (
+    AppRecord,
+    IPAddress,
+    Labels,
+    ServiceRecord,
+    ServiceTable,
+    VirtualAddress,
+    ip_address,
+)
 from ._verdict import Identity
 from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire
 from .intercept._bpf import build_filter
@@ -63,6 +71,8 @@ TERMINATE_GRACE_S = 2.0
 CLAIM_TIMEOUT_S = 2.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
+#: The longest a daemon's ``settling`` is taken for (it says 5 s at most).
+SETTLE_MAX_S = 60.0
 
 
 @attrs.frozen(kw_only=True)
@@ -187,6 +197,10 @@ class Supervisor:
         self.session: Session | None = None
         self.engine: Engine | None = None
         self.identity: Identity | None = None
+        #: Records kept from before a re-attach to a daemon still settling,
+        #: and for how many seconds more (see _apply_attach).
+        self.carried: list[AppRecord | ServiceRecord] = []
+        self.carried_for = 0.0
         self._token: trio.lowlevel.TrioToken | None = None
         self.engine_failed = False
 
@@ -304,6 +318,10 @@ class Supervisor:
 
     async def _keep_session(self, session: Session) -> None:
         """Run the session; when it ends, re-attach with backoff, forever."""
+        async with trio.open_nursery() as nursery:
+            await self._keep_attached(session, nursery)
+
+    async def _keep_attached(self, session: Session, nursery: trio.Nursery) -> None:
         delay = RECONNECT_MIN_S
         while True:
             await session.read(self._on_push)
@@ -324,7 +342,19 @@ class Supervisor:
                 self.session = session
                 delay = RECONNECT_MIN_S
                 log.warning("re-attached to the daemon vip=%s", reply.get("vip"))
+                if self.carried:
+                    nursery.start_soon(self.forget_carried, self.carried, self.carried_for)
                 break
+
+    async def forget_carried(
+        self, carried: Sequence[AppRecord | ServiceRecord], after: float
+    ) -> None:
+        """Once the daemon has settled, drop what was carried over and has not
+        come from it since (an app that died while there was no daemon)."""
+        await trio.sleep(after)
+        gone = sum(self.table.forget(record) for record in carried)
+        if gone:
+            log.info("records the new daemon never had dropped count=%d", gone)
 
     def _apply_attach(self, reply: Mapping[str, Any], later: Sequence[Mapping[str, Any]]) -> None:
         """Adopt the attach reply's table, with the pushes after it (the rest
@@ -340,6 +370,16 @@ class Supervisor:
                 fresh.merge(record_from_wire(item))
             except WireError as exc:
                 log.warning("dropped malformed record reason=%s", exc)
+        # A daemon that has just started may not have every live record yet
+        # (supervisors re-attach one by one): keep what we knew and it lacks.
+        settling = reply.get("settling")
+        self.carried, self.carried_for = [], 0.0
+        if isinstance(settling, float | int) and 0 < settling <= SETTLE_MAX_S:
+            self.carried = [
+                r for r in self.table.records() if not r.deleted and fresh.current(r) is None
+            ]
+            self.carried_for = float(settling)
+            fresh.merge_all(self.carried)
         block = reply.get("block")
         self.identity = Identity(
             vip=ip_address(str(reply["vip"])),

@@ -264,6 +264,25 @@ class ServiceTable:
             self.block_keys[host] = (*self.block_keys.get(host, ()), _packed_block(record))
         return True
 
+    def current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
+        """What the table holds under *record*'s key (live or a tombstone), if anything."""
+        if isinstance(record, ServiceRecord):
+            return self.services.get(record.virtual)
+        return self.apps.get(record.app_id)
+
+    def forget(self, record: AppRecord | ServiceRecord) -> bool:
+        """Drop *record*, as if never heard of, if the table still holds that very
+        object; return whether it did.  No tombstone stays: the same record may
+        come again later and must be taken then."""
+        if self.current(record) is not record:
+            return False
+        self.merge(attrs.evolve(record, version=record.version + 1, deleted=True))
+        if isinstance(record, ServiceRecord):
+            del self.services[record.virtual]
+        else:
+            del self.apps[record.app_id]
+        return True
+
     def merge_all(
         self, records: Iterable[AppRecord | ServiceRecord]
     ) -> list[AppRecord | ServiceRecord]:

@@ -573,6 +573,69 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         stop_process(server)
 
 
+def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
+    # The server's supervisor is held stopped while the daemon comes back, so
+    # the client's re-attaches first, to a table without the server.  Until
+    # the new daemon has settled, the client keeps what it knew.
+    server = node.app([*APPS, "greeter", "7009"], ip="10.1.0.5", name="greeter")
+    node.wait_service("10.1.0.5:7009")
+    client_script = (
+        "import errno, json, socket, sys\n"
+        "for line in sys.stdin:\n"
+        "    try:\n"
+        "        socket.create_connection(('10.1.0.5', 7009), timeout=5).close()\n"
+        "        print(json.dumps({'connected': True}), flush=True)\n"
+        "    except OSError as exc:\n"
+        "        print(json.dumps({'error': errno.errorcode.get(exc.errno or 0)}), flush=True)\n"
+    )
+    client_log = node.logs / "settle-client.err"
+    client = node.host.popen(
+        [*node.run_cmd_prefix(ip="10.1.0.9"), "python3", "-c", client_script],
+        env=node.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=client_log,
+    )
+    assert client.stdin is not None and client.stdout is not None
+
+    def ask() -> dict[str, object]:
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        return dict(json.loads(client.stdout.readline()))
+
+    def attached() -> set[str]:
+        return {str(a["vip"]) for a in node.json("apps")}
+
+    try:
+        assert ask() == {"connected": True}
+        server.send_signal(signal.SIGSTOP)
+        node.kill_daemon()
+        node.start()
+        wait_until("the client re-attached", lambda: attached() == {"10.1.0.9"})
+        assert node.services().get("10.1.0.5:7009") is None  # the daemon lacks it...
+        assert ask() == {"connected": True}  # ...the client does not
+        server.send_signal(signal.SIGCONT)
+        node.wait_service("10.1.0.5:7009")
+        # An app that ends while there is no daemon: what the client carried
+        # over for it goes once the new daemon has settled.
+        node.kill_daemon()
+        stop_process(server)
+        node.start()
+        wait_until("the client re-attached", lambda: attached() == {"10.1.0.9"})
+        wait_until(
+            "the carried record dropped",
+            lambda: "records the new daemon never had dropped count=2" in client_log.read_text(),
+        )
+        # 10.1.0.5 is nobody's now: the kernel answers (no route in this host).
+        assert ask() == {"error": "ENETUNREACH"}
+    finally:
+        server.send_signal(signal.SIGCONT)
+        client.stdin.close()
+        stop_process(client)
+        stop_process(server)
+
+
 @pytest.mark.parametrize("program", ["busybox"])
 def test_static_busybox_httpd_and_wget(node: AxnetNode, program: str, require: object) -> None:
     reason = has_program(program)

@@ -516,3 +516,30 @@ def test_listings_mix_ipv4_and_ipv6() -> None:
     table.merge(service(v6, 80, app_id="a2", real_port=20001))
     assert [a.vip for a in table.live_apps()] == [VIP, v6]
     assert [s.virtual.ip for s in table.live_services()] == [VIP, v6]
+
+
+def test_forget_drops_the_very_record_held_and_leaves_no_trace() -> None:
+    table = ServiceTable()
+    web, client = service(), app("c1", vip=ip_address("10.77.0.9"))
+    table.merge_all([web, client])
+    assert not table.forget(service())  # an equal record, not the one held
+    assert table.resolve(VIP, 80) is web
+    assert table.forget(web) and table.forget(client)
+    assert table.resolve(VIP, 80) is None
+    assert table.virtual_of_server(web.real) is None
+    assert table.virtual_of_client(HOST, 40000) is None
+    assert not table.is_virtual_ip(client.vip)
+    assert list(table.records()) == []
+    assert not (table.live_keys or table.real_keys or table.block_keys)
+    assert table.merge(web)  # the same record later is taken again: no tombstone
+    assert table.resolve(VIP, 80) is web
+
+
+def test_forget_keeps_a_newer_record_under_the_key() -> None:
+    table = ServiceTable()
+    old = service()
+    table.merge(old)
+    newer = service(real_port=20001, version=2)
+    table.merge(newer)
+    assert not table.forget(old)
+    assert table.resolve(VIP, 80) is newer
