@@ -197,10 +197,12 @@ class Supervisor:
         self.session: Session | None = None
         self.engine: Engine | None = None
         self.identity: Identity | None = None
-        #: Records kept from before a re-attach to a daemon still settling,
-        #: and for how many seconds more (see _apply_attach).
-        self.carried: list[AppRecord | ServiceRecord] = []
+        #: Records kept from before a re-attach to a daemon still settling, by
+        #: key, until it has settled or pushes that key (see _apply_attach);
+        #: for how many seconds more; and which attach kept them.
+        self.carried: dict[object, AppRecord | ServiceRecord] = {}
         self.carried_for = 0.0
+        self._attaches = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self.engine_failed = False
 
@@ -276,9 +278,12 @@ class Supervisor:
             return
         for item in message.get("records") or []:
             try:
-                self.table.merge(record_from_wire(item))
+                record = record_from_wire(item)
             except WireError as exc:
                 log.warning("dropped malformed record reason=%s", exc)
+                continue
+            self.carried.pop(record.key, None)  # the daemon has it: ours is no longer carried
+            self.table.merge(record)
 
     async def _attach(self) -> tuple[Session, dict[str, Any]]:
         """Attach a new session and adopt its table (the reply, then later pushes)."""
@@ -343,16 +348,17 @@ class Supervisor:
                 delay = RECONNECT_MIN_S
                 log.warning("re-attached to the daemon vip=%s", reply.get("vip"))
                 if self.carried:
-                    nursery.start_soon(self.forget_carried, self.carried, self.carried_for)
+                    nursery.start_soon(self.forget_carried, self._attaches, self.carried_for)
                 break
 
-    async def forget_carried(
-        self, carried: Sequence[AppRecord | ServiceRecord], after: float
-    ) -> None:
-        """Once the daemon has settled, drop what was carried over and has not
-        come from it since (an app that died while there was no daemon)."""
+    async def forget_carried(self, attach: int, after: float) -> None:
+        """Once the daemon has settled, drop what was carried over and that it
+        has not pushed since (an app that died while there was no daemon)."""
         await trio.sleep(after)
-        gone = sum(self.table.forget(record) for record in carried)
+        if attach != self._attaches:
+            return  # attached again meanwhile: that attach's own task decides
+        gone = sum(self.table.forget(record) for record in self.carried.values())
+        self.carried = {}
         if gone:
             log.info("records the new daemon never had dropped count=%d", gone)
 
@@ -373,13 +379,13 @@ class Supervisor:
         # A daemon that has just started may not have every live record yet
         # (supervisors re-attach one by one): keep what we knew and it lacks.
         settling = reply.get("settling")
-        self.carried, self.carried_for = [], 0.0
+        self._attaches += 1
+        self.carried, self.carried_for = {}, 0.0
         if isinstance(settling, float | int) and 0 < settling <= SETTLE_MAX_S:
-            self.carried = [
-                r for r in self.table.records() if not r.deleted and fresh.current(r) is None
-            ]
+            kept = [r for r in self.table.records() if not r.deleted and fresh.current(r) is None]
+            fresh.merge_all(kept)
+            self.carried = {r.key: r for r in kept}
             self.carried_for = float(settling)
-            fresh.merge_all(self.carried)
         block = reply.get("block")
         self.identity = Identity(
             vip=ip_address(str(reply["vip"])),

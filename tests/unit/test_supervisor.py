@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -51,3 +52,58 @@ def test_axnet_run_reports_a_failed_engine_in_one_line(
     assert capsys.readouterr().err == (
         "axnet run: the interception engine failed (see the log above); the app was stopped\n"
     )
+
+
+def _service_wire(vip: str, port: int = 80, node: str = "n2") -> list[object]:
+    return ["s", vip, port, "192.0.2.9", 20000, node, "b1", "", [], 5, False, 0.0]
+
+
+def _reattached(supervisor: Supervisor, records: list[list[object]], settling: float) -> None:
+    reply = {"vip": "10.1.0.9", "real_host": "127.0.0.1", "block": None, "records": records}
+    supervisor._apply_attach({**reply, "settling": settling}, [])
+
+
+def _served(supervisor: Supervisor, vip: str) -> bool:
+    return supervisor.table.resolve(ipaddress.ip_address(vip), 80) is not None
+
+
+async def test_a_reattach_to_a_settling_daemon_keeps_what_it_lacks_until_it_settles() -> None:
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    known = [_service_wire(f"10.9.0.{i}") for i in (1, 2, 3)]
+    _reattached(supervisor, known, settling=0.0)  # the first attach: nothing to keep
+    assert all(_served(supervisor, f"10.9.0.{i}") for i in (1, 2, 3))
+    # The daemon restarted: its table has 10.9.0.1 only so far.
+    _reattached(supervisor, known[:1], settling=5.0)
+    assert all(_served(supervisor, f"10.9.0.{i}") for i in (1, 2, 3))
+    # It learns 10.9.0.2, the same record we had: that one is its now.
+    supervisor._on_push({"push": "records", "records": [known[1]]})
+    await supervisor.forget_carried(supervisor._attaches, 0.0)
+    assert [_served(supervisor, f"10.9.0.{i}") for i in (1, 2, 3)] == [True, True, False]
+    # A later push of the dropped record is taken: no tombstone was left.
+    supervisor._on_push({"push": "records", "records": [known[2]]})
+    assert _served(supervisor, "10.9.0.3")
+
+
+async def test_a_reattach_to_a_settled_daemon_keeps_nothing() -> None:
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    _reattached(supervisor, [_service_wire("10.9.0.1")], settling=0.0)
+    _reattached(supervisor, [], settling=0.0)  # the session was lost, the daemon lives on
+    assert not _served(supervisor, "10.9.0.1")
+
+
+async def test_only_the_latest_reattach_drops_what_it_kept() -> None:
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    _reattached(supervisor, [_service_wire("10.9.0.1")], settling=0.0)
+    _reattached(supervisor, [], settling=5.0)
+    earlier = supervisor._attaches
+    _reattached(supervisor, [], settling=5.0)  # the daemon restarted again
+    await supervisor.forget_carried(earlier, 0.0)
+    assert _served(supervisor, "10.9.0.1")
+    await supervisor.forget_carried(supervisor._attaches, 0.0)
+    assert not _served(supervisor, "10.9.0.1")
