@@ -825,11 +825,15 @@ class GossipCluster:
             self._queue_change(merged.reasserted, local=True)
 
     def _is_gone(self, node: str) -> bool:
-        """Whether we withdrew *node*'s records and it has not joined since."""
-        if node in self._gone:
-            return True
-        member = self.core.member(node)  # left, its event not handled yet
-        return member is not None and member.state is swim.MemberState.LEFT
+        """Whether *node*'s live records are not to be taken: a member the core
+        holds dead or left, or a node it does not know whose records we withdrew
+        (forgotten after its death, or swept as no member) and that has not
+        joined since.  The core's own view goes first: an event it has queued
+        (a death, a return) may not be handled yet."""
+        member = self.core.member(node)
+        if member is not None:
+            return member.state in (swim.MemberState.DEAD, swim.MemberState.LEFT)
+        return node in self._gone
 
     def _hold_gone(self, node: str) -> None:
         self._gone.pop(node, None)

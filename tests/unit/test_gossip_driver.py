@@ -415,3 +415,15 @@ async def test_states_past_the_pending_bound_drop_the_oldest() -> None:
         ]
         assert served == [False] * 2 + [True] * MAX_PENDING_STATES
         assert cluster.stats()["records"]["states_dropped"] == 2
+
+
+async def test_the_cores_view_of_a_member_goes_before_what_we_withdrew() -> None:
+    # b's return may be queued in the core while its old withdrawal still
+    # stands here: what the core holds (alive) decides.
+    async with running("a") as a, running("b") as b:
+        assert await b.join([seed(a)]) == 1
+        await eventually("b known", lambda: statuses(a).get("b") == "alive")
+        a._hold_gone("b")
+        record = ["s", "10.9.0.7", 80, "192.0.2.9", 20000, "b", "b1", "", [], 5, False, 0.0]
+        await merge_state(a, [record])
+        assert a._daemon.node.table.resolve(ipaddress.ip_address("10.9.0.7"), 80) is not None
