@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -519,6 +520,31 @@ def test_a_second_daemon_says_one_runs(node: AxnetNode) -> None:
     assert "Traceback" not in done.stderr
 
 
+class _AskedClient:
+    """A long-lived app under ``axnet run`` at 10.1.0.9 that runs *script* once
+    per line it reads, answering a JSON line each time."""
+
+    def __init__(self, node: AxnetNode, script: str, log: Path) -> None:
+        self.proc = node.host.popen(
+            [*node.run_cmd_prefix(ip="10.1.0.9"), "python3", "-c", script],
+            env=node.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+
+    def ask(self) -> dict[str, object]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        stop_process(self.proc)
+
+
 def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
     server = node.app([*APPS, "greeter", "7008"], ip="10.1.0.5", name="greeter")
     node.wait_service("10.1.0.5:7008")
@@ -532,21 +558,8 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         "    except OSError as exc:\n"
         "        print(json.dumps({'error': str(exc)}), flush=True)\n"
     )
-    client = node.host.popen(
-        [*node.run_cmd_prefix(ip="10.1.0.9"), "python3", "-c", client_script],
-        env=node.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=node.logs / "client.err",
-    )
-    assert client.stdin is not None and client.stdout is not None
-
-    def ask() -> dict[str, object]:
-        assert client.stdin is not None and client.stdout is not None
-        client.stdin.write(b"go\n")
-        client.stdin.flush()
-        return dict(json.loads(client.stdout.readline()))
-
+    client = _AskedClient(node, client_script, node.logs / "client.err")
+    ask = client.ask
     try:
         first = ask()
         assert first.get("accepted_from") == ["10.1.0.9", pytest.approx(0, abs=65535)], first
@@ -568,8 +581,7 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         again = wait_until("the client reaches the server", lambda: ask().get("accepted_from"))
         assert again[0] == "10.1.0.9", again
     finally:
-        client.stdin.close()
-        stop_process(client)
+        client.stop()
         stop_process(server)
 
 
@@ -589,20 +601,8 @@ def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
         "        print(json.dumps({'error': errno.errorcode.get(exc.errno or 0)}), flush=True)\n"
     )
     client_log = node.logs / "settle-client.err"
-    client = node.host.popen(
-        [*node.run_cmd_prefix(ip="10.1.0.9"), "python3", "-c", client_script],
-        env=node.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=client_log,
-    )
-    assert client.stdin is not None and client.stdout is not None
-
-    def ask() -> dict[str, object]:
-        assert client.stdin is not None and client.stdout is not None
-        client.stdin.write(b"go\n")
-        client.stdin.flush()
-        return dict(json.loads(client.stdout.readline()))
+    client = _AskedClient(node, client_script, client_log)
+    ask = client.ask
 
     def attached() -> set[str]:
         return {str(a["vip"]) for a in node.json("apps")}
@@ -631,8 +631,7 @@ def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
         assert ask() == {"error": "ENETUNREACH"}
     finally:
         server.send_signal(signal.SIGCONT)
-        client.stdin.close()
-        stop_process(client)
+        client.stop()
         stop_process(server)
 
 
