@@ -984,7 +984,8 @@ class Engine:
                 self._store_sockaddr(n, addr_ptr, len_ptr, _pack(family, vip or ip, port))
             _set_nonblocking(conn, bool(flags & socket.SOCK_NONBLOCK))
             try:
-                self.notify.addfd(n.id, conn, send=True, cloexec=bool(flags & socket.SOCK_CLOEXEC))
+                # Install, then answer: see NotifyFd.addfd on why not both at once.
+                newfd = self.notify.addfd(n.id, conn, cloexec=bool(flags & socket.SOCK_CLOEXEC))
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
                     keep = True  # the thread stopped waiting (killed)
@@ -993,6 +994,7 @@ class Engine:
                     keep = True
                     raise Errno(exc.errno) from None
                 raise
+            self._reply(n, value=newfd)
         except Gone:
             keep = True
             raise

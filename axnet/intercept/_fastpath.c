@@ -412,20 +412,26 @@ static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, i
             return DELIVER;
     }
     if (flags & SOCK_NONBLOCK) fcntl(conn, F_SETFL, fcntl(conn, F_GETFL) | O_NONBLOCK);
+    /* Install, then answer with the number: not ADDFD_FLAG_SEND, which marks
+     * the call answered (with 0) before the app has taken the fd, so a stop
+     * or signal interrupting our wait for it (Ctrl-Z) makes accept return 0.
+     * Without the flag an interrupted ADDFD is withdrawn or done, and safe to
+     * redo.  The answer's SYNC_WAKE_UP keeps the app on this CPU, too. */
     struct seccomp_notif_addfd addfd = {
         .id = n->id,
-        .flags = SECCOMP_ADDFD_FLAG_SEND,
+        .flags = 0,
         .srcfd = (uint32_t)conn,
         .newfd = 0,
         .newfd_flags = flags & SOCK_CLOEXEC ? O_CLOEXEC : 0,
     };
-    if (ioctl(c->self->nfd, SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) < 0) {
-        /* The thread stopped waiting, or worse: Python keeps or reports it. */
-        return DELIVER;
-    }
+    int newfd;
+    do
+        newfd = ioctl(c->self->nfd, SECCOMP_IOCTL_NOTIF_ADDFD, &addfd);
+    while (newfd < 0 && errno == EINTR);
+    if (newfd < 0) return DELIVER; /* the thread stopped waiting, or no fd free: Python */
     close(conn);
     out->fd = -1;
-    c->self->answered++;
+    respond(c->self, n->id, newfd, 0, 0);
     return -1;
 }
 

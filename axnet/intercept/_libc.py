@@ -29,9 +29,16 @@ Kernel facts relied upon (Linux 6.x, include/uapi/linux/seccomp.h):
   a connect the supervisor is already carrying out on the task's behalf.  A
   call parked for longer (a blocking accept or connect) is interrupted by the
   engine itself when a signal waits for its thread (`ERESTARTSYS`).
-* `SECCOMP_ADDFD_FLAG_SEND` (Linux >= 5.14) installs the fd and answers the
-  notification with its number in one step, so the task cannot observe the
-  fd before the syscall returns.
+* `SECCOMP_ADDFD` installs one of our fds in the task; the engine then answers
+  the call with its number.  Not in one step with `SECCOMP_ADDFD_FLAG_SEND`
+  (Linux >= 5.14): that flag marks the notification answered, with 0, as soon
+  as it is queued, and a signal or stop (Ctrl-Z) that interrupts our wait
+  before the task takes the fd withdraws the fd but not the answer: the
+  task's `accept` returns 0 (Linux 6.18 still does).  Without the flag an
+  interrupted ADDFD is either withdrawn or done, and safe to repeat; the
+  answer after it wakes the task on our CPU (`SYNC_WAKE_UP`).  The kernel's
+  `accept` installs the fd before returning too, so the app's other threads
+  can see it that early either way.
 """
 
 from __future__ import annotations
@@ -296,10 +303,13 @@ class NotifyFd:
             raise _oserror(err)
         return True
 
-    def addfd(self, id: int, srcfd: int, *, send: bool, cloexec: bool) -> int:
+    def addfd(self, id: int, srcfd: int, *, cloexec: bool, send: bool = False) -> int:
         """Install our `srcfd` in the task; returns its fd number there.
 
-        With `send`, the notification is answered with that number atomically.
+        With `send`, the notification is answered with that number at once,
+        which a signal to us can turn into an answer of 0 (see the module
+        docstring): only the probe uses it.  Without, an interrupted call is
+        repeated (it was withdrawn, or it is done and says so).
         """
         _ADDFD.pack_into(
             self._addfd.data,
@@ -310,10 +320,13 @@ class NotifyFd:
             0,
             os.O_CLOEXEC if cloexec else 0,
         )
-        newfd = _ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd.address)
-        if newfd < 0:
-            raise _oserror()
-        return newfd
+        while True:
+            newfd = _ioctl(self._fd, SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd.address)
+            if newfd >= 0:
+                return newfd
+            err = _get_errno()
+            if err != errno.EINTR or send:
+                raise _oserror(err)
 
     def set_sync_wakeup(self) -> None:
         """Ask for synchronous wake-ups (Linux >= 6.6): the task and the supervisor

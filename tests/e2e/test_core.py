@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -633,6 +634,45 @@ def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
         server.send_signal(signal.SIGCONT)
         client.stop()
         stop_process(server)
+
+
+def test_a_stopped_supervisor_hands_every_accepted_connection_over(node: AxnetNode) -> None:
+    # Ctrl-Z may stop `axnet run` while it hands an accepted connection to
+    # the app.  Each connection still reaches the app as a socket.
+    server = node.app([*APPS, "greeter", "7010"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7010")
+    client_script = (
+        "import json, socket, sys\n"
+        "for line in sys.stdin:\n"
+        "    try:\n"
+        "        with socket.create_connection(('10.1.0.5', 7010), timeout=10) as s:\n"
+        "            print(s.recv(4096).decode() or '{}', flush=True)\n"
+        "    except OSError as exc:\n"
+        "        print(json.dumps({'error': str(exc)}), flush=True)\n"
+    )
+    client = _AskedClient(node, client_script, node.logs / "stopped-client.err")
+    done = threading.Event()
+
+    def stop_and_go() -> None:
+        while not done.is_set():
+            server.send_signal(signal.SIGSTOP)
+            time.sleep(0.0002)
+            server.send_signal(signal.SIGCONT)
+            time.sleep(0.0005)
+
+    stopper = threading.Thread(target=stop_and_go)
+    stopper.start()
+    try:
+        answers = [client.ask() for _ in range(400)]
+    finally:
+        done.set()
+        stopper.join()
+        server.send_signal(signal.SIGCONT)
+        client.stop()
+    failed = [a for a in answers if a.get("accepted_from", [None])[0] != "10.1.0.9"]  # type: ignore[index]
+    assert not failed, failed[:3]
+    assert server.poll() is None, node.log("app")
+    stop_process(server)
 
 
 @pytest.mark.parametrize("program", ["busybox"])
