@@ -16,7 +16,8 @@ route); everything measured runs as ``nobody``, as a user would run it.
     without the cost of waking an idle CPU), and with the server side on
     one CPU and the client side on another.
     Beside it, bench/c/wakeup.c: what one trapped call costs when answered
-    with SEND and with ADDFD (how accept is answered), free and on one CPU.
+    with SEND and with ADDFD then SEND (how accept is answered), free and
+    on one CPU.
 (b) iperf3 throughput through a virtual IP ÷ native; HAProxy in TCP mode
     (the sidecar-proxy baseline) ÷ native.
 (c) redis-benchmark keep-alive request rate through a virtual IP ÷ native;
@@ -250,11 +251,11 @@ WAKEUP_CALLS = 20000
 
 
 def wakeups(node: AxnetNode) -> dict[str, Any] | None:
-    """One trapped call answered by SEND and by ADDFD|SEND, free and on one CPU.
+    """One trapped call answered by SEND and by ADDFD then SEND, free and on one CPU.
 
     Not axnet itself: a 100-line C supervisor (bench/c/wakeup.c) that shows
     what the kernel's two ways of answering cost on this machine.  axnet
-    answers accept with ADDFD|SEND, whose wakeups are not kept on the CPU.
+    answers accept with ADDFD then SEND: ADDFD's wakeup is a plain one.
     """
     binary = _build_c(node, "wakeup")
     if binary is None:
@@ -546,7 +547,7 @@ def summary(results: dict[str, Any]) -> str:
         ]
         for mode, label in (
             ("send", "SEND (connect, getsockname…)"),
-            ("addfd", "ADDFD+SEND (accept)"),
+            ("addfd", "ADDFD, then SEND (accept)"),
         ):
             lines.append(
                 f"| {label} | {wake[f'{mode}/free']['p50_us']:.1f} µs "
@@ -554,10 +555,9 @@ def summary(results: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "With SYNC_WAKE_UP the kernel keeps SEND's wakeups on the CPU; ADDFD wakes the app",
-            "with a plain wakeup, which goes to an idle CPU when there is one, and the app's",
-            "completion wakes the supervisor back the same way.  The difference between the",
-            "columns is what waking an idle CPU costs on this machine, twice.",
+            "With SYNC_WAKE_UP the kernel keeps SEND's wakeups on the CPU.  ADDFD wakes the app",
+            "with a plain wakeup to take the fd, and the SEND after it wakes it again on the",
+            "supervisor's CPU.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -1,16 +1,17 @@
 /* What one trapped call costs, by how the supervisor answers it.
  *
  *   wakeup send   N     answer with SECCOMP_IOCTL_NOTIF_SEND (an error)
- *   wakeup addfd  N     answer with SECCOMP_IOCTL_NOTIF_ADDFD | ADDFD_FLAG_SEND
- *                       (an fd put into the app: how axnet answers accept)
+ *   wakeup addfd  N     put an fd into the app with SECCOMP_IOCTL_NOTIF_ADDFD,
+ *                       then answer with its number (how axnet answers accept)
  *
  * A child traps getsockname() N times; the parent answers each one.  The
  * notification fd is in SYNC_WAKE_UP mode, as axnet's engine is: the kernel
  * then wakes the supervisor, and wakes the app on SEND, on the CPU it is
- * already on.  ADDFD has no such mode: the kernel wakes the app with a plain
- * wakeup, which the scheduler sends to an idle CPU if there is one, and the
- * app's completion wakes the supervisor the same way.  Run it pinned to one
- * CPU and unpinned to see what those two wakeups cost on this machine.
+ * already on.  ADDFD wakes the app with a plain wakeup to take the fd; the
+ * SEND after it wakes it again, on the supervisor's CPU.  (ADDFD_FLAG_SEND
+ * would do both in one step, but a signal to the supervisor during it turns
+ * the answer into 0: axnet does not use it.)  Run it pinned to one CPU and
+ * unpinned to see what the wakeups cost on this machine.
  *
  * Prints one line of JSON: {"mode": ..., "p50_us": ..., "p90_us": ...}.
  */
@@ -121,9 +122,10 @@ static int supervise(int sock, int addfd) {
         memset(&req, 0, sizeof req);
         if (ioctl(nfd, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0) continue;
         if (addfd) {
-            struct seccomp_notif_addfd add = {
-                .id = req.id, .flags = SECCOMP_ADDFD_FLAG_SEND, .srcfd = (__u32)sock};
-            ioctl(nfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+            struct seccomp_notif_addfd add = {.id = req.id, .srcfd = (__u32)sock};
+            int fd = ioctl(nfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
+            struct seccomp_notif_resp resp = {.id = req.id, .val = fd};
+            ioctl(nfd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
         } else {
             struct seccomp_notif_resp resp = {.id = req.id, .error = -EBADF};
             ioctl(nfd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
