@@ -54,8 +54,17 @@ class BindVirtual:
     port: int
 
 
+@attrs.frozen(kw_only=True)
+class BindInert:
+    """A wildcard bind of the family the app's virtual host has no address in:
+    bound as asked, where nothing reaches it."""
+
+    port: int
+    reason: str
+
+
 ConnectVerdict = Passthrough | Deny | Redirect
-BindVerdict = Passthrough | Deny | BindVirtual
+BindVerdict = Passthrough | Deny | BindVirtual | BindInert
 
 
 def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> ConnectVerdict:
@@ -89,15 +98,16 @@ def decide_bind(
 
     The app's virtual host has exactly one address.  A wildcard bind on a
     socket that cannot carry that address family (an IPv6-only socket when the
-    address is IPv4, an IPv4 socket when it is IPv6) gets EADDRNOTAVAIL, as on
-    a host without such an address; servers that bind both families (redis,
-    nginx) treat that as "this family is not available" and go on.
+    address is IPv4, an IPv4 socket when it is IPv6) succeeds, as the kernel's
+    does on a host without an address of that family, and nothing reaches it:
+    servers that listen on both families (nginx's default site: ``listen 80``
+    and ``listen [::]:80``, IPv6-only) start and serve on the one they have.
     """
     if ip.is_unspecified:
         if me.vip.version == 4 and ipv6_socket and v6only:
-            return Deny(errno=errno.EADDRNOTAVAIL, reason="IPv6-only socket, IPv4 virtual address")
+            return BindInert(port=port, reason="IPv6-only socket, IPv4 virtual address")
         if me.vip.version == 6 and not ipv6_socket:
-            return Deny(errno=errno.EADDRNOTAVAIL, reason="IPv4 socket, IPv6 virtual address")
+            return BindInert(port=port, reason="IPv4 socket, IPv6 virtual address")
         return BindVirtual(port=port)
     if ip == me.vip:
         return BindVirtual(port=port)

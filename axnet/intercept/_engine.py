@@ -75,8 +75,17 @@ from typing import Protocol
 import attrs
 
 from .._node import ClaimError
-from .._table import IPAddress, RealAddress, ServiceTable, VirtualAddress, endpoint, packed_ip
+from .._table import (
+    IPAddress,
+    RealAddress,
+    ServiceTable,
+    VirtualAddress,
+    endpoint,
+    ip_address,
+    packed_ip,
+)
 from .._verdict import (
+    BindInert,
     BindVirtual,
     Deny,
     Identity,
@@ -134,6 +143,8 @@ _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
+_WILDCARD4, _WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
+_LOOPBACK4, _LOOPBACK6 = ip_address("127.0.0.1"), ip_address("::1")
 
 
 #: The context of a call that needs none (reusable).
@@ -152,15 +163,37 @@ class NodeLink(Protocol):
 
 
 @attrs.define
-class Binding:
-    """A socket of the app bound to its virtual address."""
+class BoundSocket:
+    """One socket of the app bound to a virtual address."""
 
-    virtual: VirtualAddress
-    real_port: int
     inode: int
     #: A thread of the process that bound it, to find the socket in its fd table.
     pid: int = 0
     listening: bool = False
+
+
+@attrs.define
+class Binding:
+    """An address the app has bound: ``virtual``, held by sockets bound for real
+    to ``real_port``.  One socket, or several when each was bound with
+    SO_REUSEPORT (the kernel then spreads the connections between them).
+
+    The app's own virtual address is claimed from the node and published when
+    a socket listens.  An *inert* binding (``virtual.ip`` a wildcard) is a
+    wildcard of the family the app has no address in: bound to loopback, not
+    claimed, never published."""
+
+    virtual: VirtualAddress
+    real_port: int
+    sockets: list[BoundSocket]
+    #: The sockets had SO_REUSEPORT when bound: more may join.
+    reuseport: bool = False
+    #: Published: a socket of it listens (stays so until it is released).
+    listening: bool = False
+
+    @property
+    def inert(self) -> bool:
+        return self.virtual.ip.is_unspecified
 
 
 @attrs.define
@@ -218,7 +251,10 @@ class Engine:
         self.identity = identity
         self.table = table
         self.node = node
+        #: Bindings of the app's virtual address by real port (on the node's
+        #: address), and inert ones by real port (on loopback).
         self.bindings: dict[int, Binding] = {}
+        self._inert: dict[int, Binding] = {}
         self.counters = Counters()
         self._pending: dict[int, collections.deque[int]] = {}
         self._bindings_lock = threading.Lock()
@@ -235,6 +271,8 @@ class Engine:
         self._block_value = b""
         #: Real port -> packed virtual endpoint of each binding (the fast path's view).
         self._names: dict[int, bytes] = {}
+        #: The same for inert bindings, whose real port is on loopback.
+        self._inert_names: dict[int, bytes] = {}
         self._me_identity: Identity | None = None
         self._me = b""
         self._fast = None
@@ -247,6 +285,7 @@ class Engine:
                 pidfds=self._tasks.pidfds,
                 mems=self._tasks.mems,
                 names=self._names,
+                inert=self._inert_names,
                 pending=self._pending,
             )
         self._handlers: dict[int, Callable[[Notification], None]] = {
@@ -764,6 +803,17 @@ class Engine:
                         self._bind_virtual(sock, verdict.port, n.pid)
                         self._reply(n)
                         return
+                    case BindInert():
+                        log.info(
+                            "bind inert pid=%s addr=%s:%s reason=%s",
+                            n.pid,
+                            ip,
+                            port,
+                            verdict.reason,
+                        )
+                        self._bind_inert(sock, verdict.port, n.pid)
+                        self._reply(n)
+                        return
                     case Deny():
                         raise _refused(n, "bind", ip, port, verdict)
                     case Passthrough():
@@ -797,13 +847,17 @@ class Engine:
             raise Errno(errno.EINVAL)  # already bound, as the kernel says
         me = self.identity
         virtual = VirtualAddress(ip=me.vip, port=port)
+        reuseport = _reuseport(sock)
+        if port:
+            group = self._live_binding(self.bindings, virtual)
+            if group is not None:
+                # Ours: a second socket on it only as the kernel allows one.
+                return self._join(group, sock, reuseport, me.real_host, pid)
         avoid: list[int] = []
         for _ in range(8):
             try:
                 real_port, vport = self.node.claim(virtual, avoid)
             except ClaimError as exc:
-                if exc.errno == errno.EADDRINUSE and self._release_if_closed(virtual):
-                    continue  # our own socket, closed since: the port is free again
                 log.info("bind refused addr=%s reason=%s", virtual, exc)
                 raise Errno(exc.errno) from None
             claimed = VirtualAddress(ip=me.vip, port=vport)
@@ -816,8 +870,8 @@ class Engine:
                 binding = Binding(
                     virtual=claimed,
                     real_port=real_port,
-                    inode=os.fstat(sock.fileno()).st_ino,
-                    pid=pid,
+                    sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
+                    reuseport=reuseport,
                 )
                 with self._bindings_lock:
                     self.bindings[real_port] = binding
@@ -830,22 +884,69 @@ class Engine:
             avoid.append(real_port)  # taken by a process outside axnet
         raise Errno(errno.EADDRINUSE)
 
-    def _release_if_closed(self, virtual: VirtualAddress) -> bool:
-        """Release our binding of *virtual* if its socket is closed; whether it was.
-
-        ``close`` is not trapped, so a server that closes its listener and binds
-        the same port again (iperf3 does, between tests) would otherwise find
-        its own stale claim until the next sweep.
-        """
+    def _bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
+        """Bind a wildcard of the family the app has no address in: to
+        loopback, at a port the kernel picks, shown as the wildcard and *port*
+        (the kernel's port when *port* is 0).  Raises Errno."""
+        if self._local(sock)[1] != 0:
+            raise Errno(errno.EINVAL)
+        v6 = sock.family == _AF_INET6
+        virtual = VirtualAddress(ip=_WILDCARD6 if v6 else _WILDCARD4, port=port)
+        loopback = _LOOPBACK6 if v6 else _LOOPBACK4
+        reuseport = _reuseport(sock)
+        if port:
+            group = self._live_binding(self._inert, virtual)
+            if group is not None:
+                return self._join(group, sock, reuseport, loopback, pid)
+        err = _raw.bind(sock.fileno(), _pack(sock.family, loopback, 0))
+        if err:
+            # No loopback of that family (IPv6 switched off): as before there
+            # was a way to bind it, the host has no such address.
+            raise Errno(errno.EADDRNOTAVAIL if err == errno.EADDRNOTAVAIL else err)
+        real_port = self._local(sock)[1]
+        shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
+        binding = Binding(
+            virtual=shown,
+            real_port=real_port,
+            sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
+            reuseport=reuseport,
+        )
         with self._bindings_lock:
-            stale = [b for b in self.bindings.values() if b.virtual == virtual]
-        if not stale:
-            return False
-        closed = _closed(stale, _sockdiag.listening_inodes())
-        if len(closed) < len(stale):
-            return False
-        self._release(closed)
-        return True
+            self._inert[real_port] = binding
+            self._inert_names[real_port] = endpoint(shown.ip, shown.port)
+        return binding
+
+    def _live_binding(self, groups: dict[int, Binding], virtual: VirtualAddress) -> Binding | None:
+        """Our binding of *virtual*, unless every socket of it is closed: then
+        it is released here and now.  ``close`` is not trapped, so a server
+        that closes its listener and binds the same port again (iperf3 does,
+        between tests) would otherwise find its own stale binding until the
+        next sweep."""
+        with self._bindings_lock:
+            group = next((b for b in groups.values() if b.virtual == virtual), None)
+        if group is None:
+            return None
+        if len(_closed(group.sockets, _sockdiag.listening_inodes())) < len(group.sockets):
+            return group
+        self._release([group])
+        return None
+
+    def _join(
+        self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
+    ) -> Binding:
+        """Bind *sock* beside the live sockets of *group*: with SO_REUSEPORT
+        on all of them the kernel allows it (it checks the rest: same user);
+        otherwise the address is in use."""
+        if not (reuseport and group.reuseport):
+            log.info("bind refused addr=%s reason=in use by this app", group.virtual)
+            raise Errno(errno.EADDRINUSE)
+        err = _raw.bind(sock.fileno(), _pack(sock.family, host, group.real_port))
+        if err:
+            raise Errno(err)
+        with self._bindings_lock:
+            group.sockets.append(BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid))
+        log.debug("bind joined virtual=%s sockets=%d", group.virtual, len(group.sockets))
+        return group
 
     @staticmethod
     def _local(sock: _socket.socket) -> tuple[IPAddress, int]:
@@ -854,7 +955,7 @@ class Engine:
         return endpoint
 
     def _binding_of(self, sock: _socket.socket) -> Binding | None:
-        """The virtual binding behind *sock*, if it is one of ours."""
+        """The virtual binding behind *sock*, if it is one of ours (not inert)."""
         family = sock.family
         if sock.type != _STREAM or family not in _INET:
             return None
@@ -865,6 +966,13 @@ class Engine:
         if ip != self.identity.real_host:
             return None
         return self.bindings.get(port)
+
+    def _inert_of(self, ip: IPAddress, port: int) -> Binding | None:
+        """The inert binding at real ``ip:port``, if it is one."""
+        binding = self._inert.get(port) if self._inert else None
+        if binding is None or ip != (_LOOPBACK6 if binding.virtual.ip.version == 6 else _LOOPBACK4):
+            return None
+        return binding
 
     def _on_listen(self, n: Notification) -> None:
         backlog = _int32(n.args[1])
@@ -887,7 +995,14 @@ class Engine:
                 sock.listen(backlog if backlog >= 0 else _INT32_MAX)
             except OSError as exc:
                 raise Errno(exc.errno or errno.EINVAL) from None
-            if binding is not None and not binding.listening:
+            if binding is None and sock.type == _STREAM and family in _INET:
+                binding = self._inert_of(*self._local(sock))
+            if binding is not None:
+                inode = os.fstat(sock.fileno()).st_ino
+                for member in binding.sockets:
+                    if member.inode == inode:
+                        member.listening = True
+            if binding is not None and not binding.inert and not binding.listening:
                 binding.listening = True
                 try:
                     self.node.listen(binding.virtual)
@@ -1034,6 +1149,9 @@ class Engine:
 
     def _virtual_local(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
         ip, port = self._local(sock)
+        inert = self._inert_of(ip, port)
+        if inert is not None:
+            return inert.virtual.ip, inert.virtual.port
         me = self.identity
         if ip != me.real_host:
             return None
@@ -1061,8 +1179,9 @@ class Engine:
     # -- housekeeping --------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Withdraw bindings whose socket the app has closed."""
-        if not self.bindings:
+        """Withdraw bindings whose sockets the app has all closed, and forget
+        each closed socket of a binding that has others."""
+        if not self.bindings and not self._inert:
             return
         try:
             listening = _sockdiag.listening_inodes()
@@ -1070,17 +1189,33 @@ class Engine:
             log.warning("cannot list listening sockets: %s", exc)
             return
         with self._bindings_lock:
-            bindings = list(self.bindings.values())
-        self._release(_closed(bindings, listening))
+            bindings = [*self.bindings.values(), *self._inert.values()]
+        closed = {id(s) for s in _closed([s for b in bindings for s in b.sockets], listening)}
+        gone = []
+        with self._bindings_lock:
+            for binding in bindings:
+                left = [s for s in binding.sockets if id(s) not in closed]
+                if left:
+                    binding.sockets[:] = left
+                else:
+                    gone.append(binding)
+        self._release(gone)
 
     def _release(self, gone: list[Binding]) -> None:
         with self._bindings_lock:
             for binding in gone:
+                if binding.inert:
+                    self._inert.pop(binding.real_port, None)
+                    self._inert_names.pop(binding.real_port, None)
+                    continue
                 self.bindings.pop(binding.real_port, None)
                 self._names.pop(binding.real_port, None)
                 for conn in self._pending.pop(binding.real_port, ()):
                     os.close(conn)
         for binding in gone:
+            if binding.inert:
+                log.debug("released inert=%s", binding.virtual)
+                continue
             log.info("released service=%s listening=%s", binding.virtual, binding.listening)
             try:
                 self.node.release(binding.virtual)
@@ -1098,8 +1233,8 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
     return Errno(verdict.errno)
 
 
-def _closed(bindings: list[Binding], listening: set[int]) -> list[Binding]:
-    """Those of *bindings* whose socket the app has closed.
+def _closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket]:
+    """Those of *sockets* that the app has closed.
 
     A listening socket is cheap to tell (the kernel's list of listeners).
     One only bound is asked of the thread that bound it, then, if that says
@@ -1108,7 +1243,7 @@ def _closed(bindings: list[Binding], listening: set[int]) -> list[Binding]:
     """
     unseen = [
         b
-        for b in bindings
+        for b in sockets
         if b.inode not in listening and (b.listening or not _sockdiag.holds_inode(b.pid, b.inode))
     ]
     if not any(not b.listening for b in unseen):
@@ -1131,6 +1266,14 @@ def _as_socket(fd: int) -> _socket.socket:
         return _socket.socket(fileno=fd)
     except OSError as exc:
         raise Errno(exc.errno or errno.ENOTSOCK) from None
+
+
+def _reuseport(sock: _socket.socket) -> bool:
+    """Whether *sock* has SO_REUSEPORT (set before its bind, as the kernel wants)."""
+    try:
+        return bool(sock.getsockopt(_SOL_SOCKET, socket.SO_REUSEPORT))
+    except OSError:
+        return False
 
 
 def _timeout(sock: _socket.socket, option: int) -> float:

@@ -8,7 +8,8 @@
  *
  *   connect      to a virtual address the table serves (the redirect);
  *   accept(4)    on a virtual listener, with the client's virtual address;
- *   getsockname  and getpeername, rewritten or passed on with CONTINUE.
+ *   getsockname  and getpeername, rewritten or passed on with CONTINUE
+ *                (an inert wildcard, bound on loopback, shows as the wildcard).
  *
  * Everything else — binds, listens, refusals, real destinations, parked
  * waits, first contact with a thread, faults — goes back to Python, which
@@ -72,6 +73,8 @@
 enum { SLOW = 0, DELIVER = 1, CONNECTING = 2, PARKED = 3 };
 
 static const unsigned char v4_mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+static const unsigned char loopback4[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
+static const unsigned char loopback6[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
 
 /* An accept waiting natively for its listener: a copy of the notification. */
 typedef struct {
@@ -94,7 +97,7 @@ typedef struct {
     int ep; /* epoll set of parked accepts' listeners (our duplicates) */
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
-    PyObject *pidfds, *mems, *names, *pending; /* dicts owned by Python */
+    PyObject *pidfds, *mems, *names, *inert, *pending; /* dicts owned by Python */
     PyObject *identity, *me;                   /* the engine's identity, packed */
     Parked **parked;                           /* indexed by listener fd */
     int parked_cap, parked_count;
@@ -495,7 +498,15 @@ static int on_getname(Call *c) {
                : getpeername(fd, (struct sockaddr *)&sa, &len)) < 0)
         goto slow; /* ENOTCONN and friends: Python answers */
     if (endpoint_of(&sa, len, endpoint) < 0) goto slow;
-    if (local) {
+    PyObject *inert = NULL;
+    if (local && PyDict_GET_SIZE(c->self->inert) &&
+        memcmp(endpoint, family == AF_INET6 ? loopback6 : loopback4, 16) == 0 &&
+        dict_int(c->self->inert, port_of(endpoint), &inert) < 0)
+        goto slow;
+    if (inert != NULL) { /* a wildcard of the family the app has no address in */
+        if (!PyBytes_Check(inert) || PyBytes_GET_SIZE(inert) != ENDPOINT_LEN) goto slow;
+        memcpy(shown_end, PyBytes_AS_STRING(inert), ENDPOINT_LEN);
+    } else if (local) {
         if (memcmp(endpoint, c->me, 16) != 0) goto pass;
         PyObject *name;
         if (dict_int(c->self->names, port_of(endpoint), &name) < 0) goto slow;
@@ -874,14 +885,15 @@ static PyObject *Fast_close(Fast *self, PyObject *unused) {
 /* -- the type ---------------------------------------------------------------------------- */
 
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "notif_size", "resp_size", "pidfds", "mems", "names", "pending",
-                             NULL};
+    static char *kwlist[] = {"fd",    "notif_size", "resp_size", "pidfds", "mems",
+                             "names", "inert",      "pending",   NULL};
     int fd;
     Py_ssize_t notif_size, resp_size;
-    PyObject *pidfds, *mems, *names, *pending;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!", kwlist, &fd, &notif_size,
+    PyObject *pidfds, *mems, *names, *inert, *pending;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!", kwlist, &fd, &notif_size,
                                      &resp_size, &PyDict_Type, &pidfds, &PyDict_Type, &mems,
-                                     &PyDict_Type, &names, &PyDict_Type, &pending))
+                                     &PyDict_Type, &names, &PyDict_Type, &inert, &PyDict_Type,
+                                     &pending))
         return -1;
     if (self->notif_buf != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Fast is initialised once");
@@ -910,6 +922,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->pidfds = Py_NewRef(pidfds);
     self->mems = Py_NewRef(mems);
     self->names = Py_NewRef(names);
+    self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
     return 0;
 }
@@ -932,6 +945,7 @@ static void Fast_dealloc(Fast *self) {
     Py_XDECREF(self->pidfds);
     Py_XDECREF(self->mems);
     Py_XDECREF(self->names);
+    Py_XDECREF(self->inert);
     Py_XDECREF(self->pending);
     Py_XDECREF(self->identity);
     Py_XDECREF(self->me);

@@ -33,6 +33,7 @@ class Fast:
         pidfds: dict[int, int],
         mems: dict[int, int],
         names: dict[int, bytes],
+        inert: dict[int, bytes],
         pending: dict[int, collections.deque[int]],
     ) -> None: ...
     def serve(

@@ -27,6 +27,9 @@ DEBIAN_PACKAGE = {
     "curl": "curl",
     "socat": "socat",
     "iperf3": "iperf3",
+    "nginx": "nginx-light",
+    "redis-server": "redis-server",
+    "busybox": "busybox-static",
     "gcc": "gcc",
 }
 

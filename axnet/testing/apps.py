@@ -305,6 +305,89 @@ def bind_twice(port: str) -> None:
         _out(errno=exc.errno)
 
 
+def _listener(
+    family: int, host: str, port: int, *, reuseport: bool = False, v6only: bool = False
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if v6only:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock
+
+
+def _bind_errno(family: int, host: str, port: int, **options: bool) -> int:
+    try:
+        _listener(family, host, port, **options).close()
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def _serve_from(vip: str, port: int, listeners: list[socket.socket], count: int) -> list[int]:
+    """Connect to VIP:PORT COUNT times; how many connections each listener took."""
+    import select
+
+    taken = [0] * len(listeners)
+    for _ in range(count):
+        client = socket.create_connection((vip, port), timeout=10)
+        ready, _, _ = select.select(listeners, [], [], 10)
+        for sock in ready:
+            conn, _ = sock.accept()
+            conn.close()
+            taken[listeners.index(sock)] += 1
+        client.close()
+    return taken
+
+
+def reuseport(vip: str, port: str, report: str) -> None:
+    """Two listeners on VIP:PORT with SO_REUSEPORT: both bind and take
+    connections; a third socket without it cannot bind; with one closed the
+    other serves on (past a sweep of closed sockets).  Writes the JSON to
+    REPORT, closes the second listener too and stays until REPORT is gone."""
+    import time
+
+    p = int(port)
+    a = _listener(socket.AF_INET, "0.0.0.0", p, reuseport=True)
+    b = _listener(socket.AF_INET, vip, p, reuseport=True)
+    without = _bind_errno(socket.AF_INET, "0.0.0.0", p)
+    both = _serve_from(vip, p, [a, b], 40)
+    a.close()
+    time.sleep(1.5)  # past the supervisor's sweep for closed sockets
+    after = _serve_from(vip, p, [b], 10)
+    sockname = _addr(b.getsockname())
+    b.close()
+    with open(report + ".tmp", "w") as f:
+        json.dump({"without": without, "both": both, "after_close": after, "sockname": sockname}, f)
+    os.rename(report + ".tmp", report)
+    give_up = time.monotonic() + 120
+    while os.path.exists(report) and time.monotonic() < give_up:
+        time.sleep(0.05)
+
+
+def dual_family(vip: str, port: str) -> None:
+    """Listen on [::]:PORT IPv6-only and on 0.0.0.0:PORT, as nginx's default
+    site does, with an IPv4 virtual address: both bind, the IPv4 one serves."""
+    p = int(port)
+    v6 = _listener(socket.AF_INET6, "::", p, v6only=True)
+    v4 = _listener(socket.AF_INET, "0.0.0.0", p)
+    shown = _addr(v6.getsockname()[:2])
+    again = _bind_errno(socket.AF_INET6, "::", p, v6only=True)
+    served = _serve_from(vip, p, [v6, v4], 5)
+    v6.close()
+    rebound = _listener(socket.AF_INET6, "::", p, v6only=True)
+    anyport = _listener(socket.AF_INET6, "::", 0, v6only=True)
+    _out(
+        v6_sockname=shown,
+        v6_again=again,
+        served=served,
+        rebound=_addr(rebound.getsockname()[:2]),
+        anyport=_addr(anyport.getsockname()[:2]),
+    )
+
+
 def listen_then_close(port: str, trigger: str) -> None:
     """Listen; once file TRIGGER exists close the listener, and once it is
     gone again exit (records must be withdrawn at each step)."""
@@ -760,6 +843,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "fastopen": fastopen,
     "hostile": hostile,
     "bind-twice": bind_twice,
+    "reuseport": reuseport,
+    "dual-family": dual_family,
     "unspec-bind": unspec_bind,
     "listen-then-close": listen_then_close,
     "listen-connect-close": listen_connect_close,

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from axnet.testing import APPS, AXNET, AxnetNode, TestUser, has_program, stop_process, wait_until
+from axnet.testing._probe import find_program
 
 
 def _serve_dir(node: AxnetNode, text: str) -> str:
@@ -120,6 +121,103 @@ def test_same_virtual_port_twice_is_in_use(node: AxnetNode) -> None:
     # Within one app too.
     result = node.run_json([*APPS, "bind-twice", "81"], ip="10.1.0.7")
     assert result["errno"] == errno.EADDRINUSE
+
+
+def test_listeners_with_so_reuseport_share_a_virtual_port(node: AxnetNode) -> None:
+    report = node.logs / "reuseport.json"
+    app = node.app([*APPS, "reuseport", "10.1.0.5", "7030", str(report)], ip="10.1.0.5")
+    wait_until("the app's report", lambda: report.exists() or app.poll() is not None, timeout=60)
+    assert report.exists(), node.log("app")
+    result = json.loads(report.read_text())
+    # As the kernel: both bind and both take connections; a socket without
+    # the option cannot bind there.
+    assert result["without"] == errno.EADDRINUSE
+    assert sum(result["both"]) == 40
+    assert min(result["both"]) > 0, result
+    # With one closed the service stays, served by the other.
+    assert result["after_close"] == [10]
+    assert result["sockname"] == ["10.1.0.5", 7030]
+    # With both closed it goes, while the app runs on.
+    wait_until("withdrawn once both closed", lambda: "10.1.0.5:7030" not in node.services())
+    assert app.poll() is None
+    report.unlink()
+    app.wait(timeout=30)
+
+
+def test_an_ipv6_only_wildcard_beside_an_ipv4_virtual_address(node: AxnetNode) -> None:
+    # As on a host without IPv6 addresses: [::]:port IPv6-only binds, shows
+    # itself as bound there, is in use for a second such bind, and nothing
+    # reaches it; the IPv4 listener beside it serves.
+    result = node.run_json([*APPS, "dual-family", "10.1.0.5", "7031"], ip="10.1.0.5")
+    assert result["v6_sockname"] == ["::", 7031]
+    assert result["v6_again"] == errno.EADDRINUSE
+    assert result["served"] == [0, 5]
+    assert result["rebound"] == ["::", 7031]  # closed, so free again at once
+    assert result["anyport"][0] == "::"
+    assert result["anyport"][1] > 0
+
+
+def _nginx_conf(node: AxnetNode, listen: str) -> Path:
+    """nginx as an ordinary user: Debian's default site's two listens
+    (``listen 80`` and ``listen [::]:80``, IPv6-only), a master and two
+    workers, and an access log of who came to which worker."""
+    home = node.scratch / f"nginx{listen}"
+    www = home / "www"
+    www.mkdir(parents=True)
+    (www / "index.html").write_text("nginx")
+    conf = home / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+worker_processes 2;
+pid {home}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    log_format who '$remote_addr $pid';
+    access_log {home}/access.log who;
+    client_body_temp_path {home}/body;
+    proxy_temp_path {home}/proxy;
+    fastcgi_temp_path {home}/fastcgi;
+    uwsgi_temp_path {home}/uwsgi;
+    scgi_temp_path {home}/scgi;
+    server {{
+        listen 80 default_server {listen};
+        listen [::]:80 default_server {listen};
+        root {www};
+    }}
+}}
+"""
+    )
+    for path in (home, www):
+        path.chmod(0o777)
+    for path in (conf, www / "index.html"):
+        path.chmod(0o644)
+    return conf
+
+
+@pytest.mark.parametrize("listen", ["", "reuseport"])
+def test_nginx_with_the_default_sites_listens(node: AxnetNode, listen: str) -> None:
+    if reason := has_program("nginx"):
+        pytest.skip(reason)
+    conf = _nginx_conf(node, listen)
+    nginx = find_program("nginx")
+    assert nginx is not None
+    server = node.app([nginx, "-e", "stderr", "-c", str(conf)], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:80")
+    fetches = 20
+    done = node.run(
+        ["sh", "-c", f"for i in $(seq {fetches}); do curl -sS -m 10 http://10.1.0.5/; echo; done"],
+        ip="10.1.0.9",
+        timeout=120,
+    )
+    assert done.stdout.split() == ["nginx"] * fetches, done.stderr
+    # nginx saw each client at its virtual address.
+    log = [line.split() for line in (conf.parent / "access.log").read_text().splitlines()]
+    assert [who for who, _ in log] == ["10.1.0.9"] * fetches
+    if listen == "reuseport":
+        # One listener per worker, each bound to 10.1.0.5:80: both served.
+        assert len({worker for _, worker in log}) == 2, log
+    assert server.poll() is None, node.log("app")
+    assert stop_process(server) == 0, node.log("app")
 
 
 def test_a_bind_with_the_family_left_zero_is_the_wildcard(node: AxnetNode) -> None:

@@ -42,6 +42,7 @@ def _make(**overrides: object) -> Any:
         "pidfds": {},
         "mems": {},
         "names": {},
+        "inert": {},
         "pending": collections.defaultdict(collections.deque),
     }
     kwargs.update(overrides)

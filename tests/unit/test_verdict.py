@@ -17,6 +17,7 @@ from axnet._table import (
     ip_address,
 )
 from axnet._verdict import (
+    BindInert,
     BindVirtual,
     Deny,
     Identity,
@@ -153,16 +154,14 @@ def test_bind_ipv6_wildcard_on_dual_stack_socket_with_ipv4_vip_is_virtual() -> N
     assert verdict == BindVirtual(port=80)
 
 
-def test_bind_ipv6_only_socket_with_ipv4_vip_is_eaddrnotavail() -> None:
+def test_bind_ipv6_only_socket_with_ipv4_vip_is_inert() -> None:
     verdict = decide_bind(table(), me(), ip_address("::"), 80, ipv6_socket=True, v6only=True)
-    assert verdict == Deny(
-        errno=errno.EADDRNOTAVAIL, reason="IPv6-only socket, IPv4 virtual address"
-    )
+    assert verdict == BindInert(port=80, reason="IPv6-only socket, IPv4 virtual address")
 
 
-def test_bind_ipv4_socket_with_ipv6_vip_is_eaddrnotavail() -> None:
+def test_bind_ipv4_socket_with_ipv6_vip_is_inert() -> None:
     verdict = decide_bind(table(), me(MY_VIP6), ip_address("0.0.0.0"), 80)
-    assert verdict == Deny(errno=errno.EADDRNOTAVAIL, reason="IPv4 socket, IPv6 virtual address")
+    assert verdict == BindInert(port=80, reason="IPv4 socket, IPv6 virtual address")
 
 
 def test_bind_ipv6_wildcard_with_ipv6_vip_is_virtual() -> None:
