@@ -206,8 +206,19 @@ class Daemon:
             ip=ip_address(str(request["vip"])), port=port_from_wire(request["vport"])
         )
         if op == "claim":
+            # A real port may be asked for only from the app's own client
+            # block (see Engine._bind_in_block); otherwise the pool gives one.
+            wanted = request.get("real_port")
+            block = self.node.apps[app_id].block if app_id in self.node.apps else None
+            real_port = None
+            if wanted is not None and block is not None:
+                port = port_from_wire(wanted)
+                real_port = port if block[0] <= port <= block[1] else None
             claim = self.node.claim(
-                app_id, virtual, avoid=[port_from_wire(p) for p in request.get("avoid") or []]
+                app_id,
+                virtual,
+                avoid=[port_from_wire(p) for p in request.get("avoid") or []],
+                real_port=real_port,
             )
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
         else:

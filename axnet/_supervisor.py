@@ -208,11 +208,15 @@ class Supervisor:
 
     # -- NodeLink, called from the engine thread --------------------------------
 
-    def claim(self, virtual: VirtualAddress, avoid: Sequence[int]) -> tuple[int, int]:
+    def claim(
+        self, virtual: VirtualAddress, avoid: Sequence[int], real_port: int = 0
+    ) -> tuple[int, int]:
+        fields: dict[str, Any] = {"vip": str(virtual.ip), "vport": virtual.port}
+        fields["avoid"] = list(avoid)
+        if real_port:
+            fields["real_port"] = real_port
         try:
-            reply = self._from_engine(
-                "claim", vip=str(virtual.ip), vport=virtual.port, avoid=list(avoid)
-            )
+            reply = self._from_engine("claim", **fields)
         except ControlError as exc:
             if exc.errno:
                 raise ClaimError(exc.errno, str(exc)) from None
@@ -222,7 +226,7 @@ class Supervisor:
             log.warning(
                 "bind without daemon virtual=%s: kernel-chosen port, published later", virtual
             )
-            return 0, virtual.port
+            return real_port, virtual.port
         return int(reply["real_port"]), int(reply["vport"])
 
     def listen(self, virtual: VirtualAddress) -> None:

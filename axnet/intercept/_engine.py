@@ -63,6 +63,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -143,6 +144,9 @@ _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
+#: Between the ports of a client block tried for an any-port bind: odd, so
+#: that the tries visit different ports of any block.
+_BLOCK_STRIDE = 97
 _WILDCARD4, _WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
 _LOOPBACK4, _LOOPBACK6 = ip_address("127.0.0.1"), ip_address("::1")
 
@@ -154,8 +158,11 @@ _NOTHING = contextlib.nullcontext()
 class NodeLink(Protocol):
     """How the engine claims virtual ports from the node (the supervisor implements it)."""
 
-    def claim(self, virtual: VirtualAddress, avoid: Sequence[int]) -> tuple[int, int]:
-        """Return (real port, virtual port); real port 0 means "let the kernel pick"."""
+    def claim(
+        self, virtual: VirtualAddress, avoid: Sequence[int], real_port: int = 0
+    ) -> tuple[int, int]:
+        """Return (real port, virtual port); real port 0 means "let the kernel
+        pick".  A *real_port* given asks for that one (the node may not grant it)."""
         ...
 
     def listen(self, virtual: VirtualAddress) -> None: ...
@@ -853,6 +860,10 @@ class Engine:
             if group is not None:
                 # Ours: a second socket on it only as the kernel allows one.
                 return self._join(group, sock, reuseport, me.real_host, pid)
+        elif me.block is not None:
+            in_block = self._bind_in_block(sock, me, me.block, reuseport, pid)
+            if in_block is not None:
+                return in_block
         avoid: list[int] = []
         for _ in range(8):
             try:
@@ -867,22 +878,69 @@ class Engine:
                     real_port = self._local(sock)[1]
                     if vport == 0:
                         claimed = VirtualAddress(ip=me.vip, port=real_port)
-                binding = Binding(
-                    virtual=claimed,
-                    real_port=real_port,
-                    sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
-                    reuseport=reuseport,
-                )
-                with self._bindings_lock:
-                    self.bindings[real_port] = binding
-                    self._names[real_port] = endpoint(claimed.ip, claimed.port)
-                log.debug("bind virtual=%s real=%s:%s", claimed, me.real_host, real_port)
-                return binding
+                return self._bound(sock, claimed, real_port, reuseport, pid)
             self.node.release(claimed)
             if err != errno.EADDRINUSE:
                 raise Errno(err)
             avoid.append(real_port)  # taken by a process outside axnet
         raise Errno(errno.EADDRINUSE)
+
+    def _bind_in_block(
+        self,
+        sock: _socket.socket,
+        me: Identity,
+        block: tuple[int, int],
+        reuseport: bool,
+        pid: int,
+    ) -> Binding | None:
+        """Bind an any-port bind to a port of the app's client block, the same
+        port real and virtual.  Servers name a client by its block, so one
+        that binds its own address before it connects (``curl --interface``,
+        a ``source_address``) is seen from its virtual IP, as any connect of
+        it is.  None when no port of the block could be had: then the pool."""
+        lo, hi = block
+        size = hi - lo + 1
+        start = random.randrange(size)
+        for attempt in range(8):
+            port = lo + (start + attempt * _BLOCK_STRIDE) % size
+            virtual = VirtualAddress(ip=me.vip, port=port)
+            try:
+                real_port, vport = self.node.claim(virtual, (), real_port=port)
+            except ClaimError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # ours, or another app's on the same virtual IP
+                raise Errno(exc.errno) from None
+            if real_port not in (0, port) or vport != port:
+                self.node.release(VirtualAddress(ip=me.vip, port=vport))
+                return None  # a node that does not grant real ports
+            err = _raw.bind(sock.fileno(), _pack(sock.family, me.real_host, port))
+            if err == 0:
+                return self._bound(sock, virtual, port, reuseport, pid)
+            self.node.release(virtual)
+            if err != errno.EADDRINUSE:
+                raise Errno(err)
+        return None
+
+    def _bound(
+        self,
+        sock: _socket.socket,
+        virtual: VirtualAddress,
+        real_port: int,
+        reuseport: bool,
+        pid: int,
+    ) -> Binding:
+        """Record *sock*, bound for real to *real_port*, as the app's binding of *virtual*."""
+        binding = Binding(
+            virtual=virtual,
+            real_port=real_port,
+            sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
+            reuseport=reuseport,
+        )
+        with self._bindings_lock:
+            self.bindings[real_port] = binding
+            self._names[real_port] = endpoint(virtual.ip, virtual.port)
+        log.debug("bind virtual=%s real=%s:%s", virtual, self.identity.real_host, real_port)
+        return binding
 
     def _bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
         """Bind a wildcard of the family the app has no address in: to

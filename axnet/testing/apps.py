@@ -28,9 +28,11 @@ def _addr(address: object) -> list[object]:
     return list(address) if isinstance(address, tuple) else [address]
 
 
-def names(host: str, port: str) -> None:
-    """Connect; report getsockname/getpeername and what the server said."""
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
+def names(host: str, port: str, source: str = "") -> None:
+    """Connect (from SOURCE, any port, when given); report
+    getsockname/getpeername and what the server said."""
+    bind = (source, 0) if source else None
+    with socket.create_connection((host, int(port)), timeout=10, source_address=bind) as conn:
         data = b""
         while chunk := conn.recv(4096):
             data += chunk

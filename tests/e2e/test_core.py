@@ -71,6 +71,19 @@ def test_addresses_each_side_sees(node: AxnetNode) -> None:
         assert int(answered[2]) > 0, log
 
 
+def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNode) -> None:
+    # curl --interface, a source_address: bind(vip or 0.0.0.0, port 0), then
+    # connect.  The server still sees the client's virtual address.
+    node.app([*APPS, "greeter", "7032"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7032")
+    for source in ("10.1.0.9", "0.0.0.0"):
+        seen = node.run_json([*APPS, "names", "10.1.0.5", "7032", source], ip="10.1.0.9")
+        assert seen["sockname"][0] == "10.1.0.9"
+        assert seen["peername"] == ["10.1.0.5", 7032]
+        assert seen["server"]["accepted_from"] == seen["sockname"]
+        assert seen["server"]["peername"] == seen["sockname"]
+
+
 def test_dual_stack_server_sees_mapped_addresses(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7001", "inet6"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7001")

@@ -351,6 +351,32 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
     assert errors[0] == "bad request 'attach': bad port 70000"
 
 
+async def test_a_real_port_is_granted_only_from_the_apps_own_block(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+
+    def talk() -> list[tuple[int, int]]:
+        with ControlClient(path, timeout=5.0) as client:
+            reply = _attach(client, "a1")
+            vip, (lo, hi) = reply["vip"], reply["block"]
+            got = []
+            for port in (lo + 5, hi + 1, 20000):
+                claim = client.request("claim", vip=vip, vport=port, real_port=port)
+                got.append((claim["real_port"], claim["vport"]))
+            # The same port twice is in use, whatever real port is asked for.
+            with pytest.raises(ControlError) as info:
+                client.request("claim", vip=vip, vport=lo + 5, real_port=lo + 5)
+            assert info.value.errno == errno.EADDRINUSE
+        return [(lo, hi), *got]
+
+    (lo, hi), in_block, past_block, pool = await _with_daemon(sock_dir, talk)
+    assert in_block == (lo + 5, lo + 5)
+    # Outside it the pool gives a port, as to any claim.
+    assert past_block[1] == hi + 1
+    assert past_block[0] != hi + 1
+    assert pool[1] == 20000
+    assert pool[0] not in (20000, past_block[0])
+
+
 async def test_join_and_leave_without_gossip_say_how_to_cluster(sock_dir: Path) -> None:
     path = control_path(sock_dir)
 
