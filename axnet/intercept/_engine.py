@@ -263,7 +263,7 @@ class Engine:
         self.bindings: dict[int, Binding] = {}
         self._inert: dict[int, Binding] = {}
         self.counters = Counters()
-        self._pending: dict[int, collections.deque[int]] = {}
+        self._pending: dict[int, _Kept] = {}
         self._bindings_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
@@ -1097,12 +1097,12 @@ class Engine:
     def _accept(self, n: Notification, sock: _socket.socket, flags: int, binding: Binding) -> None:
         """Accept one connection for the app, or wait for one; owns *sock*."""
         family = sock.family
-        pending = self._pending.get(binding.real_port)
+        kept = self._pending.get(binding.real_port)
         # Connections kept for this listener go first (one taken by a wait
         # whose thread had just died reaches the next accept that wakes).
-        if pending:
+        if kept is not None and len(kept):
             sock.close()
-            self._deliver(n, family, pending.popleft(), None, flags, binding)
+            self._deliver(n, family, kept.popleft(), None, flags, binding)
             return
         fd = sock.fileno()
         try:
@@ -1120,6 +1120,11 @@ class Engine:
                 return
             sock.close()
             raise Errno(exc.errno or errno.EIO) from None
+        if kept is not None and kept.answers(peer):
+            os.close(conn)  # our doorbell (see _keep): no connection of the app's
+            kept.silence()
+            self._accept(n, sock, flags, binding)
+            return
         sock.close()
         self._deliver(n, family, conn, peer, flags, binding)
 
@@ -1178,8 +1183,20 @@ class Engine:
                 os.close(conn)
 
     def _keep(self, binding: Binding, conn: int) -> None:
-        """A connection nobody took: the next accept on its listener gets it."""
-        self._pending.setdefault(binding.real_port, collections.deque()).append(conn)
+        """A connection nobody took: the next accept on its listener gets it.
+
+        We took it off the kernel's queue, so the listener may no longer be
+        readable, and a server that accepts only when epoll says so (nginx,
+        asyncio: both wait for readiness after an EMFILE) would never come
+        back for it.  So a connection of our own, the doorbell, is queued on
+        the listener while any is kept; the accept that meets it discards it
+        and goes on as if it had not been there."""
+        kept = self._pending.get(binding.real_port)
+        if kept is None:
+            kept = self._pending[binding.real_port] = _Kept()
+        kept.append(conn)
+        if kept.bell is None:
+            kept.ring(self.identity.real_host, binding.real_port)
 
     # -- getsockname / getpeername ------------------------------------------------
 
@@ -1268,8 +1285,9 @@ class Engine:
                     continue
                 self.bindings.pop(binding.real_port, None)
                 self._names.pop(binding.real_port, None)
-                for conn in self._pending.pop(binding.real_port, ()):
-                    os.close(conn)
+                kept = self._pending.pop(binding.real_port, None)
+                if kept is not None:
+                    kept.close()
         for binding in gone:
             if binding.inert:
                 log.debug("released inert=%s", binding.virtual)
@@ -1283,6 +1301,49 @@ class Engine:
     def snapshot_bindings(self) -> list[Binding]:
         with self._bindings_lock:
             return list(self.bindings.values())
+
+
+class _Kept(collections.deque[int]):
+    """Connections kept for one listener, and the doorbell rung for them.
+
+    True while either is there: the fast path then leaves every accept on the
+    listener to Python (``kept_for`` in ``_fastpath.c``)."""
+
+    bell: _socket.socket | None = None
+    #: Where the doorbell connects from, as its accept reports the peer.
+    bell_from: tuple[IPAddress, int] | None = None
+
+    def __bool__(self) -> bool:
+        return len(self) > 0 or self.bell is not None
+
+    def ring(self, host: IPAddress, port: int) -> None:
+        """Queue a connection of ours on the listener at real ``host:port``."""
+        family = _AF_INET6 if host.version == 6 else _AF_INET
+        bell = _socket.socket(family, _STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            err = bell.connect_ex((str(host), port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            local = bell.getsockname()
+        except OSError as exc:
+            bell.close()
+            log.warning("cannot ring the listener at port %s for a kept connection: %s", port, exc)
+            return
+        self.bell, self.bell_from = bell, (ip_address(local[0]), local[1])
+
+    def answers(self, peer: bytes) -> bool:
+        """Whether a connection accepted from *peer* is the doorbell."""
+        return self.bell_from is not None and inet_endpoint(peer) == self.bell_from
+
+    def silence(self) -> None:
+        if self.bell is not None:
+            self.bell.close()
+        self.bell = self.bell_from = None
+
+    def close(self) -> None:
+        self.silence()
+        while self:
+            os.close(self.popleft())
 
 
 def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny) -> Errno:

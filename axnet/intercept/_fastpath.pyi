@@ -1,5 +1,5 @@
 # Types of the native hot path (_fastpath.c).
-import collections
+from collections.abc import Mapping
 from typing import Any, Final
 
 SLOW: Final[int]
@@ -34,7 +34,7 @@ class Fast:
         mems: dict[int, int],
         names: dict[int, bytes],
         inert: dict[int, bytes],
-        pending: dict[int, collections.deque[int]],
+        pending: Mapping[int, object],
     ) -> None: ...
     def serve(
         self, engine: Any, wake_fd: int, waiters_fd: int, timeout_ms: int, /

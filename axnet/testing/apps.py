@@ -712,13 +712,26 @@ def signals(port: str, stuck_host: str, stuck_port: str) -> None:
     )
 
 
-def accept_without_fds(port: str) -> None:
-    """Accept with no fd free (EMFILE), then again with room: the connection waits."""
+def accept_without_fds(port: str, mode: str = "blocking") -> None:
+    """Accept with no fd free (EMFILE), then again with room: the connection
+    waits.  MODE "epoll": a non-blocking listener, accepted from only when
+    epoll says it is readable, as nginx and asyncio do; then it must say so
+    again for the connection that waits, and any later readiness must bring
+    no connection that was never made."""
     import resource
+    import selectors
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", int(port)))
     listener.listen(8)
+    poller = selectors.DefaultSelector()
+    if mode == "epoll":
+        listener.setblocking(False)
+        poller.register(listener, selectors.EVENT_READ)
+
+    def readable(timeout: float) -> bool:
+        return mode != "epoll" or bool(poller.select(timeout))
+
     client = socket.create_connection(listener.getsockname(), timeout=10)
     client.sendall(b"hello")
     # Take every free fd number up to the highest in use, then set the limit
@@ -730,6 +743,7 @@ def accept_without_fds(port: str) -> None:
     fd = held[-1]
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 1, limits[1]))
+    ready_first = readable(10)
     try:
         listener.accept()
         first = 0
@@ -738,8 +752,24 @@ def accept_without_fds(port: str) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     for fd in held:
         os.close(fd)
+    ready_then = readable(10)
     conn, peer = listener.accept()
-    _out(first_errno=first, then_got=conn.recv(5).decode(), peer=_addr(peer))
+    conn.setblocking(True)
+    got = conn.recv(5).decode()
+    extra = "none"
+    if mode == "epoll" and readable(1):
+        try:
+            listener.accept()
+            extra = "connection"
+        except BlockingIOError:
+            extra = "EAGAIN"
+    _out(
+        first_errno=first,
+        then_got=got,
+        peer=_addr(peer),
+        readable=[ready_first, ready_then],
+        extra=extra,
+    )
 
 
 def bind_in_a_thread(port: str, seconds: str) -> None:
