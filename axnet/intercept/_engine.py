@@ -262,6 +262,8 @@ class Engine:
         #: address), and inert ones by real port (on loopback).
         self.bindings: dict[int, Binding] = {}
         self._inert: dict[int, Binding] = {}
+        #: Both, by the address the app bound (inert ones by their wildcard).
+        self._by_virtual: dict[VirtualAddress, Binding] = {}
         self.counters = Counters()
         self._pending: dict[int, _Kept] = {}
         self._bindings_lock = threading.Lock()
@@ -856,7 +858,7 @@ class Engine:
         virtual = VirtualAddress(ip=me.vip, port=port)
         reuseport = _reuseport(sock)
         if port:
-            group = self._live_binding(self.bindings, virtual)
+            group = self._live_binding(virtual)
             if group is not None:
                 # Ours: a second socket on it only as the kernel allows one.
                 return self._join(group, sock, reuseport, me.real_host, pid)
@@ -938,6 +940,7 @@ class Engine:
         )
         with self._bindings_lock:
             self.bindings[real_port] = binding
+            self._by_virtual[virtual] = binding
             self._names[real_port] = endpoint(virtual.ip, virtual.port)
         log.debug("bind virtual=%s real=%s:%s", virtual, self.identity.real_host, real_port)
         return binding
@@ -953,7 +956,7 @@ class Engine:
         loopback = _LOOPBACK6 if v6 else _LOOPBACK4
         reuseport = _reuseport(sock)
         if port:
-            group = self._live_binding(self._inert, virtual)
+            group = self._live_binding(virtual)
             if group is not None:
                 return self._join(group, sock, reuseport, loopback, pid)
         err = _raw.bind(sock.fileno(), _pack(sock.family, loopback, 0))
@@ -971,17 +974,17 @@ class Engine:
         )
         with self._bindings_lock:
             self._inert[real_port] = binding
+            self._by_virtual[shown] = binding
             self._inert_names[real_port] = endpoint(shown.ip, shown.port)
         return binding
 
-    def _live_binding(self, groups: dict[int, Binding], virtual: VirtualAddress) -> Binding | None:
+    def _live_binding(self, virtual: VirtualAddress) -> Binding | None:
         """Our binding of *virtual*, unless every socket of it is closed: then
         it is released here and now.  ``close`` is not trapped, so a server
         that closes its listener and binds the same port again (iperf3 does,
         between tests) would otherwise find its own stale binding until the
         next sweep."""
-        with self._bindings_lock:
-            group = next((b for b in groups.values() if b.virtual == virtual), None)
+        group = self._by_virtual.get(virtual)
         if group is None:
             return None
         if len(_closed(group.sockets, _sockdiag.listening_inodes())) < len(group.sockets):
@@ -1279,6 +1282,8 @@ class Engine:
     def _release(self, gone: list[Binding]) -> None:
         with self._bindings_lock:
             for binding in gone:
+                if self._by_virtual.get(binding.virtual) is binding:
+                    del self._by_virtual[binding.virtual]
                 if binding.inert:
                     self._inert.pop(binding.real_port, None)
                     self._inert_names.pop(binding.real_port, None)
