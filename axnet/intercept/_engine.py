@@ -960,10 +960,8 @@ class Engine:
             if group is not None:
                 return self._join(group, sock, reuseport, loopback, pid)
         err = _raw.bind(sock.fileno(), _pack(sock.family, loopback, 0))
-        if err:
-            # No loopback of that family (IPv6 switched off): as before there
-            # was a way to bind it, the host has no such address.
-            raise Errno(errno.EADDRNOTAVAIL if err == errno.EADDRNOTAVAIL else err)
+        if err:  # EADDRNOTAVAIL with IPv6 switched off: then there is no such address
+            raise Errno(err)
         real_port = self._local(sock)[1]
         shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
         binding = Binding(
