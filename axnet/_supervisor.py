@@ -220,12 +220,11 @@ class Supervisor:
         except ControlError as exc:
             if exc.errno:
                 raise ClaimError(exc.errno, str(exc)) from None
-            # No daemon: let the kernel pick the real port; check conflicts locally.
+            # No daemon: the real port asked for, or the kernel's pick; check
+            # conflicts locally.
             if virtual.port and self._locally_in_use(virtual):
                 raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use") from None
-            log.warning(
-                "bind without daemon virtual=%s: kernel-chosen port, published later", virtual
-            )
+            log.warning("bind without daemon virtual=%s: published later", virtual)
             return real_port, virtual.port
         return int(reply["real_port"]), int(reply["vport"])
 
