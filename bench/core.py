@@ -15,6 +15,9 @@ route); everything measured runs as ``nobody``, as a user would run it.
     processes (the target), with all of them on one CPU (axnet's own work,
     without the cost of waking an idle CPU), and with the server side on
     one CPU and the client side on another.
+    Apps in C and in Python; and, free only, Python with a server that takes
+    each accepted fd raw: a CPython socket object checks its fd with
+    getsockname, one more trapped call than the round trip itself makes.
     Beside it, bench/c/wakeup.c: what one trapped call costs when answered
     with SEND and with ADDFD then SEND (how accept is answered), free and
     on one CPU.
@@ -56,6 +59,18 @@ while True:
     c, _ = s.accept(); c.close()
 """
 
+#: The same server taking the accepted fd without a socket object: CPython's
+#: socket() checks every fd it wraps with getsockname, one more trapped call
+#: that C apps (and the round trip of the issue) do not make.
+ROUNDTRIP_SERVER_FD = """
+import os, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1024)
+print("ready", flush=True)
+while True:
+    fd, _ = s._accept(); os.close(fd)
+"""
+
 ROUNDTRIP_CLIENT = """
 import json, socket, sys, time
 host, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -95,13 +110,27 @@ def _build_c(node: AxnetNode, name: str) -> str | None:
     return str(binary)
 
 
-def _programs(node: AxnetNode) -> dict[str, tuple[list[str], list[str]]]:
-    """Round-trip (server, client) command prefixes: C when gcc is here, and Python."""
+#: How each round-trip program is named in the summary.
+LANG_NAMES = {
+    "python": "python apps",
+    "c": "c apps",
+    "python-fd": "python apps, server without getsockname",
+}
+
+
+def _programs(node: AxnetNode) -> dict[str, tuple[list[str], list[str], tuple[str, ...]]]:
+    """Round-trip (server, client) command prefixes and their placements: C
+    when gcc is here, Python, and Python whose server takes the raw fd (free
+    placement only: it shows what CPython's getsockname per accept costs)."""
     server_py = _script(node, "rt_server.py", ROUNDTRIP_SERVER)
+    server_fd = _script(node, "rt_server_fd.py", ROUNDTRIP_SERVER_FD)
     client_py = _script(node, "rt_client.py", ROUNDTRIP_CLIENT)
-    programs = {"python": (["python3", server_py], ["python3", client_py])}
+    programs: dict[str, tuple[list[str], list[str], tuple[str, ...]]] = {
+        "python": (["python3", server_py], ["python3", client_py], PLACEMENTS)
+    }
     if (binary := _build_c(node, "roundtrip")) is not None:
-        programs["c"] = ([binary, "server"], [binary, "client"])
+        programs["c"] = ([binary, "server"], [binary, "client"], PLACEMENTS)
+    programs["python-fd"] = (["python3", server_fd], ["python3", client_py], ("free",))
     return programs
 
 
@@ -218,8 +247,8 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     per_block = max(1, n // ROUNDTRIP_BLOCKS)
     port = 9100
-    for lang, (server, client) in _programs(node).items():
-        for placement in PLACEMENTS:
+    for lang, (server, client, placements) in _programs(node).items():
+        for placement in placements:
             if (pins := _pins(placement)) is None:
                 continue
             blocks, port = _roundtrip_pair(node, server, client, port, pins, per_block)
@@ -484,6 +513,9 @@ def summary(results: dict[str, Any]) -> str:
         "*two CPUs*: server side on one CPU, client side on another, native and axnet alike.",
         "Free placement moves between those two, and native and axnet need not be in the same one;",
         f"they alternate in {ROUNDTRIP_BLOCKS} blocks, each starting its servers afresh (a new draw).",
+        "*python apps, server without getsockname*: the Python server takes each accepted fd",
+        "without a socket object, whose creation calls getsockname (one more trapped call);",
+        "that server makes exactly the calls of the round trip, as the C one does.",
         "iperf3 and redis: every run starts its own servers too; a ratio is the median of",
         "each run against the native run beside it, the order alternating between rounds.",
         "",
@@ -492,7 +524,7 @@ def summary(results: dict[str, Any]) -> str:
     ]
     for r in rt.values():
         where = PLACEMENT_NAMES[r["placement"]]
-        what = f"{r['lang']} apps, {where}"
+        what = f"{LANG_NAMES.get(r['lang'], r['lang'] + ' apps')}, {where}"
         added = r["added_us"]["p50"]
         target = "—"
         if r["placement"] == "free":
