@@ -857,6 +857,13 @@ class Engine:
         me = self.identity
         virtual = VirtualAddress(ip=me.vip, port=port)
         reuseport = _reuseport(sock)
+        if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:
+            # An IPv6 virtual address on a node with an IPv4 address: the real
+            # socket is bound v4-mapped, which an IPv6-only socket refuses
+            # (EINVAL).  Only axnet's redirects reach that port, so it may
+            # take IPv4 too; getsockopt(IPV6_V6ONLY) then reads 0.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if port:
             group = self._live_binding(virtual)
             if group is not None:

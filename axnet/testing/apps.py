@@ -371,19 +371,23 @@ def reuseport(vip: str, port: str, report: str) -> None:
 
 def dual_family(vip: str, port: str) -> None:
     """Listen on [::]:PORT IPv6-only and on 0.0.0.0:PORT, as nginx's default
-    site does, with an IPv4 virtual address: both bind, the IPv4 one serves."""
+    site does.  The one of the family the virtual address lacks (*inert*)
+    binds as on a host without such an address; the other serves."""
     p = int(port)
     v6 = _listener(socket.AF_INET6, "::", p, v6only=True)
     v4 = _listener(socket.AF_INET, "0.0.0.0", p)
-    shown = _addr(v6.getsockname()[:2])
-    again = _bind_errno(socket.AF_INET6, "::", p, v6only=True)
+    inert_family = socket.AF_INET if ":" in vip else socket.AF_INET6
+    wildcard = "0.0.0.0" if inert_family == socket.AF_INET else "::"
+    inert = v4 if inert_family == socket.AF_INET else v6
+    shown = _addr(inert.getsockname()[:2])
+    again = _bind_errno(inert_family, wildcard, p, v6only=inert_family == socket.AF_INET6)
     served = _serve_from(vip, p, [v6, v4], 5)
-    v6.close()
-    rebound = _listener(socket.AF_INET6, "::", p, v6only=True)
-    anyport = _listener(socket.AF_INET6, "::", 0, v6only=True)
+    inert.close()
+    rebound = _listener(inert_family, wildcard, p, v6only=inert_family == socket.AF_INET6)
+    anyport = _listener(inert_family, wildcard, 0, v6only=inert_family == socket.AF_INET6)
     _out(
-        v6_sockname=shown,
-        v6_again=again,
+        inert_sockname=shown,
+        inert_again=again,
         served=served,
         rebound=_addr(rebound.getsockname()[:2]),
         anyport=_addr(anyport.getsockname()[:2]),

@@ -157,16 +157,22 @@ def test_listeners_with_so_reuseport_share_a_virtual_port(node: AxnetNode) -> No
     app.wait(timeout=30)
 
 
-def test_an_ipv6_only_wildcard_beside_an_ipv4_virtual_address(node: AxnetNode) -> None:
-    # As on a host without IPv6 addresses: [::]:port IPv6-only binds, shows
-    # itself as bound there, is in use for a second such bind, and nothing
-    # reaches it; the IPv4 listener beside it serves.
-    result = node.run_json([*APPS, "dual-family", "10.1.0.5", "7031"], ip="10.1.0.5")
-    assert result["v6_sockname"] == ["::", 7031]
-    assert result["v6_again"] == errno.EADDRINUSE
-    assert result["served"] == [0, 5]
-    assert result["rebound"] == ["::", 7031]  # closed, so free again at once
-    assert result["anyport"][0] == "::"
+@pytest.mark.parametrize(
+    ("vip", "wildcard", "served"), [("10.1.0.5", "::", [0, 5]), ("fd00::5", "0.0.0.0", [5, 0])]
+)
+def test_a_wildcard_of_the_family_the_virtual_address_lacks(
+    node: AxnetNode, vip: str, wildcard: str, served: list[int]
+) -> None:
+    # As on a host without addresses of that family: [::]:port IPv6-only
+    # beside an IPv4 virtual address (or 0.0.0.0:port beside an IPv6 one)
+    # binds, shows itself bound there, is in use for a second such bind, and
+    # nothing reaches it; the listener of the other family serves.
+    result = node.run_json([*APPS, "dual-family", vip, "7031"], ip=vip)
+    assert result["inert_sockname"] == [wildcard, 7031]
+    assert result["inert_again"] == errno.EADDRINUSE
+    assert result["served"] == served  # [IPv6 listener, IPv4 listener]
+    assert result["rebound"] == [wildcard, 7031]  # closed, so free again at once
+    assert result["anyport"][0] == wildcard
     assert result["anyport"][1] > 0
 
 
