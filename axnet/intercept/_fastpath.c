@@ -345,6 +345,7 @@ static int on_connect(Call *c, Handback *out) {
     int err = connect(fd, (struct sockaddr *)&target, target_len) == 0 ? 0 : errno;
     if (blocking) fcntl(fd, F_SETFL, flags);
     if (err == EADDRNOTAVAIL && lo) goto slow; /* block exhausted: Python logs and retries */
+    if (err == ENETUNREACH && family == AF_INET6) goto slow; /* IPv6-only, v4-mapped: Python */
     c->self->redirected++;
     if (blocking && (err == EINPROGRESS || err == EALREADY)) {
         struct pollfd p = {.fd = fd, .events = POLLOUT};
