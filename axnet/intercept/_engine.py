@@ -691,10 +691,12 @@ class Engine:
                     case Redirect():
                         self.counters.redirected += 1
                         target = _pack(sock.family, verdict.real.host, verdict.real.port)
-                        if sock.family == _AF_INET6 and verdict.real.host.version == 4:
+                        if ip.version == 6 and verdict.real.host.version == 4:
                             # An IPv6-only socket cannot reach the v4-mapped
-                            # real address (ENETUNREACH); unbound, it may
-                            # still be told to (as in _bind_virtual).
+                            # real address of an IPv6 virtual one
+                            # (ENETUNREACH); unbound, it may still be told to
+                            # (as in _bind_virtual).  One that asked for a
+                            # v4-mapped address gets the kernel's answer.
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                         pinned = self._pin_source_ports(sock)
