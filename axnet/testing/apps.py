@@ -382,14 +382,13 @@ def dual_family(vip: str, port: str) -> None:
     shown = _addr(inert.getsockname()[:2])
     again = _bind_errno(inert_family, wildcard, p, v6only=inert_family == socket.AF_INET6)
     served = _serve_from(vip, p, [v6, v4], 5)
-    # An IPv6-only client reaches an IPv6 virtual address too.
-    v6only_client = -1
-    if ":" in vip:
-        client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        client.settimeout(10)
-        v6only_client = client.connect_ex((vip, p))
-        client.close()
+    # An IPv6-only client reaches an IPv6 virtual address too; asked for a
+    # v4-mapped one, it gets the kernel's ENETUNREACH.
+    client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    client.settimeout(10)
+    v6only_client = client.connect_ex((vip if ":" in vip else "::ffff:" + vip, p))
+    client.close()
     inert.close()
     rebound = _listener(inert_family, wildcard, p, v6only=inert_family == socket.AF_INET6)
     anyport = _listener(inert_family, wildcard, 0, v6only=inert_family == socket.AF_INET6)
