@@ -1374,23 +1374,28 @@ def _closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket
     """Those of *sockets* that the app has closed.
 
     A listening socket is cheap to tell (the kernel's list of listeners).
-    One only bound is asked of the thread that bound it, then, if that says
-    no, of every process of the app: the thread may be gone while another
-    thread or a child still holds the socket (bind, fork, listen later).
+    One only bound is looked for in the fd table of the thread that bound
+    it, then, if not there, in those of every process of the app: the thread
+    may be gone while another thread or a child still holds the socket
+    (bind, fork, listen later).  Each fd table is read at most once per
+    call, so a sweep costs as much as the app has fds, not that squared.
     """
+    tables: dict[int, set[int]] = {}
+
+    def held_by(pid: int, inode: int) -> bool:
+        if pid not in tables:
+            tables[pid] = _sockdiag.socket_inodes(pid)
+        return inode in tables[pid]
+
     unseen = [
-        b
-        for b in sockets
-        if b.inode not in listening and (b.listening or not _sockdiag.holds_inode(b.pid, b.inode))
+        s
+        for s in sockets
+        if s.inode not in listening and (s.listening or not held_by(s.pid, s.inode))
     ]
-    if not any(not b.listening for b in unseen):
+    if not any(not s.listening for s in unseen):
         return unseen
     app = _sockdiag.descendants(os.getpid())
-    return [
-        b
-        for b in unseen
-        if b.listening or not any(_sockdiag.holds_inode(pid, b.inode) for pid in app)
-    ]
+    return [s for s in unseen if s.listening or not any(held_by(pid, s.inode) for pid in app)]
 
 
 _TIMEVAL = struct.Struct("@ll")

@@ -73,20 +73,21 @@ def listening_inodes() -> set[int]:
     return _dump(socket.AF_INET, 1 << TCP_LISTEN) | _dump(socket.AF_INET6, 1 << TCP_LISTEN)
 
 
-def holds_inode(pid: int, inode: int) -> bool:
-    """Whether process *pid* still has socket *inode* open."""
-    wanted = f"socket:[{inode}]"
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process *pid* has open (none if it is gone)."""
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return False
+        return set()
+    inodes = set()
     for name in names:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") == wanted:
-                return True
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
         except OSError:
             continue
-    return False
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
 
 
 def descendants(pid: int) -> list[int]:

@@ -1,0 +1,57 @@
+"""Which bound sockets the app has closed: what a sweep of the engine decides."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from axnet.intercept import _engine, _sockdiag
+from axnet.intercept._engine import BoundSocket
+
+
+@pytest.fixture
+def fd_tables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[dict[int, set[int]], collections.Counter[int]]:
+    """Fake fd tables by pid, and how often each was read."""
+    tables: dict[int, set[int]] = {}
+    reads: collections.Counter[int] = collections.Counter()
+
+    def socket_inodes(pid: int) -> set[int]:
+        reads[pid] += 1
+        return tables.get(pid, set())
+
+    monkeypatch.setattr(_sockdiag, "socket_inodes", socket_inodes)
+    monkeypatch.setattr(_sockdiag, "descendants", lambda pid: [100, 200])
+    return tables, reads
+
+
+def test_listening_sockets_are_told_by_the_kernels_list(
+    fd_tables: tuple[dict[int, set[int]], collections.Counter[int]],
+) -> None:
+    _, reads = fd_tables
+    open_, gone = BoundSocket(1, pid=100, listening=True), BoundSocket(2, pid=100, listening=True)
+    assert _engine._closed([open_, gone], listening={1}) == [gone]
+    assert not reads  # no fd table read for listeners
+
+
+def test_a_bound_socket_is_open_while_any_process_of_the_app_holds_it(
+    fd_tables: tuple[dict[int, set[int]], collections.Counter[int]],
+) -> None:
+    tables, _ = fd_tables
+    tables[100] = {1}
+    tables[200] = {2}  # a child holds what a thread of 100 bound, then closed
+    held_here, held_by_child, gone = (BoundSocket(i, pid=100) for i in (1, 2, 3))
+    assert _engine._closed([held_here, held_by_child, gone], listening=set()) == [gone]
+
+
+def test_each_fd_table_is_read_once_however_many_sockets(
+    fd_tables: tuple[dict[int, set[int]], collections.Counter[int]],
+) -> None:
+    tables, reads = fd_tables
+    tables[100] = set(range(1000))
+    sockets = [BoundSocket(i, pid=100) for i in range(2000)]  # half of them closed
+    closed = _engine._closed(sockets, listening=set())
+    assert [s.inode for s in closed] == list(range(1000, 2000))
+    assert reads == {100: 1, 200: 1}
