@@ -808,38 +808,34 @@ class Engine:
             ):
                 # The kernel binds AF_UNSPEC + 0.0.0.0 as the wildcard.
                 raw, endpoint = inet, self._endpoint(inet, _AF_INET)
-            if endpoint is not None:
-                ip, port = endpoint
-                ipv6 = sock.family == _AF_INET6
-                v6only = ipv6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-                verdict = decide_bind(
-                    self.table, self.identity, ip, port, ipv6_socket=ipv6, v6only=v6only
-                )
-                match verdict:
-                    case BindVirtual():
-                        self._bind_virtual(sock, verdict.port, n.pid)
-                        self._reply(n)
-                        return
-                    case BindInert():
-                        log.info(
-                            "bind inert pid=%s addr=%s:%s reason=%s",
-                            n.pid,
-                            ip,
-                            port,
-                            verdict.reason,
-                        )
-                        self._bind_inert(sock, verdict.port, n.pid)
-                        self._reply(n)
-                        return
-                    case Deny():
-                        raise _refused(n, "bind", ip, port, verdict)
-                    case Passthrough():
-                        pass
+            if endpoint is not None and self._bind_decided(n, sock, *endpoint) is not None:
+                self._reply(n)
+                return
             with self._as_app(n, raw):
                 err = _raw.bind(sock.fileno(), raw)
             self._reply(n, error=err)
         finally:
             sock.close()
+
+    def _bind_decided(
+        self, n: Notification, sock: _socket.socket, ip: IPAddress, port: int
+    ) -> Binding | None:
+        """Bind an inet stream socket to ``ip:port`` as ``decide_bind`` says:
+        the binding made, or None when the bind is the kernel's to make.
+        Raises Errno."""
+        ipv6 = sock.family == _AF_INET6
+        v6only = ipv6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        verdict = decide_bind(self.table, self.identity, ip, port, ipv6_socket=ipv6, v6only=v6only)
+        match verdict:
+            case BindVirtual():
+                return self._bind_virtual(sock, verdict.port, n.pid)
+            case BindInert():
+                log.info("bind inert pid=%s addr=%s:%s reason=%s", n.pid, ip, port, verdict.reason)
+                return self._bind_inert(sock, verdict.port, n.pid)
+            case Deny():
+                raise _refused(n, "bind", ip, port, verdict)
+            case Passthrough():
+                return None
 
     def _as_app(self, n: Notification, raw: bytes) -> contextlib.AbstractContextManager[None]:
         """For a path socket address, the app thread's directory and umask;
@@ -1061,8 +1057,10 @@ class Engine:
                 and family in _INET
                 and self._local(sock)[1] == 0
             ):
-                # listen() on an unbound socket binds it to any port first.
-                binding = self._bind_virtual(sock, 0, n.pid)
+                # listen() on an unbound socket binds it to any port of the
+                # wildcard first.
+                wildcard = _WILDCARD6 if family == _AF_INET6 else _WILDCARD4
+                binding = self._bind_decided(n, sock, wildcard, 0)
             try:
                 # The kernel takes a negative backlog as "as many as allowed";
                 # CPython would make it 0.

@@ -402,6 +402,39 @@ def dual_family(vip: str, port: str) -> None:
     )
 
 
+def listen_unbound(vip: str) -> None:
+    """listen() on unbound sockets of each family (the kernel binds them to
+    any port of the wildcard first); report where each is and, for each,
+    whether a connect to the virtual address at that port reaches it."""
+    out: dict[str, object] = {}
+    for name, family, v6only in (
+        ("inet", socket.AF_INET, None),
+        ("inet6", socket.AF_INET6, 0),
+        ("inet6-only", socket.AF_INET6, 1),
+    ):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        try:
+            sock.listen(4)
+        except OSError as exc:
+            out[name] = exc.errno
+            continue
+        host, port = sock.getsockname()[:2]
+        with socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET) as client:
+            client.settimeout(10)
+            reached = client.connect_ex((vip, port)) == 0
+        sock.setblocking(False)
+        try:
+            sock.accept()[0].close()
+            accepted = True
+        except BlockingIOError:
+            accepted = False
+        out[name] = [host, port > 0, reached and accepted]
+        sock.close()
+    _out(**out)
+
+
 def listen_then_close(port: str, trigger: str) -> None:
     """Listen; once file TRIGGER exists close the listener, and once it is
     gone again exit (records must be withdrawn at each step)."""
@@ -889,6 +922,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "bind-twice": bind_twice,
     "reuseport": reuseport,
     "dual-family": dual_family,
+    "listen-unbound": listen_unbound,
     "unspec-bind": unspec_bind,
     "listen-then-close": listen_then_close,
     "listen-connect-close": listen_connect_close,

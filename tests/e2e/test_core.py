@@ -177,6 +177,35 @@ def test_a_wildcard_of_the_family_the_virtual_address_lacks(
     assert result["anyport"][1] > 0
 
 
+@pytest.mark.parametrize(
+    ("vip", "expected"),
+    [
+        (
+            "10.1.0.5",
+            {
+                "inet": ["10.1.0.5", True, True],
+                "inet6": ["::ffff:10.1.0.5", True, True],
+                "inet6-only": ["::", True, False],
+            },
+        ),
+        (
+            "fd00::5",
+            {
+                "inet": ["0.0.0.0", True, False],
+                "inet6": ["fd00::5", True, True],
+                "inet6-only": ["fd00::5", True, True],
+            },
+        ),
+    ],
+)
+def test_listen_on_an_unbound_socket_binds_the_wildcard_first(
+    node: AxnetNode, vip: str, expected: dict[str, list[object]]
+) -> None:
+    # As the kernel: any port, on the wildcard of the socket's family; the
+    # virtual address serves it where the families match.
+    assert node.run_json([*APPS, "listen-unbound", vip], ip=vip) == expected
+
+
 def _nginx_conf(node: AxnetNode, listen: str) -> Path:
     """nginx as an ordinary user: Debian's default site's two listens
     (``listen 80`` and ``listen [::]:80``, IPv6-only), a master and two
