@@ -14,7 +14,9 @@ bindings, as soon as a daemon answers again.  For SETTLE_S after its start a
 daemon's table may still lack live services (their supervisors have not
 re-attached yet, the cluster's records are still on their way): its attach
 replies say for how long more (``settling``), and a re-attaching supervisor
-keeps what it knew and the new table lacks until then.
+keeps what it knew and the new table lacks until then.  While the start-up
+join of a clustered daemon is still under way, settling lasts until it is
+over (at most JOIN_SETTLE_MAX_S); the daemon pushes ``settled`` when it is.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ log = logging.getLogger("axnet.daemon")
 #: records: supervisors re-attach within 2 s (their RECONNECT_MAX_S), and a
 #: join's push-pull brings the cluster's records a moment after the start.
 SETTLE_S = 5.0
+#: While a clustered daemon's start-up join is still under way (its seeds do
+#: not answer), the cluster's records are missing for as long: settling lasts
+#: until the join is over, but at most this long after the start (what a
+#: supervisor takes at most, its SETTLE_MAX_S).
+JOIN_SETTLE_MAX_S = 60.0
 
 
 class Cluster(Protocol):
@@ -62,6 +69,8 @@ class Cluster(Protocol):
     async def leave(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def name_conflicts(self) -> list[str]: ...
+    def joining(self) -> bool: ...
+    async def wait_joined(self) -> None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -180,7 +189,7 @@ class Daemon:
                 block=list(app.block) if app.block else None,
                 records=first,
                 more=sum(len(chunk) for chunk in rest),
-                settling=max(0.0, SETTLE_S - (time.time() - self.started)),
+                settling=self.settling(),
             )
             for chunk in rest:
                 await conn.send({"push": "records", "records": chunk})
@@ -314,6 +323,7 @@ class Daemon:
             await nursery.start(serve_control, path, self.handle)
             nursery.start_soon(self._expire_tombstones)
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._announce_settled)
             log.info(
                 "daemon ready node=%s real_host=%s control=%s",
                 self.config.node.name,
@@ -326,6 +336,26 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def settling(self) -> float:
+        """Seconds more the table may lack live records (see SETTLE_S)."""
+        elapsed = time.time() - self.started
+        joining = self.cluster is not None and self.cluster.joining()
+        return max(0.0, (JOIN_SETTLE_MAX_S if joining else SETTLE_S) - elapsed)
+
+    async def _announce_settled(self) -> None:
+        """Tell every supervisor once the table is whole: SETTLE_S after the
+        start, or once the start-up join is over, whichever is later (at most
+        JOIN_SETTLE_MAX_S after the start).  Those that re-attached meanwhile
+        drop then what they kept (see Supervisor._apply_attach)."""
+        await trio.sleep(max(0.0, SETTLE_S - (time.time() - self.started)))
+        cluster = self.cluster
+        if cluster is not None and cluster.joining():
+            with trio.move_on_after(max(0.0, JOIN_SETTLE_MAX_S - (time.time() - self.started))):
+                await cluster.wait_joined()
+        log.info("settled sessions=%d", len(self.sessions))
+        for conn in list(self.sessions.values()):
+            await conn.send({"push": "settled"})
 
     async def _expire_tombstones(self) -> None:
         while True:

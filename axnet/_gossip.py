@@ -473,6 +473,8 @@ class GossipCluster:
         self._join_requested = 0
         #: Set by leave(): a start-up join still retrying stops.
         self._left = False
+        #: Set once the start-up join is over (at once without seeds).
+        self._start_join_done = trio.Event()
         #: Gossip addresses of other members that use this node's name.
         self._conflicts: list[str] = []
         self._outbound = 0
@@ -565,6 +567,8 @@ class GossipCluster:
             nursery.start_soon(self._sweep_orphans_forever)
             if self._options.seeds:
                 nursery.start_soon(self._join_at_start, self._options.seeds)
+            else:
+                self._start_join_done.set()
             log.info(
                 "gossip ready name=%s bind=%s advertise=%s profile=%s encrypted=%s",
                 self.core.name,
@@ -1150,7 +1154,21 @@ class GossipCluster:
             self.core.join([member.address], trio.current_time())
             self._wake.set()
 
+    def joining(self) -> bool:
+        """Whether the start-up join is still under way (no seed answered yet)."""
+        return not self._start_join_done.is_set()
+
+    async def wait_joined(self) -> None:
+        """Until the start-up join is over: the seeds' tables are merged."""
+        await self._start_join_done.wait()
+
     async def _join_at_start(self, seeds: Sequence[str]) -> None:
+        try:
+            await self._join_with_retries(seeds)
+        finally:
+            self._start_join_done.set()
+
+    async def _join_with_retries(self, seeds: Sequence[str]) -> None:
         delay = JOIN_BACKOFF_MIN_S
         while not self._left:
             try:

@@ -71,7 +71,8 @@ TERMINATE_GRACE_S = 2.0
 CLAIM_TIMEOUT_S = 2.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
-#: The longest a daemon's ``settling`` is taken for (it says 5 s at most).
+#: The longest a daemon's ``settling`` is taken for (it says 5 s, or up to
+#: 60 s while its start-up join is under way, then pushes "settled").
 SETTLE_MAX_S = 60.0
 
 
@@ -277,6 +278,9 @@ class Supervisor:
     # -- session ------------------------------------------------------------------
 
     def _on_push(self, message: Mapping[str, Any]) -> None:
+        if message.get("push") == "settled":
+            self._drop_carried()  # the daemon's table is whole now
+            return
         if message.get("push") != "records":
             return
         for item in message.get("records") or []:
@@ -360,6 +364,9 @@ class Supervisor:
         await trio.sleep(after)
         if attach != self._attaches:
             return  # attached again meanwhile: that attach's own task decides
+        self._drop_carried()
+
+    def _drop_carried(self) -> None:
         gone = sum(self.table.forget(record) for record in self.carried.values())
         self.carried = {}
         if gone:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 
+from axnet import _daemon as daemon_module
 from axnet._control import (
     CONTROL_SOCKET,
     OUTBOX_BYTES,
@@ -437,6 +438,83 @@ async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> N
 
     received = await _with_daemon(sock_dir, talk)
     assert received  # its attach was answered, before it stopped reading
+
+
+class _SlowJoin:
+    """A cluster whose start-up join is over only when the test says so."""
+
+    def __init__(self) -> None:
+        self.joined = trio.Event()
+
+    def publish(self, records: object) -> None:
+        pass
+
+    def members(self) -> list[dict[str, Any]]:
+        return []
+
+    async def join(self, seeds: object) -> int:
+        return 0
+
+    async def leave(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def name_conflicts(self) -> list[str]:
+        return []
+
+    def joining(self) -> bool:
+        return not self.joined.is_set()
+
+    async def wait_joined(self) -> None:
+        await self.joined.wait()
+
+
+def _pushes(sock: socket.socket, decoder: FrameDecoder, seconds: float) -> list[str]:
+    """The kinds of the pushes that come within *seconds*."""
+    sock.settimeout(seconds)
+    kinds = []
+    with contextlib.suppress(TimeoutError):
+        while data := sock.recv(1 << 20):
+            kinds += [m["push"] for m in decoder.feed(data) if "push" in m]
+    return kinds
+
+
+async def test_a_daemon_settles_once_its_start_up_join_is_over(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon_module, "SETTLE_S", 0.2)
+    daemon = _daemon(sock_dir)
+    cluster = _SlowJoin()
+    daemon.cluster = cluster
+    path = control_path(sock_dir)
+    decoder = FrameDecoder()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+
+            def attach() -> dict[str, Any]:
+                sock.connect(str(path))
+                sock.sendall(frame({"op": "attach", "id": 1, "app_id": "a1", "claims": []}))
+                sock.settimeout(10.0)
+                reply: dict[str, Any] = decoder.feed(sock.recv(1 << 20))[0]
+                return reply
+
+            reply = await trio.to_thread.run_sync(attach)
+            # Past SETTLE_S, still joining: settling on, no "settled" yet.
+            assert reply["settling"] > 50
+            assert "settled" not in await trio.to_thread.run_sync(_pushes, sock, decoder, 0.5)
+            cluster.joined.set()
+            assert "settled" in await trio.to_thread.run_sync(_pushes, sock, decoder, 2.0)
+            # A supervisor attaching now keeps nothing.
+
+            def attach_another() -> Any:
+                with ControlClient(path, timeout=5.0) as client:
+                    return _attach(client, "a2")["settling"]
+
+            assert await trio.to_thread.run_sync(attach_another) == 0
+            daemon.stop()
 
 
 def _services_received(sock: socket.socket, want: int) -> set[str]:

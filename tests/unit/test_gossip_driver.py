@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import swim
+from axnet import _gossip as gossip_module
 from axnet._daemon import Daemon, DaemonConfig
 from axnet._gossip import (
     MAX_INBOUND_PER_SOURCE,
@@ -44,13 +45,18 @@ def make_daemon(name: str) -> Daemon:
 
 
 @asynccontextmanager
-async def running(name: str, *, key: bytes | None = KEY) -> AsyncIterator[GossipCluster]:
+async def running(
+    name: str, *, key: bytes | None = KEY, bind: str = "127.0.0.1:0", seeds: tuple[str, ...] = ()
+) -> AsyncIterator[GossipCluster]:
     daemon = make_daemon(name)
-    options = gossip_options(bind="127.0.0.1:0", advertise=None, profile="local")
-    if key is not None:
-        options = type(options)(
-            bind=options.bind, advertise=options.advertise, keys=(key,), profile="local"
-        )
+    options = gossip_options(bind=bind, advertise=None, profile="local")
+    options = type(options)(
+        bind=options.bind,
+        advertise=options.advertise,
+        seeds=seeds,
+        keys=(key,) if key is not None else (),
+        profile="local",
+    )
     cluster = GossipCluster(daemon, options)
     await cluster.bind()
     daemon.cluster = cluster
@@ -427,3 +433,22 @@ async def test_the_cores_view_of_a_member_goes_before_what_we_withdrew() -> None
         record = ["s", "10.9.0.7", 80, "192.0.2.9", 20000, "b", "b1", "", [], 5, False, 0.0]
         await merge_state(a, [record])
         assert a._daemon.node.table.resolve(ipaddress.ip_address("10.9.0.7"), 80) is not None
+
+
+async def test_the_start_up_join_is_under_way_until_a_seed_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gossip_module, "JOIN_BACKOFF_MIN_S", 0.1)
+    with socket.socket() as probe:  # a port nobody serves yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with running("b", seeds=(f"127.0.0.1:{port}",)) as b:
+        assert b.joining()  # no seed answers
+        await trio.sleep(0.5)
+        assert b.joining()  # and it keeps trying
+        async with running("a", bind=f"127.0.0.1:{port}") as a:
+            assert not a.joining()  # no seeds: nothing to wait for
+            with trio.fail_after(10):
+                await b.wait_joined()
+            assert not b.joining()
+            assert statuses(b).get("a") == "alive"

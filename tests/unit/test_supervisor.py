@@ -86,6 +86,22 @@ async def test_a_reattach_to_a_settling_daemon_keeps_what_it_lacks_until_it_sett
     assert _served(supervisor, "10.9.0.3")
 
 
+async def test_the_daemons_settled_push_drops_what_was_kept_at_once() -> None:
+    # A daemon whose start-up join is slow says it settles in up to 60 s,
+    # and then pushes "settled" as soon as its table is whole.
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    known = [_service_wire(f"10.9.0.{i}") for i in (1, 2)]
+    _reattached(supervisor, known, settling=0.0)
+    _reattached(supervisor, [], settling=60.0)
+    assert all(_served(supervisor, f"10.9.0.{i}") for i in (1, 2))
+    supervisor._on_push({"push": "records", "records": [known[0]]})  # the join brought it
+    supervisor._on_push({"push": "settled"})
+    assert [_served(supervisor, f"10.9.0.{i}") for i in (1, 2)] == [True, False]
+    assert supervisor.carried == {}
+
+
 async def test_a_reattach_to_a_settled_daemon_keeps_nothing() -> None:
     supervisor = Supervisor(
         RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
