@@ -1345,6 +1345,10 @@ class _Kept(collections.deque[int]):
             bell.close()
             log.warning("cannot ring the listener at port %s for a kept connection: %s", port, exc)
             return
+        # A byte, so that a listener with TCP_DEFER_ACCEPT (nginx's
+        # "deferred") queues it too; on loopback the handshake is done by now.
+        with contextlib.suppress(OSError):
+            bell.send(b"\0")
         self.bell, self.bell_from = bell, (ip_address(local[0]), local[1])
 
     def answers(self, peer: bytes) -> bool:

@@ -767,6 +767,9 @@ def accept_without_fds(port: str, mode: str = "blocking") -> None:
     import selectors
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if mode == "deferred":  # epoll, and TCP_DEFER_ACCEPT (nginx's "deferred")
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+        mode = "epoll"
     listener.bind(("0.0.0.0", int(port)))
     listener.listen(8)
     poller = selectors.DefaultSelector()

@@ -558,7 +558,7 @@ def test_a_session_leaders_exit_hangs_up_the_app_once(node: AxnetNode) -> None:
     assert json.loads(text[text.rindex("{") :]) == {"sighups": 1}, node.log("hup")
 
 
-@pytest.mark.parametrize("mode", ["blocking", "epoll"])
+@pytest.mark.parametrize("mode", ["blocking", "epoll", "deferred"])
 def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode, mode: str) -> None:
     # As the kernel: EMFILE, and the connection waits for the next accept.
     # An epoll-driven server (nginx, asyncio) accepts only when the listener
