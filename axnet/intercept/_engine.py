@@ -43,7 +43,9 @@ accepted for an ``accept`` whose thread went away is kept and handed to the
 next ``accept`` on that listener: it is never lost.
 
 The table and identity are read here and replaced (whole objects) by the
-supervisor's trio thread; a lookup is a single dictionary read.
+supervisor's trio thread; a lookup is a single dictionary read.  What the app
+has bound, and the connections kept for its listeners, are kept by
+``_bindings``.
 
 The hot path — a redirected ``connect``, an ``accept`` on a virtual listener,
 ``getsockname``/``getpeername`` — also exists in C (``_fastpath.c``), which
@@ -57,7 +59,6 @@ supervisor's environment, this module answers everything itself.
 from __future__ import annotations
 
 import _socket
-import collections
 import contextlib
 import errno
 import fcntl
@@ -68,7 +69,6 @@ import select
 import signal
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -81,7 +81,6 @@ from .._table import (
     RealAddress,
     ServiceTable,
     VirtualAddress,
-    endpoint,
     ip_address,
     packed_ip,
 )
@@ -95,8 +94,9 @@ from .._verdict import (
     decide_bind,
     decide_connect,
 )
-from . import _raw, _sockdiag
+from . import _bindings, _raw
 from ._appfs import AppFs, is_path_address
+from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
 from ._bpf import (
     NR_ACCEPT,
     NR_ACCEPT4,
@@ -148,7 +148,6 @@ _SO_ERROR = socket.SO_ERROR
 #: that the tries visit different ports of any block.
 _BLOCK_STRIDE = 97
 _WILDCARD4, _WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
-_LOOPBACK4, _LOOPBACK6 = ip_address("127.0.0.1"), ip_address("::1")
 
 
 #: The context of a call that needs none (reusable).
@@ -167,40 +166,6 @@ class NodeLink(Protocol):
 
     def listen(self, virtual: VirtualAddress) -> None: ...
     def release(self, virtual: VirtualAddress) -> None: ...
-
-
-@attrs.define
-class BoundSocket:
-    """One socket of the app bound to a virtual address."""
-
-    inode: int
-    #: A thread of the process that bound it, to find the socket in its fd table.
-    pid: int = 0
-    listening: bool = False
-
-
-@attrs.define
-class Binding:
-    """An address the app has bound: ``virtual``, held by sockets bound for real
-    to ``real_port``.  One socket, or several when each was bound with
-    SO_REUSEPORT (the kernel then spreads the connections between them).
-
-    The app's own virtual address is claimed from the node and published when
-    a socket listens.  An *inert* binding (``virtual.ip`` a wildcard) is a
-    wildcard of the family the app has no address in: bound to loopback, not
-    claimed, never published."""
-
-    virtual: VirtualAddress
-    real_port: int
-    sockets: list[BoundSocket]
-    #: The sockets had SO_REUSEPORT when bound: more may join.
-    reuseport: bool = False
-    #: Published: a socket of it listens (stays so until it is released).
-    listening: bool = False
-
-    @property
-    def inert(self) -> bool:
-        return self.virtual.ip.is_unspecified
 
 
 @attrs.define
@@ -258,15 +223,8 @@ class Engine:
         self.identity = identity
         self.table = table
         self.node = node
-        #: Bindings of the app's virtual address by real port (on the node's
-        #: address), and inert ones by real port (on loopback).
-        self.bindings: dict[int, Binding] = {}
-        self._inert: dict[int, Binding] = {}
-        #: Both, by the address the app bound (inert ones by their wildcard).
-        self._by_virtual: dict[VirtualAddress, Binding] = {}
+        self.bindings = Bindings(self._release_claim)
         self.counters = Counters()
-        self._pending: dict[int, _Kept] = {}
-        self._bindings_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._epoll = select.epoll()
@@ -278,10 +236,6 @@ class Engine:
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
         self._block_value = b""
-        #: Real port -> packed virtual endpoint of each binding (the fast path's view).
-        self._names: dict[int, bytes] = {}
-        #: The same for inert bindings, whose real port is on loopback.
-        self._inert_names: dict[int, bytes] = {}
         self._me_identity: Identity | None = None
         self._me = b""
         self._fast = None
@@ -293,9 +247,9 @@ class Engine:
                 resp_size=resp_size,
                 pidfds=self._tasks.pidfds,
                 mems=self._tasks.mems,
-                names=self._names,
-                inert=self._inert_names,
-                pending=self._pending,
+                names=self.bindings.names,
+                inert=self.bindings.inert_names,
+                pending=self.bindings.kept,
             )
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
@@ -468,7 +422,7 @@ class Engine:
         assert extra is not None  # DELIVER carries (family, real port, peer)
         family, real_port, peer = extra
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
-        binding = self.bindings.get(real_port)
+        binding = self.bindings.at(real_port)
         if binding is None:  # cannot happen: the fast path found it a moment ago
             os.close(conn)
             raise Errno(errno.ECONNABORTED)
@@ -860,7 +814,7 @@ class Engine:
             raise Errno(errno.EINVAL)  # already bound, as the kernel says
         me = self.identity
         virtual = VirtualAddress(ip=me.vip, port=port)
-        reuseport = _reuseport(sock)
+        reuseport = _bindings.reuseport(sock)
         if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:
             # An IPv6 virtual address on a node with an IPv4 address: the real
             # socket is bound v4-mapped, which an IPv6-only socket refuses
@@ -869,7 +823,7 @@ class Engine:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if port:
-            group = self._live_binding(virtual)
+            group = self.bindings.live(virtual)
             if group is not None:
                 # Ours: a second socket on it only as the kernel allows one.
                 return self._join(group, sock, reuseport, me.real_host, pid)
@@ -949,10 +903,7 @@ class Engine:
             sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
             reuseport=reuseport,
         )
-        with self._bindings_lock:
-            self.bindings[real_port] = binding
-            self._by_virtual[virtual] = binding
-            self._names[real_port] = endpoint(virtual.ip, virtual.port)
+        self.bindings.add(binding)
         log.debug("bind virtual=%s real=%s:%s", virtual, self.identity.real_host, real_port)
         return binding
 
@@ -964,10 +915,10 @@ class Engine:
             raise Errno(errno.EINVAL)
         v6 = sock.family == _AF_INET6
         virtual = VirtualAddress(ip=_WILDCARD6 if v6 else _WILDCARD4, port=port)
-        loopback = _LOOPBACK6 if v6 else _LOOPBACK4
-        reuseport = _reuseport(sock)
+        loopback = LOOPBACK6 if v6 else LOOPBACK4
+        reuseport = _bindings.reuseport(sock)
         if port:
-            group = self._live_binding(virtual)
+            group = self.bindings.live(virtual)
             if group is not None:
                 return self._join(group, sock, reuseport, loopback, pid)
         err = _raw.bind(sock.fileno(), _pack(sock.family, loopback, 0))
@@ -981,25 +932,8 @@ class Engine:
             sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
             reuseport=reuseport,
         )
-        with self._bindings_lock:
-            self._inert[real_port] = binding
-            self._by_virtual[shown] = binding
-            self._inert_names[real_port] = endpoint(shown.ip, shown.port)
+        self.bindings.add(binding)
         return binding
-
-    def _live_binding(self, virtual: VirtualAddress) -> Binding | None:
-        """Our binding of *virtual*, unless every socket of it is closed: then
-        it is released here and now.  ``close`` is not trapped, so a server
-        that closes its listener and binds the same port again (iperf3 does,
-        between tests) would otherwise find its own stale binding until the
-        next sweep."""
-        group = self._by_virtual.get(virtual)
-        if group is None:
-            return None
-        if len(_closed(group.sockets, _sockdiag.listening_inodes())) < len(group.sockets):
-            return group
-        self._release([group])
-        return None
 
     def _join(
         self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
@@ -1013,8 +947,7 @@ class Engine:
         err = _raw.bind(sock.fileno(), _pack(sock.family, host, group.real_port))
         if err:
             raise Errno(err)
-        with self._bindings_lock:
-            group.sockets.append(BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid))
+        self.bindings.join(group, os.fstat(sock.fileno()).st_ino, pid)
         log.debug("bind joined virtual=%s sockets=%d", group.virtual, len(group.sockets))
         return group
 
@@ -1035,14 +968,7 @@ class Engine:
             return None
         if ip != self.identity.real_host:
             return None
-        return self.bindings.get(port)
-
-    def _inert_of(self, ip: IPAddress, port: int) -> Binding | None:
-        """The inert binding at real ``ip:port``, if it is one."""
-        binding = self._inert.get(port) if self._inert else None
-        if binding is None or ip != (_LOOPBACK6 if binding.virtual.ip.version == 6 else _LOOPBACK4):
-            return None
-        return binding
+        return self.bindings.at(port)
 
     def _on_listen(self, n: Notification) -> None:
         backlog = _int32(n.args[1])
@@ -1068,7 +994,7 @@ class Engine:
             except OSError as exc:
                 raise Errno(exc.errno or errno.EINVAL) from None
             if binding is None and sock.type == _STREAM and family in _INET:
-                binding = self._inert_of(*self._local(sock))
+                binding = self.bindings.inert_at(*self._local(sock))
             if binding is not None:
                 inode = os.fstat(sock.fileno()).st_ino
                 for member in binding.sockets:
@@ -1111,7 +1037,7 @@ class Engine:
     def _accept(self, n: Notification, sock: _socket.socket, flags: int, binding: Binding) -> None:
         """Accept one connection for the app, or wait for one; owns *sock*."""
         family = sock.family
-        kept = self._pending.get(binding.real_port)
+        kept = self.bindings.kept.get(binding.real_port)
         # Connections kept for this listener go first (one taken by a wait
         # whose thread had just died reaches the next accept that wakes).
         if kept is not None and len(kept):
@@ -1197,20 +1123,7 @@ class Engine:
                 os.close(conn)
 
     def _keep(self, binding: Binding, conn: int) -> None:
-        """A connection nobody took: the next accept on its listener gets it.
-
-        We took it off the kernel's queue, so the listener may no longer be
-        readable, and a server that accepts only when epoll says so (nginx,
-        asyncio: both wait for readiness after an EMFILE) would never come
-        back for it.  So a connection of our own, the doorbell, is queued on
-        the listener while any is kept; the accept that meets it discards it
-        and goes on as if it had not been there."""
-        kept = self._pending.get(binding.real_port)
-        if kept is None:
-            kept = self._pending[binding.real_port] = _Kept()
-        kept.append(conn)
-        if kept.bell is None:
-            kept.ring(self.identity.real_host, binding.real_port)
+        self.bindings.keep(binding, conn, self.identity.real_host)
 
     # -- getsockname / getpeername ------------------------------------------------
 
@@ -1238,13 +1151,13 @@ class Engine:
 
     def _virtual_local(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
         ip, port = self._local(sock)
-        inert = self._inert_of(ip, port)
+        inert = self.bindings.inert_at(ip, port)
         if inert is not None:
             return inert.virtual.ip, inert.virtual.port
         me = self.identity
         if ip != me.real_host:
             return None
-        binding = self.bindings.get(port)
+        binding = self.bindings.at(port)
         if binding is not None:
             return binding.virtual.ip, binding.virtual.port
         block = me.block
@@ -1268,136 +1181,23 @@ class Engine:
     # -- housekeeping --------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Withdraw bindings whose sockets the app has all closed, and forget
-        each closed socket of a binding that has others."""
-        if not self.bindings and not self._inert:
-            return
-        try:
-            listening = _sockdiag.listening_inodes()
-        except OSError as exc:
-            log.warning("cannot list listening sockets: %s", exc)
-            return
-        with self._bindings_lock:
-            bindings = [*self.bindings.values(), *self._inert.values()]
-        closed = {id(s) for s in _closed([s for b in bindings for s in b.sockets], listening)}
-        gone = []
-        with self._bindings_lock:
-            for binding in bindings:
-                left = [s for s in binding.sockets if id(s) not in closed]
-                if left:
-                    binding.sockets[:] = left
-                else:
-                    gone.append(binding)
-        self._release(gone)
+        """Withdraw bindings whose sockets the app has all closed."""
+        self.bindings.sweep()
 
-    def _release(self, gone: list[Binding]) -> None:
-        with self._bindings_lock:
-            for binding in gone:
-                if self._by_virtual.get(binding.virtual) is binding:
-                    del self._by_virtual[binding.virtual]
-                if binding.inert:
-                    self._inert.pop(binding.real_port, None)
-                    self._inert_names.pop(binding.real_port, None)
-                    continue
-                self.bindings.pop(binding.real_port, None)
-                self._names.pop(binding.real_port, None)
-                kept = self._pending.pop(binding.real_port, None)
-                if kept is not None:
-                    kept.close()
-        for binding in gone:
-            if binding.inert:
-                log.debug("released inert=%s", binding.virtual)
-                continue
-            log.info("released service=%s listening=%s", binding.virtual, binding.listening)
-            try:
-                self.node.release(binding.virtual)
-            except ClaimError as exc:
-                log.warning("release failed service=%s reason=%s", binding.virtual, exc)
+    def _release_claim(self, virtual: VirtualAddress) -> None:
+        try:
+            self.node.release(virtual)
+        except ClaimError as exc:
+            log.warning("release failed service=%s reason=%s", virtual, exc)
 
     def snapshot_bindings(self) -> list[Binding]:
-        with self._bindings_lock:
-            return list(self.bindings.values())
-
-
-class _Kept(collections.deque[int]):
-    """Connections kept for one listener, and the doorbell rung for them.
-
-    True while either is there: the fast path then leaves every accept on the
-    listener to Python (``kept_for`` in ``_fastpath.c``)."""
-
-    bell: _socket.socket | None = None
-    #: Where the doorbell connects from, as its accept reports the peer.
-    bell_from: tuple[IPAddress, int] | None = None
-
-    def __bool__(self) -> bool:
-        return len(self) > 0 or self.bell is not None
-
-    def ring(self, host: IPAddress, port: int) -> None:
-        """Queue a connection of ours on the listener at real ``host:port``."""
-        family = _AF_INET6 if host.version == 6 else _AF_INET
-        bell = _socket.socket(family, _STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            err = bell.connect_ex((str(host), port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            local = bell.getsockname()
-        except OSError as exc:
-            bell.close()
-            log.warning("cannot ring the listener at port %s for a kept connection: %s", port, exc)
-            return
-        # A byte, so that a listener with TCP_DEFER_ACCEPT (nginx's
-        # "deferred") queues it too; on loopback the handshake is done by now.
-        with contextlib.suppress(OSError):
-            bell.send(b"\0")
-        self.bell, self.bell_from = bell, (ip_address(local[0]), local[1])
-
-    def answers(self, peer: bytes) -> bool:
-        """Whether a connection accepted from *peer* is the doorbell."""
-        return self.bell_from is not None and inet_endpoint(peer) == self.bell_from
-
-    def silence(self) -> None:
-        if self.bell is not None:
-            self.bell.close()
-        self.bell = self.bell_from = None
-
-    def close(self) -> None:
-        self.silence()
-        while self:
-            os.close(self.popleft())
+        return self.bindings.snapshot()
 
 
 def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny) -> Errno:
     """Log a refused call (visible at -v) and return the error the app gets."""
     log.info("%s refused pid=%s addr=%s:%s reason=%s", call, n.pid, ip, port, verdict.reason)
     return Errno(verdict.errno)
-
-
-def _closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket]:
-    """Those of *sockets* that the app has closed.
-
-    A listening socket is cheap to tell (the kernel's list of listeners).
-    One only bound is looked for in the fd table of the thread that bound
-    it, then, if not there, in those of every process of the app: the thread
-    may be gone while another thread or a child still holds the socket
-    (bind, fork, listen later).  Each fd table is read at most once per
-    call, so a sweep costs as much as the app has fds, not that squared.
-    """
-    tables: dict[int, set[int]] = {}
-
-    def held_by(pid: int, inode: int) -> bool:
-        if pid not in tables:
-            tables[pid] = _sockdiag.socket_inodes(pid)
-        return inode in tables[pid]
-
-    unseen = [
-        s
-        for s in sockets
-        if s.inode not in listening and (s.listening or not held_by(s.pid, s.inode))
-    ]
-    if not any(not s.listening for s in unseen):
-        return unseen
-    app = _sockdiag.descendants(os.getpid())
-    return [s for s in unseen if s.listening or not any(held_by(pid, s.inode) for pid in app)]
 
 
 _TIMEVAL = struct.Struct("@ll")
@@ -1410,14 +1210,6 @@ def _as_socket(fd: int) -> _socket.socket:
         return _socket.socket(fileno=fd)
     except OSError as exc:
         raise Errno(exc.errno or errno.ENOTSOCK) from None
-
-
-def _reuseport(sock: _socket.socket) -> bool:
-    """Whether *sock* has SO_REUSEPORT (set before its bind, as the kernel wants)."""
-    try:
-        return bool(sock.getsockopt(_SOL_SOCKET, socket.SO_REUSEPORT))
-    except OSError:
-        return False
 
 
 def _timeout(sock: _socket.socket, option: int) -> float:

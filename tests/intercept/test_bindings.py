@@ -6,8 +6,8 @@ import collections
 
 import pytest
 
-from axnet.intercept import _engine, _sockdiag
-from axnet.intercept._engine import BoundSocket
+from axnet.intercept import _bindings, _sockdiag
+from axnet.intercept._bindings import BoundSocket
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_listening_sockets_are_told_by_the_kernels_list(
 ) -> None:
     _, reads = fd_tables
     open_, gone = BoundSocket(1, pid=100, listening=True), BoundSocket(2, pid=100, listening=True)
-    assert _engine._closed([open_, gone], listening={1}) == [gone]
+    assert _bindings.closed([open_, gone], listening={1}) == [gone]
     assert not reads  # no fd table read for listeners
 
 
@@ -43,7 +43,7 @@ def test_a_bound_socket_is_open_while_any_process_of_the_app_holds_it(
     tables[100] = {1}
     tables[200] = {2}  # a child holds what a thread of 100 bound, then closed
     held_here, held_by_child, gone = (BoundSocket(i, pid=100) for i in (1, 2, 3))
-    assert _engine._closed([held_here, held_by_child, gone], listening=set()) == [gone]
+    assert _bindings.closed([held_here, held_by_child, gone], listening=set()) == [gone]
 
 
 def test_each_fd_table_is_read_once_however_many_sockets(
@@ -52,6 +52,6 @@ def test_each_fd_table_is_read_once_however_many_sockets(
     tables, reads = fd_tables
     tables[100] = set(range(1000))
     sockets = [BoundSocket(i, pid=100) for i in range(2000)]  # half of them closed
-    closed = _engine._closed(sockets, listening=set())
+    closed = _bindings.closed(sockets, listening=set())
     assert [s.inode for s in closed] == list(range(1000, 2000))
     assert reads == {100: 1, 200: 1}
