@@ -30,7 +30,6 @@ from __future__ import annotations
 import _socket
 import collections
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -46,6 +45,8 @@ from ._decode import inet_endpoint
 log = logging.getLogger("axnet.run")
 
 LOOPBACK4, LOOPBACK6 = ip_address("127.0.0.1"), ip_address("::1")
+#: How long ringing a listener may wait for its (local) handshake, in seconds.
+BELL_WAIT_S = 0.05
 
 
 @attrs.define
@@ -218,23 +219,23 @@ class Kept(collections.deque[int]):
         return len(self) > 0 or self.bell is not None
 
     def ring(self, host: IPAddress, port: int) -> None:
-        """Queue a connection of ours on the listener at real ``host:port``."""
+        """Queue a connection of ours on the listener at real ``host:port``,
+        with a byte, so that a listener with TCP_DEFER_ACCEPT (nginx's
+        "deferred") queues it too.  The handshake is local, done at once;
+        only a full backlog makes it wait, and then the listener is readable
+        anyway: the wait is cut short (the engine thread waits with it)."""
         family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
-        kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        bell = _socket.socket(family, kind)
+        bell = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        bell.settimeout(BELL_WAIT_S)
         try:
-            err = bell.connect_ex((str(host), port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
+            with contextlib.suppress(TimeoutError):
+                bell.connect((str(host), port))
+                bell.send(b"\0")
             local = bell.getsockname()
         except OSError as exc:
             bell.close()
             log.warning("cannot ring the listener at port %s for a kept connection: %s", port, exc)
             return
-        # A byte, so that a listener with TCP_DEFER_ACCEPT (nginx's
-        # "deferred") queues it too; on loopback the handshake is done by now.
-        with contextlib.suppress(OSError):
-            bell.send(b"\0")
         self.bell, self.bell_from = bell, (ip_address(local[0]), local[1])
 
     def answers(self, peer: bytes) -> bool:
