@@ -896,7 +896,8 @@ class Engine:
         reuseport: bool,
         pid: int,
     ) -> Binding:
-        """Record *sock*, bound for real to *real_port*, as the app's binding of *virtual*."""
+        """Record *sock*, bound for real to *real_port*, as the app's binding of
+        *virtual* (an inert one when that is a wildcard)."""
         binding = Binding(
             virtual=virtual,
             real_port=real_port,
@@ -904,7 +905,7 @@ class Engine:
             reuseport=reuseport,
         )
         self.bindings.add(binding)
-        log.debug("bind virtual=%s real=%s:%s", virtual, self.identity.real_host, real_port)
+        log.debug("bind virtual=%s real_port=%s", virtual, real_port)
         return binding
 
     def _bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
@@ -926,14 +927,7 @@ class Engine:
             raise Errno(err)
         real_port = self._local(sock)[1]
         shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
-        binding = Binding(
-            virtual=shown,
-            real_port=real_port,
-            sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
-            reuseport=reuseport,
-        )
-        self.bindings.add(binding)
-        return binding
+        return self._bound(sock, shown, real_port, reuseport, pid)
 
     def _join(
         self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
