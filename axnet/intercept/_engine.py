@@ -466,8 +466,11 @@ class Engine:
         waiter.sock.close()
 
     def _wake_waiters(self) -> None:
-        for ready, _ in self._epoll.poll(0):
-            self._wake_waiter(ready)
+        # Oldest first: of the accepts blocked on one listener, the kernel
+        # hands a connection to the one that has waited longest.
+        ready = [fd for fd, _ in self._epoll.poll(0) if fd in self._waiters]
+        for fd in sorted(ready, key=lambda fd: self._waiters[fd].since):
+            self._wake_waiter(fd)
 
     def _wake_waiter(self, fd: int) -> None:
         waiter = self._waiters.pop(fd, None)

@@ -37,6 +37,12 @@
  * that makes the call cost ~45 µs instead of ~6 (bench/c/wakeup.c).
  * Nothing here can change that; the loop only avoids adding wakeups of its
  * own (one poll(), no hand-off to another thread).
+ *
+ * A blocking accept with nothing queued parks: the loop keeps the
+ * notification and puts its listener in that same poll() set, one entry per
+ * listener however many accepts wait on it.  The listener's own wakeup then
+ * reaches the loop (no epoll set in between, which would drop its sync hint),
+ * and parking costs no syscall beyond an fstat.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,9 +55,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
-#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -83,7 +89,11 @@ typedef struct {
     unsigned port;
     int32_t room; /* *addrlen as the app passed it, read once */
     long long since_ms; /* when it parked: SO_RCVTIMEO counts from here */
+    ino_t listener;     /* the listening socket's inode: accepts on one share a watch */
+    unsigned long long seq; /* parking order: the oldest on a listener is served first */
 } Parked;
+
+enum { FIXED_FDS = 3 }; /* the poll set: the listener fd, wake, waiters, then watches */
 
 static long long now_ms(void) {
     struct timespec ts;
@@ -94,13 +104,16 @@ static long long now_ms(void) {
 typedef struct {
     PyObject_HEAD
     int nfd;
-    int ep; /* epoll set of parked accepts' listeners (our duplicates) */
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *names, *inert, *pending; /* dicts owned by Python */
     PyObject *identity, *me;                   /* the engine's identity, packed */
-    Parked **parked;                           /* indexed by listener fd */
+    Parked **parked;                           /* indexed by listener fd (ours) */
     int parked_cap, parked_count;
+    unsigned long long parked_seq;
+    struct pollfd *fds; /* FIXED_FDS, then one parked fd per listener (its oldest) */
+    int fds_cap, watches;
+    int watches_stale;  /* parked accepts changed since the watches were chosen */
     unsigned long long notifications, answered, redirected, deferred;
 } Fast;
 
@@ -372,7 +385,7 @@ slow:
 /* Accept one connection on our duplicate fd of the virtual listener at real
  * port `port` (family `family`) and hand it to the app.  `room` is the app's
  * *addrlen (read by the caller; unused without an address to fill); `ready`
- * says epoll has just seen a connection queued.  Does not close fd.
+ * says poll() has just seen a connection queued.  Does not close fd.
  * -1: answered; PARKED: nothing queued on a blocking listener; SLOW: not
  * started; DELIVER: accepted, Python finishes. */
 static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, int ready,
@@ -635,6 +648,8 @@ static void call_done(Call *c) {
 /* Wait natively for the listener fd (ours) of an accept; 0, or -1 if it cannot. */
 static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) {
     int fd = out->fd;
+    struct stat st;
+    if (fstat(fd, &st) < 0) return -1;
     if (fd >= self->parked_cap) {
         int cap = fd + 64;
         Parked **grown = PyMem_Realloc(self->parked, (size_t)cap * sizeof *grown);
@@ -650,32 +665,53 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->port = out->port;
     p->room = out->room;
     p->since_ms = now_ms();
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = fd};
-    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        PyMem_Free(p);
-        return -1;
-    }
+    p->listener = st.st_ino;
+    p->seq = self->parked_seq++;
     self->parked[fd] = p;
     self->parked_count++;
     self->deferred++;
+    self->watches_stale = 1;
     return 0;
 }
 
 /* Stop waiting on fd: forget it and close it. */
 static void unpark(Fast *self, int fd) {
-    epoll_ctl(self->ep, EPOLL_CTL_DEL, fd, NULL);
     PyMem_Free(self->parked[fd]);
     self->parked[fd] = NULL;
     self->parked_count--;
+    self->watches_stale = 1;
     close(fd);
 }
 
-/* One parked accept whose listener is ready: None, or a hand-back. */
-static PyObject *serve_parked(Fast *self, PyObject *engine) {
-    struct epoll_event ev;
-    int ready = epoll_wait(self->ep, &ev, 1, 0);
-    if (ready <= 0) Py_RETURN_NONE;
-    int fd = ev.data.fd;
+/* Choose the watches: for each listener with accepts parked on it, the fd of
+ * its oldest.  0, or -1 without memory (the watches stay as they were). */
+static int choose_watches(Fast *self) {
+    int need = FIXED_FDS + self->parked_count;
+    if (need > self->fds_cap) {
+        struct pollfd *grown = PyMem_Realloc(self->fds, (size_t)need * sizeof *grown);
+        if (grown == NULL) return -1;
+        self->fds = grown;
+        self->fds_cap = need;
+    }
+    struct pollfd *watch = self->fds + FIXED_FDS;
+    int watches = 0;
+    for (int fd = 0; fd < self->parked_cap; fd++) {
+        Parked *p = self->parked[fd];
+        if (p == NULL) continue;
+        int w = 0;
+        while (w < watches && self->parked[watch[w].fd]->listener != p->listener) w++;
+        if (w == watches)
+            watch[watches++] = (struct pollfd){.fd = fd, .events = POLLIN};
+        else if (p->seq < self->parked[watch[w].fd]->seq)
+            watch[w].fd = fd;
+    }
+    self->watches = watches;
+    self->watches_stale = 0;
+    return 0;
+}
+
+/* The parked accept on fd, whose listener is ready: None, or a hand-back. */
+static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
@@ -697,10 +733,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine) {
     call_done(&c);
     /* PARKED: somebody else took it; unless Python keeps a connection for
      * this listener (its accept failed after taking it), wait again. */
-    if (kind == PARKED && !kept_for(self, p->port)) {
-        ev.events = EPOLLIN | EPOLLONESHOT;
-        if (epoll_ctl(self->ep, EPOLL_CTL_MOD, fd, &ev) == 0) Py_RETURN_NONE;
-    }
+    if (kind == PARKED && !kept_for(self, p->port)) Py_RETURN_NONE;
     if (kind == PARKED) kind = SLOW;
     unpark(self, fd);
     if (kind < 0) Py_RETURN_NONE;
@@ -769,18 +802,20 @@ static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs)
     long long deadline = now_ms() + timeout;
     /* poll(), not epoll_wait(): with SYNC_WAKE_UP the kernel wakes a poll()
      * sleeper on the app's own CPU. */
-    struct pollfd fds[4] = {
+    struct pollfd fixed[FIXED_FDS] = {
         {.fd = self->nfd, .events = POLLIN},
         {.fd = (int)wake_fd, .events = POLLIN},
         {.fd = (int)waiters_fd, .events = POLLIN},
-        {.fd = self->ep, .events = POLLIN},
     };
     for (;;) {
+        if (self->watches_stale && choose_watches(self) < 0) return PyErr_NoMemory();
+        struct pollfd *fds = self->fds;
+        memcpy(fds, fixed, sizeof fixed);
         long long left = deadline - now_ms();
         if (left < 0) left = 0;
         int ready;
         Py_BEGIN_ALLOW_THREADS
-        ready = poll(fds, 4, (int)left);
+        ready = poll(fds, (nfds_t)(FIXED_FDS + self->watches), (int)left);
         Py_END_ALLOW_THREADS
         if (ready < 0) {
             if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
@@ -790,10 +825,13 @@ static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs)
         if (ready == 0) return PyLong_FromLong(TIMEOUT);
         if (fds[1].revents) return PyLong_FromLong(WAKE);
         if (fds[2].revents) return PyLong_FromLong(WAITERS);
-        if (fds[3].revents & POLLIN) {
-            PyObject *handed = serve_parked(self, engine);
+        /* One parked accept a turn: serving it may change the watches. */
+        for (int w = FIXED_FDS; w < FIXED_FDS + self->watches; w++) {
+            if (!fds[w].revents) continue;
+            PyObject *handed = serve_parked(self, engine, fds[w].fd);
             if (handed != Py_None) return handed;
             Py_DECREF(handed);
+            break;
         }
         if (fds[0].revents & POLLIN) {
             PyObject *handed = serve_notification(self, engine);
@@ -912,11 +950,12 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
-    self->ep = epoll_create1(EPOLL_CLOEXEC);
-    if (self->ep < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    self->fds = PyMem_Calloc(FIXED_FDS, sizeof *self->fds);
+    if (self->fds == NULL) {
+        PyErr_NoMemory();
         return -1;
     }
+    self->fds_cap = FIXED_FDS;
     self->nfd = fd;
     self->notif_size = (size_t)notif_size;
     self->resp_size = (size_t)resp_size;
@@ -934,7 +973,6 @@ static PyObject *Fast_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Fast *self = (Fast *)type->tp_alloc(type, 0);
     if (self != NULL) {
         self->nfd = -1;
-        self->ep = -1;
     }
     return (PyObject *)self;
 }
@@ -942,7 +980,7 @@ static PyObject *Fast_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 static void Fast_dealloc(Fast *self) {
     if (self->parked != NULL) close_parked(self);
     PyMem_Free(self->parked);
-    if (self->ep >= 0) close(self->ep);
+    PyMem_Free(self->fds);
     Py_XDECREF(self->pidfds);
     Py_XDECREF(self->mems);
     Py_XDECREF(self->names);

@@ -553,6 +553,42 @@ def stuck_server(port: str) -> None:
     time.sleep(3600)
 
 
+def accept_pool(port: str, workers: str) -> None:
+    """Blocking accepts in a pool, as thread-per-connection servers do: on
+    PORT, WORKERS threads and a forked child; on PORT+1, two threads.  Each
+    tells its client which worker accepted it, and from where."""
+    import time
+
+    def serve(listener: socket.socket, worker: str) -> None:
+        while True:
+            conn, peer = listener.accept()
+            with conn:
+                conn.sendall(json.dumps({"worker": worker, "accepted_from": _addr(peer)}).encode())
+
+    first = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    second = _listener(socket.AF_INET, "0.0.0.0", int(port) + 1)
+    if os.fork() == 0:
+        serve(first, "child")
+    pool = [(first, f"thread{i}") for i in range(int(workers))]
+    pool += [(second, "second0"), (second, "second1")]
+    for listener, worker in pool:
+        threading.Thread(target=serve, args=(listener, worker), daemon=True).start()
+    _out(ready=True)
+    time.sleep(3600)
+
+
+def ask(host: str, port: str, count: str) -> None:
+    """Connect to HOST:PORT COUNT times, one after another; what each server said."""
+    said = []
+    for _ in range(int(count)):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+        said.append(json.loads(data))
+    _out(said=said)
+
+
 def slow_and_fast(stuck_host: str, stuck_port: str, host: str, port: str) -> None:
     """One thread blocks in connect to a full listener; others must not wait for it."""
     import time
@@ -903,6 +939,8 @@ def rebind(port: str) -> None:
 COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
     "stuck-server": stuck_server,
+    "accept-pool": accept_pool,
+    "ask": ask,
     "slow-and-fast": slow_and_fast,
     "signals": signals,
     "signal-to-worker": signal_to_worker,

@@ -357,6 +357,21 @@ def test_signals_interrupt_parked_calls(node: AxnetNode) -> None:
     assert int(counted[1]) == 4  # the accept, the connect, the restarted one, the timed one
 
 
+def test_a_pool_of_blocking_accepts_serves_every_connection(node: AxnetNode) -> None:
+    # Thread-per-connection and prefork servers keep several accepts blocked
+    # on one listener: each connection goes to one of them, every one of them
+    # gets its turn, and accepts blocked on another listener are not confused
+    # with them.
+    node.app([*APPS, "accept-pool", "7030", "3"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7030")
+    node.wait_service("10.1.0.5:7031")
+    first = node.run_json([*APPS, "ask", "10.1.0.5", "7030", "16"], ip="10.1.0.9")["said"]
+    second = node.run_json([*APPS, "ask", "10.1.0.5", "7031", "8"], ip="10.1.0.9")["said"]
+    assert [s["accepted_from"][0] for s in first + second] == ["10.1.0.9"] * 24
+    assert {s["worker"] for s in first} == {"child", "thread0", "thread1", "thread2"}
+    assert {s["worker"] for s in second} == {"second0", "second1"}
+
+
 def _processes(node: AxnetNode, marker: str) -> list[int]:
     """Live (not zombie) app processes of the test host whose command line has
     *marker* (supervisors, ``axnet run …``, are not counted)."""
