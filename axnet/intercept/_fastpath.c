@@ -232,6 +232,14 @@ static int write_app(Call *c, uint64_t address, const void *data, size_t len) {
     return pwrite(mem, data, len, (off_t)address) == (ssize_t)len ? 0 : -1;
 }
 
+/* Whether fd is a stream socket.  Where its address is read anyway, that
+ * gives the family: one getsockopt fewer than inet_stream_family(). */
+static int is_stream(int fd) {
+    int type = 0;
+    socklen_t len = sizeof type;
+    return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
+}
+
 /* Family of an inet stream socket, or 0 for anything else. */
 static int inet_stream_family(int fd) {
     int family = 0, type = 0;
@@ -460,7 +468,7 @@ static int on_accept(Call *c, Handback *out) {
     struct sockaddr_storage local;
     socklen_t local_len = sizeof local;
     unsigned char endpoint[ENDPOINT_LEN];
-    if (!inet_stream_family(fd) || getsockname(fd, (struct sockaddr *)&local, &local_len) < 0 ||
+    if (!is_stream(fd) || getsockname(fd, (struct sockaddr *)&local, &local_len) < 0 ||
         endpoint_of(&local, local_len, endpoint) < 0)
         goto slow;
     if (memcmp(endpoint, c->me, 16) != 0) goto pass; /* not on the node address */
@@ -502,8 +510,7 @@ static int on_getname(Call *c) {
     struct seccomp_notif *n = c->n;
     int fd = dup_target(c);
     if (fd < 0) return SLOW;
-    int family = inet_stream_family(fd);
-    if (!family) goto pass;
+    if (!is_stream(fd)) goto pass;
     struct sockaddr_storage sa;
     socklen_t len = sizeof sa;
     unsigned char endpoint[ENDPOINT_LEN], shown_end[ENDPOINT_LEN];
@@ -511,6 +518,8 @@ static int on_getname(Call *c) {
     if ((local ? getsockname(fd, (struct sockaddr *)&sa, &len)
                : getpeername(fd, (struct sockaddr *)&sa, &len)) < 0)
         goto slow; /* ENOTCONN and friends: Python answers */
+    int family = sa.ss_family;
+    if (family != AF_INET && family != AF_INET6) goto pass;
     if (endpoint_of(&sa, len, endpoint) < 0) goto slow;
     PyObject *inert = NULL;
     if (local && PyDict_GET_SIZE(c->self->inert) &&
