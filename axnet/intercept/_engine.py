@@ -236,6 +236,7 @@ class Engine:
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
         self._block_value = b""
+        self._block_warned: tuple[int, int] | None = None
         self._me_identity: Identity | None = None
         self._me = b""
         self._fast = None
@@ -725,11 +726,13 @@ class Engine:
         app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL:
-            log.warning(
-                "client port block %s exhausted; connecting from any port "
-                "(the server sees the node's address, not the app's)",
-                self.identity.block,
-            )
+            if self._block_warned != self.identity.block:  # once, not at every connect
+                self._block_warned = self.identity.block
+                log.warning(
+                    "client port block %s exhausted; connecting from any port while it "
+                    "is (the server sees the node's address, not the app's)",
+                    self.identity.block,
+                )
             sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
             err = _connect_nonblocking(fd, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):

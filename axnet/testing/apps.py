@@ -67,6 +67,20 @@ def greeter(port: str, family: str = "inet") -> None:
                 pass
 
 
+def hold_connections(host: str, port: str, count: str) -> None:
+    """Open COUNT connections to a greeter at HOST:PORT and keep them all open
+    to the end; where the greeter saw each come from, in order."""
+    held, seen = [], []
+    for _ in range(int(count)):
+        conn = socket.create_connection((host, int(port)), timeout=10)
+        held.append(conn)
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        seen.append(json.loads(data)["accepted_from"][0])
+    _out(seen=seen)
+
+
 def connect_errno(host: str, port: str) -> None:
     """One connect; report its errno (0 on success)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -952,6 +966,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,
+    "hold-connections": hold_connections,
     "threads": threads,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,
