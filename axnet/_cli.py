@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
 from ._groups import first_of
+from ._node import MAX_BLOCKS
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 from ._version import __version__
 from ._wire import (
@@ -185,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--client-block",
         type=int,
-        default=2048,
+        default=256,
         metavar="N",
-        help="source ports per app (default: %(default)s)",
+        help=f"source ports per block: an app gets one, and up to {MAX_BLOCKS - 1} more as "
+        "it uses them up (default: %(default)s)",
     )
     d.add_argument(
         "--virtual-range",

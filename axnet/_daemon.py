@@ -34,7 +34,7 @@ import attrs
 import trio
 
 from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
-from ._node import ClaimError, Merged, Node, NodeConfig
+from ._node import ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
 from ._wire import (
@@ -71,6 +71,11 @@ class Cluster(Protocol):
     def name_conflicts(self) -> list[str]: ...
     def joining(self) -> bool: ...
     async def wait_joined(self) -> None: ...
+
+
+#: How long a grant of client ports waits for its record to be written out
+#: to every supervisor here.
+PUSH_FLUSH_S = 0.2
 
 
 @attrs.frozen(kw_only=True)
@@ -118,7 +123,7 @@ class Daemon:
                         if app_id is not None:
                             raise ClaimError(errno.EEXIST, "this session is already attached")
                         app_id = await self._attach(conn, request)
-                    elif op in ("claim", "listen", "release"):
+                    elif op in ("claim", "listen", "release", "more-ports"):
                         if app_id is None:
                             raise ClaimError(errno.EPERM, f"'{op}' needs an attached session")
                         await self._session_op(conn, app_id, op, request)
@@ -211,18 +216,33 @@ class Daemon:
     async def _session_op(
         self, conn: Connection, app_id: str, op: str, request: Mapping[str, Any]
     ) -> None:
+        if op == "more-ports":
+            # The app has used up its client port block: another, published
+            # (pushed) before the reply, so that servers name its connections
+            # from the new block as soon as it uses it.
+            block, written = self.node.more_ports(app_id)
+            await self.changed(written)
+            # Written out to every supervisor here first: servers on this
+            # node then all but always know the block before a connection
+            # from it reaches them (an accept that comes first names the
+            # node; getpeername, asked later, names the app).
+            with trio.move_on_after(PUSH_FLUSH_S):
+                for session in list(self.sessions.values()):
+                    await session.flush()
+            await conn.reply(request, block=list(block) if block else None)
+            return
         virtual = VirtualAddress(
             ip=ip_address(str(request["vip"])), port=port_from_wire(request["vport"])
         )
         if op == "claim":
             # A real port may be asked for only from the app's own client
-            # block (see Engine._bind_in_block); otherwise the pool gives one.
+            # blocks (see Engine._bind_in_block); otherwise the pool gives one.
             wanted = request.get("real_port")
-            block = self.node.apps[app_id].block if app_id in self.node.apps else None
+            blocks = self.node.apps[app_id].blocks if app_id in self.node.apps else []
             real_port = None
-            if wanted is not None and block is not None:
+            if wanted is not None:
                 port = port_from_wire(wanted)
-                real_port = port if block[0] <= port <= block[1] else None
+                real_port = port if any(lo <= port <= hi for lo, hi in blocks) else None
             claim = self.node.claim(
                 app_id,
                 virtual,
@@ -264,12 +284,27 @@ class Daemon:
             served: dict[str, list[ServiceRecord]] = {}
             for service in table.live_services():
                 served.setdefault(service.app_id, []).append(service)
+            # An app's further client port blocks have records of their own:
+            # shown with the app.
+            own: list[AppRecord] = []
+            more: dict[str, list[tuple[int, AppRecord]]] = {}
+            for record in table.live_apps():
+                alias = alias_owner(record.app_id)
+                if alias is None:
+                    own.append(record)
+                else:
+                    more.setdefault(alias[0], []).append((alias[1], record))
             await conn.reply_listing(
                 request,
                 "apps",
                 [
-                    app_view(a, local.get(a.app_id), served.get(a.app_id, []))
-                    for a in table.live_apps()
+                    app_view(
+                        a,
+                        local.get(a.app_id),
+                        served.get(a.app_id, []),
+                        [r for _, r in sorted(more.get(a.app_id, []), key=lambda m: m[0])],
+                    )
+                    for a in own
                 ],
             )
         elif op == "members":

@@ -82,9 +82,11 @@ class NodeConfig:
     #: lie inside net.ipv4.ip_local_port_range: the kernel clamps a socket's
     #: IP_LOCAL_PORT_RANGE to it.
     client_ports: PortRange = PortRange(lo=32768, hi=60999)
-    #: Ports per app for outgoing connections (bounds its concurrent
-    #: connections to one destination, TIME_WAIT included).
-    client_block: int = 2048
+    #: Ports per block for outgoing connections.  An app gets one when it
+    #: attaches and another each time it has used them all up, up to
+    #: MAX_BLOCKS (which bounds its concurrent connections to one
+    #: destination, TIME_WAIT included).
+    client_block: int = 256
     #: Where addresses come from for apps started without ``--ip``.
     virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(  # noqa: RUF009  # an immutable value
         "10.77.0.0/16"
@@ -99,6 +101,25 @@ class Claim:
     listening: bool = False
 
 
+#: Client port blocks an app may hold: its first, and more as it uses them up.
+MAX_BLOCKS = 8
+
+
+def alias_id(app_id: str, index: int) -> str:
+    """The id of the record that publishes an app's block number *index* (1, 2…
+    after its first): a record of its own, so that nodes of any version name
+    connections from it, as they would an app's."""
+    return f"{app_id}+{index}"
+
+
+def alias_owner(app_id: str) -> tuple[str, int] | None:
+    """(app id, block index) of an alias record's id, or None for an app's own."""
+    owner, plus, index = app_id.rpartition("+")
+    if not plus or not index.isdigit():
+        return None
+    return owner, int(index)
+
+
 @attrs.define
 class App:
     app_id: str
@@ -109,6 +130,12 @@ class App:
     pid: int
     argv: tuple[str, ...]
     claims: dict[VirtualAddress, Claim] = attrs.field(factory=dict)
+    #: Blocks taken after the first, each published by an alias record.
+    more_blocks: list[tuple[int, int]] = attrs.field(factory=list)
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return ([self.block] if self.block is not None else []) + self.more_blocks
 
 
 @attrs.frozen(kw_only=True)
@@ -198,14 +225,18 @@ class Node:
                 return candidate
         raise ClaimError(errno.EADDRNOTAVAIL, f"virtual range {network} is full")
 
-    def _app_record(self, app: App, *, deleted: bool = False, now: float = 0.0) -> AppRecord:
+    def _app_record(
+        self, app: App, *, index: int = 0, deleted: bool = False, now: float = 0.0
+    ) -> AppRecord:
+        """The app's record (*index* 0), or the alias record of its block *index*."""
+        block = app.block if index == 0 else app.more_blocks[index - 1]
         return AppRecord(
-            app_id=app.app_id,
+            app_id=app.app_id if index == 0 else alias_id(app.app_id, index),
             node=self.config.name,
             vip=app.vip,
             real_host=self.config.real_host,
-            port_lo=app.block[0] if app.block else 0,
-            port_hi=app.block[1] if app.block else 0,
+            port_lo=block[0] if block else 0,
+            port_hi=block[1] if block else 0,
             name=app.name,
             labels=app.labels,
             version=self._bump(),
@@ -249,6 +280,8 @@ class Node:
         """Register an app; pick its virtual IP and client block when not given."""
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
+        if "+" in app_id:
+            raise ClaimError(errno.EINVAL, f"app id {app_id!r} has a '+': those name port blocks")
         if vip is not None:
             reason = reserved_reason(vip)
             if reason is None and vip == self.config.real_host:
@@ -277,10 +310,29 @@ class Node:
         written: list[AppRecord | ServiceRecord] = []
         for claim in list(app.claims.values()):
             written += self._drop_claim(app, claim, now=now)
-        if app.block is not None:
-            self._blocks_in_use.discard(app.block)
-        written.append(self._write(self._app_record(app, deleted=True, now=now)))
+        for block in app.blocks:
+            self._blocks_in_use.discard(block)
+        for index in range(len(app.more_blocks) + 1):
+            written.append(self._write(self._app_record(app, index=index, deleted=True, now=now)))
         return written
+
+    def more_ports(
+        self, app_id: str
+    ) -> tuple[tuple[int, int] | None, list[AppRecord | ServiceRecord]]:
+        """Another client port block for an app that has used up its own (its
+        first, for one that attached when none was free); None when none is
+        left or it holds MAX_BLOCKS already."""
+        app = self._app(app_id)
+        if len(app.blocks) >= MAX_BLOCKS:
+            return None, []
+        block = self._take_block(None)
+        if block is None:
+            return None, []
+        if app.block is None:
+            app.block = block
+            return block, [self._write(self._app_record(app))]
+        app.more_blocks.append(block)
+        return block, [self._write(self._app_record(app, index=len(app.more_blocks)))]
 
     # -- claims ---------------------------------------------------------------
 
@@ -428,7 +480,13 @@ class Node:
                 return None
             return self._service_record(self.apps[claim.app_id], claim)
         app = self.apps.get(record.app_id)
-        return self._app_record(app) if app is not None else None
+        if app is not None:
+            return self._app_record(app)
+        alias = alias_owner(record.app_id)
+        if alias is None or (app := self.apps.get(alias[0])) is None:
+            return None
+        index = alias[1]
+        return self._app_record(app, index=index) if 1 <= index <= len(app.more_blocks) else None
 
     def forget_node(self, node: str, *, now: float) -> list[AppRecord | ServiceRecord]:
         """A member died or left: tombstone its records locally."""
@@ -443,7 +501,8 @@ class Node:
         """Fresh versions of every live record of ours (after a restart or rejoin)."""
         written: list[AppRecord | ServiceRecord] = []
         for app in self.apps.values():
-            written.append(self._write(self._app_record(app)))
+            for index in range(len(app.more_blocks) + 1):
+                written.append(self._write(self._app_record(app, index=index)))
             for claim in app.claims.values():
                 if claim.listening:
                     written.append(self._write(self._service_record(app, claim)))

@@ -30,7 +30,7 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,13 +241,37 @@ class Supervisor:
         except ControlError:
             pass  # a new daemon will not hear of it: the binding is gone from our list
 
+    def more_ports(self) -> tuple[int, int] | None:
+        """Another client port block, the app's from now on; None if the
+        daemon has none to give (or is older, or away)."""
+
+        def adopt(reply: Mapping[str, Any]) -> None:
+            # In the trio thread, as an attach replaces the identity: a
+            # re-attach meanwhile cannot be overwritten with the old session's.
+            block = reply.get("block")
+            if block and self.identity is not None:
+                self.identity = attrs.evolve(self.identity, block=(int(block[0]), int(block[1])))
+                if self.engine is not None:
+                    self.engine.identity = self.identity
+
+        try:
+            reply = self._from_engine("more-ports", then=adopt)
+        except ControlError:
+            return None
+        block = reply.get("block")
+        return (int(block[0]), int(block[1])) if block else None
+
     def _locally_in_use(self, virtual: VirtualAddress) -> bool:
         if self.table.resolve(virtual.ip, virtual.port) is not None:
             return True
         engine = self.engine
         return engine is not None and any(b.virtual == virtual for b in engine.snapshot_bindings())
 
-    def _from_engine(self, op: str, **fields: Any) -> dict[str, Any]:
+    def _from_engine(
+        self, op: str, then: Callable[[Mapping[str, Any]], None] | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Ask the daemon from the engine thread; *then* sees the reply first,
+        in the trio thread."""
         token = self._token
         if token is None:
             raise ControlError("supervisor is shutting down")
@@ -258,7 +282,10 @@ class Supervisor:
                 raise DaemonUnavailable("no daemon session")
             try:
                 with trio.fail_after(CLAIM_TIMEOUT_S):
-                    return await session.request(op, **fields)
+                    reply = await session.request(op, **fields)
+                if then is not None and session is self.session:
+                    then(reply)
+                return reply
             except trio.TooSlowError:
                 # The daemon may still act on it (claim a real port the app
                 # never binds): end the session instead, so that it withdraws

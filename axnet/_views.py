@@ -21,10 +21,14 @@ def service_view(record: ServiceRecord) -> dict[str, Any]:
 
 
 def app_view(
-    record: AppRecord, local: App | None, services: Sequence[ServiceRecord] = ()
+    record: AppRecord,
+    local: App | None,
+    services: Sequence[ServiceRecord] = (),
+    more_blocks: Sequence[AppRecord] = (),
 ) -> dict[str, Any]:
     """An app; its listeners from the node when it runs here, else from
-    *services*, the live service records it published (an app elsewhere)."""
+    *services*, the live service records it published (an app elsewhere);
+    *more_blocks*, the records of its further client port blocks."""
     if local is not None:
         listening = sorted(str(v) for v, c in local.claims.items() if c.listening)
     else:
@@ -35,7 +39,7 @@ def app_view(
         "node": record.node,
         "name": record.name,
         "labels": dict(record.labels),
-        "client_ports": f"{record.port_lo}-{record.port_hi}",
+        "client_ports": ",".join(f"{r.port_lo}-{r.port_hi}" for r in (record, *more_blocks)),
         "pid": local.pid if local else None,
         "command": " ".join(local.argv) if local else None,
         "listening": listening,

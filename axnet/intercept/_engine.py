@@ -166,6 +166,9 @@ class NodeLink(Protocol):
 
     def listen(self, virtual: VirtualAddress) -> None: ...
     def release(self, virtual: VirtualAddress) -> None: ...
+    def more_ports(self) -> tuple[int, int] | None:
+        """Another client port block, which the identity now holds; None if none."""
+        ...
 
 
 @attrs.define
@@ -188,6 +191,8 @@ class _Waiter:
     then: Callable[[Notification, _socket.socket], None]
     #: When the call started waiting (monotonic): its socket timeout counts from here.
     since: float
+    #: The socket's inode: accepts waiting on one listener share it.
+    inode: int = 0
 
 
 def _int32(value: int) -> int:
@@ -237,6 +242,8 @@ class Engine:
         self._block_identity: Identity | None = None
         self._block_value = b""
         self._block_warned: tuple[int, int] | None = None
+        #: The identity for which the daemon had no more client ports.
+        self._no_more_ports: Identity | None = None
         self._me_identity: Identity | None = None
         self._me = b""
         self._fast = None
@@ -333,16 +340,16 @@ class Engine:
             poller.register(fd, select.POLLIN)
 
         def turn(timeout_ms: int) -> bool:
-            for fd, events in poller.poll(timeout_ms):
-                if fd == nfd:
-                    if events & select.POLLIN:
-                        self._serve_one()
-                    elif events & (select.POLLHUP | select.POLLERR):
-                        return False  # every filtered task is gone
-                elif fd == epfd:
-                    self._wake_waiters()
-                elif fd == wake:
-                    return False
+            ready = dict(poller.poll(timeout_ms))
+            if wake in ready:
+                return False
+            if epfd in ready:  # calls that waited go before new ones, as in C
+                self._wake_waiters()
+            events = ready.get(nfd, 0)
+            if events & select.POLLIN:
+                self._serve_one()
+            elif events & (select.POLLHUP | select.POLLERR):
+                return False  # every filtered task is gone
             return True
 
         return turn
@@ -441,7 +448,8 @@ class Engine:
         """Call ``then(n, sock)`` once *sock* is ready; the app stays parked meanwhile."""
         self.counters.deferred += 1
         since = self._rewait_since if self._rewait_since is not None else time.monotonic()
-        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
+        inode = os.fstat(sock.fileno()).st_ino
+        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since, inode=inode)
         self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
 
     def _retry(
@@ -467,9 +475,13 @@ class Engine:
         waiter.sock.close()
 
     def _wake_waiters(self) -> None:
-        # Oldest first: of the accepts blocked on one listener, the kernel
-        # hands a connection to the one that has waited longest.
-        ready = [fd for fd, _ in self._epoll.poll(0) if fd in self._waiters]
+        # Of the accepts blocked on one listener, the kernel hands a
+        # connection to the one that has waited longest.  A listener wakes
+        # our duplicates newest first, and this loop may look before it has
+        # woken them all: every waiter on a ready socket goes, oldest first.
+        ready = {fd for fd, _ in self._epoll.poll(0) if fd in self._waiters}
+        inodes = {self._waiters[fd].inode for fd in ready}
+        ready.update(fd for fd, w in self._waiters.items() if w.inode in inodes)
         for fd in sorted(ready, key=lambda fd: self._waiters[fd].since):
             self._wake_waiter(fd)
 
@@ -725,6 +737,9 @@ class Engine:
         fd = sock.fileno()
         app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         err = _connect_nonblocking(fd, target, app_flags)
+        if pinned and err == errno.EADDRNOTAVAIL and self._more_ports():
+            self._pin_source_ports(sock)
+            err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL:
             if self._block_warned != self.identity.block:  # once, not at every connect
                 self._block_warned = self.identity.block
@@ -747,6 +762,19 @@ class Engine:
             return
         sock.close()
         self._reply(n, error=err)
+
+    def _more_ports(self) -> bool:
+        """The app's client port block is used up: whether it got another
+        from the daemon (which grants a few), now its identity's."""
+        me = self.identity
+        if me is self._no_more_ports:
+            return False  # asked already: not at every connect
+        used_up = me.block
+        if self.node.more_ports() is None:
+            self._no_more_ports = me
+            return False
+        log.info("client port block %s used up; took %s", used_up, self.identity.block)
+        return True
 
     def _connected(self, n: Notification, sock: _socket.socket) -> None:
         """A blocking connect finished (or failed) while the app waited."""

@@ -67,18 +67,27 @@ def greeter(port: str, family: str = "inet") -> None:
                 pass
 
 
-def hold_connections(host: str, port: str, count: str) -> None:
-    """Open COUNT connections to a greeter at HOST:PORT and keep them all open
-    to the end; where the greeter saw each come from, in order."""
-    held, seen = [], []
+def name_later(port: str, count: str) -> None:
+    """Accept COUNT connections on PORT and keep them; then print where
+    accept said each came from, and what getpeername says now, and close them."""
+    listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    _out(ready=True)
+    held, accepted = [], []
     for _ in range(int(count)):
-        conn = socket.create_connection((host, int(port)), timeout=10)
+        conn, peer = listener.accept()
         held.append(conn)
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-        seen.append(json.loads(data)["accepted_from"][0])
-    _out(seen=seen)
+        accepted.append(_addr(peer)[0])
+    _out(accepted=accepted, peernames=[_addr(c.getpeername())[0] for c in held])
+    for conn in held:
+        conn.close()
+
+
+def open_connections(host: str, port: str, count: str) -> None:
+    """Open COUNT connections to HOST:PORT, and keep them until the server closes them."""
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(int(count))]
+    for conn in held:
+        conn.recv(1)
+    _out(opened=len(held))
 
 
 def connect_errno(host: str, port: str) -> None:
@@ -966,7 +975,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "names": names,
     "greeter": greeter,
     "connect-errno": connect_errno,
-    "hold-connections": hold_connections,
+    "name-later": name_later,
+    "open-connections": open_connections,
     "threads": threads,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,

@@ -314,22 +314,28 @@ def test_nonblocking_connects_asyncio_and_trio(node: AxnetNode) -> None:
         assert result == {"ok": 50, "accepted_from": ["10.1.0.9"]}
 
 
-def test_a_client_past_its_port_block_still_connects(node: AxnetNode) -> None:
+def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     # An app's connections leave from its block of source ports, so that
-    # servers can name it.  With every port of the block in use a connect
-    # still succeeds, from any port (the server then sees the node's
-    # address), and the log says so once, not at every connect.
+    # servers can name it.  Each time it has used up its block it gets
+    # another, up to 8; past them a connect still succeeds, from any port
+    # (the server then sees the node's address), and the log says so once,
+    # not at every connect.  The server's getpeername names the app from
+    # every block: an accept just after a new block may come before the
+    # server has heard of it.
     node.stop()
     node.daemon_args = ["--client-block", "16"]
     node.start()
-    node.app([*APPS, "greeter", "7032"], ip="10.1.0.5")
+    server = node.app([*APPS, "name-later", "7032", "140"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7032")
-    done = node.run([*APPS, "hold-connections", "10.1.0.5", "7032", "24"], ip="10.1.0.9")
+    done = node.run([*APPS, "open-connections", "10.1.0.5", "7032", "140"], ip="10.1.0.9")
     assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.strip().splitlines()[-1])["seen"]
-    assert seen[:16] == ["10.1.0.9"] * 16
-    assert len(seen) == 24 and "10.1.0.9" not in seen[16:]
-    assert done.stderr.count("client port block") == 1, done.stderr
+    assert server.wait(timeout=30) == 0
+    named = json.loads((node.logs / "app1.out").read_text().strip().splitlines()[-1])
+    assert named["accepted"][:16] == ["10.1.0.9"] * 16
+    assert named["peernames"][:128] == ["10.1.0.9"] * 128
+    assert "10.1.0.9" not in named["peernames"][128:] + named["accepted"][128:]
+    assert done.stderr.count("used up; took") == 7, done.stderr
+    assert done.stderr.count("exhausted") == 1, done.stderr
 
 
 def test_32_threads_by_100_connects(node: AxnetNode) -> None:

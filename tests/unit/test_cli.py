@@ -231,7 +231,7 @@ def test_node_config_defaults() -> None:
     # Source ports default to the kernel's whole ephemeral range.
     lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert config.client_ports == PortRange(lo=lo, hi=hi)
-    assert config.client_block == 2048
+    assert config.client_block == 256
     assert config.virtual_range == ipaddress.ip_network("10.77.0.0/16")
 
 

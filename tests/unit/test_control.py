@@ -38,7 +38,7 @@ from axnet._control import (
     serve_control,
 )
 from axnet._daemon import Daemon, DaemonConfig
-from axnet._node import NodeConfig
+from axnet._node import MAX_BLOCKS, NodeConfig
 from axnet._supervisor import Session
 from axnet._wire import MAX_LABELS, FrameDecoder, frame, records_from_wire
 
@@ -376,6 +376,37 @@ async def test_a_real_port_is_granted_only_from_the_apps_own_block(sock_dir: Pat
     assert past_block[0] != hi + 1
     assert pool[1] == 20000
     assert pool[0] not in (20000, past_block[0])
+
+
+async def test_an_app_that_used_up_its_block_is_granted_more(sock_dir: Path) -> None:
+    path = control_path(sock_dir)
+
+    def talk() -> tuple[list[Any], list[dict[str, Any]], int]:
+        with ControlClient(path, timeout=5.0) as client:
+            with pytest.raises(ControlError) as info:
+                client.request("more-ports")
+            refused = info.value.errno
+            reply = _attach(client, "a1")
+            blocks = [reply["block"]]
+            for _ in range(MAX_BLOCKS):
+                blocks.append(client.request("more-ports")["block"])
+            # A real port is granted from any of them.
+            lo = blocks[2][0]
+            claim = client.request("claim", vip=reply["vip"], vport=lo, real_port=lo)
+            assert claim["real_port"] == lo
+            with ControlClient(path, timeout=5.0) as other:
+                apps = other.request("apps")["apps"]
+        return blocks, apps, refused
+
+    blocks, apps, refused = await _with_daemon(sock_dir, talk)
+    assert refused == errno.EPERM  # only for an attached app
+    granted, past = blocks[:MAX_BLOCKS], blocks[MAX_BLOCKS:]
+    assert all(isinstance(b, list) for b in granted)
+    assert len({tuple(b) for b in granted}) == MAX_BLOCKS
+    assert past == [None]
+    # One app, listed with all its blocks.
+    [app] = apps
+    assert app["client_ports"] == ",".join(f"{lo}-{hi}" for lo, hi in granted)
 
 
 async def test_join_and_leave_without_gossip_say_how_to_cluster(sock_dir: Path) -> None:

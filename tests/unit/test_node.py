@@ -9,7 +9,17 @@ import itertools
 import attrs
 import pytest
 
-from axnet._node import MAX_AHEAD_S, ClaimError, Merged, Node, NodeConfig, PortRange
+from axnet._node import (
+    MAX_AHEAD_S,
+    MAX_BLOCKS,
+    ClaimError,
+    Merged,
+    Node,
+    NodeConfig,
+    PortRange,
+    alias_id,
+    alias_owner,
+)
 from axnet._table import (
     AppRecord,
     IPAddress,
@@ -103,7 +113,7 @@ def test_node_config_defaults() -> None:
     config = NodeConfig(name="n", real_host=HOST)
     assert config.listen_ports == PortRange(lo=20000, hi=32767)
     assert config.client_ports == PortRange(lo=32768, hi=60999)
-    assert config.client_block == 2048
+    assert config.client_block == 256
     assert config.virtual_range == ipaddress.ip_network("10.77.0.0/16")
 
 
@@ -228,6 +238,77 @@ def test_detach_frees_the_block() -> None:
     node.detach("a1", now=NOW)
     attach(node, "a2")
     assert node.apps["a2"].block == (40000, 40099)
+
+
+def test_an_app_that_used_up_its_block_gets_more_up_to_the_limit() -> None:
+    node = make_node(client=(40000, 40999), block=100)
+    attach(node, "a1")
+    attach(node, "a2")
+    granted = []
+    for _ in range(MAX_BLOCKS - 1):
+        block, written = node.more_ports("a1")
+        assert block is not None
+        granted.append(block)
+        # Each published as an alias record: nodes of any version name
+        # connections from it after the app.
+        [alias] = written
+        assert isinstance(alias, AppRecord)
+        assert alias.app_id == alias_id("a1", len(granted))
+        assert (alias.port_lo, alias.port_hi) == block
+        assert alias.vip == node.apps["a1"].vip
+        assert node.table.virtual_of_client(HOST, block[0]) == alias.vip
+    assert granted == [(40000 + 100 * i, 40099 + 100 * i) for i in range(2, MAX_BLOCKS + 1)]
+    assert node.more_ports("a1") == (None, [])  # MAX_BLOCKS held
+    # Gone with the app: the blocks are free again, the aliases withdrawn.
+    written = node.detach("a1", now=NOW)
+    withdrawn = {r.app_id for r in written if isinstance(r, AppRecord) and r.deleted}
+    assert withdrawn == {"a1", *(alias_id("a1", i) for i in range(1, MAX_BLOCKS))}
+    assert node.table.virtual_of_client(HOST, 40250) is None
+    assert node.more_ports("a2")[0] == (40000, 40099)
+
+
+def test_more_ports_when_none_is_left() -> None:
+    node = make_node(client=(40000, 40199), block=100)
+    attach(node, "a1")
+    attach(node, "a2")
+    assert node.more_ports("a1") == (None, [])
+    attach(node, "a3")  # none left: attached without a block
+    node.detach("a2", now=NOW)
+    # The first block of an app that had none is its own record's.
+    block, [record] = node.more_ports("a3")
+    assert block == (40100, 40199)
+    assert isinstance(record, AppRecord) and record.app_id == "a3"
+    assert (record.port_lo, record.port_hi) == block
+    with pytest.raises(ClaimError) as info:
+        node.more_ports("gone")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_app_ids_never_look_like_those_of_block_records() -> None:
+    node = make_node()
+    with pytest.raises(ClaimError) as info:
+        attach(node, "a1+1")
+    assert info.value.errno == errno.EINVAL
+    assert alias_owner(alias_id("a1", 3)) == ("a1", 3)
+    assert alias_owner("a1") is None
+    assert alias_owner("a1+x") is None
+
+
+def test_a_peers_newer_copy_of_a_block_record_is_answered_with_ours() -> None:
+    node = make_node(client=(40000, 40999), block=100)
+    attach(node, "a1")
+    _, [alias] = node.more_ports("a1")
+    assert isinstance(alias, AppRecord)
+    tomb = attrs.evolve(alias, version=alias.version + 10, deleted=True, deleted_at=NOW)
+    merged = node.merge_remote([tomb], now=NOW)
+    [again] = merged.reasserted
+    assert isinstance(again, AppRecord)
+    assert again.app_id == alias.app_id and not again.deleted
+    assert again.version > tomb.version
+    # One of a block it no longer holds is withdrawn again.
+    stale = attrs.evolve(alias, app_id=alias_id("a1", 5), version=again.version + 1)
+    [withdrawn] = node.merge_remote([stale], now=NOW).reasserted
+    assert withdrawn.deleted
 
 
 def test_attach_twice_is_eexist() -> None:
