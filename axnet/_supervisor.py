@@ -245,21 +245,23 @@ class Supervisor:
         """Another client port block, the app's from now on; None if the
         daemon has none to give (or is older, or away)."""
 
+        adopted: list[tuple[int, int]] = []
+
         def adopt(reply: Mapping[str, Any]) -> None:
             # In the trio thread, as an attach replaces the identity: a
             # re-attach meanwhile cannot be overwritten with the old session's.
             block = reply.get("block")
             if block and self.identity is not None:
-                self.identity = attrs.evolve(self.identity, block=(int(block[0]), int(block[1])))
+                adopted.append((int(block[0]), int(block[1])))
+                self.identity = attrs.evolve(self.identity, block=adopted[0])
                 if self.engine is not None:
                     self.engine.identity = self.identity
 
         try:
-            reply = self._from_engine("more-ports", then=adopt)
+            self._from_engine("more-ports", then=adopt)
         except ControlError:
             return None
-        block = reply.get("block")
-        return (int(block[0]), int(block[1])) if block else None
+        return adopted[0] if adopted else None
 
     def _locally_in_use(self, virtual: VirtualAddress) -> bool:
         if self.table.resolve(virtual.ip, virtual.port) is not None:

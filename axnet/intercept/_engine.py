@@ -477,8 +477,9 @@ class Engine:
     def _wake_waiters(self) -> None:
         # Of the accepts blocked on one listener, the kernel hands a
         # connection to the one that has waited longest.  A listener wakes
-        # our duplicates newest first, and this loop may look before it has
-        # woken them all: every waiter on a ready socket goes, oldest first.
+        # our duplicates in an order of its own, and this loop may look
+        # before it has woken them all: every waiter on a ready socket goes,
+        # oldest first.
         ready = {fd for fd, _ in self._epoll.poll(0) if fd in self._waiters}
         inodes = {self._waiters[fd].inode for fd in ready}
         ready.update(fd for fd, w in self._waiters.items() if w.inode in inodes)
