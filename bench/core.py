@@ -278,6 +278,30 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
 
 WAKEUP_CALLS = 20000
 
+#: getsockname on a bound listener, timed call by call in a Python app: what
+#: one call that axnet answers costs an app, against the kernel's own.
+GETSOCKNAME_APP = """
+import json, socket, sys, time
+s = socket.socket(); s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen()
+times = []
+for _ in range(int(sys.argv[2])):
+    t0 = time.perf_counter_ns(); s.getsockname(); times.append(time.perf_counter_ns() - t0)
+print(json.dumps(times))
+"""
+GETSOCKNAME_CALLS = 20000
+
+
+def getsockname_cost(node: AxnetNode, port: int) -> dict[str, Any]:
+    """p50 of one getsockname, natively and answered by axnet, free placement."""
+    app = _script(node, "getsockname.py", GETSOCKNAME_APP)
+    argv = ["python3", app, str(port), str(GETSOCKNAME_CALLS)]
+    native = _parse_times(node.host.run(argv, timeout=120, check=True).stdout)
+    done = node.run(argv, ip="10.2.0.3", timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"getsockname app under axnet failed: {done.stderr}")
+    axnet = _parse_times(done.stdout)
+    return {"native_us": pct(native, 0.5), "axnet_us": pct(axnet, 0.5)}
+
 
 def wakeups(node: AxnetNode) -> dict[str, Any] | None:
     """One trapped call answered by SEND and by ADDFD then SEND, free and on one CPU.
@@ -568,6 +592,12 @@ def summary(results: dict[str, Any]) -> str:
             f"| {rd['rps_set_plus_get']['seccomp_only']:.0f} "
             f"| ×{rd['seccomp_only_over_native']:.3f} | the kernel's price for seccomp |"
         )
+    if (name := results.get("getsockname")) is not None:
+        lines.append(
+            f"| getsockname p50, timed in a Python app | {name['native_us']:.2f} µs "
+            f"| {name['axnet_us']:.2f} µs | +{name['axnet_us'] - name['native_us']:.1f} µs "
+            "| one trapped call, all told |"
+        )
     wake = results.get("wakeups")
     if wake:
         lines += [
@@ -621,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["roundtrips"] = roundtrips(node, n)
                 if (wake := wakeups(node)) is not None:
                     results["wakeups"] = wake
+                results["getsockname"] = getsockname_cost(node, 9090)
             if "throughput" in parts:
                 results["throughput"] = throughput(node, seconds, rounds)
             if "redis" in parts:
