@@ -409,7 +409,8 @@ def test_a_pool_of_blocking_accepts_serves_every_connection(node: AxnetNode) -> 
     node.app([*APPS, "accept-pool", "7030", "3"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7030")
     node.wait_service("10.1.0.5:7031")
-    workers = _processes(node, "accept-pool")
+    wait_until("pool started", lambda: "ready" in (node.logs / "app1.out").read_text())
+    workers = _processes(node, "accept-pool")  # after the fork
     said = []
     for port in ("7030",) * 8 + ("7031",) * 4:
         wait_until("every worker in accept", lambda: _threads_in_accept(workers) == 6)
