@@ -244,6 +244,13 @@ class Node:
             deleted_at=now if deleted else 0.0,
         )
 
+    def _app_records(self, app: App, *, deleted: bool = False, now: float = 0.0) -> list[AppRecord]:
+        """The app's record and the alias records of its further blocks."""
+        return [
+            self._app_record(app, index=index, deleted=deleted, now=now)
+            for index in range(len(app.more_blocks) + 1)
+        ]
+
     def _service_record(
         self, app: App, claim: Claim, *, deleted: bool = False, now: float = 0.0
     ) -> ServiceRecord:
@@ -312,8 +319,7 @@ class Node:
             written += self._drop_claim(app, claim, now=now)
         for block in app.blocks:
             self._blocks_in_use.discard(block)
-        for index in range(len(app.more_blocks) + 1):
-            written.append(self._write(self._app_record(app, index=index, deleted=True, now=now)))
+        written += [self._write(r) for r in self._app_records(app, deleted=True, now=now)]
         return written
 
     def more_ports(
@@ -501,8 +507,7 @@ class Node:
         """Fresh versions of every live record of ours (after a restart or rejoin)."""
         written: list[AppRecord | ServiceRecord] = []
         for app in self.apps.values():
-            for index in range(len(app.more_blocks) + 1):
-                written.append(self._write(self._app_record(app, index=index)))
+            written += [self._write(r) for r in self._app_records(app)]
             for claim in app.claims.values():
                 if claim.listening:
                     written.append(self._write(self._service_record(app, claim)))
