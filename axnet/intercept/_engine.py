@@ -1115,6 +1115,7 @@ class Engine:
         before taking a connection off the queue).
         """
         keep = False
+        ours = True  # conn is still ours to close or keep
         try:
             addr_ptr, len_ptr = n.args[1], n.args[2]
             if addr_ptr:  # accept stores the address only when asked for one
@@ -1141,14 +1142,19 @@ class Engine:
                     keep = True
                     raise Errno(exc.errno) from None
                 raise
+            # The app holds its own reference now.  Drop ours before the
+            # answer: an app that closes the connection at once must close the
+            # last one, or its FIN waits for this loop (see accept_on in C).
+            ours = False
+            os.close(conn)
             self._reply(n, value=newfd)
         except Gone:
             keep = True
             raise
         finally:
-            if keep:
+            if ours and keep:
                 self._keep(binding, conn)
-            else:
+            elif ours:
                 os.close(conn)
 
     def _keep(self, binding: Binding, conn: int) -> None:
