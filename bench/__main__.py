@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cluster_vs_serf, core, sim_convergence
+from . import cluster_vs_serf, core, sim_convergence, unwind_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
     parser.add_argument("--only", default="core,sim,serf", help="comma-separated subset")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     wanted = set(args.only.split(","))
     out = str(args.out)
     failures = 0

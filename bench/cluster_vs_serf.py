@@ -486,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.observe:
         observe(*args.observe)
         return 0
+    from bench import unwind_on_sigterm  # not in observer mode: run as a script there
+
+    unwind_on_sigterm()
     if os.geteuid() != 0:
         print("cluster_vs_serf: needs root to build namespace hosts", file=sys.stderr)
         return 2

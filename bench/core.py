@@ -50,6 +50,8 @@ from typing import Any
 
 from axnet.testing import AxnetNode, NetnsHost, has_program, stop_process, wait_until
 
+from . import unwind_on_sigterm
+
 ROUNDTRIP_SERVER = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -637,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run just this part (repeatable; default: all three)",
     )
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     parts = args.only or ["roundtrips", "throughput", "redis"]
     for program in ("iperf3", "redis-server", "redis-benchmark"):
         if reason := has_program(program):
