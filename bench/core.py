@@ -147,8 +147,10 @@ def _parse_times(stdout: str) -> list[int]:
 #: same moments of a shared, noisy machine.  Each block starts its servers
 #: afresh: where the scheduler puts a pair of processes is drawn when they
 #: start and mostly kept (one draw per row let a single lucky or unlucky
-#: placement decide it), so every block is a new draw for both sides.
-ROUNDTRIP_BLOCKS = 10
+#: placement decide it), so every block is a new draw for both sides.  Free
+#: placement is bimodal (both sides on one CPU, or split, ~40 µs apart
+#: natively): 20 draws make the pooled p50 steadier than 10 did.
+ROUNDTRIP_BLOCKS = 20
 ROUNDTRIP_WARMUP = 100
 
 #: Where the round trips run.  "free": where the scheduler puts them, as a
@@ -274,6 +276,10 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
                 },
                 "ratio_p50": pct(axnet_t, 0.5) / pct(native_t, 0.5),
                 "added_p50_by_block_us": by_block,
+                # Each block's own p50s: free placement is bimodal (both
+                # sides on one CPU, or split), and these show which it drew.
+                "native_p50_by_block_us": [pct(n, 0.5) for n in blocks["native"]],
+                "axnet_p50_by_block_us": [pct(a, 0.5) for a in blocks["axnet"]],
             }
     return results
 
@@ -645,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         if reason := has_program(program):
             print(f"bench.core: {reason}", file=sys.stderr)
             return 1
-    n, seconds, rounds, requests = (500, 1, 2, 20000) if args.quick else (3000, 3, 4, 100000)
+    # Each iperf3 or redis run is a placement draw too: single runs differ by
+    # up to 25 % between draws, so the median of paired ratios needs rounds.
+    n, seconds, rounds, redis_rounds, requests = (
+        (500, 1, 2, 4, 20000) if args.quick else (4000, 3, 8, 12, 100000)
+    )
     with NetnsHost.create("bench") as host:
         node = AxnetNode(host).start()
         try:
@@ -658,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in parts:
                 results["throughput"] = throughput(node, seconds, rounds)
             if "redis" in parts:
-                results["redis"] = redis(node, requests, 3 * rounds)  # a run is short
+                results["redis"] = redis(node, requests, redis_rounds)
         finally:
             node.close()
     args.out.mkdir(parents=True, exist_ok=True)
