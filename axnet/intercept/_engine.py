@@ -1166,23 +1166,22 @@ class Engine:
         sock = self._dup(n)
         try:
             family = sock.family
-            if sock.type != _STREAM or family not in _INET:
-                self._continue(n)
-                return
-            try:
-                if n.nr == NR_GETSOCKNAME:
-                    virtual = self._virtual_local(sock)
-                else:
-                    virtual = self._virtual_remote(sock)
-            except OSError as exc:
-                raise Errno(exc.errno or errno.EINVAL) from None
-            if virtual is None:
-                self._continue(n)
-                return
-            self._store_sockaddr(n, n.args[1], n.args[2], _pack(family, virtual[0], virtual[1]))
-            self._reply(n)
+            virtual = None
+            if sock.type == _STREAM and family in _INET:
+                try:
+                    if n.nr == NR_GETSOCKNAME:
+                        virtual = self._virtual_local(sock)
+                    else:
+                        virtual = self._virtual_remote(sock)
+                except OSError as exc:
+                    raise Errno(exc.errno or errno.EINVAL) from None
         finally:
-            sock.close()
+            sock.close()  # before the answer, as in _deliver: the app's close is the last
+        if virtual is None:
+            self._continue(n)
+            return
+        self._store_sockaddr(n, n.args[1], n.args[2], _pack(family, virtual[0], virtual[1]))
+        self._reply(n)
 
     def _virtual_local(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
         ip, port = self._local(sock)
