@@ -12,32 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from axnet.testing import can_make_netns
+from axnet.intercept._sockdiag import descendants
+from axnet.testing import can_make_netns, has_program
 
 REPO = Path(__file__).resolve().parents[2]
 NETNS_DIR = Path("/run/netns")
-
-
-def _descendants(pid: int) -> set[int]:
-    """Living descendants of *pid*, from /proc/PID/task/TID/children."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -46,6 +25,13 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # exited meanwhile
 
 
 def _hosts_of(pid: int) -> list[str]:
@@ -59,6 +45,8 @@ def test_a_benchmark_stopped_with_sigterm_removes_its_hosts_and_processes(
     require: Callable[[str | None], None],
 ) -> None:
     require(can_make_netns())
+    for program in ("iperf3", "redis-server", "redis-benchmark"):  # bench.core checks them first
+        require(has_program(program))
     bench = subprocess.Popen(
         [
             sys.executable,
@@ -77,10 +65,10 @@ def test_a_benchmark_stopped_with_sigterm_removes_its_hosts_and_processes(
     try:
         # Stop it mid-run: once its test host exists and an app runs under axnet there.
         deadline = time.monotonic() + 120
-        started: set[int] = set()
+        started: list[int] = []
         while time.monotonic() < deadline and bench.poll() is None:
-            started = _descendants(bench.pid)
-            commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in started if _alive(p)]
+            started = descendants(bench.pid)
+            commands = [_cmdline(p) for p in started]
             if _hosts_of(bench.pid) and any(b"\0run\0" in c for c in commands):
                 break
             time.sleep(0.2)
