@@ -685,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         if reason := has_program(program):
             print(f"bench.core: {reason}", file=sys.stderr)
             return 1
-    # Each iperf3 or redis run is a placement draw too: single runs differ by
-    # up to 25 % between draws, so the median of paired ratios needs rounds.
+    # Each iperf3 or redis run is a placement draw too: single iperf3 runs
+    # differ by up to 40 % between draws, so paired ratios need rounds.
     n, seconds, rounds, redis_rounds, requests = (
         (500, 1, 2, 4, 20000) if args.quick else (4000, 3, 8, 12, 100000)
     )
