@@ -93,7 +93,7 @@ typedef struct {
     unsigned long long seq; /* parking order: the oldest on a listener is served first */
 } Parked;
 
-enum { FIXED_FDS = 3 }; /* the poll set: the listener fd, wake, waiters, then watches */
+enum { FIXED_FDS = 3 }; /* the poll set: the notify fd, wake, waiters, then watches */
 
 static long long now_ms(void) {
     struct timespec ts;
