@@ -1,0 +1,58 @@
+"""The core benchmark's summary judges each ratio where it was measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.core import summary
+
+
+def _part(native: float, axnet: float, pinned: tuple[float, float] | None) -> dict[str, Any]:
+    sides = {"native": native, "axnet": axnet}
+    if pinned is not None:
+        sides |= {"native_pinned": pinned[0], "axnet_pinned": pinned[1]}
+    return {
+        "sides": sides,
+        "axnet_over_native": axnet / native,
+        "pinned_axnet_over_native": pinned[1] / pinned[0] if pinned else None,
+    }
+
+
+def _results(pinned: tuple[float, float] | None) -> dict[str, Any]:
+    tp = _part(20.0, 19.8, pinned)
+    rd = _part(160000.0, 144000.0, (150000.0, 149000.0) if pinned else None)
+    return {
+        "throughput": {
+            "gbit_s": tp.pop("sides") | {"haproxy": 8.0},
+            "haproxy_over_native": 0.4,
+            **tp,
+        },
+        "redis": {"rps_set_plus_get": rd.pop("sides"), **rd},
+    }
+
+
+def _row(text: str, measure: str) -> str:
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {measure} |")]
+    return row
+
+
+def test_free_and_pinned_pairs_are_each_judged_against_the_target() -> None:
+    text = summary(_results(pinned=(21.0, 18.9)))
+    assert _row(text, "iperf3 throughput").endswith("| ×0.990 | ≥ 0.95 ✓ |")
+    assert _row(text, "iperf3 throughput, server and client on separate CPUs") == (
+        "| iperf3 throughput, server and client on separate CPUs | 21.00 Gbit/s "
+        "| 18.90 Gbit/s | ×0.900 | ≥ 0.95 ✗ |"
+    )
+    assert _row(text, "redis-benchmark SET+GET rps") == (
+        "| redis-benchmark SET+GET rps | 160000 | 144000 | ×0.900 | ≥ 0.95 ✗ |"
+    )
+    assert _row(
+        text, "redis-benchmark SET+GET rps, server and benchmark on separate CPUs"
+    ).endswith("| 150000 | 149000 | ×0.993 | ≥ 0.95 ✓ |")
+    assert _row(text, "iperf3 via HAProxy (sidecar)").endswith("| ×0.400 | baseline |")
+
+
+def test_a_machine_that_cannot_pin_shows_only_the_free_rows() -> None:
+    text = summary(_results(pinned=None))
+    assert "separate CPUs" not in text
+    assert _row(text, "redis-benchmark SET+GET rps").endswith("| ×0.900 | ≥ 0.95 ✗ |")
