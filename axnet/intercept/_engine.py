@@ -128,6 +128,9 @@ log = logging.getLogger("axnet.run")
 
 #: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
 IP_LOCAL_PORT_RANGE = 51
+#: setsockopt(IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT): bind the address, leave
+#: the port to connect (which can share it among destinations).
+IP_BIND_ADDRESS_NO_PORT = 24
 #: How often parked waits are checked for threads that went away or have a
 #: signal to take, and for socket timeouts, in seconds (their granularity).
 _WAIT_SLICE_S = 0.2
@@ -246,6 +249,10 @@ class Engine:
         self._no_more_ports: Identity | None = None
         self._me_identity: Identity | None = None
         self._me = b""
+        #: (node address, destination), packed: whether a connection there
+        #: must be bound to the node's address (see _bind_source).  Shared
+        #: with the fast path; emptied at every sweep, for routes that change.
+        self._sources: dict[bytes, bool] = {}
         self._fast = None
         if _fastpath is not None and os.environ.get("AXNET_FASTPATH", "1") != "0":
             notif_size, resp_size = buffer_sizes()
@@ -258,6 +265,7 @@ class Engine:
                 names=self.bindings.names,
                 inert=self.bindings.inert_names,
                 pending=self.bindings.kept,
+                sources=self._sources,
             )
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
@@ -670,6 +678,7 @@ class Engine:
                             # v4-mapped address gets the kernel's answer.
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                        self._bind_source(sock, verdict.real.host)
                         pinned = self._pin_source_ports(sock)
                     case Deny():
                         self.counters.refused += 1
@@ -709,6 +718,31 @@ class Engine:
             return inet_endpoint(raw)
         except SockaddrError as exc:
             raise Errno(exc.errno) from None
+
+    def _bind_source(self, sock: _socket.socket, dest: IPAddress) -> None:
+        """Make a connection to a virtual service leave from the node's
+        address, where servers look the app's client block up, when the
+        kernel would pick another: a second loopback address (127.0.0.2
+        sends from 127.0.0.1), another interface's.  Bound without a port:
+        the connect still picks one in the block.  A socket the app bound
+        already keeps its address (EINVAL)."""
+        me = self.identity.real_host
+        if me.version != dest.version:
+            return
+        key = packed_ip(me) + packed_ip(dest)
+        differs = self._sources.get(key)
+        if differs is None:
+            differs = self._sources[key] = _route_source(dest) != me
+        if not differs:
+            return
+        try:
+            address = pack_inet(sock.family, me, 0)
+        except ValueError:
+            return  # an IPv4 socket on an IPv6 node: the route decides
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        err = _raw.bind(sock.fileno(), address)
+        if err not in (0, errno.EINVAL):
+            raise Errno(err)
 
     def _pin_source_ports(self, sock: _socket.socket) -> bool:
         """Keep the source port in the app's block, so servers can name the client."""
@@ -1215,8 +1249,10 @@ class Engine:
     # -- housekeeping --------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Withdraw bindings whose sockets the app has all closed."""
+        """Withdraw bindings whose sockets the app has all closed; forget the
+        routes' source addresses (routes change)."""
         self.bindings.sweep()
+        self._sources.clear()
 
     def _release_claim(self, virtual: VirtualAddress) -> None:
         try:
@@ -1235,6 +1271,18 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
 
 
 _TIMEVAL = struct.Struct("@ll")
+
+
+def _route_source(dest: IPAddress) -> IPAddress | None:
+    """The address the kernel would send a connection to *dest* from; None
+    when it has no route (the connect will say why)."""
+    family = socket.AF_INET if dest.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(dest), 9))  # any port: nothing is sent
+            return ip_address(probe.getsockname()[0])
+        except OSError:
+            return None
 
 
 def _as_socket(fd: int) -> _socket.socket:

@@ -68,6 +68,9 @@
 #ifndef IP_LOCAL_PORT_RANGE
 #define IP_LOCAL_PORT_RANGE 51
 #endif
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 #ifndef SECCOMP_ADDFD_FLAG_SEND
 #define SECCOMP_ADDFD_FLAG_SEND (1UL << 1)
 #endif
@@ -107,6 +110,7 @@ typedef struct {
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *names, *inert, *pending; /* dicts owned by Python */
+    PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
     Parked **parked;                           /* indexed by listener fd (ours) */
     int parked_cap, parked_count;
@@ -311,6 +315,72 @@ static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip
     return -1;
 }
 
+/* Whether the kernel would send a connection to dest from an address other
+ * than the node's (me): a second loopback address (127.0.0.2 sends from
+ * 127.0.0.1), another interface's.  1, 0, or 1 when the route cannot be
+ * asked (the connect will say why). */
+static int source_differs(const unsigned char *me, const unsigned char *dest) {
+    int family = memcmp(dest, v4_mapped_prefix, 12) == 0 ? AF_INET : AF_INET6;
+    unsigned char end[ENDPOINT_LEN];
+    memcpy(end, dest, 16);
+    end[16] = 0;
+    end[17] = 9; /* any port: a datagram socket's connect sends nothing */
+    struct sockaddr_storage sa, local;
+    socklen_t len = sockaddr_of(family, end, &sa), local_len = sizeof local;
+    int s = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return 1;
+    int differs = 1;
+    unsigned char source[ENDPOINT_LEN];
+    if (connect(s, (struct sockaddr *)&sa, len) == 0 &&
+        getsockname(s, (struct sockaddr *)&local, &local_len) == 0 &&
+        endpoint_of(&local, local_len, source) == 0)
+        differs = memcmp(source, me, 16) != 0;
+    close(s);
+    return differs;
+}
+
+/* Make a connection to a virtual service leave from the node's address,
+ * where servers look its client block up, when the kernel would pick
+ * another (see source_differs; cached per node address and destination).
+ * Bound without a port: the connect still picks one in the block.  A socket
+ * the app bound already keeps its address (bind fails with EINVAL).  0, or
+ * -1 when it could not (Python does it again). */
+static int bind_source(Call *c, int fd, int family, const unsigned char *dest) {
+    int v4_me = memcmp(c->me, v4_mapped_prefix, 12) == 0;
+    if (v4_me != (memcmp(dest, v4_mapped_prefix, 12) == 0)) return 0; /* other family */
+    unsigned char key[32];
+    memcpy(key, c->me, 16);
+    memcpy(key + 16, dest, 16);
+    PyObject *known = dict_bytes(c->self->sources, key, sizeof key);
+    int differs;
+    if (known != NULL) {
+        differs = PyObject_IsTrue(known);
+        if (differs < 0) {
+            PyErr_Clear();
+            return -1;
+        }
+    } else {
+        differs = source_differs(c->me, dest);
+        PyObject *k = PyBytes_FromStringAndSize((const char *)key, sizeof key);
+        if (k == NULL || PyDict_SetItem(c->self->sources, k, differs ? Py_True : Py_False) < 0) {
+            Py_XDECREF(k);
+            PyErr_Clear();
+            return -1;
+        }
+        Py_DECREF(k);
+    }
+    if (!differs) return 0;
+    unsigned char end[ENDPOINT_LEN] = {0};
+    memcpy(end, c->me, 16);
+    struct sockaddr_storage sa;
+    socklen_t len = sockaddr_of(family, end, &sa);
+    if (!len) return 0; /* an IPv4 socket on an IPv6 node: the route decides */
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&sa, len) < 0 && errno != EINVAL) return -1;
+    return 0;
+}
+
 /* Store a result address as the kernel does: truncated to the room the app
  * gave (read by the caller, >= 0), full length reported.  0, or -1 on a
  * fault (which Python retries). */
@@ -353,6 +423,7 @@ static int on_connect(Call *c, Handback *out) {
     socklen_t target_len =
         sockaddr_of(family, (const unsigned char *)PyBytes_AS_STRING(real), &target);
     if (!target_len) goto slow;
+    if (bind_source(c, fd, family, (const unsigned char *)PyBytes_AS_STRING(real)) < 0) goto slow;
 
     unsigned lo = be16(c->me + 32), hi = be16(c->me + 34);
     if (lo) {
@@ -936,15 +1007,15 @@ static PyObject *Fast_close(Fast *self, PyObject *unused) {
 /* -- the type ---------------------------------------------------------------------------- */
 
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd",    "notif_size", "resp_size", "pidfds", "mems",
-                             "names", "inert",      "pending",   NULL};
+    static char *kwlist[] = {"fd",    "notif_size", "resp_size", "pidfds",  "mems",
+                             "names", "inert",      "pending",   "sources", NULL};
     int fd;
     Py_ssize_t notif_size, resp_size;
-    PyObject *pidfds, *mems, *names, *inert, *pending;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!", kwlist, &fd, &notif_size,
+    PyObject *pidfds, *mems, *names, *inert, *pending, *sources;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!", kwlist, &fd, &notif_size,
                                      &resp_size, &PyDict_Type, &pidfds, &PyDict_Type, &mems,
                                      &PyDict_Type, &names, &PyDict_Type, &inert, &PyDict_Type,
-                                     &pending))
+                                     &pending, &PyDict_Type, &sources))
         return -1;
     if (self->notif_buf != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Fast is initialised once");
@@ -976,6 +1047,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->names = Py_NewRef(names);
     self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
+    self->sources = Py_NewRef(sources);
     return 0;
 }
 
@@ -998,6 +1070,7 @@ static void Fast_dealloc(Fast *self) {
     Py_XDECREF(self->names);
     Py_XDECREF(self->inert);
     Py_XDECREF(self->pending);
+    Py_XDECREF(self->sources);
     Py_XDECREF(self->identity);
     Py_XDECREF(self->me);
     PyMem_Free(self->notif_buf);

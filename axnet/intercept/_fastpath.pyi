@@ -35,6 +35,7 @@ class Fast:
         names: dict[int, bytes],
         inert: dict[int, bytes],
         pending: Mapping[int, object],
+        sources: dict[bytes, bool],
     ) -> None: ...
     def serve(
         self, engine: Any, wake_fd: int, waiters_fd: int, timeout_ms: int, /

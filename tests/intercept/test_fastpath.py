@@ -44,6 +44,7 @@ def _make(**overrides: object) -> Any:
         "names": {},
         "inert": {},
         "pending": collections.defaultdict(collections.deque),
+        "sources": {},
     }
     kwargs.update(overrides)
     try:

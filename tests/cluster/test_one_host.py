@@ -1,0 +1,71 @@
+"""Several nodes of one user on one machine, each on its own loopback address.
+
+What ``axnet demo`` runs, and what a user gets from ``--address 127.0.0.2``:
+the kernel would send a connection from such a node out from 127.0.0.1 (the
+loopback route's source), where the table knows another node's apps, or
+none.  A server must still name each client by its own virtual IP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from axnet.testing import APPS, AxnetNode, NetnsHost, stop_process, wait_until
+
+#: Each node's real address and its gossip port (loopback of the test host).
+ADDRESSES = ("127.0.0.1", "127.0.0.2")
+GOSSIP_PORT = 7946
+
+
+@pytest.fixture(params=["native", "python"])
+def two_nodes(
+    netns_host: NetnsHost, interception: None, request: pytest.FixtureRequest
+) -> Iterator[tuple[AxnetNode, AxnetNode]]:
+    nodes: list[AxnetNode] = []
+    for index, address in enumerate(ADDRESSES):
+        args = ["--name", f"n{index + 1}", "--profile", "local"]
+        args += ["--address", address, "--bind", f"{address}:{GOSSIP_PORT}"]
+        if index:
+            args += ["--join", f"{ADDRESSES[0]}:{GOSSIP_PORT}"]
+        node = AxnetNode(netns_host, daemon_args=args)
+        if request.param == "python":
+            node.env["AXNET_FASTPATH"] = "0"
+        nodes.append(node.start())
+    try:
+        first, second = nodes
+        wait_until("both members alive", lambda: len(second.json("members")) == 2)
+        yield first, second
+    finally:
+        for node in nodes:
+            print(node.all_logs())  # shown by pytest when the test failed
+            node.close()
+
+
+def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
+    two_nodes: tuple[AxnetNode, AxnetNode],
+) -> None:
+    first, second = two_nodes
+    # Both nodes hand out client port blocks from the same range: a
+    # connection from the second node leaving from 127.0.0.1 would take a
+    # port of one of the first node's blocks, the server's own included.
+    servers = [
+        first.app([*APPS, "greeter", "7100"], ip="10.1.0.5", name="on-first"),
+        second.app([*APPS, "greeter", "7100"], ip="10.1.0.6", name="on-second"),
+    ]
+    try:
+        both = {"10.1.0.5:7100", "10.1.0.6:7100"}
+        wait_until(
+            "both services known on both nodes",
+            lambda: all(both <= node.services().keys() for node in (first, second)),
+        )
+        for target in ("10.1.0.5", "10.1.0.6"):  # another node's server, then its own
+            seen = second.run_json([*APPS, "names", target, "7100"], ip="10.1.0.9")
+            assert seen["sockname"][0] == "10.1.0.9", seen
+            assert seen["peername"] == [target, 7100], seen
+            assert seen["server"]["accepted_from"] == seen["sockname"], seen
+            assert seen["server"]["peername"] == seen["sockname"], seen
+    finally:
+        for server in servers:
+            stop_process(server)
