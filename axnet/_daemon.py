@@ -190,6 +190,7 @@ class Daemon:
                 request,
                 node=self.config.node.name,
                 real_host=str(self.config.node.real_host),
+                virtual_range=str(self.config.node.virtual_range),
                 vip=str(app.vip),
                 block=list(app.block) if app.block else None,
                 records=first,

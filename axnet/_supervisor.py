@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -430,6 +431,7 @@ class Supervisor:
             vip=ip_address(str(reply["vip"])),
             real_host=ip_address(str(reply["real_host"])),
             block=(int(block[0]), int(block[1])) if block else None,
+            virtual_range=_virtual_range(reply.get("virtual_range")),
         )
         # Swap whole objects: the engine thread reads these attributes.
         self.table = fresh
@@ -524,6 +526,18 @@ class Supervisor:
             os.close(fd)
 
     _pid: int = 0
+
+
+def _virtual_range(text: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The node's virtual range from an attach reply: a connect into it that
+    the table does not know is refused, never routed to a real network."""
+    if text is None:
+        return None  # a daemon that does not say (older): the table alone decides
+    try:
+        return ipaddress.ip_network(str(text))
+    except ValueError:
+        log.warning("ignored a malformed virtual range from the daemon: %r", text)
+        return None
 
 
 def _reap(pid: int) -> int:

@@ -99,6 +99,16 @@ def test_unserved_virtual_address_is_refused_at_once(node: AxnetNode) -> None:
     assert result["errno"] == errno.ECONNREFUSED
 
 
+def test_an_address_of_the_virtual_range_that_nothing_serves_is_refused(
+    node: AxnetNode,
+) -> None:
+    # 10.77.0.0/16 is the node's virtual range (the default): nobody has
+    # 10.77.200.1, and the connect must not leave for a real network (here,
+    # with no route, the kernel would answer ENETUNREACH).
+    result = node.run_json([*APPS, "connect-errno", "10.77.200.1", "80"], ip="10.1.0.9")
+    assert result["errno"] == errno.ECONNREFUSED
+
+
 def test_real_addresses_pass_through(node: AxnetNode) -> None:
     # A plain server outside axnet on the host's loopback.
     server = node.host.popen([*APPS, "greeter", "7003"])
