@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="a local cluster showing what axnet does",
-        description="Start a daemon, two web servers on port 80 at two virtual IPs and a "
-        "client that fetches from each; print what each side saw; stop everything.",
+        description="Start a local cluster: three nodes (daemons on 127.0.0.11 to .13, "
+        "gossiping), a web server on port 80 at a virtual IP on each of two of them, and a "
+        "client on the third that fetches from both. Then the second node leaves and its "
+        "service goes. Print what each side saw; stop everything.",
     )
     demo.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     demo.add_argument("--json", action="store_true", help="machine-readable report")

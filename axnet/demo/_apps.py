@@ -4,7 +4,7 @@
 and answers each request with JSON: its name, what ``getsockname`` and
 ``accept`` told it.  ``python -m axnet.demo._apps fetch HOST`` connects to
 ``HOST:80`` and prints JSON: what its own ``getsockname``/``getpeername``
-returned, and the server's answer.
+returned and the server's answer, or the error its connect met.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 
 
 def serve(name: str, port: int = 80) -> None:
@@ -38,12 +39,18 @@ def serve(name: str, port: int = 80) -> None:
 
 
 def fetch(host: str, port: int = 80) -> None:
-    with socket.create_connection((host, port), timeout=5) as conn:
-        mine, theirs = conn.getsockname(), conn.getpeername()
-        conn.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=5) as conn:
+            mine, theirs = conn.getsockname(), conn.getpeername()
+            conn.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+    except OSError as exc:  # what the app saw is the point: report it
+        reason = exc.strerror or str(exc)
+        print(json.dumps({"error": reason.lower(), "ms": _ms_since(started)}), flush=True)
+        return
     _, _, body = data.partition(b"\r\n\r\n")
     print(
         json.dumps(
@@ -51,10 +58,15 @@ def fetch(host: str, port: int = 80) -> None:
                 "client_sockname": list(mine),
                 "client_peername": list(theirs),
                 "response": json.loads(body),
+                "ms": _ms_since(started),
             }
         ),
         flush=True,
     )
+
+
+def _ms_since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 if __name__ == "__main__":

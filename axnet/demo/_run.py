@@ -1,121 +1,198 @@
-"""Orchestrates ``axnet demo``: everything it starts, it stops."""
+"""Orchestrates ``axnet demo``: a local cluster; everything it starts, it stops.
+
+Three nodes, one daemon each, as three hosts would have them: each on a
+loopback address of its own (127.0.0.11 to .13), gossiping (encrypted) with
+the others.  A web server on port 80 runs on each of the first two nodes at a
+virtual IP; a client on the third fetches from both, by those IPs.  Then the
+second node leaves the cluster, and the third sees its service go.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from .._control import ControlClient, ControlError, control_path
 
-SERVERS = (("web-a", "10.1.0.5"), ("web-b", "10.1.0.6"))
-CLIENT_IP = "10.1.0.7"
-#: Seconds the demo waits for its daemon and servers to come up.
-STARTUP_TIMEOUT_S = 15.0
+#: Seconds the demo waits for each step (daemons up, members agreed, a service
+#: seen everywhere, a departure seen).
+STEP_TIMEOUT_S = 20.0
 
 
-def _axnet(runtime: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "axnet", args[0], "--runtime-dir", str(runtime), *args[1:]]
+@attrs.frozen
+class DemoNode:
+    name: str
+    address: str
+    runtime: Path
+
+    def control(self) -> ControlClient:
+        return ControlClient(control_path(self.runtime), timeout=2)
+
+    def listing(self, what: str) -> list[dict[str, Any]]:
+        with self.control() as client:
+            rows: list[dict[str, Any]] = client.request(what)[what]
+            return rows
 
 
-def _app(*args: str) -> list[str]:
-    return [sys.executable, "-m", "axnet.demo._apps", *args]
+NODES = (("node-a", "127.0.0.11"), ("node-b", "127.0.0.12"), ("node-c", "127.0.0.13"))
+#: (name, virtual IP, index of the node it runs on)
+SERVERS = (("web-a", "10.1.0.5", 0), ("web-b", "10.1.0.6", 1))
+CLIENT_IP, CLIENT_NODE = "10.1.0.7", 2
+LEAVING = 1  # node-b
+#: Every node's virtual range: a connect into it that no service answers is
+#: refused at once, never routed to a real network.
+VIRTUAL_RANGE = "10.1.0.0/24"
 
 
-def _wait_for(what: str, predicate: Any, procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def _axnet(node: DemoNode, *args: str) -> list[str]:
+    return [sys.executable, "-m", "axnet", args[0], "--runtime-dir", str(node.runtime), *args[1:]]
+
+
+def _app_on(node: DemoNode, ip: str, label: str, app: list[str], *flags: str) -> list[str]:
+    """``axnet run --ip IP --label LABEL FLAGS -- python -m axnet.demo._apps APP…`` on *node*."""
+    run = _axnet(node, "run", "--ip", ip, "--label", label, *flags, "--")
+    return [*run, sys.executable, "-m", "axnet.demo._apps", *app]
+
+
+def _free_gossip_port(address: str) -> int:
+    """A port free for both TCP and UDP on *address* (gossip uses both)."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind((address, 0))
+            port: int = tcp.getsockname()[1]
+            try:
+                udp.bind((address, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no port free for gossip on {address}")
+
+
+def _wait_for(what: str, predicate: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
+    deadline = time.monotonic() + STEP_TIMEOUT_S
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"{what}: {proc.args!r} exited with {proc.returncode}")
         try:
-            if predicate():
-                return
+            if result := predicate():
+                return result
         except ControlError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{what}: not ready after {STARTUP_TIMEOUT_S:.0f} s")
+    raise RuntimeError(f"{what}: not after {STEP_TIMEOUT_S:.0f} s")
 
 
-def _services(runtime: Path) -> list[dict[str, Any]]:
-    with ControlClient(control_path(runtime), timeout=2) as client:
-        services: list[dict[str, Any]] = client.request("services")["services"]
-        return services
+def _agreed(nodes: list[DemoNode]) -> bool:
+    everyone = {node.name: "alive" for node in nodes}
+    return all(
+        control_path(node.runtime).exists() and _statuses(node) == everyone for node in nodes
+    )
+
+
+def _statuses(node: DemoNode) -> dict[str, str]:
+    return {m["name"]: m["status"] for m in node.listing("members")}
+
+
+def _virtuals(node: DemoNode) -> set[str]:
+    return {s["virtual"] for s in node.listing("services")}
+
+
+def _fetch(node: DemoNode, target: str, verbosity: list[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        _app_on(node, CLIENT_IP, "tier=client", ["fetch", target], *verbosity),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr.decode(errors="replace"))
+        raise RuntimeError(f"the client could not fetch from {target} (exit {done.returncode})")
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return {"target": target, **result}
 
 
 def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
-    runtime = Path(tempfile.mkdtemp(prefix="axnet-demo-"))
-    logs = runtime / "logs"
+    scratch = Path(tempfile.mkdtemp(prefix="axnet-demo-"))
+    logs = scratch / "logs"
     logs.mkdir()
-    started: list[subprocess.Popen[bytes]] = []
-    daemon: subprocess.Popen[bytes] | None = None
+    daemons: list[subprocess.Popen[bytes]] = []
+    apps: list[subprocess.Popen[bytes]] = []
     verbosity = ["-v"] * verbose
+    keep_logs = False
     try:
-        with open(logs / "daemon.log", "wb") as log:
-            daemon = subprocess.Popen(
-                _axnet(runtime, "daemon", "--name", "demo", *verbosity), stderr=log
-            )
-        _wait_for(
-            "daemon",
-            lambda: control_path(runtime).exists() and _services(runtime) is not None,
-            [daemon],
-        )
-        for name, ip in SERVERS:
+        key = scratch / "gossip.key"
+        key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        key.chmod(0o600)
+        nodes = [DemoNode(name, address, scratch / name) for name, address in NODES]
+        seed = ""
+        for node in nodes:
+            node.runtime.mkdir(mode=0o700)
+            gossip = f"{node.address}:{_free_gossip_port(node.address)}"
+            args = ["--name", node.name, "--bind", gossip, "--advertise", gossip]
+            args += ["--profile", "local", "--gossip-key-file", str(key)]
+            args += ["--virtual-range", VIRTUAL_RANGE, *verbosity]
+            args += ["--join", seed] if seed else []
+            seed = seed or gossip
+            with open(logs / f"{node.name}.log", "wb") as log:
+                daemons.append(subprocess.Popen(_axnet(node, "daemon", *args), stderr=log))
+        _wait_for("every node sees every member alive", lambda: _agreed(nodes), daemons)
+
+        for name, ip, where in SERVERS:
+            node = nodes[where]
             with open(logs / f"{name}.log", "wb") as log:
-                started.append(
+                apps.append(
                     subprocess.Popen(
-                        _axnet(
-                            runtime,
-                            "run",
-                            "--ip",
-                            ip,
-                            "--name",
-                            name,
-                            "--label",
-                            "tier=web",
-                            *verbosity,
-                            "--",
-                            *_app("serve", name),
-                        ),
+                        _app_on(node, ip, "tier=web", ["serve", name], "--name", name, *verbosity),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
                 )
+        client_node = nodes[CLIENT_NODE]
+        every_service = {f"{ip}:80" for _, ip, _ in SERVERS}
         _wait_for(
-            "web servers", lambda: len(_services(runtime)) >= len(SERVERS), [daemon, *started]
+            f"{client_node.name} knows both web servers",
+            lambda: _virtuals(client_node) >= every_service,
+            [*daemons, *apps],
         )
-        services = _services(runtime)
-        fetches = []
-        for _, ip in SERVERS:
-            done = subprocess.run(
-                _axnet(
-                    runtime,
-                    "run",
-                    "--ip",
-                    CLIENT_IP,
-                    "--label",
-                    "tier=client",
-                    *verbosity,
-                    "--",
-                    *_app("fetch", ip),
-                ),
-                capture_output=True,
-                timeout=30,
-                check=False,
-            )
-            if done.returncode != 0:
-                sys.stderr.write(done.stderr.decode(errors="replace"))
-                raise RuntimeError(f"the client could not fetch from {ip} (exit {done.returncode})")
-            fetches.append(
-                {"target": ip, **json.loads(done.stdout.decode().strip().splitlines()[-1])}
-            )
-        report = {"services": services, "fetches": fetches}
+        report: dict[str, Any] = {
+            "nodes": [{"name": n.name, "address": n.address} for n in nodes],
+            "seen_from": client_node.name,
+            "members": client_node.listing("members"),
+            "services": client_node.listing("services"),
+            "fetches": [_fetch(client_node, ip, verbosity) for _, ip, _ in SERVERS],
+        }
+
+        leaving = nodes[LEAVING]
+        with leaving.control() as client:
+            client.request("leave")
+        gone = {f"{ip}:80" for _, ip, where in SERVERS if where == LEAVING}
+        _wait_for(
+            f"{client_node.name} sees {leaving.name} leave and its services go",
+            lambda: (
+                _statuses(client_node).get(leaving.name) == "left"
+                and not _virtuals(client_node) & gone
+            ),
+            daemons,
+        )
+        report["after_leave"] = {
+            "node": leaving.name,
+            "members": client_node.listing("members"),
+            "services": client_node.listing("services"),
+            "fetches": [_fetch(client_node, ip.split(":")[0], verbosity) for ip in sorted(gone)],
+        }
         if as_json:
             json.dump(report, sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -123,29 +200,29 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             _print_report(report)
         return 0
     except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        keep_logs = True
         print(f"axnet demo: {exc}; logs kept in {logs}", file=sys.stderr)
         for path in sorted(logs.iterdir()):
             sys.stderr.write(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}\n")
-        logs = Path()
         return 1
     finally:
-        for proc in started:
+        _stop_all([*apps, *daemons])
+        if not keep_logs:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each, then SIGKILL what is left after 5 s (apps first, daemons last)."""
+    for proc in procs:
+        if proc.poll() is None:
             proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if daemon is not None:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        if logs != Path():
-            shutil.rmtree(runtime, ignore_errors=True)
+    deadline = time.monotonic() + 5
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _addr(pair: list[Any]) -> str:
@@ -158,25 +235,23 @@ def _print_report(report: dict[str, Any]) -> None:
     from rich.text import Text
 
     console = Console()
-    if os.geteuid() == 0:
-        who, no = (
-            "run as root here, which axnet does not need (an ordinary user gets the same)",
-            "No",
-        )
-    else:
-        who, no = "run by an ordinary user", "No root, no"
-    console.print(
-        "[bold]axnet demo[/bold]: two unmodified servers both listen on port 80, each on its own "
-        f"virtual IP, {who}; a client reaches each by that IP.\n"
-        f"{no} network namespace, no proxy: after connect, bytes flow on a plain kernel socket."
+    who = (
+        "run as root here, which axnet does not need (an ordinary user gets the same)"
+        if os.geteuid() == 0
+        else "run by an ordinary user"
     )
-    services = Table(title="services published (virtual → real)", title_justify="left")
-    for column in ("virtual", "real", "name", "labels"):
-        services.add_column(column)
-    for s in report["services"]:
-        labels = ",".join(f"{k}={v}" for k, v in s["labels"].items())
-        services.add_row(Text(s["virtual"]), Text(s["real"]), Text(s["name"]), Text(labels))
-    console.print(services)
+    first, last = report["nodes"][0]["address"], report["nodes"][-1]["address"]
+    seen_from = report["seen_from"]
+    console.print(
+        f"[bold]axnet demo[/bold]: a local cluster of {len(report['nodes'])} nodes, {who}: "
+        f"one daemon each, on loopback addresses {first} to {last} as if on "
+        "three hosts, gossiping (encrypted) their members and services. Two unmodified "
+        "web servers listen on port 80, each on its own virtual IP and node; a client "
+        f"on {seen_from} reaches each by that IP. No root, no network namespace, no "
+        "proxy: after connect, bytes flow on a plain kernel socket."
+    )
+    console.print(_members_table(report["members"], f"members, as {seen_from} sees them"))
+    console.print(_services_table(report["services"], f"services, as {seen_from} sees them"))
     seen = Table(title="what each side saw", title_justify="left")
     for column in ("", "client's socket", "server's socket"):
         seen.add_column(column)
@@ -193,4 +268,38 @@ def _print_report(report: dict[str, Any]) -> None:
             ),
         )
     console.print(seen)
-    console.print("Every app and the daemon this demo started have been stopped.")
+    after = report["after_leave"]
+    console.print(f"Then {after['node']} left the cluster ('axnet leave'). {seen_from} sees:")
+    console.print(_members_table(after["members"], "members"))
+    console.print(_services_table(after["services"], "services"))
+    for f in after["fetches"]:
+        outcome = f.get("error") or "answered (its service should have gone)"
+        console.print(Text(f"GET http://{f['target']}/ → {outcome}, after {f['ms']} ms"))
+    console.print("Every app and daemon this demo started has been stopped.")
+
+
+def _members_table(members: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left")
+    for column in ("name", "address", "gossip", "status"):
+        table.add_column(column)
+    for m in members:
+        table.add_row(Text(m["name"]), Text(m["address"]), Text(m["gossip"]), Text(m["status"]))
+    return table
+
+
+def _services_table(services: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"{title} (virtual → real)", title_justify="left")
+    for column in ("virtual", "real", "node", "name", "labels"):
+        table.add_column(column)
+    for s in services:
+        labels = ",".join(f"{k}={v}" for k, v in s["labels"].items())
+        table.add_row(
+            Text(s["virtual"]), Text(s["real"]), Text(s["node"]), Text(s["name"]), Text(labels)
+        )
+    return table

@@ -971,15 +971,32 @@ def test_iperf3_dual_stack(node: AxnetNode) -> None:
         assert report["start"]["connected"][0]["local_host"] == "10.1.0.9"
 
 
-def test_demo_runs_and_cleans_up(node: AxnetNode) -> None:
+def test_demo_runs_a_local_cluster_and_cleans_up(node: AxnetNode) -> None:
+    # The demo starts daemons of its own; `node` gives it a test host.
     done = node.host.run([*node.axnet_cmd(), "demo", "--json"], env={}, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert {s["virtual"] for s in report["services"]} == {"10.1.0.5:80", "10.1.0.6:80"}
+    assert {m["name"]: m["status"] for m in report["members"]} == {
+        "node-a": "alive",
+        "node-b": "alive",
+        "node-c": "alive",
+    }
+    assert {s["virtual"]: s["node"] for s in report["services"]} == {
+        "10.1.0.5:80": "node-a",
+        "10.1.0.6:80": "node-b",
+    }
+    # The client on node-c reached each server on its own node, and both
+    # sides saw virtual addresses only: its own and the server's.
     for fetch in report["fetches"]:
         assert fetch["client_peername"] == [fetch["target"], 80]
+        assert fetch["client_sockname"][0] == "10.1.0.7"
         assert fetch["response"]["server_sockname"] == [fetch["target"], 80]
-        assert fetch["response"]["accepted_from"][0] == "10.1.0.7"
+        assert fetch["response"]["accepted_from"] == fetch["client_sockname"]
+    after = report["after_leave"]
+    assert {m["name"]: m["status"] for m in after["members"]}["node-b"] == "left"
+    assert [s["virtual"] for s in after["services"]] == ["10.1.0.5:80"]
+    assert [f["error"] for f in after["fetches"]] == ["connection refused"]
+    assert node.host.run(["pgrep", "-f", "axnet.demo._apps"], timeout=10).returncode == 1
 
 
 def test_app_without_ip_gets_one_from_the_virtual_range(node: AxnetNode) -> None:
