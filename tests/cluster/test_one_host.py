@@ -8,6 +8,7 @@ none.  A server must still name each client by its own virtual IP.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -60,8 +61,10 @@ def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
             "both services known on both nodes",
             lambda: all(both <= node.services().keys() for node in (first, second)),
         )
-        for target in ("10.1.0.5", "10.1.0.6"):  # another node's server, then its own
-            seen = second.run_json([*APPS, "names", target, "7100"], ip="10.1.0.9")
+        # Another node's server, then its own; from an unbound socket, then
+        # from one the app bound to its own address first (any port).
+        for target, source in itertools.product(("10.1.0.5", "10.1.0.6"), ("", "10.1.0.9")):
+            seen = second.run_json([*APPS, "names", target, "7100", source], ip="10.1.0.9")
             assert seen["sockname"][0] == "10.1.0.9", seen
             assert seen["peername"] == [target, 7100], seen
             assert seen["server"]["accepted_from"] == seen["sockname"], seen
