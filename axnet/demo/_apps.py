@@ -4,12 +4,14 @@
 and answers each request with JSON: its name, what ``getsockname`` and
 ``accept`` told it.  ``python -m axnet.demo._apps fetch HOST`` connects to
 ``HOST:80`` and prints JSON: what its own ``getsockname``/``getpeername``
-returned and the server's answer, or the error its connect met.
+returned and the server's answer, or the error its connect met;
+``fetch-after FILE HOST...`` waits for FILE to exist, then fetches from each.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -49,20 +51,29 @@ def fetch(host: str, port: int = 80) -> None:
                 data += chunk
     except OSError as exc:  # what the app saw is the point: report it
         reason = exc.strerror or str(exc)
-        print(json.dumps({"error": reason.lower(), "ms": _ms_since(started)}), flush=True)
+        _report(target=host, error=reason.lower(), ms=_ms_since(started))
         return
     _, _, body = data.partition(b"\r\n\r\n")
-    print(
-        json.dumps(
-            {
-                "client_sockname": list(mine),
-                "client_peername": list(theirs),
-                "response": json.loads(body),
-                "ms": _ms_since(started),
-            }
-        ),
-        flush=True,
+    _report(
+        target=host,
+        client_sockname=list(mine),
+        client_peername=list(theirs),
+        response=json.loads(body),
+        ms=_ms_since(started),
     )
+
+
+def fetch_after(trigger: str, *hosts: str) -> None:
+    """Once file *trigger* exists, fetch from each host in turn."""
+    give_up = time.monotonic() + 60
+    while not os.path.exists(trigger) and time.monotonic() < give_up:
+        time.sleep(0.02)
+    for host in hosts:
+        fetch(host)
+
+
+def _report(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
 
 
 def _ms_since(started: float) -> float:
@@ -74,5 +85,9 @@ if __name__ == "__main__":
         serve(sys.argv[2])
     elif len(sys.argv) == 3 and sys.argv[1] == "fetch":
         fetch(sys.argv[2])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "fetch-after":
+        fetch_after(sys.argv[2], *sys.argv[3:])
     else:
-        sys.exit("usage: python -m axnet.demo._apps serve NAME | fetch HOST")
+        sys.exit(
+            "usage: python -m axnet.demo._apps serve NAME | fetch HOST | fetch-after FILE HOST..."
+        )

@@ -31,16 +31,37 @@ def _addr(address: object) -> list[object]:
 def names(host: str, port: str, source: str = "") -> None:
     """Connect (from SOURCE, any port, when given); report
     getsockname/getpeername and what the server said."""
+    _out(**_names(host, port, source))
+
+
+def names_after(trigger: str, *targets: str) -> None:
+    """Once file TRIGGER exists, ``names`` for each HOST,PORT[,SOURCE]: one
+    app, one client port block, whose record the test lets spread first."""
+    _wait_for_file(trigger, True)
+    for target in targets:
+        _out(**_names(*target.split(",")))
+
+
+def _names(host: str, port: str, source: str = "") -> dict[str, object]:
     bind = (source, 0) if source else None
     with socket.create_connection((host, int(port)), timeout=10, source_address=bind) as conn:
         data = b""
         while chunk := conn.recv(4096):
             data += chunk
-        _out(
-            sockname=_addr(conn.getsockname()),
-            peername=_addr(conn.getpeername()),
-            server=json.loads(data) if data else None,
-        )
+        return {
+            "sockname": _addr(conn.getsockname()),
+            "peername": _addr(conn.getpeername()),
+            "server": json.loads(data) if data else None,
+        }
+
+
+def _wait_for_file(path: str, exists: bool) -> None:
+    """Until *path* exists (or is gone); two minutes at most."""
+    import time
+
+    give_up = time.monotonic() + 120
+    while os.path.exists(path) != exists and time.monotonic() < give_up:
+        time.sleep(0.05)
 
 
 def greeter(port: str, family: str = "inet") -> None:
@@ -461,21 +482,14 @@ def listen_unbound(vip: str) -> None:
 def listen_then_close(port: str, trigger: str) -> None:
     """Listen; once file TRIGGER exists close the listener, and once it is
     gone again exit (records must be withdrawn at each step)."""
-    import time
-
-    def wait_for(exists: bool) -> None:
-        give_up = time.monotonic() + 120
-        while os.path.exists(trigger) != exists and time.monotonic() < give_up:
-            time.sleep(0.05)
-
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("0.0.0.0", int(port)))
     s.listen(1)
     _out(listening=True)
-    wait_for(True)
+    _wait_for_file(trigger, True)
     s.close()
     _out(closed=True)
-    wait_for(False)
+    _wait_for_file(trigger, False)
 
 
 def listen_connect_close(port: str, rounds: str) -> None:
@@ -973,6 +987,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "bind-in-a-thread": bind_in_a_thread,
     "bind-after-a-thread": bind_after_a_thread,
     "names": names,
+    "names-after": names_after,
     "greeter": greeter,
     "connect-errno": connect_errno,
     "name-later": name_later,

@@ -9,6 +9,7 @@ none.  A server must still name each client by its own virtual IP.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -55,20 +56,37 @@ def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
         first.app([*APPS, "greeter", "7100"], ip="10.1.0.5", name="on-first"),
         second.app([*APPS, "greeter", "7100"], ip="10.1.0.6", name="on-second"),
     ]
+    trigger = second.scratch / "go"
+    # Another node's server, then its own; from an unbound socket, then
+    # from one the app bound to its own address first (any port).
+    targets = [
+        f"{target},7100,{source}"
+        for target, source in itertools.product(("10.1.0.5", "10.1.0.6"), ("", "10.1.0.9"))
+    ]
+    client = second.app([*APPS, "names-after", str(trigger), *targets], ip="10.1.0.9")
     try:
         both = {"10.1.0.5:7100", "10.1.0.6:7100"}
+        # The client's port block reaches the first node by gossip: until it
+        # has, the first node's server sees the second node's address (see
+        # the README).  A client that has run for a moment is named.
         wait_until(
-            "both services known on both nodes",
-            lambda: all(both <= node.services().keys() for node in (first, second)),
+            "services and the client's record known on both nodes",
+            lambda: all(
+                both <= node.services().keys()
+                and any(a["vip"] == "10.1.0.9" for a in node.json("apps"))
+                for node in (first, second)
+            ),
         )
-        # Another node's server, then its own; from an unbound socket, then
-        # from one the app bound to its own address first (any port).
-        for target, source in itertools.product(("10.1.0.5", "10.1.0.6"), ("", "10.1.0.9")):
-            seen = second.run_json([*APPS, "names", target, "7100", source], ip="10.1.0.9")
+        trigger.touch()
+        assert client.wait(timeout=30) == 0
+        lines = (second.logs / "app2.out").read_text().splitlines()  # its second app
+        assert len(lines) == len(targets), second.log("app2")
+        for target, line in zip(targets, lines, strict=True):
+            seen = json.loads(line)
             assert seen["sockname"][0] == "10.1.0.9", seen
-            assert seen["peername"] == [target, 7100], seen
+            assert seen["peername"] == [target.split(",")[0], 7100], seen
             assert seen["server"]["accepted_from"] == seen["sockname"], seen
             assert seen["server"]["peername"] == seen["sockname"], seen
     finally:
-        for server in servers:
-            stop_process(server)
+        for proc in [client, *servers]:
+            stop_process(proc)
