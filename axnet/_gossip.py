@@ -63,6 +63,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import errno
 import functools
 import ipaddress
 import logging
@@ -527,9 +528,15 @@ class GossipCluster:
             break
         else:
             assert last is not None
+            hint = ""
+            if last.errno == errno.EADDRINUSE:
+                hint = (
+                    " (another daemon of this host gossips there? give each its own "
+                    "--bind HOST:PORT, e.g. --bind 127.0.0.2:7946 beside --address 127.0.0.2)"
+                )
             raise GossipError(
                 f"cannot listen for gossip on {_host_port(self._options.bind)}: "
-                f"{last.strerror or last}"
+                f"{last.strerror or last}{hint}"
             )
         advertise = self._options.advertise
         if advertise[1] == 0:  # "the port we bound"

@@ -90,3 +90,20 @@ def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
     finally:
         for proc in [client, *servers]:
             stop_process(proc)
+
+
+def test_a_second_daemon_on_a_taken_gossip_address_says_how_to_fix_it(
+    netns_host: NetnsHost,
+) -> None:
+    first = AxnetNode(netns_host, daemon_args=["--advertise", "127.0.0.1"]).start()
+    second = AxnetNode(netns_host, daemon_args=["--advertise", "127.0.0.2"])
+    try:
+        second.launch()
+        assert second.daemon is not None
+        assert second.daemon.wait(timeout=30) == 1
+        last = second.log("daemon").splitlines()[-1]
+        assert "cannot listen for gossip on 0.0.0.0:7946: Address already in use" in last
+        assert "give each its own --bind HOST:PORT" in last
+    finally:
+        second.close()
+        first.close()
