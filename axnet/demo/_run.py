@@ -233,7 +233,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
         else:
             _print_report(report)
         return 0
-    except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, ControlError) as exc:
         keep_logs = True
         print(f"axnet demo: {exc}; logs kept in {logs}", file=sys.stderr)
         for path in sorted(logs.iterdir()):
