@@ -419,11 +419,12 @@ static int on_connect(Call *c, Handback *out) {
     if (family == AF_INET6 && ((struct sockaddr_in6 *)&sa)->sin6_scope_id) goto slow;
     PyObject *real = dict_bytes(c->live, endpoint, ENDPOINT_LEN);
     if (real == NULL || !PyBytes_Check(real) || PyBytes_GET_SIZE(real) != ENDPOINT_LEN) goto slow;
+    unsigned char real_end[ENDPOINT_LEN]; /* ours: bind_source() allocates Python objects */
+    memcpy(real_end, PyBytes_AS_STRING(real), ENDPOINT_LEN);
     struct sockaddr_storage target;
-    socklen_t target_len =
-        sockaddr_of(family, (const unsigned char *)PyBytes_AS_STRING(real), &target);
+    socklen_t target_len = sockaddr_of(family, real_end, &target);
     if (!target_len) goto slow;
-    if (bind_source(c, fd, family, (const unsigned char *)PyBytes_AS_STRING(real)) < 0) goto slow;
+    if (bind_source(c, fd, family, real_end) < 0) goto slow;
 
     unsigned lo = be16(c->me + 32), hi = be16(c->me + 34);
     if (lo) {
