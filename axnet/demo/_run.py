@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,20 +65,6 @@ def _app_on(node: DemoNode, ip: str, label: str, app: list[str], *flags: str) ->
     return [*run, sys.executable, "-m", "axnet.demo._apps", *app]
 
 
-def _free_gossip_port(address: str) -> int:
-    """A port free for both TCP and UDP on *address* (gossip uses both)."""
-    for _ in range(50):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind((address, 0))
-            port: int = tcp.getsockname()[1]
-            try:
-                udp.bind((address, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no port free for gossip on {address}")
-
-
 def _wait_for(what: str, predicate: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
     deadline = time.monotonic() + STEP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -100,6 +85,12 @@ def _agreed(nodes: list[DemoNode]) -> bool:
     return all(
         control_path(node.runtime).exists() and _statuses(node) == everyone for node in nodes
     )
+
+
+def _gossip_address(node: DemoNode) -> str:
+    with node.control() as client:
+        address: str = client.request("status")["gossip"]["advertise"]
+        return address
 
 
 def _statuses(node: DemoNode) -> dict[str, str]:
@@ -162,14 +153,15 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
         seed = ""
         for node in nodes:
             node.runtime.mkdir(mode=0o700)
-            gossip = f"{node.address}:{_free_gossip_port(node.address)}"
+            gossip = f"{node.address}:0"  # the daemon takes a port free for UDP and TCP
             args = ["--name", node.name, "--bind", gossip, "--advertise", gossip]
             args += ["--profile", "local", "--gossip-key-file", str(key)]
             args += ["--virtual-range", VIRTUAL_RANGE, *verbosity]
             args += ["--join", seed] if seed else []
-            seed = seed or gossip
             with open(logs / f"{node.name}.log", "wb") as log:
                 daemons.append(subprocess.Popen(_axnet(node, "daemon", *args), stderr=log))
+            if not seed:  # the others join through the first, at the port it took
+                seed = _wait_for(f"{node.name} gossips", lambda: _gossip_address(nodes[0]), daemons)
         _wait_for("every node sees every member alive", lambda: _agreed(nodes), daemons)
 
         for name, ip, where in SERVERS:
