@@ -13,6 +13,7 @@ clock and feeds a `Swim` core:
     sw.tick(now); sw.next_deadline()
     sw.take_datagrams(); sw.take_stream_requests(); sw.take_events()
     sw.broadcast(key, payload); sw.update_meta(meta, now); sw.leave(now)
+    sw.deliver([(key, payload)], now)        # → Delivered(token) once acked
 
 `swim.testing.SimNet` runs many cores over a simulated network.
 """
@@ -27,6 +28,7 @@ from ._core import StateDelegate as StateDelegate
 from ._core import Swim as Swim
 from ._errors import ProtocolError as ProtocolError
 from ._events import Datagram as Datagram
+from ._events import Delivered as Delivered
 from ._events import Event as Event
 from ._events import Member as Member
 from ._events import MemberAlive as MemberAlive

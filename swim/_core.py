@@ -50,6 +50,7 @@ from ._config import MAX_META_BYTES, MAX_PACKET_BYTES, MAX_PUSH_PULL_BYTES, Conf
 from ._errors import ProtocolError
 from ._events import (
     Datagram,
+    Delivered,
     Event,
     Member,
     MemberAlive,
@@ -99,6 +100,8 @@ MAX_USER_KEYS = 200_000
 
 #: Worst-case envelope bytes around the messages: version + array header.
 _ENVELOPE = 1 + 3
+#: A seq no wider than any other once encoded.
+_WIDEST_SEQ = 2**64 - 1
 #: Eligible-member scans are exact below this table size, sampled above.
 _EXACT_PICK = 128
 
@@ -137,6 +140,13 @@ class _Relay:
     seq: int
     nack: bool
     deadline: float
+
+
+@attrs.define(kw_only=True, slots=True)
+class _Delivery:
+    #: Ping seq of each datagram not acknowledged yet → the member it went to.
+    waiting: dict[int, str]
+    expires_at: float
 
 
 def _user_key(origin: str, key: bytes) -> tuple[str, str, bytes]:
@@ -188,6 +198,10 @@ class Swim:
         self._conflicts: set[Address] = set()
         self._boot = incarnation
         self._user_seq = 0
+        #: Deliveries under way by token, and the token of each ping seq.
+        self._deliveries: dict[int, _Delivery] = {}
+        self._delivering: dict[int, int] = {}
+        self._delivery_token = 0
         #: (origin, key) -> newest (boot, seq) seen; oldest first, for the cap.
         self._user_seen: collections.OrderedDict[tuple[str, bytes], tuple[int, int]] = (
             collections.OrderedDict()
@@ -283,6 +297,60 @@ class Swim:
 
     def broadcast(self, key: bytes, payload: bytes) -> None:
         """Disseminate `payload`; it supersedes our earlier broadcast under `key`."""
+        self._user_broadcast(key, payload)
+
+    def fits(self, key: bytes, payload: bytes) -> bool:
+        """Whether a broadcast of `payload` under `key` fits in a packet:
+        `broadcast` and `deliver` raise ValueError for one that does not."""
+        widest = UserBroadcast(
+            origin=self._name, key=key, boot=self._boot, seq=_WIDEST_SEQ, payload=payload
+        )
+        return len(encode_message(widest)) <= self._packet_room()
+
+    def deliver(self, items: Sequence[tuple[bytes, bytes]], now: float) -> int:
+        """Broadcast each (key, payload) of `items`, and send them at once to
+        every member alive as well, each datagram with a ping (and our alive,
+        so that a member that has not heard of us yet takes them).
+
+        Returns a token; a `Delivered` event with it follows once every one
+        of those members acknowledged, or after the probe timeout, naming
+        those that did not.  A member's core handles a datagram's broadcasts
+        before its driver sends the ack, if the driver hands events over
+        before it sends datagrams: then an ack means "handed to the
+        application".  Costs a datagram a member: for news that must not
+        wait for gossip's rounds (a new client's identity), not for every
+        change.
+        """
+        messages = [self._user_broadcast(key, payload) for key, payload in items]
+        me = self._self
+        alive = encode_message(
+            Alive(incarnation=me.incarnation, member=me.name, address=me.address, meta=me.meta)
+        )
+        self._delivery_token += 1
+        token = self._delivery_token
+        waiting: dict[int, str] = {}
+        for member in self._table:
+            if member.name == self._name or member.state is not MemberState.ALIVE:
+                continue
+            # Sized at the widest seq: the packets' pings take the next ones.
+            widest = Ping(seq=_WIDEST_SEQ, target=member.name, source=me.name)
+            room = self._packet_room() - len(encode_message(widest))
+            for packet in _packets(messages, room, alive):
+                self._seq += 1
+                ping = encode_message(Ping(seq=self._seq, target=member.name, source=me.name))
+                self.stats.deliveries_sent += 1
+                self._emit(member.address, [ping, *packet])
+                waiting[self._seq] = member.name
+                self._delivering[self._seq] = token
+        self._deliveries[token] = _Delivery(
+            waiting=waiting, expires_at=now + self._config.probe_timeout
+        )
+        if not waiting:
+            self._finish_delivery(token)
+        return token
+
+    def _user_broadcast(self, key: bytes, payload: bytes) -> bytes:
+        """Queue a broadcast of ours; returns it encoded."""
         self._user_seq += 1
         message = UserBroadcast(
             origin=self._name, key=key, boot=self._boot, seq=self._user_seq, payload=payload
@@ -295,6 +363,20 @@ class Swim:
             )
         self._user_seen[(self._name, key)] = (self._boot, self._user_seq)
         self._queue.queue(_user_key(self._name, key), encoded)
+        return encoded
+
+    def _finish_delivery(self, token: int) -> None:
+        delivery = self._deliveries.pop(token)
+        for seq in delivery.waiting:
+            self._delivering.pop(seq, None)
+        self.stats.deliveries_unacked += len(delivery.waiting)
+        missing = tuple(sorted(set(delivery.waiting.values())))
+        self._events.append(Delivered(token=token, missing=missing))
+
+    def _expire_deliveries(self, now: float) -> None:
+        for token, delivery in list(self._deliveries.items()):
+            if now >= delivery.expires_at:
+                self._finish_delivery(token)
 
     def update_meta(self, meta: bytes, now: float) -> None:
         """Announce new metadata at incarnation + 1."""
@@ -412,6 +494,8 @@ class Swim:
             deadline = min(deadline, relay.deadline)
         for suspicion in self._suspicions.values():
             deadline = min(deadline, suspicion.deadline())
+        for delivery in self._deliveries.values():
+            deadline = min(deadline, delivery.expires_at)
         return deadline
 
     def tick(self, now: float) -> None:
@@ -420,6 +504,8 @@ class Swim:
             self._expire_relays(now)
         if self._suspicions:
             self._expire_suspicions(now)
+        if self._deliveries:
+            self._expire_deliveries(now)
         probe = self._probe
         if probe is not None:
             if not probe.indirect and now >= probe.timeout_at:
@@ -577,6 +663,13 @@ class Swim:
         )
 
     def _on_ack(self, seq: int, now: float) -> None:
+        token = self._delivering.pop(seq, None)
+        if token is not None:
+            delivery = self._deliveries[token]
+            del delivery.waiting[seq]
+            if not delivery.waiting:
+                self._finish_delivery(token)
+            return
         probe = self._probe
         if probe is not None and probe.seq == seq:
             if not probe.indirect:
@@ -969,3 +1062,17 @@ class Swim:
             self.stats.streams_dropped_malformed += 1
             return None
         return messages[0]
+
+
+def _packets(messages: list[bytes], room: int, first: bytes) -> list[list[bytes]]:
+    """*messages* packed into as few packets of *room* bytes as greed finds,
+    each led by *first* where it fits; one that fits in no packet is left out."""
+    packets: list[list[bytes]] = []
+    for message in messages:
+        if packets and sum(map(len, packets[-1])) + len(message) <= room:
+            packets[-1].append(message)
+        elif len(first) + len(message) <= room:
+            packets.append([first, message])
+        elif len(message) <= room:
+            packets.append([message])
+    return packets

@@ -89,6 +89,15 @@ class UserMessage:
     payload: bytes
 
 
+@attrs.frozen(kw_only=True)
+class Delivered:
+    """A `Swim.deliver` is over: every member it went to acknowledged it, but
+    those `missing` (within the probe timeout)."""
+
+    token: int
+    missing: tuple[str, ...]
+
+
 Event: TypeAlias = (
     MemberJoined
     | MemberUpdated
@@ -99,6 +108,7 @@ Event: TypeAlias = (
     | MemberReaped
     | NameConflict
     | UserMessage
+    | Delivered
 )
 
 

@@ -44,3 +44,6 @@ class Stats:
     reconnects: int = 0
     #: failed and left members forgotten after their timeouts
     members_reaped: int = 0
+    #: datagrams `deliver` sent straight to members, and those never acked
+    deliveries_sent: int = 0
+    deliveries_unacked: int = 0

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swim import (
+    MAX_PACKET_BYTES,
     Config,
     Datagram,
+    Delivered,
     MemberDead,
     MemberJoined,
     MemberLeft,
@@ -375,6 +377,90 @@ def test_broadcasts_from_nobody_we_know_buy_no_memory() -> None:
     a.take_events()
     from_b(2, b"y")
     assert a.take_events() == [UserMessage(sender="b", key=b"k", payload=b"y")]
+
+
+def _ack_all(member: Swim, src: tuple[str, int], datagrams: list[Datagram]) -> list[Datagram]:
+    """Hand *datagrams* to *member*; the datagrams it sends back."""
+    for datagram in datagrams:
+        member.handle_datagram(src, datagram.data, 0.0)
+    return member.take_datagrams()
+
+
+def test_deliver_sends_to_every_member_alive_and_reports_once_all_acked() -> None:
+    a, b = joined_pair()
+    c = make("c", C, seed=2)  # has never heard of a: a's alive comes along
+    a.handle_datagram(C, packet(Alive(incarnation=1, member="c", address=C, meta=b"")), 0.0)
+    a.handle_datagram(
+        C, packet(Alive(incarnation=1, member="d", address=("10.0.0.4", 7946), meta=b"")), 0.0
+    )
+    a.handle_datagram(C, packet(Dead(incarnation=1, member="d", accuser="c")), 0.0)
+    a.take_events()
+    a.take_datagrams()
+    token = a.deliver([(b"k1", b"one"), (b"k2", b"two")], 0.0)
+    sent = a.take_datagrams()
+    assert sorted(d.dest for d in sent) == [B, C]  # one datagram each; none to the dead
+    assert a.take_events() == []
+    for member, address in ((b, B), (c, C)):
+        member.take_events()
+        (to_member,) = [d for d in sent if d.dest == address]
+        replies = _ack_all(member, A, [to_member])
+        users = [e for e in member.take_events() if isinstance(e, UserMessage)]
+        assert users == [
+            UserMessage(sender="a", key=b"k1", payload=b"one"),
+            UserMessage(sender="a", key=b"k2", payload=b"two"),
+        ]
+        assert any(isinstance(m, Ack) for r in replies for m in decode_envelope(r.data))
+        _ack_all(a, address, replies)
+        events = [e for e in a.take_events() if isinstance(e, Delivered)]
+        assert events == ([] if member is b else [Delivered(token=token, missing=())])
+    assert a.stats.deliveries_sent == 2
+    assert a.stats.deliveries_unacked == 0
+    # Gossip still carries them too (a lost datagram is not the end).
+    assert a.pending_broadcasts >= 2
+
+
+def test_deliver_names_the_members_that_did_not_ack_in_the_probe_timeout() -> None:
+    a, b = joined_pair()
+    a.handle_datagram(C, packet(Alive(incarnation=1, member="c", address=C, meta=b"")), 0.0)
+    a.take_datagrams()
+    a.take_events()
+    token = a.deliver([(b"k", b"v")], 10.0)
+    sent = a.take_datagrams()
+    assert a.next_deadline() <= 10.0 + a.config.probe_timeout
+    _ack_all(a, B, _ack_all(b, A, [d for d in sent if d.dest == B]))
+    a.tick(10.0 + a.config.probe_timeout)
+    delivered = [e for e in a.take_events() if isinstance(e, Delivered)]
+    assert delivered == [Delivered(token=token, missing=("c",))]
+    assert a.stats.deliveries_unacked == 1
+    # c's late ack is an ack of nothing now.
+    (to_c,) = [d for d in sent if d.dest == C]
+    ping = next(m for m in decode_envelope(to_c.data) if isinstance(m, Ping))
+    a.handle_datagram(C, packet(Ack(seq=ping.seq)), 10.5)
+    assert [e for e in a.take_events() if isinstance(e, Delivered)] == []
+
+
+def test_deliver_with_nobody_to_tell_is_over_at_once() -> None:
+    a = make("a", A)
+    token = a.deliver([(b"k", b"v")], 0.0)
+    assert a.take_events() == [Delivered(token=token, missing=())]
+    assert a.take_datagrams() == []
+
+
+def test_deliver_packs_what_does_not_fit_one_packet_into_several() -> None:
+    a, b = joined_pair()
+    a.take_datagrams()
+    b.take_events()
+    items = [(b"k%d" % i, bytes([i]) * 400) for i in range(7)]
+    token = a.deliver(items, 0.0)
+    sent = a.take_datagrams()
+    assert len(sent) > 1
+    assert all(len(d.data) <= MAX_PACKET_BYTES for d in sent)
+    _ack_all(a, B, _ack_all(b, A, sent))
+    users = [e for e in b.take_events() if isinstance(e, UserMessage)]
+    assert sorted(e.key for e in users) == sorted(k for k, _ in items)
+    assert [e for e in a.take_events() if isinstance(e, Delivered)] == [
+        Delivered(token=token, missing=())
+    ]
 
 
 def test_broadcast_keys_are_bounded_oldest_forgotten_first(

@@ -14,6 +14,7 @@ EXPECTED = {
     "BroadcastQueue",
     "Config",
     "Datagram",
+    "Delivered",
     "Event",
     "Keyring",
     "MAX_META_BYTES",
