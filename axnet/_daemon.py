@@ -64,6 +64,7 @@ class Cluster(Protocol):
     """What the daemon needs from the gossip layer (see ``axnet._gossip``)."""
 
     def publish(self, records: Sequence[AppRecord | ServiceRecord]) -> None: ...
+    async def deliver(self, records: Sequence[AppRecord | ServiceRecord]) -> list[str]: ...
     def members(self) -> list[dict[str, Any]]: ...
     async def join(self, seeds: Sequence[str]) -> int: ...
     async def leave(self) -> None: ...
@@ -73,9 +74,11 @@ class Cluster(Protocol):
     async def wait_joined(self) -> None: ...
 
 
-#: How long a grant of client ports waits for its record to be written out
-#: to every supervisor here.
-PUSH_FLUSH_S = 0.2
+#: How long a grant of client ports (an attach, more ports) waits for its
+#: record to reach every member and every supervisor here.  Past it, the
+#: app goes on and gossip carries the record (a member down but not yet
+#: found out costs each app start that long).
+PUSH_FLUSH_S = 0.25
 
 
 @attrs.frozen(kw_only=True)
@@ -98,18 +101,40 @@ class Daemon:
 
     # -- publishing ---------------------------------------------------------
 
-    async def changed(self, records: Sequence[Record], *, local: bool = True) -> None:
-        """Push *records* to every supervisor, and to the cluster when ours."""
+    async def changed(
+        self, records: Sequence[Record], *, local: bool = True, wait_s: float = 0.0
+    ) -> None:
+        """Push *records* to every supervisor, and to the cluster when ours.
+
+        With *wait_s*, ours also go straight to every member rather than by
+        gossip's rounds alone, and this waits (*wait_s* at most) until the
+        members acknowledged them and the supervisors here were written to:
+        for a new client port block, which servers here and on every node
+        must know before the app's first connection reaches them, or they
+        name its node instead of the app.
+        """
         if not records:
             return
         for record in records:
             log.info("record %s", _describe(record))
-        if local and self.cluster is not None:
+        publish = local and self.cluster is not None
+        if publish and not wait_s:
+            assert self.cluster is not None
             self.cluster.publish(records)
         for chunk in _framed([record_to_wire(r) for r in records]):
             message = {"push": "records", "records": chunk}
             for conn in list(self.sessions.values()):
                 await conn.send(message)
+        if not wait_s:
+            return
+        with trio.move_on_after(wait_s):
+            if publish:
+                # Sent before deliver's first checkpoint: a timeout cuts
+                # only the wait for acks short.
+                assert self.cluster is not None
+                await self.cluster.deliver(records)
+            for session in list(self.sessions.values()):
+                await session.flush()
 
     # -- control API --------------------------------------------------------
 
@@ -183,6 +208,9 @@ class Daemon:
                     continue
                 if listening:
                     written += self.node.listen(app_id, virtual)
+            # Out to every member and every supervisor here before the app
+            # runs: servers name it from its first connection (see changed).
+            await self.changed(written, wait_s=PUSH_FLUSH_S if app.block else 0.0)
             # The table in frames: the reply, then `more` records in pushes,
             # which the supervisor waits for before it adopts the table.
             first, *rest = _framed([record_to_wire(r) for r in self.node.table.records()])
@@ -211,7 +239,6 @@ class Daemon:
                 "for its connections; raise --client-ports or lower --client-block",
                 app_id,
             )
-        await self.changed(written)
         return app_id
 
     async def _session_op(
@@ -222,14 +249,11 @@ class Daemon:
             # (pushed) before the reply, so that servers name its connections
             # from the new block as soon as it uses it.
             block, written = self.node.more_ports(app_id)
-            await self.changed(written)
-            # Written out to every supervisor here first: servers on this
-            # node then all but always know the block before a connection
-            # from it reaches them (an accept that comes first names the
-            # node; getpeername, asked later, names the app).
-            with trio.move_on_after(PUSH_FLUSH_S):
-                for session in list(self.sessions.values()):
-                    await session.flush()
+            # Out to every member and every supervisor here first: servers
+            # then all but always know the block before a connection from
+            # it reaches them (an accept that comes first names the node;
+            # getpeername, asked later, names the app).
+            await self.changed(written, wait_s=PUSH_FLUSH_S)
             await conn.reply(request, block=list(block) if block else None)
             return
         virtual = VirtualAddress(

@@ -458,6 +458,9 @@ class GossipCluster:
         self._wake = trio.Event()
         self._changes: list[tuple[list[Record], bool]] = []
         self._changes_ready = trio.Event()
+        #: Changes queued and pushed so far, and an event set at each push.
+        self._changes_queued = self._changes_pushed = 0
+        self._pushed = trio.Event()
         #: Each record in our last push-pull state, packed, by id() (see local_state).
         self._packed: dict[int, tuple[Record, bytes]] = {}
         #: Push-pull states to merge (see merge_remote_state), oldest first.
@@ -489,6 +492,8 @@ class GossipCluster:
         #: Nodes that own live records here without being members: name → since.
         self._orphans: dict[str, float] = {}
         self.driver_stats = DriverStats()
+        #: Deliveries under way (see deliver): token → (done, members missing).
+        self._deliveries: dict[int, tuple[trio.Event, list[str]]] = {}
 
     # -- setup -------------------------------------------------------------------------
 
@@ -589,18 +594,49 @@ class GossipCluster:
     # -- Cluster protocol ----------------------------------------------------------------
 
     def publish(self, records: Sequence[Record]) -> None:
+        self._broadcast(records, direct=False)
+
+    async def deliver(self, records: Sequence[Record]) -> list[str]:
+        """Publish *records*, and send them straight to every member alive;
+        return once each has acknowledged them (its table has them and they
+        went out to its supervisors), or the probe timeout is over.  Returns
+        the members that did not answer.  Gossip carries them too."""
+        token = self._broadcast(records, direct=True)
+        if token is None:
+            return []
+        done, missing = trio.Event(), list[str]()
+        self._deliveries[token] = (done, missing)
+        try:
+            await done.wait()
+        finally:
+            del self._deliveries[token]
+        return missing
+
+    def _broadcast(self, records: Sequence[Record], *, direct: bool) -> int | None:
         if self.core.leaving:
             # Left: peers dropped our records and would never hear of these
             # again.  They stay in our table; a rejoin's push-pull carries them.
-            return
+            return None
+        items = []
         for record in records:
             try:
-                self.core.broadcast(record_key(record), encode_record(record))
+                key, payload = record_key(record), encode_record(record)
+                if not self.core.fits(key, payload):
+                    raise ValueError(f"{len(payload)} bytes do not fit in a packet")
             except (ValueError, OverflowError) as exc:
                 # Still replicated, by push-pull only.
                 self.driver_stats.records_too_large += 1
                 log.warning("record too large to gossip key=%r reason=%s", record_key(record), exc)
+                continue
+            items.append((key, payload))
+        token = None
+        if direct:
+            token = self.core.deliver(items, trio.current_time())
+        else:
+            for key, payload in items:
+                self.core.broadcast(key, payload)
         self._wake.set()
+        return token
 
     def members(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -719,6 +755,8 @@ class GossipCluster:
                 "io_errors": d.streams_io_errors,
             },
             "probes": {"sent": s.probes_sent, "failed": s.probes_failed},
+            # New client port blocks, sent straight to each member (deliver).
+            "deliveries": {"sent": s.deliveries_sent, "unacked": s.deliveries_unacked},
             "refutations": s.refutations,
             "records": {
                 "malformed": d.records_malformed,
@@ -881,6 +919,7 @@ class GossipCluster:
 
     def _queue_change(self, records: list[Record], *, local: bool) -> None:
         self._changes.append((records, local))
+        self._changes_queued += 1
         self._changes_ready.set()
 
     async def _push_changes(self) -> None:
@@ -891,6 +930,15 @@ class GossipCluster:
             changes, self._changes = self._changes, []
             for records, local in changes:
                 await self._daemon.changed(records, local=local)
+            self._changes_pushed += len(changes)
+            self._pushed.set()
+            self._pushed = trio.Event()
+
+    async def _changes_handed_over(self) -> None:
+        """Until every change queued so far has gone to the daemon."""
+        queued = self._changes_queued
+        while self._changes_pushed < queued:
+            await self._pushed.wait()
 
     # -- driver loop ---------------------------------------------------------------------
 
@@ -916,6 +964,10 @@ class GossipCluster:
             for event in events:
                 self._on_event(event)
             self._check_refuted()
+            if datagrams and self._changes_pushed < self._changes_queued:
+                # Acks leave once the records they acknowledge are on their
+                # way to the supervisors here (see deliver).
+                await self._changes_handed_over()
             for datagram in datagrams:
                 await self._send(datagram)
             if not (datagrams or requests or events):
@@ -1098,7 +1150,7 @@ class GossipCluster:
     # -- membership events ---------------------------------------------------------------
 
     def _on_event(self, event: swim.Event) -> None:
-        if not isinstance(event, swim.UserMessage):
+        if not isinstance(event, swim.UserMessage | swim.Delivered):
             self._member_hosts = None  # membership changed
         match event:
             case swim.MemberJoined(member=member):
@@ -1134,6 +1186,14 @@ class GossipCluster:
                     name,
                     _host_port(address),
                 )
+            case swim.Delivered(token=token, missing=missing):
+                waiting = self._deliveries.get(token)
+                if waiting is not None:  # else its waiter gave up
+                    done, out = waiting
+                    out.extend(missing)
+                    done.set()
+                if missing:
+                    log.info("records not acknowledged in time by=%s", ",".join(missing))
             case swim.UserMessage(sender=sender, payload=payload):
                 try:
                     item = unpack(payload)

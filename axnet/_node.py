@@ -177,6 +177,8 @@ class Node:
         self._ports_in_use: set[int] = set()
         self._next_port = config.listen_ports.lo
         self._blocks_in_use: set[tuple[int, int]] = set()
+        #: Where the next search for a free block starts (see _take_block).
+        self._block_cursor = 0
 
     # -- helpers -------------------------------------------------------------
 
@@ -203,10 +205,17 @@ class Node:
         if wanted is not None and self._block_free(wanted):
             self._blocks_in_use.add(wanted)
             return wanted
-        for block in self._all_blocks():
-            if self._block_free(block):
-                self._blocks_in_use.add(block)
-                return block
+        # Round the grid from past the last block given: a block an app
+        # gave back goes to another only after every other one, so that
+        # its tombstone has long reached every node (until it has, a peer
+        # names the newer holder; see ServiceTable._blocks).
+        blocks = self._all_blocks()
+        for step in range(len(blocks)):
+            at = (self._block_cursor + step) % len(blocks)
+            if self._block_free(blocks[at]):
+                self._block_cursor = at + 1
+                self._blocks_in_use.add(blocks[at])
+                return blocks[at]
         return None  # the app still runs; servers see the node's address for it
 
     def _pick_vip(self) -> IPAddress:

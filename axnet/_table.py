@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import TypeAlias, TypeVar
+from typing import TypeAlias
 
 import attrs
 
@@ -175,22 +175,6 @@ class ServiceRecord:
         return self.virtual
 
 
-T = TypeVar("T")
-
-
-def _without_one(items: tuple[T, ...], item: T) -> tuple[T, ...]:
-    """*items* less the first occurrence of *item*."""
-    try:
-        at = items.index(item)
-    except ValueError:
-        return items
-    return items[:at] + items[at + 1 :]
-
-
-def _packed_block(app: AppRecord) -> bytes:
-    return app.port_lo.to_bytes(2, "big") + app.port_hi.to_bytes(2, "big") + packed_ip(app.vip)
-
-
 def _newer(candidate: AppRecord | ServiceRecord, current: AppRecord | ServiceRecord | None) -> bool:
     if current is None:
         return True
@@ -211,7 +195,13 @@ class ServiceTable:
     _by_real: dict[RealAddress, VirtualAddress] = attrs.field(factory=dict)
     _live: dict[tuple[IPAddress, int], ServiceRecord] = attrs.field(factory=dict)
     _vips: dict[IPAddress, int] = attrs.field(factory=dict)
-    _blocks: dict[IPAddress, tuple[tuple[int, int, IPAddress], ...]] = attrs.field(factory=dict)
+    #: Host address → (version, lo, hi, vip) of its apps' blocks, newest
+    #: first: a node gives a block to one app at a time, so where two
+    #: overlap (the app before has gone, its tombstone is on its way) the
+    #: newer grant is the truth.
+    _blocks: dict[IPAddress, tuple[tuple[int, int, int, IPAddress], ...]] = attrs.field(
+        factory=dict
+    )
     # The same, packed (see `endpoint`): virtual → real, real → virtual, and
     # host address → blocks as lo (2 bytes) + hi (2 bytes) + vip (16 bytes).
     live_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
@@ -255,13 +245,14 @@ class ServiceTable:
             self._drop_app_index(old_app)
         if not record.deleted:
             self._vips[record.vip] = self._vips.get(record.vip, 0) + 1
-            blocks = self._blocks.get(record.real_host, ())
-            self._blocks[record.real_host] = (
-                *blocks,
-                (record.port_lo, record.port_hi, record.vip),
-            )
+            entries = self._blocks.get(record.real_host, ())
+            at = sum(1 for entry in entries if entry[0] > record.version)
+            entry = (record.version, record.port_lo, record.port_hi, record.vip)
+            packed = record.port_lo.to_bytes(2, "big") + record.port_hi.to_bytes(2, "big")
             host = packed_ip(record.real_host)
-            self.block_keys[host] = (*self.block_keys.get(host, ()), _packed_block(record))
+            keys = self.block_keys.get(host, ())
+            self._blocks[record.real_host] = (*entries[:at], entry, *entries[at:])
+            self.block_keys[host] = (*keys[:at], packed + packed_ip(record.vip), *keys[at:])
         return True
 
     def current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
@@ -297,18 +288,18 @@ class ServiceTable:
             self._vips.pop(app.vip, None)
         # One entry each: another live app may have the same block and vip
         # (a node reused them after a restart), and keeps its own.
-        block = (app.port_lo, app.port_hi, app.vip)
-        remaining = _without_one(self._blocks.get(app.real_host, ()), block)
-        if remaining:
-            self._blocks[app.real_host] = remaining
+        entries = self._blocks.get(app.real_host, ())
+        try:
+            at = entries.index((app.version, app.port_lo, app.port_hi, app.vip))
+        except ValueError:
+            return
+        host = packed_ip(app.real_host)
+        keys = self.block_keys[host]
+        if len(entries) > 1:
+            self._blocks[app.real_host] = entries[:at] + entries[at + 1 :]
+            self.block_keys[host] = keys[:at] + keys[at + 1 :]
         else:
-            self._blocks.pop(app.real_host, None)
-        host, packed = packed_ip(app.real_host), _packed_block(app)
-        kept = _without_one(self.block_keys.get(host, ()), packed)
-        if kept:
-            self.block_keys[host] = kept
-        else:
-            self.block_keys.pop(host, None)
+            del self._blocks[app.real_host], self.block_keys[host]
 
     def expire(self, now: float, ttl: float = TOMBSTONE_TTL) -> int:
         """Forget tombstones older than *ttl*; return how many were dropped."""
@@ -355,7 +346,7 @@ class ServiceTable:
 
     def virtual_of_client(self, host: IPAddress, port: int) -> IPAddress | None:
         """The virtual IP of the app whose connections leave from ``host:port``."""
-        for lo, hi, vip in self._blocks.get(host, ()):
+        for _, lo, hi, vip in self._blocks.get(host, ()):
             if lo <= port <= hi:
                 return vip
         return None

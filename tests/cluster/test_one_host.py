@@ -8,6 +8,7 @@ none.  A server must still name each client by its own virtual IP.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -19,23 +20,24 @@ from axnet.testing import APPS, AxnetNode, NetnsHost, stop_process, wait_until
 #: Each node's real address and its gossip port (loopback of the test host).
 ADDRESSES = ("127.0.0.1", "127.0.0.2")
 GOSSIP_PORT = 7946
+#: Apps started one after another, each connecting at once.
+FRESH_CLIENTS = 5
 
 
-@pytest.fixture(params=["native", "python"])
-def two_nodes(
-    netns_host: NetnsHost, interception: None, request: pytest.FixtureRequest
-) -> Iterator[tuple[AxnetNode, AxnetNode]]:
+@contextlib.contextmanager
+def _two_nodes(host: NetnsHost, engine: str, profile: str) -> Iterator[tuple[AxnetNode, AxnetNode]]:
     nodes: list[AxnetNode] = []
-    for index, address in enumerate(ADDRESSES):
-        args = ["--name", f"n{index + 1}", "--profile", "local"]
-        args += ["--address", address, "--bind", f"{address}:{GOSSIP_PORT}"]
-        if index:
-            args += ["--join", f"{ADDRESSES[0]}:{GOSSIP_PORT}"]
-        node = AxnetNode(netns_host, daemon_args=args)
-        if request.param == "python":
-            node.env["AXNET_FASTPATH"] = "0"
-        nodes.append(node.start())
     try:
+        for index, address in enumerate(ADDRESSES):
+            args = ["--name", f"n{index + 1}", "--profile", profile]
+            args += ["--address", address, "--bind", f"{address}:{GOSSIP_PORT}"]
+            if index:
+                args += ["--join", f"{ADDRESSES[0]}:{GOSSIP_PORT}"]
+            node = AxnetNode(host, daemon_args=args)
+            if engine == "python":
+                node.env["AXNET_FASTPATH"] = "0"
+            nodes.append(node)
+            node.start()
         first, second = nodes
         wait_until("both members alive", lambda: len(second.json("members")) == 2)
         yield first, second
@@ -43,6 +45,14 @@ def two_nodes(
         for node in nodes:
             print(node.all_logs())  # shown by pytest when the test failed
             node.close()
+
+
+@pytest.fixture(params=["native", "python"])
+def two_nodes(
+    netns_host: NetnsHost, interception: None, request: pytest.FixtureRequest
+) -> Iterator[tuple[AxnetNode, AxnetNode]]:
+    with _two_nodes(netns_host, request.param, "local") as nodes:
+        yield nodes
 
 
 def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
@@ -90,6 +100,27 @@ def test_clients_are_named_by_their_own_vip_from_a_second_loopback_address(
     finally:
         for proc in [client, *servers]:
             stop_process(proc)
+
+
+def test_a_new_app_is_named_by_its_vip_from_its_first_connection_to_another_node(
+    netns_host: NetnsHost, interception: None
+) -> None:
+    # The WAN profile gossips every 0.5 s: an app's first connection is
+    # made long before gossip would bring its port block to the server's
+    # node.  Its daemon sends the block there itself before the app starts.
+    with _two_nodes(netns_host, "native", "wan") as (first, second):
+        server = first.app([*APPS, "greeter", "7100"], ip="10.1.0.5", name="on-first")
+        try:
+            wait_until("the service known on the second node", lambda: bool(second.services()))
+            for index in range(1, FRESH_CLIENTS + 1):
+                vip = f"10.1.0.{10 + index}"
+                client = second.app([*APPS, "names", "10.1.0.5", "7100"], ip=vip)
+                assert client.wait(timeout=30) == 0, second.log(f"app{index}")
+                seen = json.loads((second.logs / f"app{index}.out").read_text())
+                assert seen["sockname"][0] == vip, seen
+                assert seen["server"]["accepted_from"] == seen["sockname"], seen
+        finally:
+            stop_process(server)
 
 
 def test_a_second_daemon_on_a_taken_gossip_address_says_how_to_fix_it(

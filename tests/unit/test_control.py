@@ -480,6 +480,9 @@ class _SlowJoin:
     def publish(self, records: object) -> None:
         pass
 
+    async def deliver(self, records: object) -> list[str]:
+        return []
+
     def members(self) -> list[dict[str, Any]]:
         return []
 

@@ -19,7 +19,7 @@ import trio
 
 import swim
 from axnet import _gossip as gossip_module
-from axnet._daemon import Daemon, DaemonConfig
+from axnet._daemon import Daemon, DaemonConfig, Record
 from axnet._gossip import (
     MAX_INBOUND_PER_SOURCE,
     MAX_INBOUND_STREAMS,
@@ -32,7 +32,7 @@ from axnet._gossip import (
     gossip_options,
 )
 from axnet._node import NodeConfig
-from axnet._table import TOMBSTONE_TTL, ServiceRecord, VirtualAddress
+from axnet._table import TOMBSTONE_TTL, AppRecord, ServiceRecord, VirtualAddress
 from axnet._wire import pack, records_from_state
 
 KEY = bytes(range(32))
@@ -254,6 +254,49 @@ async def test_what_a_member_publishes_after_leaving_waits_for_its_rejoin() -> N
         await eventually(
             "replicated after the rejoin", lambda: a._daemon.node.table.resolve(virtual.ip, 81)
         )
+
+
+def _attach(daemon: Daemon, app_id: str) -> list[Record]:
+    _, written = daemon.node.attach(
+        app_id=app_id,
+        vip=None,
+        name="",
+        labels=(),
+        pid=1,
+        argv=["client"],
+        block=None,
+        now=trio.current_time(),
+    )
+    return list(written)
+
+
+async def test_a_delivered_record_is_in_every_members_table_when_deliver_returns() -> None:
+    async with running("a") as a, running("b") as b, running("c") as c:
+        for peer in (b, c):
+            assert await peer.join([seed(a)]) == 1
+        everyone = {"a": "alive", "b": "alive", "c": "alive"}
+        await eventually("members agree", lambda: statuses(a) == everyone)
+        [record] = _attach(a._daemon, "client")
+        assert isinstance(record, AppRecord)
+        before = a.core.stats.deliveries_sent
+        assert await a.deliver([record]) == []
+        # Not by gossip, which may not have run yet: straight, and acked.
+        assert a.core.stats.deliveries_sent == before + 2
+        for peer in (b, c):
+            table = peer._daemon.node.table
+            assert table.virtual_of_client(record.real_host, record.port_lo) == record.vip
+
+
+async def test_deliver_names_a_member_that_does_not_answer() -> None:
+    async with running("a") as a:
+        async with running("b") as b:
+            assert await b.join([seed(a)]) == 1
+            await eventually("joined", lambda: statuses(a) == {"a": "alive", "b": "alive"})
+        # b is gone without a word: a holds it alive until its probes fail.
+        records = _attach(a._daemon, "client")
+        with trio.fail_after(5):
+            assert await a.deliver(records) == ["b"]
+        assert a.core.stats.deliveries_unacked == 1
 
 
 async def test_a_member_with_our_name_is_reported_by_join() -> None:

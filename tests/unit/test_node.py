@@ -240,6 +240,17 @@ def test_detach_frees_the_block() -> None:
     assert node.apps["a2"].block == (40000, 40099)
 
 
+def test_a_block_given_back_goes_to_another_app_only_after_every_other() -> None:
+    node = make_node(client=(40000, 40299), block=100)
+    attach(node, "a1")
+    node.detach("a1", now=NOW)
+    taken = []
+    for name in ("a2", "a3", "a4"):
+        attach(node, name)
+        taken.append(node.apps[name].block)
+    assert taken == [(40100, 40199), (40200, 40299), (40000, 40099)]
+
+
 def test_an_app_that_used_up_its_block_gets_more_up_to_the_limit() -> None:
     node = make_node(client=(40000, 40999), block=100)
     attach(node, "a1")
@@ -264,7 +275,8 @@ def test_an_app_that_used_up_its_block_gets_more_up_to_the_limit() -> None:
     withdrawn = {r.app_id for r in written if isinstance(r, AppRecord) and r.deleted}
     assert withdrawn == {"a1", *(alias_id("a1", i) for i in range(1, MAX_BLOCKS))}
     assert node.table.virtual_of_client(HOST, 40250) is None
-    assert node.more_ports("a2")[0] == (40000, 40099)
+    assert node.more_ports("a2")[0] == (40900, 40999)  # the one never given first
+    assert node.more_ports("a2")[0] == (40000, 40099)  # then, round again, a1's
 
 
 def test_more_ports_when_none_is_left() -> None:

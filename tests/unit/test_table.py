@@ -198,6 +198,28 @@ def test_a_tombstone_leaves_another_app_with_the_same_block_and_vip() -> None:
     assert len(table.block_keys[packed_ip(HOST)]) == 1
 
 
+@pytest.mark.parametrize("newer_first", [False, True])
+def test_a_block_given_again_names_its_newest_holder_before_the_old_ones_tombstone(
+    newer_first: bool,
+) -> None:
+    # A node gave an app's block to the next app once it went: a peer may
+    # hold both live (the tombstone is on its way), in either order.
+    table = ServiceTable()
+    old_vip, new_vip = ip_address("10.77.0.13"), ip_address("10.77.0.14")
+    old, new = app("old", vip=old_vip, version=3), app("new", vip=new_vip, version=7)
+    for record in (new, old) if newer_first else (old, new):
+        table.merge(record)
+    assert table.virtual_of_client(HOST, 40050) == new_vip
+    # The packed index the native engine reads, newest first too.
+    assert [k[4:] for k in table.block_keys[packed_ip(HOST)]] == [
+        packed_ip(new_vip),
+        packed_ip(old_vip),
+    ]
+    table.merge(app("old", vip=old_vip, version=4, deleted=True, deleted_at=1.0))
+    assert table.virtual_of_client(HOST, 40050) == new_vip
+    assert len(table.block_keys[packed_ip(HOST)]) == 1
+
+
 def test_app_update_moves_vip_and_block() -> None:
     table = ServiceTable()
     new_vip = ip_address("10.77.0.6")
