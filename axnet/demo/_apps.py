@@ -2,16 +2,15 @@
 
 ``python -m axnet.demo._apps serve NAME`` listens on port 80 of every address
 and answers each request with JSON: its name, what ``getsockname`` and
-``accept`` told it.  ``python -m axnet.demo._apps fetch HOST`` connects to
-``HOST:80`` and prints JSON: what its own ``getsockname``/``getpeername``
-returned and the server's answer, or the error its connect met;
-``fetch-after FILE HOST...`` waits for FILE to exist, then fetches from each.
+``accept`` told it.  ``python -m axnet.demo._apps fetch HOST...`` connects to
+each ``HOST:80`` in turn and prints JSON for each: what its own
+``getsockname``/``getpeername`` returned and the server's answer, or the
+error its connect met.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import time
@@ -63,15 +62,6 @@ def fetch(host: str, port: int = 80) -> None:
     )
 
 
-def fetch_after(trigger: str, *hosts: str) -> None:
-    """Once file *trigger* exists, fetch from each host in turn."""
-    give_up = time.monotonic() + 60
-    while not os.path.exists(trigger) and time.monotonic() < give_up:
-        time.sleep(0.02)
-    for host in hosts:
-        fetch(host)
-
-
 def _report(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -83,11 +73,8 @@ def _ms_since(started: float) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         serve(sys.argv[2])
-    elif len(sys.argv) == 3 and sys.argv[1] == "fetch":
-        fetch(sys.argv[2])
-    elif len(sys.argv) >= 4 and sys.argv[1] == "fetch-after":
-        fetch_after(sys.argv[2], *sys.argv[3:])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "fetch":
+        for target in sys.argv[2:]:
+            fetch(target)
     else:
-        sys.exit(
-            "usage: python -m axnet.demo._apps serve NAME | fetch HOST | fetch-after FILE HOST..."
-        )
+        sys.exit("usage: python -m axnet.demo._apps serve NAME | fetch HOST...")
