@@ -89,20 +89,27 @@ def statuses(cluster: GossipCluster) -> dict[str, str]:
     return {m["name"]: m["status"] for m in cluster.members()}
 
 
-async def publish_service(cluster: GossipCluster, daemon: Daemon, port: int) -> VirtualAddress:
-    node = daemon.node
-    app, written = node.attach(
-        app_id=f"app{port}",
-        vip=ipaddress.ip_address("10.1.0.5"),
-        name="web",
+def attach(daemon: Daemon, app_id: str, vip: str | None = None) -> tuple[AppRecord, list[Record]]:
+    """An app attached to *daemon*'s node: its record, and what the node wrote."""
+    _, written = daemon.node.attach(
+        app_id=app_id,
+        vip=ipaddress.ip_address(vip) if vip else None,
+        name="",
         labels=(),
         pid=1,
-        argv=["web"],
+        argv=[app_id],
         block=None,
         now=trio.current_time(),
     )
-    claim = node.claim(app.app_id, VirtualAddress(ip=app.vip, port=port))
-    written += node.listen(app.app_id, claim.virtual)
+    [record] = written
+    assert isinstance(record, AppRecord)
+    return record, list(written)
+
+
+async def publish_service(cluster: GossipCluster, daemon: Daemon, port: int) -> VirtualAddress:
+    app, written = attach(daemon, f"app{port}", "10.1.0.5")
+    claim = daemon.node.claim(app.app_id, VirtualAddress(ip=app.vip, port=port))
+    written += daemon.node.listen(app.app_id, claim.virtual)
     await daemon.changed(written)
     return claim.virtual
 
@@ -256,28 +263,13 @@ async def test_what_a_member_publishes_after_leaving_waits_for_its_rejoin() -> N
         )
 
 
-def _attach(daemon: Daemon, app_id: str) -> list[Record]:
-    _, written = daemon.node.attach(
-        app_id=app_id,
-        vip=None,
-        name="",
-        labels=(),
-        pid=1,
-        argv=["client"],
-        block=None,
-        now=trio.current_time(),
-    )
-    return list(written)
-
-
 async def test_a_delivered_record_is_in_every_members_table_when_deliver_returns() -> None:
     async with running("a") as a, running("b") as b, running("c") as c:
         for peer in (b, c):
             assert await peer.join([seed(a)]) == 1
         everyone = {"a": "alive", "b": "alive", "c": "alive"}
         await eventually("members agree", lambda: statuses(a) == everyone)
-        [record] = _attach(a._daemon, "client")
-        assert isinstance(record, AppRecord)
+        record, _ = attach(a._daemon, "client")
         before = a.core.stats.deliveries_sent
         assert await a.deliver([record]) == []
         # Not by gossip, which may not have run yet: straight, and acked.
@@ -293,7 +285,7 @@ async def test_deliver_names_a_member_that_does_not_answer() -> None:
             assert await b.join([seed(a)]) == 1
             await eventually("joined", lambda: statuses(a) == {"a": "alive", "b": "alive"})
         # b is gone without a word: a holds it alive until its probes fail.
-        records = _attach(a._daemon, "client")
+        _, records = attach(a._daemon, "client")
         with trio.fail_after(5):
             assert await a.deliver(records) == ["b"]
         assert a.core.stats.deliveries_unacked == 1
