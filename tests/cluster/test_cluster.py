@@ -111,7 +111,22 @@ def test_five_hosts_agree_and_reach_a_service_by_its_virtual_ip(
         assert web["node"] == "h1" and web["pid"] is None
     finally:
         stop_process(server)
-    # The app is gone: its service disappears everywhere.
+    # An app's very first connection to another host is named by its
+    # virtual IP: its daemon sent its port block to every member before it
+    # ran, not a gossip round later.
+    greeter = nodes[0].app([*APPS, "greeter", "7000"], ip="10.1.0.6", name="greeter")
+    try:
+        nodes[4].wait_service("10.1.0.6:7000", timeout=SPREAD_S)
+        sent = gossip_stats(nodes[4])["deliveries"]["sent"]
+        named = nodes[4].run([*APPS, "names", "10.1.0.6", "7000"], ip="10.1.0.9", timeout=30)
+        assert named.returncode == 0, named.stderr
+        seen = json.loads(named.stdout)
+        assert seen["sockname"][0] == "10.1.0.9", seen
+        assert seen["server"]["accepted_from"] == seen["sockname"], seen
+        assert gossip_stats(nodes[4])["deliveries"]["sent"] == sent + len(nodes) - 1
+    finally:
+        stop_process(greeter)
+    # The web server is gone: its service disappears everywhere.
     wait_until(
         "service withdrawn everywhere",
         lambda: all("10.1.0.5:80" not in node.services() for node in nodes[1:]),
