@@ -512,6 +512,10 @@ class Swim:
                 self._probe_indirectly(probe, now)
             if now >= probe.end_at:
                 self._probe_failed(probe, now)
+        if self._suspicions:
+            # A failed probe confirms a suspicion, which shortens it: maybe
+            # into the past (as memberlist, the member is dead at once).
+            self._expire_suspicions(now)
         if not self._leaving and self._probe is None and now >= self._next_probe_at:
             interval = self._awareness.scale(self._config.probe_interval)
             self._next_probe_at = now + interval

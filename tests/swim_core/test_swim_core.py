@@ -560,6 +560,26 @@ inputs = st.one_of(
 )
 
 
+def test_a_suspicion_a_failed_probe_confirms_into_the_past_ends_in_that_tick() -> None:
+    # Found by the property test below: b suspects d at 2 s; our own probe
+    # of d fails at 13 s and confirms it, which shortens the suspicion to
+    # before 13 s.  d is dead at once, not left as a timer already due.
+    a = make("a", A, incarnation=2)
+    peer = ("10.0.0.2", 7946)
+    a.handle_datagram(peer, packet(Alive(incarnation=0, member="c", address=peer, meta=b"")), 0.0)
+    a.tick(1.0)
+    a.handle_datagram(peer, packet(Ack(seq=1)), 1.0)
+    for name in ("b", "d"):
+        a.handle_datagram(
+            peer, packet(Alive(incarnation=0, member=name, address=peer, meta=b"")), 1.0
+        )
+    a.handle_datagram(peer, packet(Suspect(incarnation=0, member="d", accuser="b")), 1.0)
+    a.tick(2.0)
+    a.tick(13.0)
+    assert a.next_deadline() > 13.0
+    assert a.member("d").state is MemberState.DEAD  # type: ignore[union-attr]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(inputs, max_size=40))
 def test_random_sequences_keep_invariants(steps: list[object]) -> None:
