@@ -121,6 +121,11 @@ class Connection:
         self._waiting_bytes = 0
         self._caught_up = trio.Event()
         self.closed = False
+        #: Pings sent, the newest one the client answered, and an event set at
+        #: each answer (see ping).
+        self._pings = self._applied = 0
+        self._answered = trio.Event()
+        self._finished = False
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Queue *message* for this client; never waits for it to read."""
@@ -158,13 +163,42 @@ class Connection:
         while self._written < self._queued and not self.closed:
             await self._caught_up.wait()
 
+    async def ping(self) -> int:
+        """Ask the client to say when it has taken everything queued before
+        this: a supervisor answers ``applied`` once it has applied the pushes
+        before the ping to its table.  Returns the ping's number."""
+        self._pings += 1
+        await self.send({"push": "ping", "seq": self._pings})
+        return self._pings
+
+    @property
+    def answers_pings(self) -> bool:
+        """Whether the client has answered every ping so far (a stopped
+        supervisor stops answering: nobody waits on it until it catches up)."""
+        return self._applied == self._pings
+
+    def applied(self, seq: int) -> None:
+        """The client answered ping *seq* (and so every one before it)."""
+        if self._applied < seq <= self._pings:
+            self._applied = seq
+            self._answered.set()
+            self._answered = trio.Event()
+
+    async def wait_applied(self, seq: int) -> None:
+        """Until the client has answered ping *seq*, or is gone."""
+        while self._applied < seq and not (self.closed or self._finished):
+            await self._answered.wait()
+
     def finish(self) -> None:
         """No more messages: :meth:`write_out` ends once the queued ones are out."""
+        self._finished = True
+        self._answered.set()
         self._outbox.close()
 
     def _drop(self) -> None:
         self.closed = True
         self._caught_up.set()
+        self._answered.set()
         self._outbox.close()
         self.stream.socket.close()  # wakes the reader: the session ends
 

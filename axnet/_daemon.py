@@ -108,7 +108,7 @@ class Daemon:
 
         With *wait_s*, ours also go straight to every member rather than by
         gossip's rounds alone, and this waits (*wait_s* at most) until the
-        members acknowledged them and the supervisors here were written to:
+        members acknowledged them and every supervisor here applied them:
         for a new client port block, which servers here and on every node
         must know before the app's first connection reaches them, or they
         name its node instead of the app.
@@ -127,14 +127,23 @@ class Daemon:
                 await conn.send(message)
         if not wait_s:
             return
+        # Every supervisor is pinged; one that left a ping unanswered (one
+        # stopped with Ctrl-Z) is not waited for until it answers again, or
+        # it would hold up every app start by wait_s.
+        pings = []
+        for conn in list(self.sessions.values()):
+            answering = conn.answers_pings
+            seq = await conn.ping()
+            if answering:
+                pings.append((conn, seq))
         with trio.move_on_after(wait_s):
             if publish:
                 # Sent before deliver's first checkpoint: a timeout cuts
                 # only the wait for acks short.
                 assert self.cluster is not None
                 await self.cluster.deliver(records)
-            for session in list(self.sessions.values()):
-                await session.flush()
+            for conn, seq in pings:
+                await conn.wait_applied(seq)
 
     # -- control API --------------------------------------------------------
 
@@ -144,7 +153,9 @@ class Daemon:
             async for request in conn.messages():
                 op = request.get("op")
                 try:
-                    if op == "attach":
+                    if op == "applied":  # a supervisor answers a ping: no reply
+                        conn.applied(int_from_wire(request.get("seq") or 0))
+                    elif op == "attach":
                         if app_id is not None:
                             raise ClaimError(errno.EEXIST, "this session is already attached")
                         app_id = await self._attach(conn, request)

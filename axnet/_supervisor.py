@@ -175,11 +175,22 @@ class Session:
                 reply = message
         return reply
 
+    async def answer(self, ping: Mapping[str, Any]) -> None:
+        """Tell the daemon that the pushes before *ping* are applied (they
+        are, in order, by the time it is read)."""
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(frame({"op": "applied", "seq": ping.get("seq")}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the session is ending: read() sees it
+
     async def read(self, on_push: Any) -> None:
         """Dispatch replies and pushes until the daemon closes the session."""
         try:
             async for message in receive_messages(self.stream, self._decoder):
-                if "push" in message:
+                if message.get("push") == "ping":
+                    await self.answer(message)
+                elif "push" in message:
                     on_push(message)
                 elif (channel := self._waiting.get(message.get("id", -1))) is not None:
                     channel.send_nowait(message)
@@ -349,6 +360,9 @@ class Supervisor:
             with trio.fail_after(CLAIM_TIMEOUT_S * 5):
                 reply, later = await session.handshake("attach", fields)
             self._apply_attach(reply, later)
+            for push in later:
+                if push.get("push") == "ping":
+                    await session.answer(push)
         except BaseException as exc:
             stream.socket.close()
             if isinstance(exc, trio.TooSlowError):

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -441,6 +442,56 @@ async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
             assert _attach(client, "a1")["ok"] is True  # not "already attached"
 
     await _with_daemon(sock_dir, talk)
+
+
+def _read_until_ping(sock: socket.socket, decoder: FrameDecoder) -> tuple[list[str], int]:
+    """The pushes a session receives up to a ping, and the ping's number."""
+    kinds: list[str] = []
+    while True:
+        for message in decoder.feed(sock.recv(1 << 20)):
+            if message.get("push") == "ping":
+                return kinds, int(message["seq"])
+            kinds.append(str(message.get("push", "reply")))
+
+
+async def test_an_attach_is_answered_once_every_supervisor_here_applied_its_block(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server here must know a new app's block before the app connects, or
+    # its accept names the node: the daemon pings every supervisor after the
+    # push and answers the attach once they answered (PUSH_FLUSH_S at most).
+    monkeypatch.setattr(daemon_module, "PUSH_FLUSH_S", 60.0)
+    path = control_path(sock_dir)
+
+    def talk() -> tuple[list[str], bool, bool, str | None]:
+        decoder = FrameDecoder()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.connect(str(path))
+            server.settimeout(10.0)
+            server.sendall(frame({"op": "attach", "id": 1, "app_id": "server", "claims": []}))
+            assert "vip" in decoder.feed(server.recv(1 << 20))[0]  # alone: nobody to wait for
+            result: dict[str, str] = {}
+
+            def attach_client() -> None:
+                with ControlClient(path, timeout=30.0) as client:
+                    result["vip"] = _attach(client, "client")["vip"]
+
+            client = threading.Thread(target=attach_client)
+            client.start()
+            try:
+                kinds, seq = _read_until_ping(server, decoder)
+                client.join(0.5)
+                waited = client.is_alive()  # its reply waits for the server's answer
+                server.sendall(frame({"op": "applied", "seq": seq}))
+                client.join(10.0)
+                answered = not client.is_alive()
+            finally:
+                client.join()
+        return kinds, waited, answered, result.get("vip")
+
+    kinds, waited, answered, vip = await _with_daemon(sock_dir, talk)
+    assert kinds == ["records"]  # the client's block, then the ping
+    assert waited and answered and vip
 
 
 async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> None:

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from axnet import _cli
-from axnet._supervisor import EngineFailed, RunOptions, Supervisor
+from axnet._supervisor import EngineFailed, RunOptions, Session, Supervisor
+from axnet._wire import FrameDecoder, frame
 
 
 class _BrokenEngine:
@@ -123,3 +126,29 @@ async def test_only_the_latest_reattach_drops_what_it_kept() -> None:
     assert _served(supervisor, "10.9.0.1")
     await supervisor.forget_carried(supervisor._attaches, 0.0)
     assert not _served(supervisor, "10.9.0.1")
+
+
+async def test_the_session_answers_a_ping_once_the_pushes_before_it_are_in_the_table() -> None:
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    ours, daemons = trio.testing.memory_stream_pair()
+    session = Session(ours)  # type: ignore[arg-type]  # a SocketStream's part it uses
+    answers: list[tuple[object, object, bool]] = []
+
+    def on_push(message: dict[str, object]) -> None:
+        supervisor._on_push(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.read, on_push)
+        push = {"push": "records", "records": [_service_wire("10.9.0.7")]}
+        await daemons.send_all(frame(push) + frame({"push": "ping", "seq": 3}))
+        decoder = FrameDecoder()
+        with trio.fail_after(10):
+            while not answers:
+                for message in decoder.feed(bytes(await daemons.receive_some(65536))):
+                    answers.append(
+                        (message.get("op"), message.get("seq"), _served(supervisor, "10.9.0.7"))
+                    )
+        await daemons.aclose()
+    assert answers == [("applied", 3, True)]
