@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 
@@ -16,3 +18,12 @@ def unwind_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _exit)
+
+
+def write_results(out: Path, name: str, data: object, summary: str) -> None:
+    """NAME.json (the figures, for scripts) and NAME.md (the summary) in
+    *out*; the summary is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(summary)
+    print(summary)

@@ -21,7 +21,7 @@ from typing import Any
 
 from axnet.testing import AxnetNode, NetnsHost, wait_until
 
-from . import unwind_on_sigterm
+from . import unwind_on_sigterm, write_results
 from .core import pct
 
 #: Run by the host's ``nobody``: COUNT attaches (each on a fresh session,
@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peers must be 1 to 200 and --count 1 to 10000")
     unwind_on_sigterm()
     result = measure(args.peers, args.count)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attach.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = summary(result)
-    (args.out / "attach.md").write_text(text)
-    print(text)
+    write_results(args.out, "attach", result, summary(result))
     return 0
 
 

@@ -48,6 +48,8 @@ from typing import Any
 
 import msgpack
 
+from . import write_results
+
 AXNET_PORT = 7946
 SERF_PORT = 7947
 SERF_RPC_PORT = 7373
@@ -503,9 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result, indent=1), flush=True)
         all_results.append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cluster_vs_serf.json").write_text(json.dumps(all_results, indent=1) + "\n")
-    (args.out / "cluster_vs_serf.md").write_text(markdown(all_results))
+    write_results(args.out, "cluster_vs_serf", all_results, markdown(all_results))
     return 0
 
 

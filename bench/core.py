@@ -51,7 +51,7 @@ from typing import Any
 
 from axnet.testing import AxnetNode, NetnsHost, has_program, stop_process, wait_until
 
-from . import unwind_on_sigterm
+from . import unwind_on_sigterm, write_results
 
 ROUNDTRIP_SERVER = """
 import socket, sys
@@ -732,11 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["redis"] = redis(node, requests, redis_rounds)
         finally:
             node.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "core.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = summary(results)
-    (args.out / "core.md").write_text(text)
-    print(text)
+    write_results(args.out, "core", results, summary(results))
     return 0
 
 

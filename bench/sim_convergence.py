@@ -28,6 +28,8 @@ from typing import Any
 from swim import Config, Event, MemberDead, MemberState, UserMessage, suspicion_timeout
 from swim.testing import SimNet
 
+from . import write_results
+
 SERF_REFERENCE = {1000: 2.2, 10000: 2.6}  # seconds to 99.99 %, serf.io convergence simulator
 
 
@@ -141,10 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run(n, args.seed)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sim_convergence.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "sim_convergence.md").write_text(_markdown(rows))
+    write_results(Path(args.out), "sim_convergence", rows, _markdown(rows))
 
 
 if __name__ == "__main__":
