@@ -256,14 +256,11 @@ class Daemon:
         self, conn: Connection, app_id: str, op: str, request: Mapping[str, Any]
     ) -> None:
         if op == "more-ports":
-            # The app has used up its client port block: another, published
-            # (pushed) before the reply, so that servers name its connections
-            # from the new block as soon as it uses it.
+            # The app has used up its client port block: another, out to
+            # every member and applied by every supervisor here before the
+            # reply (see changed), so that servers name its connections from
+            # the new block as soon as it uses it.
             block, written = self.node.more_ports(app_id)
-            # Out to every member and every supervisor here first: servers
-            # then all but always know the block before a connection from
-            # it reaches them (an accept that comes first names the node;
-            # getpeername, asked later, names the app).
             await self.changed(written, wait_s=PUSH_FLUSH_S)
             await conn.reply(request, block=list(block) if block else None)
             return
