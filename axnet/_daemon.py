@@ -76,8 +76,9 @@ class Cluster(Protocol):
 
 #: How long a grant of client ports (an attach, more ports) waits for its
 #: record to reach every member and every supervisor here.  Past it, the
-#: app goes on and gossip carries the record (a member down but not yet
-#: found out costs each app start that long).
+#: app goes on and gossip carries the record; who did not answer in time is
+#: not waited for again until it answers one (a member down but not yet
+#: found out costs one app start that long, not each).
 PUSH_FLUSH_S = 0.25
 
 

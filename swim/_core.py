@@ -202,6 +202,12 @@ class Swim:
         self._deliveries: dict[int, _Delivery] = {}
         self._delivering: dict[int, int] = {}
         self._delivery_token = 0
+        #: Members that left a delivery unacked → the seq of the newest
+        #: datagram sent them since, and the reverse: they are sent to but
+        #: not waited for until they ack one (a member that does not answer
+        #: must not hold up every delivery by the probe timeout).
+        self._laggards: dict[str, int] = {}
+        self._late: dict[int, str] = {}
         #: (origin, key) -> newest (boot, seq) seen; oldest first, for the cap.
         self._user_seen: collections.OrderedDict[tuple[str, bytes], tuple[int, int]] = (
             collections.OrderedDict()
@@ -314,7 +320,8 @@ class Swim:
 
         Returns a token; a `Delivered` event with it follows once every one
         of those members acknowledged, or after the probe timeout, naming
-        those that did not.  A member's core handles a datagram's broadcasts
+        those that did not.  A member that left an earlier delivery unacked
+        is sent to but not waited for, until it acks one again.  A member's core handles a datagram's broadcasts
         before its driver sends the ack, if the driver hands events over
         before it sends datagrams: then an ack means "handed to the
         application".  Costs a datagram a member: for news that must not
@@ -329,6 +336,10 @@ class Swim:
         self._delivery_token += 1
         token = self._delivery_token
         waiting: dict[int, str] = {}
+        for name in list(self._laggards):  # gone, or no longer alive: forgotten
+            lagging = self._table.get(name)
+            if lagging is None or lagging.state is not MemberState.ALIVE:
+                self._late.pop(self._laggards.pop(name), None)
         for member in self._table:
             if member.name == self._name or member.state is not MemberState.ALIVE:
                 continue
@@ -340,8 +351,11 @@ class Swim:
                 ping = encode_message(Ping(seq=self._seq, target=member.name, source=me.name))
                 self.stats.deliveries_sent += 1
                 self._emit(member.address, [ping, *packet])
-                waiting[self._seq] = member.name
-                self._delivering[self._seq] = token
+                if member.name in self._laggards:
+                    self._lagging(member.name, self._seq)
+                else:
+                    waiting[self._seq] = member.name
+                    self._delivering[self._seq] = token
         self._deliveries[token] = _Delivery(
             waiting=waiting, expires_at=now + self._config.probe_timeout
         )
@@ -365,10 +379,22 @@ class Swim:
         self._queue.queue(_user_key(self._name, key), encoded)
         return encoded
 
+    def _lagging(self, name: str, seq: int) -> None:
+        """*name* has not acked a delivery: its ack of *seq* (the newest
+        datagram sent it) makes it waited for again."""
+        old = self._laggards.get(name)
+        if old is not None:
+            if old > seq:
+                return
+            self._late.pop(old, None)
+        self._laggards[name] = seq
+        self._late[seq] = name
+
     def _finish_delivery(self, token: int) -> None:
         delivery = self._deliveries.pop(token)
-        for seq in delivery.waiting:
+        for seq, name in delivery.waiting.items():
             self._delivering.pop(seq, None)
+            self._lagging(name, seq)
         self.stats.deliveries_unacked += len(delivery.waiting)
         missing = tuple(sorted(set(delivery.waiting.values())))
         self._events.append(Delivered(token=token, missing=missing))
@@ -667,6 +693,10 @@ class Swim:
         )
 
     def _on_ack(self, seq: int, now: float) -> None:
+        late = self._late.pop(seq, None)
+        if late is not None:
+            del self._laggards[late]  # answering again
+            return
         token = self._delivering.pop(seq, None)
         if token is not None:
             delivery = self._deliveries[token]

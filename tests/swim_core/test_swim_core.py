@@ -439,6 +439,43 @@ def test_deliver_names_the_members_that_did_not_ack_in_the_probe_timeout() -> No
     assert [e for e in a.take_events() if isinstance(e, Delivered)] == []
 
 
+def test_a_member_that_missed_a_delivery_is_not_waited_for_until_it_acks_again() -> None:
+    a, _ = joined_pair()
+    a.handle_datagram(C, packet(Alive(incarnation=1, member="c", address=C, meta=b"")), 0.0)
+    a.take_datagrams()
+    a.take_events()
+
+    def deliver(now: float) -> tuple[int, dict[tuple[str, int], int]]:
+        token = a.deliver([(b"k", b"%d" % now)], now)
+        pings = {
+            d.dest: m.seq
+            for d in a.take_datagrams()
+            for m in decode_envelope(d.data)
+            if isinstance(m, Ping)
+        }
+        return token, pings
+
+    def delivered() -> list[Delivered]:
+        return [e for e in a.take_events() if isinstance(e, Delivered)]
+
+    first, pings = deliver(0.0)  # c never acks it
+    a.handle_datagram(B, packet(Ack(seq=pings[B])), 0.0)
+    a.tick(a.config.probe_timeout)
+    assert delivered() == [Delivered(token=first, missing=("c",))]
+    # Still sent to c, but over once b has acked.
+    second, pings = deliver(1.0)
+    assert set(pings) == {B, C}
+    a.handle_datagram(B, packet(Ack(seq=pings[B])), 1.0)
+    assert delivered() == [Delivered(token=second, missing=())]
+    # c acks that one late: it is waited for again.
+    a.handle_datagram(C, packet(Ack(seq=pings[C])), 1.1)
+    third, pings = deliver(2.0)
+    a.handle_datagram(B, packet(Ack(seq=pings[B])), 2.0)
+    assert delivered() == []
+    a.handle_datagram(C, packet(Ack(seq=pings[C])), 2.0)
+    assert delivered() == [Delivered(token=third, missing=())]
+
+
 def test_deliver_with_nobody_to_tell_is_over_at_once() -> None:
     a = make("a", A)
     token = a.deliver([(b"k", b"v")], 0.0)
