@@ -600,7 +600,9 @@ class GossipCluster:
         """Publish *records*, and send them straight to every member alive;
         return once each has acknowledged them (its table has them and they
         went out to its supervisors), or the probe timeout is over.  Returns
-        the members that did not answer.  Gossip carries them too."""
+        the members that did not answer.  One that missed an earlier
+        delivery is not waited for until it answers again.  Gossip carries
+        them too."""
         token = self._broadcast(records, direct=True)
         if token is None:
             return []
