@@ -321,12 +321,13 @@ class Swim:
         Returns a token; a `Delivered` event with it follows once every one
         of those members acknowledged, or after the probe timeout, naming
         those that did not.  A member that left an earlier delivery unacked
-        is sent to but not waited for, until it acks one again.  A member's core handles a datagram's broadcasts
-        before its driver sends the ack, if the driver hands events over
-        before it sends datagrams: then an ack means "handed to the
-        application".  Costs a datagram a member: for news that must not
-        wait for gossip's rounds (a new client's identity), not for every
-        change.
+        is sent to but not waited for, until it acks one again.
+
+        A member's core handles a datagram's broadcasts before its driver
+        sends the ack, if the driver hands events over before it sends
+        datagrams: then an ack means "handed to the application".  Costs a
+        datagram a member: for news that must not wait for gossip's rounds
+        (a new client's identity), not for every change.
         """
         messages = [self._user_broadcast(key, payload) for key, payload in items]
         me = self._self
