@@ -346,6 +346,10 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
                 with pytest.raises(ControlError) as info:
                     client.request("claim", vip=vip, vport=port)
                 assert info.value.errno == errno.EINVAL
+            for seq in ("1", 1.5, True):  # a supervisor's answer to a ping
+                with pytest.raises(ControlError) as info:
+                    client.request("applied", seq=seq)
+                assert info.value.errno == errno.EINVAL
             assert client.request("status")["apps"] == 1
         return errors
 
@@ -789,3 +793,17 @@ async def test_a_client_that_stops_reading_is_dropped_at_a_bound(size: int) -> N
             sent += 1
         assert conn.closed
         assert sent == fit + 1  # the one that did not fit dropped the client
+
+
+async def test_a_ping_answer_counts_only_for_a_ping_sent() -> None:
+    # A supervisor answering pings it was never sent (a bug, or a hostile
+    # process of the same user) must not make the daemon stop waiting.
+    conn = Connection(None)  # type: ignore[arg-type]  # pings only queue: no stream used
+    conn.applied(10**9)
+    seq = await conn.ping()
+    conn.applied(seq + 5)
+    assert not conn.answers_pings
+    conn.applied(seq)
+    assert conn.answers_pings
+    with trio.fail_after(5):
+        await conn.wait_applied(seq)
