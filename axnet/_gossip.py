@@ -138,6 +138,9 @@ MAX_PENDING_STATES = 4
 #: Records merged between two checkpoints: a push-pull of 100 000 records
 #: takes seconds to merge, and probes must be answered meanwhile.
 MERGE_CHUNK = 2000
+#: How long datagrams (acks among them) may wait for the changes their
+#: events made to be handed to the supervisors here (see _drain).
+ACK_HOLD_S = 0.05
 #: Names held gone (see ``GossipCluster._gone``) at most; the oldest fall off,
 #: and the sweep withdraws what one of them might still bring back.
 MAX_GONE_NAMES = 10_000
@@ -968,8 +971,11 @@ class GossipCluster:
             self._check_refuted()
             if datagrams and self._changes_pushed < self._changes_queued:
                 # Acks leave once the records they acknowledge are on their
-                # way to the supervisors here (see deliver).
-                await self._changes_handed_over()
+                # way to the supervisors here (see deliver); ACK_HOLD_S at
+                # most: behind a large merge's backlog, a probe's ack must
+                # not wait until peers think us dead.
+                with trio.move_on_after(ACK_HOLD_S):
+                    await self._changes_handed_over()
             for datagram in datagrams:
                 await self._send(datagram)
             if not (datagrams or requests or events):
