@@ -118,10 +118,9 @@ class Daemon:
             return
         for record in records:
             log.info("record %s", _describe(record))
-        publish = local and self.cluster is not None
-        if publish and not wait_s:
-            assert self.cluster is not None
-            self.cluster.publish(records)
+        cluster = self.cluster if local else None
+        if cluster is not None and not wait_s:
+            cluster.publish(records)
         for chunk in _framed([record_to_wire(r) for r in records]):
             message = {"push": "records", "records": chunk}
             for conn in list(self.sessions.values()):
@@ -138,11 +137,10 @@ class Daemon:
             if answering:
                 pings.append((conn, seq))
         with trio.move_on_after(wait_s):
-            if publish:
+            if cluster is not None:
                 # Sent before deliver's first checkpoint: a timeout cuts
                 # only the wait for acks short.
-                assert self.cluster is not None
-                await self.cluster.deliver(records)
+                await cluster.deliver(records)
             for conn, seq in pings:
                 await conn.wait_applied(seq)
 
