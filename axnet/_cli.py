@@ -505,9 +505,19 @@ def cmd_join(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    unresolved = reply.get("unresolved") or {}
+    for seed, reason in unresolved.items():
+        print(
+            f"axnet join: cannot resolve seed {seed!r} ({reason}); give its IP address, "
+            "or a name this host resolves",
+            file=sys.stderr,
+        )
+    if not joined and len(unresolved) == asked:
+        return EXIT_FAILURE
     if not joined:
         print(
-            f"axnet join: no member answered through {asked} seed(s). Check the seed's "
+            f"axnet join: no member answered through {asked - len(unresolved)} seed(s). "
+            "Check the seed's "
             "address and gossip port (default 7946), that its daemon gossips "
             "('axnet daemon --advertise IP'), and that both use the same --gossip-key-file; "
             "the daemon's log (axnet daemon -v) says what failed.",

@@ -70,6 +70,7 @@ class Cluster(Protocol):
     async def leave(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def name_conflicts(self) -> list[str]: ...
+    def unresolved_seeds(self) -> dict[str, str]: ...
     def joining(self) -> bool: ...
     async def wait_joined(self) -> None: ...
 
@@ -352,7 +353,12 @@ class Daemon:
                 )
             if op == "join":
                 joined = await cluster.join([str(s) for s in request.get("seeds") or []])
-                await conn.reply(request, joined=joined, conflicts=cluster.name_conflicts())
+                await conn.reply(
+                    request,
+                    joined=joined,
+                    conflicts=cluster.name_conflicts(),
+                    unresolved=cluster.unresolved_seeds(),
+                )
             else:
                 await cluster.leave()
                 await conn.reply(request)

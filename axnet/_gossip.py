@@ -484,6 +484,7 @@ class GossipCluster:
         self._start_join_done = trio.Event()
         #: Gossip addresses of other members that use this node's name.
         self._conflicts: list[str] = []
+        self._unresolved: dict[str, str] = {}  # seed -> why the last join could not resolve it
         self._outbound = 0
         self._auth_warned: dict[str, float] = {}
         #: Names of failed (dead, not left) members, to notice their revival.
@@ -663,10 +664,15 @@ class GossipCluster:
         """Gossip addresses of members that use this node's own name."""
         return list(self._conflicts)
 
+    def unresolved_seeds(self) -> dict[str, str]:
+        """Seeds of the last join whose host did not resolve, and why."""
+        return dict(self._unresolved)
+
     async def join(self, seeds: Sequence[str]) -> int:
         """Push-pull with each seed; how many answered."""
         self._left = False
         self._conflicts.clear()  # what this join finds, not what earlier ones did
+        self._unresolved.clear()
         rejoining = self.core.leaving
         if rejoining:
             self._core = self._new_core(self.address)
@@ -680,6 +686,7 @@ class GossipCluster:
                 addresses.append(await self._resolve(host, port))
             except OSError as exc:
                 unresolved += 1
+                self._unresolved[seed] = exc.strerror or str(exc)
                 log.warning("cannot resolve seed=%s reason=%s", seed, exc)
         # Seeds that name ourselves are skipped by the core; unresolved ones are worth a retry.
         self._join_requested = self.core.join(addresses, trio.current_time()) + unresolved

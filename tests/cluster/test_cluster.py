@@ -249,6 +249,16 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
     bad = nodes[0].axnet("join", "10.203.0.10:notaport", check=False)
     assert bad.returncode == 2  # a usage error, found before asking the daemon
     assert "axnet join: SEED must be HOST[:PORT], got '10.203.0.10:notaport'" in bad.stderr
+    # A seed whose name does not resolve is named, with why; the others still count.
+    # (No test host has a route to a name server: the lookup fails at once.)
+    unknown = "axnet join: cannot resolve seed 'nosuchhost.invalid' ("
+    mixed = nodes[2].axnet("join", "nosuchhost.invalid", f"{nodes[0].host.address}:7946")
+    assert "joined through 1 of 2 seed(s)" in mixed.stdout
+    assert unknown in mixed.stderr
+    alone = nodes[2].axnet("join", "nosuchhost.invalid", check=False)
+    assert alone.returncode == 1
+    assert unknown in alone.stderr
+    assert "no member answered" not in alone.stderr  # nothing was asked
 
 
 ATTACK = r"""

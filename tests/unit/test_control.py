@@ -553,6 +553,9 @@ class _SlowJoin:
     def name_conflicts(self) -> list[str]:
         return []
 
+    def unresolved_seeds(self) -> dict[str, str]:
+        return {}
+
     def joining(self) -> bool:
         return not self.joined.is_set()
 
