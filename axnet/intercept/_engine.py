@@ -1083,14 +1083,22 @@ class Engine:
 
     def _on_accept(self, n: Notification) -> None:
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
-        sock = self._dup(n)
+        # The kernel's order of errors: the fd (EBADF), the flags (EINVAL),
+        # whether it is a socket (ENOTSOCK).
+        fd = self._dup_fd(n)
+        if flags & ~_ACCEPT4_FLAGS:
+            os.close(fd)
+            raise Errno(errno.EINVAL)
+        try:
+            sock = _as_socket(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             binding = self._binding_of(sock)
             if binding is None:
                 self._continue(n)
                 return
-            if flags & ~_ACCEPT4_FLAGS:
-                raise Errno(errno.EINVAL)
             self._accept(n, sock, flags, binding)
             sock = None  # type: ignore[assignment]  # _accept owns it now
         finally:

@@ -304,6 +304,11 @@ def hostile() -> None:
     listener.listen(1)
     lfd = listener.fileno()
     call("accept4_bad_flags", lambda: _libc.accept4(lfd, None, None, 0x7FFF0000))
+    # The flags are checked before whether the fd is a socket (not before the fd).
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    call("accept4_not_a_socket_bad_flags", lambda: _libc.accept4(devnull, None, None, 0x7FFF0000))
+    os.close(devnull)
+    call("accept4_bad_fd_bad_flags", lambda: _libc.accept4(9999, None, None, 0x7FFF0000))
     # A blocking accept on a socket that is bound but not listening: EINVAL at
     # once, as the kernel answers (never a wait for connections).
     unlistened = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
