@@ -607,7 +607,9 @@ class Engine:
 
     def _store_sockaddr(self, n: Notification, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
         """Store a result address the way the kernel does (truncate, report full
-        length): a NULL length pointer, or a NULL address with room, is EFAULT."""
+        length): a NULL length pointer, or a NULL address with room, is EFAULT.
+        The full length is stored first, as Linux's move_addr_to_user() does
+        (6.18): an address that faults leaves it reported all the same."""
         try:
             (room,) = _INT32.unpack(self._tasks.read(n.pid, n.id, len_ptr, 4))
         except Errno:
@@ -617,7 +619,7 @@ class Engine:
             raise Errno(errno.EINVAL)
         writes = [(len_ptr, _INT32.pack(len(encoded)))]
         if room:
-            writes.insert(0, (addr_ptr, encoded[:room]))
+            writes.append((addr_ptr, encoded[:room]))
         try:
             self._tasks.write(n.pid, n.id, writes)
         except Errno:

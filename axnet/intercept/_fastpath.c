@@ -382,17 +382,18 @@ static int bind_source(Call *c, int fd, int family, const unsigned char *dest) {
 }
 
 /* Store a result address as the kernel does: truncated to the room the app
- * gave (read by the caller, >= 0), full length reported.  0, or -1 on a
- * fault (which Python retries). */
+ * gave (read by the caller, >= 0), full length reported, and reported first
+ * (move_addr_to_user(), Linux 6.18): an address that faults leaves *addrlen
+ * set all the same.  0, or -1 on a fault (which Python retries). */
 static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t room,
                           const struct sockaddr_storage *sa, socklen_t len) {
-    if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
     int32_t full = (int32_t)len;
     /* The kernel writes *addrlen back even when it holds that value already
      * (the usual case: room for exactly this family); writing the same value
      * again changes nothing the app can see, and costs a /proc access. */
-    if (full == room) return 0;
-    return write_app(c, len_ptr, &full, sizeof full);
+    if (full != room && write_app(c, len_ptr, &full, sizeof full) < 0) return -1;
+    if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
+    return 0;
 }
 
 /* -- connect -------------------------------------------------------------------- */

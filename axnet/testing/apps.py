@@ -319,6 +319,14 @@ def hostile() -> None:
         "accept_not_listening",
         lambda: _libc.accept(unlistened.fileno(), peer, ctypes.byref(room)),
     )
+    # The length is reported before the address is stored, as the kernel
+    # does (move_addr_to_user): it is there even when the address faults.
+    short = ctypes.c_uint32(4)
+    call(
+        "getsockname_null_address_short",
+        lambda: _libc.getsockname(named.fileno(), None, ctypes.byref(short)),
+    )
+    results["getsockname_null_address_short_length"] = short.value
     # The supervisor must still answer normally afterwards.
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     probe.bind(("0.0.0.0", 0))
