@@ -145,8 +145,6 @@ _AF_UNIX = int(socket.AF_UNIX)
 _AF_INET6 = int(socket.AF_INET6)
 _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
-_SOL_SOCKET = socket.SOL_SOCKET
-_SO_ERROR = socket.SO_ERROR
 #: Between the ports of a client block tried for an any-port bind: odd, so
 #: that the tries visit different ports of any block.
 _BLOCK_STRIDE = 97
@@ -373,7 +371,14 @@ class Engine:
             if kind == _fastpath.DELIVER:
                 self._guarded(n, self._deliver_handed, n, fd, extra)
             elif kind == _fastpath.CONNECTING:
-                self._wait(n, _socket.socket(fileno=fd), select.EPOLLOUT, self._connected)
+                assert isinstance(extra, bytes)  # CONNECTING carries the destination
+                target = extra
+                self._wait(
+                    n,
+                    _socket.socket(fileno=fd),
+                    select.EPOLLOUT,
+                    lambda n2, s2: self._connected(n2, s2, target),
+                )
             else:
                 self._dispatch(n)
             return True
@@ -432,10 +437,10 @@ class Engine:
         return self._me
 
     def _deliver_handed(
-        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | None
+        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | bytes | None
     ) -> None:
         """Finish an accept the fast path started: it has the connection, not the answer."""
-        assert extra is not None  # DELIVER carries (family, real port, peer)
+        assert isinstance(extra, tuple)  # DELIVER carries (family, real port, peer)
         family, real_port, peer = extra
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
         binding = self.bindings.at(real_port)
@@ -789,9 +794,9 @@ class Engine:
             err = _connect_nonblocking(fd, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _ready(fd, select.POLLOUT):
-                self._wait(n, sock, select.EPOLLOUT, self._connected)
+                self._wait(n, sock, select.EPOLLOUT, lambda n2, s2: self._connected(n2, s2, target))
                 return
-            err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+            err = _connect_nonblocking(fd, target, app_flags)  # see _connected
         if not app_flags & os.O_NONBLOCK and err == errno.EAGAIN and sock.family == _AF_UNIX:
             # The listener's backlog is full: the kernel's blocking connect
             # waits for room (and looks the path up again), so do we.
@@ -813,10 +818,18 @@ class Engine:
         log.info("client port block %s used up; took %s", used_up, self.identity.block)
         return True
 
-    def _connected(self, n: Notification, sock: _socket.socket) -> None:
-        """A blocking connect finished (or failed) while the app waited."""
+    def _connected(self, n: Notification, sock: _socket.socket, target: bytes) -> None:
+        """A blocking connect finished (or failed) while the app waited.
+
+        Answered by connecting once more, without blocking, as the kernel's
+        blocking connect does after its wait: that marks the socket
+        connected (a later connect() fails with EISCONN, not 0), or reports
+        the handshake's error and leaves it unconnected (a later connect()
+        tries afresh).  SO_ERROR would leave it "connecting" for good.
+        """
         try:
-            self._reply(n, error=sock.getsockopt(_SOL_SOCKET, _SO_ERROR))
+            fd = sock.fileno()
+            self._reply(n, error=_connect_nonblocking(fd, target, fcntl.fcntl(fd, fcntl.F_GETFL)))
         finally:
             sock.close()
 

@@ -127,7 +127,7 @@ typedef struct {
     int family;    /* DELIVER, PARKED: the listener's family */
     unsigned port; /* DELIVER, PARKED: the listener's real port */
     int32_t room;  /* PARKED: the app's *addrlen */
-    struct sockaddr_storage peer;
+    struct sockaddr_storage peer; /* DELIVER: the peer; CONNECTING: the destination */
     socklen_t peer_len;
 } Handback;
 
@@ -398,6 +398,21 @@ static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t 
 
 /* -- connect -------------------------------------------------------------------- */
 
+/* The end of a blocking connect whose handshake is over (poll() said so):
+ * connect() once more, without blocking, as the kernel's own blocking
+ * connect does after its wait.  That moves the socket from "connecting" to
+ * "connected" (a later connect() then fails with EISCONN, not 0), or
+ * reports the handshake's error and leaves it unconnected (a later connect()
+ * tries afresh).  0 or the errno. */
+static int finish_connect(int fd, const struct sockaddr_storage *target, socklen_t len) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return errno;
+    if (!(flags & O_NONBLOCK)) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int err = connect(fd, (const struct sockaddr *)target, len) == 0 ? 0 : errno;
+    if (!(flags & O_NONBLOCK)) fcntl(fd, F_SETFL, flags);
+    return err;
+}
+
 /* Each handler returns -1 when the notification is answered (or gone), else
  * the kind of hand-back, with out->fd set where the kind carries a socket. */
 static int on_connect(Call *c, Handback *out) {
@@ -445,13 +460,11 @@ static int on_connect(Call *c, Handback *out) {
         struct pollfd p = {.fd = fd, .events = POLLOUT};
         if (poll(&p, 1, 0) != 1) {
             out->fd = fd;
+            memcpy(&out->peer, &target, target_len); /* Python finishes it: see finish_connect */
+            out->peer_len = target_len;
             return CONNECTING;
         }
-        socklen_t len = sizeof err;
-        if (p.revents == POLLOUT) /* established, nothing pending (loopback's usual case) */
-            err = 0;
-        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-            err = errno;
+        err = finish_connect(fd, &target, target_len);
     }
     close(fd);
     respond(c->self, n->id, 0, err, 0);
@@ -673,6 +686,8 @@ static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handbac
     if (kind == DELIVER)
         extra = Py_BuildValue("(iIy#)", out->family, out->port, (const char *)&out->peer,
                               (Py_ssize_t)out->peer_len);
+    else if (kind == CONNECTING)
+        extra = PyBytes_FromStringAndSize((const char *)&out->peer, (Py_ssize_t)out->peer_len);
     else
         extra = Py_NewRef(Py_None);
     PyObject *handed = extra ? hand_back(n, kind, out->fd, extra) : NULL;

@@ -10,11 +10,12 @@ WAKE: Final[int]
 WAITERS: Final[int]
 HUP: Final[int]
 
-#: (kind, fd, extra, id, pid, flags, nr, arch, instruction pointer, args)
+#: (kind, fd, extra, id, pid, flags, nr, arch, instruction pointer, args);
+#: extra: DELIVER (family, real port, peer), CONNECTING the destination.
 Handed = tuple[
     int,
     int,
-    tuple[int, int, bytes] | None,
+    tuple[int, int, bytes] | bytes | None,
     int,
     int,
     int,

@@ -319,6 +319,12 @@ def hostile() -> None:
         "accept_not_listening",
         lambda: _libc.accept(unlistened.fileno(), peer, ctypes.byref(room)),
     )
+    # A blocking connect leaves its socket connected, as the kernel's does:
+    # connecting it again is EISCONN (a socket still "connecting" says 0).
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.connect(listener.getsockname())
+    target = ctypes.create_string_buffer(_sockaddr_in(listener.getsockname()), 16)
+    call("connect_again", lambda: _libc.connect(client.fileno(), target, 16))
     # The length is reported before the address is stored, as the kernel
     # does (move_addr_to_user): it is there even when the address faults.
     short = ctypes.c_uint32(4)
@@ -332,6 +338,11 @@ def hostile() -> None:
     probe.bind(("0.0.0.0", 0))
     results["still_working"] = int(probe.getsockname()[1] != 0)
     _out(**results, ENOENT=errno.ENOENT)
+
+
+def _sockaddr_in(address: tuple[str, int]) -> bytes:
+    host, port = address
+    return b"\x02\x00" + port.to_bytes(2, "big") + socket.inet_aton(host) + bytes(8)
 
 
 def unspec_bind(port: str) -> None:

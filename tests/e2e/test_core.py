@@ -734,6 +734,7 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["accept4_not_a_socket_bad_flags"] == errno.EINVAL
     assert result["accept4_bad_fd_bad_flags"] == errno.EBADF
     assert result["accept_not_listening"] == errno.EINVAL
+    assert result["connect_again"] == errno.EISCONN
     assert result["getsockname_null_address_short"] == errno.EFAULT
     assert result["getsockname_null_address_short_length"] == 16
     assert result["still_working"] == 1
