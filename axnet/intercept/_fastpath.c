@@ -398,21 +398,6 @@ static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t 
 
 /* -- connect -------------------------------------------------------------------- */
 
-/* The end of a blocking connect whose handshake is over (poll() said so):
- * connect() once more, without blocking, as the kernel's own blocking
- * connect does after its wait.  That moves the socket from "connecting" to
- * "connected" (a later connect() then fails with EISCONN, not 0), or
- * reports the handshake's error and leaves it unconnected (a later connect()
- * tries afresh).  0 or the errno. */
-static int finish_connect(int fd, const struct sockaddr_storage *target, socklen_t len) {
-    int flags = fcntl(fd, F_GETFL);
-    if (flags < 0) return errno;
-    if (!(flags & O_NONBLOCK)) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-    int err = connect(fd, (const struct sockaddr *)target, len) == 0 ? 0 : errno;
-    if (!(flags & O_NONBLOCK)) fcntl(fd, F_SETFL, flags);
-    return err;
-}
-
 /* Each handler returns -1 when the notification is answered (or gone), else
  * the kind of hand-back, with out->fd set where the kind carries a socket. */
 static int on_connect(Call *c, Handback *out) {
@@ -452,19 +437,33 @@ static int on_connect(Call *c, Handback *out) {
     int blocking = !(flags & O_NONBLOCK);
     if (blocking) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
     int err = connect(fd, (struct sockaddr *)&target, target_len) == 0 ? 0 : errno;
-    if (blocking) fcntl(fd, F_SETFL, flags);
-    if (err == EADDRNOTAVAIL && lo) goto slow; /* block exhausted: Python logs and retries */
-    if (err == ENETUNREACH && family == AF_INET6) goto slow; /* IPv6-only, v4-mapped: Python */
+    if ((err == EADDRNOTAVAIL && lo) /* block exhausted: Python logs and retries */
+        || (err == ENETUNREACH && family == AF_INET6)) { /* IPv6-only, v4-mapped: Python */
+        if (blocking) fcntl(fd, F_SETFL, flags);
+        goto slow;
+    }
     c->self->redirected++;
-    if (blocking && (err == EINPROGRESS || err == EALREADY)) {
+    int pending = blocking && (err == EINPROGRESS || err == EALREADY);
+    if (pending) {
+        /* A handshake over already (loopback's usual case) ends as the
+         * kernel's own blocking connect does after its wait: connect() once
+         * more, still without blocking.  That moves the socket from
+         * "connecting" to "connected" (a later connect() fails with EISCONN,
+         * not 0), or reports the handshake's error and leaves it unconnected
+         * (a later connect() tries afresh); SO_ERROR would leave it
+         * "connecting" for good. */
         struct pollfd p = {.fd = fd, .events = POLLOUT};
-        if (poll(&p, 1, 0) != 1) {
-            out->fd = fd;
-            memcpy(&out->peer, &target, target_len); /* Python finishes it: see finish_connect */
-            out->peer_len = target_len;
-            return CONNECTING;
+        if (poll(&p, 1, 0) == 1) {
+            err = connect(fd, (struct sockaddr *)&target, target_len) == 0 ? 0 : errno;
+            pending = 0;
         }
-        err = finish_connect(fd, &target, target_len);
+    }
+    if (blocking) fcntl(fd, F_SETFL, flags);
+    if (pending) { /* Python waits, then finishes it the same way */
+        out->fd = fd;
+        memcpy(&out->peer, &target, target_len);
+        out->peer_len = target_len;
+        return CONNECTING;
     }
     close(fd);
     respond(c->self, n->id, 0, err, 0);
