@@ -115,7 +115,9 @@ def alias_id(app_id: str, index: int) -> str:
 def alias_owner(app_id: str) -> tuple[str, int] | None:
     """(app id, block index) of an alias record's id, or None for an app's own."""
     owner, plus, index = app_id.rpartition("+")
-    if not plus or not index.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses,
+    # and an app id is any text a peer chose.
+    if not plus or not (index.isascii() and index.isdigit()):
         return None
     return owner, int(index)
 

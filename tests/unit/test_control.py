@@ -709,6 +709,32 @@ async def test_listings_bigger_than_a_frame_come_whole(sock_dir: Path) -> None:
     assert status["services"] == 2500  # the connection still serves after the parts
 
 
+async def test_apps_lists_a_peers_app_whose_id_ends_in_another_kind_of_digit(
+    sock_dir: Path,
+) -> None:
+    # "²" passes str.isdigit() but not int(): such an app id, from any peer,
+    # once made every `axnet apps` of every node fail.
+    path = control_path(sock_dir)
+    daemon = _daemon(sock_dir)
+    app_id = "web+\u00b2"
+    wire = ["a", app_id, "n2", "10.77.0.5", "192.0.2.2", 40000, 40255, "", [], 1, False, 0.0]
+
+    def talk() -> list[dict[str, Any]]:
+        with ControlClient(path, timeout=5.0) as client:
+            apps: list[dict[str, Any]] = client.request("apps")["apps"]
+            return apps
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        daemon.merge_remote(records_from_wire([wire]).records)
+        with trio.fail_after(60):
+            apps = await trio.to_thread.run_sync(talk)
+        daemon.stop()
+    assert [(a["app"], a["node"], a["client_ports"]) for a in apps] == [
+        (app_id, "n2", "40000-40255")
+    ]
+
+
 async def test_an_attach_waits_for_the_whole_table(sock_dir: Path) -> None:
     # A table larger than a frame comes as the reply and pushes after it: the
     # supervisor's handshake returns only once all of it is in.

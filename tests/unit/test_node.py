@@ -306,6 +306,20 @@ def test_app_ids_never_look_like_those_of_block_records() -> None:
     assert alias_owner("a1+x") is None
 
 
+def test_a_peers_record_whose_id_ends_in_another_kind_of_digit_is_no_block_record() -> None:
+    # "²" passes str.isdigit() but not int(): a record of ours under such an
+    # id, from a peer, once raised out of merge_remote and ended the daemon.
+    node = make_node(name="n1")
+    mine = attach(node, "a1")
+    assert isinstance(mine, AppRecord)
+    for app_id in ("a1+\u00b2", "a1+\u0661"):  # superscript two, Arabic-Indic one
+        assert alias_owner(app_id) is None
+        theirs = attrs.evolve(mine, app_id=app_id, version=mine.version + 1)
+        [withdrawn] = node.merge_remote([theirs], now=NOW).reasserted
+        assert withdrawn.deleted and withdrawn.app_id == app_id
+    assert node.table.apps["a1"] == mine
+
+
 def test_a_peers_newer_copy_of_a_block_record_is_answered_with_ours() -> None:
     node = make_node(client=(40000, 40999), block=100)
     attach(node, "a1")
