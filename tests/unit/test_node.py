@@ -8,6 +8,8 @@ import itertools
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from axnet._node import (
     MAX_AHEAD_S,
@@ -28,6 +30,8 @@ from axnet._table import (
     VirtualAddress,
     ip_address,
 )
+from axnet._views import app_view, service_view
+from axnet._wire import record_to_wire, records_from_wire
 
 HOST = ip_address("192.0.2.1")
 NOW = 1_000.0
@@ -318,6 +322,73 @@ def test_a_peers_record_whose_id_ends_in_another_kind_of_digit_is_no_block_recor
         [withdrawn] = node.merge_remote([theirs], now=NOW).reasserted
         assert withdrawn.deleted and withdrawn.app_id == app_id
     assert node.table.apps["a1"] == mine
+
+
+# What a peer may send: names and ids near ours and our block records,
+# addresses of every kind, versions around ours and at the wire's limits.
+_peer_nodes = st.sampled_from(["n1", "n2"])
+_peer_ids = st.one_of(
+    st.sampled_from(["a1", "a1+1", "a1+2", "a1+\u00b2", "a1+\u0661", "+1", "a1+"]),
+    st.text(max_size=8),
+)
+_peer_ips = st.sampled_from(["10.77.0.1", "10.77.0.2", "192.0.2.1", "fd00::1", "127.0.0.1"])
+_peer_ports = st.integers(0, 65535)
+# (Versions past a day ahead of NOW, and times that are not finite, never
+# get past the decoder and the horizon: a few are enough.)
+_peer_versions = st.one_of(st.integers(0, 2 * 10**9), st.just(2**63 - 1))
+_peer_times = st.floats(allow_nan=False, allow_infinity=False)
+_peer_labels = st.lists(st.lists(st.text(max_size=4), min_size=2, max_size=2), max_size=2)
+_peer_records = st.one_of(
+    st.tuples(
+        st.just("a"),
+        _peer_ids,
+        _peer_nodes,
+        _peer_ips,
+        _peer_ips,
+        _peer_ports,
+        _peer_ports,
+        st.text(max_size=4),
+        _peer_labels,
+        _peer_versions,
+        st.booleans(),
+        _peer_times,
+    ),
+    st.tuples(
+        st.just("s"),
+        _peer_ips,
+        _peer_ports,
+        _peer_ips,
+        _peer_ports,
+        _peer_nodes,
+        _peer_ids,
+        st.text(max_size=4),
+        _peer_labels,
+        _peer_versions,
+        st.booleans(),
+        _peer_times,
+    ),
+).map(list)
+
+
+@given(st.lists(_peer_records, max_size=6))
+def test_whatever_a_peer_sends_that_decodes_merges_without_raising(items: list[object]) -> None:
+    # An exception out of merge_remote ends the daemon's gossip, and with it
+    # the daemon: any record that decodes must merge, and show.
+    node = make_node(name="n1")
+    mine = attach(node, "a1")
+    node.claim("a1", va(str(mine.vip), 80))
+    node.listen("a1", va(str(mine.vip), 80))
+    node.more_ports("a1")
+    merged = node.merge_remote(records_from_wire(items).records, now=NOW)
+    for record in merged.accepted + merged.reasserted:
+        record_to_wire(record)
+    for service in node.table.live_services():
+        service_view(service)
+    for app in node.table.live_apps():
+        alias_owner(app.app_id)
+        app_view(app, node.apps.get(app.app_id))
+    node.forget_node("n2", now=NOW)
+    node.republish()
 
 
 def test_a_peers_newer_copy_of_a_block_record_is_answered_with_ours() -> None:
