@@ -84,6 +84,8 @@ import swim
 from ._daemon import Daemon, Record
 from ._table import Labels, ServiceRecord
 from ._wire import (
+    MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES,
     Decoded,
     WireError,
     pack,
@@ -91,6 +93,7 @@ from ._wire import (
     record_to_wire,
     records_from_state,
     records_from_wire,
+    text_from_wire,
     unpack,
 )
 
@@ -348,7 +351,12 @@ def encode_meta(address: str, labels: Labels) -> bytes:
 
 
 def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
-    """(real address, labels) from member metadata; nothing for garbage."""
+    """(real address, labels) from member metadata; nothing for garbage.
+
+    What `axnet members` shows of a peer is held to what a daemon itself
+    accepts: an IP address, and labels as `--label` takes them.  Anything
+    else (escape sequences, newlines) would reach the terminal as it came.
+    """
     try:
         value = unpack(meta) if meta else None
     except WireError:
@@ -356,18 +364,20 @@ def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
     if not isinstance(value, dict):
         return None, {}
     address = value.get("a")
+    if not (isinstance(address, str) and _ip_literal(address)):
+        address = None
     labels: dict[str, str] = {}
     raw = value.get("l")
     if isinstance(raw, list):
         for pair in raw:
-            if (
-                isinstance(pair, list)
-                and len(pair) == 2
-                and isinstance(pair[0], str)
-                and isinstance(pair[1], str)
-            ):
-                labels[pair[0]] = pair[1]
-    return (address if isinstance(address, str) else None), labels
+            if not (isinstance(pair, list) and len(pair) == 2):
+                continue
+            try:
+                key = text_from_wire(pair[0], "a label key", MAX_LABEL_KEY_BYTES)
+                labels[key] = text_from_wire(pair[1], "a label value", MAX_LABEL_VALUE_BYTES)
+            except WireError:
+                continue
+    return address, labels
 
 
 def _host_port(address: swim.Address) -> str:

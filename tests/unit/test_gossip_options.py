@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import msgpack
 import pytest
 
 from axnet._gossip import (
@@ -206,6 +207,30 @@ def test_meta_round_trip_and_garbage() -> None:
     assert decode_meta(b"\xc1") == (None, {})
     assert decode_meta(b"\x92\x01\x02") == (None, {})
     assert decode_meta(b"\x82\xa1a\x05\xa1l\x91\x01") == (None, {})
+
+
+def test_a_peers_meta_reaches_axnet_members_only_as_a_daemon_would_send_it() -> None:
+    # A peer's metadata is shown by `axnet members` on every node: escape
+    # sequences and newlines there would reach the terminal (rich strips
+    # neither ESC nor newlines), and the address would be anybody's text.
+    hostile = msgpack.packb(
+        {
+            "a": "10.0.0.1\x1b[2J\nforged line",
+            "l": [
+                ["zone", "a"],
+                ["k\x1b]0;title\x07", "v"],
+                ["ok", "v\x1b[31m"],
+                ["long", "v" * 256],
+                ["x", 5],
+                ["tier", "web"],
+            ],
+        },
+        use_bin_type=True,
+    )
+    assert decode_meta(hostile) == (None, {"zone": "a", "tier": "web"})
+    for address in ("not an address", "10.0.0.1 ", ""):
+        assert decode_meta(encode_meta(address, ()))[0] is None
+    assert decode_meta(encode_meta("fd00::5", ()))[0] == "fd00::5"
 
 
 def test_a_key_file_others_can_read_is_warned_about(
