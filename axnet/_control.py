@@ -42,6 +42,10 @@ _UCRED = struct.Struct("3i")
 #: and bytes (a push frame can be megabytes: the count alone bounds nothing).
 OUTBOX_MESSAGES = 4096
 OUTBOX_BYTES = 64 * 1024 * 1024
+#: Characters of an error text sent back: errors quote what the client sent,
+#: which may be megabytes (an unknown op, a bad address), and an answer
+#: larger than a frame would end the session instead.
+MAX_ERROR_CHARS = 1000
 #: accept() errors that mean "out of resources for now", not "broken".
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -206,6 +210,8 @@ class Connection:
         await self.send({"id": request.get("id"), "ok": True, **fields})
 
     async def fail(self, request: Mapping[str, Any], message: str, err: int = 0) -> None:
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 1] + "…"
         await self.send({"id": request.get("id"), "ok": False, "error": message, "errno": err})
 
     async def reply_listing(

@@ -372,7 +372,7 @@ class Daemon:
                 await conn.flush()  # the answer goes out before everything stops
             self._stop.set()
         else:
-            raise ClaimError(errno.EINVAL, f"unknown operation {op!r}")
+            raise ClaimError(errno.EINVAL, f"unknown operation {op!r:.80}")
 
     def _self_member(self) -> dict[str, Any]:
         return {

@@ -357,6 +357,32 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
     assert errors[0] == "bad request 'attach': bad port 70000"
 
 
+async def test_a_request_quoting_megabytes_is_refused_briefly_and_the_session_goes_on(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Errors quote what the client sent: an op of 5 MB of NULs, as a repr,
+    # once made a 20 MB answer that no frame holds; the session ended, and
+    # the log took a 25 MB traceback.
+    path = control_path(sock_dir)
+
+    def talk() -> list[ControlError]:
+        errors = []
+        with ControlClient(path, timeout=30.0) as client:
+            _attach(client, "a1")
+            for op, fields in (("\x00" * 5_000_000, {}), ("claim", {"vip": "\x00" * 5_000_000})):
+                with pytest.raises(ControlError) as info:
+                    client.request(op, **fields)
+                errors.append(info.value)
+            assert client.request("status")["apps"] == 1  # still attached
+        return errors
+
+    errors = await _with_daemon(sock_dir, talk)
+    assert [e.errno for e in errors] == [errno.EINVAL, errno.EINVAL]
+    assert str(errors[0]).startswith("unknown operation '\\x00\\x00")
+    assert all(len(str(e)) <= 1000 for e in errors)
+    assert "control connection failed" not in caplog.text
+
+
 async def test_a_real_port_is_granted_only_from_the_apps_own_block(sock_dir: Path) -> None:
     path = control_path(sock_dir)
 
