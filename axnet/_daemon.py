@@ -81,6 +81,10 @@ class Cluster(Protocol):
 #: not waited for again until it answers one (a member down but not yet
 #: found out costs one app start that long, not each).
 PUSH_FLUSH_S = 0.25
+#: Bounds of a join request's seeds (a seed is HOST[:PORT]; a DNS name is at
+#: most 253 characters).
+MAX_SEEDS = 64
+MAX_SEED_CHARS = 300
 
 
 @attrs.frozen(kw_only=True)
@@ -352,7 +356,16 @@ class Daemon:
                     "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
                 )
             if op == "join":
-                joined = await cluster.join([str(s) for s in request.get("seeds") or []])
+                seeds = request.get("seeds")
+                if not (
+                    isinstance(seeds, list)
+                    and 0 < len(seeds) <= MAX_SEEDS
+                    and all(isinstance(s, str) and 0 < len(s) <= MAX_SEED_CHARS for s in seeds)
+                ):
+                    raise ClaimError(
+                        errno.EINVAL, f"seeds must be a list of 1 to {MAX_SEEDS} HOST[:PORT]"
+                    )
+                joined = await cluster.join(seeds)
                 await conn.reply(
                     request,
                     joined=joined,

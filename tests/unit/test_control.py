@@ -320,8 +320,9 @@ def _attach(client: ControlClient, app_id: str, **fields: Any) -> dict[str, Any]
     return client.request("attach", **{**base, **fields})
 
 
-async def _with_daemon(runtime: Path, talk: Any) -> Any:
+async def _with_daemon(runtime: Path, talk: Any, *, cluster: Any = None) -> Any:
     daemon = _daemon(runtime)
+    daemon.cluster = cluster
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         with trio.fail_after(120):
@@ -458,6 +459,27 @@ async def test_join_and_leave_without_gossip_say_how_to_cluster(sock_dir: Path) 
     assert errors[0].startswith("this daemon runs without gossip; restart it with ")
 
 
+async def test_a_join_with_malformed_seeds_is_refused_before_any_lookup(sock_dir: Path) -> None:
+    cluster = _SlowJoin()
+    path = control_path(sock_dir)
+
+    def talk() -> list[int]:
+        errors = []
+        with ControlClient(path, timeout=5.0) as client:
+            # A text is no list (it was taken a character at a time, each
+            # looked up), nor a number; none, too many, or empty ones.
+            for seeds in ("abc", 7, [7], [], [""], ["h"] * 65, ["h" * 301], None):
+                with pytest.raises(ControlError) as info:
+                    client.request("join", seeds=seeds)
+                errors.append(info.value.errno)
+            assert client.request("join", seeds=["192.0.2.1", "seed.example:7946"])["joined"] == 0
+        return errors
+
+    errors = await _with_daemon(sock_dir, talk, cluster=cluster)
+    assert errors == [errno.EINVAL] * 8
+    assert cluster.asked == [["192.0.2.1", "seed.example:7946"]]
+
+
 async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
     path = control_path(sock_dir)
 
@@ -557,6 +579,7 @@ class _SlowJoin:
 
     def __init__(self) -> None:
         self.joined = trio.Event()
+        self.asked: list[object] = []
 
     def publish(self, records: object) -> None:
         pass
@@ -568,6 +591,7 @@ class _SlowJoin:
         return []
 
     async def join(self, seeds: object) -> int:
+        self.asked.append(seeds)
         return 0
 
     async def leave(self) -> None:
