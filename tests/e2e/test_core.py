@@ -1002,7 +1002,7 @@ def test_demo_runs_a_local_cluster_and_cleans_up(netns_host: NetnsHost) -> None:
     if reason is not None:
         pytest.skip(reason)
     # The demo starts daemons of its own, on the test host's loopback.
-    done = netns_host.run([*AXNET, "demo", "--json"], env={}, timeout=120)
+    done = netns_host.run([*AXNET, "demo", "--json"], env={}, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert {m["name"]: m["status"] for m in report["members"]} == {
