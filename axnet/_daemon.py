@@ -217,12 +217,13 @@ class Daemon:
         try:
             for virtual, real_port, listening in claims:
                 try:
-                    self.node.claim(app_id, virtual, real_port=real_port)
+                    written += self.node.adopt(
+                        app_id, virtual, real_port=real_port, listening=listening
+                    )
                 except ClaimError as exc:
+                    # In use: another app claimed it while this one was away;
+                    # it waits, and is published once that one releases it.
                     log.warning("adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc)
-                    continue
-                if listening:
-                    written += self.node.listen(app_id, virtual)
             # Out to every member and every supervisor here before the app
             # runs: servers name it from its first connection (see changed).
             await self.changed(written, wait_s=PUSH_FLUSH_S if app.block else 0.0)

@@ -19,6 +19,7 @@ new daemon it hands them over (``adopt``) so the new daemon republishes them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import ipaddress
@@ -176,6 +177,9 @@ class Node:
             hashlib.sha256(f"{config.name}/{now!r}".encode()).digest()[:8], "big"
         )
         self._claims: dict[VirtualAddress, Claim] = {}
+        #: Bindings handed over after a restart that another app had claimed
+        #: meanwhile (see adopt), oldest first, by the address they wait for.
+        self._waiting: dict[VirtualAddress, list[Claim]] = {}
         self._ports_in_use: set[int] = set()
         self._next_port = config.listen_ports.lo
         self._blocks_in_use: set[tuple[int, int]] = set()
@@ -325,6 +329,8 @@ class Node:
         app = self.apps.pop(app_id, None)
         if app is None:
             return []
+        for virtual in list(self._waiting):
+            self._unwait(app_id, virtual)
         written: list[AppRecord | ServiceRecord] = []
         for claim in list(app.claims.values()):
             written += self._drop_claim(app, claim, now=now)
@@ -404,6 +410,48 @@ class Node:
         app.claims[virtual] = claim
         return claim
 
+    def adopt(
+        self, app_id: str, virtual: VirtualAddress, *, real_port: int, listening: bool
+    ) -> list[AppRecord | ServiceRecord]:
+        """Take over a binding the app's supervisor kept across a daemon restart.
+
+        A new daemon does not know the binding until its supervisor
+        re-attaches: meanwhile another app may claim the same address.  The
+        adopted binding then waits (EADDRINUSE is raised) and is published
+        as soon as the other claim is released, since the app still holds
+        its socket: dropped, it would stay unpublished for good.
+        """
+        try:
+            self.claim(app_id, virtual, real_port=real_port)
+        except ClaimError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                waiting = Claim(
+                    app_id=app_id, virtual=virtual, real_port=real_port, listening=listening
+                )
+                self._waiting.setdefault(virtual, []).append(waiting)
+            raise
+        return self.listen(app_id, virtual) if listening else []
+
+    def _unwait(self, app_id: str, virtual: VirtualAddress) -> None:
+        waiting = [w for w in self._waiting.get(virtual, []) if w.app_id != app_id]
+        if waiting:
+            self._waiting[virtual] = waiting
+        else:
+            self._waiting.pop(virtual, None)
+
+    def _adopt_waiting(self, virtual: VirtualAddress) -> list[AppRecord | ServiceRecord]:
+        """The oldest binding waiting for *virtual* (see adopt), now free."""
+        while waiting := self._waiting.get(virtual):
+            first = waiting.pop(0)
+            if not waiting:
+                del self._waiting[virtual]
+            if first.app_id in self.apps:
+                with contextlib.suppress(ClaimError):  # raised only if taken again: it waits
+                    return self.adopt(
+                        first.app_id, virtual, real_port=first.real_port, listening=first.listening
+                    )
+        return []
+
     def _in_use(self, virtual: VirtualAddress) -> bool:
         if virtual in self._claims:
             return True
@@ -425,6 +473,7 @@ class Node:
     ) -> list[AppRecord | ServiceRecord]:
         """The socket behind a claim was closed."""
         app = self._app(app_id)
+        self._unwait(app_id, virtual)
         claim = app.claims.get(virtual)
         if claim is None:
             return []
@@ -434,9 +483,10 @@ class Node:
         app.claims.pop(claim.virtual, None)
         self._claims.pop(claim.virtual, None)
         self._ports_in_use.discard(claim.real_port)
-        if not claim.listening:
-            return []
-        return [self._write(self._service_record(app, claim, deleted=True, now=now))]
+        written: list[AppRecord | ServiceRecord] = []
+        if claim.listening:
+            written.append(self._write(self._service_record(app, claim, deleted=True, now=now)))
+        return written + self._adopt_waiting(claim.virtual)
 
     def _app(self, app_id: str) -> App:
         app = self.apps.get(app_id)

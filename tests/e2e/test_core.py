@@ -887,6 +887,32 @@ def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
         stop_process(server)
 
 
+def test_a_listener_taken_over_while_its_app_re_attaches_comes_back(node: AxnetNode) -> None:
+    # Two apps share 10.1.0.5.  After a daemon restart the second binds the
+    # port the first listens on before the first has re-attached (it is held
+    # stopped here): the new daemon cannot know.  The first's listener is
+    # still live, so once the second ends it must be published again.
+    first = node.app([*APPS, "greeter", "7029"], ip="10.1.0.5", name="first")
+    node.wait_service("10.1.0.5:7029")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        node.kill_daemon()
+        node.start()
+        second = node.app([*APPS, "greeter", "7029"], ip="10.1.0.5", name="second")
+        assert node.wait_service("10.1.0.5:7029")["name"] == "second"
+        first.send_signal(signal.SIGCONT)
+        wait_until(
+            "the first re-attached", lambda: {a["name"] for a in node.json("apps")} >= {"first"}
+        )
+        stop_process(second)
+        assert node.wait_service("10.1.0.5:7029")["name"] == "first"
+        said = node.run_json([*APPS, "ask", "10.1.0.5", "7029", "1"], ip="10.1.0.9")
+        assert said["said"][0]["accepted_from"][0] == "10.1.0.9"
+    finally:
+        first.send_signal(signal.SIGCONT)
+        stop_process(first)
+
+
 def test_a_stopped_supervisor_hands_every_accepted_connection_over(node: AxnetNode) -> None:
     # Ctrl-Z may stop `axnet run` while it hands an accepted connection to
     # the app.  Each connection still reaches the app as a socket.
