@@ -194,6 +194,10 @@ class _Waiter:
     since: float
     #: The socket's inode: accepts waiting on one listener share it.
     inode: int = 0
+    #: A connect's answer when its socket timeout runs out: what the
+    #: connect said when it started waiting (EINPROGRESS; EALREADY for a
+    #: socket that was connecting already), as the kernel answers.
+    timed_out: int = errno.EINPROGRESS
 
 
 def _int32(value: int) -> int:
@@ -371,13 +375,15 @@ class Engine:
             if kind == _fastpath.DELIVER:
                 self._guarded(n, self._deliver_handed, n, fd, extra)
             elif kind == _fastpath.CONNECTING:
-                assert isinstance(extra, bytes)  # CONNECTING carries the destination
-                target = extra
+                # CONNECTING carries the destination, and what connect() said.
+                assert isinstance(extra, tuple) and len(extra) == 2
+                target, started = extra
                 self._wait(
                     n,
                     _socket.socket(fileno=fd),
                     select.EPOLLOUT,
                     lambda n2, s2: self._connected(n2, s2, target),
+                    timed_out=started,
                 )
             else:
                 self._dispatch(n)
@@ -437,10 +443,10 @@ class Engine:
         return self._me
 
     def _deliver_handed(
-        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | bytes | None
+        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | tuple[bytes, int] | None
     ) -> None:
         """Finish an accept the fast path started: it has the connection, not the answer."""
-        assert isinstance(extra, tuple)  # DELIVER carries (family, real port, peer)
+        assert isinstance(extra, tuple) and len(extra) == 3  # DELIVER: (family, real port, peer)
         family, real_port, peer = extra
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
         binding = self.bindings.at(real_port)
@@ -457,12 +463,17 @@ class Engine:
         sock: _socket.socket,
         events: int,
         then: Callable[[Notification, _socket.socket], None],
+        *,
+        timed_out: int = errno.EINPROGRESS,
     ) -> None:
-        """Call ``then(n, sock)`` once *sock* is ready; the app stays parked meanwhile."""
+        """Call ``then(n, sock)`` once *sock* is ready; the app stays parked
+        meanwhile (a connect's answer if its SO_SNDTIMEO runs out first: *timed_out*)."""
         self.counters.deferred += 1
         since = self._rewait_since if self._rewait_since is not None else time.monotonic()
         inode = os.fstat(sock.fileno()).st_ino
-        self._waiters[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since, inode=inode)
+        self._waiters[sock.fileno()] = _Waiter(
+            n=n, sock=sock, then=then, since=since, inode=inode, timed_out=timed_out
+        )
         self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
 
     def _retry(
@@ -530,7 +541,7 @@ class Engine:
         now = time.monotonic()
         for waiter in list(self._waiters.values()):
             # A TCP connect that runs out of time is still in progress.
-            self._end_if_due(waiter, now, errno.EINPROGRESS)
+            self._end_if_due(waiter, now, waiter.timed_out)
         for waiter in list(self._retries.values()):
             if not self._end_if_due(waiter, now, errno.EAGAIN):
                 self._retries.pop(waiter.sock.fileno())
@@ -794,7 +805,13 @@ class Engine:
             err = _connect_nonblocking(fd, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _ready(fd, select.POLLOUT):
-                self._wait(n, sock, select.EPOLLOUT, lambda n2, s2: self._connected(n2, s2, target))
+                self._wait(
+                    n,
+                    sock,
+                    select.EPOLLOUT,
+                    lambda n2, s2: self._connected(n2, s2, target),
+                    timed_out=err,
+                )
                 return
             err = _connect_nonblocking(fd, target, app_flags)  # see _connected
         if not app_flags & os.O_NONBLOCK and err == errno.EAGAIN and sock.family == _AF_UNIX:

@@ -127,6 +127,7 @@ typedef struct {
     int family;    /* DELIVER, PARKED: the listener's family */
     unsigned port; /* DELIVER, PARKED: the listener's real port */
     int32_t room;  /* PARKED: the app's *addrlen */
+    int started;   /* CONNECTING: what connect() said (EINPROGRESS, or EALREADY) */
     struct sockaddr_storage peer; /* DELIVER: the peer; CONNECTING: the destination */
     socklen_t peer_len;
 } Handback;
@@ -461,6 +462,7 @@ static int on_connect(Call *c, Handback *out) {
     if (blocking) fcntl(fd, F_SETFL, flags);
     if (pending) { /* Python waits, then finishes it the same way */
         out->fd = fd;
+        out->started = err;
         memcpy(&out->peer, &target, target_len);
         out->peer_len = target_len;
         return CONNECTING;
@@ -686,7 +688,8 @@ static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handbac
         extra = Py_BuildValue("(iIy#)", out->family, out->port, (const char *)&out->peer,
                               (Py_ssize_t)out->peer_len);
     else if (kind == CONNECTING)
-        extra = PyBytes_FromStringAndSize((const char *)&out->peer, (Py_ssize_t)out->peer_len);
+        extra = Py_BuildValue("(y#i)", (const char *)&out->peer, (Py_ssize_t)out->peer_len,
+                              out->started);
     else
         extra = Py_NewRef(Py_None);
     PyObject *handed = extra ? hand_back(n, kind, out->fd, extra) : NULL;

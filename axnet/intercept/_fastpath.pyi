@@ -11,11 +11,12 @@ WAITERS: Final[int]
 HUP: Final[int]
 
 #: (kind, fd, extra, id, pid, flags, nr, arch, instruction pointer, args);
-#: extra: DELIVER (family, real port, peer), CONNECTING the destination.
+#: extra: DELIVER (family, real port, peer), CONNECTING (the destination,
+#: what connect() said: EINPROGRESS or EALREADY).
 Handed = tuple[
     int,
     int,
-    tuple[int, int, bytes] | bytes | None,
+    tuple[int, int, bytes] | tuple[bytes, int] | None,
     int,
     int,
     int,
