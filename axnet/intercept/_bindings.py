@@ -10,10 +10,9 @@ address in (bound on loopback, never published).  Usually one socket holds
 it; several do when each was bound with SO_REUSEPORT, as the kernel allows,
 and the binding lasts until the last of them closes.
 
-``close`` is not trapped.  A sweep finds the sockets the app closed: a
-listening one is missing from the kernel's list of listeners; one only bound
-is missing from the fd tables of the app's processes, each table read once
-per sweep.
+``close`` is not trapped.  A sweep finds the sockets the app closed: gone
+from the kernel's list of listeners (or never in it: only bound), and from
+the fd tables of the app's processes, each table read once per sweep.
 
 A connection axnet accepted that the app could not take (no fd free, the
 thread gone) is *kept* for the next accept on its listener.  It is off the
@@ -257,7 +256,9 @@ def closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket]
     """Those of *sockets* that the app has closed.
 
     A listening socket is cheap to tell (the kernel's list of listeners).
-    One only bound is looked for in the fd table of the thread that bound
+    One only bound, or one that has left that list (closed, or only shut
+    down: ``shutdown(SHUT_RD)`` stops a listener, which the app may still
+    name, and ``listen`` on again), is looked for in the fd table of the thread that bound
     it, then, if not there, in those of every process of the app: the thread
     may be gone while another thread or a child still holds the socket
     (bind, fork, listen later).  Each fd table is read at most once per
@@ -270,15 +271,11 @@ def closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket]
             tables[pid] = _sockdiag.socket_inodes(pid)
         return inode in tables[pid]
 
-    unseen = [
-        s
-        for s in sockets
-        if s.inode not in listening and (s.listening or not held_by(s.pid, s.inode))
-    ]
-    if not any(not s.listening for s in unseen):
+    unseen = [s for s in sockets if s.inode not in listening and not held_by(s.pid, s.inode)]
+    if not unseen:
         return unseen
     app = _sockdiag.descendants(os.getpid())
-    return [s for s in unseen if s.listening or not any(held_by(pid, s.inode) for pid in app)]
+    return [s for s in unseen if not any(held_by(pid, s.inode) for pid in app)]
 
 
 def reuseport(sock: _socket.socket) -> bool:

@@ -984,6 +984,27 @@ def socket_timeouts(port: str, stuck_host: str, stuck_port: str) -> None:
     _out(**results)
 
 
+def shutdown_listener(port: str) -> None:
+    """Listen on PORT, shut the listener down (SHUT_RD: it stops listening,
+    still bound), wait past the supervisor's sweep, listen on it again; where
+    getsockname says it is at each step, and whether a client reaches it."""
+    import time
+
+    listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    named = [_addr(listener.getsockname())]
+    listener.shutdown(socket.SHUT_RD)
+    time.sleep(1.5)  # past the supervisor's sweep for closed sockets
+    named.append(_addr(listener.getsockname()))
+    listener.listen(8)
+    named.append(_addr(listener.getsockname()))
+    vip = str(named[0][0]) if named[0][0] != "0.0.0.0" else "127.0.0.1"
+    with socket.create_connection((vip, int(port)), timeout=10) as client:
+        listener.settimeout(10)
+        conn, peer = listener.accept()
+        conn.close()
+        _out(named=named, peer_is_client=_addr(peer) == _addr(client.getsockname()))
+
+
 def rebind(port: str) -> None:
     """Listen, close, listen again on the same port at once (as iperf3 does)."""
     errors = []
@@ -1001,6 +1022,7 @@ def rebind(port: str) -> None:
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
+    "shutdown-listener": shutdown_listener,
     "stuck-server": stuck_server,
     "accept-pool": accept_pool,
     "ask": ask,

@@ -305,6 +305,14 @@ def test_listen_close_listen_again_on_the_same_port(node: AxnetNode) -> None:
     assert result == {"errors": []}
 
 
+def test_a_listener_shut_down_and_listening_again_is_still_virtual(node: AxnetNode) -> None:
+    # shutdown(SHUT_RD) stops a listener (waking its blocked accepts with
+    # EINVAL) but leaves it open and bound: it is not closed, and listening
+    # again serves the same virtual address, as without axnet.
+    done = node.run_json([*APPS, "shutdown-listener", "7042"], ip="10.1.0.5")
+    assert done == {"named": [["10.1.0.5", 7042]] * 3, "peer_is_client": True}
+
+
 def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -> None:
     trigger = node.scratch / "close-now"
     app = node.app([*APPS, "listen-then-close", "7004", str(trigger)], ip="10.1.0.5")

@@ -31,9 +31,20 @@ def test_listening_sockets_are_told_by_the_kernels_list(
     fd_tables: tuple[dict[int, set[int]], collections.Counter[int]],
 ) -> None:
     _, reads = fd_tables
-    open_, gone = BoundSocket(1, pid=100, listening=True), BoundSocket(2, pid=100, listening=True)
-    assert _bindings.closed([open_, gone], listening={1}) == [gone]
-    assert not reads  # no fd table read for listeners
+    open_ = BoundSocket(1, pid=100, listening=True)
+    assert _bindings.closed([open_], listening={1}) == []
+    assert not reads  # no fd table read for listeners in the kernel's list
+
+
+def test_a_listener_shut_down_but_open_is_not_closed(
+    fd_tables: tuple[dict[int, set[int]], collections.Counter[int]],
+) -> None:
+    # shutdown(SHUT_RD) takes a listener off the kernel's list; the app
+    # still holds it (and may listen on it again).
+    tables, _ = fd_tables
+    tables[100] = {1}
+    shut, gone = BoundSocket(1, pid=100, listening=True), BoundSocket(2, pid=100, listening=True)
+    assert _bindings.closed([shut, gone], listening=set()) == [gone]
 
 
 def test_a_bound_socket_is_open_while_any_process_of_the_app_holds_it(
