@@ -466,10 +466,9 @@ def test_apps_sharing_a_virtual_ip_share_its_ports_as_on_one_host() -> None:
     node.claim("a2", va("10.1.0.5", 81))
 
 
-def test_an_adopted_binding_another_app_took_is_published_once_that_one_goes() -> None:
-    # After a daemon restart, a2 claims 10.1.0.5:80 before a1's supervisor
-    # re-attaches and hands over its listener there.  a1 still holds the
-    # socket: once a2 lets go, a1's service is published, not lost.
+def _adoption_waiting() -> Node:
+    """a2 listens on 10.1.0.5:80; a1 re-attaches with its own listener there,
+    which waits (EADDRINUSE)."""
     node = make_node()
     attach(node, "a2", vip=ip_address("10.1.0.5"))
     node.claim("a2", va("10.1.0.5", 80))
@@ -478,6 +477,14 @@ def test_an_adopted_binding_another_app_took_is_published_once_that_one_goes() -
     with pytest.raises(ClaimError) as info:
         node.adopt("a1", va("10.1.0.5", 80), real_port=20005, listening=True)
     assert info.value.errno == errno.EADDRINUSE
+    return node
+
+
+def test_an_adopted_binding_another_app_took_is_published_once_that_one_goes() -> None:
+    # After a daemon restart, a2 claims 10.1.0.5:80 before a1's supervisor
+    # re-attaches and hands over its listener there.  a1 still holds the
+    # socket: once a2 lets go, a1's service is published, not lost.
+    node = _adoption_waiting()
     written = node.detach("a2", now=NOW)
     live = [r for r in written if isinstance(r, ServiceRecord) and not r.deleted]
     assert [(r.app_id, r.real.port) for r in live] == [("a1", 20005)]
@@ -488,13 +495,7 @@ def test_an_adopted_binding_another_app_took_is_published_once_that_one_goes() -
 
 
 def test_a_waiting_adoption_ends_with_its_app() -> None:
-    node = make_node()
-    attach(node, "a2", vip=ip_address("10.1.0.5"))
-    node.claim("a2", va("10.1.0.5", 80))
-    node.listen("a2", va("10.1.0.5", 80))
-    attach(node, "a1", vip=ip_address("10.1.0.5"))
-    with pytest.raises(ClaimError):
-        node.adopt("a1", va("10.1.0.5", 80), real_port=20005, listening=True)
+    node = _adoption_waiting()
     node.detach("a1", now=NOW)
     node.release("a2", va("10.1.0.5", 80), now=NOW)
     assert node.table.live_services() == []
