@@ -221,9 +221,18 @@ class Daemon:
                         app_id, virtual, real_port=real_port, listening=listening
                     )
                 except ClaimError as exc:
-                    # In use: another app claimed it while this one was away;
-                    # it waits, and is published once that one releases it.
-                    log.warning("adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc)
+                    if exc.errno == errno.EADDRINUSE:
+                        # Another app claimed it while this one was away: it
+                        # waits, and is published once that one releases it.
+                        log.warning(
+                            "adopt waits app=%s virtual=%s reason=in use by another app",
+                            app_id,
+                            virtual,
+                        )
+                    else:
+                        log.warning(
+                            "adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc
+                        )
             # Out to every member and every supervisor here before the app
             # runs: servers name it from its first connection (see changed).
             await self.changed(written, wait_s=PUSH_FLUSH_S if app.block else 0.0)
