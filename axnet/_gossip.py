@@ -191,7 +191,7 @@ def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> 
         host, port_text = raw.split(":")
     else:
         host = raw  # an IPv4 address, a name, or a bare IPv6 address
-        if ":" in host and not _is_ip(host):
+        if ":" in host and not _ip_literal(host):
             raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
     if not host:
         raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
@@ -204,14 +204,6 @@ def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> 
     if not 0 <= port <= 65535:
         raise ValueError(f"{flag} port must be 0 to 65535, got {port}")
     return (host, port)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def load_keys(path: Path) -> tuple[bytes, ...]:
@@ -274,11 +266,11 @@ def gossip_options(
     wildcard, to ``--address`` at the bind port.
     """
     bind_addr = parse_address(bind or f"0.0.0.0:{DEFAULT_PORT}", flag="--bind")
-    if not _is_ip(bind_addr[0]):
+    if not _ip_literal(bind_addr[0]):
         raise ValueError(f"--bind must be an IP address, got {bind!r}")
     if advertise is not None:
         adv = parse_address(advertise, flag="--advertise", default_port=bind_addr[1])
-        if not _is_ip(adv[0]):
+        if not _ip_literal(adv[0]):
             raise ValueError(f"--advertise must be an IP address, got {advertise!r}")
     elif not ipaddress.ip_address(bind_addr[0]).is_unspecified:
         adv = bind_addr
@@ -1164,7 +1156,7 @@ class GossipCluster:
         return (core.stats.streams_dropped_auth, core.stats.streams_dropped_malformed)
 
     async def _resolve(self, host: str, port: int) -> swim.Address:
-        if _is_ip(host):
+        if _ip_literal(host):
             return (host, port)
         family = socket.AF_INET6 if ":" in self._options.bind[0] else socket.AF_INET
         infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)

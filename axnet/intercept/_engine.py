@@ -62,6 +62,7 @@ import _socket
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -382,7 +383,7 @@ class Engine:
                     n,
                     _socket.socket(fileno=fd),
                     select.EPOLLOUT,
-                    lambda n2, s2: self._connected(n2, s2, target),
+                    functools.partial(self._connected, target=target),
                     timed_out=started,
                 )
             else:
@@ -809,7 +810,7 @@ class Engine:
                     n,
                     sock,
                     select.EPOLLOUT,
-                    lambda n2, s2: self._connected(n2, s2, target),
+                    functools.partial(self._connected, target=target),
                     timed_out=err,
                 )
                 return
