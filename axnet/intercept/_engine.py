@@ -303,16 +303,12 @@ class Engine:
         next_check = 0.0
         try:
             while not self._stopping:
-                waiting = (
-                    bool(self._waiters)
-                    or bool(self._retries)
-                    or (self._fast is not None and self._fast.parked > 0)
-                )
-                timeout_ms = int((_WAIT_SLICE_S if waiting else SWEEP_INTERVAL_S) * 1000)
-                if not turn(timeout_ms):
+                slice_s = _WAIT_SLICE_S if self._waiting() else SWEEP_INTERVAL_S
+                if not turn(int(slice_s * 1000)):
                     return
                 now = time.monotonic()
-                if waiting and now >= next_check:
+                # Asked again: the turn may have parked a call (in C, without Python).
+                if now >= next_check and self._waiting():
                     next_check = now + _WAIT_SLICE_S
                     self._check_waits()
                 if now >= next_sweep:
@@ -331,6 +327,14 @@ class Engine:
             self._tasks.close()
             self._epoll.close()
             self._appfs.close()
+
+    def _waiting(self) -> bool:
+        """Whether a call is held for the app (its timeout and signals checked)."""
+        return (
+            bool(self._waiters)
+            or bool(self._retries)
+            or (self._fast is not None and self._fast.parked > 0)
+        )
 
     def stop(self) -> None:
         self._stopping = True
@@ -368,7 +372,9 @@ class Engine:
     def _native_turn(self, timeout_ms: int) -> bool:
         """One turn of the native loop (the same, in C); Python only for what it hands back."""
         assert self._fast is not None
-        out = self._fast.serve(self, self._wake_r, self._epoll.fileno(), timeout_ms)
+        out = self._fast.serve(
+            self, self._wake_r, self._epoll.fileno(), timeout_ms, int(_WAIT_SLICE_S * 1000)
+        )
         if isinstance(out, tuple):
             kind, fd, extra, nid, pid, flags, nr, arch, ip, args = out
             n = Notification(nid, pid, flags, nr, arch, ip, args)

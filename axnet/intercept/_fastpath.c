@@ -893,13 +893,14 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
 enum { TIMEOUT = 0, WAKE = 1, WAITERS = 2, HUP = 3 };
 
 static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "serve(engine, wake_fd, waiters_fd, timeout_ms)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "serve(engine, wake_fd, waiters_fd, timeout_ms, parked_timeout_ms)");
         return NULL;
     }
     PyObject *engine = args[0];
     long wake_fd = PyLong_AsLong(args[1]), waiters_fd = PyLong_AsLong(args[2]);
-    long timeout = PyLong_AsLong(args[3]);
+    long timeout = PyLong_AsLong(args[3]), parked_timeout = PyLong_AsLong(args[4]);
     if (PyErr_Occurred()) return NULL;
     long long deadline = now_ms() + timeout;
     /* poll(), not epoll_wait(): with SYNC_WAKE_UP the kernel wakes a poll()
@@ -942,7 +943,12 @@ static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs)
         } else if (fds[0].revents & (POLLHUP | POLLERR)) {
             return PyLong_FromLong(HUP); /* every filtered task is gone */
         }
-        if (deadline - now_ms() < 0) return PyLong_FromLong(TIMEOUT);
+        long long now = now_ms();
+        /* An accept parked in this turn has its timeout and signals checked
+         * by Python, between turns: come back as soon as a parked call would. */
+        if (self->parked_count > 0 && deadline > now + parked_timeout)
+            deadline = now + parked_timeout;
+        if (deadline - now < 0) return PyLong_FromLong(TIMEOUT);
     }
 }
 
@@ -1111,10 +1117,11 @@ static PyObject *Fast_parked(Fast *self, void *closure) {
 
 static PyMethodDef Fast_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))Fast_serve, METH_FASTCALL,
-     "serve(engine, wake_fd, waiters_fd, timeout_ms) -> int | hand-back\n\n"
+     "serve(engine, wake_fd, waiters_fd, timeout_ms, parked_timeout_ms) -> int | hand-back\n\n"
      "Answer notifications and parked accepts until Python is needed: a hand-back\n"
-     "(kind, fd, extra, id, pid, flags, nr, arch, ip, args), or TIMEOUT, WAKE,\n"
-     "WAITERS (an fd of Python's own waits is ready) or HUP (no task left)."},
+     "(kind, fd, extra, id, pid, flags, nr, arch, ip, args), or TIMEOUT (after\n"
+     "timeout_ms, or parked_timeout_ms once an accept is parked), WAKE, WAITERS\n"
+     "(an fd of Python's own waits is ready) or HUP (no task left)."},
     {"drop_abandoned", (PyCFunction)Fast_drop_abandoned, METH_NOARGS,
      "Forget parked accepts whose thread went away; returns how many are left."},
     {"expire", (PyCFunction)Fast_expire, METH_NOARGS,

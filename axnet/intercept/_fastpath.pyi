@@ -40,7 +40,13 @@ class Fast:
         sources: dict[bytes, bool],
     ) -> None: ...
     def serve(
-        self, engine: Any, wake_fd: int, waiters_fd: int, timeout_ms: int, /
+        self,
+        engine: Any,
+        wake_fd: int,
+        waiters_fd: int,
+        timeout_ms: int,
+        parked_timeout_ms: int,
+        /,
     ) -> int | Handed: ...
     def drop_abandoned(self) -> int: ...
     def parked_tids(self) -> list[int]: ...
