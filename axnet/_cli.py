@@ -485,7 +485,7 @@ JOIN_TIMEOUT_S = 60.0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from ._gossip import parse_address
+    from ._gossip_address import parse_address
 
     for seed in args.seeds:
         try:

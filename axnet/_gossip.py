@@ -64,7 +64,6 @@ import base64
 import binascii
 import collections
 import errno
-import functools
 import ipaddress
 import logging
 import random
@@ -82,6 +81,7 @@ import trio
 import swim
 
 from ._daemon import Daemon, Record
+from ._gossip_address import DEFAULT_PORT, host_port, ip_literal, parse_address
 from ._table import Labels, ServiceRecord
 from ._wire import (
     MAX_LABEL_KEY_BYTES,
@@ -99,8 +99,6 @@ from ._wire import (
 
 log = logging.getLogger("axnet.gossip")
 
-#: Gossip port when none is given (Serf's and memberlist's).
-DEFAULT_PORT = 7946
 #: Inbound streams served at once; more are closed at once and counted.
 MAX_INBOUND_STREAMS = 8
 #: Inbound streams from one address at once: a host that opens streams and
@@ -164,48 +162,6 @@ class GossipError(Exception):
 # -- options (pure) --------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)
-def _ip_literal(host: str) -> bool:
-    """Whether *host* is an IP address, not a name (members advertise IPs)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_address(text: str, *, flag: str, default_port: int = DEFAULT_PORT) -> swim.Address:
-    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` → (host, port).
-
-    HOST may be a name; it is resolved later.  Raises ValueError with the
-    message for the user.
-    """
-    raw = text.strip()
-    port_text: str | None = None
-    if raw.startswith("["):
-        host, sep, rest = raw[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
-        port_text = rest[1:] if rest else None
-    elif raw.count(":") == 1:
-        host, port_text = raw.split(":")
-    else:
-        host = raw  # an IPv4 address, a name, or a bare IPv6 address
-        if ":" in host and not _ip_literal(host):
-            raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
-    if not host:
-        raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}")
-    if port_text is None:
-        return (host, default_port)
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"{flag} must be HOST[:PORT], got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{flag} port must be 0 to 65535, got {port}")
-    return (host, port)
-
-
 def load_keys(path: Path) -> tuple[bytes, ...]:
     """The keys of a ``--gossip-key-file``: base64, one a line, the first encrypts.
 
@@ -266,11 +222,11 @@ def gossip_options(
     wildcard, to ``--address`` at the bind port.
     """
     bind_addr = parse_address(bind or f"0.0.0.0:{DEFAULT_PORT}", flag="--bind")
-    if not _ip_literal(bind_addr[0]):
+    if not ip_literal(bind_addr[0]):
         raise ValueError(f"--bind must be an IP address, got {bind!r}")
     if advertise is not None:
         adv = parse_address(advertise, flag="--advertise", default_port=bind_addr[1])
-        if not _ip_literal(adv[0]):
+        if not ip_literal(adv[0]):
             raise ValueError(f"--advertise must be an IP address, got {advertise!r}")
     elif not ipaddress.ip_address(bind_addr[0]).is_unspecified:
         adv = bind_addr
@@ -356,7 +312,7 @@ def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
     if not isinstance(value, dict):
         return None, {}
     address = value.get("a")
-    if not (isinstance(address, str) and _ip_literal(address)):
+    if not (isinstance(address, str) and ip_literal(address)):
         address = None
     labels: dict[str, str] = {}
     raw = value.get("l")
@@ -370,11 +326,6 @@ def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
             except WireError:
                 continue
     return address, labels
-
-
-def _host_port(address: swim.Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- stream framing ----------------------------------------------------------------
@@ -546,7 +497,7 @@ class GossipCluster:
                     "--bind HOST:PORT, e.g. --bind 127.0.0.2:7946 beside --address 127.0.0.2)"
                 )
             raise GossipError(
-                f"cannot listen for gossip on {_host_port(self._options.bind)}: "
+                f"cannot listen for gossip on {host_port(self._options.bind)}: "
                 f"{last.strerror or last}{hint}"
             )
         advertise = self._options.advertise
@@ -590,8 +541,8 @@ class GossipCluster:
             log.info(
                 "gossip ready name=%s bind=%s advertise=%s profile=%s encrypted=%s",
                 self.core.name,
-                _host_port(self._options.bind),
-                _host_port(self.address),
+                host_port(self._options.bind),
+                host_port(self.address),
                 self._options.profile,
                 self._keyring is not None,
             )
@@ -654,7 +605,7 @@ class GossipCluster:
                 {
                     "name": member.name,
                     "address": address or member.address[0],
-                    "gossip": _host_port(member.address),
+                    "gossip": host_port(member.address),
                     "status": member.state.name.lower(),
                     "labels": labels,
                     "incarnation": member.incarnation,
@@ -739,7 +690,7 @@ class GossipCluster:
         states = Counter(m.state for m in core.members())
         return {
             "name": core.name,
-            "advertise": _host_port(core.local_member.address),
+            "advertise": host_port(core.local_member.address),
             "profile": self._options.profile,
             "encrypted": self._keyring is not None,
             "incarnation": core.local_member.incarnation,
@@ -1005,14 +956,14 @@ class GossipCluster:
 
     async def _send(self, datagram: swim.Datagram) -> None:
         assert self._udp is not None
-        if not _ip_literal(datagram.dest[0]):
+        if not ip_literal(datagram.dest[0]):
             self.driver_stats.datagrams_send_errors += 1
             return  # an address a peer made up: no DNS lookup on the gossip path
         try:
             await self._udp.sendto(datagram.data, datagram.dest)
         except (OSError, ValueError) as exc:  # ValueError: an address trio cannot encode
             self.driver_stats.datagrams_send_errors += 1
-            log.debug("gossip send failed to=%s reason=%s", _host_port(datagram.dest), exc)
+            log.debug("gossip send failed to=%s reason=%s", host_port(datagram.dest), exc)
 
     async def _receive_datagrams(self) -> None:
         assert self._udp is not None
@@ -1046,7 +997,7 @@ class GossipCluster:
             "gossip refused %s from=%s reason=authentication-failed (wrong or missing gossip "
             "key?) refused_total=%d",
             what,
-            _host_port(src),
+            host_port(src),
             total,
         )
 
@@ -1085,7 +1036,7 @@ class GossipCluster:
                         await stream.send_all(_frame(reply))
                 if scope.cancelled_caught:
                     self.driver_stats.streams_timed_out += 1
-                    log.debug("gossip stream timed out from=%s", _host_port(src))
+                    log.debug("gossip stream timed out from=%s", host_port(src))
             except _Oversized:
                 self.driver_stats.streams_oversized += 1
             except (_StreamError, trio.BrokenResourceError, OSError):
@@ -1112,7 +1063,7 @@ class GossipCluster:
             self.driver_stats.streams_busy += 1
             core.stream_failed(request.dest, trio.current_time())
             return False
-        if not _ip_literal(request.dest[0]):  # seeds were resolved before the core saw them
+        if not ip_literal(request.dest[0]):  # seeds were resolved before the core saw them
             core.stream_failed(request.dest, trio.current_time())
             return False
         self._outbound += 1
@@ -1131,7 +1082,7 @@ class GossipCluster:
         except (_StreamError, trio.BrokenResourceError, OSError, ValueError) as exc:
             log.debug(
                 "gossip stream failed to=%s purpose=%s reason=%s",
-                _host_port(request.dest),
+                host_port(request.dest),
                 request.purpose.value,
                 exc,
             )
@@ -1156,7 +1107,7 @@ class GossipCluster:
         return (core.stats.streams_dropped_auth, core.stats.streams_dropped_malformed)
 
     async def _resolve(self, host: str, port: int) -> swim.Address:
-        if _ip_literal(host):
+        if ip_literal(host):
             return (host, port)
         family = socket.AF_INET6 if ":" in self._options.bind[0] else socket.AF_INET
         infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
@@ -1171,7 +1122,7 @@ class GossipCluster:
             self._member_hosts = None  # membership changed
         match event:
             case swim.MemberJoined(member=member):
-                log.info("member joined name=%s gossip=%s", member.name, _host_port(member.address))
+                log.info("member joined name=%s gossip=%s", member.name, host_port(member.address))
                 self._gone.pop(member.name, None)
                 if member.name in self._failed:
                     self._failed.discard(member.name)
@@ -1196,12 +1147,12 @@ class GossipCluster:
                 log.info("member forgotten name=%s", member.name)
                 self._failed.discard(member.name)
             case swim.NameConflict(name=name, address=address):
-                self._conflicts.append(_host_port(address))
+                self._conflicts.append(host_port(address))
                 log.error(
                     "another member is named %s, at %s: members need distinct names; "
                     "restart one daemon with its own --name",
                     name,
-                    _host_port(address),
+                    host_port(address),
                 )
             case swim.Delivered(token=token, missing=missing):
                 waiting = self._deliveries.get(token)
@@ -1281,7 +1232,6 @@ async def start_cluster(
 
 
 __all__ = [
-    "DEFAULT_PORT",
     "GossipCluster",
     "GossipError",
     "GossipOptions",
@@ -1289,7 +1239,6 @@ __all__ = [
     "encode_meta",
     "gossip_options",
     "load_keys",
-    "parse_address",
     "record_key",
     "start_cluster",
 ]

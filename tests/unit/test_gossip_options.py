@@ -12,16 +12,15 @@ import msgpack
 import pytest
 
 from axnet._gossip import (
-    DEFAULT_PORT,
     decode_meta,
     encode_meta,
     encode_record,
     encode_state,
     gossip_options,
     load_keys,
-    parse_address,
     record_key,
 )
+from axnet._gossip_address import DEFAULT_PORT, parse_address
 from axnet._table import AppRecord, RealAddress, ServiceRecord, VirtualAddress
 from axnet._wire import (
     WireError,
