@@ -25,20 +25,18 @@ sockets and the clock and carries bytes in and out:
   authentication is also logged, at most once per source address every
   ``AUTH_WARNING_INTERVAL_S``, because it almost always means a member runs
   with the wrong ``--gossip-key-file``.
-* Service records ride the gossip.  A record of ours is broadcast under a key
-  that names what it describes (``s|vip|port``, ``a|app_id``), so a newer
-  version supersedes the older one in every member's broadcast queue.  The
-  whole table, tombstones included, is the push-pull state.  A member that
-  dies or leaves takes its records with it: every member writes tombstones
-  for them locally (``Node.forget_node``) and does not gossip them, since
-  every other member does the same.  A member that was declared dead while it
-  was alive (a partition) learns it by refuting, or from the tombstones a peer
-  shows it in push-pull, and writes its records again above them
-  (``Node.merge_remote``).  Records of a node that is no member at all
-  (forgotten after its death, then brought back by a peer that was partitioned
-  all along) would have no event to go with: a sweep withdraws them after
-  ``ORPHAN_GRACE_S``.  Names whose records were withdrawn are remembered, and
-  their live records not taken again, until they join.
+* Service records ride the gossip, as broadcasts and as the push-pull state
+  (see :mod:`axnet._gossip_codec`).  A member that dies or leaves takes its
+  records with it: every member writes tombstones for them locally
+  (``Node.forget_node``) and does not gossip them, since every other member
+  does the same.  A member that was declared dead while it was alive (a
+  partition) learns it by refuting, or from the tombstones a peer shows it in
+  push-pull, and writes its records again above them (``Node.merge_remote``).
+  Records of a node that is no member at all (forgotten after its death, then
+  brought back by a peer that was partitioned all along) would have no event to
+  go with: a sweep withdraws them after ``ORPHAN_GRACE_S``.  Names whose
+  records were withdrawn are remembered, and their live records not taken
+  again, until they join.
 * Supervisors must never stall gossip: changes for them go through a queue
   that a separate task drains into ``Daemon.changed``.
 * Nor may a large table.  The core hands us a peer's push-pull state in the
@@ -82,18 +80,14 @@ import swim
 
 from ._daemon import Daemon, Record
 from ._gossip_address import DEFAULT_PORT, host_port, ip_literal, parse_address
-from ._table import Labels, ServiceRecord
+from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
+from ._table import Labels
 from ._wire import (
-    MAX_LABEL_KEY_BYTES,
-    MAX_LABEL_VALUE_BYTES,
     Decoded,
     WireError,
-    pack,
     pack_packed_array,
-    record_to_wire,
     records_from_state,
     records_from_wire,
-    text_from_wire,
     unpack,
 )
 
@@ -272,60 +266,6 @@ def gossip_options(
             f"node labels take {len(meta)} bytes; at most {swim.MAX_META_BYTES} fit in gossip"
         )
     return options
-
-
-# -- codecs (pure) ---------------------------------------------------------------
-
-
-def record_key(record: Record) -> bytes:
-    """The broadcast key of a record: a newer version supersedes an older one."""
-    if isinstance(record, ServiceRecord):
-        return f"s|{record.virtual.ip}|{record.virtual.port}".encode()
-    return f"a|{record.app_id}".encode()
-
-
-def encode_record(record: Record) -> bytes:
-    return pack(record_to_wire(record))
-
-
-def encode_state(records: Sequence[Record]) -> bytes:
-    """The push-pull state: every record, tombstones included."""
-    return pack_packed_array([encode_record(r) for r in records])
-
-
-def encode_meta(address: str, labels: Labels) -> bytes:
-    """Member metadata: the node's real address and its labels."""
-    return pack({"a": address, "l": [list(pair) for pair in labels]})
-
-
-def decode_meta(meta: bytes) -> tuple[str | None, dict[str, str]]:
-    """(real address, labels) from member metadata; nothing for garbage.
-
-    What `axnet members` shows of a peer is held to what a daemon itself
-    accepts: an IP address, and labels as `--label` takes them.  Anything
-    else (escape sequences, newlines) would reach the terminal as it came.
-    """
-    try:
-        value = unpack(meta) if meta else None
-    except WireError:
-        return None, {}
-    if not isinstance(value, dict):
-        return None, {}
-    address = value.get("a")
-    if not (isinstance(address, str) and ip_literal(address)):
-        address = None
-    labels: dict[str, str] = {}
-    raw = value.get("l")
-    if isinstance(raw, list):
-        for pair in raw:
-            if not (isinstance(pair, list) and len(pair) == 2):
-                continue
-            try:
-                key = text_from_wire(pair[0], "a label key", MAX_LABEL_KEY_BYTES)
-                labels[key] = text_from_wire(pair[1], "a label value", MAX_LABEL_VALUE_BYTES)
-            except WireError:
-                continue
-    return address, labels
 
 
 # -- stream framing ----------------------------------------------------------------
@@ -1235,10 +1175,7 @@ __all__ = [
     "GossipCluster",
     "GossipError",
     "GossipOptions",
-    "decode_meta",
-    "encode_meta",
     "gossip_options",
     "load_keys",
-    "record_key",
     "start_cluster",
 ]
