@@ -17,7 +17,7 @@ from ._table import IPAddress, ip_address, labels_from
 from ._wire import has_control
 
 if TYPE_CHECKING:
-    from ._gossip import GossipOptions
+    from ._gossip_options import GossipOptions
 
 
 def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> NodeConfig:
@@ -83,7 +83,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             return 2
         return _run(args, None)
     # Imported here: a daemon without gossip never loads swim and cryptography.
-    from ._gossip import gossip_options
+    from ._gossip_options import gossip_options
 
     try:
         gossip = gossip_options(

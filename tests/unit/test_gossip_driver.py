@@ -28,9 +28,9 @@ from axnet._gossip import (
     MERGE_CHUNK,
     ORPHAN_GRACE_S,
     GossipCluster,
-    gossip_options,
 )
 from axnet._gossip_codec import encode_state
+from axnet._gossip_options import gossip_options
 from axnet._node import NodeConfig
 from axnet._table import TOMBSTONE_TTL, AppRecord, ServiceRecord, VirtualAddress
 from axnet._wire import pack, records_from_state

@@ -11,9 +11,9 @@ import attrs
 import msgpack
 import pytest
 
-from axnet._gossip import gossip_options, load_keys
 from axnet._gossip_address import DEFAULT_PORT, parse_address
 from axnet._gossip_codec import decode_meta, encode_meta, encode_record, encode_state, record_key
+from axnet._gossip_options import gossip_options, load_keys
 from axnet._table import AppRecord, RealAddress, ServiceRecord, VirtualAddress
 from axnet._wire import (
     WireError,
