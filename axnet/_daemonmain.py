@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
             nursery.cancel_scope.cancel()
 
     if gossip is not None:
-        from ._gossip import GossipError
+        from ._gossip_transport import GossipError
 
         reported = (ControlError, GossipError, OSError)
     try:

@@ -1,30 +1,21 @@
-"""The gossip transport: the trio driver of a :class:`swim.Swim` core in the daemon.
+"""The gossip cluster: the trio driver of a :class:`swim.Swim` core in the daemon.
 
 Theory of operation
 -------------------
 The core (``swim/``) decides everything and does no I/O; this module owns the
-sockets and the clock and carries bytes in and out:
+clock and drives the core, and its transport (:mod:`axnet._gossip_transport`:
+one UDP socket and one TCP listener, the framing, the limits that hold peers
+in check) owns the sockets and carries bytes in and out:
 
-* One UDP socket and one TCP listener on the same ``--bind`` port (7946 by
-  default, as Serf).  Every datagram goes straight into
-  ``Swim.handle_datagram``; a TCP connection carries exactly one exchange, a
-  4-byte big-endian length then the payload, each way (push-pull, join, TCP
-  fallback ping).  Every input is followed by a wake-up of the *driver loop*,
-  which ticks the core when ``next_deadline()`` is due and drains its outputs:
-  datagrams are sent, stream requests become tasks, events are acted on.
-* Peers are not trusted.  Datagrams above ``swim.MAX_PACKET_BYTES`` (the core
-  never builds one) and streams announcing more than
-  ``swim.MAX_PUSH_PULL_BYTES`` are dropped unread; every stream, both ways,
-  lives at most ``Config.tcp_timeout`` seconds, so a peer that stalls in the
-  middle of a push-pull costs a task for that long and no more; at most
-  ``MAX_INBOUND_STREAMS`` inbound (``MAX_INBOUND_PER_SOURCE`` from one
-  address, and ``MEMBER_RESERVED_STREAMS`` kept for members' addresses) and
-  ``MAX_OUTBOUND_STREAMS`` outbound streams exist at once (the rest are
-  refused and counted).  Undecodable or
-  unauthenticated input is counted by the core (``swim.Stats``); failed
-  authentication is also logged, at most once per source address every
-  ``AUTH_WARNING_INTERVAL_S``, because it almost always means a member runs
-  with the wrong ``--gossip-key-file``.
+* Every datagram goes straight into ``Swim.handle_datagram``, every stream a
+  peer opens into ``Swim.handle_stream``.  Every input is followed by a
+  wake-up of the *driver loop*, which ticks the core when ``next_deadline()``
+  is due and drains its outputs: datagrams are sent, stream requests become
+  tasks, events are acted on.
+* Undecodable or unauthenticated input is counted by the core
+  (``swim.Stats``); failed authentication is also logged, at most once per
+  source address every ``AUTH_WARNING_INTERVAL_S``, because it almost always
+  means a member runs with the wrong ``--gossip-key-file``.
 * Service records ride the gossip, as broadcasts and as the push-pull state
   (see :mod:`axnet._gossip_codec`).  A member that dies or leaves takes its
   records with it: every member writes tombstones for them locally
@@ -59,11 +50,8 @@ sockets and the clock and carries bytes in and out:
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import random
-import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -75,9 +63,10 @@ import trio
 import swim
 
 from ._daemon import Daemon, Record
-from ._gossip_address import host_port, ip_literal, parse_address
+from ._gossip_address import host_port, parse_address
 from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
 from ._gossip_options import PROFILES, GossipOptions
+from ._gossip_transport import GossipTransport
 from ._wire import (
     Decoded,
     WireError,
@@ -89,18 +78,6 @@ from ._wire import (
 
 log = logging.getLogger("axnet.gossip")
 
-#: Inbound streams served at once; more are closed at once and counted.
-MAX_INBOUND_STREAMS = 8
-#: Inbound streams from one address at once: a host that opens streams and
-#: never sends holds this many slots (each for tcp_timeout), not all of them.
-MAX_INBOUND_PER_SOURCE = 2
-#: Inbound slots only members' addresses may take: hosts that are no member
-#: (a joining node, or anybody who can reach the port) share the rest.
-MEMBER_RESERVED_STREAMS = 2
-#: Outbound streams (push-pull, join, TCP ping) at once; more fail at once.
-MAX_OUTBOUND_STREAMS = 16
-#: Receive buffer: the largest UDP payload, so an oversized datagram is seen whole.
-RECEIVE_BUFFER_BYTES = 65536
 #: Seconds between two authentication warnings about one source address.
 AUTH_WARNING_INTERVAL_S = 10.0
 #: Source addresses remembered for that rate limit (the dict is cleared when full).
@@ -136,59 +113,11 @@ ACK_HOLD_S = 0.05
 #: and the sweep withdraws what one of them might still bring back.
 MAX_GONE_NAMES = 10_000
 
-_FRAME = struct.Struct("!I")
-
-
-class GossipError(Exception):
-    """The gossip layer cannot start (bad flags, key file, or address in use)."""
-
-
-# -- stream framing ----------------------------------------------------------------
-
-
-class _StreamError(Exception):
-    """A stream ended early or announced too much."""
-
-
-async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(min(size - len(data), RECEIVE_BUFFER_BYTES))
-        if not chunk:
-            raise _StreamError("peer closed the stream early")
-        data += chunk
-    return bytes(data)
-
-
-class _Oversized(_StreamError):
-    pass
-
-
-async def _receive_frame(stream: trio.SocketStream) -> bytes:
-    (length,) = _FRAME.unpack(await _receive_exactly(stream, _FRAME.size))
-    if length > swim.MAX_PUSH_PULL_BYTES:
-        raise _Oversized(f"stream announces {length} bytes (limit {swim.MAX_PUSH_PULL_BYTES})")
-    return await _receive_exactly(stream, length)
-
-
-def _frame(data: bytes) -> bytes:
-    return _FRAME.pack(len(data)) + data
-
-
-# -- the driver ----------------------------------------------------------------------
-
 
 @attrs.define
 class DriverStats:
-    """What the transport itself counts (the core counts the rest)."""
+    """What the cluster counts (the transport and the core count the rest)."""
 
-    datagrams_oversized: int = 0
-    datagrams_send_errors: int = 0
-    datagrams_receive_errors: int = 0
-    streams_busy: int = 0
-    streams_timed_out: int = 0
-    streams_oversized: int = 0
-    streams_io_errors: int = 0
     records_malformed: int = 0
     #: live records of members held gone (dead, left, or withdrawn as no member), not merged
     records_of_gone: int = 0
@@ -204,7 +133,8 @@ class DriverStats:
 class GossipCluster:
     """The daemon's cluster: a SWIM member on UDP + TCP (see the module docstring).
 
-    Implements the daemon's ``Cluster`` protocol and the core's ``StateDelegate``.
+    Implements the daemon's ``Cluster`` protocol, the core's ``StateDelegate``
+    and the transport's ``Receiver``.
     """
 
     def __init__(self, daemon: Daemon, options: GossipOptions) -> None:
@@ -222,8 +152,9 @@ class GossipCluster:
         )
         self._rng = random.Random()
         self._meta = encode_meta(str(daemon.config.node.real_host), options.labels)
-        self._udp: trio.socket.SocketType | None = None
-        self._tcp: trio.socket.SocketType | None = None
+        self._transport = GossipTransport(
+            self, bind=options.bind, tcp_timeout=self.config.tcp_timeout
+        )
         self._core: swim.Swim | None = None
         self._incarnation = 0
         self._wake = trio.Event()
@@ -241,8 +172,6 @@ class GossipCluster:
         self._states_in = self._states_out = 0
         self._state_out = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._inbound = 0
-        self._inbound_from: Counter[str] = Counter()
         #: Hosts of every member's gossip address; None: to be rebuilt.
         self._member_hosts: set[str] | None = None
         self._join_requested = 0
@@ -253,7 +182,6 @@ class GossipCluster:
         #: Gossip addresses of other members that use this node's name.
         self._conflicts: list[str] = []
         self._unresolved: dict[str, str] = {}  # seed -> why the last join could not resolve it
-        self._outbound = 0
         self._auth_warned: dict[str, float] = {}
         #: Names of failed (dead, not left) members, to notice their revival.
         self._failed: set[str] = set()
@@ -284,40 +212,10 @@ class GossipCluster:
 
         A bind port of 0 picks a port free for both (tests).
         """
-        host, port = self._options.bind
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        last: OSError | None = None
-        for _ in range(20 if port == 0 else 1):
-            udp = trio.socket.socket(family, socket.SOCK_DGRAM)
-            tcp = trio.socket.socket(family, socket.SOCK_STREAM)
-            try:
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                await udp.bind((host, port))
-                chosen = udp.getsockname()[1]
-                await tcp.bind((host, chosen))
-                tcp.listen(128)
-            except OSError as exc:
-                udp.close()
-                tcp.close()
-                last = exc
-                continue
-            self._udp, self._tcp = udp, tcp
-            break
-        else:
-            assert last is not None
-            hint = ""
-            if last.errno == errno.EADDRINUSE:
-                hint = (
-                    " (another daemon of this host gossips there? give each its own "
-                    "--bind HOST:PORT, e.g. --bind 127.0.0.2:7946 beside --address 127.0.0.2)"
-                )
-            raise GossipError(
-                f"cannot listen for gossip on {host_port(self._options.bind)}: "
-                f"{last.strerror or last}{hint}"
-            )
+        port = await self._transport.bind()
         advertise = self._options.advertise
         if advertise[1] == 0:  # "the port we bound"
-            advertise = (advertise[0], chosen)
+            advertise = (advertise[0], port)
         self._core = self._new_core(advertise)
 
     def _new_core(self, advertise: swim.Address) -> swim.Swim:
@@ -339,12 +237,9 @@ class GossipCluster:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve gossip until cancelled; ``bind`` first."""
-        assert self._udp is not None and self._tcp is not None, "bind() first"
-        listener = trio.SocketListener(self._tcp)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._receive_datagrams)
-            nursery.start_soon(self._accept_streams, listener)
+            nursery.start_soon(self._transport.serve)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._push_changes)
             nursery.start_soon(self._merge_states)
@@ -451,7 +346,7 @@ class GossipCluster:
         for seed in seeds:
             host, port = parse_address(seed, flag="seed")
             try:
-                addresses.append(await self._resolve(host, port))
+                addresses.append(await self._transport.resolve(host, port))
             except OSError as exc:
                 unresolved += 1
                 self._unresolved[seed] = exc.strerror or str(exc)
@@ -502,6 +397,7 @@ class GossipCluster:
         core = self.core
         s = core.stats
         d = self.driver_stats
+        t = self._transport.stats
         states = Counter(m.state for m in core.members())
         return {
             "name": core.name,
@@ -519,9 +415,9 @@ class GossipCluster:
                 "malformed": s.packets_dropped_malformed,
                 "broadcasts_unknown": s.broadcasts_dropped_unknown,
                 "broadcast_keys_forgotten": s.broadcast_keys_forgotten,
-                "oversized": d.datagrams_oversized,
-                "send_errors": d.datagrams_send_errors,
-                "receive_errors": d.datagrams_receive_errors,
+                "oversized": t.datagrams_oversized,
+                "send_errors": t.datagrams_send_errors,
+                "receive_errors": t.datagrams_receive_errors,
             },
             "streams": {
                 "sent": s.streams_sent,
@@ -529,10 +425,10 @@ class GossipCluster:
                 "failed": s.streams_failed,
                 "dropped_auth": s.streams_dropped_auth,
                 "dropped_malformed": s.streams_dropped_malformed,
-                "timed_out": d.streams_timed_out,
-                "oversized": d.streams_oversized,
-                "busy": d.streams_busy,
-                "io_errors": d.streams_io_errors,
+                "timed_out": t.streams_timed_out,
+                "oversized": t.streams_oversized,
+                "busy": t.streams_busy,
+                "io_errors": t.streams_io_errors,
             },
             "probes": {"sent": s.probes_sent, "failed": s.probes_failed},
             # New client port blocks, sent straight to each member (deliver).
@@ -752,7 +648,7 @@ class GossipCluster:
                 with trio.move_on_after(ACK_HOLD_S):
                     await self._changes_handed_over()
             for datagram in datagrams:
-                await self._send(datagram)
+                await self._transport.send(datagram)
             if not (datagrams or requests or events):
                 return
 
@@ -769,36 +665,29 @@ class GossipCluster:
             self.driver_stats.republished += len(records)
             self._queue_change(records, local=True)
 
-    async def _send(self, datagram: swim.Datagram) -> None:
-        assert self._udp is not None
-        if not ip_literal(datagram.dest[0]):
-            self.driver_stats.datagrams_send_errors += 1
-            return  # an address a peer made up: no DNS lookup on the gossip path
-        try:
-            await self._udp.sendto(datagram.data, datagram.dest)
-        except (OSError, ValueError) as exc:  # ValueError: an address trio cannot encode
-            self.driver_stats.datagrams_send_errors += 1
-            log.debug("gossip send failed to=%s reason=%s", host_port(datagram.dest), exc)
+    # -- Receiver ------------------------------------------------------------------------
 
-    async def _receive_datagrams(self) -> None:
-        assert self._udp is not None
-        while True:
-            try:
-                data, source = await self._udp.recvfrom(RECEIVE_BUFFER_BYTES)
-            except OSError as exc:  # e.g. an ICMP error queued on the socket
-                self.driver_stats.datagrams_receive_errors += 1
-                log.debug("gossip receive failed reason=%s", exc)
-                continue
-            src: swim.Address = (str(source[0]), int(source[1]))
-            if len(data) > swim.MAX_PACKET_BYTES:
-                self.driver_stats.datagrams_oversized += 1
-                continue
-            core = self.core
-            before = core.stats.packets_dropped_auth
-            core.handle_datagram(src, data, trio.current_time())
-            if core.stats.packets_dropped_auth != before:
-                self._warn_auth(src, "datagram", core.stats.packets_dropped_auth)
-            self._wake.set()
+    def datagram_received(self, src: swim.Address, data: bytes) -> None:
+        core = self.core
+        before = core.stats.packets_dropped_auth
+        core.handle_datagram(src, data, trio.current_time())
+        if core.stats.packets_dropped_auth != before:
+            self._warn_auth(src, "datagram", core.stats.packets_dropped_auth)
+        self._wake.set()
+
+    def stream_received(self, src: swim.Address, data: bytes) -> bytes:
+        core = self.core
+        before = core.stats.streams_dropped_auth
+        reply = core.handle_stream(src, data, trio.current_time())
+        if core.stats.streams_dropped_auth != before:
+            self._warn_auth(src, "stream", core.stats.streams_dropped_auth)
+        self._wake.set()
+        return reply
+
+    def is_member_host(self, host: str) -> bool:
+        if self._member_hosts is None:
+            self._member_hosts = {m.address[0] for m in self.core.members()}
+        return host in self._member_hosts
 
     def _warn_auth(self, src: swim.Address, what: str, total: int) -> None:
         now = trio.current_time()
@@ -818,55 +707,6 @@ class GossipCluster:
 
     # -- streams -------------------------------------------------------------------------
 
-    async def _accept_streams(self, listener: trio.SocketListener) -> None:
-        assert self._nursery is not None
-        await trio.serve_listeners(self._serve_stream, [listener], handler_nursery=self._nursery)
-
-    async def _serve_stream(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                peer = stream.socket.getpeername()
-            except OSError:  # reset before we got to it
-                self.driver_stats.streams_io_errors += 1
-                return
-            src: swim.Address = (str(peer[0]), int(peer[1]))
-            limit = MAX_INBOUND_STREAMS
-            if not self._is_member_host(src[0]):
-                limit -= MEMBER_RESERVED_STREAMS
-            if self._inbound >= limit or self._inbound_from[src[0]] >= MAX_INBOUND_PER_SOURCE:
-                self.driver_stats.streams_busy += 1
-                return
-            self._inbound += 1
-            self._inbound_from[src[0]] += 1
-            try:
-                with trio.move_on_after(self.config.tcp_timeout) as scope:
-                    data = await _receive_frame(stream)
-                    core = self.core
-                    before = core.stats.streams_dropped_auth
-                    reply = core.handle_stream(src, data, trio.current_time())
-                    if core.stats.streams_dropped_auth != before:
-                        self._warn_auth(src, "stream", core.stats.streams_dropped_auth)
-                    self._wake.set()
-                    if reply:
-                        await stream.send_all(_frame(reply))
-                if scope.cancelled_caught:
-                    self.driver_stats.streams_timed_out += 1
-                    log.debug("gossip stream timed out from=%s", host_port(src))
-            except _Oversized:
-                self.driver_stats.streams_oversized += 1
-            except (_StreamError, trio.BrokenResourceError, OSError):
-                self.driver_stats.streams_io_errors += 1
-            finally:
-                self._inbound -= 1
-                self._inbound_from[src[0]] -= 1
-                if not self._inbound_from[src[0]]:
-                    del self._inbound_from[src[0]]
-
-    def _is_member_host(self, host: str) -> bool:
-        if self._member_hosts is None:
-            self._member_hosts = {m.address[0] for m in self.core.members()}
-        return host in self._member_hosts
-
     def _start_stream(self, request: swim.StreamRequest) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._exchange, request)
@@ -874,35 +714,7 @@ class GossipCluster:
     async def _exchange(self, request: swim.StreamRequest) -> bool:
         """Carry out a stream the core asked for; True if the peer answered well."""
         core = self.core
-        if self._outbound >= MAX_OUTBOUND_STREAMS:
-            self.driver_stats.streams_busy += 1
-            core.stream_failed(request.dest, trio.current_time())
-            return False
-        if not ip_literal(request.dest[0]):  # seeds were resolved before the core saw them
-            core.stream_failed(request.dest, trio.current_time())
-            return False
-        self._outbound += 1
-        reply: bytes | None = None
-        try:
-            with trio.move_on_after(self.config.tcp_timeout) as scope:
-                host, port = request.dest
-                stream = await trio.open_tcp_stream(host, port)
-                async with stream:
-                    await stream.send_all(_frame(request.data))
-                    reply = await _receive_frame(stream)
-            if scope.cancelled_caught:
-                self.driver_stats.streams_timed_out += 1
-        except _Oversized:
-            self.driver_stats.streams_oversized += 1
-        except (_StreamError, trio.BrokenResourceError, OSError, ValueError) as exc:
-            log.debug(
-                "gossip stream failed to=%s purpose=%s reason=%s",
-                host_port(request.dest),
-                request.purpose.value,
-                exc,
-            )
-        finally:
-            self._outbound -= 1
+        reply = await self._transport.exchange(request)
         if core is not self._core:  # we left and rejoined meanwhile
             return False
         ok = False
@@ -920,15 +732,6 @@ class GossipCluster:
     @staticmethod
     def _stream_drops(core: swim.Swim) -> tuple[int, int]:
         return (core.stats.streams_dropped_auth, core.stats.streams_dropped_malformed)
-
-    async def _resolve(self, host: str, port: int) -> swim.Address:
-        if ip_literal(host):
-            return (host, port)
-        family = socket.AF_INET6 if ":" in self._options.bind[0] else socket.AF_INET
-        infos = await trio.socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
-        if not infos:
-            raise OSError(f"no address for {host}")
-        return (str(infos[0][4][0]), port)
 
     # -- membership events ---------------------------------------------------------------
 
@@ -1048,6 +851,5 @@ async def start_cluster(
 
 __all__ = [
     "GossipCluster",
-    "GossipError",
     "start_cluster",
 ]

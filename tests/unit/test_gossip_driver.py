@@ -20,17 +20,14 @@ import trio
 import swim
 from axnet import _gossip as gossip_module
 from axnet._daemon import Daemon, DaemonConfig, Record
-from axnet._gossip import (
-    MAX_INBOUND_PER_SOURCE,
-    MAX_INBOUND_STREAMS,
-    MAX_PENDING_STATES,
-    MEMBER_RESERVED_STREAMS,
-    MERGE_CHUNK,
-    ORPHAN_GRACE_S,
-    GossipCluster,
-)
+from axnet._gossip import MAX_PENDING_STATES, MERGE_CHUNK, ORPHAN_GRACE_S, GossipCluster
 from axnet._gossip_codec import encode_state
 from axnet._gossip_options import gossip_options
+from axnet._gossip_transport import (
+    MAX_INBOUND_PER_SOURCE,
+    MAX_INBOUND_STREAMS,
+    MEMBER_RESERVED_STREAMS,
+)
 from axnet._node import NodeConfig
 from axnet._table import TOMBSTONE_TTL, AppRecord, ServiceRecord, VirtualAddress
 from axnet._wire import pack, records_from_state
