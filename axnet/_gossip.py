@@ -838,18 +838,6 @@ class GossipCluster:
             delay = min(delay * 2, JOIN_BACKOFF_MAX_S)
 
 
-async def start_cluster(
-    nursery: trio.Nursery, daemon: Daemon, options: GossipOptions
-) -> GossipCluster:
-    """Bind, start serving in *nursery*, and attach the cluster to *daemon*."""
-    cluster = GossipCluster(daemon, options)
-    await cluster.bind()
-    await nursery.start(cluster.run)
-    daemon.cluster = cluster
-    return cluster
-
-
 __all__ = [
     "GossipCluster",
-    "start_cluster",
 ]

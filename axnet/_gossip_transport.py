@@ -56,7 +56,7 @@ _FRAME = struct.Struct("!I")
 
 
 class GossipError(Exception):
-    """The gossip layer cannot start (bad flags, key file, or address in use)."""
+    """The gossip sockets cannot be bound (the address is in use or not ours)."""
 
 
 class Receiver(Protocol):
