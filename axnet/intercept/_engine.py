@@ -29,18 +29,10 @@ per blocking call costs as much again.  A call that would block — a blocking
 started without blocking (``O_NONBLOCK`` flipped on the shared description for
 the one call: the app's thread is parked in that very call, and every accept
 on a virtual listener comes through here) and the socket joins the epoll set;
-the app's thread stays parked until the socket is ready.  Waits are re-checked
-every ``_WAIT_SLICE_S``: a wait whose thread was killed is dropped, and one whose
-thread has a signal to take is answered ``ERESTARTSYS``, so the kernel runs the
-handler and restarts the call or fails it with EINTR, as it would for a
-blocking call of its own (a parked thread waits killably, see ``_libc``); one
-whose socket timeout ran out gets the kernel's answer for that (EAGAIN,
-EINPROGRESS).  Timeouts are therefore kept to within a slice.  A blocking
-``connect`` of a Unix socket to a listener whose backlog is full, which the
-kernel would sleep in until there is room, is tried again every slice: no fd
-tells us when there is.  A connection
-accepted for an ``accept`` whose thread went away is kept and handed to the
-next ``accept`` on that listener: it is never lost.
+the app's thread stays parked until the socket is ready (``_parked`` keeps
+these calls, and checks them for threads that went away, signals and socket
+timeouts).  A connection accepted for an ``accept`` whose thread went away is
+kept and handed to the next ``accept`` on that listener: it is never lost.
 
 The table and identity are read here and replaced (whole objects) by the
 supervisor's trio thread; a lookup is a single dictionary read.  What the app
@@ -117,8 +109,9 @@ from ._decode import (
     pack_inet,
     unspec_wildcard_as_inet,
 )
-from ._libc import ERESTARTSYS, Notification, NotifyFd, buffer_sizes
-from ._tasks import Errno, Gone, Tasks, gone_or_errno, signal_waiting
+from ._libc import Notification, NotifyFd, buffer_sizes
+from ._parked import WAIT_SLICE_S, ParkedCalls
+from ._tasks import Errno, Gone, Tasks, gone_or_errno
 
 try:
     from . import _fastpath
@@ -132,9 +125,6 @@ IP_LOCAL_PORT_RANGE = 51
 #: setsockopt(IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT): bind the address, leave
 #: the port to connect (which can share it among destinations).
 IP_BIND_ADDRESS_NO_PORT = 24
-#: How often parked waits are checked for threads that went away or have a
-#: signal to take, and for socket timeouts, in seconds (their granularity).
-_WAIT_SLICE_S = 0.2
 #: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
 _INT32 = struct.Struct("=i")
@@ -186,21 +176,6 @@ class Counters:
     interrupted: int = 0
 
 
-@attrs.define
-class _Waiter:
-    n: Notification
-    sock: _socket.socket
-    then: Callable[[Notification, _socket.socket], None]
-    #: When the call started waiting (monotonic): its socket timeout counts from here.
-    since: float
-    #: The socket's inode: accepts waiting on one listener share it.
-    inode: int = 0
-    #: A connect's answer when its socket timeout runs out: what the
-    #: connect said when it started waiting (EINPROGRESS; EALREADY for a
-    #: socket that was connecting already), as the kernel answers.
-    timed_out: int = errno.EINPROGRESS
-
-
 def _int32(value: int) -> int:
     value &= 0xFFFFFFFF
     return value - (1 << 32) if value & 0x80000000 else value
@@ -238,12 +213,7 @@ class Engine:
         self.counters = Counters()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
-        self._epoll = select.epoll()
-        self._waiters: dict[int, _Waiter] = {}
-        #: Waits nothing can signal, tried again at every check (by our fd).
-        self._retries: dict[int, _Waiter] = {}
         self._appfs: AppFs | None = None  # made by serve(), in the engine thread
-        self._rewait_since: float | None = None
         self._tasks = Tasks(notify.id_valid)
         self._block_identity: Identity | None = None
         self._block_value = b""
@@ -270,6 +240,9 @@ class Engine:
                 pending=self.bindings.kept,
                 sources=self._sources,
             )
+        self._parked = ParkedCalls(
+            notify, self.counters, self._fast, run=self._guarded, reply=self._reply
+        )
         self._handlers: dict[int, Callable[[Notification], None]] = {
             NR_CONNECT: self._on_connect,
             NR_BIND: self._on_bind,
@@ -301,16 +274,17 @@ class Engine:
         turn = self._native_turn if self._fast is not None else self._python_turns()
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         next_check = 0.0
+        parked = self._parked
         try:
             while not self._stopping:
-                slice_s = _WAIT_SLICE_S if self._waiting() else SWEEP_INTERVAL_S
+                slice_s = WAIT_SLICE_S if parked.waiting() else SWEEP_INTERVAL_S
                 if not turn(int(slice_s * 1000)):
                     return
                 now = time.monotonic()
                 # Asked again: the turn may have parked a call (in C, without Python).
-                if now >= next_check and self._waiting():
-                    next_check = now + _WAIT_SLICE_S
-                    self._check_waits()
+                if now >= next_check and parked.waiting():
+                    next_check = now + WAIT_SLICE_S
+                    parked.check_waits()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL_S
                     self.sweep()
@@ -322,19 +296,9 @@ class Engine:
             )
             if self._fast is not None:
                 self._fast.close()
-            for waiter in [*self._waiters.values(), *self._retries.values()]:
-                self._unwait(waiter)
+            self._parked.close()
             self._tasks.close()
-            self._epoll.close()
             self._appfs.close()
-
-    def _waiting(self) -> bool:
-        """Whether a call is held for the app (its timeout and signals checked)."""
-        return (
-            bool(self._waiters)
-            or bool(self._retries)
-            or (self._fast is not None and self._fast.parked > 0)
-        )
 
     def stop(self) -> None:
         self._stopping = True
@@ -345,7 +309,7 @@ class Engine:
 
     def _python_turns(self) -> Callable[[int], bool]:
         """One turn of the Python loop: wait up to a timeout, answer what is ready."""
-        nfd, epfd, wake = self.notify.fileno(), self._epoll.fileno(), self._wake_r
+        nfd, epfd, wake = self.notify.fileno(), self._parked.epoll_fd, self._wake_r
         # The loop sleeps in poll(), not epoll_wait(): with SYNC_WAKE_UP the
         # kernel wakes a poll() sleeper on the app's own CPU, while an epoll
         # sleeper is woken wherever it sleeps.  Parked waits live in an epoll
@@ -359,7 +323,7 @@ class Engine:
             if wake in ready:
                 return False
             if epfd in ready:  # calls that waited go before new ones, as in C
-                self._wake_waiters()
+                self._parked.wake_waiters()
             events = ready.get(nfd, 0)
             if events & select.POLLIN:
                 self._serve_one()
@@ -373,7 +337,7 @@ class Engine:
         """One turn of the native loop (the same, in C); Python only for what it hands back."""
         assert self._fast is not None
         out = self._fast.serve(
-            self, self._wake_r, self._epoll.fileno(), timeout_ms, int(_WAIT_SLICE_S * 1000)
+            self, self._wake_r, self._parked.epoll_fd, timeout_ms, int(WAIT_SLICE_S * 1000)
         )
         if isinstance(out, tuple):
             kind, fd, extra, nid, pid, flags, nr, arch, ip, args = out
@@ -385,7 +349,7 @@ class Engine:
                 # CONNECTING carries the destination, and what connect() said.
                 assert isinstance(extra, tuple) and len(extra) == 2
                 target, started = extra
-                self._wait(
+                self._parked.wait(
                     n,
                     _socket.socket(fileno=fd),
                     select.EPOLLOUT,
@@ -396,7 +360,7 @@ class Engine:
                 self._dispatch(n)
             return True
         if out == _fastpath.WAITERS:
-            self._wake_waiters()
+            self._parked.wake_waiters()
             return True
         return out == _fastpath.TIMEOUT  # not WAKE (stop) nor HUP (no task left)
 
@@ -461,122 +425,6 @@ class Engine:
             os.close(conn)
             raise Errno(errno.ECONNABORTED)
         self._deliver(n, family, conn, peer, flags, binding)
-
-    # -- waiting without blocking the loop ---------------------------------------
-
-    def _wait(
-        self,
-        n: Notification,
-        sock: _socket.socket,
-        events: int,
-        then: Callable[[Notification, _socket.socket], None],
-        *,
-        timed_out: int = errno.EINPROGRESS,
-    ) -> None:
-        """Call ``then(n, sock)`` once *sock* is ready; the app stays parked
-        meanwhile (a connect's answer if its SO_SNDTIMEO runs out first: *timed_out*)."""
-        self.counters.deferred += 1
-        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
-        inode = os.fstat(sock.fileno()).st_ino
-        self._waiters[sock.fileno()] = _Waiter(
-            n=n, sock=sock, then=then, since=since, inode=inode, timed_out=timed_out
-        )
-        self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
-
-    def _retry(
-        self,
-        n: Notification,
-        sock: _socket.socket,
-        then: Callable[[Notification, _socket.socket], None],
-    ) -> None:
-        """Call ``then(n, sock)`` again at the next check of waits (every
-        ``_WAIT_SLICE_S``): a wait no fd can signal.  Checked like the others."""
-        self.counters.deferred += 1
-        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
-        self._retries[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
-
-    def _unwait(self, waiter: _Waiter) -> None:
-        fd = waiter.sock.fileno()
-        self._waiters.pop(fd, None)
-        self._retries.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        waiter.sock.close()
-
-    def _wake_waiters(self) -> None:
-        # Of the accepts blocked on one listener, the kernel hands a
-        # connection to the one that has waited longest.  A listener wakes
-        # our duplicates in an order of its own, and this loop may look
-        # before it has woken them all: every waiter on a ready socket goes,
-        # oldest first.
-        ready = {fd for fd, _ in self._epoll.poll(0) if fd in self._waiters}
-        inodes = {self._waiters[fd].inode for fd in ready}
-        ready.update(fd for fd, w in self._waiters.items() if w.inode in inodes)
-        for fd in sorted(ready, key=lambda fd: self._waiters[fd].since):
-            self._wake_waiter(fd)
-
-    def _wake_waiter(self, fd: int) -> None:
-        waiter = self._waiters.pop(fd, None)
-        if waiter is None:
-            return
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        # The step owns the socket from here: it closes it, or waits again
-        # (still counting from when the call first waited).
-        self._rewait_since = waiter.since
-        try:
-            self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
-        finally:
-            self._rewait_since = None
-
-    def _check_waits(self) -> None:
-        """Forget waits whose app thread was killed (nobody to answer any more);
-        interrupt those whose thread has a signal to take; end those whose
-        socket timeout ran out (SO_RCVTIMEO for accept, SO_SNDTIMEO for
-        connect), as the kernel's blocking calls do.  A connect carries on in
-        the background either way, as the kernel's does."""
-        if self._fast is not None and self._fast.parked:
-            self._fast.drop_abandoned()
-            for tid in self._fast.parked_tids():
-                if signal_waiting(tid) and self._fast.interrupt(tid, ERESTARTSYS):
-                    self.counters.interrupted += 1
-            self._fast.expire()
-        now = time.monotonic()
-        for waiter in list(self._waiters.values()):
-            # A TCP connect that runs out of time is still in progress.
-            self._end_if_due(waiter, now, waiter.timed_out)
-        for waiter in list(self._retries.values()):
-            if not self._end_if_due(waiter, now, errno.EAGAIN):
-                self._retries.pop(waiter.sock.fileno())
-                self._rewait_since = waiter.since
-                try:
-                    self._guarded(waiter.n, waiter.then, waiter.n, waiter.sock)
-                finally:
-                    self._rewait_since = None
-
-    def _end_if_due(self, waiter: _Waiter, now: float, connect_timed_out: int) -> bool:
-        """End *waiter* if its thread is gone, has a signal to take, or ran
-        out of socket timeout (a connect's answer then: *connect_timed_out*;
-        an accept's: EAGAIN).  Whether it ended."""
-        connect = waiter.n.nr == NR_CONNECT
-        timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
-        if not self.notify.id_valid(waiter.n.id):
-            self._unwait(waiter)
-        elif signal_waiting(waiter.n.pid):
-            self._unwait(waiter)
-            # The kernel never restarts a call that has a timeout (signal(7)).
-            self._reply(waiter.n, error=errno.EINTR if timeout else ERESTARTSYS)
-            self.counters.interrupted += 1
-        elif 0 < timeout <= now - waiter.since:
-            self._unwait(waiter)
-            self._reply(waiter.n, error=connect_timed_out if connect else errno.EAGAIN)
-        else:
-            return False
-        return True
 
     # -- answers --------------------------------------------------------------
 
@@ -812,7 +660,7 @@ class Engine:
             err = _connect_nonblocking(fd, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _ready(fd, select.POLLOUT):
-                self._wait(
+                self._parked.wait(
                     n,
                     sock,
                     select.EPOLLOUT,
@@ -824,7 +672,7 @@ class Engine:
         if not app_flags & os.O_NONBLOCK and err == errno.EAGAIN and sock.family == _AF_UNIX:
             # The listener's backlog is full: the kernel's blocking connect
             # waits for room (and looks the path up again), so do we.
-            self._retry(n, sock, lambda n2, s2: self._connect_as_app(n2, s2, target))
+            self._parked.retry(n, sock, lambda n2, s2: self._connect_as_app(n2, s2, target))
             return
         sock.close()
         self._reply(n, error=err)
@@ -1164,7 +1012,7 @@ class Engine:
             conn, peer = _accept_nonblocking(fd, app_flags)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and not app_flags & os.O_NONBLOCK:
-                self._wait(
+                self._parked.wait(
                     n, sock, select.EPOLLIN, lambda n2, s2: self._accept(n2, s2, flags, binding)
                 )
                 return
@@ -1317,9 +1165,6 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
     return Errno(verdict.errno)
 
 
-_TIMEVAL = struct.Struct("@ll")
-
-
 def _route_source(dest: IPAddress) -> IPAddress | None:
     """The address the kernel would send a connection to *dest* from; None
     when it has no route (the connect will say why)."""
@@ -1339,16 +1184,6 @@ def _as_socket(fd: int) -> _socket.socket:
         return _socket.socket(fileno=fd)
     except OSError as exc:
         raise Errno(exc.errno or errno.ENOTSOCK) from None
-
-
-def _timeout(sock: _socket.socket, option: int) -> float:
-    """*sock*'s SO_RCVTIMEO or SO_SNDTIMEO in seconds; 0 for none."""
-    try:
-        seconds, micros = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _TIMEVAL.size))
-    except OSError:
-        return 0.0
-    limit: float = seconds + micros / 1e6
-    return limit
 
 
 def _set_nonblocking(fd: int, on: bool) -> None:
