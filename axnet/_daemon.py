@@ -283,7 +283,7 @@ class Daemon:
         )
         if op == "claim":
             # A real port may be asked for only from the app's own client
-            # blocks (see Engine._bind_in_block); otherwise the pool gives one.
+            # blocks (see Binder._bind_in_block); otherwise the pool gives one.
             wanted = request.get("real_port")
             blocks = self.node.apps[app_id].blocks if app_id in self.node.apps else []
             real_port = None

@@ -37,7 +37,7 @@ kept and handed to the next ``accept`` on that listener: it is never lost.
 The table and identity are read here and replaced (whole objects) by the
 supervisor's trio thread; a lookup is a single dictionary read.  What the app
 has bound, and the connections kept for its listeners, are kept by
-``_bindings``.
+``_bindings``; the virtual and inert binds are made by ``_binder``.
 
 The hot path — a redirected ``connect``, an ``accept`` on a virtual listener,
 ``getsockname``/``getpeername`` — also exists in C (``_fastpath.c``), which
@@ -57,7 +57,6 @@ import fcntl
 import functools
 import logging
 import os
-import random
 import select
 import signal
 import socket
@@ -87,9 +86,10 @@ from .._verdict import (
     decide_bind,
     decide_connect,
 )
-from . import _bindings, _raw
+from . import _raw
 from ._appfs import AppFs, is_path_address
-from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
+from ._binder import WILDCARD4, WILDCARD6, Binder, local_endpoint, pack
+from ._bindings import Binding, Bindings
 from ._bpf import (
     NR_ACCEPT,
     NR_ACCEPT4,
@@ -136,10 +136,6 @@ _AF_UNIX = int(socket.AF_UNIX)
 _AF_INET6 = int(socket.AF_INET6)
 _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
-#: Between the ports of a client block tried for an any-port bind: odd, so
-#: that the tries visit different ports of any block.
-_BLOCK_STRIDE = 97
-_WILDCARD4, _WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
 
 
 #: The context of a call that needs none (reusable).
@@ -187,13 +183,6 @@ def _ready(fd: int, events: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _pack(family: int, ip: IPAddress, port: int) -> bytes:
-    try:
-        return pack_inet(family, ip, port)
-    except ValueError:
-        raise Errno(errno.ENETUNREACH) from None
-
-
 class Engine:
     """Answers the notifications of one app (all its processes and threads)."""
 
@@ -210,6 +199,7 @@ class Engine:
         self.table = table
         self.node = node
         self.bindings = Bindings(self._release_claim)
+        self._binder = Binder(self.bindings, node)
         self.counters = Counters()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
@@ -542,12 +532,12 @@ class Engine:
                 match verdict:
                     case Redirect():
                         self.counters.redirected += 1
-                        target = _pack(sock.family, verdict.real.host, verdict.real.port)
+                        target = pack(sock.family, verdict.real.host, verdict.real.port)
                         if ip.version == 6 and verdict.real.host.version == 4:
                             # An IPv6-only socket cannot reach the v4-mapped
                             # real address of an IPv6 virtual one
                             # (ENETUNREACH); unbound, it may still be told to
-                            # (as in _bind_virtual).  One that asked for a
+                            # (as in Binder.bind_virtual).  One that asked for a
                             # v4-mapped address gets the kernel's answer.
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -738,10 +728,10 @@ class Engine:
         verdict = decide_bind(self.table, self.identity, ip, port, ipv6_socket=ipv6, v6only=v6only)
         match verdict:
             case BindVirtual():
-                return self._bind_virtual(sock, verdict.port, n.pid)
+                return self._binder.bind_virtual(sock, verdict.port, n.pid, self.identity)
             case BindInert():
                 log.info("bind inert pid=%s addr=%s:%s reason=%s", n.pid, ip, port, verdict.reason)
-                return self._bind_inert(sock, verdict.port, n.pid)
+                return self._binder.bind_inert(sock, verdict.port, n.pid)
             case Deny():
                 raise _refused(n, "bind", ip, port, verdict)
             case Passthrough():
@@ -764,156 +754,13 @@ class Engine:
                 raise gone_or_errno(exc) from None
             yield
 
-    def _bind_virtual(self, sock: _socket.socket, port: int, pid: int) -> Binding:
-        """Claim ``vip:port`` and bind the socket to a real port; raises Errno."""
-        if self._local(sock)[1] != 0:
-            raise Errno(errno.EINVAL)  # already bound, as the kernel says
-        me = self.identity
-        virtual = VirtualAddress(ip=me.vip, port=port)
-        reuseport = _bindings.reuseport(sock)
-        if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:
-            # An IPv6 virtual address on a node with an IPv4 address: the real
-            # socket is bound v4-mapped, which an IPv6-only socket refuses
-            # (EINVAL).  Only axnet's redirects reach that port, so it may
-            # take IPv4 too; getsockopt(IPV6_V6ONLY) then reads 0.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if port:
-            group = self.bindings.live(virtual)
-            if group is not None:
-                # Ours: a second socket on it only as the kernel allows one.
-                return self._join(group, sock, reuseport, me.real_host, pid)
-        elif me.block is not None:
-            in_block = self._bind_in_block(sock, me, me.block, reuseport, pid)
-            if in_block is not None:
-                return in_block
-        avoid: list[int] = []
-        for _ in range(8):
-            try:
-                real_port, vport = self.node.claim(virtual, avoid)
-            except ClaimError as exc:
-                log.info("bind refused addr=%s reason=%s", virtual, exc)
-                raise Errno(exc.errno) from None
-            claimed = VirtualAddress(ip=me.vip, port=vport)
-            err = _raw.bind(sock.fileno(), _pack(sock.family, me.real_host, real_port))
-            if err == 0:
-                if real_port == 0:
-                    real_port = self._local(sock)[1]
-                    if vport == 0:
-                        claimed = VirtualAddress(ip=me.vip, port=real_port)
-                return self._bound(sock, claimed, real_port, reuseport, pid)
-            self.node.release(claimed)
-            if err != errno.EADDRINUSE:
-                raise Errno(err)
-            avoid.append(real_port)  # taken by a process outside axnet
-        raise Errno(errno.EADDRINUSE)
-
-    def _bind_in_block(
-        self,
-        sock: _socket.socket,
-        me: Identity,
-        block: tuple[int, int],
-        reuseport: bool,
-        pid: int,
-    ) -> Binding | None:
-        """Bind an any-port bind to a port of the app's client block, the same
-        port real and virtual.  Servers name a client by its block, so one
-        that binds its own address before it connects (``curl --interface``,
-        a ``source_address``) is seen from its virtual IP, as any connect of
-        it is.  None when no port of the block could be had: then the pool."""
-        lo, hi = block
-        size = hi - lo + 1
-        start = random.randrange(size)
-        for attempt in range(8):
-            port = lo + (start + attempt * _BLOCK_STRIDE) % size
-            virtual = VirtualAddress(ip=me.vip, port=port)
-            try:
-                real_port, vport = self.node.claim(virtual, (), real_port=port)
-            except ClaimError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue  # ours, or another app's on the same virtual IP
-                raise Errno(exc.errno) from None
-            if real_port not in (0, port) or vport != port:
-                self.node.release(VirtualAddress(ip=me.vip, port=vport))
-                return None  # a node that does not grant real ports
-            err = _raw.bind(sock.fileno(), _pack(sock.family, me.real_host, port))
-            if err == 0:
-                return self._bound(sock, virtual, port, reuseport, pid)
-            self.node.release(virtual)
-            if err != errno.EADDRINUSE:
-                raise Errno(err)
-        return None
-
-    def _bound(
-        self,
-        sock: _socket.socket,
-        virtual: VirtualAddress,
-        real_port: int,
-        reuseport: bool,
-        pid: int,
-    ) -> Binding:
-        """Record *sock*, bound for real to *real_port*, as the app's binding of
-        *virtual* (an inert one when that is a wildcard)."""
-        binding = Binding(
-            virtual=virtual,
-            real_port=real_port,
-            sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
-            reuseport=reuseport,
-        )
-        self.bindings.add(binding)
-        log.debug("bind virtual=%s real_port=%s", virtual, real_port)
-        return binding
-
-    def _bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
-        """Bind a wildcard of the family the app has no address in: to
-        loopback, at a port the kernel picks, shown as the wildcard and *port*
-        (the kernel's port when *port* is 0).  Raises Errno."""
-        if self._local(sock)[1] != 0:
-            raise Errno(errno.EINVAL)
-        v6 = sock.family == _AF_INET6
-        virtual = VirtualAddress(ip=_WILDCARD6 if v6 else _WILDCARD4, port=port)
-        loopback = LOOPBACK6 if v6 else LOOPBACK4
-        reuseport = _bindings.reuseport(sock)
-        if port:
-            group = self.bindings.live(virtual)
-            if group is not None:
-                return self._join(group, sock, reuseport, loopback, pid)
-        err = _raw.bind(sock.fileno(), _pack(sock.family, loopback, 0))
-        if err:  # EADDRNOTAVAIL with IPv6 switched off: then there is no such address
-            raise Errno(err)
-        real_port = self._local(sock)[1]
-        shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
-        return self._bound(sock, shown, real_port, reuseport, pid)
-
-    def _join(
-        self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
-    ) -> Binding:
-        """Bind *sock* beside the live sockets of *group*: with SO_REUSEPORT
-        on all of them the kernel allows it (it checks the rest: same user);
-        otherwise the address is in use."""
-        if not (reuseport and group.reuseport):
-            log.info("bind refused addr=%s reason=in use by this app", group.virtual)
-            raise Errno(errno.EADDRINUSE)
-        err = _raw.bind(sock.fileno(), _pack(sock.family, host, group.real_port))
-        if err:
-            raise Errno(err)
-        self.bindings.join(group, os.fstat(sock.fileno()).st_ino, pid)
-        log.debug("bind joined virtual=%s sockets=%d", group.virtual, len(group.sockets))
-        return group
-
-    @staticmethod
-    def _local(sock: _socket.socket) -> tuple[IPAddress, int]:
-        endpoint = inet_endpoint(_raw.getsockname(sock.fileno()))
-        assert endpoint is not None  # only called on inet sockets
-        return endpoint
-
     def _binding_of(self, sock: _socket.socket) -> Binding | None:
         """The virtual binding behind *sock*, if it is one of ours (not inert)."""
         family = sock.family
         if sock.type != _STREAM or family not in _INET:
             return None
         try:
-            ip, port = self._local(sock)
+            ip, port = local_endpoint(sock)
         except OSError:
             return None
         if ip != self.identity.real_host:
@@ -931,11 +778,11 @@ class Engine:
                 binding is None
                 and sock.type == _STREAM
                 and family in _INET
-                and self._local(sock)[1] == 0
+                and local_endpoint(sock)[1] == 0
             ):
                 # listen() on an unbound socket binds it to any port of the
                 # wildcard first.
-                wildcard = _WILDCARD6 if family == _AF_INET6 else _WILDCARD4
+                wildcard = WILDCARD6 if family == _AF_INET6 else WILDCARD4
                 binding = self._bind_decided(n, sock, wildcard, 0)
             try:
                 # The kernel takes a negative backlog as "as many as allowed";
@@ -944,7 +791,7 @@ class Engine:
             except OSError as exc:
                 raise Errno(exc.errno or errno.EINVAL) from None
             if binding is None and sock.type == _STREAM and family in _INET:
-                binding = self.bindings.inert_at(*self._local(sock))
+                binding = self.bindings.inert_at(*local_endpoint(sock))
             if binding is not None:
                 inode = os.fstat(sock.fileno()).st_ino
                 for member in binding.sockets:
@@ -1058,7 +905,7 @@ class Engine:
                     raise Errno(errno.EINVAL)
                 ip, port = endpoint
                 vip = self.table.virtual_of_client(ip, port)
-                self._store_sockaddr(n, addr_ptr, len_ptr, _pack(family, vip or ip, port))
+                self._store_sockaddr(n, addr_ptr, len_ptr, pack(family, vip or ip, port))
             _set_nonblocking(conn, bool(flags & socket.SOCK_NONBLOCK))
             try:
                 # Install, then answer: see NotifyFd.addfd on why not both at once.
@@ -1109,11 +956,11 @@ class Engine:
         if virtual is None:
             self._continue(n)
             return
-        self._store_sockaddr(n, n.args[1], n.args[2], _pack(family, virtual[0], virtual[1]))
+        self._store_sockaddr(n, n.args[1], n.args[2], pack(family, virtual[0], virtual[1]))
         self._reply(n)
 
     def _virtual_local(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
-        ip, port = self._local(sock)
+        ip, port = local_endpoint(sock)
         inert = self.bindings.inert_at(ip, port)
         if inert is not None:
             return inert.virtual.ip, inert.virtual.port

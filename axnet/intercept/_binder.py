@@ -1,0 +1,207 @@
+"""The binds the engine makes itself: an app's inet stream socket bound to its
+virtual address, to a port of its client block, or as an inert wildcard.
+
+Theory of operation
+-------------------
+The engine decides a bind (``axnet._verdict.decide_bind``); what it decides
+to make virtual or inert is made here, and recorded in ``_bindings``.  A
+virtual bind claims the address from the node and binds the socket for real
+to the node's address at the port the node grants; an any-port bind takes a
+port of the app's client block first, the same port real and virtual, so
+that servers name the app the same whether it bound before connecting or
+not.  An inert bind is a wildcard of the family the app has no address in,
+bound on loopback and never published.  A second socket on an address the
+app holds already is bound beside the others only as the kernel would allow
+it (SO_REUSEPORT on all of them); otherwise the address is in use.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import errno
+import logging
+import os
+import random
+import socket
+from typing import TYPE_CHECKING
+
+from .._node import ClaimError
+from .._table import IPAddress, VirtualAddress, ip_address
+from .._verdict import Identity
+from . import _bindings, _raw
+from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
+from ._decode import inet_endpoint, pack_inet
+from ._tasks import Errno
+
+if TYPE_CHECKING:
+    from ._engine import NodeLink
+
+log = logging.getLogger("axnet.run")
+
+#: Between the ports of a client block tried for an any-port bind: odd, so
+#: that the tries visit different ports of any block.
+_BLOCK_STRIDE = 97
+WILDCARD4, WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
+_AF_INET6 = int(socket.AF_INET6)
+
+
+class Binder:
+    """Makes the virtual and inert binds of one app, and records them in its *bindings*."""
+
+    def __init__(self, bindings: Bindings, node: NodeLink) -> None:
+        self.bindings = bindings
+        self.node = node
+
+    def bind_virtual(self, sock: _socket.socket, port: int, pid: int, me: Identity) -> Binding:
+        """Claim ``vip:port`` of *me* (the app's identity) and bind the socket
+        to a real port; raises Errno."""
+        if local_endpoint(sock)[1] != 0:
+            raise Errno(errno.EINVAL)  # already bound, as the kernel says
+        virtual = VirtualAddress(ip=me.vip, port=port)
+        reuseport = _bindings.reuseport(sock)
+        if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:
+            # An IPv6 virtual address on a node with an IPv4 address: the real
+            # socket is bound v4-mapped, which an IPv6-only socket refuses
+            # (EINVAL).  Only axnet's redirects reach that port, so it may
+            # take IPv4 too; getsockopt(IPV6_V6ONLY) then reads 0.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if port:
+            group = self.bindings.live(virtual)
+            if group is not None:
+                # Ours: a second socket on it only as the kernel allows one.
+                return self._join(group, sock, reuseport, me.real_host, pid)
+        elif me.block is not None:
+            in_block = self._bind_in_block(sock, me, me.block, reuseport, pid)
+            if in_block is not None:
+                return in_block
+        avoid: list[int] = []
+        for _ in range(8):
+            try:
+                real_port, vport = self.node.claim(virtual, avoid)
+            except ClaimError as exc:
+                log.info("bind refused addr=%s reason=%s", virtual, exc)
+                raise Errno(exc.errno) from None
+            claimed = VirtualAddress(ip=me.vip, port=vport)
+            err = _raw.bind(sock.fileno(), pack(sock.family, me.real_host, real_port))
+            if err == 0:
+                if real_port == 0:
+                    real_port = local_endpoint(sock)[1]
+                    if vport == 0:
+                        claimed = VirtualAddress(ip=me.vip, port=real_port)
+                return self._bound(sock, claimed, real_port, reuseport, pid)
+            self.node.release(claimed)
+            if err != errno.EADDRINUSE:
+                raise Errno(err)
+            avoid.append(real_port)  # taken by a process outside axnet
+        raise Errno(errno.EADDRINUSE)
+
+    def _bind_in_block(
+        self,
+        sock: _socket.socket,
+        me: Identity,
+        block: tuple[int, int],
+        reuseport: bool,
+        pid: int,
+    ) -> Binding | None:
+        """Bind an any-port bind to a port of the app's client block, the same
+        port real and virtual.  Servers name a client by its block, so one
+        that binds its own address before it connects (``curl --interface``,
+        a ``source_address``) is seen from its virtual IP, as any connect of
+        it is.  None when no port of the block could be had: then the pool."""
+        lo, hi = block
+        size = hi - lo + 1
+        start = random.randrange(size)
+        for attempt in range(8):
+            port = lo + (start + attempt * _BLOCK_STRIDE) % size
+            virtual = VirtualAddress(ip=me.vip, port=port)
+            try:
+                real_port, vport = self.node.claim(virtual, (), real_port=port)
+            except ClaimError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # ours, or another app's on the same virtual IP
+                raise Errno(exc.errno) from None
+            if real_port not in (0, port) or vport != port:
+                self.node.release(VirtualAddress(ip=me.vip, port=vport))
+                return None  # a node that does not grant real ports
+            err = _raw.bind(sock.fileno(), pack(sock.family, me.real_host, port))
+            if err == 0:
+                return self._bound(sock, virtual, port, reuseport, pid)
+            self.node.release(virtual)
+            if err != errno.EADDRINUSE:
+                raise Errno(err)
+        return None
+
+    def _bound(
+        self,
+        sock: _socket.socket,
+        virtual: VirtualAddress,
+        real_port: int,
+        reuseport: bool,
+        pid: int,
+    ) -> Binding:
+        """Record *sock*, bound for real to *real_port*, as the app's binding of
+        *virtual* (an inert one when that is a wildcard)."""
+        binding = Binding(
+            virtual=virtual,
+            real_port=real_port,
+            sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
+            reuseport=reuseport,
+        )
+        self.bindings.add(binding)
+        log.debug("bind virtual=%s real_port=%s", virtual, real_port)
+        return binding
+
+    def bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
+        """Bind a wildcard of the family the app has no address in: to
+        loopback, at a port the kernel picks, shown as the wildcard and *port*
+        (the kernel's port when *port* is 0).  Raises Errno."""
+        if local_endpoint(sock)[1] != 0:
+            raise Errno(errno.EINVAL)
+        v6 = sock.family == _AF_INET6
+        virtual = VirtualAddress(ip=WILDCARD6 if v6 else WILDCARD4, port=port)
+        loopback = LOOPBACK6 if v6 else LOOPBACK4
+        reuseport = _bindings.reuseport(sock)
+        if port:
+            group = self.bindings.live(virtual)
+            if group is not None:
+                return self._join(group, sock, reuseport, loopback, pid)
+        err = _raw.bind(sock.fileno(), pack(sock.family, loopback, 0))
+        if err:  # EADDRNOTAVAIL with IPv6 switched off: then there is no such address
+            raise Errno(err)
+        real_port = local_endpoint(sock)[1]
+        shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
+        return self._bound(sock, shown, real_port, reuseport, pid)
+
+    def _join(
+        self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
+    ) -> Binding:
+        """Bind *sock* beside the live sockets of *group*: with SO_REUSEPORT
+        on all of them the kernel allows it (it checks the rest: same user);
+        otherwise the address is in use."""
+        if not (reuseport and group.reuseport):
+            log.info("bind refused addr=%s reason=in use by this app", group.virtual)
+            raise Errno(errno.EADDRINUSE)
+        err = _raw.bind(sock.fileno(), pack(sock.family, host, group.real_port))
+        if err:
+            raise Errno(err)
+        self.bindings.join(group, os.fstat(sock.fileno()).st_ino, pid)
+        log.debug("bind joined virtual=%s sockets=%d", group.virtual, len(group.sockets))
+        return group
+
+
+def pack(family: int, ip: IPAddress, port: int) -> bytes:
+    """*ip*:*port* as a sockaddr of *family*; ENETUNREACH when the family
+    cannot hold the address (an IPv4 socket, an IPv6 address)."""
+    try:
+        return pack_inet(family, ip, port)
+    except ValueError:
+        raise Errno(errno.ENETUNREACH) from None
+
+
+def local_endpoint(sock: _socket.socket) -> tuple[IPAddress, int]:
+    """Where *sock*, an inet socket, is bound (port 0: not yet)."""
+    endpoint = inet_endpoint(_raw.getsockname(sock.fileno()))
+    assert endpoint is not None  # only called on inet sockets
+    return endpoint
