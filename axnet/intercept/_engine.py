@@ -37,7 +37,9 @@ kept and handed to the next ``accept`` on that listener: it is never lost.
 The table and identity are read here and replaced (whole objects) by the
 supervisor's trio thread; a lookup is a single dictionary read.  What the app
 has bound, and the connections kept for its listeners, are kept by
-``_bindings``; the virtual and inert binds are made by ``_binder``.
+``_bindings``; the virtual and inert binds are made by ``_binder``; where
+connections to virtual services leave from (address, client port block) is
+set by ``_source``.
 
 The hot path — a redirected ``connect``, an ``accept`` on a virtual listener,
 ``getsockname``/``getpeername`` — also exists in C (``_fastpath.c``), which
@@ -73,7 +75,6 @@ from .._table import (
     RealAddress,
     ServiceTable,
     VirtualAddress,
-    ip_address,
     packed_ip,
 )
 from .._verdict import (
@@ -106,11 +107,11 @@ from ._decode import (
     MAX_SOCKADDR_LEN,
     SockaddrError,
     inet_endpoint,
-    pack_inet,
     unspec_wildcard_as_inet,
 )
 from ._libc import Notification, NotifyFd, buffer_sizes
 from ._parked import WAIT_SLICE_S, ParkedCalls
+from ._source import ClientSource
 from ._tasks import Errno, Gone, Tasks, gone_or_errno
 
 try:
@@ -120,16 +121,10 @@ except ImportError:  # built without a C compiler: the Python path does everythi
 
 log = logging.getLogger("axnet.run")
 
-#: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
-IP_LOCAL_PORT_RANGE = 51
-#: setsockopt(IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT): bind the address, leave
-#: the port to connect (which can share it among destinations).
-IP_BIND_ADDRESS_NO_PORT = 24
 #: How often bindings are checked for sockets the app closed, in seconds.
 SWEEP_INTERVAL_S = 1.0
 _INT32 = struct.Struct("=i")
 _INT32_MAX = 0x7FFFFFFF
-_UINT32 = struct.Struct("=I")
 _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _AF_INET = int(socket.AF_INET)
 _AF_UNIX = int(socket.AF_UNIX)
@@ -200,22 +195,16 @@ class Engine:
         self.node = node
         self.bindings = Bindings(self._release_claim)
         self._binder = Binder(self.bindings, node)
+        self._source = ClientSource()
         self.counters = Counters()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._appfs: AppFs | None = None  # made by serve(), in the engine thread
         self._tasks = Tasks(notify.id_valid)
-        self._block_identity: Identity | None = None
-        self._block_value = b""
-        self._block_warned: tuple[int, int] | None = None
         #: The identity for which the daemon had no more client ports.
         self._no_more_ports: Identity | None = None
         self._me_identity: Identity | None = None
         self._me = b""
-        #: (node address, destination), packed: whether a connection there
-        #: must be bound to the node's address (see _bind_source).  Shared
-        #: with the fast path; emptied at every sweep, for routes that change.
-        self._sources: dict[bytes, bool] = {}
         self._fast = None
         if _fastpath is not None and os.environ.get("AXNET_FASTPATH", "1") != "0":
             notif_size, resp_size = buffer_sizes()
@@ -228,7 +217,7 @@ class Engine:
                 names=self.bindings.names,
                 inert=self.bindings.inert_names,
                 pending=self.bindings.kept,
-                sources=self._sources,
+                sources=self._source.routes,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply
@@ -541,8 +530,8 @@ class Engine:
                             # v4-mapped address gets the kernel's answer.
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                        self._bind_source(sock, verdict.real.host)
-                        pinned = self._pin_source_ports(sock)
+                        self._source.bind_address(sock, verdict.real.host, self.identity.real_host)
+                        pinned = self._source.pin_ports(sock, self.identity)
                     case Deny():
                         self.counters.refused += 1
                         raise _refused(n, "connect", ip, port, verdict)
@@ -582,46 +571,6 @@ class Engine:
         except SockaddrError as exc:
             raise Errno(exc.errno) from None
 
-    def _bind_source(self, sock: _socket.socket, dest: IPAddress) -> None:
-        """Make a connection to a virtual service leave from the node's
-        address, where servers look the app's client block up, when the
-        kernel would pick another: a second loopback address (127.0.0.2
-        sends from 127.0.0.1), another interface's.  Bound without a port:
-        the connect still picks one in the block.  A socket the app bound
-        already keeps its address (EINVAL)."""
-        me = self.identity.real_host
-        if me.version != dest.version:
-            return
-        key = packed_ip(me) + packed_ip(dest)
-        differs = self._sources.get(key)
-        if differs is None:
-            differs = self._sources[key] = _route_source(dest) != me
-        if not differs:
-            return
-        try:
-            address = pack_inet(sock.family, me, 0)
-        except ValueError:
-            return  # an IPv4 socket on an IPv6 node: the route decides
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        err = _raw.bind(sock.fileno(), address)
-        if err not in (0, errno.EINVAL):
-            raise Errno(err)
-
-    def _pin_source_ports(self, sock: _socket.socket) -> bool:
-        """Keep the source port in the app's block, so servers can name the client."""
-        me = self.identity
-        if me.block is None:
-            return False
-        if self._block_identity is not me:
-            self._block_identity = me
-            self._block_value = _UINT32.pack(me.block[0] | me.block[1] << 16)
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._block_value)
-        except OSError as exc:
-            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
-            return False
-        return True
-
     def _connect_as_app(
         self, n: Notification, sock: _socket.socket, target: bytes, *, pinned: bool = False
     ) -> None:
@@ -636,17 +585,10 @@ class Engine:
         app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL and self._more_ports():
-            self._pin_source_ports(sock)
+            self._source.pin_ports(sock, self.identity)
             err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL:
-            if self._block_warned != self.identity.block:  # once, not at every connect
-                self._block_warned = self.identity.block
-                log.warning(
-                    "client port block %s exhausted; connecting from any port while it "
-                    "is (the server sees the node's address, not the app's)",
-                    self.identity.block,
-                )
-            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
+            self._source.unpin_ports(sock, self.identity)
             err = _connect_nonblocking(fd, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _ready(fd, select.POLLOUT):
@@ -994,7 +936,7 @@ class Engine:
         """Withdraw bindings whose sockets the app has all closed; forget the
         routes' source addresses (routes change)."""
         self.bindings.sweep()
-        self._sources.clear()
+        self._source.forget_routes()
 
     def _release_claim(self, virtual: VirtualAddress) -> None:
         try:
@@ -1010,18 +952,6 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
     """Log a refused call (visible at -v) and return the error the app gets."""
     log.info("%s refused pid=%s addr=%s:%s reason=%s", call, n.pid, ip, port, verdict.reason)
     return Errno(verdict.errno)
-
-
-def _route_source(dest: IPAddress) -> IPAddress | None:
-    """The address the kernel would send a connection to *dest* from; None
-    when it has no route (the connect will say why)."""
-    family = socket.AF_INET if dest.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((str(dest), 9))  # any port: nothing is sent
-            return ip_address(probe.getsockname()[0])
-        except OSError:
-            return None
 
 
 def _as_socket(fd: int) -> _socket.socket:

@@ -1,0 +1,120 @@
+"""Where the app's connections to virtual services leave from.
+
+Theory of operation
+-------------------
+Servers look a client up by its source address and port: the node's
+address, and a port in the app's client block, name the app (and its
+virtual IP).  So a redirected connect is pinned to the block
+(``IP_LOCAL_PORT_RANGE``, Linux 6.3: the kernel still picks the port, among
+those of the block) and, when the kernel would send it from another address
+of the node, bound to the node's address without a port
+(``IP_BIND_ADDRESS_NO_PORT``, which leaves the port to the connect).  Which
+routes need that is learnt once per destination and forgotten at every
+sweep, for routes that change; the fast path (``_fastpath.c``) shares what
+is learnt.  When the block is exhausted and the daemon has no other to
+give (the engine asks), connections leave from any port: the server then
+sees the node's address, not the app's.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import logging
+import socket
+import struct
+
+from .._table import IPAddress, ip_address, packed_ip
+from .._verdict import Identity
+from . import _raw
+from ._decode import pack_inet
+from ._tasks import Errno
+
+log = logging.getLogger("axnet.run")
+
+#: setsockopt(IPPROTO_IP, IP_LOCAL_PORT_RANGE): lo | hi << 16 (Linux 6.3).
+IP_LOCAL_PORT_RANGE = 51
+#: setsockopt(IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT): bind the address, leave
+#: the port to connect (which can share it among destinations).
+IP_BIND_ADDRESS_NO_PORT = 24
+
+_UINT32 = struct.Struct("=I")
+
+
+class ClientSource:
+    """The source address and ports of one app's connections to virtual services."""
+
+    def __init__(self) -> None:
+        #: (node address, destination), packed: whether a connection there
+        #: must be bound to the node's address (see bind_address).  Shared
+        #: with the fast path; emptied at every sweep, for routes that change.
+        self.routes: dict[bytes, bool] = {}
+        self._block_identity: Identity | None = None
+        self._block_value = b""
+        self._block_warned: tuple[int, int] | None = None
+
+    def forget_routes(self) -> None:
+        """Forget which routes leave from another address (routes change)."""
+        self.routes.clear()
+
+    def bind_address(self, sock: _socket.socket, dest: IPAddress, me: IPAddress) -> None:
+        """Make a connection to a virtual service leave from the node's
+        address, where servers look the app's client block up, when the
+        kernel would pick another: a second loopback address (127.0.0.2
+        sends from 127.0.0.1), another interface's.  Bound without a port:
+        the connect still picks one in the block.  A socket the app bound
+        already keeps its address (EINVAL)."""
+        if me.version != dest.version:
+            return
+        key = packed_ip(me) + packed_ip(dest)
+        differs = self.routes.get(key)
+        if differs is None:
+            differs = self.routes[key] = _route_source(dest) != me
+        if not differs:
+            return
+        try:
+            address = pack_inet(sock.family, me, 0)
+        except ValueError:
+            return  # an IPv4 socket on an IPv6 node: the route decides
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        err = _raw.bind(sock.fileno(), address)
+        if err not in (0, errno.EINVAL):
+            raise Errno(err)
+
+    def pin_ports(self, sock: _socket.socket, me: Identity) -> bool:
+        """Keep the source port in the app's block, so servers can name the client."""
+        if me.block is None:
+            return False
+        if self._block_identity is not me:
+            self._block_identity = me
+            self._block_value = _UINT32.pack(me.block[0] | me.block[1] << 16)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._block_value)
+        except OSError as exc:
+            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
+            return False
+        return True
+
+    def unpin_ports(self, sock: _socket.socket, me: Identity) -> None:
+        """Let a connect leave from any port: the app's client block is
+        exhausted (warned of once a block)."""
+        if self._block_warned != me.block:  # once, not at every connect
+            self._block_warned = me.block
+            log.warning(
+                "client port block %s exhausted; connecting from any port while it "
+                "is (the server sees the node's address, not the app's)",
+                me.block,
+            )
+        sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
+
+
+def _route_source(dest: IPAddress) -> IPAddress | None:
+    """The address the kernel would send a connection to *dest* from; None
+    when it has no route (the connect will say why)."""
+    family = socket.AF_INET if dest.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(dest), 9))  # any port: nothing is sent
+            return ip_address(probe.getsockname()[0])
+        except OSError:
+            return None
