@@ -29,7 +29,7 @@ in check) owns the sockets and carries bytes in and out:
   records were withdrawn are remembered, and their live records not taken
   again, until they join.
 * Supervisors must never stall gossip: changes for them go through a queue
-  that a separate task drains into ``Daemon.changed``.
+  (:mod:`axnet._gossip_changes`).
 * Nor may a large table.  The core hands us a peer's push-pull state in the
   middle of a stream; a task decodes it in a thread and merges it
   ``MERGE_CHUNK`` records at a time, so probes are answered meanwhile.  Our
@@ -64,6 +64,7 @@ import swim
 
 from ._daemon import Daemon, Record
 from ._gossip_address import host_port, parse_address
+from ._gossip_changes import ChangeQueue
 from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
 from ._gossip_options import PROFILES, GossipOptions
 from ._gossip_transport import GossipTransport
@@ -106,9 +107,6 @@ MAX_PENDING_STATES = 4
 #: Records merged between two checkpoints: a push-pull of 100 000 records
 #: takes seconds to merge, and probes must be answered meanwhile.
 MERGE_CHUNK = 2000
-#: How long datagrams (acks among them) may wait for the changes their
-#: events made to be handed to the supervisors here (see _drain).
-ACK_HOLD_S = 0.05
 #: Names held gone (see ``GossipCluster._gone``) at most; the oldest fall off,
 #: and the sweep withdraws what one of them might still bring back.
 MAX_GONE_NAMES = 10_000
@@ -158,11 +156,7 @@ class GossipCluster:
         self._core: swim.Swim | None = None
         self._incarnation = 0
         self._wake = trio.Event()
-        self._changes: list[tuple[list[Record], bool]] = []
-        self._changes_ready = trio.Event()
-        #: Changes queued and pushed so far, and an event set at each push.
-        self._changes_queued = self._changes_pushed = 0
-        self._pushed = trio.Event()
+        self._changes = ChangeQueue(daemon)
         #: Each record in our last push-pull state, packed, by id() (see local_state).
         self._packed: dict[int, tuple[Record, bytes]] = {}
         #: Push-pull states to merge (see merge_remote_state), oldest first.
@@ -241,7 +235,7 @@ class GossipCluster:
             self._nursery = nursery
             nursery.start_soon(self._transport.serve)
             nursery.start_soon(self._drive)
-            nursery.start_soon(self._push_changes)
+            nursery.start_soon(self._changes.run)
             nursery.start_soon(self._merge_states)
             nursery.start_soon(self._sweep_orphans_forever)
             if self._options.seeds:
@@ -372,7 +366,7 @@ class GossipCluster:
             # Published while we were away: peers heard none of it.
             records = self._daemon.node.republish()
             if records:
-                self._queue_change(records, local=True)
+                self._changes.put(records, local=True)
         await self._drain()  # the join's events (a name conflict among them) are seen now
         await self.wait_merged()  # and the seeds' tables are ours
         self._wake.set()
@@ -541,13 +535,13 @@ class GossipCluster:
                 first.version,
             )
         if merged.accepted:
-            self._queue_change(merged.accepted, local=False)
+            self._changes.put(merged.accepted, local=False)
             for record in merged.accepted:  # packed now, a chunk at a time, not by local_state
                 self._packed[id(record)] = (record, encode_record(record))
         if merged.reasserted:
             self.driver_stats.republished += len(merged.reasserted)
             log.info("records reasserted above a peer's version count=%d", len(merged.reasserted))
-            self._queue_change(merged.reasserted, local=True)
+            self._changes.put(merged.reasserted, local=True)
 
     def _is_gone(self, node: str) -> bool:
         """Whether *node*'s live records are not to be taken: a member the core
@@ -593,29 +587,6 @@ class GossipCluster:
             await trio.sleep(ORPHAN_SWEEP_S)
             self.sweep_orphans(trio.current_time())
 
-    def _queue_change(self, records: list[Record], *, local: bool) -> None:
-        self._changes.append((records, local))
-        self._changes_queued += 1
-        self._changes_ready.set()
-
-    async def _push_changes(self) -> None:
-        """Hand changes to the daemon (supervisors, and gossip for ours), in order."""
-        while True:
-            await self._changes_ready.wait()
-            self._changes_ready = trio.Event()
-            changes, self._changes = self._changes, []
-            for records, local in changes:
-                await self._daemon.changed(records, local=local)
-            self._changes_pushed += len(changes)
-            self._pushed.set()
-            self._pushed = trio.Event()
-
-    async def _changes_handed_over(self) -> None:
-        """Until every change queued so far has gone to the daemon."""
-        queued = self._changes_queued
-        while self._changes_pushed < queued:
-            await self._pushed.wait()
-
     # -- driver loop ---------------------------------------------------------------------
 
     async def _drive(self) -> None:
@@ -640,13 +611,11 @@ class GossipCluster:
             for event in events:
                 self._on_event(event)
             self._check_refuted()
-            if datagrams and self._changes_pushed < self._changes_queued:
+            if datagrams:
                 # Acks leave once the records they acknowledge are on their
-                # way to the supervisors here (see deliver); ACK_HOLD_S at
-                # most: behind a large merge's backlog, a probe's ack must
-                # not wait until peers think us dead.
-                with trio.move_on_after(ACK_HOLD_S):
-                    await self._changes_handed_over()
+                # way to the supervisors here (see deliver), or ACK_HOLD_S
+                # has passed.
+                await self._changes.wait_handed_over()
             for datagram in datagrams:
                 await self._transport.send(datagram)
             if not (datagrams or requests or events):
@@ -663,7 +632,7 @@ class GossipCluster:
         records = self._daemon.node.republish()
         if records:
             self.driver_stats.republished += len(records)
-            self._queue_change(records, local=True)
+            self._changes.put(records, local=True)
 
     # -- Receiver ------------------------------------------------------------------------
 
@@ -797,7 +766,7 @@ class GossipCluster:
         tombstones = self._daemon.node.forget_node(name, now=time.time())
         if tombstones:
             log.info("records of a gone member withdrawn name=%s count=%d", name, len(tombstones))
-            self._queue_change(tombstones, local=False)
+            self._changes.put(tombstones, local=False)
 
     def _revival_sync(self, member: swim.Member) -> None:
         """Show a member back from the dead the tombstones we wrote for it."""
