@@ -30,10 +30,9 @@ in check) owns the sockets and carries bytes in and out:
   again, until they join.
 * Supervisors must never stall gossip: changes for them go through a queue
   (:mod:`axnet._gossip_changes`).
-* Nor may a large table.  The core hands us a peer's push-pull state in the
-  middle of a stream; a task decodes it in a thread and merges it
-  ``MERGE_CHUNK`` records at a time, so probes are answered meanwhile.  Our
-  own state packs each record once and reuses it while the table holds it.
+* Nor may a large table: a peer's push-pull state waits in a backlog that a
+  task merges in chunks (:mod:`axnet._gossip_backlog`).  Our own state packs
+  each record once and reuses it while the table holds it.
 * Healing.  SWIM alone never talks to a member it declared dead again, so two
   halves of a healed partition would stay apart (memberlist has the same
   property; Serf adds reconnects).  The core reconnects (a push-pull with one
@@ -49,7 +48,6 @@ in check) owns the sockets and carries bytes in and out:
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import time
@@ -64,18 +62,12 @@ import swim
 
 from ._daemon import Daemon, Record
 from ._gossip_address import host_port, parse_address
+from ._gossip_backlog import StateBacklog
 from ._gossip_changes import ChangeQueue
 from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
 from ._gossip_options import PROFILES, GossipOptions
 from ._gossip_transport import GossipTransport
-from ._wire import (
-    Decoded,
-    WireError,
-    pack_packed_array,
-    records_from_state,
-    records_from_wire,
-    unpack,
-)
+from ._wire import Decoded, WireError, pack_packed_array, records_from_wire, unpack
 
 log = logging.getLogger("axnet.gossip")
 
@@ -101,12 +93,6 @@ MIN_TICK_S = 0.001
 ORPHAN_GRACE_S = 60.0
 #: Seconds between two sweeps for such records.
 ORPHAN_SWEEP_S = 15.0
-#: Push-pull states waiting to be merged at most; past it the oldest is
-#: dropped (and counted): the next push-pull with that peer brings it again.
-MAX_PENDING_STATES = 4
-#: Records merged between two checkpoints: a push-pull of 100 000 records
-#: takes seconds to merge, and probes must be answered meanwhile.
-MERGE_CHUNK = 2000
 #: Names held gone (see ``GossipCluster._gone``) at most; the oldest fall off,
 #: and the sweep withdraws what one of them might still bring back.
 MAX_GONE_NAMES = 10_000
@@ -114,7 +100,8 @@ MAX_GONE_NAMES = 10_000
 
 @attrs.define
 class DriverStats:
-    """What the cluster counts (the transport and the core count the rest)."""
+    """What the cluster counts (the transport, the state backlog and the core
+    count the rest)."""
 
     records_malformed: int = 0
     #: live records of members held gone (dead, left, or withdrawn as no member), not merged
@@ -122,8 +109,6 @@ class DriverStats:
     #: nodes whose records were withdrawn because they were no member (see sweep_orphans)
     non_members_withdrawn: int = 0
     records_too_large: int = 0
-    #: push-pull states dropped unmerged, MAX_PENDING_STATES already waiting
-    states_dropped: int = 0
     revival_syncs: int = 0
     republished: int = 0
 
@@ -159,12 +144,7 @@ class GossipCluster:
         self._changes = ChangeQueue(daemon)
         #: Each record in our last push-pull state, packed, by id() (see local_state).
         self._packed: dict[int, tuple[Record, bytes]] = {}
-        #: Push-pull states to merge (see merge_remote_state), oldest first.
-        self._states: collections.deque[bytes] = collections.deque()
-        self._states_ready = trio.Event()
-        #: States received, and states merged or dropped, so far.
-        self._states_in = self._states_out = 0
-        self._state_out = trio.Event()
+        self._backlog = StateBacklog(merge=self._merge_records, count_dropped=self._count_dropped)
         self._nursery: trio.Nursery | None = None
         #: Hosts of every member's gossip address; None: to be rebuilt.
         self._member_hosts: set[str] | None = None
@@ -236,7 +216,7 @@ class GossipCluster:
             nursery.start_soon(self._transport.serve)
             nursery.start_soon(self._drive)
             nursery.start_soon(self._changes.run)
-            nursery.start_soon(self._merge_states)
+            nursery.start_soon(self._backlog.run)
             nursery.start_soon(self._sweep_orphans_forever)
             if self._options.seeds:
                 nursery.start_soon(self._join_at_start, self._options.seeds)
@@ -368,7 +348,7 @@ class GossipCluster:
             if records:
                 self._changes.put(records, local=True)
         await self._drain()  # the join's events (a name conflict among them) are seen now
-        await self.wait_merged()  # and the seeds' tables are ours
+        await self._backlog.wait_merged()  # and the seeds' tables are ours
         self._wake.set()
         log.info("join seeds=%s reached=%d", ",".join(seeds), joined)
         return joined
@@ -429,11 +409,11 @@ class GossipCluster:
             "deliveries": {"sent": s.deliveries_sent, "unacked": s.deliveries_unacked},
             "refutations": s.refutations,
             "records": {
-                "malformed": d.records_malformed,
+                "malformed": d.records_malformed + self._backlog.malformed,
                 "of_gone_members": d.records_of_gone,
                 "non_members_withdrawn": d.non_members_withdrawn,
                 "too_large": d.records_too_large,
-                "states_dropped": d.states_dropped,
+                "states_dropped": self._backlog.dropped,
                 "republished": d.republished,
             },
             "reconnects": s.reconnects,
@@ -457,55 +437,9 @@ class GossipCluster:
         return pack_packed_array([packed for _, packed in self._packed.values()])
 
     def merge_remote_state(self, data: bytes, *, join: bool) -> None:
-        # Called by the core in the middle of a stream.  Decoding and merging
-        # a large table takes seconds, so a task does it (_merge_states) and
-        # the loop goes on answering probes.  Merges commute (the newer
-        # version wins), so their order against broadcasts does not matter.
-        self._states_in += 1
-        if len(self._states) >= MAX_PENDING_STATES:
-            self._states.popleft()
-            self.driver_stats.states_dropped += 1
-            self._state_done()
-        self._states.append(data)
-        self._states_ready.set()
-
-    async def wait_merged(self) -> None:
-        """Return once every push-pull state received so far is merged (or dropped)."""
-        received = self._states_in
-        while self._states_out < received:
-            await self._state_out.wait()
-
-    def _state_done(self) -> None:
-        self._states_out += 1
-        self._state_out.set()
-        self._state_out = trio.Event()
-
-    async def _merge_states(self) -> None:
-        while True:
-            await self._states_ready.wait()
-            self._states_ready = trio.Event()
-            while self._states:
-                try:
-                    await self._merge_state(self._states.popleft())
-                finally:
-                    self._state_done()
-
-    async def _merge_state(self, data: bytes) -> None:
-        try:
-            # In a thread: the loop gets the interpreter back every few ms.
-            decoded = await trio.to_thread.run_sync(
-                records_from_state, data, abandon_on_cancel=True
-            )
-        except WireError as exc:
-            self.driver_stats.records_malformed += 1
-            log.debug("dropped malformed push-pull state reason=%s", exc)
-            return
-        self._count_dropped(decoded)
-        records = decoded.records
-        for start in range(0, len(records), MERGE_CHUNK):
-            if start:
-                await trio.sleep(0)
-            self._merge_records(records[start : start + MERGE_CHUNK])
+        # Called by the core in the middle of a stream: a task merges it later
+        # (see axnet._gossip_backlog).
+        self._backlog.put(data)
 
     def _count_dropped(self, decoded: Decoded) -> None:
         if decoded.dropped:

@@ -20,7 +20,8 @@ import trio
 import swim
 from axnet import _gossip as gossip_module
 from axnet._daemon import Daemon, DaemonConfig, Record
-from axnet._gossip import MAX_PENDING_STATES, MERGE_CHUNK, ORPHAN_GRACE_S, GossipCluster
+from axnet._gossip import ORPHAN_GRACE_S, GossipCluster
+from axnet._gossip_backlog import MAX_PENDING_STATES, MERGE_CHUNK
 from axnet._gossip_codec import encode_state
 from axnet._gossip_options import gossip_options
 from axnet._gossip_transport import (
@@ -74,7 +75,7 @@ async def eventually(what: str, predicate: Callable[[], object], timeout: float 
 async def merge_state(cluster: GossipCluster, records: list[list[object]]) -> None:
     """Hand *records* to the cluster as a peer's push-pull state, and wait for the merge."""
     cluster.merge_remote_state(pack(records), join=False)
-    await cluster.wait_merged()
+    await cluster._backlog.wait_merged()
 
 
 def seed(cluster: GossipCluster) -> str:
@@ -445,7 +446,7 @@ async def test_states_past_the_pending_bound_drop_the_oldest() -> None:
     async with running("a") as cluster:
         for i in range(states):  # no checkpoint in between: none merged yet
             cluster.merge_remote_state(pack([stray_service(i)]), join=False)
-        await cluster.wait_merged()
+        await cluster._backlog.wait_merged()
         table = cluster._daemon.node.table
         served = [
             table.resolve(ipaddress.ip_address(f"10.0.0.{i}"), 80) is not None
