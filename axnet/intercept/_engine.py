@@ -915,6 +915,10 @@ class Engine:
         block = me.block
         if block is not None and block[0] <= port <= block[1]:
             return me.vip, port
+        # A block the app used up before its current one is still its own:
+        # named as servers name connections from it, by the table.
+        if self.table.virtual_of_client(ip, port) == me.vip:
+            return me.vip, port
         return None
 
     def _virtual_remote(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:

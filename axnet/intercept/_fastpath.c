@@ -629,6 +629,10 @@ static int on_getname(Call *c) {
         } else if (name == NULL && lo && lo <= p && p <= hi) {
             memcpy(shown_end, c->me + 16, 16);
             memcpy(shown_end + 16, endpoint + 16, 2);
+        } else if (name == NULL && client_vip(c, endpoint, shown_end) == 0 &&
+                   memcmp(shown_end, c->me + 16, 16) == 0) {
+            /* a block the app used up before its current one: still its own */
+            memcpy(shown_end + 16, endpoint + 16, 2);
         } else if (name == NULL) {
             goto pass;
         } else {

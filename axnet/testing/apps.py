@@ -104,11 +104,13 @@ def name_later(port: str, count: str) -> None:
 
 
 def open_connections(host: str, port: str, count: str) -> None:
-    """Open COUNT connections to HOST:PORT, and keep them until the server closes them."""
+    """Open COUNT connections to HOST:PORT, and keep them until the server
+    closes them; report the address getsockname gives each once all are open."""
     held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(int(count))]
+    socknames = [_addr(conn.getsockname())[0] for conn in held]
     for conn in held:
         conn.recv(1)
-    _out(opened=len(held))
+    _out(opened=len(held), socknames=socknames)
 
 
 def connect_errno(host: str, port: str) -> None:

@@ -349,7 +349,8 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     # (the server then sees the node's address), and the log says so once,
     # not at every connect.  The server names the app from every block, in
     # accept too: each new block is in the server's table before the
-    # client's supervisor gets it.
+    # client's supervisor gets it.  The client names itself as the server
+    # names it: a connection from a block it has used up is still its own.
     node.stop()
     node.daemon_args = ["--client-block", "16"]
     node.start()
@@ -362,6 +363,9 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     assert named["accepted"][:128] == ["10.1.0.9"] * 128
     assert named["peernames"][:128] == ["10.1.0.9"] * 128
     assert "10.1.0.9" not in named["peernames"][128:] + named["accepted"][128:]
+    socknames = json.loads(done.stdout.strip().splitlines()[-1])["socknames"]
+    assert socknames[:128] == ["10.1.0.9"] * 128
+    assert "10.1.0.9" not in socknames[128:]
     assert done.stderr.count("used up; took") == 7, done.stderr
     assert done.stderr.count("exhausted") == 1, done.stderr
 
