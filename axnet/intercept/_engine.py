@@ -111,7 +111,7 @@ from ._decode import (
 )
 from ._libc import Notification, NotifyFd, buffer_sizes
 from ._parked import WAIT_SLICE_S, ParkedCalls
-from ._source import ClientSource
+from ._source import ClientSource, pinned
 from ._tasks import Errno, Gone, Tasks, gone_or_errno
 
 try:
@@ -913,11 +913,12 @@ class Engine:
         if binding is not None:
             return binding.virtual.ip, binding.virtual.port
         block = me.block
-        if block is not None and block[0] <= port <= block[1]:
-            return me.vip, port
-        # A block the app used up before its current one is still its own:
-        # named as servers name connections from it, by the table.
-        if self.table.virtual_of_client(ip, port) == me.vip:
+        own = (block is not None and block[0] <= port <= block[1]) or (
+            # A block the app used up before its current one is still its
+            # own: named as servers name connections from it, by the table.
+            self.table.virtual_of_client(ip, port) == me.vip
+        )
+        if own and pinned(sock):
             return me.vip, port
         return None
 

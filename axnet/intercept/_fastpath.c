@@ -316,6 +316,25 @@ static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip
     return -1;
 }
 
+/* Whether endpoint's port lies in a client block of the app: its current
+ * one, or one it used up before (still its own: the table's, under its vip). */
+static int own_block_port(Call *c, const unsigned char *endpoint) {
+    unsigned lo = be16(c->me + 32), hi = be16(c->me + 34), p = port_of(endpoint);
+    if (lo && lo <= p && p <= hi) return 1;
+    unsigned char vip[16];
+    return client_vip(c, endpoint, vip) == 0 && memcmp(vip, c->me + 16, 16) == 0;
+}
+
+/* Whether fd's source port was kept in a client block (IP_LOCAL_PORT_RANGE,
+ * set by a redirected connect).  A connect to a real address takes its port
+ * from the kernel's whole range, where the blocks lie too: such a port is
+ * the node's, whatever block it falls in. */
+static int pinned(int fd) {
+    uint32_t range = 0;
+    socklen_t len = sizeof range;
+    return getsockopt(fd, IPPROTO_IP, IP_LOCAL_PORT_RANGE, &range, &len) == 0 && range != 0;
+}
+
 /* Whether the kernel would send a connection to dest from an address other
  * than the node's (me): a second loopback address (127.0.0.2 sends from
  * 127.0.0.1), another interface's.  1, 0, or 1 when the route cannot be
@@ -623,15 +642,10 @@ static int on_getname(Call *c) {
         if (memcmp(endpoint, c->me, 16) != 0) goto pass;
         PyObject *name;
         if (dict_int(c->self->names, port_of(endpoint), &name) < 0) goto slow;
-        unsigned lo = be16(c->me + 32), hi = be16(c->me + 34), p = port_of(endpoint);
         if (name != NULL && PyBytes_Check(name) && PyBytes_GET_SIZE(name) == ENDPOINT_LEN) {
             memcpy(shown_end, PyBytes_AS_STRING(name), ENDPOINT_LEN);
-        } else if (name == NULL && lo && lo <= p && p <= hi) {
+        } else if (name == NULL && own_block_port(c, endpoint) && pinned(fd)) {
             memcpy(shown_end, c->me + 16, 16);
-            memcpy(shown_end + 16, endpoint + 16, 2);
-        } else if (name == NULL && client_vip(c, endpoint, shown_end) == 0 &&
-                   memcmp(shown_end, c->me + 16, 16) == 0) {
-            /* a block the app used up before its current one: still its own */
             memcpy(shown_end + 16, endpoint + 16, 2);
         } else if (name == NULL) {
             goto pass;

@@ -108,6 +108,17 @@ class ClientSource:
         sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
 
 
+def pinned(sock: _socket.socket) -> bool:
+    """Whether the socket's source port was kept in a client block
+    (``IP_LOCAL_PORT_RANGE``, set by a redirected connect).  A connect to a
+    real address takes its port from the kernel's whole range, where the
+    blocks lie too: such a port is the node's, whatever block it falls in."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE) != 0
+    except OSError:
+        return False
+
+
 def _route_source(dest: IPAddress) -> IPAddress | None:
     """The address the kernel would send a connection to *dest* from; None
     when it has no route (the connect will say why)."""

@@ -144,6 +144,31 @@ def test_real_addresses_pass_through(node: AxnetNode) -> None:
         stop_process(server)
 
 
+def test_a_connection_to_a_real_address_keeps_its_real_name(node: AxnetNode) -> None:
+    # A connect to a real address is left alone, its name too, even when the
+    # kernel picks its source port inside the app's client block: here
+    # always, the block being the host's whole ephemeral range.
+    node.host.run(
+        ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40015"],
+        user=TestUser.root(),
+        timeout=30,
+        check=True,
+    )
+    node.stop()
+    node.daemon_args = ["--client-block", "16"]
+    node.start()
+    ready = node.logs / "plain.out"
+    server = node.host.popen([*APPS, "greeter", "7033"], stdout=ready)
+    try:
+        wait_until("plain server", lambda: "ready" in ready.read_text())
+        seen = node.run_json([*APPS, "names", "127.0.0.1", "7033"], ip="10.1.0.9")
+        assert seen["sockname"] == seen["server"]["accepted_from"]
+        assert seen["sockname"][0] == "127.0.0.1"
+        assert 40000 <= seen["sockname"][1] <= 40015
+    finally:
+        stop_process(server)
+
+
 def test_same_virtual_port_twice_is_in_use(node: AxnetNode) -> None:
     first = node.app([*APPS, "greeter", "80"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:80")
