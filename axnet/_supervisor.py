@@ -265,7 +265,9 @@ class Supervisor:
             block = reply.get("block")
             if block and self.identity is not None:
                 adopted.append((int(block[0]), int(block[1])))
-                self.identity = attrs.evolve(self.identity, block=adopted[0])
+                self.identity = attrs.evolve(
+                    self.identity, block=adopted[0], blocks=(*self.identity.blocks, adopted[0])
+                )
                 if self.engine is not None:
                     self.engine.identity = self.identity
 
@@ -274,6 +276,22 @@ class Supervisor:
         except ControlError:
             return None
         return adopted[0] if adopted else None
+
+    def use_block(self, block: tuple[int, int]) -> None:
+        """Make *block*, one the app holds, the one its connects use from now on."""
+
+        def adopt() -> None:
+            # In the trio thread, as more_ports adopts, and only to a block
+            # the app still holds: one re-attached meanwhile holds one block.
+            if self.identity is not None and block in self.identity.blocks:
+                self.identity = attrs.evolve(self.identity, block=block)
+                if self.engine is not None:
+                    self.engine.identity = self.identity
+
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(adopt, trio_token=token)
 
     def _locally_in_use(self, virtual: VirtualAddress) -> bool:
         if self.table.resolve(virtual.ip, virtual.port) is not None:

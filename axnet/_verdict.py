@@ -21,11 +21,20 @@ class Identity:
     vip: IPAddress
     #: Real address of this node: where virtual listeners are bound.
     real_host: IPAddress
-    #: Source ports for this app's outgoing virtual connections.
+    #: Source ports for this app's outgoing virtual connections: the client
+    #: port block its connects use now, one of *blocks*.
     block: tuple[int, int] | None
+    #: Every client port block the app holds, in the order it got them (by
+    #: default *block* alone): a connect finding *block* full takes a free
+    #: port of another before the app asks for one more.
+    blocks: tuple[tuple[int, int], ...] = attrs.field()
     #: Addresses handed out without ``--ip`` come from here; a connect into
     #: it that the table does not know is refused rather than routed.
     virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    @blocks.default
+    def _block_alone(self) -> tuple[tuple[int, int], ...]:
+        return (self.block,) if self.block is not None else ()
 
 
 @attrs.frozen

@@ -153,6 +153,10 @@ class NodeLink(Protocol):
         """Another client port block, which the identity now holds; None if none."""
         ...
 
+    def use_block(self, block: tuple[int, int]) -> None:
+        """Make *block*, one of the identity's blocks, the one connects use now."""
+        ...
+
 
 @attrs.define
 class Counters:
@@ -531,7 +535,7 @@ class Engine:
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                         self._source.bind_address(sock, verdict.real.host, self.identity.real_host)
-                        pinned = self._source.pin_ports(sock, self.identity)
+                        pinned = self._source.pin_ports(sock, self.identity.block)
                     case Deny():
                         self.counters.refused += 1
                         raise _refused(n, "connect", ip, port, verdict)
@@ -584,12 +588,8 @@ class Engine:
         fd = sock.fileno()
         app_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         err = _connect_nonblocking(fd, target, app_flags)
-        if pinned and err == errno.EADDRNOTAVAIL and self._more_ports():
-            self._source.pin_ports(sock, self.identity)
-            err = _connect_nonblocking(fd, target, app_flags)
         if pinned and err == errno.EADDRNOTAVAIL:
-            self._source.unpin_ports(sock, self.identity)
-            err = _connect_nonblocking(fd, target, app_flags)
+            err = self._connect_past_block(sock, target, app_flags)
         if not app_flags & os.O_NONBLOCK and err in (errno.EINPROGRESS, errno.EALREADY):
             if not _ready(fd, select.POLLOUT):
                 self._parked.wait(
@@ -609,8 +609,32 @@ class Engine:
         sock.close()
         self._reply(n, error=err)
 
+    def _connect_past_block(self, sock: _socket.socket, target: bytes, app_flags: int) -> int:
+        """The app's current client port block is full (the connect failed,
+        leaving the socket as it was): connect from a free port of another
+        block it holds, which connects use from then on, else of one more
+        from the daemon, else from any port.  0 or the errno."""
+        fd = sock.fileno()
+        me = self.identity
+        for block in me.blocks:
+            if block == me.block:
+                continue
+            self._source.pin_ports(sock, block)
+            err = _connect_nonblocking(fd, target, app_flags)
+            if err != errno.EADDRNOTAVAIL:
+                log.debug("client port block %s full; connecting from %s again", me.block, block)
+                self.node.use_block(block)
+                return err
+        if self._more_ports():
+            self._source.pin_ports(sock, self.identity.block)
+            err = _connect_nonblocking(fd, target, app_flags)
+            if err != errno.EADDRNOTAVAIL:
+                return err
+        self._source.unpin_ports(sock, self.identity)
+        return _connect_nonblocking(fd, target, app_flags)
+
     def _more_ports(self) -> bool:
-        """The app's client port block is used up: whether it got another
+        """Every client port block of the app is full: whether it got another
         from the daemon (which grants a few), now its identity's."""
         me = self.identity
         if me is self._no_more_ports:

@@ -11,9 +11,12 @@ of the node, bound to the node's address without a port
 (``IP_BIND_ADDRESS_NO_PORT``, which leaves the port to the connect).  Which
 routes need that is learnt once per destination and forgotten at every
 sweep, for routes that change; the fast path (``_fastpath.c``) shares what
-is learnt.  When the block is exhausted and the daemon has no other to
-give (the engine asks), connections leave from any port: the server then
-sees the node's address, not the app's.
+is learnt.  When the block is exhausted, a connect takes a free port of
+another block the app holds (its closed connections gave them back), and
+connects use that block from then on; only when every one is exhausted
+does the engine ask the daemon for another, and when it has none to give,
+connections leave from any port: the server then sees the node's address,
+not the app's.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class ClientSource:
         #: must be bound to the node's address (see bind_address).  Shared
         #: with the fast path; emptied at every sweep, for routes that change.
         self.routes: dict[bytes, bool] = {}
-        self._block_identity: Identity | None = None
+        self._block: tuple[int, int] | None = None
         self._block_value = b""
         self._block_warned: tuple[int, int] | None = None
 
@@ -81,13 +84,14 @@ class ClientSource:
         if err not in (0, errno.EINVAL):
             raise Errno(err)
 
-    def pin_ports(self, sock: _socket.socket, me: Identity) -> bool:
-        """Keep the source port in the app's block, so servers can name the client."""
-        if me.block is None:
+    def pin_ports(self, sock: _socket.socket, block: tuple[int, int] | None) -> bool:
+        """Keep the source port in *block*, one of the app's client port
+        blocks, so servers can name the client."""
+        if block is None:
             return False
-        if self._block_identity is not me:
-            self._block_identity = me
-            self._block_value = _UINT32.pack(me.block[0] | me.block[1] << 16)
+        if self._block != block:
+            self._block = block
+            self._block_value = _UINT32.pack(block[0] | block[1] << 16)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._block_value)
         except OSError as exc:
@@ -96,14 +100,14 @@ class ClientSource:
         return True
 
     def unpin_ports(self, sock: _socket.socket, me: Identity) -> None:
-        """Let a connect leave from any port: the app's client block is
-        exhausted (warned of once a block)."""
+        """Let a connect leave from any port: every client block of the app
+        is exhausted (warned of once a current block)."""
         if self._block_warned != me.block:  # once, not at every connect
             self._block_warned = me.block
             log.warning(
-                "client port block %s exhausted; connecting from any port while it "
-                "is (the server sees the node's address, not the app's)",
-                me.block,
+                "client port blocks %s exhausted; connecting from any port while they "
+                "are (the server sees the node's address, not the app's)",
+                ", ".join(f"{lo}-{hi}" for lo, hi in me.blocks),
             )
         sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -111,6 +112,35 @@ def open_connections(host: str, port: str, count: str) -> None:
     for conn in held:
         conn.recv(1)
     _out(opened=len(held), socknames=socknames)
+
+
+def reopen_connections(host: str, port: str, first: str, closed: str, then: str) -> None:
+    """Open FIRST connections to HOST:PORT, a greeter, and keep them; close
+    the CLOSED first of them (reset: no TIME_WAIT keeps their ports); open
+    THEN more.  Report, for each connection in order, its local port, the
+    address getsockname names it by, and the one the server's accept gave."""
+    held: list[socket.socket] = []
+    opened: list[list[object]] = []
+
+    def connect() -> None:
+        conn = socket.create_connection((host, int(port)), timeout=30)
+        greeting = b""
+        while chunk := conn.recv(4096):  # the greeter closes after its answer
+            greeting += chunk
+        name, local_port = conn.getsockname()[:2]
+        opened.append([local_port, name, json.loads(greeting)["accepted_from"][0]])
+        held.append(conn)
+
+    for _ in range(int(first)):
+        connect()
+    for conn in held[: int(closed)]:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    for _ in range(int(then)):
+        connect()
+    _out(opened=opened)
+    for conn in held:
+        conn.close()
 
 
 def connect_errno(host: str, port: str) -> None:
@@ -1042,6 +1072,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "connect-errno": connect_errno,
     "name-later": name_later,
     "open-connections": open_connections,
+    "reopen-connections": reopen_connections,
     "threads": threads,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,

@@ -395,6 +395,34 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     assert done.stderr.count("exhausted") == 1, done.stderr
 
 
+def test_a_client_reuses_freed_ports_of_its_blocks(node: AxnetNode) -> None:
+    # A busy app's connections come and go.  Once the block it connects from
+    # is full, a connect takes a port that its closed connections freed in a
+    # block it already holds; it asks for another block only when every one
+    # it holds is full.  Connections from a block it went back to are named
+    # by its virtual IP, at the server and in getsockname.
+    node.stop()
+    node.daemon_args = ["--client-block", "16"]
+    node.start()
+    node.app([*APPS, "greeter", "7034"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7034")
+    done = node.run(
+        [*APPS, "reopen-connections", "10.1.0.5", "7034", "20", "8", "21"], ip="10.1.0.9"
+    )
+    assert done.returncode == 0, done.stderr
+    opened = json.loads(done.stdout.strip().splitlines()[-1])["opened"]
+    ports = [port for port, _, _ in opened]
+    first_block, second_block = set(ports[:16]), set(ports[16:32])
+    assert len(second_block) == 16 and not first_block & second_block
+    # The second block full, the next 8 take the ports the 8 closed ones freed
+    # in the first; only the one after them takes a third block.
+    assert set(ports[32:40]) == set(ports[:8])
+    assert ports[40] not in first_block | second_block
+    assert done.stderr.count("used up; took") == 2, done.stderr
+    assert [name for _, name, _ in opened] == ["10.1.0.9"] * 41
+    assert [accepted for _, _, accepted in opened] == ["10.1.0.9"] * 41
+
+
 def test_32_threads_by_100_connects(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7006"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7006")
