@@ -85,6 +85,8 @@ class RunOptions:
     labels: Labels
     runtime_dir: Path
     env: Mapping[str, str] | None = None
+    #: ``axnet run --busy-poll``: µs the engine polls after an accept parks.
+    busy_poll_us: int = 0
 
 
 class EngineFailed(Exception):
@@ -672,7 +674,13 @@ def run(options: RunOptions) -> int:
     supervisor = Supervisor(options)
 
     def make_engine(identity: Identity, table: ServiceTable, node: Supervisor) -> Engine:
-        return Engine(launched.notify, identity=identity, table=table, node=node)
+        return Engine(
+            launched.notify,
+            identity=identity,
+            table=table,
+            node=node,
+            busy_poll_us=options.busy_poll_us,
+        )
 
     try:
         return trio.run(supervisor.main, launched.pid, launched.pidfd, make_engine)

@@ -192,7 +192,10 @@ class Engine:
         identity: Identity,
         table: ServiceTable,
         node: NodeLink,
+        busy_poll_us: int = 0,
     ) -> None:
+        """*busy_poll_us*: how long the C loop polls without sleeping after
+        an accept parks (``axnet run --busy-poll``; the Python engine sleeps)."""
         self.notify = notify
         self.identity = identity
         self.table = table
@@ -222,6 +225,7 @@ class Engine:
                 inert=self.bindings.inert_names,
                 pending=self.bindings.kept,
                 sources=self._source.routes,
+                busy_poll_us=busy_poll_us,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply

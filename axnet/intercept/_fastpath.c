@@ -43,6 +43,20 @@
  * listener however many accepts wait on it.  The listener's own wakeup then
  * reaches the loop directly, and parking costs an fstat (an epoll set of
  * them took three calls: add, wait, delete).
+ *
+ * Busy polling
+ * ------------
+ * The connection a parked accept waits for comes from another process,
+ * usually on another CPU, whose wakeup of a sleeping loop costs as much as
+ * the rest of the accept (on a VM, waking an idle vCPU takes ~20 µs).  So
+ * for a while after an accept parks, the loop polls without sleeping,
+ * yielding the CPU between polls to anything else runnable on it, as the
+ * kernel's own busy polling of sockets (net.core.busy_poll) does.  The
+ * window is `axnet run --busy-poll` (0: never) and adapts, as the kernel's
+ * halt polling does: it stays whole while connections come within it of the
+ * latest park, and halves, down to nothing, each time one comes later.  An
+ * idle server therefore spends the window on its first few connections and
+ * then sleeps at once; a busy one spends at most the window per park.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -52,6 +66,7 @@
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -98,11 +113,13 @@ typedef struct {
 
 enum { FIXED_FDS = 3 }; /* the poll set: the notify fd, wake, waiters, then watches */
 
-static long long now_ms(void) {
+static long long now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
+
+static long long now_ms(void) { return now_ns() / 1000000; }
 
 typedef struct {
     PyObject_HEAD
@@ -118,7 +135,10 @@ typedef struct {
     struct pollfd *fds; /* FIXED_FDS, then one parked fd per listener (its oldest) */
     int fds_cap, watches;
     int watches_stale;  /* parked accepts changed since the watches were chosen */
-    unsigned long long notifications, answered, redirected, deferred;
+    /* Busy polling (see above), in ns: the budget, the window it adapts to,
+     * when the latest accept parked, and until when the loop polls. */
+    long long poll_budget, poll_window, parked_at, poll_until;
+    unsigned long long notifications, answered, redirected, deferred, caught_polling;
 } Fast;
 
 /* What a hand-back carries besides the notification. */
@@ -784,14 +804,38 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->family = out->family;
     p->port = out->port;
     p->room = out->room;
-    p->since_ms = now_ms();
+    long long now = now_ns();
+    p->since_ms = now / 1000000;
     p->listener = st.st_ino;
     p->seq = self->parked_seq++;
     self->parked[fd] = p;
     self->parked_count++;
     self->deferred++;
     self->watches_stale = 1;
+    self->parked_at = now;
+    self->poll_until = now + self->poll_window;
     return 0;
+}
+
+/* A parked accept's listener is ready: keep the window whole when the
+ * connection came within the budget of the latest park, else halve it
+ * (below an eighth of the budget it closes). */
+static void adapt_window(Fast *self) {
+    long long now = now_ns();
+    if (now < self->poll_until) self->caught_polling++;
+    if (now - self->parked_at <= self->poll_budget)
+        self->poll_window = self->poll_budget;
+    else if ((self->poll_window /= 2) < self->poll_budget / 8)
+        self->poll_window = 0;
+}
+
+/* poll() without sleeping until the window set at the latest park ends,
+ * yielding the CPU between polls; what poll() said (0: nothing came).
+ * Called without the GIL. */
+static int busy_poll(const Fast *self, struct pollfd *fds, nfds_t nfds) {
+    int ready = 0;
+    while (now_ns() < self->poll_until && (ready = poll(fds, nfds, 0)) == 0) sched_yield();
+    return ready;
 }
 
 /* Stop waiting on fd: forget it and close it. */
@@ -835,6 +879,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
+    adapt_window(self);
     if (!id_valid(self, n.id)) {
         /* Its thread was killed (parked accepts are checked only every
          * slice): the connection stays queued for a live accept. */
@@ -934,9 +979,11 @@ static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs)
         memcpy(fds, fixed, sizeof fixed);
         long long left = deadline - now_ms();
         if (left < 0) left = 0;
-        int ready;
+        nfds_t nfds = (nfds_t)(FIXED_FDS + self->watches);
+        int ready = 0;
         Py_BEGIN_ALLOW_THREADS
-        ready = poll(fds, (nfds_t)(FIXED_FDS + self->watches), (int)left);
+        if (self->parked_count > 0) ready = busy_poll(self, fds, nfds);
+        if (ready == 0) ready = poll(fds, nfds, (int)left);
         Py_END_ALLOW_THREADS
         if (ready < 0) {
             if (errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
@@ -1050,16 +1097,21 @@ static PyObject *Fast_close(Fast *self, PyObject *unused) {
 /* -- the type ---------------------------------------------------------------------------- */
 
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd",    "notif_size", "resp_size", "pidfds",  "mems",
-                             "names", "inert",      "pending",   "sources", NULL};
-    int fd;
+    static char *kwlist[] = {"fd",      "notif_size",   "resp_size", "pidfds",
+                             "mems",    "names",        "inert",     "pending",
+                             "sources", "busy_poll_us", NULL};
+    int fd, busy_poll_us = 0;
     Py_ssize_t notif_size, resp_size;
     PyObject *pidfds, *mems, *names, *inert, *pending, *sources;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!", kwlist, &fd, &notif_size,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!|$i", kwlist, &fd, &notif_size,
                                      &resp_size, &PyDict_Type, &pidfds, &PyDict_Type, &mems,
                                      &PyDict_Type, &names, &PyDict_Type, &inert, &PyDict_Type,
-                                     &pending, &PyDict_Type, &sources))
+                                     &pending, &PyDict_Type, &sources, &busy_poll_us))
         return -1;
+    if (busy_poll_us < 0 || busy_poll_us > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "busy_poll_us must be 0 to 1000000");
+        return -1;
+    }
     if (self->notif_buf != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Fast is initialised once");
         return -1;
@@ -1091,6 +1143,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
     self->sources = Py_NewRef(sources);
+    self->poll_budget = self->poll_window = busy_poll_us * 1000LL;
     return 0;
 }
 
@@ -1123,9 +1176,10 @@ static void Fast_dealloc(Fast *self) {
 
 static PyObject *Fast_counters(Fast *self, void *closure) {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsKsi}", "notifications", self->notifications, "answered",
+    return Py_BuildValue("{sKsKsKsKsKsi}", "notifications", self->notifications, "answered",
                          self->answered, "redirected", self->redirected, "deferred",
-                         self->deferred, "parked", self->parked_count);
+                         self->deferred, "caught_polling", self->caught_polling, "parked",
+                         self->parked_count);
 }
 
 static PyObject *Fast_parked(Fast *self, void *closure) {

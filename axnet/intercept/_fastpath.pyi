@@ -38,6 +38,8 @@ class Fast:
         inert: dict[int, bytes],
         pending: Mapping[int, object],
         sources: dict[bytes, bool],
+        *,
+        busy_poll_us: int = 0,
     ) -> None: ...
     def serve(
         self,

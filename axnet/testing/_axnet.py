@@ -148,16 +148,18 @@ class AxnetNode:
         labels: Sequence[str] = (),
         cwd: Path | str = "/",
         wrap: Sequence[str] = (),
+        flags: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """Start *argv* under ``axnet run`` in the background; output in ``logs``.
 
         *wrap* goes before ``axnet run`` (``taskset -c 0``, say), so that it
-        holds for the supervisor and the app alike.
+        holds for the supervisor and the app alike; *flags* are more of
+        ``axnet run``'s own.
         """
         self._apps += 1
         tag = f"app{self._apps}"
         return self.host.popen(
-            [*wrap, *AXNET, "run", *self.run_flags(ip, name, labels), "--", *argv],
+            [*wrap, *AXNET, "run", *self.run_flags(ip, name, labels), *flags, "--", *argv],
             env=self.env,
             stdout=self.logs / f"{tag}.out",
             stderr=self.logs / f"{tag}.err",

@@ -172,6 +172,17 @@ def threads(host: str, port: str, nthreads: str, per_thread: str) -> None:
     _out(ok=sum(ok), failures=failures[:5])
 
 
+def spaced(host: str, port: str, count: str, pause: str) -> None:
+    """COUNT connections to HOST:PORT, a greeter, one at a time, PAUSE seconds apart."""
+    import time
+
+    for _ in range(int(count)):
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.recv(4096)
+        time.sleep(float(pause))
+    _out(ok=int(count))
+
+
 def asyncio_clients(host: str, port: str, count: str) -> None:
     """COUNT concurrent non-blocking connects with asyncio."""
     import asyncio
@@ -1074,6 +1085,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "open-connections": open_connections,
     "reopen-connections": reopen_connections,
     "threads": threads,
+    "spaced": spaced,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,
     "fork-connect": fork_connect,

@@ -507,6 +507,51 @@ def test_a_pool_of_blocking_accepts_serves_every_connection(node: AxnetNode) -> 
     assert {s["worker"] for s in said[8:]} == {"second0", "second1"}
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of all of *pid*'s threads so far, in ns."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            pass  # a thread that just ended
+    return total
+
+
+@pytest.mark.parametrize("busy_poll", ["10000", "0"])
+def test_busy_polling_catches_quick_connections_and_stops_for_slow_ones(
+    node: AxnetNode, busy_poll: str
+) -> None:
+    # After an accept finds nothing queued, the supervisor polls for the
+    # connection up to --busy-poll µs before it sleeps: quick ones are caught
+    # while it polls.  Once connections come later than that, the window
+    # closes (halving at each), so a server waiting for slow clients burns
+    # no CPU: 16 connections 50 ms apart with a fixed 10 ms window would
+    # cost 160 ms of CPU.  The Python engine never polls.
+    server = node.app([*APPS, "greeter", "7040"], ip="10.1.0.5", flags=["--busy-poll", busy_poll])
+    node.wait_service("10.1.0.5:7040")
+    assert node.run_json([*APPS, "threads", "10.1.0.5", "7040", "1", "40"], ip="10.1.0.9") == {
+        "ok": 40,
+        "failures": [],
+    }
+    node.run_json([*APPS, "spaced", "10.1.0.5", "7040", "8", "0.05"], ip="10.1.0.9")
+    before = _cpu_ns(server.pid)
+    node.run_json([*APPS, "spaced", "10.1.0.5", "7040", "16", "0.05"], ip="10.1.0.9")
+    spent_ms = (_cpu_ns(server.pid) - before) / 1e6
+    assert spent_ms < 60, f"the supervisor spent {spent_ms:.0f} ms of CPU on 16 slow connections"
+    server.terminate()
+    server.wait(timeout=30)
+    log = (node.logs / "app1.err").read_text()
+    counted = re.search(r"engine done .* native=(off|\{[^}]*'caught_polling': (\d+))", log)
+    assert counted is not None, log
+    if node.env.get("AXNET_FASTPATH") == "0":
+        assert counted[1] == "off"
+    elif busy_poll == "0":
+        assert int(counted[2]) == 0
+    else:
+        assert int(counted[2]) > 0, log
+
+
 def _processes(node: AxnetNode, marker: str) -> list[int]:
     """Live (not zombie) app processes of the test host whose command line has
     *marker* (supervisors, ``axnet run …``, are not counted)."""

@@ -63,6 +63,12 @@ def test_refuses_caches_that_are_not_dicts() -> None:
         _make(pidfds=[])
 
 
+@pytest.mark.parametrize("us", [-1, 1_000_001])
+def test_refuses_a_busy_poll_budget_out_of_range(us: int) -> None:
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        _make(busy_poll_us=us)
+
+
 def test_a_fresh_one_has_nothing_parked() -> None:
     fast = _make()
     assert fast.parked == 0

@@ -87,6 +87,20 @@ def test_run_with_control_characters_exits_2(
     assert line == f"axnet run: error: {message}"
 
 
+@pytest.mark.parametrize("value", ["-1", "10001", "1.5", "fast", ""])
+def test_run_with_a_bad_busy_poll_exits_2(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _usage_error(["run", "--busy-poll", value, "--", "true"], capsys)
+    assert line == (
+        "axnet run: error: --busy-poll must be a whole number of microseconds "
+        f"from 0 to 10000, got {value!r}"
+    )
+
+
+@pytest.mark.parametrize(("argv", "us"), [([], 200), (["--busy-poll", "0"], 0)])
+def test_run_busy_polls_200_us_unless_told(argv: list[str], us: int) -> None:
+    assert build_parser().parse_args(["run", *argv, "--", "a"]).busy_poll == us
+
+
 def test_run_with_too_many_labels_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     labels = [arg for i in range(33) for arg in ("--label", f"k{i}=v")]
     assert main(["run", *labels, "--", "true"]) == EXIT_USAGE
@@ -152,7 +166,7 @@ def test_no_command_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]
                 "--verbose",
             ],
         ),
-        ("run", ["--ip", "--name", "--label", "--runtime-dir", "--verbose"]),
+        ("run", ["--ip", "--name", "--label", "--runtime-dir", "--verbose", "--busy-poll"]),
         ("services", ["--json", "--runtime-dir"]),
         ("apps", ["--json", "--runtime-dir"]),
         ("members", ["--json", "--runtime-dir"]),
