@@ -44,9 +44,10 @@ virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
 
 
 #: ``axnet run --busy-poll``: µs the supervisor polls, without sleeping, for
-#: the connection a parked accept waits for (bench/core.py measured 150 to 300
-#: as alike, each about 15 µs a round trip faster than 0; see _fastpath.c).
-BUSY_POLL_US = 200
+#: the connection a parked accept waits for.  bench/core.py: C round trips
+#: about 11 µs faster than with 0, Python ones even (200 made those slower;
+#: see _fastpath.c).
+BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 10_000
 
 

@@ -47,9 +47,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from axnet.testing import AxnetNode, NetnsHost, has_program, stop_process, wait_until
+from axnet.testing import AxnetNode, NetnsHost, cpu_ns, has_program, stop_process, wait_until
 
 from . import unwind_on_sigterm, write_results
 
@@ -118,22 +118,34 @@ LANG_NAMES = {
     "python": "python apps",
     "c": "c apps",
     "python-fd": "python apps, server without getsockname",
+    "c-no-busy-poll": "c apps, --busy-poll 0",
 }
 
 
-def _programs(node: AxnetNode) -> dict[str, tuple[list[str], list[str], tuple[str, ...]]]:
-    """Round-trip (server, client) command prefixes and their placements: C
-    when gcc is here, Python, and Python whose server takes the raw fd (free
-    placement only: it shows what CPython's getsockname per accept costs)."""
+class Program(NamedTuple):
+    """A round-trip pair: command prefixes, where it runs, and the flags of
+    the server's ``axnet run``."""
+
+    server: list[str]
+    client: list[str]
+    placements: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+
+
+def _programs(node: AxnetNode) -> dict[str, Program]:
+    """The round-trip pairs: C when gcc is here, Python, and, placed freely
+    only, Python whose server takes the raw fd (what CPython's getsockname
+    per accept costs) and C without busy polling (what that saves)."""
     server_py = _script(node, "rt_server.py", ROUNDTRIP_SERVER)
     server_fd = _script(node, "rt_server_fd.py", ROUNDTRIP_SERVER_FD)
     client_py = _script(node, "rt_client.py", ROUNDTRIP_CLIENT)
-    programs: dict[str, tuple[list[str], list[str], tuple[str, ...]]] = {
-        "python": (["python3", server_py], ["python3", client_py], PLACEMENTS)
-    }
+    programs = {"python": Program(["python3", server_py], ["python3", client_py], PLACEMENTS)}
     if (binary := _build_c(node, "roundtrip")) is not None:
-        programs["c"] = ([binary, "server"], [binary, "client"], PLACEMENTS)
-    programs["python-fd"] = (["python3", server_fd], ["python3", client_py], ("free",))
+        programs["c"] = Program([binary, "server"], [binary, "client"], PLACEMENTS)
+        programs["c-no-busy-poll"] = Program(
+            [binary, "server"], [binary, "client"], ("free",), ("--busy-poll", "0")
+        )
+    programs["python-fd"] = Program(["python3", server_fd], ["python3", client_py], ("free",))
     return programs
 
 
@@ -179,70 +191,74 @@ def _pins(placement: str) -> tuple[list[str], list[str]] | None:
     return ["taskset", "-c", str(cpus[0])], ["taskset", "-c", str(cpus[1])]
 
 
+class Block(NamedTuple):
+    """One block's round-trip latencies (ns), and the CPU time the server's
+    side had meanwhile beside the app's (its supervisor's: 0 natively)."""
+
+    times: list[int]
+    server_cpu_ns: int = 0
+
+
 def _native_block(
-    node: AxnetNode,
-    server: list[str],
-    client: list[str],
-    port: int,
-    pins: tuple[list[str], list[str]],
-    args: list[str],
-) -> list[int]:
+    node: AxnetNode, program: Program, port: int, pins: tuple[list[str], list[str]], args: list[str]
+) -> Block:
     """One block of native round trips against a server started for it."""
     host = node.host
     server_pin, client_pin = pins
-    native = host.popen([*server_pin, *server, str(port)])
+    native = host.popen([*server_pin, *program.server, str(port)])
     try:
         probe = f"import socket; socket.create_connection(('127.0.0.1', {port}))"
         wait_until(
             "native server",
             lambda: host.run(["python3", "-c", probe], timeout=10).returncode == 0,
         )
-        done = host.run([*client_pin, *client, "127.0.0.1", str(port), *args], timeout=300)
+        done = host.run([*client_pin, *program.client, "127.0.0.1", str(port), *args], timeout=300)
     finally:
         stop_process(native)
-    return _parse_times(done.stdout)
+    return Block(_parse_times(done.stdout))
 
 
 def _axnet_block(
-    node: AxnetNode,
-    server: list[str],
-    client: list[str],
-    port: int,
-    pins: tuple[list[str], list[str]],
-    args: list[str],
-) -> list[int]:
+    node: AxnetNode, program: Program, port: int, pins: tuple[list[str], list[str]], args: list[str]
+) -> Block:
     """One block of round trips between two apps under axnet, the server started for it."""
     server_pin, client_pin = pins
-    server_app = node.app([*server, str(port)], ip="10.2.0.1", wrap=server_pin)
+    server_app = node.app(
+        [*program.server, str(port)], ip="10.2.0.1", wrap=server_pin, flags=program.flags
+    )
     try:
         node.wait_service(f"10.2.0.1:{port}")
+        cpu_before = cpu_ns(server_app.pid)
         done = node.run(
-            [*client, "10.2.0.1", str(port), *args], ip="10.2.0.2", timeout=300, wrap=client_pin
+            [*program.client, "10.2.0.1", str(port), *args],
+            ip="10.2.0.2",
+            timeout=300,
+            wrap=client_pin,
         )
+        server_cpu = cpu_ns(server_app.pid) - cpu_before
     finally:
         stop_process(server_app)
-    return _parse_times(done.stdout)
+    return Block(_parse_times(done.stdout), server_cpu)
 
 
 def _roundtrip_pair(
     node: AxnetNode,
-    server: list[str],
-    client: list[str],
+    program: Program,
     port: int,
     pins: tuple[list[str], list[str]],
     per_block: int,
-) -> tuple[dict[str, list[list[int]]], int]:
-    """Latencies of native and axnet round trips, block by block, alternating,
-    and the next unused port (each block's servers listen on ports of their own)."""
-    blocks: dict[str, list[list[int]]] = {"native": [], "axnet": []}
+) -> tuple[dict[str, list[Block]], int]:
+    """Native and axnet blocks of round trips, alternating, and the next
+    unused port (each block's servers listen on ports of their own)."""
+    blocks: dict[str, list[Block]] = {"native": [], "axnet": []}
     args = [str(per_block), str(ROUNDTRIP_WARMUP)]
     for block in range(ROUNDTRIP_BLOCKS):
         sides = [("native", _native_block), ("axnet", _axnet_block)]
         for name, run_block in sides if block % 2 == 0 else reversed(sides):
-            times = run_block(node, server, client, port, pins, args)
-            if not times:
-                raise RuntimeError(f"round trips gave no times: {server} / {client}")
-            blocks[name].append(times)
+            done = run_block(node, program, port, pins, args)
+            if not done.times:
+                raise RuntimeError(f"round trips gave no times: {program}")
+            blocks[name].append(done)
             port += 1
     return blocks, port
 
@@ -252,18 +268,19 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     per_block = max(1, n // ROUNDTRIP_BLOCKS)
     port = 9100
-    for lang, (server, client, placements) in _programs(node).items():
-        for placement in placements:
+    for lang, program in _programs(node).items():
+        for placement in program.placements:
             if (pins := _pins(placement)) is None:
                 continue
-            blocks, port = _roundtrip_pair(node, server, client, port, pins, per_block)
-            native_t = [t for block in blocks["native"] for t in block]
-            axnet_t = [t for block in blocks["axnet"] for t in block]
+            blocks, port = _roundtrip_pair(node, program, port, pins, per_block)
+            native = [block.times for block in blocks["native"]]
+            axnet = [block.times for block in blocks["axnet"]]
+            native_t = [t for times in native for t in times]
+            axnet_t = [t for times in axnet for t in times]
             # Each block's p50 against that of the native block run beside it.
-            by_block = [
-                pct(a, 0.5) - pct(n, 0.5)
-                for n, a in zip(blocks["native"], blocks["axnet"], strict=True)
-            ]
+            by_block = [pct(a, 0.5) - pct(n, 0.5) for n, a in zip(native, axnet, strict=True)]
+            # Warm-up round trips count too: the supervisor served them.
+            served = per_block + ROUNDTRIP_WARMUP
             results[f"{lang}/{placement}"] = {
                 "lang": lang,
                 "placement": placement,
@@ -279,8 +296,13 @@ def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
                 "added_p50_by_block_us": by_block,
                 # Each block's own p50s: free placement is bimodal (both
                 # sides on one CPU, or split), and these show which it drew.
-                "native_p50_by_block_us": [pct(n, 0.5) for n in blocks["native"]],
-                "axnet_p50_by_block_us": [pct(a, 0.5) for a in blocks["axnet"]],
+                "native_p50_by_block_us": [pct(n, 0.5) for n in native],
+                "axnet_p50_by_block_us": [pct(a, 0.5) for a in axnet],
+                # CPU the server's supervisor spent per round trip (median
+                # of the blocks): what busy polling costs shows here.
+                "server_supervisor_cpu_us": statistics.median(
+                    block.server_cpu_ns / 1000 / served for block in blocks["axnet"]
+                ),
             }
     return results
 
@@ -667,6 +689,25 @@ def summary(results: dict[str, Any]) -> str:
             f"| {name['axnet_us']:.2f} µs | +{name['axnet_us'] - name['native_us']:.1f} µs "
             "| one trapped call, all told |"
         )
+    if rt:
+        lines += [
+            "",
+            "## CPU the server's supervisor spends per round trip (median of the blocks)",
+            "",
+            "| round trips | CPU |",
+            "|---|---|",
+        ]
+        for r in rt.values():
+            where = PLACEMENT_NAMES[r["placement"]]
+            what = f"{LANG_NAMES.get(r['lang'], r['lang'] + ' apps')}, {where}"
+            if (cpu := r.get("server_supervisor_cpu_us")) is not None:
+                lines.append(f"| {what} | {cpu:.1f} µs |")
+        lines += [
+            "",
+            "After an accept finds nothing queued, the supervisor polls up to `--busy-poll` µs",
+            "(default 100) for the next connection before it sleeps: *c apps, --busy-poll 0*",
+            "shows the round trip, and this CPU, without that.",
+        ]
     wake = results.get("wakeups")
     if wake:
         lines += [

@@ -3,6 +3,7 @@
 from ._axnet import APPS as APPS
 from ._axnet import AXNET as AXNET
 from ._axnet import AxnetNode as AxnetNode
+from ._axnet import cpu_ns as cpu_ns
 from ._axnet import gossip_daemon_args as gossip_daemon_args
 from ._axnet import stop_process as stop_process
 from ._axnet import wait_until as wait_until

@@ -225,6 +225,21 @@ def gossip_daemon_args(
     return args
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time all of *pid*'s threads have had so far, in ns (0 once it is gone)."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total
+
+
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10) -> int:
     """SIGTERM, then SIGKILL; returns the exit status."""
     if proc.poll() is None:

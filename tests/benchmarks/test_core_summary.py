@@ -56,3 +56,38 @@ def test_a_machine_that_cannot_pin_shows_only_the_free_rows() -> None:
     text = summary(_results(pinned=None))
     assert "separate CPUs" not in text
     assert _row(text, "redis-benchmark SET+GET rps").endswith("| ×0.900 | ≥ 0.95 ✗ |")
+
+
+def _roundtrips(lang: str, placement: str, added: float, cpu: float) -> dict[str, Any]:
+    return {
+        "lang": lang,
+        "placement": placement,
+        "native_us": {"p50": 75.0, "p99": 150.0},
+        "axnet_us": {"p50": 75.0 + added, "p99": 240.0},
+        "added_us": {"p50": added, "p99": 90.0},
+        "ratio_p50": (75.0 + added) / 75.0,
+        "added_p50_by_block_us": [added - 5, added + 5],
+        "server_supervisor_cpu_us": cpu,
+    }
+
+
+def test_round_trips_are_judged_where_placed_freely_with_the_supervisors_cpu() -> None:
+    text = summary(
+        {
+            "roundtrips": {
+                "c/free": _roundtrips("c", "free", 50.0, 61.5),
+                "c/one_cpu": _roundtrips("c", "one_cpu", 90.0, 40.0),
+                "c-no-busy-poll/free": _roundtrips("c-no-busy-poll", "free", 66.0, 35.25),
+            }
+        }
+    )
+    assert _row(text, "connect+accept+close p50 (c apps, free)") == (
+        "| connect+accept+close p50 (c apps, free) | 75.0 µs | 125.0 µs | +50.0 µs (×1.67) "
+        "| ≤ 60 µs added ✓ (blocks: 2 of 2 within, +45 to +55) |"
+    )
+    assert _row(text, "connect+accept+close p50 (c apps, one CPU)").endswith("| — |")
+    assert "≤ 60 µs added ✗ (blocks: 0 of 2 within" in _row(
+        text, "connect+accept+close p50 (c apps, --busy-poll 0, free)"
+    )
+    assert _row(text, "c apps, free") == "| c apps, free | 61.5 µs |"
+    assert _row(text, "c apps, --busy-poll 0, free") == "| c apps, --busy-poll 0, free | 35.2 µs |"

@@ -26,6 +26,7 @@ from axnet.testing import (
     AxnetNode,
     NetnsHost,
     TestUser,
+    cpu_ns,
     has_program,
     stop_process,
     wait_until,
@@ -507,17 +508,6 @@ def test_a_pool_of_blocking_accepts_serves_every_connection(node: AxnetNode) -> 
     assert {s["worker"] for s in said[8:]} == {"second0", "second1"}
 
 
-def _cpu_ns(pid: int) -> int:
-    """CPU time of all of *pid*'s threads so far, in ns."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            pass  # a thread that just ended
-    return total
-
-
 @pytest.mark.parametrize("busy_poll", ["10000", "0"])
 def test_busy_polling_catches_quick_connections_and_stops_for_slow_ones(
     node: AxnetNode, busy_poll: str
@@ -535,9 +525,9 @@ def test_busy_polling_catches_quick_connections_and_stops_for_slow_ones(
         "failures": [],
     }
     node.run_json([*APPS, "spaced", "10.1.0.5", "7040", "8", "0.05"], ip="10.1.0.9")
-    before = _cpu_ns(server.pid)
+    before = cpu_ns(server.pid)
     node.run_json([*APPS, "spaced", "10.1.0.5", "7040", "16", "0.05"], ip="10.1.0.9")
-    spent_ms = (_cpu_ns(server.pid) - before) / 1e6
+    spent_ms = (cpu_ns(server.pid) - before) / 1e6
     assert spent_ms < 60, f"the supervisor spent {spent_ms:.0f} ms of CPU on 16 slow connections"
     server.terminate()
     server.wait(timeout=30)
