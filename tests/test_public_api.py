@@ -32,6 +32,7 @@ TESTING_EXPORTS = {
     "can_make_netns",
     "can_run_as_nobody",
     "cleanup_stale",
+    "cpu_ns",
     "find_leftovers",
     "gossip_daemon_args",
     "has_program",
