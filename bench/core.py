@@ -610,6 +610,11 @@ def _judged(measures: tuple[str, str], shown: dict[str, str], part: dict[str, An
     ]
 
 
+def _roundtrips_name(r: dict[str, Any]) -> str:
+    """Which programs made a row of round trips, and where: 'c apps, free'."""
+    return f"{LANG_NAMES.get(r['lang'], r['lang'] + ' apps')}, {PLACEMENT_NAMES[r['placement']]}"
+
+
 def summary(results: dict[str, Any]) -> str:
     rt, tp, rd = results.get("roundtrips", {}), results.get("throughput"), results.get("redis")
     lines = [
@@ -635,8 +640,7 @@ def summary(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rt.values():
-        where = PLACEMENT_NAMES[r["placement"]]
-        what = f"{LANG_NAMES.get(r['lang'], r['lang'] + ' apps')}, {where}"
+        what = _roundtrips_name(r)
         added = r["added_us"]["p50"]
         target = "—"
         if r["placement"] == "free":
@@ -698,10 +702,8 @@ def summary(results: dict[str, Any]) -> str:
             "|---|---|",
         ]
         for r in rt.values():
-            where = PLACEMENT_NAMES[r["placement"]]
-            what = f"{LANG_NAMES.get(r['lang'], r['lang'] + ' apps')}, {where}"
             if (cpu := r.get("server_supervisor_cpu_us")) is not None:
-                lines.append(f"| {what} | {cpu:.1f} µs |")
+                lines.append(f"| {_roundtrips_name(r)} | {cpu:.1f} µs |")
         lines += [
             "",
             "After an accept finds nothing queued, the supervisor polls up to `--busy-poll` µs",
