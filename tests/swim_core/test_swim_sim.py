@@ -82,6 +82,27 @@ def test_a_small_clusters_broadcast_rarely_waits_for_anti_entropy() -> None:
     assert missed <= 10
 
 
+def test_a_new_members_news_reaches_a_small_cluster_by_gossip_alone() -> None:
+    """Three members: b joined a, then c joins a. The local profile sends
+    news of c on only twice; spent on telling c itself (an ack to its first
+    probe, a gossip round) they left b without c, in 1 of 100 joins, until
+    the next push-pull 15 s later."""
+    config = attrs.evolve(Config.local(), push_pull_interval=0.0)
+    unmet: list[int] = []
+    for seed in range(2000):
+        rng = random.Random(seed)
+        net = SimNet(rng=rng, config=config, delay=0.0002, jitter=0.0002)
+        for name in "abc":
+            net.add(name)
+        net.run_for(rng.random())
+        net.join("b", ["a"])
+        net.run_for(rng.random() * 0.2)
+        net.join("c", ["a"])
+        if not net.run_until(net.converged, 10.0):
+            unmet.append(seed)
+    assert unmet == []
+
+
 def test_newer_broadcast_supersedes() -> None:
     net = cluster(8, seed=4)
     net["n1"].broadcast(b"svc", b"v1")
