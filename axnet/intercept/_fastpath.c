@@ -61,6 +61,13 @@
  * long does not pay where the CPU is shared: a Python server whose next
  * connection came 100 to 200 µs after its accept parked was slower with a
  * 200 µs budget than with none, and about even with 100.
+ *
+ * The same holds for the app's next call after an answer: a server's
+ * getsockname after its accept (CPython makes one), its next accept after
+ * it closed the connection.  So after each answer the loop also polls for
+ * the next notification, in a window of its own that adapts in the same
+ * way: an app whose next call comes much later (a client between its
+ * connects) closes it after a few.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -139,10 +146,14 @@ typedef struct {
     struct pollfd *fds; /* FIXED_FDS, then one parked fd per listener (its oldest) */
     int fds_cap, watches;
     int watches_stale;  /* parked accepts changed since the watches were chosen */
-    /* Busy polling (see above), in ns: the budget, the window it adapts to,
-     * when the latest accept parked, and until when the loop polls. */
+    /* Busy polling (see above), in ns: the budget; for parked accepts and for
+     * the call after an answer, the window each adapts to, when the wait
+     * began (an accept parked, a call was answered), and until when the
+     * loop polls for it. */
     long long poll_budget, poll_window, parked_at, poll_until;
-    unsigned long long notifications, answered, redirected, deferred, caught_polling;
+    long long follow_window, answered_at, follow_until;
+    unsigned long long notifications, answered, redirected, deferred, caught_polling,
+        caught_following;
 } Fast;
 
 /* What a hand-back carries besides the notification. */
@@ -227,6 +238,8 @@ static int respond(Fast *self, uint64_t id, int64_t val, int error, uint32_t fla
     while (rc < 0 && errno == EINTR);
     if (rc < 0 && errno != ENOENT) return -1;
     self->answered++;
+    self->answered_at = now_ns();
+    self->follow_until = self->answered_at + self->follow_window;
     return 0;
 }
 
@@ -821,29 +834,37 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     return 0;
 }
 
-/* A parked accept's listener is ready.  Caught while polling: the window
- * stays.  Came after the window but within the budget: a longer one would
- * have caught it, so it doubles (from an eighth of the budget).  Came later
- * than the budget: polling cannot pay, so it halves, and below an eighth of
- * the budget it closes. */
-static void adapt_window(Fast *self) {
-    long long now = now_ns(), floor = self->poll_budget / 8;
-    if (now < self->poll_until) {
-        self->caught_polling++;
-    } else if (now - self->parked_at <= self->poll_budget) {
-        self->poll_window = self->poll_window < floor ? floor : self->poll_window * 2;
-        if (self->poll_window > self->poll_budget) self->poll_window = self->poll_budget;
-    } else if ((self->poll_window /= 2) < floor) {
-        self->poll_window = 0;
+/* What the loop waited for (since `since`, polling until `until`) has come.
+ * Caught while polling: the window stays.  Came after the window but within
+ * the budget: a longer one would have caught it, so it doubles (from an
+ * eighth of the budget).  Came later than the budget: polling cannot pay,
+ * so it halves, and below an eighth of the budget it closes. */
+static void adapt(long long *window, long long budget, long long since, long long until,
+                  unsigned long long *caught) {
+    long long now = now_ns(), floor = budget / 8;
+    if (now < until) {
+        (*caught)++;
+    } else if (now - since <= budget) {
+        *window = *window < floor ? floor : *window * 2;
+        if (*window > budget) *window = budget;
+    } else if ((*window /= 2) < floor) {
+        *window = 0;
     }
 }
 
-/* poll() without sleeping until the window set at the latest park ends,
- * yielding the CPU between polls; what poll() said (0: nothing came).
- * Called without the GIL. */
-static int busy_poll(const Fast *self, struct pollfd *fds, nfds_t nfds) {
+/* Until when the loop polls: for the connection of a parked accept, and for
+ * the app's next call after an answer, whichever window ends later. */
+static long long poll_end(const Fast *self) {
+    long long end = self->follow_until;
+    if (self->parked_count > 0 && self->poll_until > end) end = self->poll_until;
+    return end;
+}
+
+/* poll() without sleeping until `end`, yielding the CPU between polls; what
+ * poll() said (0: nothing came).  Called without the GIL. */
+static int busy_poll(long long end, struct pollfd *fds, nfds_t nfds) {
     int ready = 0;
-    while (now_ns() < self->poll_until && (ready = poll(fds, nfds, 0)) == 0) sched_yield();
+    while (now_ns() < end && (ready = poll(fds, nfds, 0)) == 0) sched_yield();
     return ready;
 }
 
@@ -888,7 +909,8 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
     if (fd < 0 || fd >= self->parked_cap || self->parked[fd] == NULL) Py_RETURN_NONE;
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
-    adapt_window(self);
+    adapt(&self->poll_window, self->poll_budget, self->parked_at, self->poll_until,
+          &self->caught_polling);
     if (!id_valid(self, n.id)) {
         /* Its thread was killed (parked accepts are checked only every
          * slice): the connection stays queued for a live accept. */
@@ -925,6 +947,10 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     self->notifications++;
+    if (self->answered_at > 0) /* the call after an answer came: polling for it ends */
+        adapt(&self->follow_window, self->poll_budget, self->answered_at, self->follow_until,
+              &self->caught_following);
+    self->follow_until = 0;
     Call c = {self, n, NULL, NULL, NULL, NULL};
     if (call_load(&c, engine) < 0) {
         call_done(&c);
@@ -991,7 +1017,7 @@ static PyObject *Fast_serve(Fast *self, PyObject *const *args, Py_ssize_t nargs)
         nfds_t nfds = (nfds_t)(FIXED_FDS + self->watches);
         int ready = 0;
         Py_BEGIN_ALLOW_THREADS
-        if (self->parked_count > 0) ready = busy_poll(self, fds, nfds);
+        ready = busy_poll(poll_end(self), fds, nfds);
         if (ready == 0) ready = poll(fds, nfds, (int)left);
         Py_END_ALLOW_THREADS
         if (ready < 0) {
@@ -1152,7 +1178,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
     self->sources = Py_NewRef(sources);
-    self->poll_budget = self->poll_window = busy_poll_us * 1000LL;
+    self->poll_budget = self->poll_window = self->follow_window = busy_poll_us * 1000LL;
     return 0;
 }
 
@@ -1185,9 +1211,10 @@ static void Fast_dealloc(Fast *self) {
 
 static PyObject *Fast_counters(Fast *self, void *closure) {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsKsKsi}", "notifications", self->notifications, "answered",
+    return Py_BuildValue("{sKsKsKsKsKsKsi}", "notifications", self->notifications, "answered",
                          self->answered, "redirected", self->redirected, "deferred",
-                         self->deferred, "caught_polling", self->caught_polling, "parked",
+                         self->deferred, "caught_polling", self->caught_polling,
+                         "caught_following", self->caught_following, "parked",
                          self->parked_count);
 }
 

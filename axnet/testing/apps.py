@@ -176,9 +176,10 @@ def spaced(host: str, port: str, count: str, pause: str) -> None:
     """COUNT connections to HOST:PORT, a greeter, one at a time, PAUSE seconds apart."""
     import time
 
-    for _ in range(int(count)):
+    for i in range(int(count)):
         with socket.create_connection((host, int(port)), timeout=30) as conn:
             conn.recv(4096)
+        print(f"spaced: {i + 1} made", file=sys.stderr, flush=True)
         time.sleep(float(pause))
     _out(ok=int(count))
 

@@ -517,7 +517,8 @@ def test_busy_polling_catches_quick_connections_and_stops_for_slow_ones(
     # while it polls.  Once connections come later than that, the window
     # closes (halving at each), so a server waiting for slow clients burns
     # no CPU: 16 connections 50 ms apart with a fixed 10 ms window would
-    # cost 160 ms of CPU.  The Python engine never polls.
+    # cost 160 ms of CPU.  After each answer it polls for the app's next
+    # call in the same way.  The Python engine never polls.
     server = node.app([*APPS, "greeter", "7040"], ip="10.1.0.5", flags=["--busy-poll", busy_poll])
     node.wait_service("10.1.0.5:7040")
     assert node.run_json([*APPS, "threads", "10.1.0.5", "7040", "1", "40"], ip="10.1.0.9") == {
@@ -529,17 +530,39 @@ def test_busy_polling_catches_quick_connections_and_stops_for_slow_ones(
     node.run_json([*APPS, "spaced", "10.1.0.5", "7040", "16", "0.05"], ip="10.1.0.9")
     spent_ms = (cpu_ns(server.pid) - before) / 1e6
     assert spent_ms < 60, f"the supervisor spent {spent_ms:.0f} ms of CPU on 16 slow connections"
+    # A client whose connects come 50 ms apart: after each answer its
+    # supervisor polls for the next call, which comes later than the budget
+    # every time, so the window closes after a few.  Measured from the 4th
+    # connect to the 20th, past the supervisor's start and before its exit.
+    client = node.app(
+        [*APPS, "spaced", "10.1.0.5", "7040", "24", "0.05"],
+        ip="10.1.0.9",
+        flags=["--busy-poll", busy_poll],
+    )
+    client_err = node.logs / "app2.err"
+    wait_until("4 connections", lambda: "spaced: 4 made" in client_err.read_text())
+    before = cpu_ns(client.pid)
+    wait_until("20 connections", lambda: "spaced: 20 made" in client_err.read_text())
+    spent_ms = (cpu_ns(client.pid) - before) / 1e6
+    assert client.wait(timeout=30) == 0, client_err.read_text()
+    assert spent_ms < 60, f"the client's supervisor spent {spent_ms:.0f} ms of CPU on 16 connects"
     server.terminate()
     server.wait(timeout=30)
     log = (node.logs / "app1.err").read_text()
-    counted = re.search(r"engine done .* native=(off|\{[^}]*'caught_polling': (\d+))", log)
+    counted = re.search(
+        r"engine done .* native=(off|\{[^}]*'caught_polling': (\d+), 'caught_following': (\d+))",
+        log,
+    )
     assert counted is not None, log
     if node.env.get("AXNET_FASTPATH") == "0":
         assert counted[1] == "off"
     elif busy_poll == "0":
-        assert int(counted[2]) == 0
+        assert (int(counted[2]), int(counted[3])) == (0, 0)
     else:
+        # Connections, and the server's next call after each answer (its
+        # getsockname after accept, then its next accept).
         assert int(counted[2]) > 0, log
+        assert int(counted[3]) > 0, log
 
 
 def _processes(node: AxnetNode, marker: str) -> list[int]:
