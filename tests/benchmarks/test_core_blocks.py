@@ -16,8 +16,12 @@ def test_each_block_serves_afresh_and_alternates_its_runs() -> None:
     def side(name: str) -> Callable[[int], contextlib.AbstractContextManager[Callable[[], float]]]:
         @contextlib.contextmanager
         def serve(port: int) -> Iterator[Callable[[], float]]:
+            def run() -> float:
+                log.append(f"run {name}")
+                return float(port)
+
             log.append(f"start {name} {port}")
-            yield lambda: float(log.append(f"run {name}") or port)
+            yield run
             log.append(f"stop {name}")
 
         return serve
