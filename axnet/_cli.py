@@ -44,9 +44,9 @@ virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
 
 
 #: ``axnet run --busy-poll``: µs the supervisor polls, without sleeping, for
-#: the connection a parked accept waits for.  bench/core.py: C round trips
-#: about 11 µs faster than with 0, Python ones even (200 made those slower;
-#: see _fastpath.c).
+#: the connection a parked accept waits for, and for the app's next call
+#: after an answer.  bench/core.py: C round trips about 22 µs faster than
+#: with 0, Python ones even (200 made those slower; see _fastpath.c).
 BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 10_000
 
@@ -251,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=BUSY_POLL_US,
         metavar="USEC",
         help="after the app's accept finds no connection, poll for one this long before "
-        "sleeping: connections that follow quickly are accepted sooner, for at most this "
-        "much CPU per wait; the window shrinks by itself while connections come later "
-        f"(0: never poll; default {BUSY_POLL_US})",
+        "sleeping, and as long for the app's next call after each answer: what follows "
+        "quickly is served sooner, for at most this much CPU per wait; each window shrinks "
+        f"by itself while what it waits for comes later (0: never poll; default {BUSY_POLL_US})",
     )
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
 
