@@ -947,10 +947,12 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     self->notifications++;
-    if (self->answered_at > 0) /* the call after an answer came: polling for it ends */
+    /* The call after an answer came: polling for it ends.  (After a call
+     * Python answered there is no answer of ours to time it from.) */
+    if (self->answered_at > 0)
         adapt(&self->follow_window, self->poll_budget, self->answered_at, self->follow_until,
               &self->caught_following);
-    self->follow_until = 0;
+    self->answered_at = self->follow_until = 0;
     Call c = {self, n, NULL, NULL, NULL, NULL};
     if (call_load(&c, engine) < 0) {
         call_done(&c);
