@@ -33,8 +33,8 @@ the native run next to it, the order alternating.  In (b) every run starts
 its own servers, so each is a new placement draw, as in (a).  In (c) two
 runs side by side differ by 11 % (sd) even against two identical native
 servers, so each block of fresh servers holds many short runs of every
-side: the median of 80 ratios is good to about 1.5 %, and the summary gives
-its 95 % interval.
+side; the summary gives the median of 80 ratios with its 95 % interval
+(about ±3 to ±7 % on the development VM).
 
 Targets (issue 2): (b), (c) ≥ 0.95; (a) ≤ 60 µs added at p50.
 """
