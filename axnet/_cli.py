@@ -45,8 +45,9 @@ virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
 
 #: ``axnet run --busy-poll``: µs the supervisor polls, without sleeping, for
 #: the connection a parked accept waits for, and for the app's next call
-#: after an answer.  bench/core.py: C round trips about 22 µs faster than
-#: with 0, Python ones even (200 made those slower; see _fastpath.c).
+#: after an answer.  bench/core.py: C round trips 16 to 24 µs faster than
+#: with 0 in three runs of four (2 in the fourth), Python ones even (200
+#: made those slower; see _fastpath.c).
 BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 10_000
 
