@@ -64,12 +64,19 @@ async def running(
         nursery.cancel_scope.cancel()
 
 
-async def eventually(what: str, predicate: Callable[[], object], timeout: float = 10) -> None:
+async def eventually(
+    what: str,
+    predicate: Callable[[], object],
+    timeout: float = 10,
+    shown: Callable[[], object] = lambda: None,
+) -> None:
+    """Until *predicate* holds; else fail, with what *shown* gives (the state
+    that fell short, for a failure in CI to explain itself)."""
     with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.02)
         return
-    raise AssertionError(f"{what}: not true after {timeout} s")
+    raise AssertionError(f"{what}: not true after {timeout} s: {shown()!r}")
 
 
 async def merge_state(cluster: GossipCluster, records: list[list[object]]) -> None:
@@ -117,7 +124,11 @@ async def test_join_replicate_leave() -> None:
         assert await b.join([seed(a)]) == 1
         assert await c.join([seed(a)]) == 1
         everyone = {"a": "alive", "b": "alive", "c": "alive"}
-        await eventually("members agree", lambda: all(statuses(x) == everyone for x in (a, b, c)))
+        await eventually(
+            "members agree",
+            lambda: all(statuses(x) == everyone for x in (a, b, c)),
+            shown=lambda: {x.core.name: statuses(x) for x in (a, b, c)},
+        )
         assert a.members()[1]["address"] == "127.0.0.1"
 
         virtual = await publish_service(a, a._daemon, 80)
