@@ -85,7 +85,8 @@ class RunOptions:
     labels: Labels
     runtime_dir: Path
     env: Mapping[str, str] | None = None
-    #: ``axnet run --busy-poll``: µs the engine polls after an accept parks.
+    #: ``axnet run --busy-poll``: µs the engine polls after an accept parks,
+    #: and after each answer for the app's next call.
     busy_poll_us: int = 0
 
 

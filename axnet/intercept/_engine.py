@@ -195,7 +195,8 @@ class Engine:
         busy_poll_us: int = 0,
     ) -> None:
         """*busy_poll_us*: how long the C loop polls without sleeping after
-        an accept parks (``axnet run --busy-poll``; the Python engine sleeps)."""
+        an accept parks, and after each answer for the app's next call
+        (``axnet run --busy-poll``; the Python engine sleeps)."""
         self.notify = notify
         self.identity = identity
         self.table = table

@@ -173,7 +173,8 @@ def threads(host: str, port: str, nthreads: str, per_thread: str) -> None:
 
 
 def spaced(host: str, port: str, count: str, pause: str) -> None:
-    """COUNT connections to HOST:PORT, a greeter, one at a time, PAUSE seconds apart."""
+    """COUNT connections to HOST:PORT, a greeter, one at a time, PAUSE seconds
+    apart; each one made is told on stderr ("spaced: N made")."""
     import time
 
     for i in range(int(count)):
