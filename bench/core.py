@@ -26,10 +26,14 @@ route); everything measured runs as ``nobody``, as a user would run it.
     (the sidecar-proxy baseline) ÷ native.
 (c) redis-benchmark keep-alive request rate through a virtual IP ÷ native;
     beside it, both sides under a seccomp filter that traps nothing
-    (bench/c/seccomp_only.c): the kernel's own price for any filter.
+    (bench/c/seccomp_only.c): the kernel's own price for any filter.  And
+    what that price is per call (bench/c/syscall_price.c): getppid and a
+    write+read on a pipe, none of them trapped, bare, under that filter and
+    under ``axnet run``.
 
 Ratios in (b) and (c) are medians of side-by-side ratios: each run divided by
-the native run next to it, the order alternating.  In (b) every run starts
+the native run next to it, the order alternating, with a 95 % interval for
+that median.  In (b) every run starts
 its own servers, so each is a new placement draw, as in (a).  In (c) two
 runs side by side differ by 11 % (sd) even against two identical native
 servers, so each block of fresh servers holds many short runs of every
@@ -358,6 +362,56 @@ def wakeups(node: AxnetNode) -> dict[str, Any] | None:
     return results
 
 
+#: bench/c/syscall_price.c: calls per round of its own, and runs of each side.
+SYSCALL_PRICE_CALLS = 200_000
+SYSCALL_PRICE_RUNS = 15
+
+
+def syscall_price(node: AxnetNode, runs: int) -> dict[str, Any] | None:
+    """ns per system call that no filter traps (getppid; write+read on a
+    pipe), bare, under a filter that traps nothing and under ``axnet run``:
+    the price every call of an app pays for a filter, which is what a
+    request-rate benchmark like redis's mostly consists of.  One run of a
+    few hundred ms swings by a third on a shared VM, so the sides alternate,
+    *runs* times each; the price is the median of each run less the bare
+    run beside it."""
+    binary = _build_c(node, "syscall_price")
+    wrapper = _build_c(node, "seccomp_only")
+    if binary is None or wrapper is None:
+        return None
+    argv = [binary, str(SYSCALL_PRICE_CALLS)]
+
+    def under_axnet() -> dict[str, float]:
+        done = node.run(argv, ip="10.2.0.9", timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"syscall_price under axnet failed: {done.stderr[-500:]}")
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    sides: dict[str, Callable[[], dict[str, float]]] = {
+        "native": lambda: dict(json.loads(node.host.run(argv, timeout=120, check=True).stdout)),
+        "seccomp_only": lambda: dict(
+            json.loads(node.host.run([wrapper, *argv], timeout=120, check=True).stdout)
+        ),
+        "axnet": under_axnet,
+    }
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for run in range(runs):
+        for name in list(sides)[:: -1 if run % 2 else 1]:
+            samples[name].append(sides[name]())
+    out: dict[str, Any] = {"runs": runs, "calls": SYSCALL_PRICE_CALLS}
+    for name, values in samples.items():
+        out[name] = {key: statistics.median(v[key] for v in values) for key in values[0]}
+        if name == "native":
+            continue
+        out[f"{name}_added"] = {
+            key: statistics.median(
+                v[key] - n[key] for v, n in zip(values, samples["native"], strict=True)
+            )
+            for key in values[0]
+        }
+    return out
+
+
 def _iperf(
     host: NetnsHost,
     node: AxnetNode | None,
@@ -383,16 +437,6 @@ def _iperf(
             error = done.stdout[-500:] + done.stderr[-500:]
             time.sleep(1)
     raise RuntimeError(f"iperf3 to {target}:{port} failed: {error}")
-
-
-def paired_ratio(measured: list[float], baseline: list[float]) -> float:
-    """Median of measured[i] / baseline[i]: each run against the baseline run beside it.
-
-    On a shared machine a run lands in one of a few speed modes (two CPUs or
-    one, a busy neighbour or not); the ratio of two medians flips with the
-    mode each median falls in, the median of side-by-side ratios does not.
-    """
-    return statistics.median(m / b for m, b in zip(measured, baseline, strict=True))
 
 
 #: One side of a throughput or request-rate comparison: given ports of its
@@ -492,21 +536,18 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
         sides["axnet_pinned"] = axnet_side(split)
     samples = fresh_rounds(rounds, sides, first_port=5300)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {
+    out: dict[str, Any] = {
         "seconds": seconds,
         "rounds": rounds,
         "gbit_s": {k: v / 1e9 for k, v in med.items()},
         "samples_gbit_s": {k: [x / 1e9 for x in v] for k, v in samples.items()},
-        "axnet_over_native": paired_ratio(samples["axnet"], samples["native"]),
-        "pinned_axnet_over_native": (
-            paired_ratio(samples["axnet_pinned"], samples["native_pinned"])
-            if "axnet_pinned" in samples
-            else None
-        ),
-        "haproxy_over_native": (
-            paired_ratio(samples["haproxy"], samples["native"]) if "haproxy" in samples else None
-        ),
     }
+    return out | _ratios(
+        samples,
+        axnet=("axnet", "native"),
+        pinned_axnet=("axnet_pinned", "native_pinned"),
+        haproxy=("haproxy", "native"),
+    )
 
 
 def _redis_rps(done: subprocess.CompletedProcess[str], side: str) -> float:
@@ -569,9 +610,24 @@ def median_interval(values: list[float]) -> tuple[float, float]:
     return ordered[low], ordered[high]
 
 
-def _paired(measured: list[float], baseline: list[float]) -> dict[str, Any]:
-    ratios = [m / b for m, b in zip(measured, baseline, strict=True)]
-    return {"ratio": statistics.median(ratios), "interval": median_interval(ratios)}
+def _ratios(samples: dict[str, list[float]], **pairs: tuple[str, str]) -> dict[str, Any]:
+    """For each NAME=(measured, baseline) whose sides ran: the median of each
+    measured run divided by the baseline run beside it, under
+    ``NAME_over_native``, and its 95 % interval, under
+    ``NAME_over_native_interval`` (both None where the sides did not run).
+
+    On a shared machine a run lands in one of a few speed modes (two CPUs or
+    one, a busy neighbour or not); the ratio of two medians flips with the
+    mode each median falls in, the median of side-by-side ratios does not.
+    """
+    out: dict[str, Any] = {}
+    for name, (measured, baseline) in pairs.items():
+        ratios = None
+        if measured in samples:
+            ratios = [m / b for m, b in zip(samples[measured], samples[baseline], strict=True)]
+        out[f"{name}_over_native"] = statistics.median(ratios) if ratios else None
+        out[f"{name}_over_native_interval"] = median_interval(ratios) if ratios else None
+    return out
 
 
 def redis(node: AxnetNode, requests: int, blocks: int, runs: int) -> dict[str, Any]:
@@ -630,30 +686,18 @@ def redis(node: AxnetNode, requests: int, blocks: int, runs: int) -> dict[str, A
         sides["native_pinned"] = native_side(split)
         sides["axnet_pinned"] = axnet_side(split, ("10.2.0.7", "10.2.0.8"))
     samples = block_runs(blocks, runs, sides, first_port=6400)
-    pairs = {
-        "axnet": _paired(samples["axnet"], samples["native"]),
-        "pinned_axnet": (
-            _paired(samples["axnet_pinned"], samples["native_pinned"])
-            if "axnet_pinned" in samples
-            else None
-        ),
-        "seccomp_only": (
-            _paired(samples["seccomp_only"], samples["native"])
-            if "seccomp_only" in samples
-            else None
-        ),
-    }
-    out: dict[str, Any] = {
+    return {
         "requests": requests,
         "blocks": blocks,
         "runs_per_block": runs,
         "rps_set_plus_get": {k: statistics.median(v) for k, v in samples.items()},
         "samples_rps": samples,
-    }
-    for name, pair in pairs.items():
-        out[f"{name}_over_native"] = pair["ratio"] if pair else None
-        out[f"{name}_over_native_interval"] = pair["interval"] if pair else None
-    return out
+    } | _ratios(
+        samples,
+        axnet=("axnet", "native"),
+        pinned_axnet=("axnet_pinned", "native_pinned"),
+        seccomp_only=("seccomp_only", "native"),
+    )
 
 
 #: Issue 2's targets.
@@ -709,7 +753,8 @@ def summary(results: dict[str, Any]) -> str:
         "without a socket object, whose creation calls getsockname (one more trapped call);",
         "that server makes exactly the calls of the round trip, as the C one does.",
         "iperf3: every run starts its own servers too; a ratio is the median of each run",
-        "against the native run beside it, the order alternating between rounds.",
+        "against the native run beside it, the order alternating between rounds, with a",
+        "95 % interval.",
         "redis: two runs side by side differ by 11 % (sd) on this kind of VM, so blocks of",
         "fresh servers each hold many short runs of every side, alternating; a ratio is the",
         "median of each run against the native run beside it, with a 95 % interval.",
@@ -748,7 +793,7 @@ def summary(results: dict[str, Any]) -> str:
         if tp["haproxy_over_native"] is not None:
             lines.append(
                 f"| iperf3 via HAProxy (sidecar) | {gbit['native']} "
-                f"| {gbit['haproxy']} | ×{tp['haproxy_over_native']:.3f} | baseline |"
+                f"| {gbit['haproxy']} | {_ratio(tp, 'haproxy_over_native')} | baseline |"
             )
     if rd is not None:
         rps = {k: f"{v:.0f}" for k, v in rd["rps_set_plus_get"].items()}
@@ -767,6 +812,16 @@ def summary(results: dict[str, Any]) -> str:
             f"| {rd['rps_set_plus_get']['seccomp_only']:.0f} "
             f"| {_ratio(rd, 'seccomp_only_over_native')} | the kernel's price for seccomp |"
         )
+    if (price := results.get("syscall_price")) is not None:
+        for key, label in (
+            ("getppid_ns", "getppid"),
+            ("pipe_write_read_ns", "write+read on a pipe"),
+        ):
+            lines.append(
+                f"| {label}, untrapped | {price['native'][key]:.0f} ns | {price['axnet'][key]:.0f} ns "
+                f"| {price['axnet_added'][key]:+.0f} ns "
+                f"| a filter that traps nothing: {price['seccomp_only_added'][key]:+.0f} ns |"
+            )
     if (name := results.get("getsockname")) is not None:
         lines.append(
             f"| getsockname p50, timed in a Python app | {name['native_us']:.2f} µs "
@@ -837,9 +892,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     # Each iperf3 or redis run is a placement draw too: single iperf3 runs
     # differ by up to 40 % between draws, so paired ratios need rounds.
-    n, seconds, rounds = (500, 1, 2) if args.quick else (4000, 3, 8)
+    n, seconds, rounds = (500, 1, 2) if args.quick else (4000, 3, 12)
     # redis: requests per run, blocks of fresh servers, runs per side per block.
     redis_shape = (20000, 2, 2) if args.quick else (20000, 8, 10)
+    price_runs = 2 if args.quick else SYSCALL_PRICE_RUNS
     with NetnsHost.create("bench") as host:
         node = AxnetNode(host).start()
         try:
@@ -853,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["throughput"] = throughput(node, seconds, rounds)
             if "redis" in parts:
                 results["redis"] = redis(node, *redis_shape)
+                if (price := syscall_price(node, price_runs)) is not None:
+                    results["syscall_price"] = price
         finally:
             node.close()
     write_results(args.out, "core", results, summary(results))

@@ -7,7 +7,7 @@ import random
 import statistics
 from collections.abc import Callable, Iterator
 
-from bench.core import block_runs, median_interval
+from bench.core import _ratios, block_runs, median_interval
 
 
 def test_each_block_serves_afresh_and_alternates_its_runs() -> None:
@@ -66,3 +66,17 @@ def test_the_median_interval_of_a_few_values_is_all_of_them() -> None:
     values = [3.0, 1.0, 2.0]
     assert median_interval(values) == (1.0, 3.0)
     assert statistics.median(values) == 2.0
+
+
+def test_each_run_is_divided_by_the_baseline_run_beside_it() -> None:
+    # Each axnet run is 0.96 of the native run beside it, while native runs
+    # swing by a factor of two: a ratio of two medians would say 1.0 or 0.5.
+    native = [100.0, 200.0, 100.0, 200.0, 200.0]
+    samples = {"native": native, "axnet": [0.96 * n for n in native]}
+    out = _ratios(
+        samples, axnet=("axnet", "native"), pinned_axnet=("axnet_pinned", "native_pinned")
+    )
+    assert out["axnet_over_native"] == 0.96
+    assert out["axnet_over_native_interval"] == (0.96, 0.96)
+    assert out["pinned_axnet_over_native"] is None
+    assert out["pinned_axnet_over_native_interval"] is None

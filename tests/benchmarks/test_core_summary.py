@@ -98,3 +98,19 @@ def test_round_trips_are_judged_where_placed_freely_with_the_supervisors_cpu() -
     )
     assert _row(text, "c apps, free") == "| c apps, free | 61.5 µs |"
     assert _row(text, "c apps, --busy-poll 0, free") == "| c apps, --busy-poll 0, free | 35.2 µs |"
+
+
+def test_untrapped_calls_show_what_a_filter_adds_to_each() -> None:
+    price = {
+        "native": {"getppid_ns": 207.0, "pipe_write_read_ns": 820.0},
+        "axnet": {"getppid_ns": 352.0, "pipe_write_read_ns": 1250.0},
+        "axnet_added": {"getppid_ns": 140.0, "pipe_write_read_ns": 425.0},
+        "seccomp_only_added": {"getppid_ns": 143.0, "pipe_write_read_ns": 420.0},
+    }
+    text = summary({"syscall_price": price})
+    assert _row(text, "getppid, untrapped") == (
+        "| getppid, untrapped | 207 ns | 352 ns | +140 ns | a filter that traps nothing: +143 ns |"
+    )
+    assert _row(text, "write+read on a pipe, untrapped").endswith(
+        "| +425 ns | a filter that traps nothing: +420 ns |"
+    )
