@@ -10,7 +10,8 @@ The engine's loop watches that epoll set as one more fd and calls
 :meth:`ParkedCalls.wake_waiters` when it is readable.
 
 Waits are re-checked every ``WAIT_SLICE_S``: a wait whose thread was killed is
-dropped, and one whose thread has a signal to take is answered
+dropped, and one whose thread has a signal to take (``_tasks.SignalTargets``:
+one sent to the whole process goes to one thread) is answered
 ``ERESTARTSYS``, so the kernel runs the handler and restarts the call or fails
 it with EINTR, as it would for a blocking call of its own (a parked thread
 waits killably, see ``_libc``); one whose socket timeout ran out gets the
@@ -38,7 +39,7 @@ import attrs
 
 from ._bpf import NR_CONNECT
 from ._libc import ERESTARTSYS, Notification, NotifyFd
-from ._tasks import signal_waiting
+from ._tasks import SignalTargets
 
 if TYPE_CHECKING:
     from ._fastpath import Fast
@@ -100,6 +101,7 @@ class ParkedCalls:
         #: Waits nothing can signal, tried again at every check (by our fd).
         self.retries: dict[int, _Waiter] = {}
         self._rewait_since: float | None = None
+        self._signals = SignalTargets()
 
     def waiting(self) -> bool:
         """Whether a call is held for the app (its timeout and signals checked)."""
@@ -191,18 +193,27 @@ class ParkedCalls:
         socket timeout ran out (SO_RCVTIMEO for accept, SO_SNDTIMEO for
         connect), as the kernel's blocking calls do.  A connect carries on in
         the background either way, as the kernel's does."""
-        if self._fast is not None and self._fast.parked:
-            self._fast.drop_abandoned()
-            for tid in self._fast.parked_tids():
-                if signal_waiting(tid) and self._fast.interrupt(tid, ERESTARTSYS):
+        fast = self._fast if self._fast is not None and self._fast.parked else None
+        fast_tids = []
+        if fast is not None:
+            fast.drop_abandoned()
+            fast_tids = fast.parked_tids()
+        # Which threads take a signal is decided over all of them at once:
+        # one sent to the process goes to one thread alone.
+        signalled = self._signals.interrupted(
+            [*fast_tids, *(w.n.pid for w in [*self.waiters.values(), *self.retries.values()])]
+        )
+        if fast is not None:
+            for tid in fast_tids:
+                if tid in signalled and fast.interrupt(tid, ERESTARTSYS):
                     self._counters.interrupted += 1
-            self._fast.expire()
+            fast.expire()
         now = time.monotonic()
         for waiter in list(self.waiters.values()):
             # A TCP connect that runs out of time is still in progress.
-            self._end_if_due(waiter, now, waiter.timed_out)
+            self._end_if_due(waiter, now, waiter.timed_out, signalled)
         for waiter in list(self.retries.values()):
-            if not self._end_if_due(waiter, now, errno.EAGAIN):
+            if not self._end_if_due(waiter, now, errno.EAGAIN, signalled):
                 self.retries.pop(waiter.sock.fileno())
                 self._rewait_since = waiter.since
                 try:
@@ -210,15 +221,17 @@ class ParkedCalls:
                 finally:
                     self._rewait_since = None
 
-    def _end_if_due(self, waiter: _Waiter, now: float, connect_timed_out: int) -> bool:
-        """End *waiter* if its thread is gone, has a signal to take, or ran
-        out of socket timeout (a connect's answer then: *connect_timed_out*;
-        an accept's: EAGAIN).  Whether it ended."""
+    def _end_if_due(
+        self, waiter: _Waiter, now: float, connect_timed_out: int, signalled: set[int]
+    ) -> bool:
+        """End *waiter* if its thread is gone, has a signal to take (is in
+        *signalled*), or ran out of socket timeout (a connect's answer then:
+        *connect_timed_out*; an accept's: EAGAIN).  Whether it ended."""
         connect = waiter.n.nr == NR_CONNECT
         timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
         if not self._notify.id_valid(waiter.n.id):
             self._unwait(waiter)
-        elif signal_waiting(waiter.n.pid):
+        elif waiter.n.pid in signalled:
             self._unwait(waiter)
             # The kernel never restarts a call that has a timeout (signal(7)).
             self._reply(waiter.n, error=errno.EINTR if timeout else ERESTARTSYS)

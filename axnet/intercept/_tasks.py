@@ -19,8 +19,8 @@ engine keeps names one *task* for that task's whole life, never a number:
   the check).
 
 A thread parked in a blocking call waits killably (see ``_libc``): only a
-fatal signal ends the wait.  :func:`signal_waiting` tells the engine when a
-signal the kernel would interrupt that call for is pending for the thread.
+fatal signal ends the wait.  :class:`SignalTargets` tells the engine which
+parked threads have a signal to take, as the kernel would give it.
 
 Kernels before 6.9 have no thread pidfds; there nothing is kept between
 calls (see :class:`Tasks`).  Both caches are bounded; dropping them only
@@ -37,7 +37,7 @@ import errno
 import functools
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -98,6 +98,7 @@ class _Signals:
     tgid: int
     own: int  # sent to the thread and not blocked
     shared: int  # sent to the process and not blocked by this thread
+    process_pending: int  # sent to the process, blocked or not (the same in every thread)
     blocked: int
     exiting: bool
 
@@ -110,6 +111,7 @@ class _Signals:
                 tgid=int(fields[b"Tgid"]),
                 own=int(fields[b"SigPnd"], 16) & ~blocked,
                 shared=int(fields[b"ShdPnd"], 16) & ~blocked,
+                process_pending=int(fields[b"ShdPnd"], 16),
                 blocked=blocked,
                 exiting=fields.get(b"State", b"")[:1] in (b"Z", b"X"),
             )
@@ -117,39 +119,121 @@ class _Signals:
             return None
 
 
-def deliverable(status: bytes, tid: int, leader: bytes | None = None) -> bool:
-    """Whether ``/proc/TID/status`` text shows a signal the thread will take.
+def _wants(signals: _Signals) -> bool:
+    """Whether the kernel would give a process-wide signal to this thread
+    (``wants_signal()``): it does not block it, has none of its own to take
+    yet (a thread with a signal pending is passed over), and is not exiting."""
+    return bool(signals.shared) and not signals.own and not signals.exiting
 
-    A signal sent to the thread (``SigPnd``) is its own.  One sent to the
-    process (``ShdPnd``) goes to the thread-group leader unless the leader
-    blocks it or is exiting (``complete_signal``): then to some thread that
-    does not block it, which may be this one.  So for any other thread it
-    counts only when the leader's status (*leader*) shows the leader will
-    not take it.  Blocked signals (``SigBlk``) wait.  (Answering a thread
-    that the kernel then gives no signal is harmless: its call restarts.)
+
+def kernel_pick(threads: Sequence[tuple[int, _Signals]], after: int | None) -> int | None:
+    """The thread the kernel gives a process-wide signal to (``complete_signal()``).
+
+    *threads* are the process's, in the kernel's order (``/proc/PID/task``'s:
+    the leader first, then by creation).  The leader takes it if it wants
+    it; otherwise the first thread that does, counting from the one the
+    last such signal went to (*after*, where known; else the leader).
+    None when no thread wants it.
     """
-    mine = _Signals.parse(status)
-    if mine is None:
-        return False
-    if mine.own or (mine.shared and mine.tgid == tid):
-        return True
-    theirs = _Signals.parse(leader) if mine.shared and leader is not None else None
-    return theirs is not None and (theirs.exiting or mine.shared & theirs.blocked != 0)
+    if not threads:
+        return None
+    if _wants(threads[0][1]):
+        return threads[0][0]
+    tids = [tid for tid, _ in threads]
+    start = tids.index(after) if after in tids else 0
+    for tid, signals in [*threads[start:], *threads[:start]]:
+        if _wants(signals):
+            return tid
+    return None
 
 
-def signal_waiting(tid: int) -> bool:
-    """Whether thread *tid* has a signal pending that would interrupt a blocking call."""
+def _read_signals(tid: int) -> _Signals | None:
     try:
         with open(f"/proc/{tid}/status", "rb") as status:
-            text = status.read()
-        mine = _Signals.parse(text)
-        if mine is None or not mine.shared or mine.tgid == tid:
-            return deliverable(text, tid)
-        # Sent to the process: whether the leader leaves it to the others.
-        with open(f"/proc/{mine.tgid}/status", "rb") as status:
-            return deliverable(text, tid, leader=status.read())
+            return _Signals.parse(status.read())
     except OSError:
-        return False  # gone: the validity check drops its wait
+        return None  # gone: the validity check drops its wait
+
+
+def _threads(tgid: int) -> list[tuple[int, _Signals]]:
+    try:
+        tids = [int(name) for name in os.listdir(f"/proc/{tgid}/task")]
+    except (OSError, ValueError):
+        return []
+    return [(tid, signals) for tid in tids if (signals := _read_signals(tid)) is not None]
+
+
+class SignalTargets:
+    """Which of an app's parked threads a pending signal interrupts.
+
+    A parked thread waits killably (see ``_libc``), so the kernel wakes none
+    of them for an ordinary signal; the engine answers a thread's call
+    ``ERESTARTSYS`` so that it takes the signal.  The kernel acts on that
+    answer only in the thread it gave the signal to: in any other the value
+    reaches the app as errno 512.  A signal sent to one thread (``SigPnd``)
+    is that thread's.  One sent to the whole process (``ShdPnd``) went to
+    one thread (:func:`kernel_pick`), which is interrupted alone.  The
+    guess starts from the kernel's last pick, which is not visible: it is
+    the last one the guess made.  Where the guess is wrong, the signal is
+    still pending at the next check, which tries the next thread that
+    wants it: a signal the kernel gave a parked thread is taken within a
+    check per thread of the app.  (Only the leader's is certain: it takes
+    every signal it does not block.)
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], _Signals | None] = _read_signals,
+        threads: Callable[[int], list[tuple[int, _Signals]]] = _threads,
+    ) -> None:
+        """*read* gives a thread's signals, *threads* a process's threads
+        with theirs (from ``/proc``, but for tests)."""
+        self._read = read
+        self._threads = threads
+        #: tgid -> the thread the last process-wide signal was given to, as far as seen.
+        self._last: dict[int, int] = {}
+        #: tgid -> (pending bits, threads tried) while its process-wide signal waits.
+        self._trying: dict[int, tuple[int, set[int]]] = {}
+
+    def interrupted(self, tids: Iterable[int]) -> set[int]:
+        """Of the parked threads *tids*, those whose call a signal should end now."""
+        chosen: set[int] = set()
+        process_wide: dict[int, set[int]] = {}  # tgid -> parked threads it may go to
+        for tid in tids:
+            signals = self._read(tid)
+            if signals is None:
+                continue
+            if signals.own or (signals.shared and signals.tgid == tid):
+                chosen.add(tid)
+            elif signals.shared:
+                process_wide.setdefault(signals.tgid, set()).add(tid)
+        for tgid in set(self._trying) - set(process_wide):
+            del self._trying[tgid]  # taken
+        for tgid, parked in process_wide.items():
+            threads = self._threads(tgid)
+            if not threads:
+                continue
+            pending = threads[0][1].process_pending
+            bits, tried = self._trying.get(tgid, (pending, set()))
+            if bits != pending:
+                tried = set()
+            # A thread tried at an earlier check while this signal waited,
+            # parked or not, did not take it: the kernel gave it to another.
+            left = [(tid, signals) for tid, signals in threads if tid not in tried]
+            pick = kernel_pick(left, self._last.get(tgid))
+            if pick is None:
+                self._trying.pop(tgid, None)  # every one tried: from the start next time
+                continue
+            if pick == tgid:
+                continue  # the leader's, certainly: it takes it itself
+            # The kernel remembers where its search ended; so does the guess.
+            if len(self._last) >= MAX_CACHED:
+                self._last.clear()
+            self._last[tgid] = pick
+            self._trying[tgid] = (pending, tried | {pick})
+            if pick in parked:
+                chosen.add(pick)  # else a thread that is not parked takes it itself
+        return chosen
 
 
 def gone_or_errno(exc: OSError) -> Exception:

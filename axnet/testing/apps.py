@@ -780,10 +780,12 @@ def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
     return disarm
 
 
-def signal_to_worker(port: str) -> None:
-    """A signal sent to the process while the main thread blocks it and a
-    worker blocks in accept on PORT: the kernel gives it to the worker, whose
-    accept fails with EINTR (the handler is installed without SA_RESTART)."""
+def signal_to_workers(port: str, workers: str = "1") -> None:
+    """A signal sent to the process while the main thread blocks it and
+    WORKERS threads block in accept on PORT: the kernel gives it to one of
+    them, whose accept fails with EINTR (the handler is installed without
+    SA_RESTART); the others wait on, and each accepts one of the clients
+    that connect after.  Prints each worker's errno (0: it accepted)."""
     import signal
     import time
 
@@ -791,33 +793,47 @@ def signal_to_worker(port: str) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("0.0.0.0", int(port)))
     listener.listen(8)
-    result: dict[str, int] = {}
-    started = threading.Event()
-    worker_tid = [0]
+    errnos: list[int] = []
+    tids: list[int] = []
+    started = threading.Barrier(int(workers) + 1)
 
     def worker() -> None:
-        worker_tid[0] = threading.get_native_id()
-        started.set()
+        tids.append(threading.get_native_id())
+        started.wait()
         ctypes.set_errno(0)
         rc = _libc.accept(listener.fileno(), None, None)
-        result["accept_errno"] = ctypes.get_errno() if rc < 0 else 0
+        errnos.append(ctypes.get_errno() if rc < 0 else 0)
+        if rc >= 0:
+            os.close(rc)
 
-    # Threads inherit the mask: start the worker unblocked, then block here.
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
+    # Threads inherit the mask: start the workers unblocked, then block here.
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(int(workers))]
+    for thread in threads:
+        thread.start()
     started.wait()
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until the worker blocks in accept
-        with open(f"/proc/self/task/{worker_tid[0]}/syscall") as f:
-            if f.read().split()[0] in ("43", "288"):
-                break
-        time.sleep(0.005)
+    for tid in tids:  # until every worker blocks in accept
+        while time.monotonic() < deadline:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                if f.read().split()[0] in ("43", "288"):
+                    break
+            time.sleep(0.005)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.getsockname()  # answered after the engine took the accept: it holds it
+        probe.getsockname()  # answered after the engine took the accepts: it holds them
     os.kill(os.getpid(), signal.SIGUSR1)
-    thread.join(10)
-    _out(accept_errno=result.get("accept_errno", -1))
+    while time.monotonic() < deadline and not errnos:  # the one the kernel picked
+        time.sleep(0.005)
+    time.sleep(0.5)  # more than a slice of the engine's checks: any other would be out
+    interrupted_alone = len(errnos) == 1
+    clients = []
+    for _ in range(int(workers) - len(errnos)):
+        clients.append(socket.create_connection(listener.getsockname(), timeout=10))
+    for thread in threads:
+        thread.join(10)
+    for client in clients:
+        client.close()
+    _out(accept_errnos=sorted(errnos), interrupted_alone=interrupted_alone)
 
 
 def signals(port: str, stuck_host: str, stuck_port: str) -> None:
@@ -1073,7 +1089,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "ask": ask,
     "slow-and-fast": slow_and_fast,
     "signals": signals,
-    "signal-to-worker": signal_to_worker,
+    "signal-to-workers": signal_to_workers,
     "socket-timeouts": socket_timeouts,
     "accept-without-fds": accept_without_fds,
     "listen-backlog": listen_backlog,

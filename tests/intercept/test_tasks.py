@@ -10,7 +10,15 @@ import sys
 
 import pytest
 
-from axnet.intercept._tasks import Errno, Gone, Tasks, deliverable, signal_waiting
+from axnet.intercept._tasks import (
+    Errno,
+    Gone,
+    SignalTargets,
+    Tasks,
+    _Signals,
+    _threads,
+    kernel_pick,
+)
 
 
 def _child() -> tuple[subprocess.Popen[bytes], int]:
@@ -85,48 +93,121 @@ def _bit(signum: int) -> int:
     return 1 << (signum - 1)
 
 
-def test_which_pending_signals_a_parked_thread_takes() -> None:
-    alrm, intr = _bit(signal.SIGALRM), _bit(signal.SIGINT)
-    # Sent to the thread itself: it takes it, unless it blocks it.
-    assert deliverable(_status(100, alrm, 0, 0), 200)
-    assert not deliverable(_status(100, alrm, 0, alrm), 200)
-    # Sent to the process: the leader takes it; another thread may not be the one.
-    assert deliverable(_status(100, 0, intr, 0), 100)
-    assert not deliverable(_status(100, 0, intr, 0), 200)
-    assert not deliverable(_status(100, 0, intr, intr), 100)
-    # ... unless the leader blocks it or is exiting: then any thread that does not.
-    leader_blocks = _status(100, 0, intr, intr)
-    assert deliverable(_status(100, 0, intr, 0), 200, leader=leader_blocks)
-    assert deliverable(_status(100, 0, intr, 0), 200, leader=_status(100, 0, intr, 0, "Z"))
-    assert not deliverable(_status(100, 0, intr, 0), 200, leader=_status(100, 0, intr, 0))
-    assert not deliverable(_status(100, 0, intr, intr), 200, leader=leader_blocks)
-    both = intr | alrm  # the leader takes SIGALRM; SIGINT is left to the others
-    assert deliverable(_status(100, 0, both, 0), 200, leader=_status(100, 0, both, intr))
-    assert not deliverable(_status(100, 0, intr, 0), 200, leader=b"garbage\n")
-    # Nothing pending, or text that is not a status file.
-    assert not deliverable(_status(100, 0, 0, 0), 100)
-    assert not deliverable(b"garbage\n", 100)
+def _signals(tgid: int, pending: int, shared: int, blocked: int, state: str = "S") -> _Signals:
+    signals = _Signals.parse(_status(tgid, pending, shared, blocked, state))
+    assert signals is not None
+    return signals
 
 
-def test_signal_waiting_reads_a_real_thread() -> None:
+USR1 = _bit(signal.SIGUSR1)
+
+
+def test_a_process_wide_signal_goes_where_the_kernel_gives_it() -> None:
+    blocks, takes = _signals(100, 0, USR1, USR1), _signals(100, 0, USR1, 0)
+    # The leader takes it when it does not block it.
+    assert kernel_pick([(100, takes), (101, takes)], None) == 100
+    # Else the first thread that wants it, from where the last search ended.
+    assert kernel_pick([(100, blocks), (101, takes), (102, takes)], None) == 101
+    assert kernel_pick([(100, blocks), (101, takes), (102, takes)], 102) == 102
+    assert kernel_pick([(100, blocks), (101, takes), (102, blocks)], 102) == 101
+    # A thread with a signal of its own pending, or exiting, is passed over.
+    own = _signals(100, _bit(signal.SIGALRM), USR1, 0)
+    assert kernel_pick([(100, blocks), (101, own), (102, takes)], None) == 102
+    exiting = _signals(100, 0, USR1, 0, "Z")
+    assert kernel_pick([(100, exiting), (101, takes)], None) == 101
+    # Nobody wants it: it waits.
+    assert kernel_pick([(100, blocks), (101, blocks)], None) is None
+    assert kernel_pick([], None) is None
+    assert _Signals.parse(b"garbage\n") is None
+
+
+class _Process:
+    """A fake /proc: thread id -> its signals, the leader first."""
+
+    def __init__(self, **by_tid: _Signals) -> None:
+        self.by_tid = {int(tid.removeprefix("t")): s for tid, s in by_tid.items()}
+
+    def targets(self) -> SignalTargets:
+        return SignalTargets(read=self.by_tid.get, threads=lambda tgid: list(self.by_tid.items()))
+
+
+def test_only_the_thread_a_process_wide_signal_went_to_is_interrupted() -> None:
+    blocks, takes = _signals(100, 0, USR1, USR1), _signals(100, 0, USR1, 0)
+    # The leader blocks it; three parked threads do not: the first takes it.
+    proc = _Process(t100=blocks, t101=takes, t102=takes, t103=takes)
+    targets = proc.targets()
+    assert targets.interrupted([101, 102, 103]) == {101}
+    proc.by_tid = {tid: _signals(100, 0, 0, s.blocked) for tid, s in proc.by_tid.items()}
+    assert targets.interrupted([101, 102, 103]) == set()  # it was taken
+    # The next one goes to the same thread again, as the kernel's search
+    # starts where it ended.
+    proc.by_tid = {100: blocks, 101: takes, 102: takes, 103: takes}
+    assert targets.interrupted([102, 103, 101]) == {101}
+
+
+def test_a_wrong_guess_moves_on_one_thread_a_check() -> None:
+    blocks, takes = _signals(100, 0, USR1, USR1), _signals(100, 0, USR1, 0)
+    proc = _Process(t100=blocks, t101=takes, t102=takes, t103=takes)
+    targets = proc.targets()
+    assert targets.interrupted([101, 102, 103]) == {101}
+    # Still pending at the next check: the kernel gave it to another one.
+    assert targets.interrupted([101, 102, 103]) == {102}
+    assert targets.interrupted([101, 102, 103]) == {103}
+    # All tried: it is a new one, and the search starts where the last ended.
+    assert targets.interrupted([101, 102, 103]) == set()
+    assert targets.interrupted([101, 102, 103]) == {103}
+
+
+def test_a_thread_that_is_not_parked_takes_its_signal_itself() -> None:
+    blocks, takes = _signals(100, 0, USR1, USR1), _signals(100, 0, USR1, 0)
+    # 101 runs (not parked) and is first to want it: no parked thread is woken.
+    targets = _Process(t100=blocks, t101=takes, t102=takes).targets()
+    assert targets.interrupted([102]) == set()
+    # ... unless it is still pending a check later: then the parked one had it.
+    assert targets.interrupted([102]) == {102}
+    # The leader takes any it does not block: nobody else is ever woken for it.
+    targets = _Process(t100=takes, t101=takes).targets()
+    assert targets.interrupted([101]) == set()
+    assert targets.interrupted([101]) == set()
+
+
+def test_a_signal_of_its_own_or_to_a_parked_leader_interrupts_that_thread() -> None:
+    alrm = _bit(signal.SIGALRM)
+    proc = _Process(
+        t100=_signals(100, 0, USR1, 0),  # the leader, parked: takes USR1
+        t101=_signals(100, alrm, USR1, 0),  # its own SIGALRM
+        t102=_signals(100, alrm, 0, alrm),  # its own, but blocked
+        t103=_signals(100, 0, 0, 0),
+    )
+    assert proc.targets().interrupted([100, 101, 102, 103, 999]) == {100, 101}
+
+
+def test_signal_targets_read_a_real_process() -> None:
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); print(1, flush=True); time.sleep(60)",
+            "import signal, threading, time; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); "
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+            "print(1, flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
     )
     try:
         assert child.stdout is not None
         child.stdout.readline()
-        assert not signal_waiting(child.pid)
-        child.send_signal(signal.SIGUSR1)  # blocked: pending, but it does not take it
-        assert not signal_waiting(child.pid)
+        threads = _threads(child.pid)
+        assert [tid for tid, _ in threads] == [child.pid, threads[1][0]]
+        targets = SignalTargets()
+        assert targets.interrupted([tid for tid, _ in threads]) == set()
+        child.send_signal(signal.SIGUSR1)  # blocked by both: pending, nobody takes it
+        assert targets.interrupted([tid for tid, _ in threads]) == set()
+        assert all(s.process_pending == USR1 for _, s in _threads(child.pid))
     finally:
         child.kill()
         child.wait()
-    assert not signal_waiting(child.pid)  # gone
+    assert targets.interrupted([child.pid]) == set()  # gone
+    assert _threads(child.pid) == []
 
 
 _MARKER_CHILD = (
