@@ -24,7 +24,8 @@ import logging
 import os
 import random
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from .._node import ClaimError
 from .._table import IPAddress, VirtualAddress, ip_address
@@ -34,9 +35,6 @@ from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
 from ._decode import inet_endpoint, pack_inet
 from ._tasks import Errno
 
-if TYPE_CHECKING:
-    from ._engine import NodeLink
-
 log = logging.getLogger("axnet.run")
 
 #: Between the ports of a client block tried for an any-port bind: odd, so
@@ -44,6 +42,27 @@ log = logging.getLogger("axnet.run")
 _BLOCK_STRIDE = 97
 WILDCARD4, WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
 _AF_INET6 = int(socket.AF_INET6)
+
+
+class NodeLink(Protocol):
+    """How the engine claims virtual ports from the node (the supervisor implements it)."""
+
+    def claim(
+        self, virtual: VirtualAddress, avoid: Sequence[int], real_port: int = 0
+    ) -> tuple[int, int]:
+        """Return (real port, virtual port); real port 0 means "let the kernel
+        pick".  A *real_port* given asks for that one (the node may not grant it)."""
+        ...
+
+    def listen(self, virtual: VirtualAddress) -> None: ...
+    def release(self, virtual: VirtualAddress) -> None: ...
+    def more_ports(self) -> tuple[int, int] | None:
+        """Another client port block, which the identity now holds; None if none."""
+        ...
+
+    def use_block(self, block: tuple[int, int]) -> None:
+        """Make *block*, one of the identity's blocks, the one connects use now."""
+        ...
 
 
 class Binder:

@@ -64,8 +64,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -89,7 +88,7 @@ from .._verdict import (
 )
 from . import _raw
 from ._appfs import AppFs, is_path_address
-from ._binder import WILDCARD4, WILDCARD6, Binder, local_endpoint, pack
+from ._binder import WILDCARD4, WILDCARD6, Binder, NodeLink, local_endpoint, pack
 from ._bindings import Binding, Bindings
 from ._bpf import (
     NR_ACCEPT,
@@ -135,27 +134,6 @@ _INET = (_AF_INET, _AF_INET6)
 
 #: The context of a call that needs none (reusable).
 _NOTHING = contextlib.nullcontext()
-
-
-class NodeLink(Protocol):
-    """How the engine claims virtual ports from the node (the supervisor implements it)."""
-
-    def claim(
-        self, virtual: VirtualAddress, avoid: Sequence[int], real_port: int = 0
-    ) -> tuple[int, int]:
-        """Return (real port, virtual port); real port 0 means "let the kernel
-        pick".  A *real_port* given asks for that one (the node may not grant it)."""
-        ...
-
-    def listen(self, virtual: VirtualAddress) -> None: ...
-    def release(self, virtual: VirtualAddress) -> None: ...
-    def more_ports(self) -> tuple[int, int] | None:
-        """Another client port block, which the identity now holds; None if none."""
-        ...
-
-    def use_block(self, block: tuple[int, int]) -> None:
-        """Make *block*, one of the identity's blocks, the one connects use now."""
-        ...
 
 
 @attrs.define
