@@ -11,6 +11,7 @@ import trio
 
 from ._control import ControlError, runtime_dir
 from ._daemon import Daemon, DaemonConfig, default_node_name
+from ._fdlimit import raise_fd_limit
 from ._groups import first_of
 from ._node import NodeConfig, PortRange
 from ._table import IPAddress, ip_address, labels_from
@@ -121,6 +122,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
     if problem is not None:
         print(f"axnet daemon: {problem}", file=sys.stderr)
         return 2
+    raise_fd_limit()  # a session per app: a thousand apps need more than 1024 fds
     daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
     reported: tuple[type[Exception], ...] = (ControlError, OSError)
 

@@ -46,6 +46,7 @@ from ._control import (
     open_session,
     receive_messages,
 )
+from ._fdlimit import raise_fd_limit
 from ._node import ClaimError
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import (
@@ -627,17 +628,6 @@ def _kill_tree(pidfd: int) -> None:
     _terminate_tree()
 
 
-def _raise_fd_limit() -> None:
-    """Let the supervisor hold as many fds as it may: it keeps one per parked
-    call and per cached thread handle of an app with any number of threads."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 #: Signals the supervisor passes on to the app.
 _FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
 
@@ -671,7 +661,7 @@ def run(options: RunOptions) -> int:
     # block (as a signalfd needs); the app does not.
     app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     launched = launch(options.argv, env=options.env, program=build_filter(), sigmask=app_mask)
-    _raise_fd_limit()  # after the launch: the app keeps the limits it was given
+    raise_fd_limit()  # after the launch: the app keeps the limits it was given
     supervisor = Supervisor(options)
 
     def make_engine(identity: Identity, table: ServiceTable, node: Supervisor) -> Engine:

@@ -160,6 +160,7 @@ def _threads(tgid: int) -> list[tuple[int, _Signals]]:
         tids = [int(name) for name in os.listdir(f"/proc/{tgid}/task")]
     except (OSError, ValueError):
         return []
+    tids.sort(key=lambda tid: tid != tgid)  # the leader first (it is listed first)
     return [(tid, signals) for tid in tids if (signals := _read_signals(tid)) is not None]
 
 

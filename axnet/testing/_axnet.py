@@ -37,7 +37,15 @@ def wait_until(
 class AxnetNode:
     """A daemon on *host* with its own runtime directory and logs."""
 
-    def __init__(self, host: NetnsHost, *, daemon_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        host: NetnsHost,
+        *,
+        daemon_args: Sequence[str] = (),
+        daemon_wrap: Sequence[str] = (),
+    ) -> None:
+        """*daemon_wrap* goes before ``axnet daemon`` (``prlimit …``); it
+        must exec the daemon, keeping its pid."""
         self.host = host
         self.scratch = shared_tmp()
         self.runtime = make_runtime_dir(self.scratch)
@@ -45,6 +53,7 @@ class AxnetNode:
         self.logs.mkdir(mode=0o777)
         self.logs.chmod(0o777)
         self.daemon_args = list(daemon_args)
+        self.daemon_wrap = list(daemon_wrap)
         self.daemon: subprocess.Popen[bytes] | None = None
         self._apps = 0
         self._starts = 0
@@ -61,7 +70,7 @@ class AxnetNode:
         # A restarted daemon logs to a new file: daemon.log, daemon-2.log, …
         suffix = "" if self._starts == 1 else f"-{self._starts}"
         self.daemon = self.host.popen(
-            [*AXNET, "daemon", "-v", *self.daemon_args],
+            [*self.daemon_wrap, *AXNET, "daemon", "-v", *self.daemon_args],
             env=self.env,
             stderr=self.logs / f"daemon{suffix}.log",
         )

@@ -1270,6 +1270,31 @@ def test_a_claim_answered_too_late_is_never_published_wrong(node: AxnetNode) -> 
     assert node.run_json([*APPS, "connect-errno", "10.1.0.5", "7023"]) == {"errno": 0}
 
 
+def test_a_daemon_given_few_fds_serves_more_clients_than_that(netns_host: NetnsHost) -> None:
+    # A soft limit of 64 open fds, a hard one of 4096: the daemon raises its
+    # own, so 150 control clients (each an fd of the daemon's, as each
+    # app's session is) are all answered at once.
+    node = AxnetNode(netns_host, daemon_wrap=["prlimit", "--nofile=64:4096", "--"]).start()
+    try:
+        clients = (
+            "import sys; from pathlib import Path; from axnet._control import ControlClient\n"
+            "clients = []\n"
+            "for _ in range(150):  # each held open: the daemon holds one fd for each\n"
+            "    clients.append(ControlClient(Path(sys.argv[1]), timeout=10))\n"
+            "    clients[-1].request('status')\n"
+            "print(sum(c.request('status')['ok'] is True for c in clients))\n"
+        )
+        done = node.host.run(
+            [sys.executable, "-c", clients, str(node.runtime / "control.sock")],
+            env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            timeout=60,
+        )
+        assert done.stdout.strip() == "150", done.stderr[-2000:]
+    finally:
+        print(node.all_logs())
+        node.close()
+
+
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
     socket_path = node.runtime / "control.sock"
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
