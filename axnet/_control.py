@@ -300,15 +300,25 @@ async def serve_control(
 
     try:
         async with trio.open_nursery() as nursery:
+            short_of: str | None = None  # what accept lacked, while it lacks it
             while True:
                 try:
                     sock, _ = await listener.accept()
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_RETRY:
                         raise
-                    log.warning("control socket: cannot accept now (%s); retrying", exc.strerror)
+                    if short_of is None:  # once, not ten times a second
+                        log.warning(
+                            "control socket: cannot accept now (%s); retrying every 0.1 s "
+                            "(raise the hard limit on open files for more apps)",
+                            exc.strerror,
+                        )
+                    short_of = exc.strerror or str(exc)
                     await trio.sleep(0.1)
                     continue
+                if short_of is not None:
+                    log.warning("control socket: accepting again (was: %s)", short_of)
+                    short_of = None
                 nursery.start_soon(run_one, sock)
     finally:
         listener.close()

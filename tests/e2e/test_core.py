@@ -1295,6 +1295,44 @@ def test_a_daemon_given_few_fds_serves_more_clients_than_that(netns_host: NetnsH
         node.close()
 
 
+def test_a_daemon_out_of_fds_says_so_once_and_serves_again(netns_host: NetnsHost) -> None:
+    # A hard limit of 64 open fds: clients past it wait unanswered, the
+    # daemon says so once (not ten times a second), and once clients leave
+    # it answers the one that waited and new ones.
+    node = AxnetNode(netns_host, daemon_wrap=["prlimit", "--nofile=64:64", "--"]).start()
+    try:
+        clients = (
+            "import sys; from pathlib import Path\n"
+            "from axnet._control import ControlClient, ControlError\n"
+            "path = Path(sys.argv[1]); clients = []\n"
+            "for _ in range(100):\n"
+            "    clients.append(ControlClient(path, timeout=1))\n"
+            "    try:\n"
+            "        clients[-1].request('status')\n"
+            "    except ControlError:\n"
+            "        break\n"
+            "waiting = clients.pop()\n"
+            "for c in clients:\n"
+            "    c.close()\n"
+            "waiting._sock.settimeout(10)\n"
+            "print(len(clients), waiting.request('status')['ok'],\n"
+            "      ControlClient(path, timeout=10).request('status')['ok'])\n"
+        )
+        done = node.host.run(
+            [sys.executable, "-c", clients, str(node.runtime / "control.sock")],
+            env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+            timeout=60,
+        )
+        answered, waited, fresh = done.stdout.split()
+        assert 20 < int(answered) < 64 and waited == fresh == "True", done.stderr[-2000:]
+        log = node.log("daemon")
+        assert log.count("cannot accept now (Too many open files)") == 1, log
+        assert log.count("accepting again") == 1, log
+    finally:
+        print(node.all_logs())
+        node.close()
+
+
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
     socket_path = node.runtime / "control.sock"
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
