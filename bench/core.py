@@ -33,8 +33,8 @@ route); everything measured runs as ``nobody``, as a user would run it.
 
 Ratios in (b) and (c) are medians of side-by-side ratios: each run divided by
 the native run next to it, the order alternating, with a 95 % interval for
-that median.  In (b) every run starts
-its own servers, so each is a new placement draw, as in (a).  In (c) two
+that median.  In (b) every run starts its own servers, so each is a new
+placement draw, as in (a).  In (c) two
 runs side by side differ by 11 % (sd) even against two identical native
 servers, so each block of fresh servers holds many short runs of every
 side; the summary gives the median of 80 ratios with its 95 % interval
@@ -487,8 +487,9 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     """iperf3 natively, through a virtual IP and through HAProxy, placed freely;
     and the first two again with the server on one CPU and the client on the
     other.  Single free draws differ by up to 40 % (client and server
-    sharing a CPU or not), too much for eight rounds to judge a ratio within
-    5 %; the pinned pair compares like with like."""
+    sharing a CPU or not), and on a shared VM pinned runs swing as widely
+    (14 to 38 Gbit/s in one run): the 95 % interval of each ratio says how
+    far a dozen rounds can judge it."""
     host = node.host
 
     def native_side(pins: tuple[list[str], list[str]]) -> Side:
