@@ -3,6 +3,7 @@ test host without a default route, get their own virtual IPs and any port."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -1270,38 +1272,50 @@ def test_a_claim_answered_too_late_is_never_published_wrong(node: AxnetNode) -> 
     assert node.run_json([*APPS, "connect-errno", "10.1.0.5", "7023"]) == {"errno": 0}
 
 
+@contextlib.contextmanager
+def _daemon_limited_to(host: NetnsHost, nofile: str) -> Iterator[AxnetNode]:
+    """A daemon started under ``prlimit --nofile=SOFT:HARD``."""
+    node = AxnetNode(host, daemon_wrap=["prlimit", f"--nofile={nofile}", "--"]).start()
+    try:
+        yield node
+    finally:
+        print(node.all_logs())
+        node.close()
+
+
+def _control_clients(node: AxnetNode, script: str) -> subprocess.CompletedProcess[str]:
+    """Python *script*, run as the daemon's user, the control socket's path in argv[1]."""
+    return node.host.run(
+        [sys.executable, "-c", script, str(node.runtime / "control.sock")],
+        env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        timeout=60,
+    )
+
+
 def test_a_daemon_given_few_fds_serves_more_clients_than_that(netns_host: NetnsHost) -> None:
     # A soft limit of 64 open fds, a hard one of 4096: the daemon raises its
     # own, so 150 control clients (each an fd of the daemon's, as each
     # app's session is) are all answered at once.
-    node = AxnetNode(netns_host, daemon_wrap=["prlimit", "--nofile=64:4096", "--"]).start()
-    try:
-        clients = (
+    with _daemon_limited_to(netns_host, "64:4096") as node:
+        done = _control_clients(
+            node,
             "import sys; from pathlib import Path; from axnet._control import ControlClient\n"
             "clients = []\n"
             "for _ in range(150):  # each held open: the daemon holds one fd for each\n"
             "    clients.append(ControlClient(Path(sys.argv[1]), timeout=10))\n"
             "    clients[-1].request('status')\n"
-            "print(sum(c.request('status')['ok'] is True for c in clients))\n"
-        )
-        done = node.host.run(
-            [sys.executable, "-c", clients, str(node.runtime / "control.sock")],
-            env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-            timeout=60,
+            "print(sum(c.request('status')['ok'] is True for c in clients))\n",
         )
         assert done.stdout.strip() == "150", done.stderr[-2000:]
-    finally:
-        print(node.all_logs())
-        node.close()
 
 
 def test_a_daemon_out_of_fds_says_so_once_and_serves_again(netns_host: NetnsHost) -> None:
     # A hard limit of 64 open fds: clients past it wait unanswered, the
     # daemon says so once (not ten times a second), and once clients leave
     # it answers the one that waited and new ones.
-    node = AxnetNode(netns_host, daemon_wrap=["prlimit", "--nofile=64:64", "--"]).start()
-    try:
-        clients = (
+    with _daemon_limited_to(netns_host, "64:64") as node:
+        done = _control_clients(
+            node,
             "import sys; from pathlib import Path\n"
             "from axnet._control import ControlClient, ControlError\n"
             "path = Path(sys.argv[1]); clients = []\n"
@@ -1316,21 +1330,13 @@ def test_a_daemon_out_of_fds_says_so_once_and_serves_again(netns_host: NetnsHost
             "    c.close()\n"
             "waiting._sock.settimeout(10)\n"
             "print(len(clients), waiting.request('status')['ok'],\n"
-            "      ControlClient(path, timeout=10).request('status')['ok'])\n"
-        )
-        done = node.host.run(
-            [sys.executable, "-c", clients, str(node.runtime / "control.sock")],
-            env={"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-            timeout=60,
+            "      ControlClient(path, timeout=10).request('status')['ok'])\n",
         )
         answered, waited, fresh = done.stdout.split()
         assert 20 < int(answered) < 64 and waited == fresh == "True", done.stderr[-2000:]
         log = node.log("daemon")
         assert log.count("cannot accept now (Too many open files)") == 1, log
         assert log.count("accepting again") == 1, log
-    finally:
-        print(node.all_logs())
-        node.close()
 
 
 def test_control_socket_is_private_to_its_user(node: AxnetNode) -> None:
