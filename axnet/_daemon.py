@@ -34,12 +34,13 @@ import attrs
 import trio
 
 from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
-from ._node import ClaimError, Merged, Node, NodeConfig, alias_owner
+from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
 from ._wire import (
     RECORDS_PER_FRAME,
     WireError,
+    block_from_wire,
     int_from_wire,
     labels_from_wire,
     port_from_wire,
@@ -194,7 +195,13 @@ class Daemon:
         vip_text = request.get("vip")
         vip = ip_address(str(vip_text)) if vip_text else None
         block = request.get("block")
-        wanted_block = (port_from_wire(block[0]), port_from_wire(block[1])) if block else None
+        wanted_block = block_from_wire(block) if block else None
+        # The other blocks a supervisor held before a daemon restart: its
+        # connections from them are still open.
+        more = request.get("more_blocks") or []
+        if not isinstance(more, list) or len(more) >= MAX_BLOCKS:
+            raise WireError(f"more_blocks: a list of at most {MAX_BLOCKS - 1} [lo, hi] pairs")
+        more_blocks = [block_from_wire(b) for b in more]
         # Bindings a supervisor kept across a daemon restart.
         claims = [
             (
@@ -212,6 +219,7 @@ class Daemon:
             pid=int_from_wire(request.get("pid") or 0),
             argv=[str(a) for a in request.get("argv") or []],
             block=wanted_block,
+            more_blocks=more_blocks,
             now=time.time(),
         )
         try:
@@ -246,6 +254,7 @@ class Daemon:
                 virtual_range=str(self.config.node.virtual_range),
                 vip=str(app.vip),
                 block=list(app.block) if app.block else None,
+                more_blocks=[list(b) for b in app.more_blocks],
                 records=first,
                 more=sum(len(chunk) for chunk in rest),
                 settling=self.settling(),

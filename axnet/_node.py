@@ -23,7 +23,7 @@ import contextlib
 import errno
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -298,8 +298,15 @@ class Node:
         argv: Iterable[str],
         block: tuple[int, int] | None,
         now: float,
+        more_blocks: Sequence[tuple[int, int]] = (),
     ) -> tuple[App, list[AppRecord | ServiceRecord]]:
-        """Register an app; pick its virtual IP and client block when not given."""
+        """Register an app; pick its virtual IP and client block when not given.
+
+        An app re-attaching after a daemon restart names the block its
+        connects use (*block*) and the others it held (*more_blocks*): its
+        connections from them are still open, and servers name them by the
+        blocks' records.  Each it gets back unless another app took it
+        meanwhile; past MAX_BLOCKS the rest are not taken back."""
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
         if "+" in app_id:
@@ -312,6 +319,15 @@ class Node:
                 raise ClaimError(errno.EINVAL, f"{vip} cannot be a virtual IP: {reason}")
         chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
+        kept: list[tuple[int, int]] = []
+        for wanted in more_blocks:
+            if len(kept) + 1 >= MAX_BLOCKS:
+                break
+            if wanted != chosen_block and self._block_free(wanted):
+                self._blocks_in_use.add(wanted)
+                kept.append(wanted)
+        if chosen_block is None and kept:
+            chosen_block = kept.pop(0)
         app = App(
             app_id=app_id,
             vip=chosen_vip,
@@ -320,9 +336,10 @@ class Node:
             labels=labels,
             pid=pid,
             argv=tuple(argv),
+            more_blocks=kept,
         )
         self.apps[app_id] = app
-        return app, [self._write(self._app_record(app))]
+        return app, [self._write(r) for r in self._app_records(app)]
 
     def detach(self, app_id: str, *, now: float) -> list[AppRecord | ServiceRecord]:
         """The app's session ended: withdraw everything it published."""

@@ -372,6 +372,11 @@ class Supervisor:
             if identity
             else (str(self.options.vip) if self.options.vip else None),
             "block": list(identity.block) if identity and identity.block else None,
+            # Its other blocks, for a daemon that restarted: connections
+            # from them are open still, and must keep being named as ours.
+            "more_blocks": [list(b) for b in identity.blocks if b != identity.block]
+            if identity
+            else [],
             "name": self.options.name,
             "labels": [list(x) for x in self.options.labels],
             "pid": self._pid,
@@ -463,10 +468,13 @@ class Supervisor:
             self.carried = {r.key: r for r in kept}
             self.carried_for = float(settling)
         block = reply.get("block")
+        current = (int(block[0]), int(block[1])) if block else None
+        more = [(int(b[0]), int(b[1])) for b in reply.get("more_blocks") or []]
         self.identity = Identity(
             vip=ip_address(str(reply["vip"])),
             real_host=ip_address(str(reply["real_host"])),
-            block=(int(block[0]), int(block[1])) if block else None,
+            block=current,
+            blocks=(*([current] if current else []), *more),
             virtual_range=_virtual_range(reply.get("virtual_range")),
         )
         # Swap whole objects: the engine thread reads these attributes.

@@ -219,6 +219,16 @@ def port_from_wire(value: object) -> int:
     return value
 
 
+def block_from_wire(value: object) -> tuple[int, int]:
+    """A client port block as it came in: [lo, hi], ports with lo <= hi."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise WireError(f"bad port block {value!r}: expected [lo, hi]")
+    lo, hi = port_from_wire(value[0]), port_from_wire(value[1])
+    if lo > hi:
+        raise WireError(f"bad port block {value!r}: lo above hi")
+    return lo, hi
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise WireError(f"expected a string, got {type(value).__name__}")

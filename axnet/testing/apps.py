@@ -89,9 +89,10 @@ def greeter(port: str, family: str = "inet") -> None:
                 pass
 
 
-def name_later(port: str, count: str) -> None:
-    """Accept COUNT connections on PORT and keep them; then print where
-    accept said each came from, and what getpeername says now, and close them."""
+def name_later(port: str, count: str, trigger: str = "") -> None:
+    """Accept COUNT connections on PORT and keep them; then (once file
+    TRIGGER exists, when given) print where accept said each came from, and
+    what getpeername says now, and close them."""
     listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
     _out(ready=True)
     held, accepted = [], []
@@ -99,6 +100,9 @@ def name_later(port: str, count: str) -> None:
         conn, peer = listener.accept()
         held.append(conn)
         accepted.append(_addr(peer)[0])
+    if trigger:
+        _out(held=len(held))
+        _wait_for_file(trigger, True)
     _out(accepted=accepted, peernames=[_addr(c.getpeername())[0] for c in held])
     for conn in held:
         conn.close()

@@ -426,6 +426,49 @@ def test_a_client_reuses_freed_ports_of_its_blocks(node: AxnetNode) -> None:
     assert [accepted for _, _, accepted in opened] == ["10.1.0.9"] * 41
 
 
+def test_a_restarted_daemon_gives_an_app_back_every_block_it_held(node: AxnetNode) -> None:
+    # An app holds connections from two client port blocks when its daemon
+    # dies.  Re-attaching, it names both, and the new daemon gives both back:
+    # an app started after gets neither, and the server still names every
+    # one of those connections by the app's virtual IP.  (Told only its
+    # current block, the new daemon gave the first to the newcomer.)
+    node.stop()
+    node.daemon_args = ["--client-block", "16"]
+    node.start()
+    trigger = node.scratch / "name-now"
+    server = node.app([*APPS, "name-later", "7035", "20", str(trigger)], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7035")
+    client = node.app([*APPS, "open-connections", "10.1.0.5", "7035", "20"], ip="10.1.0.9")
+    try:
+
+        def blocks_of(vip: str) -> set[tuple[int, ...]]:
+            [app] = [a for a in node.json("apps") if a["vip"] == vip] or [{"client_ports": ""}]
+            ranges = filter(None, app["client_ports"].split(","))
+            return {tuple(int(p) for p in r.split("-")) for r in ranges}
+
+        server_out = node.logs / "app1.out"
+        wait_until(
+            "the server holds 20 connections", lambda: '"held": 20' in server_out.read_text()
+        )
+        held = blocks_of("10.1.0.9")
+        assert len(held) == 2, held  # 20 connections, blocks of 16
+        node.kill_daemon()
+        node.start()
+        wait_until("the client re-attached", lambda: blocks_of("10.1.0.9"))
+        assert blocks_of("10.1.0.9") == held
+        node.app([*APPS, "stuck-server", "7036"], ip="10.1.0.7")
+        [(new_lo, new_hi)] = wait_until("the newcomer attached", lambda: blocks_of("10.1.0.7"))
+        assert all(new_hi < lo or hi < new_lo for lo, hi in held), (held, new_lo)
+        trigger.touch()
+        assert server.wait(timeout=30) == 0
+        named = json.loads(server_out.read_text().strip().splitlines()[-1])
+        assert named["accepted"] == ["10.1.0.9"] * 20
+        assert named["peernames"] == ["10.1.0.9"] * 20
+    finally:
+        stop_process(client)
+        stop_process(server)
+
+
 def test_32_threads_by_100_connects(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7006"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7006")

@@ -337,7 +337,15 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
     def talk() -> list[str]:
         errors = []
         with ControlClient(path, timeout=5.0) as client:
-            for fields in ({"block": [70000, 70001]}, {"pid": 1.5}, {"pid": "1"}):
+            for fields in (
+                {"block": [70000, 70001]},
+                {"pid": 1.5},
+                {"pid": "1"},
+                {"more_blocks": [[40100, 40000]]},
+                {"more_blocks": [40100]},
+                {"more_blocks": "x"},
+                {"more_blocks": [[40000, 40009]] * MAX_BLOCKS},
+            ):
                 with pytest.raises(ControlError) as info:
                     _attach(client, "a1", **fields)
                 assert info.value.errno == errno.EINVAL
@@ -356,6 +364,30 @@ async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) 
 
     errors = await _with_daemon(sock_dir, talk)
     assert errors[0] == "bad request 'attach': bad port 70000"
+    assert "lo above hi" in errors[3]
+    assert "expected [lo, hi]" in errors[4]
+    assert all("more_blocks" in e for e in errors[5:]), errors
+
+
+async def test_an_app_re_attaching_names_its_other_blocks_and_gets_them_back(
+    sock_dir: Path,
+) -> None:
+    # What a supervisor sends after a daemon restart: the block its connects
+    # use, and the others it held, whose connections are still open.
+    path = control_path(sock_dir)
+
+    def talk() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with ControlClient(path, timeout=5.0) as client:
+            reply = _attach(client, "a1", block=[40300, 40399], more_blocks=[[40100, 40199]])
+            with ControlClient(path, timeout=5.0) as other:
+                apps = other.request("apps")["apps"]
+        return reply, apps
+
+    reply, apps = await _with_daemon(sock_dir, talk)
+    assert reply["block"] == [40300, 40399]
+    assert reply["more_blocks"] == [[40100, 40199]]
+    [app] = apps
+    assert app["client_ports"] == "40300-40399,40100-40199"
 
 
 async def test_a_request_quoting_megabytes_is_refused_briefly_and_the_session_goes_on(

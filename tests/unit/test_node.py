@@ -283,6 +283,52 @@ def test_an_app_that_used_up_its_block_gets_more_up_to_the_limit() -> None:
     assert node.more_ports("a2")[0] == (40000, 40099)  # then, round again, a1's
 
 
+def test_an_app_re_attaching_gets_back_every_block_it_held_that_is_free() -> None:
+    # After a daemon restart an app's connections from all its blocks are
+    # still open: each block it held is its own again (published by its
+    # alias record, so servers keep naming those connections by its vip),
+    # unless another app took it meanwhile; never past MAX_BLOCKS.
+    node = make_node(client=(40000, 40999), block=100)
+    attach(node, "other", block=(40300, 40399))
+    app, written = node.attach(
+        app_id="a1",
+        vip=ip_address("10.1.0.9"),
+        name="",
+        labels=(),
+        pid=1,
+        argv=[],
+        block=(40500, 40599),
+        more_blocks=[(40000, 40099), (40300, 40399), (40100, 40199)],
+        now=NOW,
+    )
+    assert app.block == (40500, 40599)
+    assert app.more_blocks == [(40000, 40099), (40100, 40199)]  # not other's
+    assert [(r.app_id, r.port_lo) for r in written if isinstance(r, AppRecord)] == [
+        ("a1", 40500),
+        (alias_id("a1", 1), 40000),
+        (alias_id("a1", 2), 40100),
+    ]
+    for port in (40000, 40150, 40550):
+        assert node.table.virtual_of_client(HOST, port) == ip_address("10.1.0.9")
+    # Held again, they go to nobody else; more_ports counts them.
+    assert attach(node, "a2").port_lo == 40200
+    assert len(node.apps["a1"].blocks) == 3
+    many = [(40000 + 100 * i, 40099 + 100 * i) for i in range(10)]
+    crowded = make_node(client=(40000, 40999), block=100)
+    app, _ = crowded.attach(
+        app_id="a1",
+        vip=None,
+        name="",
+        labels=(),
+        pid=1,
+        argv=[],
+        block=many[0],
+        more_blocks=many[1:],
+        now=NOW,
+    )
+    assert len(app.blocks) == MAX_BLOCKS
+
+
 def test_more_ports_when_none_is_left() -> None:
     node = make_node(client=(40000, 40199), block=100)
     attach(node, "a1")
