@@ -431,7 +431,8 @@ def test_a_restarted_daemon_gives_an_app_back_every_block_it_held(node: AxnetNod
     # dies.  Re-attaching, it names both, and the new daemon gives both back:
     # an app started after gets neither, and the server still names every
     # one of those connections by the app's virtual IP.  (Told only its
-    # current block, the new daemon gave the first to the newcomer.)
+    # current block, the new daemon forgot the other: the client came back
+    # holding one, and its first block's ports were free for anyone.)
     node.stop()
     node.daemon_args = ["--client-block", "16"]
     node.start()

@@ -310,7 +310,7 @@ def test_an_app_re_attaching_gets_back_every_block_it_held_that_is_free() -> Non
     ]
     for port in (40000, 40150, 40550):
         assert node.table.virtual_of_client(HOST, port) == ip_address("10.1.0.9")
-    # Held again, they go to nobody else; more_ports counts them.
+    # Held again, they go to nobody else.
     assert attach(node, "a2").port_lo == 40200
     assert len(node.apps["a1"].blocks) == 3
     many = [(40000 + 100 * i, 40099 + 100 * i) for i in range(10)]
