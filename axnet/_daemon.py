@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from . import _leasefile
 from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
@@ -82,6 +83,9 @@ class Cluster(Protocol):
 #: not waited for again until it answers one (a member down but not yet
 #: found out costs one app start that long, not each).
 PUSH_FLUSH_S = 0.25
+#: Shortest time between two writes of the lease file: a burst of app starts
+#: (or of one app's binds) is written once, at most this long after it began.
+LEASE_WRITE_GAP_S = 0.02
 #: Bounds of a join request's seeds (a seed is HOST[:PORT]; a DNS name is at
 #: most 253 characters).
 MAX_SEEDS = 64
@@ -105,6 +109,7 @@ class Daemon:
         self.cluster: Cluster | None = None
         self.started = time.time()
         self._stop = trio.Event()
+        self._leases_changed = trio.Event()
 
     # -- publishing ---------------------------------------------------------
 
@@ -164,10 +169,12 @@ class Daemon:
                         if app_id is not None:
                             raise ClaimError(errno.EEXIST, "this session is already attached")
                         app_id = await self._attach(conn, request)
+                        self._leases_changed.set()
                     elif op in ("claim", "listen", "release", "more-ports"):
                         if app_id is None:
                             raise ClaimError(errno.EPERM, f"'{op}' needs an attached session")
                         await self._session_op(conn, app_id, op, request)
+                        self._leases_changed.set()
                     else:
                         await self._command(conn, str(op), request)
                 except ClaimError as exc:
@@ -186,6 +193,7 @@ class Daemon:
                 self.sessions.pop(app_id, None)
                 with trio.CancelScope(shield=True):
                     await self.changed(self.node.detach(app_id, now=time.time()))
+                self._leases_changed.set()
                 log.info("app detached app=%s", app_id)
 
     async def _attach(self, conn: Connection, request: Mapping[str, Any]) -> str:
@@ -202,6 +210,7 @@ class Daemon:
         if not isinstance(more, list) or len(more) >= MAX_BLOCKS:
             raise WireError(f"more_blocks: a list of at most {MAX_BLOCKS - 1} [lo, hi] pairs")
         more_blocks = [block_from_wire(b) for b in more]
+        pid = int_from_wire(request.get("pid") or 0)
         # Bindings a supervisor kept across a daemon restart.
         claims = [
             (
@@ -216,11 +225,12 @@ class Daemon:
             vip=vip,
             name=text_from_wire(request.get("name") or "", "name"),
             labels=labels_from(labels_from_wire(request.get("labels") or [])),
-            pid=int_from_wire(request.get("pid") or 0),
+            pid=pid,
             argv=[str(a) for a in request.get("argv") or []],
             block=wanted_block,
             more_blocks=more_blocks,
             now=time.time(),
+            started=_leasefile.process_started(pid) or 0,
         )
         try:
             for virtual, real_port, listening in claims:
@@ -424,8 +434,18 @@ class Daemon:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         prepare_runtime_dir(self.config.runtime_dir)
         path = control_path(self.config.runtime_dir)
+        leases = _leasefile.lease_path(self.config.runtime_dir)
+        if held := _leasefile.load(leases):
+            # Apps of a previous daemon, about to re-attach: what they hold
+            # goes to no newcomer meanwhile (see axnet._leases).
+            self.node.reserve(held)
+            log.info(
+                "holding for apps of the previous daemon until they re-attach apps=%s",
+                ",".join(lease.app_id for lease in held),
+            )
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, path, self.handle)
+            nursery.start_soon(self._write_leases, leases)
             nursery.start_soon(self._expire_tombstones)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._announce_settled)
@@ -437,6 +457,9 @@ class Daemon:
             )
             task_status.started()
             await self._stop.wait()
+            # Written before the sessions close: the apps run on, and the
+            # next daemon holds what they hold until they re-attach.
+            _leasefile.save(leases, self.node.leases())
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -459,8 +482,19 @@ class Daemon:
             with trio.move_on_after(max(0.0, JOIN_SETTLE_MAX_S - (time.time() - self.started))):
                 await cluster.wait_joined()
         log.info("settled sessions=%d", len(self.sessions))
+        if gone := self.node.end_reservations():
+            log.info("no longer holding for apps that did not re-attach apps=%s", ",".join(gone))
+            self._leases_changed.set()
         for conn in list(self.sessions.values()):
             await conn.send({"push": "settled"})
+
+    async def _write_leases(self, path: Path) -> None:
+        """Keep the lease file up to date, a write per burst of changes."""
+        while True:
+            await self._leases_changed.wait()
+            self._leases_changed = trio.Event()
+            _leasefile.save(path, self.node.leases())
+            await trio.sleep(LEASE_WRITE_GAP_S)
 
     async def _expire_tombstones(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from ._leases import Binding, Lease
 from ._table import (
     AppRecord,
     IPAddress,
@@ -133,6 +134,8 @@ class App:
     pid: int
     argv: tuple[str, ...]
     claims: dict[VirtualAddress, Claim] = attrs.field(factory=dict)
+    #: The app's process start time (see Lease.started); 0 when unknown.
+    started: int = 0
     #: Blocks taken after the first, each published by an alias record.
     more_blocks: list[tuple[int, int]] = attrs.field(factory=list)
 
@@ -185,6 +188,9 @@ class Node:
         self._blocks_in_use: set[tuple[int, int]] = set()
         #: Where the next search for a free block starts (see _take_block).
         self._block_cursor = 0
+        #: What apps of a previous daemon held, kept for them until each
+        #: re-attaches or the table settles (see reserve).
+        self._reserved: dict[str, Lease] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -202,8 +208,9 @@ class Node:
         must name one app only."""
         lo, hi = block
         ports = self.config.client_ports
+        held = [b for lease in self._reserved.values() for b in lease.blocks]
         return ports.lo <= lo <= hi <= ports.hi and all(
-            hi < used_lo or used_hi < lo for used_lo, used_hi in self._blocks_in_use
+            hi < used_lo or used_hi < lo for used_lo, used_hi in [*self._blocks_in_use, *held]
         )
 
     def _take_block(self, wanted: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -227,6 +234,7 @@ class Node:
     def _pick_vip(self) -> IPAddress:
         network = self.config.virtual_range
         taken = {a.vip for a in self.table.apps.values() if not a.deleted}
+        taken.update(lease.vip for lease in self._reserved.values())
         taken.add(self.config.real_host)  # never the node's own address
         size = network.num_addresses
         # Start at an offset derived from the node name and this daemon's
@@ -299,6 +307,7 @@ class Node:
         block: tuple[int, int] | None,
         now: float,
         more_blocks: Sequence[tuple[int, int]] = (),
+        started: int = 0,
     ) -> tuple[App, list[AppRecord | ServiceRecord]]:
         """Register an app; pick its virtual IP and client block when not given.
 
@@ -306,7 +315,8 @@ class Node:
         connects use (*block*) and the others it held (*more_blocks*): its
         connections from them are still open, and servers name them by the
         blocks' records.  Each it gets back unless another app took it
-        meanwhile; past MAX_BLOCKS the rest are not taken back."""
+        meanwhile; past MAX_BLOCKS the rest are not taken back.  What its
+        lease held for it (see reserve) is its own again."""
         if app_id in self.apps:
             raise ClaimError(errno.EEXIST, f"app {app_id} is already attached")
         if "+" in app_id:
@@ -317,6 +327,7 @@ class Node:
                 reason = "it is this node's real address"
             if reason is not None:
                 raise ClaimError(errno.EINVAL, f"{vip} cannot be a virtual IP: {reason}")
+        self._reserved.pop(app_id, None)
         chosen_vip = vip if vip is not None else self._pick_vip()
         chosen_block = self._take_block(block)
         kept: list[tuple[int, int]] = []
@@ -337,6 +348,7 @@ class Node:
             pid=pid,
             argv=tuple(argv),
             more_blocks=kept,
+            started=started,
         )
         self.apps[app_id] = app
         return app, [self._write(r) for r in self._app_records(app)]
@@ -381,7 +393,11 @@ class Node:
         for _ in range(len(ports)):
             port = self._next_port
             self._next_port = ports.lo if port >= ports.hi else port + 1
-            if port not in self._ports_in_use and port not in avoid:
+            if (
+                port not in self._ports_in_use
+                and port not in avoid
+                and not self._reserved_port(port)
+            ):
                 self._ports_in_use.add(port)
                 return port
         raise ClaimError(
@@ -472,6 +488,8 @@ class Node:
     def _in_use(self, virtual: VirtualAddress) -> bool:
         if virtual in self._claims:
             return True
+        if any(b.virtual == virtual for lease in self._reserved.values() for b in lease.bindings):
+            return True  # its app still holds the socket: EADDRINUSE, as natively
         return self.table.resolve(virtual.ip, virtual.port) is not None
 
     def listen(self, app_id: str, virtual: VirtualAddress) -> list[AppRecord | ServiceRecord]:
@@ -510,6 +528,44 @@ class Node:
         if app is None:
             raise ClaimError(errno.ENOENT, f"no app {app_id} is attached to this node")
         return app
+
+    # -- leases ---------------------------------------------------------------
+
+    def leases(self) -> list[Lease]:
+        """What every app holds (see axnet._leases), held ones included: a
+        daemon restarted again before they re-attached keeps them too."""
+        return [
+            Lease(
+                app_id=app.app_id,
+                pid=app.pid,
+                started=app.started,
+                vip=app.vip,
+                blocks=tuple(app.blocks),
+                bindings=tuple(
+                    Binding(virtual=claim.virtual, real_port=claim.real_port)
+                    for claim in app.claims.values()
+                ),
+            )
+            for app in self.apps.values()
+        ] + list(self._reserved.values())
+
+    def reserve(self, leases: Iterable[Lease]) -> None:
+        """Hold what apps of a previous daemon still hold: their blocks, their
+        virtual IPs and their bindings are given to no other app until each
+        re-attaches (see attach) or end_reservations is called."""
+        for lease in leases:
+            if lease.app_id not in self.apps:
+                self._reserved[lease.app_id] = lease
+
+    def end_reservations(self) -> list[str]:
+        """The table has settled: whoever has not re-attached by now will
+        not be waited for.  Returns their app ids."""
+        ended = list(self._reserved)
+        self._reserved.clear()
+        return ended
+
+    def _reserved_port(self, port: int) -> bool:
+        return any(b.real_port == port for lease in self._reserved.values() for b in lease.bindings)
 
     # -- records from elsewhere ------------------------------------------------
 

@@ -271,7 +271,8 @@ def _parse_ip(text: str) -> IPAddress:
     return ip_address(text)
 
 
-def _ip(value: object) -> Any:
+def ip_from_wire(value: object) -> Any:
+    """An IP address as it came in; WireError otherwise."""
     try:
         return _parse_ip(_str(value))
     except ValueError:
@@ -281,7 +282,7 @@ def _ip(value: object) -> Any:
 def _vip(value: object) -> Any:
     """A virtual IP: never loopback, unspecified, multicast…, which every
     app's connects to would then be redirected from."""
-    ip = _ip(value)
+    ip = ip_from_wire(value)
     reason = reserved_reason(ip)
     if reason is not None:
         raise WireError(f"{ip} cannot be a virtual IP: {reason}")
@@ -302,7 +303,7 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
             app_id=text_from_wire(app_id, "app id"),
             node=text_from_wire(node, "node name"),
             vip=_vip(vip),
-            real_host=_ip(real_host),
+            real_host=ip_from_wire(real_host),
             port_lo=lo_port,
             port_hi=hi_port,
             name=text_from_wire(name, "name"),
@@ -315,7 +316,7 @@ def record_from_wire(data: object) -> AppRecord | ServiceRecord:
         _, vip, vport, real_host, real_port, node, app_id, name, labels, version, deleted, at = data
         return ServiceRecord(
             virtual=VirtualAddress(ip=_vip(vip), port=port_from_wire(vport)),
-            real=RealAddress(host=_ip(real_host), port=port_from_wire(real_port)),
+            real=RealAddress(host=ip_from_wire(real_host), port=port_from_wire(real_port)),
             node=text_from_wire(node, "node name"),
             app_id=text_from_wire(app_id, "app id"),
             name=text_from_wire(name, "name"),

@@ -428,11 +428,13 @@ def test_a_client_reuses_freed_ports_of_its_blocks(node: AxnetNode) -> None:
 
 def test_a_restarted_daemon_gives_an_app_back_every_block_it_held(node: AxnetNode) -> None:
     # An app holds connections from two client port blocks when its daemon
-    # dies.  Re-attaching, it names both, and the new daemon gives both back:
-    # an app started after gets neither, and the server still names every
-    # one of those connections by the app's virtual IP.  (Told only its
-    # current block, the new daemon forgot the other: the client came back
-    # holding one, and its first block's ports were free for anyone.)
+    # dies.  A newcomer attaches to the new daemon before the app has
+    # re-attached (its supervisor is stopped meanwhile), and gets neither
+    # block: the new daemon read the old one's leases.  Re-attaching, the
+    # app names both and gets both back, and the server still names every
+    # one of those connections by the app's virtual IP.  (Without the
+    # leases the newcomer was given the app's first block; told only its
+    # current block, the new daemon forgot the other.)
     node.stop()
     node.daemon_args = ["--client-block", "16"]
     node.start()
@@ -454,12 +456,17 @@ def test_a_restarted_daemon_gives_an_app_back_every_block_it_held(node: AxnetNod
         held = blocks_of("10.1.0.9")
         assert len(held) == 2, held  # 20 connections, blocks of 16
         node.kill_daemon()
-        node.start()
+        os.kill(client.pid, signal.SIGSTOP)  # its supervisor (setpriv execs it)
+        try:
+            node.start()
+            node.app([*APPS, "stuck-server", "7036"], ip="10.1.0.7")
+            [(new_lo, new_hi)] = wait_until("the newcomer attached", lambda: blocks_of("10.1.0.7"))
+            assert not blocks_of("10.1.0.9")  # the client has not re-attached
+        finally:
+            os.kill(client.pid, signal.SIGCONT)
+        assert all(new_hi < lo or hi < new_lo for lo, hi in held), (held, new_lo)
         wait_until("the client re-attached", lambda: blocks_of("10.1.0.9"))
         assert blocks_of("10.1.0.9") == held
-        node.app([*APPS, "stuck-server", "7036"], ip="10.1.0.7")
-        [(new_lo, new_hi)] = wait_until("the newcomer attached", lambda: blocks_of("10.1.0.7"))
-        assert all(new_hi < lo or hi < new_lo for lo, hi in held), (held, new_lo)
         trigger.touch()
         assert server.wait(timeout=30) == 0
         named = json.loads(server_out.read_text().strip().splitlines()[-1])
@@ -1062,24 +1069,37 @@ def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
         stop_process(server)
 
 
-def test_a_listener_taken_over_while_its_app_re_attaches_comes_back(node: AxnetNode) -> None:
+@pytest.mark.parametrize("leases", ["kept", "lost"])
+def test_a_listener_bound_again_while_its_app_re_attaches(node: AxnetNode, leases: str) -> None:
     # Two apps share 10.1.0.5.  After a daemon restart the second binds the
     # port the first listens on before the first has re-attached (it is held
-    # stopped here): the new daemon cannot know.  The first's listener is
-    # still live, so once the second ends it must be published again.
+    # stopped here).  The new daemon read the old one's leases, so it knows
+    # the first still holds it: the second gets EADDRINUSE, as it would
+    # natively.  With the lease file lost it cannot know, and the second
+    # takes the port; the first's listener is still live, so once the
+    # second ends it must be published again.
     first = node.app([*APPS, "greeter", "7029"], ip="10.1.0.5", name="first")
     node.wait_service("10.1.0.5:7029")
     first.send_signal(signal.SIGSTOP)
     try:
         node.kill_daemon()
+        if leases == "lost":
+            (node.runtime / "leases").unlink()
         node.start()
-        second = node.app([*APPS, "greeter", "7029"], ip="10.1.0.5", name="second")
-        assert node.wait_service("10.1.0.5:7029")["name"] == "second"
+        if leases == "kept":
+            second = node.run([*APPS, "greeter", "7029"], ip="10.1.0.5", timeout=30)
+            assert second.returncode != 0
+            assert "Address already in use" in second.stderr
+            assert node.log("daemon-2").count("holding for apps of the previous daemon") == 1
+        else:
+            taker = node.app([*APPS, "greeter", "7029"], ip="10.1.0.5", name="second")
+            assert node.wait_service("10.1.0.5:7029")["name"] == "second"
         first.send_signal(signal.SIGCONT)
         wait_until(
             "the first re-attached", lambda: {a["name"] for a in node.json("apps")} >= {"first"}
         )
-        stop_process(second)
+        if leases == "lost":
+            stop_process(taker)
         assert node.wait_service("10.1.0.5:7029")["name"] == "first"
         said = node.run_json([*APPS, "ask", "10.1.0.5", "7029", "1"], ip="10.1.0.9")
         assert said["said"][0]["accepted_from"][0] == "10.1.0.9"

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from axnet._leases import Binding, Lease
 from axnet._node import (
     MAX_AHEAD_S,
     MAX_BLOCKS,
@@ -327,6 +328,81 @@ def test_an_app_re_attaching_gets_back_every_block_it_held_that_is_free() -> Non
         now=NOW,
     )
     assert len(app.blocks) == MAX_BLOCKS
+
+
+def test_what_a_previous_daemon_s_apps_hold_goes_to_no_newcomer_until_they_re_attach() -> None:
+    # A daemon restarted: the app that held vip .2, blocks 40000-40199 and
+    # .2:80 (real port 20000) has not re-attached yet.  A newcomer gets
+    # none of it (EADDRINUSE for .2:80, as the kernel would say: the app
+    # still holds that socket); the app, re-attaching, gets all of it back.
+    node = make_node(client=(40000, 40499), block=100)
+    held = Lease(
+        app_id="old",
+        pid=77,
+        started=5,
+        vip=ip_address("10.77.0.2"),
+        blocks=((40000, 40099), (40100, 40199)),
+        bindings=(Binding(virtual=va("10.77.0.2", 80), real_port=20000),),
+    )
+    node.reserve([held])
+    assert node.leases() == [held]  # a second restart keeps holding it
+    newcomer = attach(node, "new")
+    assert newcomer.vip != held.vip
+    assert (newcomer.port_lo, newcomer.port_hi) == (40200, 40299)
+    assert node.claim("new", va(str(newcomer.vip), 0)).real_port == 20001  # not old's 20000
+    node.attach(
+        app_id="twin",
+        vip=ip_address("10.77.0.2"),
+        name="",
+        labels=(),
+        pid=2,
+        argv=[],
+        block=None,
+        now=NOW,
+    )
+    with pytest.raises(ClaimError) as in_use:
+        node.claim("twin", va("10.77.0.2", 80))
+    assert in_use.value.errno == errno.EADDRINUSE
+    assert node.claim("twin", va("10.77.0.2", 81)).real_port == 20002
+    app, _ = node.attach(
+        app_id="old",
+        vip=held.vip,
+        name="",
+        labels=(),
+        pid=77,
+        argv=[],
+        block=(40000, 40099),
+        more_blocks=[(40100, 40199)],
+        now=NOW,
+        started=5,
+    )
+    assert app.blocks == [(40000, 40099), (40100, 40199)]
+    assert node.adopt("old", va("10.77.0.2", 80), real_port=20000, listening=True)
+    assert {lease.app_id for lease in node.leases()} == {"new", "twin", "old"}
+    [old] = [lease for lease in node.leases() if lease.app_id == "old"]
+    assert old == held
+
+
+def test_holding_ends_when_the_table_settles() -> None:
+    node = make_node(client=(40000, 40199), block=100)
+    node.reserve(
+        [
+            Lease(
+                app_id="gone",
+                pid=9,
+                started=1,
+                vip=ip_address("10.77.0.2"),
+                blocks=((40000, 40099),),
+            )
+        ]
+    )
+    assert attach(node, "a1").port_lo == 40100
+    assert node.end_reservations() == ["gone"]
+    assert node.leases()[0].app_id == "a1"
+    assert attach(node, "a2").port_lo == 40000
+    # An app already attached is never held for (its own daemon's lease).
+    node.reserve([Lease(app_id="a1", pid=9, started=1, vip=ip_address("10.77.0.6"))])
+    assert node.end_reservations() == []
 
 
 def test_more_ports_when_none_is_left() -> None:
