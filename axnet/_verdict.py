@@ -79,13 +79,22 @@ BindVerdict = Passthrough | Deny | BindVirtual | BindInert
 def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> ConnectVerdict:
     """Where a stream connect to ``ip:port`` goes."""
     record = table.resolve(ip, port)
-    if record is not None:
-        return Redirect(real=record.real, service=record.virtual)
-    if (
+    virtual = record is not None or (
         ip == me.vip
         or table.is_virtual_ip(ip)
         or (me.virtual_range is not None and ip in me.virtual_range)
-    ):
+    )
+    if virtual and ip.version == 4 and me.vip.version == 6:
+        # The app's virtual host has one address, an IPv6 one: as on a host
+        # without IPv4, IPv4 is unreachable (a server could not be told
+        # who connected: an IPv4 socket cannot hold the app's address).
+        return Deny(
+            errno=errno.ENETUNREACH,
+            reason=f"virtual {ip}:{port} is IPv4 and this app's virtual address {me.vip} is IPv6",
+        )
+    if record is not None:
+        return Redirect(real=record.real, service=record.virtual)
+    if virtual:
         return Deny(errno=errno.ECONNREFUSED, reason=f"nothing serves virtual {ip}:{port}")
     return Passthrough()
 

@@ -210,6 +210,11 @@ class Binder:
         return group
 
 
+def fits(family: int, ip: IPAddress) -> bool:
+    """Whether a socket of *family* can hold *ip* (IPv6 holds IPv4 mapped)."""
+    return family == socket.AF_INET6 or ip.version == 4
+
+
 def pack(family: int, ip: IPAddress, port: int) -> bytes:
     """*ip*:*port* as a sockaddr of *family*; ENETUNREACH when the family
     cannot hold the address (an IPv4 socket, an IPv6 address)."""

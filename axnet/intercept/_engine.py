@@ -88,7 +88,7 @@ from .._verdict import (
 )
 from . import _raw
 from ._appfs import AppFs, is_path_address
-from ._binder import WILDCARD4, WILDCARD6, Binder, NodeLink, local_endpoint, pack
+from ._binder import WILDCARD4, WILDCARD6, Binder, NodeLink, fits, local_endpoint, pack
 from ._bindings import Binding, Bindings
 from ._bpf import (
     NR_ACCEPT,
@@ -854,6 +854,8 @@ class Engine:
                     raise Errno(errno.EINVAL)
                 ip, port = endpoint
                 vip = self.table.virtual_of_client(ip, port)
+                if vip is not None and not fits(family, vip):
+                    vip = None  # an IPv6 client's, on an IPv4 socket: the real peer
                 self._store_sockaddr(n, addr_ptr, len_ptr, pack(family, vip or ip, port))
             _set_nonblocking(conn, bool(flags & socket.SOCK_NONBLOCK))
             try:
@@ -902,7 +904,9 @@ class Engine:
                     raise Errno(exc.errno or errno.EINVAL) from None
         finally:
             sock.close()  # before the answer, as in _deliver: the app's close is the last
-        if virtual is None:
+        if virtual is None or not fits(family, virtual[0]):
+            # Not virtual, or an address the socket's family cannot hold (an
+            # IPv6 client's, on an IPv4 socket): the kernel's own answer.
             self._continue(n)
             return
         self._store_sockaddr(n, n.args[1], n.args[2], pack(family, virtual[0], virtual[1]))

@@ -475,6 +475,10 @@ static int on_connect(Call *c, Handback *out) {
     unsigned char endpoint[ENDPOINT_LEN];
     if (sa.ss_family != family || endpoint_of(&sa, addrlen, endpoint) < 0) goto slow;
     if (family == AF_INET6 && ((struct sockaddr_in6 *)&sa)->sin6_scope_id) goto slow;
+    /* An app whose virtual address is IPv6 has none to reach IPv4 from:
+     * Python refuses it (ENETUNREACH, as a host without IPv4). */
+    if (memcmp(endpoint, v4_mapped_prefix, 12) == 0 && memcmp(c->me + 16, v4_mapped_prefix, 12) != 0)
+        goto slow;
     PyObject *real = dict_bytes(c->live, endpoint, ENDPOINT_LEN);
     if (real == NULL || !PyBytes_Check(real) || PyBytes_GET_SIZE(real) != ENDPOINT_LEN) goto slow;
     unsigned char real_end[ENDPOINT_LEN]; /* ours: bind_source() allocates Python objects */

@@ -477,6 +477,43 @@ def test_a_restarted_daemon_gives_an_app_back_every_block_it_held(node: AxnetNod
         stop_process(server)
 
 
+def test_an_ipv6_app_cannot_reach_an_ipv4_service_nor_break_its_accept(node: AxnetNode) -> None:
+    # An app whose virtual address is IPv6 has no IPv4 one: its connect to
+    # an IPv4 service fails with ENETUNREACH, as on a host without IPv4.
+    # (Let through, the server's accept failed with ENETUNREACH, as an IPv4
+    # socket cannot hold the client's address, and a server that takes
+    # that as fatal, socat, died.)  A connection that does come from such
+    # an app's block (any process of the host can bind its ports) is named
+    # by its real address, and the server serves on.
+    server = node.app([*APPS, "greeter", "7050"], ip="10.1.0.5")
+    real = node.wait_service("10.1.0.5:7050")["real"]
+    got = node.run_json([*APPS, "connect-errno", "10.1.0.5", "7050"], ip="fd00::9")
+    assert got == {"errno": errno.ENETUNREACH}
+    holder = node.app([*APPS, "stuck-server", "7051"], ip="fd00::9")
+    try:
+        [app] = wait_until(
+            "the IPv6 app attached", lambda: [a for a in node.json("apps") if a["vip"] == "fd00::9"]
+        )
+        port = int(app["client_ports"].split("-")[0])
+        host, _, real_port = real.rpartition(":")
+        from_block = (
+            "import socket, sys\n"
+            "s = socket.socket()\n"
+            f"s.bind(({host!r}, {port}))\n"
+            f"s.connect(({host!r}, {real_port}))\n"
+            "print(s.recv(4096).decode())\n"
+        )
+        done = node.host.run([sys.executable, "-c", from_block], timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["accepted_from"] == [host, port]
+        said = node.run_json([*APPS, "ask", "10.1.0.5", "7050", "1"], ip="10.1.0.9")
+        assert said["said"][0]["accepted_from"][0] == "10.1.0.9"
+        assert server.poll() is None
+    finally:
+        stop_process(holder)
+        stop_process(server)
+
+
 def test_32_threads_by_100_connects(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7006"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7006")

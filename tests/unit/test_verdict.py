@@ -77,6 +77,19 @@ def test_connect_to_a_served_virtual_address_is_redirected() -> None:
     )
 
 
+def test_an_app_with_an_ipv6_address_cannot_reach_virtual_ipv4() -> None:
+    # Its virtual host has no IPv4 address: as natively on such a host, an
+    # IPv4 destination is unreachable, served or not.  (Let through, the
+    # server's accept could not hold the client's address.)  Real IPv4
+    # addresses are the kernel's business, as ever.
+    for port in (80, 81):
+        verdict = decide_connect(table(), me(MY_VIP6), WEB_VIP, port)
+        assert isinstance(verdict, Deny) and verdict.errno == errno.ENETUNREACH, verdict
+        assert "fd00::2 is IPv6" in verdict.reason
+    assert decide_connect(table(), me(MY_VIP6), ip_address("192.0.2.9"), 80) == Passthrough()
+    assert isinstance(decide_connect(table(), me(), WEB_VIP, 80), Redirect)
+
+
 def test_connect_to_own_service_is_redirected() -> None:
     t = table()
     t.merge(
