@@ -679,7 +679,12 @@ class Engine:
             case BindVirtual():
                 return self._binder.bind_virtual(sock, verdict.port, n.pid, self.identity)
             case BindInert():
-                log.info("bind inert pid=%s addr=%s:%s reason=%s", n.pid, ip, port, verdict.reason)
+                log.info(
+                    "bind inert pid=%s addr=%s reason=%s",
+                    n.pid,
+                    VirtualAddress(ip=ip, port=port),
+                    verdict.reason,
+                )
                 return self._binder.bind_inert(sock, verdict.port, n.pid)
             case Deny():
                 raise _refused(n, "bind", ip, port, verdict)
@@ -753,10 +758,9 @@ class Engine:
                 except ClaimError as exc:
                     log.warning("publish failed service=%s reason=%s", binding.virtual, exc)
                 log.info(
-                    "listening service=%s real=%s:%s",
+                    "listening service=%s real=%s",
                     binding.virtual,
-                    self.identity.real_host,
-                    binding.real_port,
+                    RealAddress(host=self.identity.real_host, port=binding.real_port),
                 )
             self._reply(n)
         finally:
@@ -966,7 +970,8 @@ class Engine:
 
 def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny) -> Errno:
     """Log a refused call (visible at -v) and return the error the app gets."""
-    log.info("%s refused pid=%s addr=%s:%s reason=%s", call, n.pid, ip, port, verdict.reason)
+    addr = VirtualAddress(ip=ip, port=port)
+    log.info("%s refused pid=%s addr=%s reason=%s", call, n.pid, addr, verdict.reason)
     return Errno(verdict.errno)
 
 

@@ -88,6 +88,9 @@ def test_an_app_with_an_ipv6_address_cannot_reach_virtual_ipv4() -> None:
         assert "fd00::2 is IPv6" in verdict.reason
     assert decide_connect(table(), me(MY_VIP6), ip_address("192.0.2.9"), 80) == Passthrough()
     assert isinstance(decide_connect(table(), me(), WEB_VIP, 80), Redirect)
+    # IPv6 addresses are bracketed in what is logged.
+    own = decide_connect(table(), me(MY_VIP6), MY_VIP6, 81)
+    assert isinstance(own, Deny) and own.reason == "nothing serves virtual [fd00::2]:81"
 
 
 def test_connect_to_own_service_is_redirected() -> None:
