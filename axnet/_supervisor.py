@@ -525,6 +525,15 @@ class Supervisor:
             status = _reap(launched_pid)
             nursery.cancel_scope.cancel()
         self._token = None
+        _reap_exited()
+        if left := _children():
+            # A server that daemonizes (pg_ctl start, nginx without "daemon
+            # off;") looks to us like an app that exited: say why it goes.
+            log.warning(
+                "the app exited and left processes running pids=%s: they get SIGTERM now "
+                "(run a server that daemonizes in the foreground under axnet run)",
+                ",".join(map(str, left)),
+            )
         # The rest of the tree gets its grace period; a second Ctrl-C meanwhile
         # must not cut the clean-up short (the signals stay blocked: ignored).
         await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
@@ -603,6 +612,17 @@ def _children() -> list[int]:
     return pids
 
 
+def _reap_exited() -> bool:
+    """Reap every child that has exited (our children: their pids are not
+    reused meanwhile); whether any child is left."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        return False
+    return True
+
+
 def _terminate_tree() -> None:
     """SIGTERM what is left of the app's tree (we are its subreaper), then SIGKILL.
 
@@ -614,12 +634,7 @@ def _terminate_tree() -> None:
 
     deadline = time.monotonic() + TERMINATE_GRACE_S
     termed: set[int] = set()
-    while True:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass  # reap every exited child (our children: their pids are not reused meanwhile)
-        except ChildProcessError:
-            return
+    while _reap_exited():
         late = time.monotonic() > deadline
         for child in _children():
             if late or child not in termed:
