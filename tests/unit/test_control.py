@@ -39,6 +39,8 @@ from axnet._control import (
     serve_control,
 )
 from axnet._daemon import Daemon, DaemonConfig
+from axnet._leasefile import process_started
+from axnet._leases import decode
 from axnet._node import MAX_BLOCKS, NodeConfig
 from axnet._supervisor import Session
 from axnet._wire import MAX_LABELS, FrameDecoder, frame, records_from_wire
@@ -388,6 +390,51 @@ async def test_an_app_re_attaching_names_its_other_blocks_and_gets_them_back(
     assert reply["more_blocks"] == [[40100, 40199]]
     [app] = apps
     assert app["client_ports"] == "40300-40399,40100-40199"
+
+
+async def test_a_stopped_daemon_leaves_leases_the_next_one_holds_for_its_apps(
+    sock_dir: Path,
+) -> None:
+    # `axnet stop` while an app runs (this process stands for it): the
+    # daemon writes its lease before the sessions close.  The next daemon
+    # gives what it names to nobody else until the app re-attaches.
+    path = control_path(sock_dir)
+
+    def first() -> dict[str, Any]:
+        with ControlClient(path, timeout=5.0) as client:
+            reply = _attach(client, "a1", pid=os.getpid(), vip="10.1.0.5")
+            client.request("claim", vip="10.1.0.5", vport=80)
+            client.request("listen", vip="10.1.0.5", vport=80)
+            with ControlClient(path, timeout=5.0) as other:
+                other.request("stop")
+            with pytest.raises(ControlError):  # the daemon hung up
+                client.request("status")
+        return reply
+
+    held = await _with_daemon(sock_dir, first)
+    [lease] = decode((sock_dir / "leases").read_bytes())
+    assert (lease.app_id, lease.pid, lease.started) == (
+        "a1",
+        os.getpid(),
+        process_started(os.getpid()),
+    )
+    assert [list(b) for b in lease.blocks] == [held["block"]]
+    assert [str(b.virtual) for b in lease.bindings] == ["10.1.0.5:80"]
+
+    def second() -> tuple[dict[str, Any], int, dict[str, Any]]:
+        with ControlClient(path, timeout=5.0) as newcomer:
+            fresh = _attach(newcomer, "a2", vip="10.1.0.5")
+            with pytest.raises(ControlError) as in_use:
+                newcomer.request("claim", vip="10.1.0.5", vport=80)
+        with ControlClient(path, timeout=5.0) as client:
+            back = _attach(client, "a1", pid=os.getpid(), vip="10.1.0.5", block=held["block"])
+            client.request("claim", vip="10.1.0.5", vport=80)
+        return fresh, in_use.value.errno, back
+
+    fresh, refused, back = await _with_daemon(sock_dir, second)
+    assert fresh["block"] != held["block"]
+    assert refused == errno.EADDRINUSE
+    assert back["block"] == held["block"]
 
 
 async def test_a_request_quoting_megabytes_is_refused_briefly_and_the_session_goes_on(
