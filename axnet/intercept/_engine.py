@@ -200,6 +200,7 @@ class Engine:
                 resp_size=resp_size,
                 pidfds=self._tasks.pidfds,
                 mems=self._tasks.mems,
+                maps=self._tasks.maps,
                 names=self.bindings.names,
                 inert=self.bindings.inert_names,
                 pending=self.bindings.kept,

@@ -100,6 +100,16 @@
 #ifndef SECCOMP_ADDFD_FLAG_SEND
 #define SECCOMP_ADDFD_FLAG_SEND (1UL << 1)
 #endif
+/* linux/fs.h of 6.11: the app's mappings, asked of a /proc/TID/maps handle. */
+struct axnet_procmap_query {
+    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size,
+        vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+#define AXNET_PROCMAP_QUERY _IOWR('f', 17, struct axnet_procmap_query)
+#define VMA_READABLE 0x1
+#define VMA_WRITABLE 0x2
 
 #define ENDPOINT_LEN 18 /* address (16) + port (2, network order) */
 #define ME_LEN 36       /* real host (16), vip (16), block lo (2), block hi (2) */
@@ -137,7 +147,7 @@ typedef struct {
     int nfd;
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
-    PyObject *pidfds, *mems, *names, *inert, *pending; /* dicts owned by Python */
+    PyObject *pidfds, *mems, *maps, *names, *inert, *pending; /* dicts owned by Python */
     PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
     Parked **parked;                           /* indexed by listener fd (ours) */
@@ -173,6 +183,7 @@ typedef struct {
     struct seccomp_notif *n;
     PyObject *live, *by_real, *blocks; /* the table's packed indexes */
     const unsigned char *me;           /* the packed identity (ME_LEN bytes) */
+    uint64_t vma_start, vma_end, vma_flags; /* the mapping last asked about (see allowed) */
 } Call;
 
 /* -- small helpers ------------------------------------------------------------ */
@@ -261,16 +272,48 @@ static int dup_target(Call *c) {
     return fd < 0 ? -1 : (int)fd;
 }
 
+/* Cleared once the kernel says it has no PROCMAP_QUERY (before 6.11): then
+ * page protections cannot be honoured, here as in Python (_tasks). */
+static int procmap_known = 1;
+
+/* 0 when the app may access len bytes at address with the rights need (its
+ * mem handle reaches pages the app may not: a write into its code would
+ * succeed); -1 when it may not, or we cannot tell: Python then answers
+ * (EFAULT where the kernel would).  The mapping found is remembered for the
+ * rest of the call: a result and its length are mostly on one stack. */
+static int allowed(Call *c, uint64_t address, size_t len, uint64_t need) {
+    uint64_t end = address + len;
+    if (end < address) return -1;
+    while (procmap_known && address < end) {
+        if (!(c->vma_start <= address && address < c->vma_end)) {
+            int maps = dict_fd(c->self->maps, c->n->pid);
+            if (maps < 0) return -1;
+            struct axnet_procmap_query q = {.size = sizeof q, .query_addr = address};
+            if (ioctl(maps, AXNET_PROCMAP_QUERY, &q) < 0) {
+                if (errno != ENOTTY && errno != EINVAL) return -1;
+                procmap_known = 0;
+                break;
+            }
+            c->vma_start = q.vma_start;
+            c->vma_end = q.vma_end;
+            c->vma_flags = q.vma_flags;
+        }
+        if ((c->vma_flags & need) != need) return -1;
+        address = c->vma_end;
+    }
+    return 0;
+}
+
 /* Exactly len bytes of the app's memory through a cached mem handle. */
 static int read_app(Call *c, uint64_t address, void *out, size_t len) {
     int mem = dict_fd(c->self->mems, c->n->pid);
-    if (mem < 0) return -1;
+    if (mem < 0 || allowed(c, address, len, VMA_READABLE) < 0) return -1;
     return pread(mem, out, len, (off_t)address) == (ssize_t)len ? 0 : -1;
 }
 
 static int write_app(Call *c, uint64_t address, const void *data, size_t len) {
     int mem = dict_fd(c->self->mems, c->n->pid);
-    if (mem < 0) return -1;
+    if (mem < 0 || allowed(c, address, len, VMA_WRITABLE) < 0) return -1;
     return pwrite(mem, data, len, (off_t)address) == (ssize_t)len ? 0 : -1;
 }
 
@@ -445,11 +488,17 @@ static int bind_source(Call *c, int fd, int family, const unsigned char *dest) {
 static int store_sockaddr(Call *c, uint64_t addr_ptr, uint64_t len_ptr, int32_t room,
                           const struct sockaddr_storage *sa, socklen_t len) {
     int32_t full = (int32_t)len;
+    size_t stored = (size_t)room < len ? (size_t)room : len;
+    /* Both checked before either is written: a fault is Python's to answer
+     * from the start, with the length the app passed. */
+    if (allowed(c, len_ptr, sizeof full, VMA_WRITABLE) < 0 ||
+        (room && allowed(c, addr_ptr, stored, VMA_WRITABLE) < 0))
+        return -1;
     /* The kernel writes *addrlen back even when it holds that value already
      * (the usual case: room for exactly this family); writing the same value
      * again changes nothing the app can see, and costs a /proc access. */
     if (full != room && write_app(c, len_ptr, &full, sizeof full) < 0) return -1;
-    if (room && write_app(c, addr_ptr, sa, (size_t)room < len ? (size_t)room : len) < 0) return -1;
+    if (room && write_app(c, addr_ptr, sa, stored) < 0) return -1;
     return 0;
 }
 
@@ -921,7 +970,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
         unpark(self, fd);
         Py_RETURN_NONE;
     }
-    Call c = {self, &n, NULL, NULL, NULL, NULL};
+    Call c = {self, &n, NULL, NULL, NULL, NULL, 0, 0, 0};
     Handback out = {.fd = -1};
     int kind = SLOW; /* connections kept for this listener go first: Python */
     if (!kept_for(self, p->port)) {
@@ -957,7 +1006,7 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
         adapt(&self->follow_window, self->poll_budget, self->answered_at, self->follow_until,
               &self->caught_following);
     self->answered_at = self->follow_until = 0;
-    Call c = {self, n, NULL, NULL, NULL, NULL};
+    Call c = {self, n, NULL, NULL, NULL, NULL, 0, 0, 0};
     if (call_load(&c, engine) < 0) {
         call_done(&c);
         PyErr_Clear(); /* Python answers it (and meets the same error there) */
@@ -1138,16 +1187,17 @@ static PyObject *Fast_close(Fast *self, PyObject *unused) {
 /* -- the type ---------------------------------------------------------------------------- */
 
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd",      "notif_size",   "resp_size", "pidfds",
-                             "mems",    "names",        "inert",     "pending",
-                             "sources", "busy_poll_us", NULL};
+    static char *kwlist[] = {"fd",      "notif_size", "resp_size",    "pidfds",
+                             "mems",    "maps",       "names",        "inert",
+                             "pending", "sources",    "busy_poll_us", NULL};
     int fd, busy_poll_us = 0;
     Py_ssize_t notif_size, resp_size;
-    PyObject *pidfds, *mems, *names, *inert, *pending, *sources;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!|$i", kwlist, &fd, &notif_size,
-                                     &resp_size, &PyDict_Type, &pidfds, &PyDict_Type, &mems,
-                                     &PyDict_Type, &names, &PyDict_Type, &inert, &PyDict_Type,
-                                     &pending, &PyDict_Type, &sources, &busy_poll_us))
+    PyObject *pidfds, *mems, *maps, *names, *inert, *pending, *sources;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$i", kwlist, &fd,
+                                     &notif_size, &resp_size, &PyDict_Type, &pidfds,
+                                     &PyDict_Type, &mems, &PyDict_Type, &maps, &PyDict_Type,
+                                     &names, &PyDict_Type, &inert, &PyDict_Type, &pending,
+                                     &PyDict_Type, &sources, &busy_poll_us))
         return -1;
     if (busy_poll_us < 0 || busy_poll_us > 1000000) {
         PyErr_SetString(PyExc_ValueError, "busy_poll_us must be 0 to 1000000");
@@ -1180,6 +1230,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->resp_size = (size_t)resp_size;
     self->pidfds = Py_NewRef(pidfds);
     self->mems = Py_NewRef(mems);
+    self->maps = Py_NewRef(maps);
     self->names = Py_NewRef(names);
     self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
@@ -1204,6 +1255,7 @@ static void Fast_dealloc(Fast *self) {
     PyMem_Free(self->fds);
     Py_XDECREF(self->pidfds);
     Py_XDECREF(self->mems);
+    Py_XDECREF(self->maps);
     Py_XDECREF(self->names);
     Py_XDECREF(self->inert);
     Py_XDECREF(self->pending);

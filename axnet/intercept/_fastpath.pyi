@@ -34,6 +34,7 @@ class Fast:
         resp_size: int,
         pidfds: dict[int, int],
         mems: dict[int, int],
+        maps: dict[int, int],
         names: dict[int, bytes],
         inert: dict[int, bytes],
         pending: Mapping[int, object],

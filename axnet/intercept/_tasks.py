@@ -17,6 +17,13 @@ engine keeps names one *task* for that task's whole life, never a number:
   is trusted only after the notification is checked still valid (the thread
   is parked in its syscall, so the tid was not reused between the open and
   the check).
+* ``/proc/TID/mem`` reaches pages the app itself may not (the kernel lets a
+  debugger write breakpoints into code), so every access is first checked
+  against the app's mappings: ``PROCMAP_QUERY`` (Linux 6.11) on a
+  ``/proc/TID/maps`` handle opened beside the mem handle, which names the
+  same address space.  A range the app could not read (or write) is EFAULT,
+  as the kernel answers the app.  Older kernels have no such query: there
+  the protections are not honoured (only unmapped memory is EFAULT).
 
 A thread parked in a blocking call waits killably (see ``_libc``): only a
 fatal signal ends the wait.  :class:`SignalTargets` tells the engine which
@@ -34,17 +41,31 @@ pidfd succeeded, which is its liveness check.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
+import logging
 import os
 import signal
+import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
 from ._libc import PIDFD_THREAD, pidfd_getfd, pidfd_open
 
+log = logging.getLogger("axnet.run")
+
 #: Handles kept per cache (one fd each).
 MAX_CACHED = 256
+
+#: ioctl on /proc/PID/maps (linux/fs.h, 6.11): _IOWR('f', 17, struct procmap_query).
+PROCMAP_QUERY = 0xC0686611
+#: struct procmap_query: size, query_flags, query_addr, then what the kernel
+#: fills in (vma_start, vma_end, vma_flags first); 104 bytes.
+_PROCMAP = struct.Struct("=QQQQQQ56x")
+#: vma_flags bits.
+VMA_READABLE = 0x1
+VMA_WRITABLE = 0x2
 
 
 class Errno(Exception):
@@ -301,6 +322,41 @@ def _open_mem(tid: int) -> int:
     return os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
 
 
+def _open_maps(tid: int) -> int:
+    return os.open(f"/proc/{tid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@functools.cache
+def _procmap_missing() -> None:
+    log.info(
+        "no PROCMAP_QUERY (Linux 6.11) here: results written into the app's memory "
+        "cannot honour its page protections"
+    )
+
+
+def permitted(maps: int, address: int, size: int, need: int) -> bool:
+    """Whether the app may access [address, address + size) with the rights
+    *need* (VMA_READABLE, VMA_WRITABLE): every byte mapped, every mapping
+    allowing it.  True where the kernel cannot tell (before 6.11)."""
+    end = address + size
+    while address < end:
+        query = bytearray(_PROCMAP.pack(_PROCMAP.size, 0, address, 0, 0, 0))
+        try:
+            fcntl.ioctl(maps, PROCMAP_QUERY, query)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False  # nothing mapped there
+            if exc.errno in (errno.ENOTTY, errno.EINVAL):
+                _procmap_missing()
+                return True
+            raise
+        _size, _flags, _addr, _start, vma_end, flags = _PROCMAP.unpack(query)
+        if flags & need != need:
+            return False
+        address = vma_end
+    return True
+
+
 class Tasks:
     """The app's threads, as far as the engine needs to reach them."""
 
@@ -308,6 +364,9 @@ class Tasks:
         self._is_valid = is_valid
         self._pidfds = _Cache(_open_pidfd)
         self._mems = _Cache(_open_mem)
+        #: /proc/TID/maps beside each mem handle: opened, dropped and
+        #: validated with it (both name the address space at their open).
+        self._maps = _Cache(_open_maps)
         #: Whether handles are kept between calls.  Not without thread pidfds:
         #: the leader's pidfd outlives a thread whose id a task of another
         #: process may get, so nothing could tell a kept handle is stale.  Each
@@ -323,13 +382,17 @@ class Tasks:
         except OSError as exc:
             raise gone_or_errno(exc) from None
         if fresh:
-            self._mems.drop(tid)
+            self._drop_mem(tid)
         return pidfd, fresh
+
+    def _drop_mem(self, tid: int) -> None:
+        self._mems.drop(tid)
+        self._maps.drop(tid)
 
     def _forget(self, tid: int) -> None:
         """The thread is gone and its id may be another task's now."""
         self._pidfds.drop(tid)
-        self._mems.drop(tid)
+        self._drop_mem(tid)
 
     def getfd(self, tid: int, target: int) -> int:
         """Our duplicate of the thread's fd *target*; raises Errno or Gone."""
@@ -352,20 +415,24 @@ class Tasks:
                     raise Gone from None
         raise Gone
 
-    def mem(self, tid: int, notification_id: int) -> tuple[int, bool]:
-        """The thread's address space for writing results; raises Gone or Errno."""
+    def mem(self, tid: int, notification_id: int) -> tuple[int, int, bool]:
+        """(mem, maps, fresh): the thread's address space and its mappings;
+        raises Gone or Errno."""
         pidfd, fresh = self._pidfd(tid)
         if not fresh and not _alive(pidfd):
             self._forget(tid)
             self._pidfd(tid)  # whoever has the id now (validated below)
         try:
             fd, fresh = self._mems.get(tid)
+            maps, fresh_maps = self._maps.get(tid)
         except OSError as exc:
+            self._drop_mem(tid)
             raise gone_or_errno(exc) from None
+        fresh = fresh or fresh_maps
         if fresh and not self._is_valid(notification_id):
-            self._mems.drop(tid)
+            self._drop_mem(tid)
             raise Gone
-        return fd, fresh
+        return fd, maps, fresh
 
     def write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
         """Store ``(address, bytes)`` pairs in the thread's memory; raises Errno(EFAULT) or Gone."""
@@ -379,14 +446,16 @@ class Tasks:
         for address, data in writes:
             _check_range(address, len(data))
         for attempt in (0, 1):
-            fd, fresh = self.mem(tid, notification_id)
+            fd, maps, fresh = self.mem(tid, notification_id)
             try:
                 for address, data in writes:
+                    if not permitted(maps, address, len(data), VMA_WRITABLE):
+                        raise Errno(errno.EFAULT)  # read-only, or not mapped
                     if os.pwrite(fd, data, address) != len(data):
                         raise OSError(errno.EFAULT, "short write")
                 return
             except OSError:
-                self._mems.drop(tid)
+                self._drop_mem(tid)
                 if fresh or attempt:
                     raise Errno(errno.EFAULT) from None
         raise Errno(errno.EFAULT)
@@ -406,14 +475,16 @@ class Tasks:
     def _read(self, tid: int, notification_id: int, address: int, size: int) -> bytes:
         _check_range(address, size)
         for attempt in (0, 1):
-            fd, fresh = self.mem(tid, notification_id)
+            fd, maps, fresh = self.mem(tid, notification_id)
             try:
+                if not permitted(maps, address, size, VMA_READABLE):
+                    raise Errno(errno.EFAULT)  # not readable, or not mapped
                 data = os.pread(fd, size, address)
                 if len(data) == size:
                     return data
                 raise OSError(errno.EFAULT, "short read")
             except OSError:
-                self._mems.drop(tid)
+                self._drop_mem(tid)
                 if fresh or attempt:
                     raise Errno(errno.EFAULT) from None
         raise Errno(errno.EFAULT)
@@ -428,6 +499,15 @@ class Tasks:
         """The ``/proc/TID/mem`` cache, tid -> fd (read-only outside this class)."""
         return self._mems.fds
 
+    @property
+    def maps(self) -> dict[int, int]:
+        """The ``/proc/TID/maps`` cache beside it, tid -> fd (read-only outside)."""
+        return self._maps.fds
+
     def close(self) -> None:
         self._pidfds.clear()
+        self._drop_all_mem()
+
+    def _drop_all_mem(self) -> None:
         self._mems.clear()
+        self._maps.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import socket
@@ -387,6 +388,68 @@ def hostile() -> None:
     probe.bind(("0.0.0.0", 0))
     results["still_working"] = int(probe.getsockname()[1] != 0)
     _out(**results, ENOENT=errno.ENOENT)
+
+
+def protected_pages() -> None:
+    """Socket calls whose buffers lie in pages the app may not write (or
+    read); report each errno, and whether the read-only page kept its bytes."""
+    results: dict[str, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    mmap, mprotect = _libc.mmap, _libc.mprotect
+    mmap.restype = ctypes.c_void_p
+    mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    prot_rw, prot_none = 0x1 | 0x2, 0x0
+    # Four pages: writable, read-only, writable, no access.
+    base = mmap(None, 4 * page, prot_rw, 0x02 | 0x20, -1, 0)  # MAP_PRIVATE | MAP_ANONYMOUS
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    rw, ro, rw2, none = base, base + page, base + 2 * page, base + 3 * page
+    # The read-only page: a sane length (16) first, then a pattern.
+    ctypes.memmove(ro, struct.pack("=I", 16) + b"\xaa" * (page - 4), page)
+    if mprotect(ro, page, 0x1) or mprotect(none, page, prot_none):
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+
+    def call(name: str, fn: Callable[[], int]) -> None:
+        ctypes.set_errno(0)
+        rc = fn()
+        results[name] = ctypes.get_errno() if rc < 0 else 0
+
+    def room() -> object:
+        return ctypes.byref(ctypes.c_uint32(16))
+
+    p = ctypes.c_void_p
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(4)
+    lfd = listener.fileno()
+    call("getsockname_read_only", lambda: _libc.getsockname(lfd, p(ro), room()))
+    call("getsockname_length_read_only", lambda: _libc.getsockname(lfd, p(rw), p(ro)))
+    call("getsockname_no_access", lambda: _libc.getsockname(lfd, p(none), room()))
+    # A result that starts in writable memory and runs into read-only.
+    call("getsockname_into_read_only", lambda: _libc.getsockname(lfd, p(ro - 8), room()))
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.connect(listener.getsockname())
+    call("getpeername_read_only", lambda: _libc.getpeername(client.fileno(), p(ro), room()))
+    # The kernel drops a connection whose address it cannot store.
+    call("accept_read_only", lambda: _libc.accept(lfd, p(ro), room()))
+    listener.setblocking(False)
+    call("accept_after", lambda: _libc.accept(lfd, None, None))
+    # An address whose first half is readable and whose rest is not.
+    straddling = rw2 + page - 8
+    ctypes.memmove(straddling, _sockaddr_in(listener.getsockname()), 8)
+    for name, address in (("no_access", none), ("straddling", straddling)):
+        for what, fn in (("connect", _libc.connect), ("bind", _libc.bind)):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                call(f"{what}_{name}", functools.partial(fn, sock.fileno(), p(address), 16))
+    results["read_only_intact"] = int(
+        ctypes.string_at(ro, page) == struct.pack("=I", 16) + b"\xaa" * (page - 4)
+    )
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("0.0.0.0", 0))
+    results["still_working"] = int(probe.getsockname()[1] != 0)
+    _out(**results)
 
 
 def _sockaddr_in(address: tuple[str, int]) -> bytes:
@@ -1115,6 +1178,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "io-uring": io_uring,
     "fastopen": fastopen,
     "hostile": hostile,
+    "protected-pages": protected_pages,
     "bind-twice": bind_twice,
     "reuseport": reuseport,
     "dual-family": dual_family,

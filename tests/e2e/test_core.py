@@ -961,6 +961,22 @@ def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     assert result["still_working"] == 1
 
 
+def test_buffers_the_app_may_not_write_or_read_are_efault_as_natively(node: AxnetNode) -> None:
+    # The supervisor reaches the app's memory through /proc/PID/mem, which
+    # may write read-only pages (a debugger's breakpoints): a getsockname
+    # into the app's code once overwrote it.  Every such call fails with
+    # EFAULT as it does natively, and the read-only page keeps its bytes.
+    native = node.host.run([*APPS, "protected-pages"], timeout=60)
+    assert native.returncode == 0, native.stderr
+    expected = json.loads(native.stdout)
+    assert {k: v for k, v in expected.items() if v != errno.EFAULT} == {
+        "accept_after": errno.EAGAIN,
+        "read_only_intact": 1,
+        "still_working": 1,
+    }
+    assert node.run_json([*APPS, "protected-pages"], ip="10.1.0.5") == expected
+
+
 def test_bad_ip_flag_is_a_usage_error(node: AxnetNode) -> None:
     done = node.axnet("run", "--ip", "foo", "--", "true", check=False)
     assert done.returncode == 2

@@ -41,6 +41,7 @@ def _make(**overrides: object) -> Any:
         "resp_size": resp,
         "pidfds": {},
         "mems": {},
+        "maps": {},
         "names": {},
         "inert": {},
         "pending": collections.defaultdict(collections.deque),

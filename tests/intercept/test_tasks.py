@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from axnet.intercept._tasks import (
+    VMA_WRITABLE,
     Errno,
     Gone,
     SignalTargets,
@@ -18,6 +20,7 @@ from axnet.intercept._tasks import (
     _Signals,
     _threads,
     kernel_pick,
+    permitted,
 )
 
 
@@ -79,6 +82,57 @@ def test_bad_addresses_are_efault() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+PAGES = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = libc.mmap(None, 3 * 4096, 3, 0x22, -1, 0)
+ctypes.memset(base, 0x61, 3 * 4096)
+libc.mprotect(base + 4096, 4096, 1)
+libc.mprotect(base + 8192, 4096, 0)
+print(base, flush=True)
+time.sleep(60)
+"""
+
+
+def test_memory_the_app_may_not_write_or_read_is_efault() -> None:
+    # /proc/PID/mem reaches it all the same; the mappings say no.
+    child = subprocess.Popen([sys.executable, "-c", PAGES], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    rw = int(child.stdout.readline())
+    ro, none = rw + 4096, rw + 8192
+    try:
+        tasks = Tasks(lambda ident: True)
+        tasks.write(child.pid, 1, [(rw, b"b")])
+        assert tasks.read(child.pid, 1, rw, 2) == b"ba"
+        assert tasks.read(child.pid, 1, ro, 2) == b"aa"
+        for write in ([(ro, b"b")], [(rw + 4095, b"bb")], [(none, b"b")]):
+            with pytest.raises(Errno) as excinfo:
+                tasks.write(child.pid, 1, write)
+            assert excinfo.value.errno == errno.EFAULT
+        assert tasks.read(child.pid, 1, rw + 4095, 2) == b"aa"  # nothing was written
+        for address in (none, ro + 4095):
+            with pytest.raises(Errno) as excinfo:
+                tasks.read(child.pid, 1, address, 2)
+            assert excinfo.value.errno == errno.EFAULT
+        tasks.close()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_without_procmap_query_memory_is_taken_as_permitted() -> None:
+    # Kernels before 6.11 answer the ioctl ENOTTY (as /dev/null does): the
+    # protections cannot be known, and the access goes ahead as before.
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert permitted(fd, 0x1000, 16, VMA_WRITABLE)
+    finally:
+        os.close(fd)
 
 
 def _status(tgid: int, pending: int, shared: int, blocked: int, state: str = "S") -> bytes:
