@@ -793,6 +793,18 @@ class Swim:
         old = self._table.get(alive.member)
         if old is not None and alive.incarnation <= old.incarnation:
             return
+        if (
+            old is not None
+            and alive.address != old.address
+            and old.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        ):
+            # Another node with a live member's name (as memberlist): the
+            # member keeps its address, whatever the newcomer's incarnation
+            # (a clock, so the newest start would win).  The newcomer hears
+            # of the member under its own name and reports the conflict; a
+            # member that died or left may come back from anywhere.
+            self.stats.name_conflicts += 1
+            return
         self._suspicions.pop(alive.member, None)
         self._dead_at.pop(alive.member, None)
         new = Member(

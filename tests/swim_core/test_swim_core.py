@@ -232,6 +232,24 @@ def test_alive_with_higher_incarnation_updates_meta() -> None:
     assert event.member.meta == b"x"
 
 
+def test_a_live_member_keeps_its_address_against_a_newcomer_with_its_name() -> None:
+    # A second node started with b's name: whatever its incarnation, b stays
+    # where it is (else the newest start would take over b's name, and the
+    # cluster would withdraw b's services for as long as it runs).
+    a, _ = joined_pair()
+    a.take_events()
+    a.handle_datagram(C, packet(Alive(incarnation=99, member="b", address=C, meta=b"")), 0.0)
+    [b] = [m for m in a.members() if m.name == "b"]
+    assert (b.address, b.state) == (B, MemberState.ALIVE)
+    assert a.take_events() == []
+    assert a.stats.name_conflicts == 1
+    # Once b has left, a node of that name may come back from elsewhere.
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 0.0)
+    a.handle_datagram(C, packet(Alive(incarnation=99, member="b", address=C, meta=b"")), 0.0)
+    [b] = [m for m in a.members() if m.name == "b"]
+    assert (b.address, b.state) == (C, MemberState.ALIVE)
+
+
 def test_update_meta_bumps_incarnation() -> None:
     a = make("a", A, incarnation=3)
     a.update_meta(b"role=db", 0.0)

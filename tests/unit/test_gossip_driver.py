@@ -307,6 +307,23 @@ async def test_a_member_with_our_name_is_reported_by_join() -> None:
         assert statuses(a) == {"twin": "alive"}  # never one member for two nodes
 
 
+async def test_a_newcomer_with_a_live_members_name_takes_nothing_from_it() -> None:
+    # A second daemon started with b's name joins through a: a keeps b where
+    # it is, and the newcomer, hearing of a b elsewhere, reports the conflict
+    # (which `axnet join` prints).  Before, the newcomer's later start won:
+    # every member moved b to its address and withdrew b's services.
+    async with running("a") as a, running("b") as b:
+        assert await b.join([seed(a)]) == 1
+        await eventually("joined", lambda: statuses(a) == {"a": "alive", "b": "alive"})
+        async with running("b") as twin:
+            await twin.join([seed(a)])
+            await eventually("conflict seen", lambda: twin.name_conflicts() == [seed(b)])
+            await trio.sleep(0.5)  # what the twin gossips meanwhile changes nothing
+            [seen] = [m for m in a.members() if m["name"] == "b"]
+            assert (seen["gossip"], seen["status"]) == (seed(b), "alive")
+            assert a.core.stats.name_conflicts >= 1
+
+
 async def test_a_peers_records_for_reserved_addresses_are_dropped_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
