@@ -278,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("seeds", nargs="+", metavar="SEED", help="HOST[:PORT] of a member")
 
     lv = sub.add_parser(
-        "leave", help="leave the cluster gracefully", description="Leave the cluster."
+        "leave",
+        help="leave the cluster gracefully",
+        description="Leave the cluster: the other members withdraw this node's services. "
+        "The daemon runs on, out of the cluster, its table as it was; "
+        "'axnet join SEED' rejoins, 'axnet stop' stops it.",
     )
     _common(lv)
 
@@ -564,6 +568,12 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_leave(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.request("leave")
+    # The daemon runs on, out of the cluster: say what that means.
+    print(
+        "left the cluster: the other members withdraw this node's services, and "
+        "this node no longer hears of theirs (its table keeps what it knew); "
+        "'axnet join SEED' rejoins, 'axnet stop' stops the daemon"
+    )
     return 0
 
 

@@ -242,7 +242,8 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
         done = node.axnet("join", f"{nodes[0].host.address}:7946")
         assert "joined through 1 of 1 seed(s)" in done.stdout
     wait_agreement(nodes)
-    nodes[1].axnet("leave")
+    left = nodes[1].axnet("leave")
+    assert left.stdout.startswith("left the cluster:") and "axnet join SEED" in left.stdout
     wait_until(
         "h2 left, everywhere",
         lambda: all_see([nodes[0], nodes[2]], {"h1": "alive", "h2": "left", "h3": "alive"}),
