@@ -70,6 +70,8 @@ class _Waiter:
     #: connect said when it started waiting (EINPROGRESS; EALREADY for a
     #: socket that was connecting already), as the kernel answers.
     timed_out: int = errno.EINPROGRESS
+    #: The epoll events it waits for (to arm it again).
+    events: int = 0
 
 
 class ParkedCalls:
@@ -131,10 +133,11 @@ class ParkedCalls:
         self._counters.deferred += 1
         since = self._rewait_since if self._rewait_since is not None else time.monotonic()
         inode = os.fstat(sock.fileno()).st_ino
+        events |= select.EPOLLONESHOT
         self.waiters[sock.fileno()] = _Waiter(
-            n=n, sock=sock, then=then, since=since, inode=inode, timed_out=timed_out
+            n=n, sock=sock, then=then, since=since, inode=inode, timed_out=timed_out, events=events
         )
-        self._epoll.register(sock.fileno(), events | select.EPOLLONESHOT)
+        self._epoll.register(sock.fileno(), events)
 
     def retry(
         self,
@@ -162,14 +165,27 @@ class ParkedCalls:
         """Go on with the waits whose socket is ready (the epoll set is readable)."""
         # Of the accepts blocked on one listener, the kernel hands a
         # connection to the one that has waited longest.  A listener wakes
-        # our duplicates in an order of its own, and this loop may look
-        # before it has woken them all: every waiter on a ready socket goes,
-        # oldest first.
+        # our duplicates in an order of its own (every one of them, for one
+        # connection), and this loop may look before it has woken them all:
+        # the waiters on a ready socket go oldest first, until one finds
+        # nothing queued and waits again.  The rest wait on, armed again
+        # where the listener woke them: one connection costs one accept, not
+        # one per thread blocked in accept.
         ready = {fd for fd, _ in self._epoll.poll(0) if fd in self.waiters}
         inodes = {self.waiters[fd].inode for fd in ready}
-        ready.update(fd for fd, w in self.waiters.items() if w.inode in inodes)
-        for fd in sorted(ready, key=lambda fd: self.waiters[fd].since):
+        group = [fd for fd, w in self.waiters.items() if w.inode in inodes]
+        dry: set[int] = set()  # listeners found with nothing queued
+        for fd in sorted(group, key=lambda fd: self.waiters[fd].since):
+            waiter = self.waiters.get(fd)
+            if waiter is None:
+                continue
+            if waiter.inode in dry:
+                if fd in ready:
+                    self._epoll.modify(fd, waiter.events)
+                continue
             self._wake_waiter(fd)
+            if self.waiters.get(fd) is not None and self.waiters[fd].inode == waiter.inode:
+                dry.add(waiter.inode)  # it waits again: nothing was queued
 
     def _wake_waiter(self, fd: int) -> None:
         waiter = self.waiters.pop(fd, None)

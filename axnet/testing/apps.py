@@ -750,6 +750,44 @@ def accept_pool(port: str, workers: str) -> None:
     time.sleep(3600)
 
 
+def _threads_in_accept() -> int:
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                count += f.read().split()[0] in ("43", "288")  # x86_64 accept, accept4
+        except (OSError, IndexError):
+            pass
+    return count
+
+
+def accept_herd(port: str, count: str) -> None:
+    """COUNT threads block in accept on one listener, then COUNT connections
+    come, one after another: each thread takes one."""
+    import time
+
+    n = int(count)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(n)
+    accepted: list[socket.socket] = []
+    threads = [
+        threading.Thread(target=lambda: accepted.append(listener.accept()[0])) for _ in range(n)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while _threads_in_accept() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    parked = _threads_in_accept()
+    clients = [socket.create_connection(listener.getsockname(), timeout=30) for _ in range(n)]
+    for thread in threads:
+        thread.join(timeout=60)
+    _out(parked=parked, accepted=len(accepted))
+    for sock in [*clients, *accepted]:
+        sock.close()
+
+
 def ask(host: str, port: str, count: str) -> None:
     """Connect to HOST:PORT COUNT times, one after another; what each server said."""
     said = []
@@ -1153,6 +1191,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "shutdown-listener": shutdown_listener,
     "stuck-server": stuck_server,
     "accept-pool": accept_pool,
+    "accept-herd": accept_herd,
     "ask": ask,
     "slow-and-fast": slow_and_fast,
     "signals": signals,

@@ -3,6 +3,7 @@ test host without a default route, get their own virtual IPs and any port."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import ipaddress
@@ -596,6 +597,22 @@ def test_a_pool_of_blocking_accepts_serves_every_connection(node: AxnetNode) -> 
     assert [s["accepted_from"][0] for s in said] == ["10.1.0.9"] * 12
     assert {s["worker"] for s in said[:8]} == {"child", "thread0", "thread1", "thread2"}
     assert {s["worker"] for s in said[8:]} == {"second0", "second1"}
+
+
+def test_a_connection_costs_one_accept_however_many_threads_wait_in_accept(
+    node: AxnetNode,
+) -> None:
+    # Every duplicate of a listener that axnet holds an accept on wakes for
+    # each connection.  Each went and tried: 40 threads in accept cost 820
+    # waits for 40 connections (600 threads took 7.6 s, natively 0.05 s).
+    # Now the oldest goes, and the rest wait on once one finds nothing.
+    count = 40
+    done = node.run([*APPS, "accept-herd", "7060", str(count)], ip="10.1.0.5", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"parked": count, "accepted": count}
+    [counters] = re.findall(r"engine done python=(\{.*?\}) native=", done.stderr)
+    deferred = ast.literal_eval(counters)["deferred"]
+    assert deferred <= 3 * count, deferred
 
 
 @pytest.mark.parametrize("busy_poll", ["10000", "0"])
