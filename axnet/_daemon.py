@@ -110,6 +110,9 @@ class Daemon:
         self.started = time.time()
         self._stop = trio.Event()
         self._leases_changed = trio.Event()
+        #: One write of the lease file at a time, off the loop (see _save_leases).
+        self._lease_lock = trio.Lock()
+        self._lease_error: str | None = None
 
     # -- publishing ---------------------------------------------------------
 
@@ -459,7 +462,7 @@ class Daemon:
             await self._stop.wait()
             # Written before the sessions close: the apps run on, and the
             # next daemon holds what they hold until they re-attach.
-            _leasefile.save(leases, self.node.leases())
+            await self._save_leases(leases)
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -493,8 +496,26 @@ class Daemon:
         while True:
             await self._leases_changed.wait()
             self._leases_changed = trio.Event()
-            _leasefile.save(path, self.node.leases())
+            await self._save_leases(path)
             await trio.sleep(LEASE_WRITE_GAP_S)
+
+    async def _save_leases(self, path: Path) -> None:
+        """Write what the apps hold now, in a thread (a slow disk must not
+        hold up the control API); say so once when writes start failing,
+        and once when they work again."""
+        leases = self.node.leases()
+        async with self._lease_lock:
+            error = await trio.to_thread.run_sync(_leasefile.save, path, leases)
+        if error is not None and self._lease_error is None:
+            log.warning(
+                "leases not written path=%s reason=%s: a daemon restarted meanwhile "
+                "cannot hold what apps hold for them",
+                path,
+                error,
+            )
+        elif error is None and self._lease_error is not None:
+            log.info("leases written again path=%s", path)
+        self._lease_error = None if error is None else str(error)
 
     async def _expire_tombstones(self) -> None:
         while True:

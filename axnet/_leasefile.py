@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from ._wire import WireError
 log = logging.getLogger("axnet.daemon")
 
 LEASE_FILE = "leases"
+#: Where a new version is written before it replaces the file (one writer:
+#: the daemon that serves the runtime directory).
+LEASE_TEMPORARY = ".leases.new"
 #: Largest lease file read: MAX_LEASES leases of a few hundred bytes.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -50,13 +54,23 @@ def load(path: Path) -> list[Lease]:
     """The leases in *path* whose app still runs; none, with a warning, if
     the file is not one of ours."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        # Never blocking: a FIFO planted there would hold the start forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
     except OSError as exc:
         log.warning("leases not read path=%s reason=%s", path, exc)
         return []
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("leases ignored path=%s reason=not a regular file", path)
+        return []
+    with open(fd, "rb") as f:
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            log.warning("leases not read path=%s reason=%s", path, exc)
+            return []
     try:
         if len(data) > MAX_FILE_BYTES:
             raise WireError(f"larger than {MAX_FILE_BYTES} bytes")
@@ -69,15 +83,19 @@ def load(path: Path) -> list[Lease]:
     ]
 
 
-def save(path: Path, leases: Sequence[Lease]) -> None:
-    """Replace *path* with *leases*; a failure is logged, and the next
-    change tries again."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+def save(path: Path, leases: Sequence[Lease]) -> OSError | None:
+    """Replace *path* with *leases*; what failed, if anything (the caller
+    says so, and the next change tries again)."""
+    temporary = path.with_name(LEASE_TEMPORARY)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as f:
             f.write(encode(leases))
         os.replace(temporary, path)
     except OSError as exc:
-        log.warning("leases not written path=%s reason=%s", path, exc)
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return exc
+    return None

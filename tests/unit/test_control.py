@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import pwd
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -407,8 +409,12 @@ async def test_a_stopped_daemon_leaves_leases_the_next_one_holds_for_its_apps(
             client.request("listen", vip="10.1.0.5", vport=80)
             with ControlClient(path, timeout=5.0) as other:
                 other.request("stop")
-            with pytest.raises(ControlError):  # the daemon hung up
-                client.request("status")
+            # Held open until the daemon hangs up: the app runs on while it stops.
+            deadline = time.monotonic() + 10
+            with pytest.raises(ControlError):
+                while time.monotonic() < deadline:
+                    client.request("status")
+                    time.sleep(0.01)
         return reply
 
     held = await _with_daemon(sock_dir, first)
@@ -435,6 +441,29 @@ async def test_a_stopped_daemon_leaves_leases_the_next_one_holds_for_its_apps(
     assert fresh["block"] != held["block"]
     assert refused == errno.EADDRINUSE
     assert back["block"] == held["block"]
+
+
+async def test_a_lease_file_that_cannot_be_written_is_said_once(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every change tries again; the warning comes once, not per app start.
+    (sock_dir / "leases").mkdir()
+    path = control_path(sock_dir)
+
+    def talk() -> None:
+        with ControlClient(path, timeout=5.0) as client:
+            _attach(client, "a1", vip="10.1.0.5")
+            for port in range(80, 85):
+                client.request("claim", vip="10.1.0.5", vport=port)
+                time.sleep(0.03)  # past the gap between writes: each is written
+
+    with caplog.at_level(logging.INFO, logger="axnet.daemon"):
+        await _with_daemon(sock_dir, talk)
+        assert caplog.text.count("leases not written") == 1
+        (sock_dir / "leases").rmdir()
+        await _with_daemon(sock_dir, talk)
+    assert caplog.text.count("leases not written") == 1
+    assert [lease.app_id for lease in decode((sock_dir / "leases").read_bytes())] == []
 
 
 async def test_a_request_quoting_megabytes_is_refused_briefly_and_the_session_goes_on(

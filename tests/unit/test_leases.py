@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,9 +113,22 @@ def test_a_broken_lease_file_is_ignored_with_a_warning(
     assert decode(path.read_bytes()) == [LEASE]
 
 
-def test_a_lease_file_that_cannot_be_written_is_logged(
+def test_a_lease_file_that_cannot_be_written_says_why(tmp_path: Path) -> None:
+    error = save(tmp_path / "missing" / "leases", [LEASE])
+    assert isinstance(error, FileNotFoundError)
+    (tmp_path / "leases").mkdir()
+    assert isinstance(save(tmp_path / "leases", [LEASE]), IsADirectoryError)
+    assert [p.name for p in tmp_path.iterdir()] == ["leases"]  # no temporary left
+
+
+def test_a_lease_file_that_is_not_a_regular_file_is_ignored_at_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A FIFO there once held the daemon's start forever, before its socket.
+    fifo = tmp_path / "leases"
+    os.mkfifo(fifo)
     with caplog.at_level(logging.WARNING, logger="axnet.daemon"):
-        save(tmp_path / "missing" / "leases", [LEASE])
-    assert "leases not written" in caplog.text
+        assert load(fifo) == []
+        (tmp_path / "device").symlink_to("/dev/zero")
+        assert load(tmp_path / "device") == []
+    assert caplog.text.count("not a regular file") == 2
