@@ -113,6 +113,7 @@ class Daemon:
         #: One write of the lease file at a time, off the loop (see _save_leases).
         self._lease_lock = trio.Lock()
         self._lease_error: str | None = None
+        self._lease_path = _leasefile.lease_path(config.runtime_dir)
 
     # -- publishing ---------------------------------------------------------
 
@@ -257,6 +258,9 @@ class Daemon:
             # Out to every member and every supervisor here before the app
             # runs: servers name it from its first connection (see changed).
             await self.changed(written, wait_s=PUSH_FLUSH_S if app.block else 0.0)
+            # In the lease file before the app runs: a daemon killed from
+            # here on leaves the next one holding the app's block.
+            await self._save_leases()
             # The table in frames: the reply, then `more` records in pushes,
             # which the supervisor waits for before it adopts the table.
             first, *rest = _framed([record_to_wire(r) for r in self.node.table.records()])
@@ -298,6 +302,8 @@ class Daemon:
             # the new block as soon as it uses it.
             block, written = self.node.more_ports(app_id)
             await self.changed(written, wait_s=PUSH_FLUSH_S)
+            if block is not None:
+                await self._save_leases()  # before the app uses it, as at attach
             await conn.reply(request, block=list(block) if block else None)
             return
         virtual = VirtualAddress(
@@ -437,8 +443,7 @@ class Daemon:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         prepare_runtime_dir(self.config.runtime_dir)
         path = control_path(self.config.runtime_dir)
-        leases = _leasefile.lease_path(self.config.runtime_dir)
-        if held := _leasefile.load(leases):
+        if held := _leasefile.load(self._lease_path):
             # Apps of a previous daemon, about to re-attach: what they hold
             # goes to no newcomer meanwhile (see axnet._leases).
             self.node.reserve(held)
@@ -448,7 +453,7 @@ class Daemon:
             )
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, path, self.handle)
-            nursery.start_soon(self._write_leases, leases)
+            nursery.start_soon(self._write_leases)
             nursery.start_soon(self._expire_tombstones)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._announce_settled)
@@ -462,7 +467,7 @@ class Daemon:
             await self._stop.wait()
             # Written before the sessions close: the apps run on, and the
             # next daemon holds what they hold until they re-attach.
-            await self._save_leases(leases)
+            await self._save_leases()
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -491,19 +496,19 @@ class Daemon:
         for conn in list(self.sessions.values()):
             await conn.send({"push": "settled"})
 
-    async def _write_leases(self, path: Path) -> None:
+    async def _write_leases(self) -> None:
         """Keep the lease file up to date, a write per burst of changes."""
         while True:
             await self._leases_changed.wait()
             self._leases_changed = trio.Event()
-            await self._save_leases(path)
+            await self._save_leases()
             await trio.sleep(LEASE_WRITE_GAP_S)
 
-    async def _save_leases(self, path: Path) -> None:
+    async def _save_leases(self) -> None:
         """Write what the apps hold now, in a thread (a slow disk must not
         hold up the control API); say so once when writes start failing,
         and once when they work again."""
-        leases = self.node.leases()
+        path, leases = self._lease_path, self.node.leases()
         async with self._lease_lock:
             error = await trio.to_thread.run_sync(_leasefile.save, path, leases)
         if error is not None and self._lease_error is None:

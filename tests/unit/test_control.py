@@ -405,6 +405,10 @@ async def test_a_stopped_daemon_leaves_leases_the_next_one_holds_for_its_apps(
     def first() -> dict[str, Any]:
         with ControlClient(path, timeout=5.0) as client:
             reply = _attach(client, "a1", pid=os.getpid(), vip="10.1.0.5")
+            # Written before the reply: a daemon killed from here on leaves
+            # the next one holding the app's block.
+            [early] = decode((sock_dir / "leases").read_bytes())
+            assert [list(b) for b in early.blocks] == [reply["block"]]
             client.request("claim", vip="10.1.0.5", vport=80)
             client.request("listen", vip="10.1.0.5", vport=80)
             with ControlClient(path, timeout=5.0) as other:
