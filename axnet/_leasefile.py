@@ -38,12 +38,12 @@ def process_started(pid: int) -> int | None:
         return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            line = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: the fields
     # after its closing one are plain, the 22nd (starttime) 20th of them.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = line[line.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):

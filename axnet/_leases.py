@@ -41,10 +41,10 @@ from ._wire import (
 
 #: The file's format; another is ignored (a newer daemon's, say).
 FORMAT = 1
-#: Leases a file may hold, and blocks and bindings a lease may name: far more
-#: than a node runs, far less than junk could ask to be held.
+#: Leases a file may hold, and blocks and bindings a lease may name: as many
+#: as there are ports (the decoder's object bound keeps junk small anyway).
 MAX_LEASES = 65_536
-MAX_ITEMS = 4096
+MAX_ITEMS = 65_536
 
 
 @attrs.frozen(kw_only=True)

@@ -79,7 +79,6 @@ BindVerdict = Passthrough | Deny | BindVirtual | BindInert
 def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> ConnectVerdict:
     """Where a stream connect to ``ip:port`` goes."""
     record = table.resolve(ip, port)
-    where = VirtualAddress(ip=ip, port=port)
     virtual = record is not None or (
         ip == me.vip
         or table.is_virtual_ip(ip)
@@ -91,11 +90,13 @@ def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) 
         # who connected: an IPv4 socket cannot hold the app's address).
         return Deny(
             errno=errno.ENETUNREACH,
-            reason=f"virtual {where} is IPv4 and this app's virtual address {me.vip} is IPv6",
+            reason=f"virtual {VirtualAddress(ip=ip, port=port)} is IPv4 "
+            f"and this app's virtual address {me.vip} is IPv6",
         )
     if record is not None:
         return Redirect(real=record.real, service=record.virtual)
     if virtual:
+        where = VirtualAddress(ip=ip, port=port)
         return Deny(errno=errno.ECONNREFUSED, reason=f"nothing serves virtual {where}")
     return Passthrough()
 

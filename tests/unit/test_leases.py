@@ -36,6 +36,12 @@ def test_leases_round_trip() -> None:
         Lease(app_id="b", pid=1, started=2, vip=LEASE.vip),
     ]
     assert decode(encode([])) == []
+    # A server with thousands of listeners (seen: 2000) keeps its lease.
+    many = tuple(
+        Binding(virtual=VirtualAddress(ip=LEASE.vip, port=p), real_port=p) for p in range(1, 5001)
+    )
+    big = Lease(app_id="big", pid=1, started=2, vip=LEASE.vip, bindings=many)
+    assert decode(encode([big])) == [big]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,7 @@ def test_leases_round_trip() -> None:
         {"format": 1, "leases": [["a", True, 2, "10.1.0.5", [], []]]},
         {"format": 1, "leases": [["a", 1, 2, "10.1.0.5", [[9, 8]], []]]},
         {"format": 1, "leases": [["a", 1, 2, "10.1.0.5", [], [["10.1.0.5", 70000, 1]]]]},
-        {"format": 1, "leases": [["a", 1, 2, "10.1.0.5", [[1, 2]] * 5000, []]]},
+        {"format": 1, "leases": [["a", 1, 2, "10.1.0.5", [[1, 2]] * 65537, []]]},
     ],
 )
 def test_a_lease_file_that_is_not_ours_is_refused(content: object) -> None:
