@@ -184,7 +184,8 @@ class ParkedCalls:
                     self._epoll.modify(fd, waiter.events)
                 continue
             self._wake_waiter(fd)
-            if self.waiters.get(fd) is not None and self.waiters[fd].inode == waiter.inode:
+            again = self.waiters.get(fd)
+            if again is not None and again.inode == waiter.inode:
                 dry.add(waiter.inode)  # it waits again: nothing was queued
 
     def _wake_waiter(self, fd: int) -> None:

@@ -506,8 +506,5 @@ class Tasks:
 
     def close(self) -> None:
         self._pidfds.clear()
-        self._drop_all_mem()
-
-    def _drop_all_mem(self) -> None:
         self._mems.clear()
         self._maps.clear()
