@@ -67,6 +67,7 @@ from ._gossip_changes import ChangeQueue
 from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
 from ._gossip_options import PROFILES, GossipOptions
 from ._gossip_transport import GossipTransport
+from ._heap import Settler
 from ._wire import Decoded, WireError, pack_packed_array, records_from_wire, unpack
 
 log = logging.getLogger("axnet.gossip")
@@ -145,6 +146,7 @@ class GossipCluster:
         #: Each record in our last push-pull state, packed, by id() (see local_state).
         self._packed: dict[int, tuple[Record, bytes]] = {}
         self._backlog = StateBacklog(merge=self._merge_records, count_dropped=self._count_dropped)
+        self._heap = Settler()
         self._nursery: trio.Nursery | None = None
         #: Hosts of every member's gossip address; None: to be rebuilt.
         self._member_hosts: set[str] | None = None
@@ -457,6 +459,7 @@ class GossipCluster:
         records = [r for r in received if r.deleted or not self._is_gone(r.node)]
         self.driver_stats.records_of_gone += len(received) - len(records)
         merged = self._daemon.merge_remote(records)
+        self._heap.merged(len(merged.accepted), len(self._daemon.node.table))
         if merged.refused:
             self.driver_stats.records_malformed += len(merged.refused)
             first = merged.refused[0]

@@ -47,6 +47,7 @@ from ._control import (
     receive_messages,
 )
 from ._fdlimit import raise_fd_limit
+from ._heap import Settler
 from ._node import ClaimError
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import (
@@ -222,6 +223,7 @@ class Supervisor:
         self._attaches = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self.engine_failed = False
+        self._heap = Settler()
 
     # -- NodeLink, called from the engine thread --------------------------------
 
@@ -346,7 +348,8 @@ class Supervisor:
             return
         if message.get("push") != "records":
             return
-        for item in message.get("records") or []:
+        items = message.get("records") or []
+        for item in items:
             try:
                 record = record_from_wire(item)
             except WireError as exc:
@@ -354,6 +357,7 @@ class Supervisor:
                 continue
             self.carried.pop(record.key, None)  # the daemon has it: ours is no longer carried
             self.table.merge(record)
+        self._heap.merged(len(items), len(self.table))
 
     async def _attach(self) -> tuple[Session, dict[str, Any]]:
         """Attach a new session and adopt its table (the reply, then later pushes)."""
@@ -482,6 +486,7 @@ class Supervisor:
         if self.engine is not None:
             self.engine.table = fresh
             self.engine.identity = self.identity
+        self._heap.merged(len(fresh), len(fresh))
 
     # -- main ---------------------------------------------------------------------
 

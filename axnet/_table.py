@@ -208,6 +208,10 @@ class ServiceTable:
     real_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
     block_keys: dict[bytes, tuple[bytes, ...]] = attrs.field(factory=dict, init=False)
 
+    def __len__(self) -> int:
+        """Records held, tombstones included."""
+        return len(self.services) + len(self.apps)
+
     # -- merging -----------------------------------------------------------
 
     def merge(self, record: AppRecord | ServiceRecord) -> bool:

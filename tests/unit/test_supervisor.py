@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import signal
@@ -152,3 +153,26 @@ async def test_the_session_answers_a_ping_once_the_pushes_before_it_are_in_the_t
                     )
         await daemons.aclose()
     assert answers == [("applied", 3, True)]
+
+
+def test_a_large_table_from_the_daemon_is_out_of_the_collectors_full_walk() -> None:
+    # A full collection of a 200 000-record table holds the GIL about 0.4 s:
+    # every trapped call of the app would wait that long (axnet._heap).
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    records = [_service_wire(f"10.2.{i >> 8}.{i & 255}") for i in range(12_000)]
+    try:
+        _reattached(supervisor, records, settling=0)
+        walked = {id(o) for o in gc.get_objects()}
+        assert len(supervisor.table.services) == 12_000
+        assert not any(id(r) in walked for r in supervisor.table.services.values())
+        # Pushes, MIN_RECORDS in all (more than a quarter), leave the walk too.
+        for lo in range(0, 10_000, 1_000):
+            pushed = [_service_wire(f"10.3.{i >> 8}.{i & 255}") for i in range(lo, lo + 1_000)]
+            supervisor._on_push({"push": "records", "records": pushed})
+        walked = {id(o) for o in gc.get_objects()}
+        assert len(supervisor.table.services) == 22_000
+        assert not any(id(r) in walked for r in supervisor.table.services.values())
+    finally:
+        gc.unfreeze()
