@@ -118,7 +118,12 @@ class Daemon:
     # -- publishing ---------------------------------------------------------
 
     async def changed(
-        self, records: Sequence[Record], *, local: bool = True, wait_s: float = 0.0
+        self,
+        records: Sequence[Record],
+        *,
+        local: bool = True,
+        wait_s: float = 0.0,
+        asker: Connection | None = None,
     ) -> None:
         """Push *records* to every supervisor, and to the cluster when ours.
 
@@ -127,7 +132,10 @@ class Daemon:
         members acknowledged them and every supervisor here applied them:
         for a new client port block, which servers here and on every node
         must know before the app's first connection reaches them, or they
-        name its node instead of the app.
+        name its node instead of the app.  The session whose request made
+        them, *asker*, is not waited for: its requests are handled one at a
+        time, so its answer would be read only after this wait, and the push
+        reaches it before the reply on the same stream anyway.
         """
         if not records:
             return
@@ -147,6 +155,8 @@ class Daemon:
         # it would hold up every app start by wait_s.
         pings = []
         for conn in list(self.sessions.values()):
+            if conn is asker:
+                continue
             answering = conn.answers_pings
             seq = await conn.ping()
             if answering:
@@ -301,7 +311,7 @@ class Daemon:
             # reply (see changed), so that servers name its connections from
             # the new block as soon as it uses it.
             block, written = self.node.more_ports(app_id)
-            await self.changed(written, wait_s=PUSH_FLUSH_S)
+            await self.changed(written, wait_s=PUSH_FLUSH_S, asker=conn)
             if block is not None:
                 await self._save_leases()  # before the app uses it, as at attach
             await conn.reply(request, block=list(block) if block else None)
