@@ -83,6 +83,8 @@ class Cluster(Protocol):
 #: not waited for again until it answers one (a member down but not yet
 #: found out costs one app start that long, not each).
 PUSH_FLUSH_S = 0.25
+#: Requests of one session read ahead of the one being handled.
+REQUESTS_QUEUED = 16
 #: Shortest time between two writes of the lease file: a burst of app starts
 #: (or of one app's binds) is written once, at most this long after it began.
 LEASE_WRITE_GAP_S = 0.02
@@ -172,12 +174,38 @@ class Daemon:
     # -- control API --------------------------------------------------------
 
     async def handle(self, conn: Connection, _: Mapping[str, Any]) -> None:
+        # Requests are handled one at a time, and an attach or a grant of
+        # more ports waits for every other supervisor's answer to a ping: so
+        # answers are taken as they come, beside the requests.  Two apps
+        # granted blocks at once each wait for the other's answer.
+        send, receive = trio.open_memory_channel[dict[str, Any]](REQUESTS_QUEUED)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._take_answers, conn, send)
+            await self._serve_requests(conn, receive)
+
+    @staticmethod
+    async def _take_answers(
+        conn: Connection, requests: trio.MemorySendChannel[dict[str, Any]]
+    ) -> None:
+        """Read the session: answers to pings are taken here, requests
+        queued for :meth:`_serve_requests` (a full queue stops the reading)."""
+        async with requests:
+            async for message in conn.messages():
+                seq = message.get("seq")
+                if message.get("op") == "applied" and type(seq) is int:
+                    conn.applied(seq)  # no reply
+                else:
+                    await requests.send(message)
+
+    async def _serve_requests(
+        self, conn: Connection, requests: trio.MemoryReceiveChannel[dict[str, Any]]
+    ) -> None:
         app_id: str | None = None
         try:
-            async for request in conn.messages():
+            async for request in requests:
                 op = request.get("op")
                 try:
-                    if op == "applied":  # a supervisor answers a ping: no reply
+                    if op == "applied":  # malformed: a good one is taken as it comes
                         conn.applied(int_from_wire(request.get("seq") or 0))
                     elif op == "attach":
                         if app_id is not None:

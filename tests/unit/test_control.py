@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -658,6 +658,14 @@ async def test_an_attach_is_answered_once_every_supervisor_here_applied_its_bloc
     assert waited and answered and vip
 
 
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
+
+
 def _answer_pings(sock: socket.socket, decoder: FrameDecoder, seen: list[str]) -> None:
     """Be a supervisor: answer each ping, note what came, until the daemon hangs up."""
     with contextlib.suppress(OSError):
@@ -720,6 +728,46 @@ async def test_an_app_that_asks_for_more_ports_is_not_waited_for_itself(
     # waited for (pinged) at the client's attach and at its more-ports.
     assert client_saw == ["reply", "records", "reply"]
     assert server_saw.count("ping") == 2
+
+
+async def test_two_apps_granted_blocks_at_once_do_not_wait_for_each_other(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each grant waits for the other supervisor's answer to its ping; an
+    # answer read only after the session's own request was handled held
+    # both for PUSH_FLUSH_S.
+    monkeypatch.setattr(daemon_module, "PUSH_FLUSH_S", 60.0)
+    path = control_path(sock_dir)
+
+    def talk() -> list[list[str]]:
+        sessions = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        seen: list[list[str]] = [[], []]
+        threads = [
+            threading.Thread(target=_answer_pings, args=(sock, FrameDecoder(), saw))
+            for sock, saw in zip(sessions, seen, strict=True)
+        ]
+        try:
+            for i, (sock, thread) in enumerate(zip(sessions, threads, strict=True)):
+                sock.connect(str(path))
+                sock.sendall(frame({"op": "attach", "id": 1, "app_id": f"a{i}", "claims": []}))
+                thread.start()
+                wait_for(f"a{i} attached", lambda saw=seen[i]: "reply" in saw)  # type: ignore[misc]
+            for sock in sessions:
+                sock.sendall(frame({"op": "more-ports", "id": 2}))
+            wait_for("both granted", lambda: all(saw.count("reply") == 2 for saw in seen))
+        finally:
+            for sock in sessions:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join()
+            for sock in sessions:
+                sock.close()
+        return seen
+
+    seen = await _with_daemon(sock_dir, talk)
+    assert [saw.count("reply") for saw in seen] == [2, 2]
 
 
 async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> None:
