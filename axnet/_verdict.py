@@ -131,6 +131,9 @@ def decide_bind(
         return BindVirtual(port=port)
     if ip == me.vip:
         return BindVirtual(port=port)
-    if table.is_virtual_ip(ip) or (me.virtual_range is not None and ip in me.virtual_range):
+    if table.is_virtual_ip(ip):
         return Deny(errno=errno.EADDRNOTAVAIL, reason=f"{ip} is another app's virtual address")
+    if me.virtual_range is not None and ip in me.virtual_range:
+        reason = f"{ip} is in the virtual range {me.virtual_range}, and not this app's address"
+        return Deny(errno=errno.EADDRNOTAVAIL, reason=reason)
     return Passthrough()
