@@ -131,13 +131,14 @@ class Daemon:
 
         With *wait_s*, ours also go straight to every member rather than by
         gossip's rounds alone, and this waits (*wait_s* at most) until the
-        members acknowledged them and every supervisor here applied them:
-        for a new client port block, which servers here and on every node
-        must know before the app's first connection reaches them, or they
-        name its node instead of the app.  The session whose request made
-        them, *asker*, is not waited for: its requests are handled one at a
-        time, so its answer would be read only after this wait, and the push
-        reaches it before the reply on the same stream anyway.
+        members acknowledged them and every supervisor here whose app
+        listens applied them: for a new client port block, which servers
+        here and on every node must know before the app's first connection
+        reaches them, or they name its node instead of the app.  Other
+        supervisors accept nothing that the block names; by their next
+        listen they have the push, which comes first on their stream.  Nor
+        is the session whose request made them, *asker*, waited for: the
+        push reaches it before the reply too.
         """
         if not records:
             return
@@ -152,12 +153,13 @@ class Daemon:
                 await conn.send(message)
         if not wait_s:
             return
-        # Every supervisor is pinged; one that left a ping unanswered (one
-        # stopped with Ctrl-Z) is not waited for until it answers again, or
-        # it would hold up every app start by wait_s.
+        # Every supervisor of a listening app is pinged; one that left a
+        # ping unanswered (one stopped with Ctrl-Z) is not waited for until
+        # it answers again, or it would hold up every app start by wait_s.
         pings = []
-        for conn in list(self.sessions.values()):
-            if conn is asker:
+        for app_id, conn in list(self.sessions.items()):
+            app = self.node.apps.get(app_id)
+            if conn is asker or app is None or not app.listening:
                 continue
             answering = conn.answers_pings
             seq = await conn.ping()

@@ -143,6 +143,12 @@ class App:
     def blocks(self) -> list[tuple[int, int]]:
         return ([self.block] if self.block is not None else []) + self.more_blocks
 
+    @property
+    def listening(self) -> bool:
+        """Whether the app listens: only then can it accept a connection,
+        and so need to know from whose block it comes."""
+        return any(claim.listening for claim in self.claims.values())
+
 
 @attrs.frozen(kw_only=True)
 class Merged:

@@ -608,6 +608,28 @@ async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
     await _with_daemon(sock_dir, talk)
 
 
+def _attach_listening(sock: socket.socket, decoder: FrameDecoder, app_id: str) -> list[str]:
+    """Attach *app_id* on *sock* and listen on its virtual IP's port 80, as
+    a server's supervisor does; what came meanwhile (replies and pushes)."""
+    sock.settimeout(10.0)
+    seen: list[str] = []
+    vip = ""
+    for ident, request in enumerate(
+        (
+            {"op": "attach", "app_id": app_id, "claims": []},
+            {"op": "claim", "vport": 80},
+            {"op": "listen", "vport": 80},
+        ),
+        start=1,
+    ):
+        sock.sendall(frame({**request, "id": ident, **({"vip": vip} if vip else {})}))
+        while seen.count("reply") < ident:
+            for message in decoder.feed(sock.recv(1 << 20)):
+                seen.append(str(message.get("push", "reply")))
+                vip = message.get("vip", vip) if message.get("id") == 1 else vip
+    return seen
+
+
 def _read_until_ping(sock: socket.socket, decoder: FrameDecoder) -> tuple[list[str], int]:
     """The pushes a session receives up to a ping, and the ping's number."""
     kinds: list[str] = []
@@ -622,18 +644,24 @@ async def test_an_attach_is_answered_once_every_supervisor_here_applied_its_bloc
     sock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A server here must know a new app's block before the app connects, or
-    # its accept names the node: the daemon pings every supervisor after the
-    # push and answers the attach once they answered (PUSH_FLUSH_S at most).
+    # its accept names the node: the daemon pings every supervisor whose app
+    # listens after the push and answers the attach once they answered
+    # (PUSH_FLUSH_S at most).  One that does not listen is not waited for.
     monkeypatch.setattr(daemon_module, "PUSH_FLUSH_S", 60.0)
     path = control_path(sock_dir)
 
     def talk() -> tuple[list[str], bool, bool, str | None]:
         decoder = FrameDecoder()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server,
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle,
+        ):
+            idle.connect(str(path))  # attached, listening nowhere, answering nothing
+            idle.sendall(frame({"op": "attach", "id": 1, "app_id": "idle", "claims": []}))
+            idle.settimeout(10.0)
+            assert "vip" in FrameDecoder().feed(idle.recv(1 << 20))[0]
             server.connect(str(path))
-            server.settimeout(10.0)
-            server.sendall(frame({"op": "attach", "id": 1, "app_id": "server", "claims": []}))
-            assert "vip" in decoder.feed(server.recv(1 << 20))[0]  # alone: nobody to wait for
+            _attach_listening(server, decoder, "server")  # nobody else listens: no wait
             result: dict[str, str] = {}
 
             def attach_client() -> None:
@@ -692,13 +720,8 @@ async def test_an_app_that_asks_for_more_ports_is_not_waited_for_itself(
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client,
         ):
             server.connect(str(path))
-            server.sendall(frame({"op": "attach", "id": 1, "app_id": "server", "claims": []}))
-            server.settimeout(10.0)
-            server_decoder, server_saw = FrameDecoder(), []
-            while "reply" not in server_saw:  # attached before the client comes
-                server_saw += [
-                    str(m.get("push", "reply")) for m in server_decoder.feed(server.recv(1 << 20))
-                ]
+            server_decoder = FrameDecoder()
+            server_saw = _attach_listening(server, server_decoder, "server")
             answering = threading.Thread(
                 target=_answer_pings, args=(server, server_decoder, server_saw)
             )
@@ -742,19 +765,20 @@ async def test_two_apps_granted_blocks_at_once_do_not_wait_for_each_other(
     def talk() -> list[list[str]]:
         sessions = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
         seen: list[list[str]] = [[], []]
+        decoders = [FrameDecoder(), FrameDecoder()]
         threads = [
-            threading.Thread(target=_answer_pings, args=(sock, FrameDecoder(), saw))
-            for sock, saw in zip(sessions, seen, strict=True)
+            threading.Thread(target=_answer_pings, args=(sock, decoder, saw))
+            for sock, decoder, saw in zip(sessions, decoders, seen, strict=True)
         ]
         try:
             for i, (sock, thread) in enumerate(zip(sessions, threads, strict=True)):
                 sock.connect(str(path))
-                sock.sendall(frame({"op": "attach", "id": 1, "app_id": f"a{i}", "claims": []}))
+                # Both listen: each grant waits for the other's answer.
+                seen[i] += _attach_listening(sock, decoders[i], f"a{i}")
                 thread.start()
-                wait_for(f"a{i} attached", lambda saw=seen[i]: "reply" in saw)  # type: ignore[misc]
             for sock in sessions:
-                sock.sendall(frame({"op": "more-ports", "id": 2}))
-            wait_for("both granted", lambda: all(saw.count("reply") == 2 for saw in seen))
+                sock.sendall(frame({"op": "more-ports", "id": 4}))
+            wait_for("both granted", lambda: all(saw.count("reply") == 4 for saw in seen))
         finally:
             for sock in sessions:
                 with contextlib.suppress(OSError):
@@ -767,7 +791,7 @@ async def test_two_apps_granted_blocks_at_once_do_not_wait_for_each_other(
         return seen
 
     seen = await _with_daemon(sock_dir, talk)
-    assert [saw.count("reply") for saw in seen] == [2, 2]
+    assert [saw.count("reply") for saw in seen] == [4, 4]
 
 
 async def test_a_session_that_stops_reading_holds_up_nobody(sock_dir: Path) -> None:
