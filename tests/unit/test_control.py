@@ -614,19 +614,18 @@ def _attach_listening(sock: socket.socket, decoder: FrameDecoder, app_id: str) -
     sock.settimeout(10.0)
     seen: list[str] = []
     vip = ""
-    for ident, request in enumerate(
-        (
-            {"op": "attach", "app_id": app_id, "claims": []},
-            {"op": "claim", "vport": 80},
-            {"op": "listen", "vport": 80},
-        ),
-        start=1,
-    ):
+    requests: list[dict[str, Any]] = [
+        {"op": "attach", "app_id": app_id, "claims": []},
+        {"op": "claim", "vport": 80},
+        {"op": "listen", "vport": 80},
+    ]
+    for ident, request in enumerate(requests, start=1):
         sock.sendall(frame({**request, "id": ident, **({"vip": vip} if vip else {})}))
         while seen.count("reply") < ident:
             for message in decoder.feed(sock.recv(1 << 20)):
                 seen.append(str(message.get("push", "reply")))
-                vip = message.get("vip", vip) if message.get("id") == 1 else vip
+                if message.get("id") == 1:
+                    vip = str(message["vip"])
     return seen
 
 
