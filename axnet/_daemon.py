@@ -88,6 +88,10 @@ REQUESTS_QUEUED = 16
 #: Shortest time between two writes of the lease file: a burst of app starts
 #: (or of one app's binds) is written once, at most this long after it began.
 LEASE_WRITE_GAP_S = 0.02
+#: The file is written whole, so a node with thousands of bindings takes
+#: milliseconds a write: the gap is at least this many times as long as the
+#: last write took, which keeps the writes to a small share of the daemon's time.
+LEASE_WRITE_GAP_FACTOR = 10
 #: Bounds of a join request's seeds (a seed is HOST[:PORT]; a DNS name is at
 #: most 253 characters).
 MAX_SEEDS = 64
@@ -541,8 +545,10 @@ class Daemon:
         while True:
             await self._leases_changed.wait()
             self._leases_changed = trio.Event()
+            began = trio.current_time()
             await self._save_leases()
-            await trio.sleep(LEASE_WRITE_GAP_S)
+            took = trio.current_time() - began
+            await trio.sleep(max(LEASE_WRITE_GAP_S, LEASE_WRITE_GAP_FACTOR * took))
 
     async def _save_leases(self) -> None:
         """Write what the apps hold now, in a thread (a slow disk must not

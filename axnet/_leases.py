@@ -68,6 +68,14 @@ class Lease:
 
 
 def encode(leases: Sequence[Lease]) -> bytes:
+    texts: dict[IPAddress, str] = {}  # an app's bindings mostly share one address
+
+    def text(ip: IPAddress) -> str:
+        found = texts.get(ip)
+        if found is None:
+            found = texts[ip] = str(ip)
+        return found
+
     return pack(
         {
             "format": FORMAT,
@@ -78,7 +86,7 @@ def encode(leases: Sequence[Lease]) -> bytes:
                     lease.started,
                     str(lease.vip),
                     [list(b) for b in lease.blocks],
-                    [[str(b.virtual.ip), b.virtual.port, b.real_port] for b in lease.bindings],
+                    [[text(b.virtual.ip), b.virtual.port, b.real_port] for b in lease.bindings],
                 ]
                 for lease in leases
             ],

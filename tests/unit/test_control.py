@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import itertools
 import logging
 import os
 import pwd
@@ -468,6 +469,34 @@ async def test_a_lease_file_that_cannot_be_written_is_said_once(
         await _with_daemon(sock_dir, talk)
     assert caplog.text.count("leases not written") == 1
     assert [lease.app_id for lease in decode((sock_dir / "leases").read_bytes())] == []
+
+
+async def test_lease_writes_take_a_small_share_of_the_daemons_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    # The file is written whole: with thousands of bindings a write takes
+    # milliseconds, and a bind storm re-triggered one every 20 ms, so that
+    # each bind cost more the more there were (3000 took 20 s).
+    daemon = _daemon(tmp_path)
+    writes: list[tuple[float, float]] = []
+
+    async def slow_save() -> None:
+        began = trio.current_time()
+        await trio.sleep(0.1)
+        writes.append((began, trio.current_time()))
+
+    monkeypatch.setattr(daemon, "_save_leases", slow_save)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon._write_leases)
+        for _ in range(300):  # a change every 10 ms for 3 s
+            daemon._leases_changed.set()
+            await trio.sleep(0.01)
+        last_change = trio.current_time()
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    gaps = [nxt[0] - end for (_, end), nxt in itertools.pairwise(writes)]
+    assert gaps and min(gaps) >= 10 * 0.1
+    assert writes[-1][0] >= last_change - 0.01  # the last change is written too
 
 
 async def test_a_request_quoting_megabytes_is_refused_briefly_and_the_session_goes_on(
