@@ -156,15 +156,16 @@ class Bindings:
     def sweep(self) -> None:
         """Release bindings whose sockets the app has all closed, and forget
         each closed socket of a binding that has others."""
-        if not self.virtual and not self.inert:
+        with self._lock:
+            bindings = [*self.virtual.values(), *self.inert.values()]
+        if not bindings:
             return
+        ports = [binding.real_port for binding in bindings]
         try:
-            listening = _sockdiag.listening_inodes()
+            listening = _sockdiag.listening_inodes((min(ports), max(ports)))
         except OSError as exc:
             log.warning("cannot list listening sockets: %s", exc)
             return
-        with self._lock:
-            bindings = [*self.virtual.values(), *self.inert.values()]
         gone_sockets = {id(s) for s in closed([s for b in bindings for s in b.sockets], listening)}
         gone = []
         with self._lock:

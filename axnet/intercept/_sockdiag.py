@@ -2,10 +2,12 @@
 
 The engine must notice when the app closes a virtual listener, to withdraw its
 service record, but ``close`` is not trapped (it is far too hot to trap).
-Once a second it asks the kernel for the inodes of every listening TCP socket
-of this network namespace: one netlink dump filtered by state in the kernel,
-so thousands of connections in TIME_WAIT cost nothing, unlike reading
-``/proc/net/tcp``.  A socket that is only bound appears in no table; for those
+Once a second it asks the kernel for the inodes of the listening TCP sockets
+of this network namespace whose port is within those the app bound: one
+netlink dump filtered in the kernel, by state (thousands of connections in
+TIME_WAIT cost nothing, unlike reading ``/proc/net/tcp``) and by port (a
+neighbour's thousands of listeners cost nothing either: unfiltered, 19 000 of
+them took the engine up to 131 ms a sweep, with every trapped call waiting).  A socket that is only bound appears in no table; for those
 the fd table of the thread that bound it is the witness, and when that thread
 is gone, those of every process of the app (its threads and children may
 hold the socket still).
@@ -29,18 +31,44 @@ TCP_LISTEN = 10
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes).
 _REQ = struct.Struct("=BBBxI48x")
+# The request's filter (linux/inet_diag.h): an attribute holding a program
+# of inet_diag_bc_op {code, yes, no}; a port comparison's port sits in the
+# `no` of the op after it.  Each op jumps ahead by `yes` bytes when its test
+# holds and by `no` when not; the socket is taken when the program ends
+# exactly at its last byte, and not when a jump leaves it.
+_NLATTR = struct.Struct("=HH")
+_BC_OP = struct.Struct("=BBH")
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE = 2
+INET_DIAG_BC_S_LE = 3
 # inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue, wqueue, uid, inode.
 _MSG_INODE_OFFSET = 4 + 48 + 16
 #: Upper bound on one dump's reply, in bytes, so a huge table cannot exhaust memory.
 MAX_DUMP_BYTES = 64 * 1024 * 1024
 
 
-def _dump(family: int, states: int) -> set[int]:
+def port_filter(lo: int, hi: int) -> bytes:
+    """The request attribute that keeps sockets whose local port is in lo..hi."""
+    if not 0 <= lo <= hi <= 65535:
+        raise ValueError(f"bad port range {lo}-{hi}")
+    reject = 2 * 2 * _BC_OP.size + 4  # past the end, from the first op
+    program = (
+        _BC_OP.pack(INET_DIAG_BC_S_GE, 2 * _BC_OP.size, reject)
+        + _BC_OP.pack(0, 0, lo)
+        + _BC_OP.pack(INET_DIAG_BC_S_LE, 2 * _BC_OP.size, reject - 2 * _BC_OP.size)
+        + _BC_OP.pack(0, 0, hi)
+    )
+    return _NLATTR.pack(_NLATTR.size + len(program), INET_DIAG_REQ_BYTECODE) + program
+
+
+def _dump(family: int, states: int, ports: tuple[int, int] | None) -> set[int]:
     inodes: set[int] = set()
     with socket.socket(
         socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as nl:
         body = _REQ.pack(family, socket.IPPROTO_TCP, 0, states)
+        if ports is not None:
+            body += port_filter(*ports)
         nl.send(
             _NLMSGHDR.pack(
                 _NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
@@ -68,9 +96,11 @@ def _dump(family: int, states: int) -> set[int]:
                 offset += (length + 3) & ~3
 
 
-def listening_inodes() -> set[int]:
-    """Inodes of every listening TCP socket (IPv4 and IPv6) in this namespace."""
-    return _dump(socket.AF_INET, 1 << TCP_LISTEN) | _dump(socket.AF_INET6, 1 << TCP_LISTEN)
+def listening_inodes(ports: tuple[int, int] | None = None) -> set[int]:
+    """Inodes of the listening TCP sockets (IPv4 and IPv6) in this namespace:
+    every one, or those whose local port is within *ports* (lo, hi)."""
+    listening = 1 << TCP_LISTEN
+    return _dump(socket.AF_INET, listening, ports) | _dump(socket.AF_INET6, listening, ports)
 
 
 def socket_inodes(pid: int) -> set[int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import socket
 
 import pytest
 
@@ -66,3 +68,31 @@ def test_each_fd_table_is_read_once_however_many_sockets(
     closed = _bindings.closed(sockets, listening=set())
     assert [s.inode for s in closed] == list(range(1000, 2000))
     assert reads == {100: 1, 200: 1}
+
+
+def test_the_kernels_list_of_listeners_is_filtered_by_port_in_the_kernel() -> None:
+    # A neighbour's thousands of listeners must not cost a sweep: only those
+    # within the ports the app bound come back.
+    listeners = [socket.socket(family) for family in (socket.AF_INET, socket.AF_INET6) * 3]
+    try:
+        for sock in listeners:
+            sock.bind(("::1" if sock.family == socket.AF_INET6 else "127.0.0.1", 0))
+            sock.listen()
+        by_port = sorted(
+            (sock.getsockname()[1], os.fstat(sock.fileno()).st_ino) for sock in listeners
+        )
+        (lo, _), *middle, (hi, _) = by_port
+        inside = {inode for port, inode in middle if lo < port < hi}
+        got = _sockdiag.listening_inodes((lo + 1, hi - 1))
+        assert inside <= got
+        assert by_port[0][1] not in got and by_port[-1][1] not in got
+        assert {inode for _, inode in by_port} <= _sockdiag.listening_inodes()
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(-1, 5), (5, 4), (0, 65536)])
+def test_a_port_filter_takes_only_ports(lo: int, hi: int) -> None:
+    with pytest.raises(ValueError, match="bad port range"):
+        _sockdiag.port_filter(lo, hi)
