@@ -13,6 +13,7 @@ from ._control import ControlError, runtime_dir
 from ._daemon import Daemon, DaemonConfig, default_node_name
 from ._fdlimit import raise_fd_limit
 from ._groups import first_of
+from ._heap import freeze_startup
 from ._node import NodeConfig, PortRange
 from ._table import IPAddress, ip_address, labels_from
 from ._wire import has_control
@@ -149,6 +150,7 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
 
         reported = (ControlError, GossipError, OSError)
     try:
+        freeze_startup()
         trio.run(main)
     except BaseException as exc:
         # Errors from inside the nurseries arrive wrapped in exception groups.

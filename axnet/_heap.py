@@ -27,6 +27,13 @@ import gc
 MIN_RECORDS = 10_000
 
 
+def freeze_startup() -> None:
+    """Freeze what a process holds once started (its modules, mostly: about
+    25 000 objects in a supervisor, whose full collection took 33 ms): it
+    lives as long as the process.  Called once, before the event loop runs."""
+    gc.freeze()
+
+
 class Settler:
     """Freezes the heap once enough records came in since the last time."""
 

@@ -47,7 +47,7 @@ from ._control import (
     receive_messages,
 )
 from ._fdlimit import raise_fd_limit
-from ._heap import Settler
+from ._heap import Settler, freeze_startup
 from ._node import ClaimError
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import (
@@ -702,6 +702,7 @@ def run(options: RunOptions) -> int:
         )
 
     try:
+        freeze_startup()
         return trio.run(supervisor.main, launched.pid, launched.pidfd, make_engine)
     finally:
         os.close(launched.pidfd)
