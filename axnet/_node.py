@@ -296,6 +296,20 @@ class Node:
         )
 
     def _write(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord:
+        """Write *record*, ours, to the table.  Versions start from this
+        daemon's start time, so a key may hold a higher one already: another
+        node's tombstone of a service that has moved here, or an earlier
+        record of ours.  Ours is written above it, or it would never win.
+        (Another node's live record stays above: that is a conflict, which
+        last-writer-wins settles the same way on every node.)"""
+        current = self.table.current(record)
+        if (
+            current is not None
+            and not _supersedes(record, current)
+            and (current.deleted or current.node == self.config.name)
+        ):
+            self._version = max(self._version, current.version)
+            record = attrs.evolve(record, version=self._bump())
         self.table.merge(record)
         return record
 
@@ -596,6 +610,16 @@ class Node:
                 refused.append(record)
                 continue
             if record.node != self.config.name:
+                if record.deleted and (fresh := self._owned_record(record)) is not None:
+                    # Another node withdrew what we serve: its old record of
+                    # a service that has moved here since, come late, or
+                    # that of a rival that won a conflict and went.  Ours
+                    # stands, above it.
+                    current = self.table.current(record)
+                    if current is None or _supersedes(record, current):
+                        self._version = max(self._version, record.version)
+                        reasserted.append(self._write(attrs.evolve(fresh, version=self._bump())))
+                    continue
                 if self.table.merge(record):
                     accepted.append(record)
                 continue

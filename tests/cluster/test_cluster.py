@@ -171,6 +171,39 @@ def test_killed_daemon_is_dead_everywhere_then_rejoins(
         stop_process(app)
 
 
+def test_a_service_that_moves_to_another_host_is_served_from_there(
+    start_nodes: StartNodes, interception: None
+) -> None:
+    # Each daemon numbers its records from its own start time.  A service
+    # that moved to a host whose daemon started earlier had been withdrawn
+    # above any version that host would write, and was never published
+    # there: both directions, so one of them is that case.
+    nodes = start_nodes(2)
+    wait_agreement(nodes)
+    address = "10.1.0.6:7000"
+
+    def withdrawn() -> bool:
+        return all(address not in node.services() for node in nodes)
+
+    for here, there, name in ((nodes[0], nodes[1], "h2"), (nodes[1], nodes[0], "h1")):
+        first = here.app([*APPS, "greeter", "7000"], ip="10.1.0.6", name="greeter")
+        try:
+            there.wait_service(address, timeout=SPREAD_S)
+        finally:
+            stop_process(first)
+        wait_until("service withdrawn everywhere", withdrawn, timeout=SPREAD_S)
+        moved = there.app([*APPS, "greeter", "7000"], ip="10.1.0.6", name="greeter")
+        try:
+            for node in nodes:
+                assert node.wait_service(address, timeout=SPREAD_S)["node"] == name
+            named = here.run([*APPS, "names", "10.1.0.6", "7000"], ip="10.1.0.9", timeout=30)
+            assert named.returncode == 0, named.stderr
+            assert json.loads(named.stdout)["server"]["accepted_from"][0] == "10.1.0.9"
+        finally:
+            stop_process(moved)
+        wait_until("service withdrawn everywhere", withdrawn, timeout=SPREAD_S)
+
+
 def test_partition_heals(start_nodes: StartNodes, interception: None) -> None:
     nodes = start_nodes(5)
     wait_agreement(nodes)

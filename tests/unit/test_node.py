@@ -971,3 +971,74 @@ def test_picked_virtual_ips_never_include_the_nodes_own_address() -> None:
     node = make_node(virtual_range="192.0.2.0/29")  # HOST, 192.0.2.1, is in it
     vips = {attach(node, f"a{i}").vip for i in range(5)}
     assert HOST not in vips and len(vips) == 5
+
+
+def _serve(node: Node, app_id: str, ip: str, port: int = 80) -> list[AppRecord | ServiceRecord]:
+    """*app_id* attached to *node* at *ip*, listening on *port*: what that wrote."""
+    _, written = node.attach(
+        app_id=app_id,
+        vip=ip_address(ip),
+        name="",
+        labels=(),
+        pid=1,
+        argv=["x"],
+        block=None,
+        now=NOW,
+    )
+    node.claim(app_id, va(ip, port))
+    return [*written, *node.listen(app_id, va(ip, port))]
+
+
+def _live(node: Node, ip: str, port: int = 80) -> str | None:
+    """The node serving ip:port in *node*'s table."""
+    record = node.table.resolve(ip_address(ip), port)
+    return record.node if record is not None else None
+
+
+def test_a_service_that_moved_here_from_a_node_started_later_is_published() -> None:
+    # Versions start at each daemon's start: n2's are above n1's.  n2's
+    # tombstone of the service must not outrank n1's record of it.
+    n1, n2 = make_node(name="n1", now=NOW), make_node(name="n2", now=NOW + 100)
+    served = _serve(n2, "b1", "10.1.0.5")
+    gone = n2.detach("b1", now=NOW + 101)
+    n1.merge_remote([*served, *gone], now=NOW + 102)
+    written = _serve(n1, "a1", "10.1.0.5")
+    assert _live(n1, "10.1.0.5") == "n1"
+    n2.merge_remote(written, now=NOW + 103)
+    assert _live(n2, "10.1.0.5") == "n1"
+
+
+def test_a_late_tombstone_of_another_node_does_not_withdraw_what_we_serve() -> None:
+    # Its withdrawal reaches us only after our app took the address over.
+    n1, n2 = make_node(name="n1", now=NOW), make_node(name="n2", now=NOW + 100)
+    served = _serve(n2, "b1", "10.1.0.5")
+    gone = n2.detach("b1", now=NOW + 101)
+    _serve(n1, "a1", "10.1.0.5")
+    merged = n1.merge_remote([*served, *gone], now=NOW + 102)
+    assert _live(n1, "10.1.0.5") == "n1"
+    [ours] = [r for r in merged.reasserted if isinstance(r, ServiceRecord)]
+    n2.merge_remote([ours], now=NOW + 103)
+    assert _live(n2, "10.1.0.5") == "n1"
+
+
+def test_of_two_nodes_serving_one_address_the_survivor_takes_over() -> None:
+    # Both bound at once (neither knew of the other): last-writer-wins picks
+    # n2 everywhere, without a war of versions; once n2's app goes, n1's,
+    # still listening, is published again.
+    n1, n2 = make_node(name="n1", now=NOW), make_node(name="n2", now=NOW + 100)
+    mine, theirs = _serve(n1, "a1", "10.1.0.5"), _serve(n2, "b1", "10.1.0.5")
+    assert n1.merge_remote(theirs, now=NOW + 101).reasserted == []
+    assert n2.merge_remote(mine, now=NOW + 101).reasserted == []
+    assert _live(n1, "10.1.0.5") == _live(n2, "10.1.0.5") == "n2"
+    merged = n1.merge_remote(n2.detach("b1", now=NOW + 102), now=NOW + 102)
+    assert _live(n1, "10.1.0.5") == "n1"
+    n2.merge_remote(merged.reasserted, now=NOW + 103)
+    assert _live(n2, "10.1.0.5") == "n1"
+
+
+def test_our_tombstone_does_not_withdraw_the_service_of_a_node_that_won() -> None:
+    n1, n2 = make_node(name="n1", now=NOW), make_node(name="n2", now=NOW + 100)
+    _serve(n1, "a1", "10.1.0.5")
+    n1.merge_remote(_serve(n2, "b1", "10.1.0.5"), now=NOW + 101)
+    n1.detach("a1", now=NOW + 102)
+    assert _live(n1, "10.1.0.5") == "n2"
