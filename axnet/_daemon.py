@@ -92,6 +92,9 @@ LEASE_WRITE_GAP_S = 0.02
 #: milliseconds a write: the gap is at least this many times as long as the
 #: last write took, which keeps the writes to a small share of the daemon's time.
 LEASE_WRITE_GAP_FACTOR = 10
+#: ... and at most this long, however slow the last write was (a disk
+#: stalled for seconds): binds and releases meanwhile wait to be written.
+LEASE_WRITE_GAP_MAX_S = 1.0
 #: Bounds of a join request's seeds (a seed is HOST[:PORT]; a DNS name is at
 #: most 253 characters).
 MAX_SEEDS = 64
@@ -545,18 +548,19 @@ class Daemon:
         while True:
             await self._leases_changed.wait()
             self._leases_changed = trio.Event()
-            began = trio.current_time()
-            await self._save_leases()
-            took = trio.current_time() - began
-            await trio.sleep(max(LEASE_WRITE_GAP_S, LEASE_WRITE_GAP_FACTOR * took))
+            took = await self._save_leases()
+            gap = max(LEASE_WRITE_GAP_S, LEASE_WRITE_GAP_FACTOR * took)
+            await trio.sleep(min(gap, LEASE_WRITE_GAP_MAX_S))
 
-    async def _save_leases(self) -> None:
+    async def _save_leases(self) -> float:
         """Write what the apps hold now, in a thread (a slow disk must not
         hold up the control API); say so once when writes start failing,
-        and once when they work again."""
+        and once when they work again.  Returns how long the write took."""
         path, leases = self._lease_path, self.node.leases()
         async with self._lease_lock:
+            began = trio.current_time()
             error = await trio.to_thread.run_sync(_leasefile.save, path, leases)
+            took = trio.current_time() - began
         if error is not None and self._lease_error is None:
             log.warning(
                 "leases not written path=%s reason=%s: a daemon restarted meanwhile "
@@ -567,6 +571,7 @@ class Daemon:
         elif error is None and self._lease_error is not None:
             log.info("leases written again path=%s", path)
         self._lease_error = None if error is None else str(error)
+        return took
 
     async def _expire_tombstones(self) -> None:
         while True:

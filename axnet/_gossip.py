@@ -700,10 +700,13 @@ class GossipCluster:
                 assert_never(event)
 
     def _forget(self, name: str) -> None:
-        tombstones = self._daemon.node.forget_node(name, now=time.time())
-        if tombstones:
+        forgotten = self._daemon.node.forget_node(name, now=time.time())
+        if tombstones := forgotten.accepted:
             log.info("records of a gone member withdrawn name=%s count=%d", name, len(tombstones))
             self._changes.put(tombstones, local=False)
+        if ours := forgotten.reasserted:
+            log.info("services a gone member had won served from here again count=%d", len(ours))
+            self._changes.put(ours, local=True)
 
     def _revival_sync(self, member: swim.Member) -> None:
         """Show a member back from the dead the tombstones we wrote for it."""

@@ -14,9 +14,11 @@ MIN_RECORDS) have come in since the last time, :meth:`Settler.merged`
 moves everything alive into the collector's permanent generation
 (``gc.freeze()``), which full collections skip; objects that die later are
 still freed by reference counting.  A table that grows or churns leaves at
-most a quarter of itself to walk.  What a freeze cannot free is a cycle
-alive at that moment that dies later: young garbage is collected first,
-and a freeze comes once per quarter of the table merged.
+most a quarter of itself to walk.  Garbage is collected before each freeze
+(a walk of what is not frozen yet: as long as one of the collector's own
+full collections would take); what a freeze cannot free is a cycle alive at
+that moment that dies later, and a freeze comes once per quarter of the
+table merged.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Settler:
         self._since += count
         if self._since < max(self._min, size // 4):
             return False
-        gc.collect(1)  # young cycles die now, not frozen with the rest
+        gc.collect()  # walks only what is not frozen yet
         gc.freeze()
         self._since = 0
         return True

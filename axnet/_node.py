@@ -658,14 +658,22 @@ class Node:
         index = alias[1]
         return self._app_record(app, index=index) if 1 <= index <= len(app.more_blocks) else None
 
-    def forget_node(self, node: str, *, now: float) -> list[AppRecord | ServiceRecord]:
-        """A member died or left: tombstone its records locally."""
-        written: list[AppRecord | ServiceRecord] = []
+    def forget_node(self, node: str, *, now: float) -> Merged:
+        """A member died or left: tombstone its records locally (``accepted``).
+        Where its record had won a conflict over an address we serve too
+        (both bound it at once), ours is written above it instead
+        (``reasserted``: for the cluster), as when its app goes."""
+        withdrawn: list[AppRecord | ServiceRecord] = []
+        reasserted: list[AppRecord | ServiceRecord] = []
         for record in self.table.records_of_node(node):
             tomb = attrs.evolve(record, version=record.version + 1, deleted=True, deleted_at=now)
-            if self.table.merge(tomb):
-                written.append(tomb)
-        return written
+            fresh = self._owned_record(record) if isinstance(record, ServiceRecord) else None
+            if fresh is not None:
+                self._version = max(self._version, tomb.version)
+                reasserted.append(self._write(attrs.evolve(fresh, version=self._bump())))
+            elif self.table.merge(tomb):
+                withdrawn.append(tomb)
+        return Merged(accepted=withdrawn, reasserted=reasserted, refused=[])
 
     def republish(self) -> list[AppRecord | ServiceRecord]:
         """Fresh versions of every live record of ours (after a restart or rejoin)."""

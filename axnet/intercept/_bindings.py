@@ -132,7 +132,8 @@ class Bindings:
         binding = self._by_address.get(address)
         if binding is None:
             return None
-        if len(closed(binding.sockets, _sockdiag.listening_inodes())) < len(binding.sockets):
+        listening = _sockdiag.listening_inodes((binding.real_port, binding.real_port))
+        if len(closed(binding.sockets, listening)) < len(binding.sockets):
             return binding
         self.release([binding])
         return None

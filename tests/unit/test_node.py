@@ -887,8 +887,9 @@ def test_forget_node_tombstones_its_live_records_locally() -> None:
     other.claim("b1", VirtualAddress(ip=b.vip, port=80))
     written_by_other = [b, *other.listen("b1", VirtualAddress(ip=b.vip, port=80))]
     node.merge_remote(written_by_other, now=NOW)
-    tombs = node.forget_node("n2", now=NOW + 7)
-    assert len(tombs) == 2
+    forgotten = node.forget_node("n2", now=NOW + 7)
+    tombs = forgotten.accepted
+    assert len(tombs) == 2 and forgotten.reasserted == []
     for tomb, original in zip(tombs, written_by_other, strict=True):
         assert tomb.key == original.key
         assert tomb.deleted
@@ -898,7 +899,7 @@ def test_forget_node_tombstones_its_live_records_locally() -> None:
     assert not node.table.is_virtual_ip(b.vip)
     assert node.table.resolve(b.vip, 80) is None
     assert node.table.records_of_node("n1") != []  # our own records untouched
-    assert node.forget_node("n2", now=NOW + 8) == []  # nothing live is left
+    assert node.forget_node("n2", now=NOW + 8) == Merged(accepted=[], reasserted=[])
 
 
 def test_forget_node_is_overridden_when_the_node_republishes() -> None:
@@ -917,7 +918,7 @@ def test_a_false_death_converges_when_the_owner_writes_the_same_next_version() -
     other = make_node(name="n2")
     b = attach(other, "b1", vip=ip_address("10.9.0.1"))
     node.merge_remote([b], now=NOW)
-    tombs = node.forget_node("n2", now=NOW)  # n2 was only partitioned away
+    tombs = node.forget_node("n2", now=NOW).accepted  # n2 was only partitioned away
     republished = other.republish()  # n2 rejoins; same version as the tombstone
     assert [r.version for r in republished] == [t.version for t in tombs]
     node.merge_remote(republished, now=NOW)
@@ -1042,3 +1043,21 @@ def test_our_tombstone_does_not_withdraw_the_service_of_a_node_that_won() -> Non
     n1.merge_remote(_serve(n2, "b1", "10.1.0.5"), now=NOW + 101)
     n1.detach("a1", now=NOW + 102)
     assert _live(n1, "10.1.0.5") == "n2"
+
+
+def test_of_two_nodes_serving_one_address_the_survivor_takes_over_from_a_dead_one() -> None:
+    # The winner's host died: its records are withdrawn where they are
+    # forgotten, not by its own tombstones.
+    n1, n2 = make_node(name="n1", now=NOW), make_node(name="n2", now=NOW + 100)
+    _serve(n1, "a1", "10.1.0.5")
+    n1.merge_remote(_serve(n2, "b1", "10.1.0.5"), now=NOW + 101)
+    assert _live(n1, "10.1.0.5") == "n2"
+    forgotten = n1.forget_node("n2", now=NOW + 102)
+    assert _live(n1, "10.1.0.5") == "n1"
+    [ours] = [r for r in forgotten.reasserted if isinstance(r, ServiceRecord)]
+    assert ours.node == "n1" and not ours.deleted
+    n3 = make_node(name="n3", now=NOW + 200)  # another member that forgot n2 too
+    n3.merge_remote([*n2.table.records()], now=NOW + 201)
+    n3.forget_node("n2", now=NOW + 202)
+    n3.merge_remote(forgotten.reasserted, now=NOW + 203)
+    assert _live(n3, "10.1.0.5") == "n1"
