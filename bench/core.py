@@ -489,7 +489,7 @@ def throughput(node: AxnetNode, seconds: int, rounds: int) -> dict[str, Any]:
     other.  Single free draws differ by up to 40 % (client and server
     sharing a CPU or not), and on a shared VM pinned runs swing as widely
     (14 to 38 Gbit/s in one run): the 95 % interval of each ratio says how
-    far a dozen rounds can judge it."""
+    far twenty rounds can judge it."""
     host = node.host
 
     def native_side(pins: tuple[list[str], list[str]]) -> Side:
@@ -893,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     # Each iperf3 or redis run is a placement draw too: single iperf3 runs
     # differ by up to 40 % between draws, so paired ratios need rounds.
-    n, seconds, rounds = (500, 1, 2) if args.quick else (4000, 3, 12)
+    n, seconds, rounds = (500, 1, 2) if args.quick else (4000, 3, 20)
     # redis: requests per run, blocks of fresh servers, runs per side per block.
     redis_shape = (20000, 2, 2) if args.quick else (20000, 8, 10)
     price_runs = 2 if args.quick else SYSCALL_PRICE_RUNS
