@@ -96,3 +96,16 @@ def test_the_kernels_list_of_listeners_is_filtered_by_port_in_the_kernel() -> No
 def test_a_port_filter_takes_only_ports(lo: int, hi: int) -> None:
     with pytest.raises(ValueError, match="bad port range"):
         _sockdiag.port_filter(lo, hi)
+
+
+def test_a_kernel_that_refuses_the_filter_gets_the_whole_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Unseen, but then a listener the app closed would never be withdrawn.
+    monkeypatch.setattr(_sockdiag, "port_filter", lambda lo, hi: b"\x04\x00\x01\x00")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        inode = os.fstat(sock.fileno()).st_ino
+        assert inode in _sockdiag.listening_inodes((port + 1, port + 1))
