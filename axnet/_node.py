@@ -313,6 +313,14 @@ class Node:
         self.table.merge(record)
         return record
 
+    def _write_above(
+        self, version: int, fresh: AppRecord | ServiceRecord
+    ) -> AppRecord | ServiceRecord:
+        """Write *fresh*, ours, above *version*: another node's withdrawal
+        of what we still serve, which must not win."""
+        self._version = max(self._version, version)
+        return self._write(attrs.evolve(fresh, version=self._bump()))
+
     # -- app lifecycle -------------------------------------------------------
 
     def attach(
@@ -617,8 +625,7 @@ class Node:
                     # stands, above it.
                     current = self.table.current(record)
                     if current is None or _supersedes(record, current):
-                        self._version = max(self._version, record.version)
-                        reasserted.append(self._write(attrs.evolve(fresh, version=self._bump())))
+                        reasserted.append(self._write_above(record.version, fresh))
                     continue
                 if self.table.merge(record):
                     accepted.append(record)
@@ -669,8 +676,7 @@ class Node:
             tomb = attrs.evolve(record, version=record.version + 1, deleted=True, deleted_at=now)
             fresh = self._owned_record(record) if isinstance(record, ServiceRecord) else None
             if fresh is not None:
-                self._version = max(self._version, tomb.version)
-                reasserted.append(self._write(attrs.evolve(fresh, version=self._bump())))
+                reasserted.append(self._write_above(tomb.version, fresh))
             elif self.table.merge(tomb):
                 withdrawn.append(tomb)
         return Merged(accepted=withdrawn, reasserted=reasserted, refused=[])
