@@ -206,6 +206,7 @@ class Engine:
                 pending=self.bindings.kept,
                 sources=self._source.routes,
                 busy_poll_us=busy_poll_us,
+                adopt=self._tasks.adopt,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply

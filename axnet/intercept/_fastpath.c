@@ -19,9 +19,10 @@
  * count), or it hands back exactly the state Python needs to finish (an
  * accepted connection to deliver, a connect to wait for).
  *
- * What it reads, Python owns: the pidfd and /proc/TID/mem caches (only
- * handles already there are used: opening and validating fresh ones stays in
- * Python), the engine's bindings, the table's packed indexes.  Keys are
+ * What it reads, Python owns: the pidfd and /proc/TID/mem and maps caches
+ * (opening and validating handles stays in Python, which this code asks to
+ * do it for a thread's first call), the engine's bindings, the table's
+ * packed indexes.  Keys are
  * "endpoints": a 16-byte IPv6 or v4-mapped address and a 2-byte big-endian
  * port.  The GIL is held throughout: every syscall here is non-blocking and
  * short, and dropping the GIL per call would cost more than the call.
@@ -148,6 +149,7 @@ typedef struct {
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending; /* dicts owned by Python */
+    PyObject *adopt; /* Python's opener of a new thread's handles, or NULL */
     PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
     Parked **parked;                           /* indexed by listener fd (ours) */
@@ -163,7 +165,7 @@ typedef struct {
     long long poll_budget, poll_window, parked_at, poll_until;
     long long follow_window, answered_at, follow_until;
     unsigned long long notifications, answered, redirected, deferred, caught_polling,
-        caught_following;
+        caught_following, adopted;
 } Fast;
 
 /* What a hand-back carries besides the notification. */
@@ -992,6 +994,33 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
 
 /* -- notifications ------------------------------------------------------------------- */
 
+/* The calls this code answers need the thread's pidfd, mem and maps
+ * handles.  A thread's first such call finds none: Python opens and
+ * validates them (the rule above: handles are only ever opened there), and
+ * the call goes on here like any other.  Without that, a thread per
+ * connection (Go's locked threads, a thread pool that grows) had every
+ * connect answered by the Python engine. */
+static int trapped_here(int nr) {
+    return nr == __NR_connect || nr == __NR_accept || nr == __NR_accept4 ||
+           nr == __NR_getsockname || nr == __NR_getpeername;
+}
+
+static void adopt(Fast *self, const struct seccomp_notif *n) {
+    if (self->adopt == NULL || !trapped_here(n->data.nr) ||
+        (dict_fd(self->pidfds, n->pid) >= 0 && dict_fd(self->mems, n->pid) >= 0 &&
+         dict_fd(self->maps, n->pid) >= 0))
+        return;
+    PyObject *done = PyObject_CallFunction(self->adopt, "kK", (unsigned long)n->pid,
+                                           (unsigned long long)n->id);
+    if (done == NULL) {
+        PyErr_Clear(); /* the handlers find no handle, and hand the call back */
+        return;
+    }
+    if (PyObject_IsTrue(done) == 1) self->adopted++;
+    PyErr_Clear();
+    Py_DECREF(done);
+}
+
 static PyObject *serve_notification(Fast *self, PyObject *engine) {
     struct seccomp_notif *n = (struct seccomp_notif *)self->notif_buf;
     memset(self->notif_buf, 0, self->notif_size);
@@ -1006,6 +1035,7 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
         adapt(&self->follow_window, self->poll_budget, self->answered_at, self->follow_until,
               &self->caught_following);
     self->answered_at = self->follow_until = 0;
+    adopt(self, n);
     Call c = {self, n, NULL, NULL, NULL, NULL, 0, 0, 0};
     if (call_load(&c, engine) < 0) {
         call_done(&c);
@@ -1189,16 +1219,21 @@ static PyObject *Fast_close(Fast *self, PyObject *unused) {
 static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"fd",      "notif_size", "resp_size",    "pidfds",
                              "mems",    "maps",       "names",        "inert",
-                             "pending", "sources",    "busy_poll_us", NULL};
+                             "pending", "sources",    "busy_poll_us", "adopt",
+                             NULL};
     int fd, busy_poll_us = 0;
     Py_ssize_t notif_size, resp_size;
-    PyObject *pidfds, *mems, *maps, *names, *inert, *pending, *sources;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$i", kwlist, &fd,
+    PyObject *pidfds, *mems, *maps, *names, *inert, *pending, *sources, *adopt = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$iO", kwlist, &fd,
                                      &notif_size, &resp_size, &PyDict_Type, &pidfds,
                                      &PyDict_Type, &mems, &PyDict_Type, &maps, &PyDict_Type,
                                      &names, &PyDict_Type, &inert, &PyDict_Type, &pending,
-                                     &PyDict_Type, &sources, &busy_poll_us))
+                                     &PyDict_Type, &sources, &busy_poll_us, &adopt))
         return -1;
+    if (adopt != Py_None && !PyCallable_Check(adopt)) {
+        PyErr_SetString(PyExc_TypeError, "adopt must be callable or None");
+        return -1;
+    }
     if (busy_poll_us < 0 || busy_poll_us > 1000000) {
         PyErr_SetString(PyExc_ValueError, "busy_poll_us must be 0 to 1000000");
         return -1;
@@ -1235,6 +1270,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->inert = Py_NewRef(inert);
     self->pending = Py_NewRef(pending);
     self->sources = Py_NewRef(sources);
+    self->adopt = adopt == Py_None ? NULL : Py_NewRef(adopt);
     self->poll_budget = self->poll_window = self->follow_window = busy_poll_us * 1000LL;
     return 0;
 }
@@ -1260,6 +1296,7 @@ static void Fast_dealloc(Fast *self) {
     Py_XDECREF(self->inert);
     Py_XDECREF(self->pending);
     Py_XDECREF(self->sources);
+    Py_XDECREF(self->adopt);
     Py_XDECREF(self->identity);
     Py_XDECREF(self->me);
     PyMem_Free(self->notif_buf);
@@ -1269,11 +1306,11 @@ static void Fast_dealloc(Fast *self) {
 
 static PyObject *Fast_counters(Fast *self, void *closure) {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsKsKsKsi}", "notifications", self->notifications, "answered",
-                         self->answered, "redirected", self->redirected, "deferred",
-                         self->deferred, "caught_polling", self->caught_polling,
-                         "caught_following", self->caught_following, "parked",
-                         self->parked_count);
+    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "notifications", self->notifications,
+                         "answered", self->answered, "redirected", self->redirected,
+                         "deferred", self->deferred, "caught_polling", self->caught_polling,
+                         "caught_following", self->caught_following, "adopted",
+                         self->adopted, "parked", self->parked_count);
 }
 
 static PyObject *Fast_parked(Fast *self, void *closure) {

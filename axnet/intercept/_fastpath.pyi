@@ -1,5 +1,5 @@
 # Types of the native hot path (_fastpath.c).
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 SLOW: Final[int]
@@ -41,6 +41,7 @@ class Fast:
         sources: dict[bytes, bool],
         *,
         busy_poll_us: int = 0,
+        adopt: Callable[[int, int], bool] | None = None,
     ) -> None: ...
     def serve(
         self,

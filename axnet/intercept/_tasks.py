@@ -30,12 +30,13 @@ fatal signal ends the wait.  :class:`SignalTargets` tells the engine which
 parked threads have a signal to take, as the kernel would give it.
 
 Kernels before 6.9 have no thread pidfds; there nothing is kept between
-calls (see :class:`Tasks`).  Both caches are bounded; dropping them only
-costs a re-open.  The native hot
-path (``_fastpath``) reads the same two caches (:attr:`Tasks.pidfds`,
-:attr:`Tasks.mems`) but never fills them: a handle is only ever opened and
-validated here.  It reads memory only after ``pidfd_getfd`` through the cached
-pidfd succeeded, which is its liveness check.
+calls (see :class:`Tasks`).  The caches are bounded; dropping them only
+costs a re-open.  The native hot path (``_fastpath``) reads the same caches
+(:attr:`Tasks.pidfds`, :attr:`Tasks.mems`, :attr:`Tasks.maps`) but never
+fills them: a handle is only ever opened and validated here (for a thread's
+first call it asks :meth:`Tasks.adopt`).  It reads memory only after
+``pidfd_getfd`` through the cached pidfd succeeded, which is its liveness
+check.
 """
 
 from __future__ import annotations
@@ -433,6 +434,18 @@ class Tasks:
             self._drop_mem(tid)
             raise Gone
         return fd, maps, fresh
+
+    def adopt(self, tid: int, notification_id: int) -> bool:
+        """Open and validate every handle of *tid* for the native path, which
+        only uses handles already here: whether they are (never where nothing
+        is kept between calls, nor for a thread already gone)."""
+        if not self._keep:
+            return False
+        try:
+            self.mem(tid, notification_id)
+        except (Errno, Gone):
+            return False
+        return True
 
     def write(self, tid: int, notification_id: int, writes: list[tuple[int, bytes]]) -> None:
         """Store ``(address, bytes)`` pairs in the thread's memory; raises Errno(EFAULT) or Gone."""

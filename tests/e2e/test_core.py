@@ -85,6 +85,27 @@ def test_addresses_each_side_sees(node: AxnetNode) -> None:
         assert int(answered[2]) > 0, log
 
 
+def test_a_new_threads_first_connect_is_answered_natively(node: AxnetNode) -> None:
+    # A thread per connection (Go's locked threads, a pool that grows): each
+    # thread's first call finds none of its handles open.  The native path
+    # has Python open them, then answers the call itself; before, Python's
+    # engine answered all 40 connects (about 3x the time of a native one).
+    node.app([*APPS, "greeter", "7033"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7033")
+    done = node.run([*APPS, "threads", "10.1.0.5", "7033", "40", "1"], ip="10.1.0.9")
+    assert json.loads(done.stdout) == {"ok": 40, "failures": []}, done.stderr
+    counts = re.search(
+        r"engine done python=\{'notifications': (\d+).* native=(off|\{[^}]*'adopted': (\d+))",
+        done.stderr,
+    )
+    assert counts is not None, done.stderr
+    if node.env.get("AXNET_FASTPATH") == "0":
+        assert counts[2] == "off"
+    else:
+        assert int(counts[1]) < 10, done.stderr  # those are Python's answers
+        assert int(counts[3]) >= 40, done.stderr
+
+
 def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNode) -> None:
     # curl --interface, a source_address: bind(vip or 0.0.0.0, port 0), then
     # connect.  The server still sees the client's virtual address.

@@ -64,6 +64,11 @@ def test_refuses_caches_that_are_not_dicts() -> None:
         _make(pidfds=[])
 
 
+def test_refuses_an_adopter_that_cannot_be_called() -> None:
+    with pytest.raises(TypeError, match="adopt"):
+        _make(adopt=5)
+
+
 @pytest.mark.parametrize("us", [-1, 1_000_001])
 def test_refuses_a_busy_poll_budget_out_of_range(us: int) -> None:
     with pytest.raises(ValueError, match="busy_poll_us"):

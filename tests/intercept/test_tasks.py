@@ -328,3 +328,23 @@ def test_without_thread_pidfds_nothing_is_kept_between_calls() -> None:
         tasks.close()
         child.kill()
         child.wait()
+
+
+def test_adopting_a_thread_opens_every_handle_the_native_path_reads() -> None:
+    # The native path never opens a handle: for a thread's first call it has
+    # Tasks open and validate them, then reads them from the caches.
+    child, address = _marked("mine")
+    live = {1}
+    tasks = Tasks(lambda ident: ident in live)
+    try:
+        assert not tasks.adopt(child.pid, 2)  # its notification is gone: nothing kept
+        assert child.pid not in tasks.mems and child.pid not in tasks.maps
+        assert tasks.adopt(child.pid, 1)
+        assert {child.pid} == tasks.pidfds.keys() == tasks.mems.keys() == tasks.maps.keys()
+        assert os.pread(tasks.mems[child.pid], 4, address) == b"mine"
+        assert not Tasks(lambda ident: True, keep=False).adopt(child.pid, 1)
+    finally:
+        tasks.close()
+        child.kill()
+        child.wait()
+    assert not tasks.adopt(child.pid, 1)  # the thread is gone
