@@ -316,6 +316,7 @@ class Daemon:
                 node=self.config.node.name,
                 real_host=str(self.config.node.real_host),
                 virtual_range=str(self.config.node.virtual_range),
+                spill=[spill.lo, spill.hi] if (spill := self.config.node.spill_ports) else None,
                 vip=str(app.vip),
                 block=list(app.block) if app.block else None,
                 more_blocks=[list(b) for b in app.more_blocks],

@@ -71,6 +71,11 @@ class PortRange:
         return self.hi - self.lo + 1
 
 
+#: The share of --client-ports kept out of blocks: 1/SPILL_SHARE (see
+#: NodeConfig.spill_ports).
+SPILL_SHARE = 8
+
+
 @attrs.frozen(kw_only=True)
 class NodeConfig:
     """Static facts about a node, from the daemon's command line."""
@@ -93,6 +98,27 @@ class NodeConfig:
     virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(  # noqa: RUF009  # an immutable value
         "10.77.0.0/16"
     )
+
+    @property
+    def spill_ports(self) -> PortRange | None:
+        """The top eighth of *client_ports*, in no block: connections of an
+        app with no free port in a block of its own (it used up all of them,
+        or the node had none to give) leave from here, and so are seen from
+        the node's address.  Anywhere else in the kernel's range a port may
+        lie in another app's block, and servers would name the connection
+        after that app.  None where the range is too small to spare it."""
+        size = max(self.client_block, len(self.client_ports) // SPILL_SHARE)
+        if len(self.client_ports) < 4 * size:
+            return None
+        return PortRange(lo=self.client_ports.hi - size + 1, hi=self.client_ports.hi)
+
+    @property
+    def block_ports(self) -> PortRange:
+        """Where client port blocks are cut from: *client_ports* less the spill."""
+        spill = self.spill_ports
+        if spill is None:
+            return self.client_ports
+        return PortRange(lo=self.client_ports.lo, hi=spill.lo - 1)
 
 
 @attrs.define
@@ -206,14 +232,14 @@ class Node:
 
     def _all_blocks(self) -> list[tuple[int, int]]:
         size = self.config.client_block
-        lo, hi = self.config.client_ports.lo, self.config.client_ports.hi
+        lo, hi = self.config.block_ports.lo, self.config.block_ports.hi
         return [(start, min(start + size - 1, hi)) for start in range(lo, hi + 1, size)]
 
     def _block_free(self, block: tuple[int, int]) -> bool:
-        """Inside --client-ports and overlapping no block in use: a source port
-        must name one app only."""
+        """Inside --client-ports, out of the spill, and overlapping no block
+        in use: a source port must name one app only."""
         lo, hi = block
-        ports = self.config.client_ports
+        ports = self.config.block_ports
         held = [b for lease in self._reserved.values() for b in lease.blocks]
         return ports.lo <= lo <= hi <= ports.hi and all(
             hi < used_lo or used_hi < lo for used_lo, used_hi in [*self._blocks_in_use, *held]

@@ -480,6 +480,7 @@ class Supervisor:
             block=current,
             blocks=(*([current] if current else []), *more),
             virtual_range=_virtual_range(reply.get("virtual_range")),
+            spill=_spill(reply.get("spill")),
         )
         # Swap whole objects: the engine thread reads these attributes.
         self.table = fresh
@@ -584,6 +585,21 @@ class Supervisor:
             os.close(fd)
 
     _pid: int = 0
+
+
+def _spill(value: object) -> tuple[int, int] | None:
+    """The node's spill ports from an attach reply (see Identity.spill)."""
+    if value is None:
+        return None  # an older daemon: connects past the blocks take any port
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(p) is int for p in value)
+        and 1 <= value[0] <= value[1] <= 65535
+    ):
+        return value[0], value[1]
+    log.warning("ignored malformed spill ports from the daemon: %r", value)
+    return None
 
 
 def _virtual_range(text: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

@@ -31,6 +31,10 @@ class Identity:
     #: Addresses handed out without ``--ip`` come from here; a connect into
     #: it that the table does not know is refused rather than routed.
     virtual_range: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    #: Source ports of the node's that are in no app's block: a connect with
+    #: no port of a block of its own free leaves from here, seen from the
+    #: node's address (None: a daemon that does not say, any port).
+    spill: tuple[int, int] | None = None
 
     @blocks.default
     def _block_alone(self) -> tuple[tuple[int, int], ...]:

@@ -368,15 +368,15 @@ class Engine:
             self._reply(n, error=errno.EIO)
 
     def _packed_me(self) -> bytes:
-        """The identity as the fast path reads it: real host, vip, block lo, hi."""
+        """The identity as the fast path reads it: real host, vip, block lo,
+        hi, spill lo, hi (0 for none)."""
         me = self.identity
         if me is not self._me_identity:
-            lo, hi = me.block or (0, 0)
+            ports = (*(me.block or (0, 0)), *(me.spill or (0, 0)))
             self._me = (
                 packed_ip(me.real_host)
                 + packed_ip(me.vip)
-                + lo.to_bytes(2, "big")
-                + hi.to_bytes(2, "big")
+                + b"".join(port.to_bytes(2, "big") for port in ports)
             )
             self._me_identity = me
         return self._me
@@ -521,6 +521,8 @@ class Engine:
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                         self._source.bind_address(sock, verdict.real.host, self.identity.real_host)
                         pinned = self._source.pin_ports(sock, self.identity.block)
+                        if self.identity.block is None:  # the node had none for it
+                            self._source.spill_ports(sock, self.identity)
                     case Deny():
                         self.counters.refused += 1
                         raise _refused(n, "connect", ip, port, verdict)
@@ -598,7 +600,7 @@ class Engine:
         """The app's current client port block is full (the connect failed,
         leaving the socket as it was): connect from a free port of another
         block it holds, which connects use from then on, else of one more
-        from the daemon, else from any port.  0 or the errno."""
+        from the daemon, else from the node's spill ports.  0 or the errno."""
         fd = sock.fileno()
         me = self.identity
         for block in me.blocks:
@@ -615,7 +617,7 @@ class Engine:
             err = _connect_nonblocking(fd, target, app_flags)
             if err != errno.EADDRNOTAVAIL:
                 return err
-        self._source.unpin_ports(sock, self.identity)
+        self._source.spill_ports(sock, self.identity)
         return _connect_nonblocking(fd, target, app_flags)
 
     def _more_ports(self) -> bool:

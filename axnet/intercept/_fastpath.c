@@ -113,7 +113,7 @@ struct axnet_procmap_query {
 #define VMA_WRITABLE 0x2
 
 #define ENDPOINT_LEN 18 /* address (16) + port (2, network order) */
-#define ME_LEN 36       /* real host (16), vip (16), block lo (2), block hi (2) */
+#define ME_LEN 40 /* real host (16), vip (16), block lo, hi (2 each), spill lo, hi (2 each) */
 
 /* What step() hands back to Python, besides None (answered). */
 enum { SLOW = 0, DELIVER = 1, CONNECTING = 2, PARKED = 3 };
@@ -539,11 +539,12 @@ static int on_connect(Call *c, Handback *out) {
     if (!target_len) goto slow;
     if (bind_source(c, fd, family, real_end) < 0) goto slow;
 
+    /* The app's block; without one (the node had none for it), the node's
+     * spill ports, in no app's block (0: any port). */
     unsigned lo = be16(c->me + 32), hi = be16(c->me + 34);
-    if (lo) {
-        uint32_t range = lo | hi << 16;
-        if (setsockopt(fd, IPPROTO_IP, IP_LOCAL_PORT_RANGE, &range, sizeof range) < 0) goto slow;
-    }
+    uint32_t range = lo ? lo | hi << 16 : be16(c->me + 36) | be16(c->me + 38) << 16;
+    if (range && setsockopt(fd, IPPROTO_IP, IP_LOCAL_PORT_RANGE, &range, sizeof range) < 0)
+        goto slow;
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0) goto slow;
     int blocking = !(flags & O_NONBLOCK);
@@ -833,7 +834,7 @@ static int call_load(Call *c, PyObject *engine) {
         if (me == NULL || !PyBytes_Check(me) || PyBytes_GET_SIZE(me) != ME_LEN) {
             Py_XDECREF(me);
             Py_DECREF(identity);
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_packed_me(): 36 bytes");
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_packed_me(): 40 bytes");
             return -1;
         }
         Py_XSETREF(self->me, me);

@@ -15,8 +15,11 @@ is learnt.  When the block is exhausted, a connect takes a free port of
 another block the app holds (its closed connections gave them back), and
 connects use that block from then on; only when every one is exhausted
 does the engine ask the daemon for another, and when it has none to give,
-connections leave from any port: the server then sees the node's address,
-not the app's.
+connections leave from the node's spill ports, which lie in no app's block
+(the top of its client ports, ``NodeConfig.spill_ports``): the server then
+sees the node's address, not the app's.  So do those of an app the node had
+no block for.  Not from any port: one in another app's block would have
+servers name the connection after that app.
 """
 
 from __future__ import annotations
@@ -99,17 +102,24 @@ class ClientSource:
             return False
         return True
 
-    def unpin_ports(self, sock: _socket.socket, me: Identity) -> None:
-        """Let a connect leave from any port: every client block of the app
-        is exhausted (warned of once a current block)."""
-        if self._block_warned != me.block:  # once, not at every connect
+    def spill_ports(self, sock: _socket.socket, me: Identity) -> None:
+        """Keep the source port in the node's spill ports, which lie in no
+        app's block (any port, from a daemon that names none): the app has
+        no free port in a block of its own, every one used up (warned of
+        once a current block) or none given it."""
+        if me.block is not None and self._block_warned != me.block:  # not at every connect
             self._block_warned = me.block
             log.warning(
-                "client port blocks %s exhausted; connecting from any port while they "
-                "are (the server sees the node's address, not the app's)",
+                "client port blocks %s exhausted; connecting from the node's ports %s "
+                "while they are (the server sees the node's address, not the app's)",
                 ", ".join(f"{lo}-{hi}" for lo, hi in me.blocks),
+                f"{me.spill[0]}-{me.spill[1]}" if me.spill else "(any)",
             )
-        sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(0))
+        value = me.spill[0] | me.spill[1] << 16 if me.spill else 0
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(value))
+        except OSError as exc:
+            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
 
 
 def pinned(sock: _socket.socket) -> bool:

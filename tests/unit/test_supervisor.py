@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from axnet import _cli
-from axnet._supervisor import EngineFailed, RunOptions, Session, Supervisor
+from axnet._supervisor import EngineFailed, RunOptions, Session, Supervisor, _spill
 from axnet._wire import FrameDecoder, frame
 
 
@@ -176,3 +176,21 @@ def test_a_large_table_from_the_daemon_is_out_of_the_collectors_full_walk() -> N
         assert not any(id(r) in walked for r in supervisor.table.services.values())
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    ("value", "spill"),
+    [
+        ([57471, 60999], (57471, 60999)),
+        (None, None),  # an older daemon: any port past the blocks
+        ([60999, 57471], None),
+        ([0, 10], None),
+        ([1, 65536], None),
+        ([1.0, 2], None),
+        ([True, 2], None),
+        ("57471-60999", None),
+        ([1, 2, 3], None),
+    ],
+)
+def test_the_spill_ports_of_an_attach_reply(value: object, spill: tuple[int, int] | None) -> None:
+    assert _spill(value) == spill
