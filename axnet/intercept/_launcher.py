@@ -42,11 +42,16 @@ EXIT_CANNOT_EXECUTE = 127
 _MAX_REPORT = 64
 
 
+#: Exit status when axnet run itself fails to start the app.
+EXIT_LAUNCHER = 125
+
+
 class LaunchError(Exception):
     """The application could not be started; the message is for the user.
 
     ``exit_code`` follows the shell: 127 when the program was not found, 126
-    when it was found but could not be executed.
+    when it was found but could not be executed; 125 when axnet run itself
+    could not start it (as ``env`` and ``timeout`` say).
     """
 
     def __init__(self, message: str, *, exit_code: int = 127) -> None:
@@ -98,7 +103,7 @@ def launch(
     try:
         kind, value = _read_message(report_r)
         if kind == "S":
-            raise LaunchError(f"axnet run: cannot install the seccomp filter: {os.strerror(value)}")
+            raise LaunchError(_filter_refused(args[0], value), exit_code=EXIT_LAUNCHER)
         if kind != "F":
             raise LaunchError(f"axnet run: launcher protocol error ({kind!r})")
         pidfd = pidfd_open(pid)
@@ -123,6 +128,19 @@ def launch(
         raise
     finally:
         os.close(report_r)
+
+
+def _filter_refused(program: str, err: int) -> str:
+    """What to tell a user whose app the kernel would not filter."""
+    if err == errno.EBUSY:
+        # A listener filter in the chain already: the kernel allows one.
+        return (
+            f"axnet run: cannot intercept {program!r}: axnet run already runs under a "
+            "seccomp supervisor (an axnet run inside another, or another such tool), and "
+            "the kernel allows one; run it outside that (an app under axnet run reaches "
+            "virtual addresses already)"
+        )
+    return f"axnet run: cannot install the seccomp filter: {os.strerror(err)}"
 
 
 def _read_message(fd: int) -> tuple[str, int]:

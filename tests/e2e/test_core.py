@@ -964,6 +964,15 @@ def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     assert execed["server"]["accepted_from"][0] == "10.1.0.9"
 
 
+def test_axnet_run_inside_axnet_run_says_why_it_cannot(node: AxnetNode) -> None:
+    # The kernel allows one supervisor (a user-notification filter) per
+    # process tree: the inner axnet run says so, and exits as env and
+    # timeout do when they fail themselves, not 127 (not found).
+    done = node.run([*AXNET, "run", "--", "true"])
+    assert done.returncode == 125, done.stderr
+    assert "axnet run already runs under a seccomp supervisor" in done.stderr
+
+
 def test_io_uring_is_refused(node: AxnetNode) -> None:
     result = node.run_json([*APPS, "io-uring"])
     assert result["errno"] == errno.ENOSYS
