@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._control import ControlClient, ControlError, control_path, runtime_dir
+from ._entry import EXIT_INTERRUPTED
 from ._groups import first_of
 from ._node import MAX_BLOCKS
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
@@ -29,7 +30,6 @@ from ._wire import (
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports it
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 _EPILOG_RUN = """\

@@ -478,6 +478,26 @@ def test_ctrl_c_wrapped_by_trio_exits_130_quietly(
         main(["keygen"])  # a real error is not hidden behind the Ctrl-C
 
 
+def test_ctrl_c_while_the_command_still_loads_exits_130_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Loading takes a good part of a second: Ctrl-C meanwhile came out as a
+    # traceback from somewhere in an import.
+    import importlib.abc
+
+    from axnet import _entry
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object, target: object = None) -> None:
+            if name == "axnet._cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "axnet._cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert _entry.main() == 130
+
+
 def test_a_reader_gone_early_ends_output_quietly() -> None:
     # `axnet keygen | head -c0`: the pipe is closed before anything is written.
     read_end, write_end = os.pipe()
