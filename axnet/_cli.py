@@ -10,11 +10,12 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._control import ControlClient, ControlError, control_path, runtime_dir
+from ._control import ControlClient, ControlError, DaemonUnavailable, control_path, runtime_dir
 from ._entry import EXIT_INTERRUPTED
 from ._groups import first_of
 from ._node import MAX_BLOCKS
@@ -27,6 +28,10 @@ from ._wire import (
     MAX_TEXT_BYTES,
     has_control,
 )
+
+#: `axnet status --wait`: its bound, and how often it looks.
+MAX_WAIT_S = 3600.0
+WAIT_POLL_S = 0.05
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -72,6 +77,19 @@ def _setup_logging(verbosity: int) -> None:
 
 
 # -- validation (exact messages, exit code 2) -----------------------------------
+
+
+def parse_wait(text: str) -> float:
+    """``--wait``: seconds, 0 to an hour."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_WAIT_S:
+        raise argparse.ArgumentTypeError(
+            f"--wait must be seconds from 0 to {MAX_WAIT_S:.0f}, got {text!r}"
+        )
+    return seconds
 
 
 def parse_ip(text: str, *, flag: str) -> IPAddress:
@@ -267,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _common(c)
         c.add_argument("--json", action="store_true", help="machine-readable output")
+    status = sub.choices["status"]
+    status.add_argument(
+        "--wait",
+        type=parse_wait,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for a daemon that is starting (in a script: "
+        "'axnet daemon & axnet status --wait 10'; default: do not wait)",
+    )
 
     s = sub.add_parser(
         "stop", help="stop this node's daemon", description="Stop this node's daemon."
@@ -361,6 +388,10 @@ def _print_json(value: object) -> None:
     sys.stdout.write("\n")
 
 
+#: Columns of a table written into a pipe or a file: as wide as it needs.
+PIPED_WIDTH = 100_000
+
+
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -368,12 +399,15 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        # Folded onto more lines where the terminal is narrow, never cut:
+        # half an address is a wrong one.
+        table.add_column(column, overflow="fold")
     for row in rows:
         # Text, not markup: an address like [fd00::5]:80 or a label with
         # brackets is shown as it is.
         table.add_row(*(Text("" if v is None else str(v)) for v in row))
-    Console().print(table)
+    # Into a pipe or a file, one line a row, however long (for grep).
+    Console(width=None if sys.stdout.isatty() else PIPED_WIDTH).print(table)
 
 
 def _labels_text(labels: dict[str, str]) -> str:
@@ -418,8 +452,22 @@ _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
 }
 
 
+def _waiting_client(args: argparse.Namespace) -> ControlClient:
+    """A client of a daemon that may still be starting (``--wait``)."""
+    give_up = time.monotonic() + getattr(args, "wait", 0.0)
+    while True:
+        try:
+            return _client(args)
+        except DaemonUnavailable as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise
+            if time.monotonic() >= give_up:
+                raise
+        time.sleep(WAIT_POLL_S)
+
+
 def cmd_listing(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _waiting_client(args) as client:
         reply = client.request(args.command)
     if args.command in _LISTINGS:
         key, columns, row = _LISTINGS[args.command]
@@ -511,8 +559,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    try:
+        client = _client(args)
+    except DaemonUnavailable as exc:
+        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+        # The state asked for is there already: not a failure.
+        path = control_path(runtime_dir(args.runtime_dir))
+        print(f"axnet stop: no daemon runs at {path}: nothing to stop", file=sys.stderr)
+        return 0
+    with client:
+        apps = client.request("apps")["apps"]
         client.request("stop")
+    mine = [a for a in apps if a.get("pid") is not None]  # this node's
+    if mine:
+        print(
+            f"axnet stop: stopped; {len(mine)} app(s) under axnet run keep running and "
+            "re-attach to the next daemon (axnet daemon)",
+            file=sys.stderr,
+        )
     return 0
 
 

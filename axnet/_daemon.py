@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,14 @@ import attrs
 import trio
 
 from . import _leasefile
-from ._control import Connection, ControlError, control_path, prepare_runtime_dir, serve_control
+from ._control import (
+    Connection,
+    ControlError,
+    control_path,
+    prepare_runtime_dir,
+    runtime_dir,
+    serve_control,
+)
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
 from ._views import app_view, service_view
@@ -105,6 +113,8 @@ MAX_SEED_CHARS = 300
 class DaemonConfig:
     node: NodeConfig
     runtime_dir: Path
+    #: Say on stderr, in one line, when the daemon serves (`axnet daemon`).
+    announce: bool = False
 
 
 Record = AppRecord | ServiceRecord
@@ -179,6 +189,15 @@ class Daemon:
                 await cluster.deliver(records)
             for conn, seq in pings:
                 await conn.wait_applied(seq)
+
+    def _ready_line(self, path: Path) -> str:
+        stop = "axnet stop"
+        if path.parent != runtime_dir():
+            stop += f" --runtime-dir {path.parent}"
+        return (
+            f"node {self.config.node.name}, apps' listeners on {self.config.node.real_host}, "
+            f"control socket {path} (stop it with: {stop})"
+        )
 
     # -- control API --------------------------------------------------------
 
@@ -511,6 +530,8 @@ class Daemon:
                 self.config.node.real_host,
                 path,
             )
+            if self.config.announce:
+                print(f"axnet daemon: ready: {self._ready_line(path)}", file=sys.stderr, flush=True)
             task_status.started()
             await self._stop.wait()
             # Written before the sessions close: the apps run on, and the

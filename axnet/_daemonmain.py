@@ -124,7 +124,9 @@ def _run(args: argparse.Namespace, gossip: GossipOptions | None) -> int:
         print(f"axnet daemon: {problem}", file=sys.stderr)
         return 2
     raise_fd_limit()  # a session per app: a thousand apps need more than 1024 fds
-    daemon = Daemon(DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir)))
+    daemon = Daemon(
+        DaemonConfig(node=node, runtime_dir=runtime_dir(args.runtime_dir), announce=True)
+    )
     reported: tuple[type[Exception], ...] = (ControlError, OSError)
 
     async def main() -> None:

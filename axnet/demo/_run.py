@@ -67,7 +67,23 @@ def _app_on(node: DemoNode, ip: str, label: str, app: list[str], *flags: str) ->
     return [*run, sys.executable, "-m", "axnet.demo._apps", *app]
 
 
-def _wait_for(what: str, predicate: Callable[[], Any], procs: list[subprocess.Popen[bytes]]) -> Any:
+class _Progress:
+    """Lines on stderr as the demo goes (the report comes at the end)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"axnet demo: {text} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _wait_for(
+    what: str,
+    predicate: Callable[[], Any],
+    procs: list[subprocess.Popen[bytes]],
+    progress: _Progress,
+) -> Any:
     deadline = time.monotonic() + STEP_TIMEOUT_S
     while time.monotonic() < deadline:
         for proc in procs:
@@ -75,6 +91,7 @@ def _wait_for(what: str, predicate: Callable[[], Any], procs: list[subprocess.Po
                 raise RuntimeError(f"{what}: {proc.args!r} exited with {proc.returncode}")
         try:
             if result := predicate():
+                progress(what)
                 return result
         except ControlError:
             pass
@@ -120,6 +137,7 @@ def _client(node: DemoNode, targets: list[str], verbosity: list[str]) -> list[di
 
 
 def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
+    progress = _Progress()
     scratch = Path(tempfile.mkdtemp(prefix="axnet-demo-"))
     logs = scratch / "logs"
     logs.mkdir()
@@ -132,6 +150,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
         key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
         key.chmod(0o600)
         nodes = [DemoNode(name, address, scratch / name) for name, address in NODES]
+        progress(f"starting {len(nodes)} nodes, on {nodes[0].address} to {nodes[-1].address}")
         seed = ""
         for node in nodes:
             node.runtime.mkdir(mode=0o700)
@@ -144,8 +163,10 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             with open(logs / f"{node.name}.log", "wb") as log:
                 daemons.append(subprocess.Popen(_axnet(node, "daemon", *args), stderr=log))
             if not seed:  # the others join through the first, at the port it took
-                seed = _wait_for(f"{node.name} gossips", lambda: _gossip_address(nodes[0]), daemons)
-        _wait_for("every node sees every member alive", lambda: _agreed(nodes), daemons)
+                seed = _wait_for(
+                    f"{node.name} gossips", lambda: _gossip_address(nodes[0]), daemons, progress
+                )
+        _wait_for("every node sees every member alive", lambda: _agreed(nodes), daemons, progress)
 
         for name, ip, where in SERVERS:
             node = nodes[where]
@@ -163,6 +184,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             f"{client_node.name} knows both web servers",
             lambda: _virtuals(client_node) >= every_service,
             [*daemons, *apps],
+            progress,
         )
         report: dict[str, Any] = {
             "nodes": [{"name": n.name, "address": n.address} for n in nodes],
@@ -171,6 +193,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             "services": client_node.listing("services"),
             "fetches": _client(client_node, [ip for _, ip, _ in SERVERS], verbosity),
         }
+        progress(f"a client on {client_node.name} fetched from both")
 
         leaving = nodes[LEAVING]
         with leaving.control() as client:
@@ -183,6 +206,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
                 and not _virtuals(client_node) & gone
             ),
             daemons,
+            progress,
         )
         report["after_leave"] = {
             "node": leaving.name,
@@ -190,6 +214,7 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             "services": client_node.listing("services"),
             "fetches": _client(client_node, [ip.split(":")[0] for ip in sorted(gone)], verbosity),
         }
+        progress("stopping everything it started")
         if as_json:
             json.dump(report, sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -251,7 +276,7 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(_services_table(report["services"], f"services, as {seen_from} sees them"))
     seen = Table(title="what each side saw", title_justify="left")
     for column in ("", "client's socket", "server's socket"):
-        seen.add_column(column)
+        seen.add_column(column, overflow="fold")
     for f in report["fetches"]:
         r = f["response"]
         seen.add_row(
@@ -281,7 +306,7 @@ def _members_table(members: list[dict[str, Any]], title: str) -> Any:
 
     table = Table(title=title, title_justify="left")
     for column in ("name", "address", "gossip", "status"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for m in members:
         table.add_row(Text(m["name"]), Text(m["address"]), Text(m["gossip"]), Text(m["status"]))
     return table
@@ -293,7 +318,7 @@ def _services_table(services: list[dict[str, Any]], title: str) -> Any:
 
     table = Table(title=f"{title} (virtual → real)", title_justify="left")
     for column in ("virtual", "real", "node", "name", "labels"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for s in services:
         labels = ",".join(f"{k}={v}" for k, v in s["labels"].items())
         table.add_row(

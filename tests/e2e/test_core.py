@@ -964,6 +964,35 @@ def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     assert execed["server"]["accepted_from"][0] == "10.1.0.9"
 
 
+def test_the_daemon_says_once_that_it_serves(node: AxnetNode) -> None:
+    # Started in the background (`axnet daemon &`), it says when apps may
+    # start, and how to stop it.
+    said = (node.logs / "daemon.log").read_text()
+    ready = [line for line in said.splitlines() if line.startswith("axnet daemon: ready: ")]
+    assert len(ready) == 1, said
+    assert f"control socket {node.runtime / 'control.sock'}" in ready[0]
+    assert ready[0].endswith("(stop it with: axnet stop)")
+
+
+def test_a_script_waits_for_its_daemon_and_stops_it_once(node: AxnetNode) -> None:
+    # `axnet daemon & axnet status --wait 10`: the daemon takes a moment to
+    # start, and a command that ran at once found no daemon.
+    node.stop()
+    missing = node.axnet("status", check=False)
+    assert missing.returncode == 1 and "start one with: axnet daemon" in missing.stderr
+    node.launch()
+    done = node.axnet("status", "--wait", "60", "--json", timeout=90)
+    assert node.daemon is not None and json.loads(done.stdout)["pid"] == node.daemon.pid
+    # Apps run on across a stop, which says so; a second stop finds nothing
+    # to stop, which is no failure.
+    node.app(["sleep", "600"])
+    wait_until("the app attached", lambda: len(node.json("apps")) == 1)
+    assert "1 app(s) under axnet run keep running" in node.axnet("stop").stderr
+    node.daemon.wait(timeout=30)
+    again = node.axnet("stop")
+    assert again.returncode == 0 and "nothing to stop" in again.stderr
+
+
 def test_axnet_run_inside_axnet_run_says_why_it_cannot(node: AxnetNode) -> None:
     # The kernel allows one supervisor (a user-notification filter) per
     # process tree: the inner axnet run says so, and exits as env and

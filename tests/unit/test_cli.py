@@ -491,7 +491,6 @@ def test_ctrl_c_while_the_command_still_loads_exits_130_quietly(
         def find_spec(self, name: str, path: object, target: object = None) -> None:
             if name == "axnet._cli":
                 raise KeyboardInterrupt
-            return None
 
     monkeypatch.delitem(sys.modules, "axnet._cli")
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
