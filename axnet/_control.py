@@ -86,8 +86,15 @@ def prepare_runtime_dir(path: Path) -> None:
     /tmp anyone can plant ``/tmp/axnet-UID`` as a link to a directory of
     ours, which we would otherwise make 0700 and put a socket in.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.lstat()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise ControlError(
+            f"cannot use runtime directory {path}: {exc.strerror}; choose another with "
+            "--runtime-dir",
+            err=exc.errno or 0,
+        ) from None
     if stat.S_ISLNK(info.st_mode) and info.st_uid == os.getuid():
         info = path.stat()  # our own link: what it points to must be ours too
     if info.st_uid != os.getuid():

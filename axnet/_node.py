@@ -63,9 +63,14 @@ class PortRange:
     def parse(cls, text: str, *, flag: str) -> PortRange:
         try:
             lo_text, hi_text = text.split("-", 1)
-            return cls(lo=int(lo_text), hi=int(hi_text))
+            lo, hi = int(lo_text), int(hi_text)
         except ValueError:
             raise ValueError(f"{flag} must look like 20000-32767, got {text!r}") from None
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(
+                f"{flag} must run from a lower port to a higher within 1-65535, got {text!r}"
+            )
+        return cls(lo=lo, hi=hi)
 
     def __len__(self) -> int:
         return self.hi - self.lo + 1

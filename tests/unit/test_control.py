@@ -93,6 +93,16 @@ def test_control_path() -> None:
 # -- prepare_runtime_dir -------------------------------------------------------
 
 
+def test_a_runtime_dir_that_cannot_be_made_is_said_plainly(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ControlError) as info:
+        prepare_runtime_dir(tmp_path / "file" / "axnet")
+    assert str(info.value) == (
+        f"cannot use runtime directory {tmp_path / 'file' / 'axnet'}: Not a directory; "
+        "choose another with --runtime-dir"
+    )
+
+
 def test_prepare_runtime_dir_creates_a_private_dir(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b"
     prepare_runtime_dir(path)
