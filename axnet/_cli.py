@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,8 +40,8 @@ EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 _EPILOG_RUN = """\
 examples:
-  axnet run --ip 10.1.0.5 --name web --label tier=web -- python3 -m http.server 80
-  axnet run --label tier=client -- curl http://10.1.0.5/
+  axnet run --ip 10.77.0.5 --name web --label tier=web -- python3 -m http.server 80
+  axnet run --label tier=client -- curl http://10.77.0.5/
 
 The app keeps its own port numbers: a bind to its virtual IP, 0.0.0.0 or ::
 is carried out on a real port of this node, and getsockname shows the
@@ -200,9 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a cluster-wide service table, with no root and no proxy on the data path.",
     )
     parser.add_argument("--version", action="version", version=f"axnet {__version__}")
+    parser.epilog = (
+        "'axnet COMMAND --help' tells more of each. Start with: axnet daemon &, then "
+        "axnet run --ip 10.77.0.5 -- python3 -m http.server 80 (or axnet demo)."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    d = sub.add_parser("daemon", help="run this host's node", description="Run this host's node.")
+    d = sub.add_parser(
+        "daemon",
+        help="run this host's node",
+        description="Run this host's node, in the foreground, until Ctrl-C, SIGTERM or "
+        "'axnet stop'; apps under 'axnet run' keep running across a restart and re-attach. "
+        "One per user and host. It says 'ready' on stderr when apps may start. Without "
+        "--advertise, --bind or --join it serves this host alone; with them it gossips "
+        "with other nodes (port 7946 unless given).",
+    )
     _common(d)
     d.add_argument("--name", help="node name (default: the host name)")
     d.add_argument(
@@ -243,9 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="run an app with its own virtual IP",
-        description="Run an unmodified app with its own virtual IP, any TCP port, and the "
-        "cluster's services reachable by their virtual addresses (TCP over IPv4 and IPv6; "
-        "UDP and other sockets are left to the kernel).",
+        description=textwrap.fill(
+            "Run an unmodified app with its own virtual IP, any TCP port, and the "
+            "cluster's services reachable by their virtual addresses (TCP over IPv4 and "
+            "IPv6; UDP and other sockets are left to the kernel).",
+            width=79,
+        ),
         epilog=_EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -274,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         "quickly is served sooner, for at most this much CPU per wait; each window shrinks "
         f"by itself while what it waits for comes later (0: never poll; default {BUSY_POLL_US})",
     )
-    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]")
+    r.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM [ARGS]",
+        help="the app, and its arguments, after '--'",
+    )
 
     for name, text in (
         ("services", "list the cluster's services"),
