@@ -193,7 +193,7 @@ def test_help_of_each_command_mentions_its_flags(
 def test_run_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "axnet run --ip 10.1.0.5" in capsys.readouterr().out
+    assert "axnet run --ip 10.77.0.5" in capsys.readouterr().out
 
 
 def test_run_parses_labels_ip_and_program() -> None:
