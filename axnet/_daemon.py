@@ -44,7 +44,14 @@ from ._control import (
     serve_control,
 )
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
-from ._table import AppRecord, ServiceRecord, VirtualAddress, ip_address, labels_from
+from ._table import (
+    TOMBSTONE_SWEEP_S,
+    AppRecord,
+    ServiceRecord,
+    VirtualAddress,
+    ip_address,
+    labels_from,
+)
 from ._views import app_view, service_view
 from ._wire import (
     RECORDS_PER_FRAME,
@@ -597,7 +604,7 @@ class Daemon:
 
     async def _expire_tombstones(self) -> None:
         while True:
-            await trio.sleep(10)
+            await trio.sleep(TOMBSTONE_SWEEP_S)
             self.node.table.expire(time.time())
 
     async def _watch_signals(self) -> None:

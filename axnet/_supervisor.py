@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from ._heap import Settler, freeze_startup
 from ._node import ClaimError
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import (
+    TOMBSTONE_SWEEP_S,
     AppRecord,
     IPAddress,
     Labels,
@@ -359,6 +361,15 @@ class Supervisor:
             self.table.merge(record)
         self._heap.merged(len(items), len(self.table))
 
+    async def expire_tombstones(self) -> None:
+        """Forget withdrawn records as the daemon does, TOMBSTONE_TTL after
+        their withdrawal: the daemon pushes in order, so nothing older can
+        come back after them.  A long-lived app kept one for every app and
+        service that ever ran in the cluster (1 kB each)."""
+        while True:
+            await trio.sleep(TOMBSTONE_SWEEP_S)
+            self.table.expire(time.time())
+
     async def _attach(self) -> tuple[Session, dict[str, Any]]:
         """Attach a new session and adopt its table (the reply, then later pushes)."""
         stream = await open_session(control_path(self.options.runtime_dir))
@@ -526,6 +537,7 @@ class Supervisor:
         status = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_session, session)
+            nursery.start_soon(self.expire_tombstones)
             await nursery.start(self._forward_signals, launched_pid)
             await trio.lowlevel.wait_readable(launched_pidfd)
             status = _reap(launched_pid)

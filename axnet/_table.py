@@ -38,8 +38,10 @@ import attrs
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Seconds a tombstone is kept before it is forgotten.
+#: Seconds a tombstone is kept before it is forgotten, and how often the
+#: daemon and each supervisor look for those to forget.
 TOMBSTONE_TTL = 60.0
+TOMBSTONE_SWEEP_S = 10.0
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"

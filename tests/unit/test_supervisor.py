@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import trio.testing
 
 from axnet import _cli
 from axnet._supervisor import EngineFailed, RunOptions, Session, Supervisor, _spill
+from axnet._table import TOMBSTONE_SWEEP_S, TOMBSTONE_TTL
 from axnet._wire import FrameDecoder, frame
 
 
@@ -104,6 +106,25 @@ async def test_the_daemons_settled_push_drops_what_was_kept_at_once() -> None:
     supervisor._on_push({"push": "settled"})
     assert [_served(supervisor, f"10.9.0.{i}") for i in (1, 2)] == [True, False]
     assert supervisor.carried == {}
+
+
+async def test_withdrawn_records_are_forgotten_as_the_daemon_forgets_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A long-lived app kept the tombstone of every app and service that ever
+    # ran in the cluster, where the daemon forgets them after TOMBSTONE_TTL.
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    now = time.time()
+    old, recent = _service_wire("10.9.0.1"), _service_wire("10.9.0.2")
+    old[10:] = [True, now - TOMBSTONE_TTL - 1]  # withdrawn, and long ago
+    recent[10:] = [True, now - 1]
+    _reattached(supervisor, [old, recent], settling=0.0)
+    assert len(supervisor.table.services) == 2
+    with trio.move_on_after(TOMBSTONE_SWEEP_S * 1.5):
+        await supervisor.expire_tombstones()
+    assert [str(v.ip) for v in supervisor.table.services] == ["10.9.0.2"]
 
 
 async def test_a_reattach_to_a_settled_daemon_keeps_nothing() -> None:
