@@ -110,6 +110,7 @@ from ._decode import (
 )
 from ._libc import Notification, NotifyFd, buffer_sizes
 from ._parked import WAIT_SLICE_S, ParkedCalls
+from ._parked import next_check as next_parked_check
 from ._source import ClientSource, pinned
 from ._tasks import Errno, Gone, Tasks, gone_or_errno
 
@@ -251,8 +252,8 @@ class Engine:
                 now = time.monotonic()
                 # Asked again: the turn may have parked a call (in C, without Python).
                 if now >= next_check and parked.waiting():
-                    next_check = now + WAIT_SLICE_S
                     parked.check_waits()
+                    next_check = next_parked_check(now, time.monotonic())
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL_S
                     self.sweep()
