@@ -87,6 +87,13 @@ def launch(
         raise TypeError("argv must be a sequence of arguments, not a string")
     args = list(argv)
     environ = dict(os.environ if env is None else env)
+    if (hidden := _unreadable(args[0], environ.get("PATH", os.defpath))) is not None:
+        raise LaunchError(
+            f"axnet run: {hidden} may be run but not read by you, and the kernel then hides "
+            "the app's memory and sockets from axnet: each of its socket calls would fail; "
+            "run a copy you may read",
+            exit_code=EXIT_LAUNCHER,
+        )
     report_r, report_w = os.pipe()
     ack_r, ack_w = os.pipe()
     try:
@@ -128,6 +135,18 @@ def launch(
         raise
     finally:
         os.close(report_r)
+
+
+def _unreadable(program: str, path: str) -> str | None:
+    """Where exec would find *program*, if it may be executed but not read:
+    the kernel makes such a process non-dumpable, which bars the supervisor
+    (``pidfd_getfd`` and ``/proc/PID/mem`` need ptrace access to it)."""
+    dirs = [""] if "/" in program else path.split(os.pathsep)
+    for directory in dirs:
+        candidate = os.path.join(directory or ".", program) if directory else program
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return None if os.access(candidate, os.R_OK) else candidate
+    return None
 
 
 def _filter_refused(program: str, err: int) -> str:

@@ -374,6 +374,7 @@ class Tasks:
         #: call then opens its own, trusted once the notification is checked
         #: (and the native path, finding none, hands every call to Python).
         self._keep = thread_pidfds() if keep is None else keep
+        self._said_denied = False
 
     def _pidfd(self, tid: int) -> tuple[int, bool]:
         """(pidfd, fresh) for *tid*; a fresh one drops the tid's mem handle,
@@ -395,6 +396,18 @@ class Tasks:
         self._pidfds.drop(tid)
         self._drop_mem(tid)
 
+    def _say_if_denied(self, exc: OSError) -> None:
+        """Once: why every call of the app fails, where the kernel denies us."""
+        if exc.errno in (errno.EPERM, errno.EACCES) and not self._said_denied:
+            self._said_denied = True
+            log.warning(
+                "the kernel denies this supervisor the app's sockets and memory: the app "
+                "is not dumpable (it called prctl(PR_SET_DUMPABLE, 0), as ssh-agent does, "
+                "or runs a program you may not read); its socket calls that axnet handles "
+                "fail with %s",
+                errno.errorcode.get(exc.errno or 0, exc.errno),
+            )
+
     def getfd(self, tid: int, target: int) -> int:
         """Our duplicate of the thread's fd *target*; raises Errno or Gone."""
         try:
@@ -410,6 +423,7 @@ class Tasks:
                 return pidfd_getfd(pidfd, target)
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
+                    self._say_if_denied(exc)
                     raise Errno(exc.errno or errno.EBADF) from None
                 self._forget(tid)
                 if attempt:
@@ -428,6 +442,7 @@ class Tasks:
             maps, fresh_maps = self._maps.get(tid)
         except OSError as exc:
             self._drop_mem(tid)
+            self._say_if_denied(exc)
             raise gone_or_errno(exc) from None
         fresh = fresh or fresh_maps
         if fresh and not self._is_valid(notification_id):

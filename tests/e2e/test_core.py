@@ -11,6 +11,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -1000,6 +1001,43 @@ def test_axnet_run_inside_axnet_run_says_why_it_cannot(node: AxnetNode) -> None:
     done = node.run([*AXNET, "run", "--", "true"])
     assert done.returncode == 125, done.stderr
     assert "axnet run already runs under a seccomp supervisor" in done.stderr
+
+
+def test_a_program_the_user_may_not_read_is_not_started(node: AxnetNode) -> None:
+    # The kernel makes a process that runs a program its user may not read
+    # non-dumpable, which bars the supervisor from its sockets and memory:
+    # every socket call would fail with EPERM.  Said before it starts.
+    hidden = node.scratch / "hidden-true"
+    shutil.copy("/bin/true", hidden)
+    hidden.chmod(0o711)
+    done = node.run([str(hidden)])
+    assert done.returncode == 125, done.stderr
+    assert f"{hidden} may be run but not read by you" in done.stderr
+
+
+def test_an_app_that_makes_itself_undumpable_is_told_why_its_calls_fail(
+    node: AxnetNode,
+) -> None:
+    # ssh-agent's prctl(PR_SET_DUMPABLE, 0): from then on the kernel denies
+    # the supervisor the app's sockets.  The calls fail (EPERM), and the log
+    # says why, once.
+    node.app([*APPS, "greeter", "7013"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7013")
+    script = (
+        "import ctypes, json, socket\n"
+        "ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE\n"
+        "errors = []\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        socket.create_connection(('10.1.0.5', 7013), timeout=10)\n"
+        "        errors.append(0)\n"
+        "    except OSError as exc:\n"
+        "        errors.append(exc.errno)\n"
+        "print(json.dumps(errors))\n"
+    )
+    done = node.run([sys.executable, "-c", script], ip="10.1.0.9")
+    assert json.loads(done.stdout) == [errno.EPERM] * 3, done.stderr
+    assert done.stderr.count("the app is not dumpable") == 1, done.stderr
 
 
 def test_io_uring_is_refused(node: AxnetNode) -> None:
