@@ -78,7 +78,7 @@ class PortRange:
 
 #: The share of --client-ports kept out of blocks: 1/SPILL_SHARE (see
 #: NodeConfig.spill_ports).
-SPILL_SHARE = 8
+SPILL_SHARE = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -106,7 +106,7 @@ class NodeConfig:
 
     @property
     def spill_ports(self) -> PortRange | None:
-        """The top eighth of *client_ports*, in no block: connections of an
+        """The top sixteenth of *client_ports*, in no block: connections of an
         app with no free port in a block of its own (it used up all of them,
         or the node had none to give) leave from here, and so are seen from
         the node's address.  Anywhere else in the kernel's range a port may

@@ -404,11 +404,11 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     # the server names it: a connection from a block it has used up is
     # still its own.
     node.stop()
-    # The kernel's ports the daemon's alone (336: 18 blocks of 16, 6 ports
-    # more, and 42 spill ports), and every block held: the client's 8, the
-    # server's and those of nine more apps.  From any port of the range (as
-    # before the spill ports), a connection past the client's blocks was
-    # named after another app three times in four.
+    # The kernel's ports the daemon's alone (336: 19 blocks of 16, 11 ports
+    # more, and 21 spill ports), and all blocks but one held: the client's
+    # 8, the server's and those of nine more apps.  From any port of the
+    # range (as before the spill ports), a connection past the client's
+    # blocks was named after another app three times in four.
     node.host.run(
         ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40335"],
         user=TestUser.root(),

@@ -225,14 +225,14 @@ def test_the_top_of_the_client_ports_is_in_no_block() -> None:
     # from the spill ports: servers name them after the node, never after
     # another app.  So no block is cut from them, nor given back into them.
     config = NodeConfig(name="n", real_host=HOST)
-    assert config.spill_ports == PortRange(lo=57471, hi=60999)  # an eighth of 28 232
-    assert config.block_ports == PortRange(lo=32768, hi=57470)
+    assert config.spill_ports == PortRange(lo=59236, hi=60999)  # a sixteenth of 28 232
+    assert config.block_ports == PortRange(lo=32768, hi=59235)
     node = make_node(client=(40000, 41599), block=100, virtual_range="10.77.0.0/24")
-    assert node.config.spill_ports == PortRange(lo=41400, hi=41599)  # 16 blocks' worth, 2 kept
-    taken = [attach(node, f"a{i}") and node.apps[f"a{i}"].block for i in range(15)]
-    assert taken[:14] == [(lo, lo + 99) for lo in range(40000, 41400, 100)]
-    assert taken[14] is None  # none left outside the spill ports
-    attach(node, "back", block=(41400, 41499))  # a lease from before the spill ports
+    assert node.config.spill_ports == PortRange(lo=41500, hi=41599)  # 16 blocks' worth, 1 kept
+    taken = [attach(node, f"a{i}") and node.apps[f"a{i}"].block for i in range(16)]
+    assert taken[:15] == [(lo, lo + 99) for lo in range(40000, 41500, 100)]
+    assert taken[15] is None  # none left outside the spill ports
+    attach(node, "back", block=(41500, 41599))  # a lease from before the spill ports
     assert node.apps["back"].block is None
 
 
@@ -287,7 +287,7 @@ def test_a_block_given_back_goes_to_another_app_only_after_every_other() -> None
 
 
 def test_an_app_that_used_up_its_block_gets_more_up_to_the_limit() -> None:
-    node = make_node(client=(40000, 41141), block=100)  # 10 blocks, and 142 spill ports
+    node = make_node(client=(40000, 41099), block=100)  # 10 blocks, and 100 spill ports
     attach(node, "a1")
     attach(node, "a2")
     granted = []
