@@ -61,6 +61,11 @@ class ControlError(Exception):
 class DaemonUnavailable(ControlError):
     """No daemon listens on the control socket."""
 
+    @property
+    def nobody_listens(self) -> bool:
+        """No daemon at all there (not one that could not be reached)."""
+        return self.errno in (errno.ENOENT, errno.ECONNREFUSED)
+
 
 def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where this user's daemon keeps its control socket.
@@ -349,11 +354,15 @@ def _check_server(sock: socket.socket, path: Path) -> None:
         )
 
 
+def command_for(command: str, runtime: Path) -> str:
+    """*command* as typed for the daemon of the runtime directory *runtime*."""
+    if runtime != runtime_dir():
+        command += f" --runtime-dir {runtime}"
+    return command
+
+
 def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
-    # The command that starts a daemon where this client looked.
-    start = "axnet daemon"
-    if path.parent != runtime_dir():
-        start += f" --runtime-dir {path.parent}"
+    start = command_for("axnet daemon", path.parent)
     return DaemonUnavailable(
         f"no axnet daemon at {path} ({exc.strerror}); start one with: {start}",
         err=exc.errno or errno.ECONNREFUSED,

@@ -38,9 +38,9 @@ from . import _leasefile
 from ._control import (
     Connection,
     ControlError,
+    command_for,
     control_path,
     prepare_runtime_dir,
-    runtime_dir,
     serve_control,
 )
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
@@ -198,9 +198,7 @@ class Daemon:
                 await conn.wait_applied(seq)
 
     def _ready_line(self, path: Path) -> str:
-        stop = "axnet stop"
-        if path.parent != runtime_dir():
-            stop += f" --runtime-dir {path.parent}"
+        stop = command_for("axnet stop", path.parent)
         return (
             f"node {self.config.node.name}, apps' listeners on {self.config.node.real_host}, "
             f"control socket {path} (stop it with: {stop})"

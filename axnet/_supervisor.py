@@ -49,7 +49,7 @@ from ._control import (
 )
 from ._fdlimit import raise_fd_limit
 from ._heap import Settler, freeze_startup
-from ._node import ClaimError
+from ._node import ClaimError, PortRange
 from ._sigfd import SI_KERNEL, open_signalfd, read_signals
 from ._table import (
     TOMBSTONE_SWEEP_S,
@@ -603,13 +603,12 @@ def _spill(value: object) -> tuple[int, int] | None:
     """The node's spill ports from an attach reply (see Identity.spill)."""
     if value is None:
         return None  # an older daemon: connects past the blocks take any port
-    if (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(type(p) is int for p in value)
-        and 1 <= value[0] <= value[1] <= 65535
-    ):
-        return value[0], value[1]
+    try:
+        if isinstance(value, list) and len(value) == 2 and all(type(p) is int for p in value):
+            ports = PortRange(lo=value[0], hi=value[1])
+            return ports.lo, ports.hi
+    except ValueError:
+        pass
     log.warning("ignored malformed spill ports from the daemon: %r", value)
     return None
 

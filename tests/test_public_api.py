@@ -105,8 +105,8 @@ def test_console_script_entry_point() -> None:
     (entry,) = [
         e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "axnet"
     ]
-    assert entry.value == "axnet._cli:main"
-    assert entry.load() is axnet._cli.main
+    assert entry.value == "axnet._entry:main"
+    assert entry.load() is axnet._entry.main
 
 
 def test_python_dash_m_axnet_runs_the_cli() -> None:

@@ -207,7 +207,7 @@ class Engine:
                 pending=self.bindings.kept,
                 sources=self._source.routes,
                 busy_poll_us=busy_poll_us,
-                adopt=self._tasks.adopt,
+                adopt=self._tasks.adopt if self._tasks.keeps else None,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply
@@ -521,9 +521,11 @@ class Engine:
                             with contextlib.suppress(OSError):
                                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                         self._source.bind_address(sock, verdict.real.host, self.identity.real_host)
-                        pinned = self._source.pin_ports(sock, self.identity.block)
                         if self.identity.block is None:  # the node had none for it
                             self._source.spill_ports(sock, self.identity)
+                            pinned = True  # when they are full, ask for one
+                        else:
+                            pinned = self._source.pin_ports(sock, self.identity.block)
                     case Deny():
                         self.counters.refused += 1
                         raise _refused(n, "connect", ip, port, verdict)
@@ -631,7 +633,12 @@ class Engine:
         if self.node.more_ports() is None:
             self._no_more_ports = me
             return False
-        log.info("client port block %s used up; took %s", used_up, self.identity.block)
+        if used_up is None:
+            log.info(
+                "took client port block %s (the node had none at the start)", self.identity.block
+            )
+        else:
+            log.info("client port block %s used up; took %s", used_up, self.identity.block)
         return True
 
     def _connected(self, n: Notification, sock: _socket.socket, target: bytes) -> None:

@@ -550,7 +550,7 @@ static int on_connect(Call *c, Handback *out) {
     int blocking = !(flags & O_NONBLOCK);
     if (blocking) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
     int err = connect(fd, (struct sockaddr *)&target, target_len) == 0 ? 0 : errno;
-    if ((err == EADDRNOTAVAIL && lo) /* block exhausted: Python logs and retries */
+    if ((err == EADDRNOTAVAIL && range) /* ports used up: Python logs and retries */
         || (err == ENETUNREACH && family == AF_INET6)) { /* IPv6-only, v4-mapped: Python */
         if (blocking) fcntl(fd, F_SETFL, flags);
         goto slow;

@@ -54,7 +54,7 @@ class LaunchError(Exception):
     could not start it (as ``env`` and ``timeout`` say).
     """
 
-    def __init__(self, message: str, *, exit_code: int = 127) -> None:
+    def __init__(self, message: str, *, exit_code: int = EXIT_LAUNCHER) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -92,7 +92,6 @@ def launch(
             f"axnet run: {hidden} may be run but not read by you, and the kernel then hides "
             "the app's memory and sockets from axnet: each of its socket calls would fail; "
             "run a copy you may read",
-            exit_code=EXIT_LAUNCHER,
         )
     report_r, report_w = os.pipe()
     ack_r, ack_w = os.pipe()
@@ -110,7 +109,7 @@ def launch(
     try:
         kind, value = _read_message(report_r)
         if kind == "S":
-            raise LaunchError(_filter_refused(args[0], value), exit_code=EXIT_LAUNCHER)
+            raise LaunchError(_filter_refused(args[0], value))
         if kind != "F":
             raise LaunchError(f"axnet run: launcher protocol error ({kind!r})")
         pidfd = pidfd_open(pid)
@@ -140,13 +139,24 @@ def launch(
 def _unreadable(program: str, path: str) -> str | None:
     """Where exec would find *program*, if it may be executed but not read:
     the kernel makes such a process non-dumpable, which bars the supervisor
-    (``pidfd_getfd`` and ``/proc/PID/mem`` need ptrace access to it)."""
+    (``pidfd_getfd`` and ``/proc/PID/mem`` need ptrace access to it), unless
+    fs.suid_dumpable is 1."""
+    if _suid_dumpable() == 1:
+        return None
     dirs = [""] if "/" in program else path.split(os.pathsep)
     for directory in dirs:
         candidate = os.path.join(directory or ".", program) if directory else program
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return None if os.access(candidate, os.R_OK) else candidate
     return None
+
+
+def _suid_dumpable() -> int:
+    try:
+        with open("/proc/sys/fs/suid_dumpable", "rb") as setting:
+            return int(setting.read())
+    except (OSError, ValueError):
+        return 0  # the default
 
 
 def _filter_refused(program: str, err: int) -> str:

@@ -94,13 +94,8 @@ class ClientSource:
             return False
         if self._block != block:
             self._block = block
-            self._block_value = _UINT32.pack(block[0] | block[1] << 16)
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._block_value)
-        except OSError as exc:
-            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
-            return False
-        return True
+            self._block_value = _port_range(block)
+        return _set_port_range(sock, self._block_value)
 
     def spill_ports(self, sock: _socket.socket, me: Identity) -> None:
         """Keep the source port in the node's spill ports, which lie in no
@@ -115,11 +110,22 @@ class ClientSource:
                 ", ".join(f"{lo}-{hi}" for lo, hi in me.blocks),
                 f"{me.spill[0]}-{me.spill[1]}" if me.spill else "(any)",
             )
-        value = me.spill[0] | me.spill[1] << 16 if me.spill else 0
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, _UINT32.pack(value))
-        except OSError as exc:
-            log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
+        _set_port_range(sock, _port_range(me.spill))
+
+
+def _port_range(ports: tuple[int, int] | None) -> bytes:
+    """IP_LOCAL_PORT_RANGE's value for *ports* (none: the kernel's whole range)."""
+    return _UINT32.pack(ports[0] | ports[1] << 16 if ports else 0)
+
+
+def _set_port_range(sock: _socket.socket, value: bytes) -> bool:
+    """Whether the kernel took it (Linux 6.3)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, value)
+    except OSError as exc:
+        log.debug("IP_LOCAL_PORT_RANGE unavailable: %s", exc)
+        return False
+    return True
 
 
 def pinned(sock: _socket.socket) -> bool:

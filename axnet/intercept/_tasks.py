@@ -400,12 +400,13 @@ class Tasks:
         """Once: why every call of the app fails, where the kernel denies us."""
         if exc.errno in (errno.EPERM, errno.EACCES) and not self._said_denied:
             self._said_denied = True
+            # The app's calls fail with EPERM, from pidfd_getfd, which each
+            # makes first (opening its memory says EACCES).
             log.warning(
                 "the kernel denies this supervisor the app's sockets and memory: the app "
                 "is not dumpable (it called prctl(PR_SET_DUMPABLE, 0), as ssh-agent does, "
                 "or runs a program you may not read); its socket calls that axnet handles "
-                "fail with %s",
-                errno.errorcode.get(exc.errno or 0, exc.errno),
+                "fail with EPERM"
             )
 
     def getfd(self, tid: int, target: int) -> int:
@@ -449,6 +450,11 @@ class Tasks:
             self._drop_mem(tid)
             raise Gone
         return fd, maps, fresh
+
+    @property
+    def keeps(self) -> bool:
+        """Whether handles are kept between calls (thread pidfds: Linux 6.9)."""
+        return self._keep
 
     def adopt(self, tid: int, notification_id: int) -> bool:
         """Open and validate every handle of *tid* for the native path, which

@@ -436,6 +436,37 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     assert done.stderr.count("exhausted") == 1, done.stderr
 
 
+def test_an_app_the_node_had_no_block_for_connects_from_the_spill_ports(
+    node: AxnetNode,
+) -> None:
+    # Five blocks (four of 64 ports and one of 16, below 64 spill ports),
+    # all held, by the server and four more apps: the client gets none.  Its
+    # connections leave from the spill ports and are seen from the node's
+    # address.  From any port of the range, four in five were named after
+    # another app.
+    node.stop()
+    node.host.run(
+        ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40335"],
+        user=TestUser.root(),
+        timeout=10,
+        check=True,
+    )
+    node.daemon_args = ["--client-block", "64"]
+    node.start()
+    server = node.app([*APPS, "name-later", "7036", "5"], ip="10.1.0.5")
+    for i in range(4):
+        node.app(["sleep", "600"], ip=f"10.1.1.{i + 1}")
+    node.wait_service("10.1.0.5:7036")
+    wait_until("five apps", lambda: len(node.json("apps")) == 5)
+    done = node.run([*APPS, "open-connections", "10.1.0.5", "7036", "5"], ip="10.1.0.9")
+    assert done.returncode == 0, done.stderr
+    assert server.wait(timeout=30) == 0
+    named = json.loads((node.logs / "app1.out").read_text().strip().splitlines()[-1])
+    assert named["accepted"] == named["peernames"] == ["127.0.0.1"] * 5
+    socknames = json.loads(done.stdout.strip().splitlines()[-1])["socknames"]
+    assert socknames == ["127.0.0.1"] * 5
+
+
 def test_a_client_reuses_freed_ports_of_its_blocks(node: AxnetNode) -> None:
     # A busy app's connections come and go.  Once the block it connects from
     # is full, a connect takes a port that its closed connections freed in a
@@ -1038,6 +1069,7 @@ def test_an_app_that_makes_itself_undumpable_is_told_why_its_calls_fail(
     done = node.run([sys.executable, "-c", script], ip="10.1.0.9")
     assert json.loads(done.stdout) == [errno.EPERM] * 3, done.stderr
     assert done.stderr.count("the app is not dumpable") == 1, done.stderr
+    assert "fail with EPERM" in done.stderr
 
 
 def test_io_uring_is_refused(node: AxnetNode) -> None:

@@ -14,6 +14,4 @@ def test_a_quick_check_comes_back_every_slice() -> None:
 def test_a_long_check_takes_at_most_its_share_of_the_engines_time() -> None:
     # 2000 parked threads: a check took 0.3 s, and with a 0.2 s slice the next
     # one was due before it ended, so one ran after every notification.
-    due = next_check(100.0, 100.3)
-    assert due == pytest.approx(100.0 + CHECK_SPACING * 0.3)
-    assert (100.3 - 100.0) / (due - 100.0) <= 1 / CHECK_SPACING
+    assert next_check(100.0, 100.3) == pytest.approx(100.0 + CHECK_SPACING * 0.3)

@@ -335,7 +335,7 @@ def test_adopting_a_thread_opens_every_handle_the_native_path_reads() -> None:
     # Tasks open and validate them, then reads them from the caches.
     child, address = _marked("mine")
     live = {1}
-    tasks = Tasks(lambda ident: ident in live)
+    tasks = Tasks(lambda ident: ident in live, keep=True)
     try:
         assert not tasks.adopt(child.pid, 2)  # its notification is gone: nothing kept
         assert child.pid not in tasks.mems and child.pid not in tasks.maps
@@ -347,4 +347,7 @@ def test_adopting_a_thread_opens_every_handle_the_native_path_reads() -> None:
         tasks.close()
         child.kill()
         child.wait()
-    assert not tasks.adopt(child.pid, 1)  # the thread is gone
+    try:
+        assert not tasks.adopt(child.pid, 1)  # the thread is gone
+    finally:
+        tasks.close()
