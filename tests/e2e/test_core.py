@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -393,6 +394,35 @@ def test_nonblocking_connects_asyncio_and_trio(node: AxnetNode) -> None:
         assert result == {"ok": 50, "accepted_from": ["10.1.0.9"]}
 
 
+def _connect_among_held_blocks(
+    node: AxnetNode, *, block: int, others: int, port: int, count: int
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """Restart *node* with 336 ports in the kernel's range, all of them the
+    daemon's client ports, in blocks of *block*; a server on 10.1.0.5:PORT
+    and *others* idle apps take their blocks; then a client on 10.1.0.9
+    opens *count* connections to the server.  (What the server named each
+    by, the client's run.)"""
+    node.stop()
+    node.host.run(
+        ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40335"],
+        user=TestUser.root(),
+        timeout=10,
+        check=True,
+    )
+    node.daemon_args = ["--client-block", str(block)]
+    node.start()
+    server = node.app([*APPS, "name-later", str(port), str(count)], ip="10.1.0.5")
+    for i in range(others):
+        node.app(["sleep", "600"], ip=f"10.1.1.{i + 1}")
+    node.wait_service(f"10.1.0.5:{port}")
+    wait_until("every app attached", lambda: len(node.json("apps")) == others + 1)
+    done = node.run([*APPS, "open-connections", "10.1.0.5", str(port), str(count)], ip="10.1.0.9")
+    assert done.returncode == 0, done.stderr
+    assert server.wait(timeout=30) == 0
+    named = json.loads((node.logs / "app1.out").read_text().strip().splitlines()[-1])
+    return named, done
+
+
 def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     # An app's connections leave from its block of source ports, so that
     # servers can name it.  Each time it has used up its block it gets
@@ -403,29 +433,12 @@ def test_a_client_past_its_port_blocks_still_connects(node: AxnetNode) -> None:
     # before the client's supervisor gets it.  The client names itself as
     # the server names it: a connection from a block it has used up is
     # still its own.
-    node.stop()
     # The kernel's ports the daemon's alone (336: 19 blocks of 16, 11 ports
     # more, and 21 spill ports), and all blocks but one held: the client's
     # 8, the server's and those of nine more apps.  From any port of the
     # range (as before the spill ports), a connection past the client's
     # blocks was named after another app three times in four.
-    node.host.run(
-        ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40335"],
-        user=TestUser.root(),
-        timeout=10,
-        check=True,
-    )
-    node.daemon_args = ["--client-block", "16"]
-    node.start()
-    server = node.app([*APPS, "name-later", "7032", "140"], ip="10.1.0.5")
-    for i in range(9):
-        node.app(["sleep", "600"], ip=f"10.1.1.{i + 1}")
-    node.wait_service("10.1.0.5:7032")
-    wait_until("ten apps", lambda: len(node.json("apps")) == 10)
-    done = node.run([*APPS, "open-connections", "10.1.0.5", "7032", "140"], ip="10.1.0.9")
-    assert done.returncode == 0, done.stderr
-    assert server.wait(timeout=30) == 0
-    named = json.loads((node.logs / "app1.out").read_text().strip().splitlines()[-1])
+    named, done = _connect_among_held_blocks(node, block=16, others=9, port=7032, count=140)
     assert named["accepted"][:128] == ["10.1.0.9"] * 128
     assert named["peernames"][:128] == ["10.1.0.9"] * 128
     assert named["peernames"][128:] == named["accepted"][128:] == ["127.0.0.1"] * 12
@@ -444,24 +457,7 @@ def test_an_app_the_node_had_no_block_for_connects_from_the_spill_ports(
     # connections leave from the spill ports and are seen from the node's
     # address.  From any port of the range, four in five were named after
     # another app.
-    node.stop()
-    node.host.run(
-        ["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40335"],
-        user=TestUser.root(),
-        timeout=10,
-        check=True,
-    )
-    node.daemon_args = ["--client-block", "64"]
-    node.start()
-    server = node.app([*APPS, "name-later", "7036", "5"], ip="10.1.0.5")
-    for i in range(4):
-        node.app(["sleep", "600"], ip=f"10.1.1.{i + 1}")
-    node.wait_service("10.1.0.5:7036")
-    wait_until("five apps", lambda: len(node.json("apps")) == 5)
-    done = node.run([*APPS, "open-connections", "10.1.0.5", "7036", "5"], ip="10.1.0.9")
-    assert done.returncode == 0, done.stderr
-    assert server.wait(timeout=30) == 0
-    named = json.loads((node.logs / "app1.out").read_text().strip().splitlines()[-1])
+    named, done = _connect_among_held_blocks(node, block=64, others=4, port=7036, count=5)
     assert named["accepted"] == named["peernames"] == ["127.0.0.1"] * 5
     socknames = json.loads(done.stdout.strip().splitlines()[-1])["socknames"]
     assert socknames == ["127.0.0.1"] * 5
