@@ -363,8 +363,8 @@ class Supervisor:
 
     async def expire_tombstones(self) -> None:
         """Forget withdrawn records as the daemon does, TOMBSTONE_TTL after
-        their withdrawal: the daemon pushes in order, so nothing older can
-        come back after them.  A long-lived app kept one for every app and
+        their withdrawal: this table mirrors the daemon's, which forgets
+        them at the same age.  A long-lived app kept one for every app and
         service that ever ran in the cluster (1 kB each)."""
         while True:
             await trio.sleep(TOMBSTONE_SWEEP_S)

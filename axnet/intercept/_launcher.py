@@ -145,7 +145,7 @@ def _unreadable(program: str, path: str) -> str | None:
         return None
     dirs = [""] if "/" in program else path.split(os.pathsep)
     for directory in dirs:
-        candidate = os.path.join(directory or ".", program) if directory else program
+        candidate = os.path.join(directory, program) if directory else program
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return None if os.access(candidate, os.R_OK) else candidate
     return None
