@@ -12,7 +12,7 @@ import re
 import sys
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -80,13 +80,19 @@ def _setup_logging(verbosity: int) -> None:
 # -- validation (exact messages, exit code 2) -----------------------------------
 
 
+def _number_upto(text: str, convert: Callable[[str], float], most: float) -> float | None:
+    """*text* as a number from 0 to *most*, or None."""
+    try:
+        value = convert(text)
+    except ValueError:
+        return None
+    return value if 0 <= value <= most else None
+
+
 def parse_wait(text: str) -> float:
     """``--wait``: seconds, 0 to an hour."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds <= MAX_WAIT_S:
+    seconds = _number_upto(text, float, MAX_WAIT_S)
+    if seconds is None:
         raise argparse.ArgumentTypeError(
             f"--wait must be seconds from 0 to {MAX_WAIT_S:.0f}, got {text!r}"
         )
@@ -146,16 +152,13 @@ def parse_name(text: str) -> str:
 
 
 def parse_busy_poll(text: str) -> int:
-    try:
-        us = int(text)
-    except ValueError:
-        us = -1
-    if not 0 <= us <= MAX_BUSY_POLL_US:
+    us = _number_upto(text, int, MAX_BUSY_POLL_US)
+    if us is None:
         raise argparse.ArgumentTypeError(
             f"--busy-poll must be a whole number of microseconds from 0 to "
             f"{MAX_BUSY_POLL_US}, got {text!r}"
         )
-    return us
+    return int(us)
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

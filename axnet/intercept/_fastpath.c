@@ -1006,11 +1006,19 @@ static int trapped_here(int nr) {
            nr == __NR_getsockname || nr == __NR_getpeername;
 }
 
+/* Whether the thread tid has all three handles (one key for the three). */
+static int has_handles(Fast *self, uint32_t tid) {
+    PyObject *key = PyLong_FromUnsignedLong(tid);
+    int found = key != NULL && PyDict_GetItemWithError(self->pidfds, key) != NULL &&
+                PyDict_GetItemWithError(self->mems, key) != NULL &&
+                PyDict_GetItemWithError(self->maps, key) != NULL;
+    Py_XDECREF(key);
+    PyErr_Clear(); /* a failed look: adopt, and Python meets the same trouble */
+    return found;
+}
+
 static void adopt(Fast *self, const struct seccomp_notif *n) {
-    if (self->adopt == NULL || !trapped_here(n->data.nr) ||
-        (dict_fd(self->pidfds, n->pid) >= 0 && dict_fd(self->mems, n->pid) >= 0 &&
-         dict_fd(self->maps, n->pid) >= 0))
-        return;
+    if (self->adopt == NULL || !trapped_here(n->data.nr) || has_handles(self, n->pid)) return;
     PyObject *done = PyObject_CallFunction(self->adopt, "kK", (unsigned long)n->pid,
                                            (unsigned long long)n->id);
     if (done == NULL) {
