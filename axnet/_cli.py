@@ -641,11 +641,19 @@ def cmd_join(args: argparse.Namespace) -> int:
             "or a name this host resolves",
             file=sys.stderr,
         )
-    if not joined and len(unresolved) == asked:
+    itself = reply.get("itself") or []
+    for seed in itself:
+        print(
+            f"axnet join: seed {seed!r} is this node itself; give the address of another "
+            "member (its --advertise address and gossip port)",
+            file=sys.stderr,
+        )
+    if not joined and len(unresolved) + len(itself) >= asked:
         return EXIT_FAILURE
     if not joined:
         print(
-            f"axnet join: no member answered through {asked - len(unresolved)} seed(s). "
+            f"axnet join: no member answered through {asked - len(unresolved) - len(itself)} "
+            "seed(s). "
             "Check the seed's "
             "address and gossip port (default 7946), that its daemon gossips "
             "('axnet daemon --advertise IP'), and that both use the same --gossip-key-file; "

@@ -158,6 +158,10 @@ class GossipCluster:
         #: Gossip addresses of other members that use this node's name.
         self._conflicts: list[str] = []
         self._unresolved: dict[str, str] = {}  # seed -> why the last join could not resolve it
+        #: Seeds of the last join that are this node (its own address, or one reaching it).
+        self._self_seeds: list[str] = []
+        #: Addresses whose stream replies came from this node, since the last join.
+        self._answered_by_self: set[swim.Address] = set()
         self._auth_warned: dict[str, float] = {}
         #: Names of failed (dead, not left) members, to notice their revival.
         self._failed: set[str] = set()
@@ -307,26 +311,38 @@ class GossipCluster:
         """Seeds of the last join whose host did not resolve, and why."""
         return dict(self._unresolved)
 
+    def self_seeds(self) -> list[str]:
+        """Seeds of the last join that turned out to be this node."""
+        return list(self._self_seeds)
+
     async def join(self, seeds: Sequence[str]) -> int:
         """Push-pull with each seed; how many answered."""
         self._left = False
         self._conflicts.clear()  # what this join finds, not what earlier ones did
         self._unresolved.clear()
+        self._self_seeds.clear()
+        self._answered_by_self.clear()
         rejoining = self.core.leaving
         if rejoining:
             self._core = self._new_core(self.address)
             self._member_hosts = None
             log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
         addresses: list[swim.Address] = []
+        seed_of: dict[swim.Address, str] = {}
         unresolved = 0
         for seed in seeds:
             host, port = parse_address(seed, flag="seed")
             try:
-                addresses.append(await self._transport.resolve(host, port))
+                address = await self._transport.resolve(host, port)
             except OSError as exc:
                 unresolved += 1
                 self._unresolved[seed] = exc.strerror or str(exc)
                 log.warning("cannot resolve seed=%s reason=%s", seed, exc)
+                continue
+            addresses.append(address)
+            seed_of.setdefault(address, seed)
+            if address == self.core.local_member.address:
+                self._self_seeds.append(seed)
         # Seeds that name ourselves are skipped by the core; unresolved ones are worth a retry.
         self._join_requested = self.core.join(addresses, trio.current_time()) + unresolved
         if not self._join_requested:
@@ -344,6 +360,8 @@ class GossipCluster:
                 else:
                     self._start_stream(request)
         joined = sum(results)
+        self._self_seeds += [seed_of[a] for a in self._answered_by_self if a in seed_of]
+        self._answered_by_self.clear()
         if rejoining and joined:
             # Published while we were away: peers heard none of it.
             records = self._daemon.node.republish()
@@ -401,6 +419,7 @@ class GossipCluster:
                 "failed": s.streams_failed,
                 "dropped_auth": s.streams_dropped_auth,
                 "dropped_malformed": s.streams_dropped_malformed,
+                "from_self": s.streams_from_self,
                 "timed_out": t.streams_timed_out,
                 "oversized": t.streams_oversized,
                 "busy": t.streams_busy,
@@ -632,12 +651,18 @@ class GossipCluster:
             ok = self._stream_drops(core) == before
             if core.stats.streams_dropped_auth != before[0]:
                 self._warn_auth(request.dest, "stream reply", core.stats.streams_dropped_auth)
+            if core.stats.streams_from_self != before[2]:
+                log.warning("gossip address=%s is this node itself", host_port(request.dest))
+                self._answered_by_self.add(request.dest)
         self._wake.set()
         return ok
 
     @staticmethod
-    def _stream_drops(core: swim.Swim) -> tuple[int, int]:
-        return (core.stats.streams_dropped_auth, core.stats.streams_dropped_malformed)
+    def _stream_drops(core: swim.Swim) -> tuple[int, int, int]:
+        """Counts of stream replies that taught us nothing (a reply from
+        ourselves among them)."""
+        s = core.stats
+        return (s.streams_dropped_auth, s.streams_dropped_malformed, s.streams_from_self)
 
     # -- membership events ---------------------------------------------------------------
 
@@ -738,8 +763,8 @@ class GossipCluster:
             except ValueError as exc:  # validated at start; a resolver may still object
                 log.warning("join failed reason=%s", exc)
                 joined = 0
-            if joined or not self._join_requested:  # done, or every seed is ourselves
-                return
+            if joined or not self._join_requested or set(self._self_seeds) >= set(seeds):
+                return  # done, or every seed is ourselves
             log.warning(
                 "join failed: no seed answered seeds=%s retry_in=%.0fs", ",".join(seeds), delay
             )

@@ -487,6 +487,8 @@ class Swim:
         """Process the reply to a stream we requested."""
         message = self._open_stream(data)
         match message:
+            case PushPull() if self._names_only_us(message):
+                self.stats.streams_from_self += 1
             case PushPull():
                 self._merge(message, now)
             case Ack():
@@ -989,6 +991,14 @@ class Swim:
             for seen in [k for k in self._user_seen if k[0] in reaped]:
                 del self._user_seen[seen]
             self._round = (0, 1, 0, 0)  # the table's indices moved: start a fresh round
+
+    def _names_only_us(self, remote: PushPull) -> bool:
+        """Whether a push-pull names no member but this one, as we know it:
+        our own state, handed back by a peer that is this node."""
+        own = self._self
+        return bool(remote.members) and all(
+            entry.name == self._name and entry.address == own.address for entry in remote.members
+        )
 
     def _merge(self, remote: PushPull, now: float) -> None:
         for entry in remote.members:

@@ -35,6 +35,9 @@ class Stats:
     streams_failed: int = 0
     streams_dropped_auth: int = 0
     streams_dropped_malformed: int = 0
+    #: stream replies that named no member but us: the peer was this node
+    #: (a seed that reaches it by another address, such as 127.0.0.1)
+    streams_from_self: int = 0
     probes_sent: int = 0
     probes_failed: int = 0
     refutations: int = 0

@@ -295,6 +295,11 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
     assert alone.returncode == 1
     assert unknown in alone.stderr
     assert "no member answered" not in alone.stderr  # nothing was asked
+    # A seed that is the node itself is named as such, not taken for a member.
+    itself = nodes[2].axnet("join", f"{nodes[2].host.address}:7946", check=False)
+    assert itself.returncode == 1
+    assert f"seed '{nodes[2].host.address}:7946' is this node itself" in itself.stderr
+    assert "no member answered" not in itself.stderr
 
 
 ATTACK = r"""

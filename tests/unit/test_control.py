@@ -900,6 +900,9 @@ class _SlowJoin:
     def unresolved_seeds(self) -> dict[str, str]:
         return {}
 
+    def self_seeds(self) -> list[str]:
+        return []
+
     def joining(self) -> bool:
         return not self.joined.is_set()
 

@@ -45,10 +45,15 @@ def make_daemon(name: str) -> Daemon:
 
 @asynccontextmanager
 async def running(
-    name: str, *, key: bytes | None = KEY, bind: str = "127.0.0.1:0", seeds: tuple[str, ...] = ()
+    name: str,
+    *,
+    key: bytes | None = KEY,
+    bind: str = "127.0.0.1:0",
+    advertise: str | None = None,
+    seeds: tuple[str, ...] = (),
 ) -> AsyncIterator[GossipCluster]:
     daemon = make_daemon(name)
-    options = gossip_options(bind=bind, advertise=None, profile="local")
+    options = gossip_options(bind=bind, advertise=advertise, profile="local")
     options = type(options)(
         bind=options.bind,
         advertise=options.advertise,
@@ -306,6 +311,24 @@ async def test_a_member_with_our_name_is_reported_by_join() -> None:
         await a.join([seed(b)])
         await eventually("conflict seen", lambda: a.name_conflicts() == [seed(b)])
         assert statuses(a) == {"twin": "alive"}  # never one member for two nodes
+
+
+async def test_a_seed_that_is_this_node_is_named_not_counted_as_joined() -> None:
+    # Its own address, and another address that reaches it (it binds the
+    # wildcard): before, the first said "no member answered" and the second
+    # counted as joined, with no member but itself.
+    async with running("a", bind="0.0.0.0:0", advertise="127.0.0.1:0") as a:
+        port = a.address[1]
+        assert await a.join([seed(a)]) == 0
+        assert a.self_seeds() == [seed(a)]
+        assert await a.join([f"127.0.0.2:{port}"]) == 0
+        assert a.self_seeds() == [f"127.0.0.2:{port}"]
+        assert statuses(a) == {"a": "alive"}
+        async with running("b") as b:
+            assert await a.join([f"127.0.0.2:{port}", seed(b)]) == 1
+            assert a.self_seeds() == [f"127.0.0.2:{port}"]
+            await eventually("joined", lambda: statuses(a) == {"a": "alive", "b": "alive"})
+            assert await b.join([seed(a)]) == 1 and b.self_seeds() == []
 
 
 async def test_a_newcomer_with_a_live_members_name_takes_nothing_from_it() -> None:
