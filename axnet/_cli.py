@@ -468,7 +468,7 @@ _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
         lambda m: [
             m["name"],
             m["address"],
-            m.get("gossip", ""),  # older daemons do not say
+            m.get("gossip") or "",  # null: it does not gossip; older daemons do not say
             m["status"],
             _labels_text(m.get("labels") or {}),
         ],

@@ -503,7 +503,7 @@ class Daemon:
         return {
             "name": self.config.node.name,
             "address": str(self.config.node.real_host),
-            "gossip": "",  # none: this daemon does not gossip
+            "gossip": None,  # this daemon does not gossip (as in status)
             "status": "alive",
             "labels": {},
         }

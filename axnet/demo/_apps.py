@@ -21,7 +21,7 @@ def serve(name: str, port: int = 80) -> None:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", port))
     listener.listen(16)
-    print(json.dumps({"serving": name, "sockname": list(listener.getsockname())}), flush=True)
+    print(json.dumps({"serving": name, "sockname": _endpoint(listener.getsockname())}), flush=True)
     while True:
         conn, peer = listener.accept()
         with conn:
@@ -29,8 +29,8 @@ def serve(name: str, port: int = 80) -> None:
             body = json.dumps(
                 {
                     "server": name,
-                    "server_sockname": list(conn.getsockname()),
-                    "accepted_from": list(peer),
+                    "server_sockname": _endpoint(conn.getsockname()),
+                    "accepted_from": _endpoint(peer),
                 }
             ).encode()
             conn.sendall(
@@ -55,11 +55,17 @@ def fetch(host: str, port: int = 80) -> None:
     _, _, body = data.partition(b"\r\n\r\n")
     _report(
         target=host,
-        client_sockname=list(mine),
-        client_peername=list(theirs),
+        client_sockname=_endpoint(mine),
+        client_peername=_endpoint(theirs),
         response=json.loads(body),
         ms=_ms_since(started),
     )
+
+
+def _endpoint(address: tuple[str, int]) -> str:
+    """``host:port`` (``[v6]:port``), as axnet's own listings write addresses."""
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _report(**fields: object) -> None:

@@ -247,10 +247,6 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def _addr(pair: list[Any]) -> str:
-    return f"{pair[0]}:{pair[1]}"
-
-
 def _print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -281,13 +277,8 @@ def _print_report(report: dict[str, Any]) -> None:
         r = f["response"]
         seen.add_row(
             Text(f"GET http://{f['target']}/ → {r['server']}"),
-            Text(
-                f"getsockname {_addr(f['client_sockname'])}\n"
-                f"getpeername {_addr(f['client_peername'])}"
-            ),
-            Text(
-                f"getsockname {_addr(r['server_sockname'])}\naccept peer {_addr(r['accepted_from'])}"
-            ),
+            Text(f"getsockname {f['client_sockname']}\ngetpeername {f['client_peername']}"),
+            Text(f"getsockname {r['server_sockname']}\naccept peer {r['accepted_from']}"),
         )
     console.print(seen)
     after = report["after_leave"]

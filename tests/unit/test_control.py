@@ -346,6 +346,17 @@ async def _with_daemon(runtime: Path, talk: Any, *, cluster: Any = None) -> Any:
     return result
 
 
+async def test_a_daemon_that_does_not_gossip_says_so_alike_in_status_and_members(
+    sock_dir: Path,
+) -> None:
+    def talk() -> tuple[Any, Any]:
+        with ControlClient(control_path(sock_dir), timeout=5.0) as client:
+            return client.request("status")["gossip"], client.request("members")["members"]
+
+    gossip, [member] = await _with_daemon(sock_dir, talk)
+    assert gossip is None and member["gossip"] is None  # not "" in one and null in the other
+
+
 async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) -> None:
     path = control_path(sock_dir)
 
