@@ -44,6 +44,7 @@ from ._control import (
     serve_control,
 )
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
+from ._portprobe import port_taken
 from ._table import (
     TOMBSTONE_SWEEP_S,
     AppRecord,
@@ -391,11 +392,13 @@ class Daemon:
             if wanted is not None:
                 port = port_from_wire(wanted)
                 real_port = port if any(lo <= port <= hi for lo, hi in blocks) else None
+            host = self.config.node.real_host
             claim = self.node.claim(
                 app_id,
                 virtual,
                 avoid=[port_from_wire(p) for p in request.get("avoid") or []],
                 real_port=real_port,
+                taken=lambda port: port_taken(host, port),
             )
             await conn.reply(request, real_port=claim.real_port, vport=claim.virtual.port)
         else:

@@ -23,7 +23,7 @@ import contextlib
 import errno
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -447,21 +447,24 @@ class Node:
 
     # -- claims ---------------------------------------------------------------
 
-    def _allocate_port(self, avoid: set[int]) -> int:
+    def _allocate_port(self, avoid: set[int], taken: Callable[[int], bool]) -> int:
         ports = self.config.listen_ports
+        outside = 0
         for _ in range(len(ports)):
             port = self._next_port
             self._next_port = ports.lo if port >= ports.hi else port + 1
-            if (
-                port not in self._ports_in_use
-                and port not in avoid
-                and not self._reserved_port(port)
-            ):
-                self._ports_in_use.add(port)
-                return port
+            if port in self._ports_in_use or port in avoid or self._reserved_port(port):
+                continue
+            if taken(port):
+                outside += 1
+                continue
+            self._ports_in_use.add(port)
+            return port
+        held = f" ({outside} of them held by processes outside axnet)" if outside else ""
         raise ClaimError(
             errno.EADDRNOTAVAIL,
-            f"listener port pool {ports.lo}-{ports.hi} of node {self.config.name} is exhausted",
+            f"listener port pool {ports.lo}-{ports.hi} of node {self.config.name} is "
+            f"exhausted{held}; give the daemon a wider --listen-ports",
         )
 
     def claim(
@@ -471,12 +474,15 @@ class Node:
         *,
         real_port: int | None = None,
         avoid: Iterable[int] = (),
+        taken: Callable[[int], bool] = lambda port: False,
     ) -> Claim:
         """Reserve virtual ``ip:port`` for *app_id* and give it a real port.
 
         ``virtual.port == 0`` asks for any port: the real port is then used as
         the virtual one too.  *real_port* adopts a port the supervisor already
-        bound (after a daemon restart).
+        bound (after a daemon restart).  A port of the pool is given only if
+        it is not in *avoid* and *taken* says no one outside axnet holds it
+        (another user's daemon walks the same pool).
         """
         app = self._app(app_id)
         if virtual.ip != app.vip:
@@ -489,7 +495,7 @@ class Node:
         if virtual.port != 0 and self._in_use(virtual):
             raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
         if real_port is None:
-            real_port = self._allocate_port(set(avoid))
+            real_port = self._allocate_port(set(avoid), taken)
         else:
             self._ports_in_use.add(real_port)
         if virtual.port == 0:

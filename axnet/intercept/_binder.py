@@ -114,6 +114,11 @@ class Binder:
             if err != errno.EADDRINUSE:
                 raise Errno(err)
             avoid.append(real_port)  # taken by a process outside axnet
+        log.warning(
+            "bind refused addr=%s reason=real ports %s of the pool are held outside axnet",
+            virtual,
+            ",".join(map(str, avoid)),
+        )
         raise Errno(errno.EADDRINUSE)
 
     def _bind_in_block(

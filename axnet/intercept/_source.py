@@ -105,8 +105,9 @@ class ClientSource:
         if me.block is not None and self._block_warned != me.block:  # not at every connect
             self._block_warned = me.block
             log.warning(
-                "client port blocks %s exhausted; connecting from the node's ports %s "
-                "while they are (the server sees the node's address, not the app's)",
+                "client port blocks %s have no free port (held by this app's connections, "
+                "or bound by other processes); connecting from the node's ports %s "
+                "while they have none (the server sees the node's address, not the app's)",
                 ", ".join(f"{lo}-{hi}" for lo, hi in me.blocks),
                 f"{me.spill[0]}-{me.spill[1]}" if me.spill else "(any)",
             )

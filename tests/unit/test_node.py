@@ -717,7 +717,10 @@ def test_claim_pool_exhaustion_is_eaddrnotavail() -> None:
     with pytest.raises(ClaimError) as info:
         node.claim("a1", VirtualAddress(ip=vip, port=3))
     assert info.value.errno == errno.EADDRNOTAVAIL
-    assert str(info.value) == "listener port pool 20000-20001 of node n1 is exhausted"
+    assert str(info.value) == (
+        "listener port pool 20000-20001 of node n1 is exhausted; "
+        "give the daemon a wider --listen-ports"
+    )
 
 
 def test_claim_released_port_returns_to_the_pool() -> None:
@@ -736,6 +739,29 @@ def test_claim_avoids_ports_the_supervisor_could_not_bind() -> None:
     with pytest.raises(ClaimError) as info:
         node.claim("a1", VirtualAddress(ip=vip, port=81), avoid=[20000, 20001])
     assert info.value.errno == errno.EADDRNOTAVAIL
+
+
+def test_claim_skips_ports_held_outside_axnet_and_says_so_when_none_is_left() -> None:
+    # Another user's daemon walks the same pool: its apps hold 20000-20002.
+    node = make_node(listen=(20000, 20004))
+    vip = attach(node, "a1").vip
+    outside = {20000, 20001, 20002, 20004}
+    asked: list[int] = []
+
+    def taken(port: int) -> bool:
+        asked.append(port)
+        return port in outside
+
+    claim = node.claim("a1", VirtualAddress(ip=vip, port=80), taken=taken)
+    assert (claim.real_port, asked) == (20003, [20000, 20001, 20002, 20003])
+    with pytest.raises(ClaimError) as info:
+        node.claim("a1", VirtualAddress(ip=vip, port=81), taken=taken)
+    assert info.value.errno == errno.EADDRNOTAVAIL
+    assert "(4 of them held by processes outside axnet)" in str(info.value)
+    # A port adopted after a restart is the app's own: not asked about.
+    asked.clear()
+    node.claim("a1", VirtualAddress(ip=vip, port=82), real_port=20001, taken=taken)
+    assert asked == []
 
 
 def test_claim_adopts_a_real_port_and_keeps_it_out_of_the_pool() -> None:
