@@ -26,6 +26,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,9 @@ async def serve_control(
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    listener.listen(128)
+    # As deep as the kernel allows (net.core.somaxconn): on a full queue a
+    # client's connect fails at once (EAGAIN), not waits.
+    listener.listen(socket.SOMAXCONN)
     task_status.started()
     my_uid = os.getuid()
 
@@ -369,15 +372,42 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     )
 
 
+#: Seconds between connects to a daemon whose queue of connections is full.
+CONNECT_RETRY_S = 0.01
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """A socket connected to the daemon at *path*, with *timeout* set.
+
+    A unix socket with a timeout connects without waiting: when the
+    daemon's queue is full (many commands at once) that fails with EAGAIN,
+    though the daemon is there.  Such connects are tried again until
+    *timeout*; any other failure means no daemon.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            return sock
+        except BlockingIOError as exc:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise _connect_error(path, exc) from None
+        except OSError as exc:
+            sock.close()
+            raise _connect_error(path, exc) from None
+        time.sleep(CONNECT_RETRY_S)
+
+
 class ControlClient:
     """A blocking client for one-shot commands (``axnet services`` …)."""
 
     def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        self._sock = _connect(path, timeout)
         try:
-            self._sock.connect(str(path))
             _check_server(self._sock, path)
         except OSError as exc:
             self._sock.close()
@@ -441,16 +471,37 @@ class ControlClient:
             self._pending += self._decoder.feed(data)
 
 
+#: Seconds a supervisor tries to connect to a daemon whose queue is full.
+SESSION_CONNECT_S = 10.0
+
+
 async def open_session(path: Path) -> trio.SocketStream:
-    """Open a trio stream to the daemon (a supervisor's long-lived session)."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Open a trio stream to the daemon (a supervisor's long-lived session).
+
+    A unix connect completes at once or fails; on a full queue (EAGAIN) it
+    is tried again, as the blocking client's (see _connect).
+    """
+    deadline = trio.current_time() + SESSION_CONNECT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+            break
+        except BlockingIOError as exc:
+            sock.close()
+            if trio.current_time() >= deadline:
+                raise _connect_error(path, exc) from None
+        except OSError as exc:
+            sock.close()
+            raise _connect_error(path, exc) from None
+        await trio.sleep(CONNECT_RETRY_S)
     try:
-        await sock.connect(str(path))
-        _check_server(sock, path)  # type: ignore[arg-type]  # trio sockets proxy getsockopt
+        _check_server(sock, path)
     except OSError as exc:
         sock.close()
         raise _connect_error(path, exc) from None
     except ControlError:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

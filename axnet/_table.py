@@ -95,10 +95,19 @@ def reserved_reason(where: IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Net
 
 
 def ip_address(text: str | IPAddress) -> IPAddress:
-    """Parse an address and unmap IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``)."""
+    """Parse an address and unmap IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``).
+
+    A scoped IPv6 address (``fe80::1%eth0``) is refused with ValueError: the
+    scope names an interface of one host, which a cluster-wide address has
+    no use for, and Python takes any text after ``%`` (control characters
+    included), while two spellings of one address would be two keys.
+    """
     ip = ipaddress.ip_address(text) if isinstance(text, str) else text
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError(f"{str(text)!r} is a scoped address: give it without '%'")
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
     return ip
 
 

@@ -346,6 +346,68 @@ async def _with_daemon(runtime: Path, talk: Any, *, cluster: Any = None) -> Any:
     return result
 
 
+@contextlib.contextmanager
+def full_queue(path: Path) -> Iterator[None]:
+    """A daemon at *path* whose queue of connections is full for 0.3 s;
+    then it takes them, and answers the first request of the last with
+    status of node n1."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(0)
+        queued = []
+        while True:  # connects that nobody accepts yet
+            extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.setblocking(False)
+            try:
+                extra.connect(str(path))
+            except BlockingIOError:
+                extra.close()
+                break
+            queued.append(extra)
+
+        def daemon() -> None:
+            time.sleep(0.3)
+            listener.settimeout(5)  # a client that gave up never comes
+            with contextlib.suppress(OSError):
+                for _ in range(len(queued) + 1):  # the queued, then our client
+                    conn, _ = listener.accept()
+                    queued.append(conn)
+                conn.recv(4096)
+                conn.sendall(frame({"id": 1, "ok": True, "node": "n1"}))
+
+        answering = threading.Thread(target=daemon)
+        answering.start()
+        try:
+            yield
+        finally:
+            answering.join()
+            for sock in queued:
+                sock.close()
+
+
+def test_a_client_waits_out_a_full_connection_queue(sock_dir: Path) -> None:
+    # Many commands at once fill the daemon's queue; a connect then fails at
+    # once with EAGAIN.  Before, the client said there was no daemon.
+    path = control_path(sock_dir)
+    with full_queue(path), ControlClient(path, timeout=5.0) as client:
+        assert client.request("status")["node"] == "n1"
+
+
+async def test_a_supervisor_waits_out_a_full_connection_queue(sock_dir: Path) -> None:
+    # As above, for an app's session; before, trio took the failed connect
+    # for one in progress, and the daemon's uid for someone else's.
+    path = control_path(sock_dir)
+    with full_queue(path):
+        stream = await open_session(path)
+        async with stream:
+            await stream.send_all(frame({"op": "status", "id": 1}))
+            decoder = FrameDecoder()
+            replies: list[Any] = []
+            while not replies:
+                replies += decoder.feed(await stream.receive_some())
+        assert replies[0]["node"] == "n1"
+
+
 async def test_a_daemon_that_does_not_gossip_says_so_alike_in_status_and_members(
     sock_dir: Path,
 ) -> None:

@@ -83,6 +83,16 @@ def test_ip_address_unmaps_ipv4_mapped_ipv6() -> None:
     assert ip_address(ipaddress.IPv6Address("::ffff:10.1.2.3")) == ipaddress.IPv4Address("10.1.2.3")
 
 
+def test_ip_address_refuses_a_scope() -> None:
+    # Two spellings of one address would be two keys of the table, and the
+    # scope's text is anything at all (control characters reached logs).
+    for text in ("fd00::1%eth0", "2001:db8::7%\x1b[31m\nforged"):
+        with pytest.raises(ValueError, match="is a scoped address"):
+            ip_address(text)
+    with pytest.raises(ValueError, match="is a scoped address"):
+        ip_address(ipaddress.IPv6Address("fd00::1%1"))
+
+
 def test_ip_address_keeps_plain_addresses() -> None:
     assert ip_address("10.1.2.3") == ipaddress.IPv4Address("10.1.2.3")
     assert ip_address("fd00::1") == ipaddress.IPv6Address("fd00::1")

@@ -167,6 +167,12 @@ def _good_app_wire() -> list[Any]:
             "(loopback, unspecified, link-local, multicast or reserved)",
         ),
         (3, "10.0.0.300", "bad IP address '10.0.0.300'"),
+        # A scope is one host's interface; Python takes any text there.
+        (
+            3,
+            "2001:db8::7%\x1b[31mRED\nforged",
+            "bad IP address '2001:db8::7%\\x1b[31mRED\\nforged'",
+        ),
         (3, 10, "bad IP address 10"),
         (5, 70000, "bad port 70000"),
         (5, True, "bad port True"),
