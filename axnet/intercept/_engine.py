@@ -821,7 +821,13 @@ class Engine:
             sock.close()
             raise
         try:
-            conn, peer = _accept_nonblocking(fd, app_flags)
+            try:
+                conn, peer = _accept_nonblocking(fd, app_flags)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self._tasks.relieve()  # our fd table is full, not the app's
+                conn, peer = _accept_nonblocking(fd, app_flags)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and not app_flags & os.O_NONBLOCK:
                 self._parked.wait(

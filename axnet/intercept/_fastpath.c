@@ -618,6 +618,8 @@ static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, i
     int err = conn < 0 ? errno : 0;
     if (blocking) fcntl(fd, F_SETFL, fl);
     if (conn < 0 && blocking && (err == EAGAIN || err == EWOULDBLOCK)) return PARKED;
+    /* Our fd table is full, not the app's: Python makes room and tries again. */
+    if (conn < 0 && (err == EMFILE || err == ENFILE)) return SLOW;
     if (conn < 0) {
         respond(c->self, n->id, 0, err, 0);
         return -1;

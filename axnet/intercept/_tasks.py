@@ -46,6 +46,7 @@ import fcntl
 import functools
 import logging
 import os
+import resource
 import signal
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -58,6 +59,23 @@ log = logging.getLogger("axnet.run")
 
 #: Handles kept per cache (one fd each).
 MAX_CACHED = 256
+
+#: Fewest threads whose handles are cached, however low the fd limit.
+MIN_CACHED = 8
+
+#: The supervisor's own fd table is full: no fault of the app's.
+_NO_FD = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def cache_size() -> int:
+    """How many threads' handles (three fds each) to keep: an eighth of the
+    open-file limit, which the supervisor shares with what it holds for the
+    app (duplicates of its sockets, a parked call's listener)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CACHED
+    return max(MIN_CACHED, min(MAX_CACHED, soft // 8))
+
 
 #: ioctl on /proc/PID/maps (linux/fs.h, 6.11): _IOWR('f', 17, struct procmap_query).
 PROCMAP_QUERY = 0xC0686611
@@ -271,8 +289,13 @@ def gone_or_errno(exc: OSError) -> Exception:
 
 
 class _Cache:
-    def __init__(self, opener: Callable[[int], int]) -> None:
+    def __init__(
+        self, opener: Callable[[int], int], *, size: int, relieve: Callable[[], None]
+    ) -> None:
+        """*relieve* makes room when no fd is free (see Tasks.relieve)."""
         self._opener = opener
+        self._size = size
+        self._relieve = relieve
         #: tid -> fd; the same dict object for life (the native path holds it).
         self.fds: dict[int, int] = {}
 
@@ -281,8 +304,14 @@ class _Cache:
         fd = self.fds.get(tid)
         if fd is not None:
             return fd, False
-        fd = self._opener(tid)
-        if len(self.fds) >= MAX_CACHED:
+        try:
+            fd = self._opener(tid)
+        except OSError as exc:
+            if exc.errno not in _NO_FD:
+                raise
+            self._relieve()
+            fd = self._opener(tid)
+        if len(self.fds) >= self._size:
             self.clear()
         self.fds[tid] = fd
         return fd, True
@@ -363,11 +392,13 @@ class Tasks:
 
     def __init__(self, is_valid: Callable[[int], bool], *, keep: bool | None = None) -> None:
         self._is_valid = is_valid
-        self._pidfds = _Cache(_open_pidfd)
-        self._mems = _Cache(_open_mem)
+        size = cache_size()
+        self._pidfds = _Cache(_open_pidfd, size=size, relieve=self.relieve)
+        self._mems = _Cache(_open_mem, size=size, relieve=self.relieve)
         #: /proc/TID/maps beside each mem handle: opened, dropped and
         #: validated with it (both name the address space at their open).
-        self._maps = _Cache(_open_maps)
+        self._maps = _Cache(_open_maps, size=size, relieve=self.relieve)
+        self._said_full = False
         #: Whether handles are kept between calls.  Not without thread pidfds:
         #: the leader's pidfd outlives a thread whose id a task of another
         #: process may get, so nothing could tell a kept handle is stale.  Each
@@ -396,6 +427,22 @@ class Tasks:
         self._pidfds.drop(tid)
         self._drop_mem(tid)
 
+    def relieve(self) -> None:
+        """The supervisor has no fd free: close every cached handle (they
+        are reopened as needed), so that the app's call need not fail for
+        what the supervisor holds.  Said once."""
+        if not self._said_full:
+            self._said_full = True
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning(
+                "supervisor at its open-file limit (%d, shared with what it holds for the "
+                "app): dropping cached thread handles; raise 'ulimit -n' if calls fail "
+                "with EMFILE",
+                soft,
+            )
+        for cache in (self._pidfds, self._mems, self._maps):
+            cache.clear()
+
     def _say_if_denied(self, exc: OSError) -> None:
         """Once: why every call of the app fails, where the kernel denies us."""
         if exc.errno in (errno.EPERM, errno.EACCES) and not self._said_denied:
@@ -423,6 +470,9 @@ class Tasks:
             try:
                 return pidfd_getfd(pidfd, target)
             except OSError as exc:
+                if exc.errno in _NO_FD and not attempt:
+                    self.relieve()  # our table is full, not the app's
+                    continue
                 if exc.errno != errno.ESRCH:
                     self._say_if_denied(exc)
                     raise Errno(exc.errno or errno.EBADF) from None
@@ -441,10 +491,14 @@ class Tasks:
         try:
             fd, fresh = self._mems.get(tid)
             maps, fresh_maps = self._maps.get(tid)
+            if self._mems.fds.get(tid) != fd:  # relieved (and closed) while maps opened
+                fd, fresh = self._mems.get(tid)
         except OSError as exc:
             self._drop_mem(tid)
             self._say_if_denied(exc)
             raise gone_or_errno(exc) from None
+        if self._maps.fds.get(tid) != maps:  # relieved again: no fd to be had
+            raise Errno(errno.EMFILE)
         fresh = fresh or fresh_maps
         if fresh and not self._is_valid(notification_id):
             self._drop_mem(tid)

@@ -177,6 +177,28 @@ def threads(host: str, port: str, nthreads: str, per_thread: str) -> None:
     _out(ok=sum(ok), failures=failures[:5])
 
 
+def thread_after_thread(host: str, port: str, count: str) -> None:
+    """COUNT threads, one after another, each making one connection to
+    HOST:PORT, a greeter; count successes."""
+    ok = 0
+    failures: list[str] = []
+
+    def work() -> None:
+        nonlocal ok
+        try:
+            with socket.create_connection((host, int(port)), timeout=30) as conn:
+                conn.recv(4096)
+            ok += 1
+        except OSError as exc:
+            failures.append(repr(exc))
+
+    for _ in range(int(count)):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    _out(ok=ok, failures=failures[:5])
+
+
 def spaced(host: str, port: str, count: str, pause: str) -> None:
     """COUNT connections to HOST:PORT, a greeter, one at a time, PAUSE seconds
     apart; each one made is told on stderr ("spaced: N made")."""
@@ -1210,6 +1232,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "reopen-connections": reopen_connections,
     "threads": threads,
     "spaced": spaced,
+    "thread-after-thread": thread_after_thread,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,
     "fork-connect": fork_connect,

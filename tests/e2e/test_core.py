@@ -108,6 +108,20 @@ def test_a_new_threads_first_connect_is_answered_natively(node: AxnetNode) -> No
         assert int(counts[3]) >= 40, done.stderr
 
 
+def test_the_supervisors_fds_do_not_run_the_app_out_of_its_own(node: AxnetNode) -> None:
+    # The supervisor shares the app's open-file limit.  It kept three
+    # handles for each of the last 256 threads, so at 64 fds an app that
+    # used 6 saw its connects fail with EMFILE from the 15th thread on.
+    node.app([*APPS, "greeter", "7034"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7034")
+    done = node.run(
+        [*APPS, "thread-after-thread", "10.1.0.5", "7034", "150"],
+        ip="10.1.0.9",
+        wrap=["prlimit", "--nofile=64:64", "--"],
+    )
+    assert json.loads(done.stdout) == {"ok": 150, "failures": []}, done.stderr
+
+
 def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNode) -> None:
     # curl --interface, a source_address: bind(vip or 0.0.0.0, port 0), then
     # connect.  The server still sees the client's virtual address.
