@@ -52,9 +52,19 @@ def packed_ip(ip: IPAddress) -> bytes:
     return _V4_MAPPED + ip.packed if ip.version == 4 else ip.packed
 
 
+#: Withdrawn services whose real address keeps their name (ServiceTable.retired_keys).
+MAX_RETIRED = 4096
+
+
 def endpoint(ip: IPAddress, port: int) -> bytes:
     """``ip:port`` packed as the engine's fast path keys it (18 bytes)."""
     return packed_ip(ip) + port.to_bytes(2, "big")
+
+
+def unpack_endpoint(packed: bytes) -> VirtualAddress:
+    """The address :func:`endpoint` packed."""
+    ip = ip_address(ipaddress.IPv6Address(packed[:16]))
+    return VirtualAddress(ip=ip, port=int.from_bytes(packed[16:18], "big"))
 
 
 #: Addresses an app cannot own as its virtual IP: a connect to one of them
@@ -218,6 +228,11 @@ class ServiceTable:
     live_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
     real_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
     block_keys: dict[bytes, tuple[bytes, ...]] = attrs.field(factory=dict, init=False)
+    #: Real → virtual of services withdrawn or moved, packed: connections a
+    #: client made to one keep its name (the server closed its listener and
+    #: serves on).  Their real port goes to no other service while such a
+    #: connection holds it (see axnet._portprobe); the newest MAX_RETIRED.
+    retired_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
 
     def __len__(self) -> int:
         """Records held, tombstones included."""
@@ -247,10 +262,12 @@ class ServiceTable:
                 and self._by_real.get(old_service.real) == old_service.virtual
             ):
                 self._by_real.pop(old_service.real, None)
-                self.real_keys.pop(endpoint(old_service.real.host, old_service.real.port), None)
+                old_real = endpoint(old_service.real.host, old_service.real.port)
+                self._retire(old_real, self.real_keys.pop(old_real, None))
             if not record.deleted:
                 self._by_real[record.real] = record.virtual
                 self.real_keys[packed_real] = packed_virtual
+                self.retired_keys.pop(packed_real, None)
             return True
         old_app = self.apps.get(record.app_id)
         if not _newer(record, old_app):
@@ -269,6 +286,15 @@ class ServiceTable:
             self._blocks[record.real_host] = (*entries[:at], entry, *entries[at:])
             self.block_keys[host] = (*keys[:at], packed + packed_ip(record.vip), *keys[at:])
         return True
+
+    def _retire(self, real: bytes, virtual: bytes | None) -> None:
+        if virtual is None:
+            return
+        retired = self.retired_keys
+        retired.pop(real, None)  # to the newest end
+        if len(retired) >= MAX_RETIRED:
+            del retired[next(iter(retired))]
+        retired[real] = virtual
 
     def current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
         """What the table holds under *record*'s key (live or a tombstone), if anything."""
@@ -358,6 +384,12 @@ class ServiceTable:
     def virtual_of_server(self, real: RealAddress) -> VirtualAddress | None:
         """The virtual address a real listening address serves (client's getpeername)."""
         return self._by_real.get(real)
+
+    def retired_server(self, real: RealAddress) -> VirtualAddress | None:
+        """The virtual address a real listening address served last, if its
+        service is gone (a client's getpeername on a connection made then)."""
+        retired = self.retired_keys.get(endpoint(real.host, real.port))
+        return None if retired is None else unpack_endpoint(retired)
 
     def virtual_of_client(self, host: IPAddress, port: int) -> IPAddress | None:
         """The virtual IP of the app whose connections leave from ``host:port``."""

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .._table import IPAddress, VirtualAddress, endpoint, ip_address
+from .._table import MAX_RETIRED, IPAddress, VirtualAddress, endpoint, ip_address, unpack_endpoint
 from . import _sockdiag
 from ._decode import inet_endpoint
 
@@ -93,6 +93,11 @@ class Bindings:
         #: Real port -> packed address shown for it (the fast path's view).
         self.names: dict[int, bytes] = {}
         self.inert_names: dict[int, bytes] = {}
+        #: Real port -> packed address of a listener the app has closed: the
+        #: connections it accepted keep that name, as the kernel's keep
+        #: theirs.  No other app gets the port while one of them holds it
+        #: (see axnet._portprobe); the newest MAX_RETIRED.
+        self.retired: dict[int, bytes] = {}
         #: Connections kept for a listener, by its real port.
         self.kept: dict[int, Kept] = {}
         self._by_address: dict[VirtualAddress, Binding] = {}
@@ -107,11 +112,25 @@ class Bindings:
             table[binding.real_port] = binding
             names[binding.real_port] = endpoint(binding.virtual.ip, binding.virtual.port)
             self._by_address[binding.virtual] = binding
+            if not binding.inert:
+                self.retired.pop(binding.real_port, None)
 
     def join(self, binding: Binding, inode: int, pid: int) -> None:
         """One more socket (*inode*, bound by thread *pid*) holds *binding*."""
         with self._lock:
             binding.sockets.append(BoundSocket(inode=inode, pid=pid))
+
+    def _retire(self, real_port: int, name: bytes) -> None:
+        retired = self.retired
+        retired.pop(real_port, None)  # to the newest end
+        if len(retired) >= MAX_RETIRED:
+            del retired[next(iter(retired))]
+        retired[real_port] = name
+
+    def retired_name(self, real_port: int) -> VirtualAddress | None:
+        """The address of the listener the app closed at *real_port*, if any."""
+        name = self.retired.get(real_port)
+        return None if name is None else unpack_endpoint(name)
 
     def at(self, real_port: int) -> Binding | None:
         """The binding of the app's virtual address at *real_port* on the node's address."""
@@ -189,7 +208,9 @@ class Bindings:
                     self.inert_names.pop(binding.real_port, None)
                     continue
                 self.virtual.pop(binding.real_port, None)
-                self.names.pop(binding.real_port, None)
+                name = self.names.pop(binding.real_port, None)
+                if name is not None:
+                    self._retire(binding.real_port, name)
                 kept = self.kept.pop(binding.real_port, None)
                 if kept is not None:
                     kept.close()

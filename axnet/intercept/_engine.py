@@ -208,6 +208,7 @@ class Engine:
                 sources=self._source.routes,
                 busy_poll_us=busy_poll_us,
                 adopt=self._tasks.adopt if self._tasks.keeps else None,
+                retired=self.bindings.retired,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply
@@ -953,6 +954,10 @@ class Engine:
         )
         if own and pinned(sock):
             return me.vip, port
+        # A connection accepted on a listener the app has closed since.
+        retired = self.bindings.retired_name(port)
+        if retired is not None:
+            return retired.ip, retired.port
         return None
 
     def _virtual_remote(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
@@ -966,6 +971,11 @@ class Engine:
         vip = self.table.virtual_of_client(ip, port)
         if vip is not None:
             return vip, port
+        # After the client's block: a block port may have served, and the
+        # block names its connections now.
+        server = self.table.retired_server(RealAddress(host=ip, port=port))
+        if server is not None:
+            return server.ip, server.port
         return None
 
     # -- housekeeping --------------------------------------------------------------

@@ -149,6 +149,7 @@ typedef struct {
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending; /* dicts owned by Python */
+    PyObject *retired; /* real port -> name of a listener the app closed, or NULL */
     PyObject *adopt; /* Python's opener of a new thread's handles, or NULL */
     PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
@@ -183,10 +184,14 @@ typedef struct {
 typedef struct {
     Fast *self;
     struct seccomp_notif *n;
+    PyObject *engine;                  /* borrowed */
     PyObject *live, *by_real, *blocks; /* the table's packed indexes */
     const unsigned char *me;           /* the packed identity (ME_LEN bytes) */
     uint64_t vma_start, vma_end, vma_flags; /* the mapping last asked about (see allowed) */
 } Call;
+
+/* Attribute names, interned once (PyInit__fastpath). */
+static PyObject *s_table, *s_identity, *s_live, *s_real, *s_blocks, *s_packed_me, *s_retired;
 
 /* -- small helpers ------------------------------------------------------------ */
 
@@ -710,6 +715,31 @@ slow:
 
 /* -- getsockname / getpeername --------------------------------------------------- */
 
+/* The name of the service withdrawn from real endpoint, into shown (the
+ * table's retired_keys, read only when nothing live names it): 1 if found,
+ * 0 if not, -1 on an error (cleared: Python answers). */
+static int retired_server(Call *c, const unsigned char *endpoint, unsigned char *shown) {
+    PyObject *table = PyObject_GetAttr(c->engine, s_table);
+    PyObject *retired = table == NULL ? NULL : PyObject_GetAttr(table, s_retired);
+    Py_XDECREF(table);
+    if (retired == NULL || !PyDict_Check(retired)) {
+        Py_XDECREF(retired);
+        PyErr_Clear();
+        return -1;
+    }
+    PyObject *server = dict_bytes(retired, endpoint, ENDPOINT_LEN);
+    int found = 0;
+    if (server != NULL && PyBytes_Check(server) && PyBytes_GET_SIZE(server) == ENDPOINT_LEN) {
+        memcpy(shown, PyBytes_AS_STRING(server), ENDPOINT_LEN);
+        found = 1;
+    } else if (server != NULL || PyErr_Occurred()) {
+        found = -1;
+        PyErr_Clear();
+    }
+    Py_DECREF(retired);
+    return found;
+}
+
 static int on_getname(Call *c) {
     struct seccomp_notif *n = c->n;
     int fd = dup_target(c);
@@ -743,7 +773,14 @@ static int on_getname(Call *c) {
             memcpy(shown_end, c->me + 16, 16);
             memcpy(shown_end + 16, endpoint + 16, 2);
         } else if (name == NULL) {
-            goto pass;
+            /* A connection accepted on a listener the app has closed since. */
+            PyObject *was = NULL;
+            if (c->self->retired != NULL &&
+                dict_int(c->self->retired, port_of(endpoint), &was) < 0)
+                goto slow;
+            if (was == NULL) goto pass;
+            if (!PyBytes_Check(was) || PyBytes_GET_SIZE(was) != ENDPOINT_LEN) goto slow;
+            memcpy(shown_end, PyBytes_AS_STRING(was), ENDPOINT_LEN);
         } else {
             goto slow;
         }
@@ -755,7 +792,10 @@ static int on_getname(Call *c) {
         } else if (client_vip(c, endpoint, shown_end) == 0) {
             memcpy(shown_end + 16, endpoint + 16, 2);
         } else {
-            goto pass;
+            /* A connection made to a service withdrawn since. */
+            int found = retired_server(c, endpoint, shown_end);
+            if (found < 0) goto slow;
+            if (!found) goto pass;
         }
     }
     struct sockaddr_storage shown;
@@ -813,7 +853,6 @@ static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handbac
 
 /* -- the engine's state, read afresh for every notification ------------------------ */
 
-static PyObject *s_table, *s_identity, *s_live, *s_real, *s_blocks, *s_packed_me;
 
 /* Fill c's table and identity from the engine: strong references, released by
  * call_done().  The supervisor replaces the engine's table and identity as
@@ -975,7 +1014,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
         unpark(self, fd);
         Py_RETURN_NONE;
     }
-    Call c = {self, &n, NULL, NULL, NULL, NULL, 0, 0, 0};
+    Call c = {self, &n, engine, NULL, NULL, NULL, NULL, 0, 0, 0};
     Handback out = {.fd = -1};
     int kind = SLOW; /* connections kept for this listener go first: Python */
     if (!kept_for(self, p->port)) {
@@ -1047,7 +1086,7 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
               &self->caught_following);
     self->answered_at = self->follow_until = 0;
     adopt(self, n);
-    Call c = {self, n, NULL, NULL, NULL, NULL, 0, 0, 0};
+    Call c = {self, n, engine, NULL, NULL, NULL, NULL, 0, 0, 0};
     if (call_load(&c, engine) < 0) {
         call_done(&c);
         PyErr_Clear(); /* Python answers it (and meets the same error there) */
@@ -1231,15 +1270,17 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"fd",      "notif_size", "resp_size",    "pidfds",
                              "mems",    "maps",       "names",        "inert",
                              "pending", "sources",    "busy_poll_us", "adopt",
-                             NULL};
+                             "retired", NULL};
     int fd, busy_poll_us = 0;
     Py_ssize_t notif_size, resp_size;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending, *sources, *adopt = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$iO", kwlist, &fd,
+    PyObject *retired = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$iOO!", kwlist, &fd,
                                      &notif_size, &resp_size, &PyDict_Type, &pidfds,
                                      &PyDict_Type, &mems, &PyDict_Type, &maps, &PyDict_Type,
                                      &names, &PyDict_Type, &inert, &PyDict_Type, &pending,
-                                     &PyDict_Type, &sources, &busy_poll_us, &adopt))
+                                     &PyDict_Type, &sources, &busy_poll_us, &adopt,
+                                     &PyDict_Type, &retired))
         return -1;
     if (adopt != Py_None && !PyCallable_Check(adopt)) {
         PyErr_SetString(PyExc_TypeError, "adopt must be callable or None");
@@ -1282,6 +1323,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->pending = Py_NewRef(pending);
     self->sources = Py_NewRef(sources);
     self->adopt = adopt == Py_None ? NULL : Py_NewRef(adopt);
+    self->retired = Py_XNewRef(retired);
     self->poll_budget = self->poll_window = self->follow_window = busy_poll_us * 1000LL;
     return 0;
 }
@@ -1308,6 +1350,7 @@ static void Fast_dealloc(Fast *self) {
     Py_XDECREF(self->pending);
     Py_XDECREF(self->sources);
     Py_XDECREF(self->adopt);
+    Py_XDECREF(self->retired);
     Py_XDECREF(self->identity);
     Py_XDECREF(self->me);
     PyMem_Free(self->notif_buf);
@@ -1381,7 +1424,9 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     s_real = PyUnicode_InternFromString("real_keys");
     s_blocks = PyUnicode_InternFromString("block_keys");
     s_packed_me = PyUnicode_InternFromString("_packed_me");
-    if (!s_table || !s_identity || !s_live || !s_real || !s_blocks || !s_packed_me) return NULL;
+    s_retired = PyUnicode_InternFromString("retired_keys");
+    if (!s_table || !s_identity || !s_live || !s_real || !s_blocks || !s_packed_me || !s_retired)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     static const struct {

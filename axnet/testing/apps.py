@@ -650,6 +650,31 @@ def listen_then_close(port: str, trigger: str) -> None:
     _wait_for_file(trigger, False)
 
 
+def serve_one_then_close(port: str, trigger: str) -> None:
+    """Accept one connection on PORT, then close the listener and keep the
+    connection; once file TRIGGER exists, report the connection's names.
+    With SO_REUSEADDR, as most servers (Node's included) set it."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(1)
+    conn, _ = listener.accept()
+    listener.close()
+    _out(closed=True)
+    _wait_for_file(trigger, True)
+    with conn:
+        _out(sockname=_addr(conn.getsockname()), peername=_addr(conn.getpeername()))
+
+
+def hold_names(host: str, port: str, trigger: str) -> None:
+    """Connect to HOST:PORT and hold the connection; once file TRIGGER
+    exists, report its names."""
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        _out(connected=True)
+        _wait_for_file(trigger, True)
+        _out(sockname=_addr(conn.getsockname()), peername=_addr(conn.getpeername()))
+
+
 def listen_connect_close(port: str, rounds: str) -> None:
     """ROUNDS times: listen, connect to it at once, then close it and connect
     again at once; what a kernel answers: connected, then refused."""
@@ -1233,6 +1258,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "threads": threads,
     "spaced": spaced,
     "thread-after-thread": thread_after_thread,
+    "serve-one-then-close": serve_one_then_close,
+    "hold-names": hold_names,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,
     "fork-connect": fork_connect,

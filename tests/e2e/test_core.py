@@ -421,6 +421,46 @@ def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -
     wait_until("app gone", lambda: not any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
 
 
+def test_connections_keep_their_names_after_the_listener_closes(node: AxnetNode) -> None:
+    # A server that closes its listener and serves on (Node's server.close(),
+    # a graceful shutdown): both ends keep the virtual names, as on a kernel.
+    # Before, both saw real addresses, and once the pool gave the port to
+    # another service, the client named its peer after that one.  Two ports
+    # in the pool, the next one to give the one the connection holds: the
+    # next service must take the other.
+    node.stop()
+    node.daemon_args = ["--listen-ports", "21000-21001"]
+    node.start()
+    trigger = node.scratch / "names-now"
+    server_out, client_out = node.logs / "server.out", node.logs / "client.out"
+    run = [*AXNET, "run", "--ip"]
+    server = node.host.popen(
+        [*run, "10.1.0.5", "--", *APPS, "serve-one-then-close", "80", str(trigger)],
+        env=node.env,
+        stdout=server_out,
+    )
+    assert node.wait_service("10.1.0.5:80")["real"].endswith(":21000")
+    other = node.app([*APPS, "greeter", "80"], ip="10.1.0.7")
+    assert node.wait_service("10.1.0.7:80")["real"].endswith(":21001")
+    client = node.host.popen(
+        [*run, "10.1.0.9", "--", *APPS, "hold-names", "10.1.0.5", "80", str(trigger)],
+        env=node.env,
+        stdout=client_out,
+    )
+    wait_until("listener closed", lambda: "closed" in server_out.read_text())
+    stop_process(other)
+    wait_until("withdrawn", lambda: not {"10.1.0.5:80", "10.1.0.7:80"} & set(node.services()))
+    node.app([*APPS, "greeter", "80"], ip="10.1.0.6")
+    assert node.wait_service("10.1.0.6:80")["real"].endswith(":21001")
+    trigger.touch()
+    assert server.wait(timeout=30) == 0 and client.wait(timeout=30) == 0
+    server_names = json.loads(server_out.read_text().splitlines()[-1])
+    client_names = json.loads(client_out.read_text().splitlines()[-1])
+    assert server_names["sockname"] == client_names["peername"] == ["10.1.0.5", 80]
+    assert server_names["peername"] == client_names["sockname"]
+    assert client_names["sockname"][0] == "10.1.0.9"
+
+
 def test_a_listen_is_in_effect_when_it_returns(node: AxnetNode) -> None:
     # The app's own next connect reaches it, as on a kernel: before, the
     # daemon answered first and published after, and a connect could be

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from axnet._table import (
+    MAX_RETIRED,
     TOMBSTONE_TTL,
     AppRecord,
     IPAddress,
@@ -26,6 +27,7 @@ from axnet._table import (
 HOST = ip_address("192.0.2.1")
 OTHER_HOST = ip_address("192.0.2.2")
 VIP = ip_address("10.77.0.5")
+OTHER_VIP = ip_address("10.77.0.6")
 
 
 def app(
@@ -155,6 +157,33 @@ def test_merge_same_version_breaks_ties_by_node_name() -> None:
     assert table.merge(high)
     assert not table.merge(low)
     assert table.resolve(VIP, 80) == high
+
+
+def test_a_withdrawn_service_keeps_its_name_for_its_real_address_until_another_takes_it() -> None:
+    # Connections made to it name their peer after it (a server that closed
+    # its listener serves them on); a live service there names it again.
+    table = ServiceTable()
+    real = RealAddress(host=HOST, port=20000)
+    table.merge(service(version=1))
+    assert table.retired_server(real) is None
+    table.merge(service(version=2, deleted=True, deleted_at=100.0))
+    assert table.virtual_of_server(real) is None
+    assert table.retired_server(real) == VirtualAddress(ip=VIP, port=80)
+    table.merge(service(OTHER_VIP, 81, version=3))
+    assert table.virtual_of_server(real) == VirtualAddress(ip=OTHER_VIP, port=81)
+    assert table.retired_server(real) is None
+    # Moved to another real port: the old one keeps the name.
+    table.merge(service(OTHER_VIP, 81, version=4, real_port=20001))
+    assert table.retired_server(real) == VirtualAddress(ip=OTHER_VIP, port=81)
+    # The newest MAX_RETIRED only.
+    for port in range(MAX_RETIRED):
+        table.merge(service(VIP, 1000 + port, version=5, real_port=21000 + port))
+        table.merge(service(VIP, 1000 + port, version=6, real_port=21000 + port, deleted=True))
+    assert len(table.retired_keys) == MAX_RETIRED
+    assert table.retired_server(real) is None
+    assert table.retired_server(RealAddress(host=HOST, port=21000)) == VirtualAddress(
+        ip=VIP, port=1000
+    )
 
 
 def test_merge_same_record_twice_is_not_a_change() -> None:
