@@ -572,6 +572,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         hint = ""
         if isinstance(found, OSError) and found.errno in (errno.EMFILE, errno.ENFILE):
             hint = "; raise the open-file limit (ulimit -n) and run it again"
+        elif isinstance(found, OSError) and found.errno == errno.EAGAIN:
+            hint = "; the user's limit on processes (ulimit -u) may be reached"
         print(f"axnet run: the supervisor failed: {found}{hint}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -65,7 +65,7 @@ from ._verdict import Identity
 from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire
 from .intercept._bpf import build_filter
 from .intercept._engine import Engine
-from .intercept._launcher import launch
+from .intercept._launcher import LaunchError, launch
 
 log = logging.getLogger("axnet.run")
 
@@ -527,7 +527,14 @@ class Supervisor:
         thread = threading.Thread(
             target=self._serve_engine, args=(launched_pidfd,), name="axnet-engine", daemon=True
         )
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the app is stopped with us
+            raise LaunchError(
+                f"axnet run: cannot start the supervisor's thread ({exc}): the user's limit "
+                "on processes (ulimit -u) or on memory (ulimit -v) is reached; raise it "
+                "and run it again"
+            ) from None
         log.info(
             "app started pid=%s vip=%s client_ports=%s",
             launched_pid,
@@ -554,7 +561,10 @@ class Supervisor:
             )
         # The rest of the tree gets its grace period; a second Ctrl-C meanwhile
         # must not cut the clean-up short (the signals stay blocked: ignored).
-        await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(_terminate_tree, abandon_on_cancel=True)
+        except RuntimeError:  # no thread to be had (ulimit -u, -v): wait here instead
+            _terminate_tree()
         assert self.engine is not None
         self.engine.stop()
         thread.join(timeout=10.0)  # it stops at once; only a wedged engine is left behind

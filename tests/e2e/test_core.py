@@ -122,6 +122,30 @@ def test_the_supervisors_fds_do_not_run_the_app_out_of_its_own(node: AxnetNode) 
     assert json.loads(done.stdout) == {"ok": 150, "failures": []}, done.stderr
 
 
+def test_a_memory_limit_too_low_is_named_not_dumped(node: AxnetNode) -> None:
+    # Down a ladder of address-space limits (ulimit -v), the first that
+    # axnet run cannot work under gets a message naming the limit, not a
+    # traceback.  Before, a supervisor that could not start its thread (or
+    # a thread to clean up with) died with "RuntimeError: can't start new
+    # thread".  Further down, Python itself cannot load its modules.
+    for limit_mb in range(80, 25, -3):
+        done = node.run(
+            ["/bin/true"], ip="10.1.0.9", wrap=["prlimit", f"--as={limit_mb * 1000000}", "--"]
+        )
+        if done.returncode != 0:
+            break
+    else:
+        pytest.fail("axnet run worked under every limit down to 26 MB")
+    if "Traceback" in done.stderr and "RuntimeError" not in done.stderr:
+        pytest.skip(f"here Python cannot load its modules under {limit_mb} MB: {done.stderr}")
+    assert "Traceback" not in done.stderr, (limit_mb, done.stderr)
+    if "cannot start the supervisor's thread" in done.stderr:
+        assert done.returncode == 125, done.stderr
+        assert "(ulimit -u) or on memory (ulimit -v)" in done.stderr
+    else:
+        assert "out of memory; a limit on its size (ulimit -v)" in done.stderr, done.stderr
+
+
 def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNode) -> None:
     # curl --interface, a source_address: bind(vip or 0.0.0.0, port 0), then
     # connect.  The server still sees the client's virtual address.
