@@ -497,6 +497,15 @@ class Node:
         if real_port is None:
             real_port = self._allocate_port(set(avoid), taken)
         else:
+            holder = next(
+                (c.app_id for c in self._claims.values() if c.real_port == real_port), app_id
+            )
+            if holder != app_id:
+                # The port is another app's socket: two claims of one port
+                # would give it back to the pool at the first release.
+                raise ClaimError(
+                    errno.EADDRNOTAVAIL, f"real port {real_port} is held by app {holder}"
+                )
             self._ports_in_use.add(real_port)
         if virtual.port == 0:
             virtual = VirtualAddress(ip=virtual.ip, port=real_port)

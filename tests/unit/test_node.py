@@ -764,6 +764,20 @@ def test_claim_skips_ports_held_outside_axnet_and_says_so_when_none_is_left() ->
     assert asked == []
 
 
+def test_claim_of_another_apps_real_port_is_refused() -> None:
+    # A supervisor re-attaching names the real ports it holds; one naming
+    # another app's (a bug, or hostile) made both claims share it, and the
+    # first release gave the port back to the pool under the other's socket.
+    node = make_node(listen=(20000, 20001))
+    x, y = attach(node, "x").vip, attach(node, "y").vip
+    assert node.claim("x", VirtualAddress(ip=x, port=80)).real_port == 20000
+    with pytest.raises(ClaimError) as info:
+        node.claim("y", VirtualAddress(ip=y, port=81), real_port=20000)
+    assert info.value.errno == errno.EADDRNOTAVAIL
+    assert str(info.value) == "real port 20000 is held by app x"
+    assert node.claim("y", VirtualAddress(ip=y, port=82)).real_port == 20001
+
+
 def test_claim_adopts_a_real_port_and_keeps_it_out_of_the_pool() -> None:
     node = make_node(listen=(20000, 20001))
     vip = attach(node, "a1").vip
