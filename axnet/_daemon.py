@@ -90,6 +90,7 @@ class Cluster(Protocol):
     def name_conflicts(self) -> list[str]: ...
     def unresolved_seeds(self) -> dict[str, str]: ...
     def self_seeds(self) -> list[str]: ...
+    def unfit(self, record: AppRecord | ServiceRecord) -> str | None: ...
     def joining(self) -> bool: ...
     async def wait_joined(self) -> None: ...
 
@@ -288,6 +289,20 @@ class Daemon:
             raise WireError(f"more_blocks: a list of at most {MAX_BLOCKS - 1} [lo, hi] pairs")
         more_blocks = [block_from_wire(b) for b in more]
         pid = int_from_wire(request.get("pid") or 0)
+        name = text_from_wire(request.get("name") or "", "name")
+        labels = labels_from(labels_from_wire(request.get("labels") or []))
+        if self.cluster is not None:
+            # Records that do not fit in a packet spread by push-pull only,
+            # seconds late: the app's first connections would be named
+            # after its node.  Refused here, where the user can act on it.
+            for record in self.node.widest_records(app_id, vip, name, labels):
+                reason = self.cluster.unfit(record)
+                if reason is not None:
+                    raise ClaimError(
+                        errno.EMSGSIZE,
+                        f"the app's name and labels are too long to gossip ({reason}): "
+                        "give it fewer or shorter labels",
+                    )
         # Bindings a supervisor kept across a daemon restart.
         claims = [
             (
@@ -300,8 +315,8 @@ class Daemon:
         app, written = self.node.attach(
             app_id=app_id,
             vip=vip,
-            name=text_from_wire(request.get("name") or "", "name"),
-            labels=labels_from(labels_from_wire(request.get("labels") or [])),
+            name=name,
+            labels=labels,
             pid=pid,
             argv=[str(a) for a in request.get("argv") or []],
             block=wanted_block,

@@ -76,6 +76,8 @@ log = logging.getLogger("axnet.gossip")
 AUTH_WARNING_INTERVAL_S = 10.0
 #: Source addresses remembered for that rate limit (the dict is cleared when full).
 MAX_WARNED_SOURCES = 1024
+#: Keys of records too large to gossip remembered, to warn of each once.
+MAX_SAID_TOO_LARGE = 1024
 #: Join retries at start: first and largest delay between attempts, seconds.
 JOIN_BACKOFF_MIN_S = 1.0
 JOIN_BACKOFF_MAX_S = 30.0
@@ -160,6 +162,8 @@ class GossipCluster:
         self._unresolved: dict[str, str] = {}  # seed -> why the last join could not resolve it
         #: Seeds of the last join that are this node (its own address, or one reaching it).
         self._self_seeds: list[str] = []
+        #: Keys of records warned of as too large to gossip.
+        self._said_too_large: set[bytes] = set()
         #: Addresses whose stream replies came from this node, since the last join.
         self._answered_by_self: set[swim.Address] = set()
         self._auth_warned: dict[str, float] = {}
@@ -268,16 +272,19 @@ class GossipCluster:
             return None
         items = []
         for record in records:
-            try:
-                key, payload = record_key(record), encode_record(record)
-                if not self.core.fits(key, payload):
-                    raise ValueError(f"{len(payload)} bytes do not fit in a packet")
-            except (ValueError, OverflowError) as exc:
-                # Still replicated, by push-pull only.
+            key = record_key(record)
+            reason = self.unfit(record)
+            if reason is not None:
+                # Still replicated, by push-pull only.  (The daemon refuses
+                # an app whose records would not fit; a peer's may not.)
                 self.driver_stats.records_too_large += 1
-                log.warning("record too large to gossip key=%r reason=%s", record_key(record), exc)
+                if key not in self._said_too_large:  # once a key, not at every write
+                    if len(self._said_too_large) >= MAX_SAID_TOO_LARGE:
+                        self._said_too_large.clear()
+                    self._said_too_large.add(key)
+                    log.warning("record too large to gossip key=%r reason=%s", key, reason)
                 continue
-            items.append((key, payload))
+            items.append((key, encode_record(record)))
         token = None
         if direct:
             token = self.core.deliver(items, trio.current_time())
@@ -286,6 +293,16 @@ class GossipCluster:
                 self.core.broadcast(key, payload)
         self._wake.set()
         return token
+
+    def unfit(self, record: Record) -> str | None:
+        """Why *record* cannot ride on a gossip packet, or None if it can."""
+        try:
+            payload = encode_record(record)
+        except (ValueError, OverflowError) as exc:
+            return str(exc)
+        if not self.core.fits(record_key(record), payload):
+            return f"{len(payload)} bytes do not fit in a packet"
+        return None
 
     def members(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -137,6 +137,10 @@ class Claim:
 #: Client port blocks an app may hold: its first, and more as it uses them up.
 MAX_BLOCKS = 8
 
+#: A version and a time as wide as any a record carries (see widest_records).
+WIDEST_VERSION = 2**63 - 1
+WIDEST_TIME = 1e12
+
 
 def alias_id(app_id: str, index: int) -> str:
     """The id of the record that publishes an app's block number *index* (1, 2…
@@ -353,6 +357,41 @@ class Node:
         return self._write(attrs.evolve(fresh, version=self._bump()))
 
     # -- app lifecycle -------------------------------------------------------
+
+    def widest_records(
+        self, app_id: str, vip: IPAddress | None, name: str, labels: Labels
+    ) -> list[AppRecord | ServiceRecord]:
+        """The largest records an app with these fields could write (its
+        last block's alias, the highest ports and versions, tombstones):
+        what must fit in a gossip packet for its records to spread."""
+        ip = vip if vip is not None else self.config.virtual_range.broadcast_address
+        node, host = self.config.name, self.config.real_host
+        return [
+            AppRecord(
+                app_id=alias_id(app_id, MAX_BLOCKS - 1),
+                node=node,
+                vip=ip,
+                real_host=host,
+                port_lo=65535,
+                port_hi=65535,
+                name=name,
+                labels=labels,
+                version=WIDEST_VERSION,
+                deleted=True,
+                deleted_at=WIDEST_TIME,
+            ),
+            ServiceRecord(
+                virtual=VirtualAddress(ip=ip, port=65535),
+                real=RealAddress(host=host, port=65535),
+                node=node,
+                app_id=app_id,
+                name=name,
+                labels=labels,
+                version=WIDEST_VERSION,
+                deleted=True,
+                deleted_at=WIDEST_TIME,
+            ),
+        ]
 
     def attach(
         self,

@@ -138,3 +138,27 @@ def test_a_second_daemon_on_a_taken_gossip_address_says_how_to_fix_it(
     finally:
         second.close()
         first.close()
+
+
+def test_an_app_whose_labels_cannot_be_gossiped_is_refused_with_why(
+    netns_host: NetnsHost, interception: None
+) -> None:
+    # Within the wire's limits (32 labels of 255 bytes), but larger than a
+    # gossip packet: before, the app ran and its records spread only by
+    # push-pull, seconds to half a minute late, the daemon logging a warning
+    # at every write.  A node that does not gossip takes it.
+    labels = [arg for i in range(12) for arg in ("--label", f"k{i}={'v' * 120}")]
+    clustered = AxnetNode(netns_host, daemon_args=["--advertise", "127.0.0.1"]).start()
+    try:
+        refused = clustered.run(["/bin/true"], ip="10.1.0.5", labels=labels[1::2])
+        assert refused.returncode == 1
+        assert "the app's name and labels are too long to gossip" in refused.stderr
+        assert "give it fewer or shorter labels" in refused.stderr
+        assert clustered.run(["/bin/true"], ip="10.1.0.5", labels=labels[1:4:2]).returncode == 0
+    finally:
+        clustered.close()
+    alone = AxnetNode(netns_host).start()
+    try:
+        assert alone.run(["/bin/true"], ip="10.1.0.5", labels=labels[1::2]).returncode == 0
+    finally:
+        alone.close()

@@ -976,6 +976,9 @@ class _SlowJoin:
     def self_seeds(self) -> list[str]:
         return []
 
+    def unfit(self, record: object) -> str | None:
+        return None
+
     def joining(self) -> bool:
         return not self.joined.is_set()
 
