@@ -98,6 +98,10 @@ class EngineFailed(Exception):
     """The supervisor's engine thread died; the app was stopped with it."""
 
 
+class ShuttingDown(ControlError):
+    """The app has exited: its supervisor asks the daemon nothing more."""
+
+
 class Session:
     """The supervisor's side of its control session (request/reply plus pushes)."""
 
@@ -245,7 +249,8 @@ class Supervisor:
             # conflicts locally.
             if virtual.port and self._locally_in_use(virtual):
                 raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use") from None
-            log.warning("bind without daemon virtual=%s: published later", virtual)
+            if not isinstance(exc, ShuttingDown):  # else the app is on its way out
+                log.warning("bind without daemon virtual=%s: published later", virtual)
             return real_port, virtual.port
         return int(reply["real_port"]), int(reply["vport"])
 
@@ -314,7 +319,7 @@ class Supervisor:
         in the trio thread."""
         token = self._token
         if token is None:
-            raise ControlError("supervisor is shutting down")
+            raise ShuttingDown("supervisor is shutting down")
 
         async def call() -> dict[str, Any]:
             session = self.session
@@ -340,7 +345,7 @@ class Supervisor:
         except trio.TooSlowError:
             raise ControlError(f"the daemon did not answer '{op}' in time") from None
         except trio.RunFinishedError:
-            raise ControlError("supervisor is shutting down") from None
+            raise ShuttingDown("supervisor is shutting down") from None
 
     # -- session ------------------------------------------------------------------
 

@@ -443,9 +443,16 @@ class Tasks:
         for cache in (self._pidfds, self._mems, self._maps):
             cache.clear()
 
-    def _say_if_denied(self, exc: OSError) -> None:
-        """Once: why every call of the app fails, where the kernel denies us."""
+    def _say_if_denied(self, exc: OSError, tid: int) -> None:
+        """Once: why every call of the app fails, where the kernel denies us
+        because the app is not dumpable (its /proc files are then root's; a
+        task on its way out is denied too, and is not)."""
         if exc.errno in (errno.EPERM, errno.EACCES) and not self._said_denied:
+            try:
+                if os.stat(f"/proc/{tid}/mem").st_uid == os.getuid():
+                    return
+            except OSError:
+                return  # gone
             self._said_denied = True
             # The app's calls fail with EPERM, from pidfd_getfd, which each
             # makes first (opening its memory says EACCES).
@@ -474,7 +481,7 @@ class Tasks:
                     self.relieve()  # our table is full, not the app's
                     continue
                 if exc.errno != errno.ESRCH:
-                    self._say_if_denied(exc)
+                    self._say_if_denied(exc, tid)
                     raise Errno(exc.errno or errno.EBADF) from None
                 self._forget(tid)
                 if attempt:
@@ -495,7 +502,7 @@ class Tasks:
                 fd, fresh = self._mems.get(tid)
         except OSError as exc:
             self._drop_mem(tid)
-            self._say_if_denied(exc)
+            self._say_if_denied(exc, tid)
             raise gone_or_errno(exc) from None
         if self._maps.fds.get(tid) != maps:  # relieved again: no fd to be had
             raise Errno(errno.EMFILE)

@@ -433,6 +433,32 @@ def test_a_listener_shut_down_and_listening_again_is_still_virtual(node: AxnetNo
     assert done == {"named": [["10.1.0.5", 7042]] * 3, "peer_is_client": True}
 
 
+BIND_WHILE_ENDING = """
+import os, signal, socket, sys, time
+ready_r, ready_w = os.pipe()
+if os.fork() == 0:
+    def bind(signum, frame):
+        s = socket.socket()
+        s.bind(("0.0.0.0", 7041))
+        print("bound", flush=True)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, bind)
+    os.write(ready_w, b"x")
+    time.sleep(30)
+    os._exit(1)
+os.read(ready_r, 1)
+"""
+
+
+def test_a_bind_while_the_app_ends_is_not_taken_for_a_lost_daemon(node: AxnetNode) -> None:
+    # The app exited; what it left gets SIGTERM, and binds in its handler:
+    # the supervisor asks the daemon nothing more.  Before, it logged that
+    # the daemon was gone and the bind would be published later.
+    done = node.run(["python3", "-c", BIND_WHILE_ENDING], ip="10.1.0.5")
+    assert "bound" in done.stdout, done.stderr
+    assert "bind without daemon" not in done.stderr, done.stderr
+
+
 def test_records_withdrawn_when_listener_closes_and_app_exits(node: AxnetNode) -> None:
     trigger = node.scratch / "close-now"
     app = node.app([*APPS, "listen-then-close", "7004", str(trigger)], ip="10.1.0.5")
