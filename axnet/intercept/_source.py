@@ -57,7 +57,8 @@ class ClientSource:
         self.routes: dict[bytes, bool] = {}
         self._block: tuple[int, int] | None = None
         self._block_value = b""
-        self._block_warned: tuple[int, int] | None = None
+        #: The blocks held when the spill ports were last warned of.
+        self._blocks_warned: frozenset[tuple[int, int]] = frozenset()
 
     def forget_routes(self) -> None:
         """Forget which routes leave from another address (routes change)."""
@@ -102,8 +103,10 @@ class ClientSource:
         app's block (any port, from a daemon that names none): the app has
         no free port in a block of its own, every one used up (warned of
         once a current block) or none given it."""
-        if me.block is not None and self._block_warned != me.block:  # not at every connect
-            self._block_warned = me.block
+        # Once while the app holds these blocks, not at every connect (nor
+        # as its connects move among them): again after it gains one.
+        if me.block is not None and not self._blocks_warned >= set(me.blocks):
+            self._blocks_warned = frozenset(me.blocks)
             log.warning(
                 "client port blocks %s have no free port (held by this app's connections, "
                 "or bound by other processes); connecting from the node's ports %s "
