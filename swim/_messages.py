@@ -243,6 +243,14 @@ def _str(value: object, limit: int = _MAX_NAME) -> str:
     return value
 
 
+def _member(value: object) -> str:
+    """A member's name: a string as _str, never empty (no one is named "")."""
+    name = _str(value)
+    if not name:
+        raise ProtocolError("empty member name")
+    return name
+
+
 def _bin(value: object, limit: int) -> bytes:
     if type(value) is not bytes or len(value) > limit:
         raise ProtocolError(f"expected bytes of at most {limit}")
@@ -296,20 +304,24 @@ def _message(fields: object) -> Message:
         case _Tag.SUSPECT:
             _arity(fields, 4)
             return Suspect(
-                incarnation=_incarnation(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
+                incarnation=_incarnation(fields[1]),
+                member=_member(fields[2]),
+                accuser=_str(fields[3]),
             )
         case _Tag.ALIVE:
             _arity(fields, 6)
             return Alive(
                 incarnation=_incarnation(fields[1]),
-                member=_str(fields[2]),
+                member=_member(fields[2]),
                 address=_addr(fields[3], fields[4]),
                 meta=_bin(fields[5], MAX_META_BYTES),
             )
         case _Tag.DEAD:
             _arity(fields, 4)
             return Dead(
-                incarnation=_incarnation(fields[1]), member=_str(fields[2]), accuser=_str(fields[3])
+                incarnation=_incarnation(fields[1]),
+                member=_member(fields[2]),
+                accuser=_str(fields[3]),
             )
         case _Tag.USER:
             _arity(fields, 6)
@@ -331,7 +343,7 @@ def _message(fields: object) -> Message:
                     raise ProtocolError("push-pull member needs 6 fields")
                 entries.append(
                     PushPullEntry(
-                        name=_str(item[0]),
+                        name=_member(item[0]),
                         address=_addr(item[1], item[2]),
                         incarnation=_incarnation(item[3]),
                         state=MemberState(_int(item[4], 0, max(MemberState))),

@@ -30,6 +30,8 @@ from swim._messages import (
 
 #: Control characters are refused (test_names_with_control_characters_are_refused).
 names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
+#: Members are never named "" (test_an_empty_member_name_is_refused).
+members = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20)
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 #: Room for one more: a member refutes one above the incarnation it was accused at.
 incarnations = st.integers(min_value=0, max_value=2**63 - 1)
@@ -41,15 +43,15 @@ messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(Ack, seq=u64),
     st.builds(Nack, seq=u64),
-    st.builds(Suspect, incarnation=incarnations, member=names, accuser=names),
+    st.builds(Suspect, incarnation=incarnations, member=members, accuser=names),
     st.builds(
         Alive,
         incarnation=incarnations,
-        member=names,
+        member=members,
         address=addresses,
         meta=st.binary(max_size=64),
     ),
-    st.builds(Dead, incarnation=incarnations, member=names, accuser=names),
+    st.builds(Dead, incarnation=incarnations, member=members, accuser=names),
     st.builds(
         UserBroadcast,
         origin=names,
@@ -64,7 +66,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         members=st.lists(
             st.builds(
                 PushPullEntry,
-                name=names,
+                name=members,
                 address=addresses,
                 incarnation=incarnations,
                 state=st.sampled_from(MemberState),
@@ -88,6 +90,29 @@ def test_names_with_control_characters_are_refused(name: str) -> None:
     packet = compound([encode_message(Dead(incarnation=1, member=name, accuser="a"))])
     with pytest.raises(ProtocolError, match="control character"):
         decode_envelope(packet)
+
+
+def test_an_empty_member_name_is_refused() -> None:
+    # A peer once got a member named "" into every table (a fuzzer's).
+    for message in (
+        Alive(incarnation=1, member="", address=("10.0.0.1", 7946), meta=b""),
+        Dead(incarnation=1, member="", accuser="a"),
+        PushPull(
+            join=False,
+            members=(
+                PushPullEntry(
+                    name="",
+                    address=("10.0.0.1", 7946),
+                    incarnation=1,
+                    state=MemberState.ALIVE,
+                    meta=b"",
+                ),
+            ),
+            user_state=b"",
+        ),
+    ):
+        with pytest.raises(ProtocolError, match="empty member name"):
+            decode_envelope(compound([encode_message(message)]))
 
 
 @given(st.binary(max_size=512))
