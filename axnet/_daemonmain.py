@@ -58,6 +58,8 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
         raise ValueError(
             f"--client-block must be between 16 and {len(client)}, got {args.client_block}"
         )
+    if args.name == "":
+        raise ValueError("--name must not be empty (without it: the host name)")
     name = args.name or default_node_name()
     if len(name.encode()) > 255:  # gossip names travel as at most 255 bytes
         raise ValueError(f"--name must be at most 255 bytes of UTF-8, got {len(name.encode())}")

@@ -451,6 +451,14 @@ def test_daemon_refuses_a_name_too_long_to_gossip(capsys: pytest.CaptureFixture[
     )
 
 
+def test_daemon_refuses_an_empty_name(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, it took the host name, as if --name had not been given.
+    assert run_daemon(daemon_args("--name", "")) == 2
+    assert capsys.readouterr().err == (
+        "axnet daemon: --name must not be empty (without it: the host name)\n"
+    )
+
+
 def test_daemon_refuses_a_name_with_control_characters(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
