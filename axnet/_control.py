@@ -245,7 +245,8 @@ class Connection:
         try:
             async for message in receive_messages(self.stream, self._decoder):
                 yield message
-        except WireError:
+        except WireError as exc:
+            log.warning("control client sent garbage (%s): disconnected", exc)
             return
 
 

@@ -257,8 +257,11 @@ async def test_a_client_sees_the_daemon_reset_the_connection(sock_dir: Path) -> 
     assert "status" in message
 
 
-async def test_the_server_drops_a_session_that_sends_garbage(sock_dir: Path) -> None:
+async def test_the_server_drops_a_session_that_sends_garbage(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = sock_dir / CONTROL_SOCKET
+    caplog.set_level(logging.WARNING, logger="axnet")
 
     def talk() -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
@@ -271,6 +274,9 @@ async def test_the_server_drops_a_session_that_sends_garbage(sock_dir: Path) -> 
         await nursery.start(serve_control, path, echo)
         assert await trio.to_thread.run_sync(talk) == b""
         nursery.cancel_scope.cancel()
+    # Said, not only done: a client that cannot tell why it lost its daemon
+    # leaves the log as the one place to look.
+    assert "control client sent garbage" in caplog.text
 
 
 async def test_serve_control_replaces_a_stale_socket(sock_dir: Path) -> None:
