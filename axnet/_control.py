@@ -377,29 +377,43 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
 CONNECT_RETRY_S = 0.01
 
 
-def _connect(path: Path, timeout: float) -> socket.socket:
-    """A socket connected to the daemon at *path*, with *timeout* set.
+def _try_connect(path: Path, timeout: float) -> socket.socket | None:
+    """A socket connected to the daemon at *path*, checked to be this
+    user's, with *timeout* set (0: non-blocking); None when the daemon's
+    queue is full.  A unix socket with a timeout connects without waiting:
+    on a full queue (many commands at once) that fails with EAGAIN, though
+    the daemon is there, and is worth trying again; any other failure
+    means no daemon."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        _check_server(sock, path)
+    except BlockingIOError:
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise _connect_error(path, exc) from None
+    except ControlError:
+        sock.close()
+        raise
+    return sock
 
-    A unix socket with a timeout connects without waiting: when the
-    daemon's queue is full (many commands at once) that fails with EAGAIN,
-    though the daemon is there.  Such connects are tried again until
-    *timeout*; any other failure means no daemon.
-    """
+
+def _queue_full(path: Path) -> DaemonUnavailable:
+    return _connect_error(path, BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)))
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """A socket connected to the daemon at *path*; a full queue is waited
+    out until *timeout*."""
     deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-            return sock
-        except BlockingIOError as exc:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise _connect_error(path, exc) from None
-        except OSError as exc:
-            sock.close()
-            raise _connect_error(path, exc) from None
+    while (sock := _try_connect(path, timeout)) is None:
+        if time.monotonic() >= deadline:
+            raise _queue_full(path)
         time.sleep(CONNECT_RETRY_S)
+    return sock
 
 
 class ControlClient:
@@ -408,14 +422,6 @@ class ControlClient:
     def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
         self.path = path
         self._sock = _connect(path, timeout)
-        try:
-            _check_server(self._sock, path)
-        except OSError as exc:
-            self._sock.close()
-            raise _connect_error(path, exc) from None
-        except ControlError:
-            self._sock.close()
-            raise
         self._decoder = FrameDecoder()
         self._next_id = 0
         self._pending: list[Any] = []
@@ -477,32 +483,11 @@ SESSION_CONNECT_S = 10.0
 
 
 async def open_session(path: Path) -> trio.SocketStream:
-    """Open a trio stream to the daemon (a supervisor's long-lived session).
-
-    A unix connect completes at once or fails; on a full queue (EAGAIN) it
-    is tried again, as the blocking client's (see _connect).
-    """
+    """Open a trio stream to the daemon (a supervisor's long-lived session);
+    a full queue is waited out, as by the blocking client (_try_connect)."""
     deadline = trio.current_time() + SESSION_CONNECT_S
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(str(path))
-            break
-        except BlockingIOError as exc:
-            sock.close()
-            if trio.current_time() >= deadline:
-                raise _connect_error(path, exc) from None
-        except OSError as exc:
-            sock.close()
-            raise _connect_error(path, exc) from None
+    while (sock := _try_connect(path, 0.0)) is None:
+        if trio.current_time() >= deadline:
+            raise _queue_full(path)
         await trio.sleep(CONNECT_RETRY_S)
-    try:
-        _check_server(sock, path)
-    except OSError as exc:
-        sock.close()
-        raise _connect_error(path, exc) from None
-    except ControlError:
-        sock.close()
-        raise
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
