@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from axnet._table import VirtualAddress, ip_address
 from axnet.intercept import _bindings, _sockdiag
 from axnet.intercept._bindings import BoundSocket
 
@@ -109,3 +110,30 @@ def test_a_kernel_that_refuses_the_filter_gets_the_whole_list(
         port = sock.getsockname()[1]
         inode = os.fstat(sock.fileno()).st_ino
         assert inode in _sockdiag.listening_inodes((port + 1, port + 1))
+
+
+def test_a_released_listener_leaves_its_name_to_its_real_port() -> None:
+    # Connections it accepted keep that name (Bindings.retired); a new
+    # binding on the port takes it back; only the newest MAX_RETIRED stay.
+    bindings = _bindings.Bindings(release=lambda virtual: None)
+    vip = ip_address("10.1.0.5")
+
+    def bound(port: int, real_port: int) -> _bindings.Binding:
+        binding = _bindings.Binding(
+            virtual=VirtualAddress(ip=vip, port=port), real_port=real_port, sockets=[]
+        )
+        bindings.add(binding)
+        return binding
+
+    web = bound(80, 20000)
+    assert bindings.retired_name(20000) is None
+    bindings.release([web])
+    assert bindings.at(20000) is None
+    assert bindings.retired_name(20000) == VirtualAddress(ip=vip, port=80)
+    bound(81, 20000)
+    assert bindings.retired_name(20000) is None
+    for port in range(_bindings.MAX_RETIRED + 1):
+        bindings.release([bound(1000 + port, 30000 + port)])
+    assert len(bindings.retired) == _bindings.MAX_RETIRED
+    assert bindings.retired_name(30000) is None
+    assert bindings.retired_name(30001) == VirtualAddress(ip=vip, port=1001)
