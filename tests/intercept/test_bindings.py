@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from axnet._table import VirtualAddress, ip_address
+from axnet._table import MAX_RETIRED, VirtualAddress, ip_address
 from axnet.intercept import _bindings, _sockdiag
 from axnet.intercept._bindings import BoundSocket
 
@@ -132,8 +132,8 @@ def test_a_released_listener_leaves_its_name_to_its_real_port() -> None:
     assert bindings.retired_name(20000) == VirtualAddress(ip=vip, port=80)
     bound(81, 20000)
     assert bindings.retired_name(20000) is None
-    for port in range(_bindings.MAX_RETIRED + 1):
+    for port in range(MAX_RETIRED + 1):
         bindings.release([bound(1000 + port, 30000 + port)])
-    assert len(bindings.retired) == _bindings.MAX_RETIRED
+    assert len(bindings.retired) == MAX_RETIRED
     assert bindings.retired_name(30000) is None
     assert bindings.retired_name(30001) == VirtualAddress(ip=vip, port=1001)
