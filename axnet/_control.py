@@ -33,7 +33,15 @@ from typing import Any
 
 import trio
 
-from ._wire import LISTING_PART_BYTES, FrameDecoder, WireError, frame, runs_under
+from ._wire import (
+    LISTING_PART_BYTES,
+    RECORDS_PER_FRAME,
+    FrameDecoder,
+    WireError,
+    frame,
+    record_wire_key,
+    runs_under,
+)
 
 log = logging.getLogger("axnet.daemon")
 
@@ -43,6 +51,11 @@ _UCRED = struct.Struct("3i")
 #: and bytes (a push frame can be megabytes: the count alone bounds nothing).
 OUTBOX_MESSAGES = 4096
 OUTBOX_BYTES = 64 * 1024 * 1024
+#: Messages queued and not yet written past which a session's table pushes
+#: are held, the latest record of each key only, until it catches up: a
+#: supervisor that stops reading (Ctrl-Z) costs one record per key of the
+#: table, not a message per change, and is not dropped for it.
+MERGE_PUSHES_AT = 256
 #: Characters of an error text sent back: errors quote what the client sent,
 #: which may be megabytes (an unknown op, a bad address), and an answer
 #: larger than a frame would end the session instead.
@@ -143,9 +156,32 @@ class Connection:
         self._pings = self._applied = 0
         self._answered = trio.Event()
         self._finished = False
+        #: Table pushes held while the client is behind (see MERGE_PUSHES_AT).
+        self._held: dict[tuple[object, ...], list[object]] = {}
+
+    async def push_records(self, records: list[list[object]]) -> None:
+        """Queue a push of table *records* (wire form); one held back and
+        merged with later ones while the client is behind."""
+        if not self._held and self._queued - self._written < MERGE_PUSHES_AT:
+            await self.send({"push": "records", "records": records})
+            return
+        for wire in records:
+            self._held[record_wire_key(wire)] = wire  # newer supersedes older
+
+    def _release_held(self) -> None:
+        """Queue the held records, before anything queued after them."""
+        held = list(self._held.values())
+        self._held.clear()
+        for start in range(0, len(held), RECORDS_PER_FRAME):
+            self._queue({"push": "records", "records": held[start : start + RECORDS_PER_FRAME]})
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Queue *message* for this client; never waits for it to read."""
+        if self._held:
+            self._release_held()
+        self._queue(message)
+
+    def _queue(self, message: Mapping[str, Any]) -> None:
         data = frame(dict(message))  # ValueError when too large: the caller's to answer
         if self.closed:
             return
@@ -171,6 +207,8 @@ class Connection:
                 self._drop()
                 return
             self._written += 1
+            if self._written == self._queued and self._held:
+                self._release_held()  # caught up with what came before them
             if self._written == self._queued:
                 self._caught_up.set()
                 self._caught_up = trio.Event()

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -175,9 +175,8 @@ class Daemon:
         if cluster is not None and not wait_s:
             cluster.publish(records)
         for chunk in _framed([record_to_wire(r) for r in records]):
-            message = {"push": "records", "records": chunk}
             for conn in list(self.sessions.values()):
-                await conn.send(message)
+                await conn.push_records(chunk)
         if not wait_s:
             return
         # Every supervisor of a listening app is pinged; one that left a
@@ -188,10 +187,8 @@ class Daemon:
             app = self.node.apps.get(app_id)
             if conn is asker or app is None or not app.listening:
                 continue
-            answering = conn.answers_pings
-            seq = await conn.ping()
-            if answering:
-                pings.append((conn, seq))
+            if conn.answers_pings:  # else it has a ping to answer still
+                pings.append((conn, await conn.ping()))
         with trio.move_on_after(wait_s):
             if cluster is not None:
                 # Sent before deliver's first checkpoint: a timeout cuts
@@ -640,11 +637,14 @@ def _describe(record: Record) -> str:
     return f"app={record.app_id} vip={record.vip} node={record.node} {state}"
 
 
+_Item = TypeVar("_Item")
+
+
 def default_node_name() -> str:
     return os.uname().nodename or "axnet-node"
 
 
-def _framed(items: list[object]) -> list[list[object]]:
+def _framed(items: list[_Item]) -> list[list[_Item]]:
     """*items* in runs that each fit one control frame (at least one run)."""
     runs = [items[i : i + RECORDS_PER_FRAME] for i in range(0, len(items), RECORDS_PER_FRAME)]
     return runs or [[]]

@@ -289,6 +289,12 @@ def _vip(value: object) -> Any:
     return ip
 
 
+def record_wire_key(wire: list[object]) -> tuple[object, ...]:
+    """The key of a record in wire form (record_to_wire's): a newer record
+    of the same key supersedes it."""
+    return (wire[0], wire[1]) if wire[0] == "a" else (wire[0], wire[1], wire[2])
+
+
 def record_from_wire(data: object) -> AppRecord | ServiceRecord:
     """Decode one record; raises :class:`WireError` on anything malformed."""
     if not isinstance(data, list) or not data:

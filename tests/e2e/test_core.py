@@ -511,6 +511,24 @@ def test_connections_keep_their_names_after_the_listener_closes(node: AxnetNode)
     assert client_names["sockname"][0] == "10.1.0.9"
 
 
+def test_a_stopped_supervisor_keeps_its_session_through_table_churn(node: AxnetNode) -> None:
+    # `axnet run` stopped with Ctrl-Z while other apps publish and withdraw
+    # thousands of services: before, the daemon dropped the session once
+    # 4096 pushes waited for it, and withdrew the stopped app's services.
+    server = node.app([*APPS, "greeter", "7045"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7045")
+    os.kill(server.pid, signal.SIGSTOP)  # the supervisor: the app waits in accept
+    try:
+        churn = node.run_json([*APPS, "listen-connect-close", "7046", "2500"], ip="10.1.0.7")
+        assert churn["outcomes"]["listening: connected"] == 2500
+        assert "10.1.0.5:7045" in node.services()
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7045"], ip="10.1.0.9")
+    assert seen["server"]["accepted_from"][0] == "10.1.0.9"
+    assert "not reading: disconnected" not in node.log("daemon")
+
+
 def test_a_listen_is_in_effect_when_it_returns(node: AxnetNode) -> None:
     # The app's own next connect reaches it, as on a kernel: before, the
     # daemon answered first and published after, and a connect could be

@@ -28,6 +28,7 @@ import trio
 from axnet import _daemon as daemon_module
 from axnet._control import (
     CONTROL_SOCKET,
+    MERGE_PUSHES_AT,
     OUTBOX_BYTES,
     OUTBOX_MESSAGES,
     Connection,
@@ -46,7 +47,8 @@ from axnet._leasefile import process_started
 from axnet._leases import decode
 from axnet._node import MAX_BLOCKS, NodeConfig
 from axnet._supervisor import Session
-from axnet._wire import MAX_LABELS, FrameDecoder, frame, records_from_wire
+from axnet._table import RealAddress, ServiceRecord, VirtualAddress, ip_address
+from axnet._wire import MAX_LABELS, FrameDecoder, frame, record_to_wire, records_from_wire
 
 # -- runtime_dir ---------------------------------------------------------------
 
@@ -1251,6 +1253,46 @@ async def test_a_client_that_stops_reading_is_dropped_at_a_bound(size: int) -> N
             sent += 1
         assert conn.closed
         assert sent == fit + 1  # the one that did not fit dropped the client
+
+
+async def test_a_client_behind_gets_table_pushes_merged_not_dropped() -> None:
+    # A supervisor stopped with Ctrl-Z while the table churns: before, 4096
+    # pushes dropped it, and its app's services were withdrawn meanwhile.
+    # Now its pushes are held, the latest record of each key, and written
+    # once it reads again, before anything queued after them.
+    ours, theirs = trio.socket.socketpair()
+    conn = Connection(trio.SocketStream(ours))
+    changes, keys = 20_000, 50
+    latest: dict[int, int] = {}
+    for version in range(1, changes + 1):
+        port = version % keys
+        record = ServiceRecord(
+            virtual=VirtualAddress(ip=ip_address("10.1.0.5"), port=port),
+            real=RealAddress(host=ip_address("127.0.0.1"), port=20000 + port),
+            node="n1",
+            app_id="a1",
+            version=version,
+        )
+        await conn.push_records([record_to_wire(record)])
+        latest[port] = version
+    assert not conn.closed
+    await conn.reply({"id": 7}, after=True)
+    seen: dict[int, int] = {}
+    decoder = FrameDecoder()
+    frames: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.write_out)
+        with trio.fail_after(30):
+            while not frames or frames[-1].get("id") != 7:
+                frames += decoder.feed(await theirs.recv(1 << 16))
+        conn.finish()
+    theirs.close()
+    for message in frames[:-1]:
+        for got in records_from_wire(message["records"]).records:
+            assert isinstance(got, ServiceRecord)
+            seen[got.virtual.port] = got.version  # in order: the last is the latest
+    assert seen == latest
+    assert len(frames) < MERGE_PUSHES_AT + 10  # not a frame per change
 
 
 async def test_a_ping_answer_counts_only_for_a_ping_sent() -> None:
