@@ -363,7 +363,8 @@ def _gossip_flags(d: argparse.ArgumentParser) -> None:
         "--bind",
         metavar="HOST:PORT",
         default=None,
-        help="gossip address to listen on (default: 0.0.0.0:7946 when clustering)",
+        help="gossip address to listen on (default when clustering: 0.0.0.0:7946, or "
+        "[::]:7946 for an IPv6 --advertise or --address)",
     )
     d.add_argument(
         "--advertise",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
@@ -70,6 +71,22 @@ class GossipOptions:
     labels: Labels = ()
 
 
+def _version(host: str) -> int:
+    return ipaddress.ip_address(host).version
+
+
+def _default_bind(advertise: str | None, address: str | None) -> str:
+    """The wildcard of the family members reach this node in, at 7946: an
+    IPv4 socket could neither receive from nor send to IPv6 members."""
+    hint = advertise or address
+    v6 = False
+    if hint is not None:
+        with contextlib.suppress(ValueError):
+            host, _ = parse_address(hint, flag="--advertise", default_port=DEFAULT_PORT)
+            v6 = ip_literal(host) and _version(host) == 6
+    return f"[::]:{DEFAULT_PORT}" if v6 else f"0.0.0.0:{DEFAULT_PORT}"
+
+
 def gossip_options(
     *,
     bind: str | None,
@@ -82,10 +99,12 @@ def gossip_options(
 ) -> GossipOptions:
     """Validate the daemon's gossip flags; ValueError with the message for the user.
 
-    The advertised address defaults to the bind address, then, when that is a
-    wildcard, to ``--address`` at the bind port.
+    The bind address defaults to the wildcard of the family of the advertised
+    address (or ``--address``), at port 7946.  The advertised address
+    defaults to the bind address, then, when that is a wildcard, to
+    ``--address`` at the bind port.
     """
-    bind_addr = parse_address(bind or f"0.0.0.0:{DEFAULT_PORT}", flag="--bind")
+    bind_addr = parse_address(bind or _default_bind(advertise, address), flag="--bind")
     if not ip_literal(bind_addr[0]):
         raise ValueError(f"--bind must be an IP address, got {bind!r}")
     if advertise is not None:
@@ -103,6 +122,11 @@ def gossip_options(
         )
     if adv[1] == 0 and bind_addr[1] != 0:
         raise ValueError("--advertise needs a port other than 0")
+    if _version(bind_addr[0]) == 4 and _version(adv[0]) == 6:
+        raise ValueError(
+            f"--bind {bind_addr[0]} is IPv4 and --advertise {adv[0]} IPv6: members could "
+            "not reach this node; bind an IPv6 address (such as [::])"
+        )
     for seed in join:
         parse_address(seed, flag="--join")
     if profile not in PROFILES:

@@ -41,6 +41,7 @@ log = logging.getLogger("axnet.run")
 #: that the tries visit different ports of any block.
 _BLOCK_STRIDE = 97
 WILDCARD4, WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
+_AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
 
 
@@ -77,6 +78,17 @@ class Binder:
         to a real port; raises Errno."""
         if local_endpoint(sock)[1] != 0:
             raise Errno(errno.EINVAL)  # already bound, as the kernel says
+        if sock.family == _AF_INET and me.real_host.version == 6:
+            # Its real socket would be bound on the node's IPv6 address,
+            # which an IPv4 socket cannot hold: as an address not here.
+            log.warning(
+                "bind refused addr=%s:%d reason=an IPv4 socket cannot be bound on this "
+                "node's IPv6 address %s; give the app an IPv6 --ip, or bind an IPv6 socket",
+                me.vip,
+                port,
+                me.real_host,
+            )
+            raise Errno(errno.EADDRNOTAVAIL)
         virtual = VirtualAddress(ip=me.vip, port=port)
         reuseport = _bindings.reuseport(sock)
         if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:

@@ -511,8 +511,18 @@ class Engine:
                 verdict = decide_connect(self.table, self.identity, ip, port)
                 match verdict:
                     case Redirect():
+                        try:
+                            target = pack(sock.family, verdict.real.host, verdict.real.port)
+                        except Errno:
+                            log.info(
+                                "connect unreachable addr=%s:%d reason=an IPv4 socket cannot "
+                                "reach its real address %s",
+                                ip,
+                                port,
+                                verdict.real,
+                            )
+                            raise
                         self.counters.redirected += 1
-                        target = pack(sock.family, verdict.real.host, verdict.real.port)
                         if ip.version == 6 and verdict.real.host.version == 4:
                             # An IPv6-only socket cannot reach the v4-mapped
                             # real address of an IPv6 virtual one

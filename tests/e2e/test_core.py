@@ -529,6 +529,19 @@ def test_a_stopped_supervisor_keeps_its_session_through_table_churn(node: AxnetN
     assert "not reading: disconnected" not in node.log("daemon")
 
 
+def test_an_ipv4_socket_on_an_ipv6_node_is_told_why_it_cannot_bind(node: AxnetNode) -> None:
+    # Before: ENETUNREACH, which bind() never returns, and no word why (the
+    # node's claim of the address was left behind, too).
+    node.stop()
+    node.daemon_args = ["--address", "::1"]
+    node.start()
+    done = node.run([*APPS, "greeter", "7050"], ip="10.1.0.5", timeout=30)
+    assert done.returncode != 0
+    assert "Cannot assign requested address" in done.stderr, done.stderr
+    assert "an IPv4 socket cannot be bound on this node's IPv6 address ::1" in done.stderr
+    assert node.services() == {}
+
+
 def test_a_listen_is_in_effect_when_it_returns(node: AxnetNode) -> None:
     # The app's own next connect reaches it, as on a kernel: before, the
     # daemon answered first and published after, and a connect could be

@@ -93,6 +93,17 @@ def test_options_default_bind_and_advertise() -> None:
     assert fallback.advertise == ("10.0.0.3", DEFAULT_PORT)
 
 
+def test_an_ipv6_node_gossips_on_ipv6_by_default() -> None:
+    # Before, the bind was 0.0.0.0 whatever the advertised address: an IPv6
+    # cluster never formed, with nothing said but failed joins.
+    for flags in ({"advertise": "[fd00:27::1]:7946"}, {"advertise": None, "address": "fd00::3"}):
+        options = gossip_options(bind=None, **flags)
+        assert options.bind == ("::", DEFAULT_PORT)
+    assert gossip_options(bind=None, advertise="fd00::1").advertise == ("fd00::1", DEFAULT_PORT)
+    with pytest.raises(ValueError, match="is IPv4 and --advertise fd00::1 IPv6"):
+        gossip_options(bind="0.0.0.0:7946", advertise="[fd00::1]:7946")
+
+
 def test_options_errors() -> None:
     with pytest.raises(ValueError, match="is a wildcard address"):
         gossip_options(bind="0.0.0.0:7946", advertise=None)
