@@ -2,12 +2,13 @@
 
 Ctrl-C while the command is still loading (its imports take a good part
 of a second on a busy machine) ends it as Ctrl-C does later: status 130
-and no traceback.  So does running out of memory (a low ``ulimit -v``):
-status 1 and what to raise.
+and no traceback.  So does running out of memory under a low ``ulimit -v``
+while loading or later: status 1 and what to raise.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 #: Status after Ctrl-C, as a shell reports a command that SIGINT ended.
@@ -27,3 +28,21 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    except (ImportError, OSError) as exc:
+        ours = isinstance(exc, ImportError) or exc.errno == errno.ENOMEM
+        if not (ours and _memory_limited()):
+            raise  # a broken installation, say: the traceback tells what is missing
+        # A shared library that could not be mapped ("failed to map segment").
+        print(
+            f"axnet: cannot load its modules ({exc}); a limit on memory (ulimit -v) "
+            "is set, and may be too low: raise it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _memory_limited() -> bool:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return soft != resource.RLIM_INFINITY

@@ -499,7 +499,11 @@ class Node:
                 continue
             self._ports_in_use.add(port)
             return port
-        held = f" ({outside} of them held by processes outside axnet)" if outside else ""
+        held = (
+            f" ({outside} of them held by other programs, or by connections still open)"
+            if outside
+            else ""
+        )
         raise ClaimError(
             errno.EADDRNOTAVAIL,
             f"listener port pool {ports.lo}-{ports.hi} of node {self.config.name} is "

@@ -102,7 +102,13 @@ def unpack(data: bytes) -> Any:
     except WireError:
         raise
     except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise WireError(f"undecodable message: {exc}") from None
+        raise WireError(f"undecodable message: {_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    """What a decoder's exception says, or its kind where it says nothing
+    (msgpack's FormatError on a reserved byte)."""
+    return str(exc) or type(exc).__name__
 
 
 def frame(obj: object) -> bytes:
@@ -420,7 +426,7 @@ def records_from_state(data: bytes) -> Decoded:
     except WireError:
         raise
     except Exception as exc:
-        raise WireError(f"undecodable push-pull state: {exc}") from None
+        raise WireError(f"undecodable push-pull state: {_why(exc)}") from None
     if unpacker.tell() != len(data):
         raise WireError("push-pull state has bytes after its records")
     return decoded

@@ -29,6 +29,7 @@ from __future__ import annotations
 import _socket
 import collections
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -184,6 +185,8 @@ class Bindings:
         try:
             listening = _sockdiag.listening_inodes((min(ports), max(ports)))
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # no fd for the kernel's list: the engine makes room
             log.warning("cannot list listening sockets: %s", exc)
             return
         gone_sockets = {id(s) for s in closed([s for b in bindings for s in b.sockets], listening)}

@@ -364,10 +364,24 @@ class Engine:
             # all, it must not wait forever.
             if self.notify.id_valid(n.id):
                 self._reply(n, error=errno.EIO)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                self._failed(n)
+                return
+            # Our fd table is full where no step made room first: this call
+            # fails as the kernel's would, and the cached handles go, so
+            # that the next one finds room (said once, by relieve).
+            self._tasks.relieve()
+            self._reply(n, error=exc.errno)
         except Exception:
-            self.counters.errors += 1
-            log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
-            self._reply(n, error=errno.EIO)
+            self._failed(n)
+
+    def _failed(self, n: Notification) -> None:
+        """A step failed in a way nothing foresaw: said, counted, and the
+        call answered EIO."""
+        self.counters.errors += 1
+        log.exception("engine error nr=%s pid=%s", n.nr, n.pid)
+        self._reply(n, error=errno.EIO)
 
     def _packed_me(self) -> bytes:
         """The identity as the fast path reads it: real host, vip, block lo,
@@ -993,7 +1007,12 @@ class Engine:
     def sweep(self) -> None:
         """Withdraw bindings whose sockets the app has all closed; forget the
         routes' source addresses (routes change)."""
-        self.bindings.sweep()
+        try:
+            self.bindings.sweep()
+        except OSError:  # no fd for the kernel's list of listeners (EMFILE)
+            self._tasks.relieve()
+            with contextlib.suppress(OSError):
+                self.bindings.sweep()
         self._source.forget_routes()
 
     def _release_claim(self, virtual: VirtualAddress) -> None:

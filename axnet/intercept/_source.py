@@ -76,7 +76,10 @@ class ClientSource:
         key = packed_ip(me) + packed_ip(dest)
         differs = self.routes.get(key)
         if differs is None:
-            differs = self.routes[key] = _route_source(dest) != me
+            try:
+                differs = self.routes[key] = _route_source(dest) != me
+            except OSError:  # no fd for the probe (EMFILE): the kernel's pick, this once
+                return
         if not differs:
             return
         try:
@@ -147,7 +150,7 @@ def _route_source(dest: IPAddress) -> IPAddress | None:
     """The address the kernel would send a connection to *dest* from; None
     when it has no route (the connect will say why)."""
     family = socket.AF_INET if dest.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # OSError: no socket to be had
         try:
             probe.connect((str(dest), 9))  # any port: nothing is sent
             return ip_address(probe.getsockname()[0])

@@ -797,6 +797,43 @@ def accept_pool(port: str, workers: str) -> None:
     time.sleep(3600)
 
 
+def accepts_then_connects(port: str, count: str) -> None:
+    """COUNT threads wait in accept on PORT (0: any); then COUNT connections
+    to it from this app.  Reports what each side met: "ok" or the error."""
+    import time
+
+    listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    accepted: list[str] = []
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            conn, _ = listener.accept()
+            held.append(conn)
+            accepted.append("ok")
+        except OSError as exc:
+            accepted.append(exc.strerror or repr(exc))
+
+    for _ in range(int(count)):
+        threading.Thread(target=accept, daemon=True).start()
+    give_up = time.monotonic() + 10
+    while _threads_in_accept() < int(count) and time.monotonic() < give_up:
+        time.sleep(0.05)
+    address = listener.getsockname()[:2]
+    connected: list[str] = []
+    for _ in range(int(count)):
+        try:
+            held.append(socket.create_connection(address, timeout=10))
+            connected.append("ok")
+        except OSError as exc:
+            connected.append(exc.strerror or repr(exc))
+    give_up = time.monotonic() + 10
+    while len(accepted) < connected.count("ok") and time.monotonic() < give_up:
+        time.sleep(0.05)
+    _out(connected=connected, accepted=accepted)
+    os._exit(0)
+
+
 def _threads_in_accept() -> int:
     count = 0
     for tid in os.listdir("/proc/self/task"):
@@ -1258,6 +1295,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "threads": threads,
     "spaced": spaced,
     "thread-after-thread": thread_after_thread,
+    "accepts-then-connects": accepts_then_connects,
     "serve-one-then-close": serve_one_then_close,
     "hold-names": hold_names,
     "asyncio-clients": asyncio_clients,

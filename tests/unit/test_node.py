@@ -757,7 +757,7 @@ def test_claim_skips_ports_held_outside_axnet_and_says_so_when_none_is_left() ->
     with pytest.raises(ClaimError) as info:
         node.claim("a1", VirtualAddress(ip=vip, port=81), taken=taken)
     assert info.value.errno == errno.EADDRNOTAVAIL
-    assert "(4 of them held by processes outside axnet)" in str(info.value)
+    assert "(4 of them held by other programs, or by connections still open)" in str(info.value)
     # A port adopted after a restart is the app's own: not asked about.
     asked.clear()
     node.claim("a1", VirtualAddress(ip=vip, port=82), real_port=20001, taken=taken)

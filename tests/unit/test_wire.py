@@ -268,6 +268,13 @@ def test_unpack_rejects_trailing_bytes() -> None:
         unpack(pack(1) + pack(2))
 
 
+def test_an_undecodable_message_says_what_kind_of_garbage_it_is() -> None:
+    # A reserved byte: msgpack's error has no text; the log line said "".
+    with pytest.raises(WireError) as info:
+        unpack(b"\xc1")
+    assert str(info.value) == "undecodable message: FormatError"
+
+
 def test_frame_is_length_prefixed_msgpack() -> None:
     data = frame({"op": "x"})
     (length,) = struct.unpack("!I", data[:4])
