@@ -102,7 +102,9 @@ def parse_wait(text: str) -> float:
 def parse_ip(text: str, *, flag: str) -> IPAddress:
     try:
         return ip_address(text)
-    except ValueError:
+    except ValueError as exc:
+        if "scoped" in str(exc):  # fe80::1%eth0: an address, but not one to share
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
         raise argparse.ArgumentTypeError(
             f"{flag} must be an IPv4 or IPv6 address, got {text!r}"
         ) from None

@@ -328,8 +328,8 @@ async def serve_control(
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    # As deep as the kernel allows (net.core.somaxconn): on a full queue a
-    # client's connect fails at once (EAGAIN), not waits.
+    # Deep (SOMAXCONN, 4096; the kernel caps it at net.core.somaxconn): on
+    # a full queue a client's connect fails at once (EAGAIN), not waits.
     listener.listen(socket.SOMAXCONN)
     task_status.started()
     my_uid = os.getuid()

@@ -291,15 +291,26 @@ class Daemon:
         if self.cluster is not None:
             # Records that do not fit in a packet spread by push-pull only,
             # seconds late: the app's first connections would be named
-            # after its node.  Refused here, where the user can act on it.
+            # after its node.  Refused as the app starts, where the user can
+            # act on it; an app running already (re-attaching to a daemon
+            # that clusters now, or with a key) is taken, and the log says.
+            reattach = bool(block or request.get("claims"))
             for record in self.node.widest_records(app_id, vip, name, labels):
                 reason = self.cluster.unfit(record)
-                if reason is not None:
+                if reason is not None and not reattach:
                     raise ClaimError(
                         errno.EMSGSIZE,
                         f"the app's name and labels are too long to gossip ({reason}): "
                         "give it fewer or shorter labels",
                     )
+                if reason is not None:
+                    log.warning(
+                        "app re-attached app=%s with records too large to gossip (%s): "
+                        "they spread by push-pull only",
+                        app_id,
+                        reason,
+                    )
+                    break
         # Bindings a supervisor kept across a daemon restart.
         claims = [
             (

@@ -39,9 +39,12 @@ def node_config(args: argparse.Namespace, *, gossip_host: str | None = None) -> 
             host = text
         try:
             address = ip_address(host)
-        except ValueError:
+        except ValueError as exc:
+            scoped = "scoped" in str(exc)  # fe80::1%eth0: an address, but not one to share
             raise ValueError(
-                f"--advertise must be HOST[:PORT] with an IP host, got {args.advertise!r}"
+                f"--advertise: {exc}"
+                if scoped
+                else f"--advertise must be HOST[:PORT] with an IP host, got {args.advertise!r}"
             ) from None
     if address is None and gossip_host is not None:
         address = ip_address(gossip_host)

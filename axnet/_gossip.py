@@ -273,8 +273,8 @@ class GossipCluster:
         items = []
         for record in records:
             key = record_key(record)
-            reason = self.unfit(record)
-            if reason is not None:
+            payload = self._payload(record)
+            if isinstance(payload, str):
                 # Still replicated, by push-pull only.  (The daemon refuses
                 # an app whose records would not fit; a peer's may not.)
                 self.driver_stats.records_too_large += 1
@@ -282,9 +282,9 @@ class GossipCluster:
                     if len(self._said_too_large) >= MAX_SAID_TOO_LARGE:
                         self._said_too_large.clear()
                     self._said_too_large.add(key)
-                    log.warning("record too large to gossip key=%r reason=%s", key, reason)
+                    log.warning("record too large to gossip key=%r reason=%s", key, payload)
                 continue
-            items.append((key, encode_record(record)))
+            items.append((key, payload))
         token = None
         if direct:
             token = self.core.deliver(items, trio.current_time())
@@ -296,13 +296,18 @@ class GossipCluster:
 
     def unfit(self, record: Record) -> str | None:
         """Why *record* cannot ride on a gossip packet, or None if it can."""
+        payload = self._payload(record)
+        return payload if isinstance(payload, str) else None
+
+    def _payload(self, record: Record) -> bytes | str:
+        """*record* encoded for a gossip packet, or why it cannot ride on one."""
         try:
             payload = encode_record(record)
         except (ValueError, OverflowError) as exc:
             return str(exc)
         if not self.core.fits(record_key(record), payload):
             return f"{len(payload)} bytes do not fit in a packet"
-        return None
+        return payload
 
     def members(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -345,7 +350,7 @@ class GossipCluster:
             self._member_hosts = None
             log.info("gossip rejoining after leave incarnation=%d", self._incarnation)
         addresses: list[swim.Address] = []
-        seed_of: dict[swim.Address, str] = {}
+        seeds_at: dict[swim.Address, list[str]] = {}  # two names may reach one address
         unresolved = 0
         for seed in seeds:
             host, port = parse_address(seed, flag="seed")
@@ -357,7 +362,7 @@ class GossipCluster:
                 log.warning("cannot resolve seed=%s reason=%s", seed, exc)
                 continue
             addresses.append(address)
-            seed_of.setdefault(address, seed)
+            seeds_at.setdefault(address, []).append(seed)
             if address == self.core.local_member.address:
                 self._self_seeds.append(seed)
         # Seeds that name ourselves are skipped by the core; unresolved ones are worth a retry.
@@ -377,7 +382,7 @@ class GossipCluster:
                 else:
                     self._start_stream(request)
         joined = sum(results)
-        self._self_seeds += [seed_of[a] for a in self._answered_by_self if a in seed_of]
+        self._self_seeds += [seed for a in self._answered_by_self for seed in seeds_at.get(a, ())]
         self._answered_by_self.clear()
         if rejoining and joined:
             # Published while we were away: peers heard none of it.

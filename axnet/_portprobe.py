@@ -21,14 +21,14 @@ from ipaddress import IPv4Address, IPv6Address
 
 def port_taken(host: IPv4Address | IPv6Address, port: int) -> bool:
     """Whether binding *host*:*port* is refused as in use.  Any other
-    failure says nothing about the port: False, and the app's own bind
-    decides."""
+    failure (no fd for the probe, at the daemon's limit) says nothing about
+    the port: False, and the app's own bind decides."""
     family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # EMFILE: unknown
             probe.bind((str(host), port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
     return False
 
 

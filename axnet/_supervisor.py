@@ -430,12 +430,19 @@ class Supervisor:
             await session.read(self._on_push)
             self.session = None
             log.warning("daemon session lost; apps keep their last table; re-attaching")
+            refused = ""
             while True:
                 await trio.sleep(delay)
                 try:
                     session, reply = await self._attach()
                 except (ControlError, OSError) as exc:
-                    log.debug("re-attach failed reason=%s", exc)
+                    # No daemon yet is the usual reason, and passes; a daemon
+                    # that refuses the app is worth saying (once a reason).
+                    if isinstance(exc, ControlError) and exc.errno and str(exc) != refused:
+                        refused = str(exc)
+                        log.warning("re-attach refused reason=%s; trying again", exc)
+                    else:
+                        log.debug("re-attach failed reason=%s", exc)
                     delay = min(delay * 2, RECONNECT_MAX_S)
                     continue
                 except Exception:  # never let the app lose its supervisor over it
@@ -468,6 +475,9 @@ class Supervisor:
         of a table larger than a frame, and newer changes), whole: the engine
         never decides from half a table."""
         fresh = ServiceTable()
+        # Names of services withdrawn before, which this app's connections
+        # to them still go by: a table built anew would not know them.
+        fresh.retired_keys.update(self.table.retired_keys)
         items = [*(reply.get("records") or [])]
         for push in later:
             if push.get("push") == "records":

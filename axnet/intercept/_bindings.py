@@ -94,10 +94,9 @@ class Bindings:
         #: Real port -> packed address shown for it (the fast path's view).
         self.names: dict[int, bytes] = {}
         self.inert_names: dict[int, bytes] = {}
-        #: Real port -> packed address of a listener the app has closed: the
-        #: connections it accepted keep that name, as the kernel's keep
-        #: theirs.  No other app gets the port while one of them holds it
-        #: (see axnet._portprobe); the newest MAX_RETIRED.
+        #: Socket inode -> packed address of the listener that accepted it,
+        #: for connections of listeners the app has closed: they keep that
+        #: name, as the kernel's keep theirs.  The newest MAX_RETIRED.
         self.retired: dict[int, bytes] = {}
         #: Connections kept for a listener, by its real port.
         self.kept: dict[int, Kept] = {}
@@ -113,24 +112,31 @@ class Bindings:
             table[binding.real_port] = binding
             names[binding.real_port] = endpoint(binding.virtual.ip, binding.virtual.port)
             self._by_address[binding.virtual] = binding
-            if not binding.inert:
-                self.retired.pop(binding.real_port, None)
 
     def join(self, binding: Binding, inode: int, pid: int) -> None:
         """One more socket (*inode*, bound by thread *pid*) holds *binding*."""
         with self._lock:
             binding.sockets.append(BoundSocket(inode=inode, pid=pid))
 
-    def _retire(self, real_port: int, name: bytes) -> None:
+    def _retire(self, binding: Binding, name: bytes) -> None:
+        """Keep *name* for the connections the released *binding* accepted
+        (asked of the kernel: best effort, none when it cannot say)."""
+        if not binding.listening:
+            return
+        try:
+            inodes = _sockdiag.connection_inodes(binding.real_port)
+        except OSError:
+            return
         retired = self.retired
-        retired.pop(real_port, None)  # to the newest end
-        if len(retired) >= MAX_RETIRED:
-            del retired[next(iter(retired))]
-        retired[real_port] = name
+        for inode in inodes:
+            if len(retired) >= MAX_RETIRED:
+                del retired[next(iter(retired))]
+            retired[inode] = name
 
-    def retired_name(self, real_port: int) -> VirtualAddress | None:
-        """The address of the listener the app closed at *real_port*, if any."""
-        name = self.retired.get(real_port)
+    def retired_name(self, inode: int) -> VirtualAddress | None:
+        """The address of the closed listener that accepted the connection
+        of socket *inode*, if any."""
+        name = self.retired.get(inode)
         return None if name is None else unpack_endpoint(name)
 
     def at(self, real_port: int) -> Binding | None:
@@ -202,6 +208,7 @@ class Bindings:
 
     def release(self, gone: list[Binding]) -> None:
         """Forget *gone*; release the node's claims of those of the virtual address."""
+        retiring: list[tuple[Binding, bytes]] = []
         with self._lock:
             for binding in gone:
                 if self._by_address.get(binding.virtual) is binding:
@@ -213,10 +220,12 @@ class Bindings:
                 self.virtual.pop(binding.real_port, None)
                 name = self.names.pop(binding.real_port, None)
                 if name is not None:
-                    self._retire(binding.real_port, name)
+                    retiring.append((binding, name))
                 kept = self.kept.pop(binding.real_port, None)
                 if kept is not None:
                     kept.close()
+        for binding, name in retiring:
+            self._retire(binding, name)
         for binding in gone:
             if binding.inert:
                 log.debug("released inert=%s", binding.virtual)

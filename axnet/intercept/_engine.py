@@ -979,9 +979,10 @@ class Engine:
         if own and pinned(sock):
             return me.vip, port
         # A connection accepted on a listener the app has closed since.
-        retired = self.bindings.retired_name(port)
-        if retired is not None:
-            return retired.ip, retired.port
+        if self.bindings.retired:
+            retired = self.bindings.retired_name(os.fstat(sock.fileno()).st_ino)
+            if retired is not None:
+                return retired.ip, retired.port
         return None
 
     def _virtual_remote(self, sock: _socket.socket) -> tuple[IPAddress, int] | None:
@@ -995,11 +996,14 @@ class Engine:
         vip = self.table.virtual_of_client(ip, port)
         if vip is not None:
             return vip, port
-        # After the client's block: a block port may have served, and the
-        # block names its connections now.
-        server = self.table.retired_server(RealAddress(host=ip, port=port))
-        if server is not None:
-            return server.ip, server.port
+        # A connection the app made to a service withdrawn since: made by a
+        # redirect, so its source port was kept in the app's ports (pinned),
+        # as no connect to a real address is.  After the client's block,
+        # where a block port may have served.
+        if pinned(sock):
+            server = self.table.retired_server(RealAddress(host=ip, port=port))
+            if server is not None:
+                return server.ip, server.port
         return None
 
     # -- housekeeping --------------------------------------------------------------

@@ -149,7 +149,7 @@ typedef struct {
     size_t notif_size, resp_size;
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending; /* dicts owned by Python */
-    PyObject *retired; /* real port -> name of a listener the app closed, or NULL */
+    PyObject *retired; /* socket inode -> name of the closed listener that accepted it */
     PyObject *adopt; /* Python's opener of a new thread's handles, or NULL */
     PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
@@ -717,7 +717,7 @@ slow:
 
 /* The name of the service withdrawn from real endpoint, into shown (the
  * table's retired_keys, read only when nothing live names it): 1 if found,
- * 0 if not, -1 on an error (cleared: Python answers). */
+ * 0 if not, -1 if the table is not as expected (Python answers). */
 static int retired_server(Call *c, const unsigned char *endpoint, unsigned char *shown) {
     PyObject *table = PyObject_GetAttr(c->engine, s_table);
     PyObject *retired = table == NULL ? NULL : PyObject_GetAttr(table, s_retired);
@@ -727,17 +727,27 @@ static int retired_server(Call *c, const unsigned char *endpoint, unsigned char 
         PyErr_Clear();
         return -1;
     }
-    PyObject *server = dict_bytes(retired, endpoint, ENDPOINT_LEN);
-    int found = 0;
+    PyObject *server = dict_bytes(retired, endpoint, ENDPOINT_LEN); /* borrowed */
+    int found = server == NULL ? 0 : -1;
     if (server != NULL && PyBytes_Check(server) && PyBytes_GET_SIZE(server) == ENDPOINT_LEN) {
         memcpy(shown, PyBytes_AS_STRING(server), ENDPOINT_LEN);
         found = 1;
-    } else if (server != NULL || PyErr_Occurred()) {
-        found = -1;
-        PyErr_Clear();
     }
     Py_DECREF(retired);
     return found;
+}
+
+/* The name of the closed listener that accepted the connection fd, into
+ * shown: 1 if found, 0 if not, -1 if the index is not as expected. */
+static int retired_listener(Call *c, int fd, unsigned char *shown) {
+    PyObject *retired = c->self->retired, *was = NULL;
+    struct stat st;
+    if (retired == NULL || !PyDict_GET_SIZE(retired) || fstat(fd, &st) < 0) return 0;
+    if (dict_int(retired, (unsigned long)st.st_ino, &was) < 0) return -1;
+    if (was == NULL) return 0;
+    if (!PyBytes_Check(was) || PyBytes_GET_SIZE(was) != ENDPOINT_LEN) return -1;
+    memcpy(shown, PyBytes_AS_STRING(was), ENDPOINT_LEN);
+    return 1;
 }
 
 static int on_getname(Call *c) {
@@ -774,13 +784,9 @@ static int on_getname(Call *c) {
             memcpy(shown_end + 16, endpoint + 16, 2);
         } else if (name == NULL) {
             /* A connection accepted on a listener the app has closed since. */
-            PyObject *was = NULL;
-            if (c->self->retired != NULL &&
-                dict_int(c->self->retired, port_of(endpoint), &was) < 0)
-                goto slow;
-            if (was == NULL) goto pass;
-            if (!PyBytes_Check(was) || PyBytes_GET_SIZE(was) != ENDPOINT_LEN) goto slow;
-            memcpy(shown_end, PyBytes_AS_STRING(was), ENDPOINT_LEN);
+            int found = retired_listener(c, fd, shown_end);
+            if (found < 0) goto slow;
+            if (!found) goto pass;
         } else {
             goto slow;
         }
@@ -791,11 +797,15 @@ static int on_getname(Call *c) {
             memcpy(shown_end, PyBytes_AS_STRING(server), ENDPOINT_LEN);
         } else if (client_vip(c, endpoint, shown_end) == 0) {
             memcpy(shown_end + 16, endpoint + 16, 2);
-        } else {
-            /* A connection made to a service withdrawn since. */
+        } else if (pinned(fd)) {
+            /* A connection made to a service withdrawn since: by a redirect,
+             * whose source port was kept in the app's ports, as no connect
+             * to a real address is (see Engine._virtual_remote). */
             int found = retired_server(c, endpoint, shown_end);
             if (found < 0) goto slow;
             if (!found) goto pass;
+        } else {
+            goto pass;
         }
     }
     struct sockaddr_storage shown;
@@ -852,7 +862,6 @@ static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handbac
 }
 
 /* -- the engine's state, read afresh for every notification ------------------------ */
-
 
 /* Fill c's table and identity from the engine: strong references, released by
  * call_done().  The supervisor replaces the engine's table and identity as

@@ -42,7 +42,7 @@ class Fast:
         *,
         busy_poll_us: int = 0,
         adopt: Callable[[int, int], bool] | None = None,
-        retired: dict[int, bytes] | None = None,
+        retired: dict[int, bytes] = ...,
     ) -> None: ...
     def serve(
         self,

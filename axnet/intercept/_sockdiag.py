@@ -110,6 +110,18 @@ def listening_inodes(ports: tuple[int, int] | None = None) -> set[int]:
     return _dump(socket.AF_INET, listening, None) | _dump(socket.AF_INET6, listening, None)
 
 
+def connection_inodes(port: int) -> set[int]:
+    """Inodes of the TCP connections (IPv4 and IPv6) in this namespace whose
+    local port is *port*, in any state but listening: those a closed
+    listener there accepted (TIME_WAIT holds none: no inode, not counted)."""
+    states = ((1 << 12) - 1) & ~(1 << TCP_LISTEN)
+    found = _dump(socket.AF_INET, states, (port, port)) | _dump(
+        socket.AF_INET6, states, (port, port)
+    )
+    found.discard(0)
+    return found
+
+
 def socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets process *pid* has open (none if it is gone)."""
     try:

@@ -154,5 +154,5 @@ def _route_source(dest: IPAddress) -> IPAddress | None:
         try:
             probe.connect((str(dest), 9))  # any port: nothing is sent
             return ip_address(probe.getsockname()[0])
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a scoped (link-local) source
             return None

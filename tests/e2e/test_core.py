@@ -568,6 +568,62 @@ def test_an_ipv4_socket_on_an_ipv6_node_is_told_why_it_cannot_bind(node: AxnetNo
     assert node.services() == {}
 
 
+RETIRED_NAMES = """
+import json, socket, time
+listener = socket.socket()
+listener.bind(("0.0.0.0", 0))
+listener.listen()
+port = listener.getsockname()[1]
+client = socket.create_connection(("10.1.0.5", port))
+accepted, _ = listener.accept()
+listener.close()
+time.sleep(2.5)  # the engine's sweep releases the listener
+kept = accepted.getsockname()
+client.close()
+accepted.close()
+other = socket.socket()
+other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+other.bind(("127.0.0.1", port))  # the same real port, bound for real
+print(json.dumps({"port": port, "kept": kept, "other": other.getsockname()}))
+"""
+
+
+def test_a_closed_listeners_name_stays_with_its_connections_only(node: AxnetNode) -> None:
+    # The connection it accepted keeps the listener's name; another socket
+    # on the same real port later is not given it.  (A review caught names
+    # kept by port: any socket there was named after the closed listener.)
+    seen = node.run_json(["python3", "-c", RETIRED_NAMES], ip="10.1.0.5")
+    assert seen["kept"] == ["10.1.0.5", seen["port"]]
+    assert seen["other"] == ["127.0.0.1", seen["port"]]
+
+
+def test_a_withdrawn_services_name_goes_to_no_connection_to_a_real_address(
+    node: AxnetNode,
+) -> None:
+    # A program outside axnet takes the real port a withdrawn service had;
+    # an app that connects there by the real address sees that address.  (A
+    # review caught the withdrawn service's name given to such connections.)
+    close_now, connect_now = node.scratch / "close-now", node.scratch / "connect-now"
+    node.app([*APPS, "listen-then-close", "7060", str(close_now)], ip="10.1.0.5")
+    real_port = int(node.wait_service("10.1.0.5:7060")["real"].rsplit(":", 1)[1])
+    client = node.app(
+        [*APPS, "names-after", str(connect_now), f"127.0.0.1,{real_port}"], ip="10.1.0.9"
+    )
+    wait_until("client attached", lambda: any(a["vip"] == "10.1.0.9" for a in node.json("apps")))
+    close_now.touch()
+    wait_until("withdrawn", lambda: "10.1.0.5:7060" not in node.services())
+    ready = node.logs / "plain.out"
+    plain = node.host.popen([*APPS, "greeter", str(real_port)], stdout=ready)
+    try:
+        wait_until("plain server", lambda: "ready" in ready.read_text())
+        connect_now.touch()
+        assert client.wait(timeout=30) == 0, node.log("app2")
+        seen = json.loads((node.logs / "app2.out").read_text().splitlines()[-1])
+        assert seen["peername"] == ["127.0.0.1", real_port]
+    finally:
+        stop_process(plain)
+
+
 def test_a_listen_is_in_effect_when_it_returns(node: AxnetNode) -> None:
     # The app's own next connect reaches it, as on a kernel: before, the
     # daemon answered first and published after, and a connect could be

@@ -112,28 +112,39 @@ def test_a_kernel_that_refuses_the_filter_gets_the_whole_list(
         assert inode in _sockdiag.listening_inodes((port + 1, port + 1))
 
 
-def test_a_released_listener_leaves_its_name_to_its_real_port() -> None:
-    # Connections it accepted keep that name (Bindings.retired); a new
-    # binding on the port takes it back; only the newest MAX_RETIRED stay.
+def test_a_released_listener_leaves_its_name_to_the_connections_it_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each keeps the name (Bindings.retired, by socket inode), as the
+    # kernel's keep theirs; a connection from another socket, one that
+    # happens to get the same port later included, does not.
     bindings = _bindings.Bindings(release=lambda virtual: None)
     vip = ip_address("10.1.0.5")
-
-    def bound(port: int, real_port: int) -> _bindings.Binding:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+    with client, accepted:
+        web = _bindings.Binding(
+            virtual=VirtualAddress(ip=vip, port=80), real_port=port, sockets=[], listening=True
+        )
+        bindings.add(web)
+        bindings.release([web])
+        assert bindings.at(port) is None
+        assert bindings.retired_name(os.fstat(accepted.fileno()).st_ino) == VirtualAddress(
+            ip=vip, port=80
+        )
+        assert bindings.retired_name(os.fstat(client.fileno()).st_ino) is None
+    # Only the newest MAX_RETIRED.
+    monkeypatch.setattr(
+        _sockdiag, "connection_inodes", lambda port: set(range(port, port + MAX_RETIRED))
+    )
+    for base in (1, 1 + MAX_RETIRED):
         binding = _bindings.Binding(
-            virtual=VirtualAddress(ip=vip, port=port), real_port=real_port, sockets=[]
+            virtual=VirtualAddress(ip=vip, port=81), real_port=base, sockets=[], listening=True
         )
         bindings.add(binding)
-        return binding
-
-    web = bound(80, 20000)
-    assert bindings.retired_name(20000) is None
-    bindings.release([web])
-    assert bindings.at(20000) is None
-    assert bindings.retired_name(20000) == VirtualAddress(ip=vip, port=80)
-    bound(81, 20000)
-    assert bindings.retired_name(20000) is None
-    for port in range(MAX_RETIRED + 1):
-        bindings.release([bound(1000 + port, 30000 + port)])
+        bindings.release([binding])
     assert len(bindings.retired) == MAX_RETIRED
-    assert bindings.retired_name(30000) is None
-    assert bindings.retired_name(30001) == VirtualAddress(ip=vip, port=1001)
+    assert bindings.retired_name(1) is None
+    assert bindings.retired_name(1 + MAX_RETIRED) == VirtualAddress(ip=vip, port=81)

@@ -43,6 +43,11 @@ def test_run_with_a_bad_ip_exits_2_with_the_message(capsys: pytest.CaptureFixtur
     assert line.endswith("--ip must be an IPv4 or IPv6 address, got 'foo'")
 
 
+def test_a_scoped_address_is_refused_with_why(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _usage_error(["run", "--ip", "fe80::1%lo", "--", "true"], capsys)
+    assert line == "axnet run: error: --ip: 'fe80::1%lo' is a scoped address: give it without '%'"
+
+
 def test_run_with_a_bad_ip_prints_exactly_the_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -1295,6 +1295,34 @@ async def test_a_client_behind_gets_table_pushes_merged_not_dropped() -> None:
     assert len(frames) < MERGE_PUSHES_AT + 10  # not a frame per change
 
 
+async def test_held_pushes_go_out_once_the_client_catches_up_with_nothing_after() -> None:
+    # No later message carries them out: the writer does, once it has
+    # written what came before them.
+    ours, theirs = trio.socket.socketpair()
+    conn = Connection(trio.SocketStream(ours))
+    for port in range(MERGE_PUSHES_AT + 50):  # past the mark: the last 50 are held
+        record = ServiceRecord(
+            virtual=VirtualAddress(ip=ip_address("10.1.0.5"), port=port),
+            real=RealAddress(host=ip_address("127.0.0.1"), port=20000),
+            node="n1",
+            app_id="a1",
+            version=1,
+        )
+        await conn.push_records([record_to_wire(record)])
+    seen: set[int] = set()
+    decoder = FrameDecoder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.write_out)
+        with trio.fail_after(30):
+            while len(seen) < MERGE_PUSHES_AT + 50:
+                for message in decoder.feed(await theirs.recv(1 << 16)):
+                    for got in records_from_wire(message["records"]).records:
+                        assert isinstance(got, ServiceRecord)
+                        seen.add(got.virtual.port)
+        conn.finish()
+    theirs.close()
+
+
 async def test_a_ping_answer_counts_only_for_a_ping_sent() -> None:
     # A supervisor answering pings it was never sent (a bug, or a hostile
     # process of the same user) must not make the daemon stop waiting.

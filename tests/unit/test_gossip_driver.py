@@ -323,6 +323,9 @@ async def test_a_seed_that_is_this_node_is_named_not_counted_as_joined() -> None
         assert a.self_seeds() == [seed(a)]
         assert await a.join([f"127.0.0.2:{port}"]) == 0
         assert a.self_seeds() == [f"127.0.0.2:{port}"]
+        both = [f"localhost:{port}", f"127.0.0.2:{port}", f"127.0.0.2:{port}"]
+        assert await a.join(both) == 0
+        assert sorted(a.self_seeds()) == sorted(both)
         assert statuses(a) == {"a": "alive"}
         async with running("b") as b:
             assert await a.join([f"127.0.0.2:{port}", seed(b)]) == 1

@@ -17,7 +17,7 @@ import trio.testing
 
 from axnet import _cli
 from axnet._supervisor import EngineFailed, RunOptions, Session, Supervisor, _spill
-from axnet._table import TOMBSTONE_SWEEP_S, TOMBSTONE_TTL
+from axnet._table import TOMBSTONE_SWEEP_S, TOMBSTONE_TTL, RealAddress, VirtualAddress
 from axnet._wire import FrameDecoder, frame
 
 
@@ -125,6 +125,23 @@ async def test_withdrawn_records_are_forgotten_as_the_daemon_forgets_them(
     with trio.move_on_after(TOMBSTONE_SWEEP_S * 1.5):
         await supervisor.expire_tombstones()
     assert [str(v.ip) for v in supervisor.table.services] == ["10.9.0.2"]
+
+
+async def test_a_reattach_keeps_the_names_of_withdrawn_services() -> None:
+    # Connections made to a service before it was withdrawn go by its name
+    # (ServiceTable.retired_keys), across a re-attach too.
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    live, gone = _service_wire("10.9.0.1"), _service_wire("10.9.0.1")
+    gone[9:] = [6, True, time.time()]
+    _reattached(supervisor, [live], settling=0.0)
+    supervisor._on_push({"push": "records", "records": [gone]})
+    real = RealAddress(host=ipaddress.ip_address("192.0.2.9"), port=20000)
+    named = VirtualAddress(ip=ipaddress.ip_address("10.9.0.1"), port=80)
+    assert supervisor.table.retired_server(real) == named
+    _reattached(supervisor, [gone], settling=0.0)  # the daemon restarted
+    assert supervisor.table.retired_server(real) == named
 
 
 async def test_a_reattach_to_a_settled_daemon_keeps_nothing() -> None:
