@@ -1255,6 +1255,18 @@ async def test_a_client_that_stops_reading_is_dropped_at_a_bound(size: int) -> N
         assert sent == fit + 1  # the one that did not fit dropped the client
 
 
+def _service_wire(port: int, version: int) -> list[object]:
+    """A service record at 10.1.0.5:*port*, in wire form."""
+    record = ServiceRecord(
+        virtual=VirtualAddress(ip=ip_address("10.1.0.5"), port=port),
+        real=RealAddress(host=ip_address("127.0.0.1"), port=20000 + port),
+        node="n1",
+        app_id="a1",
+        version=version,
+    )
+    return record_to_wire(record)
+
+
 async def test_a_client_behind_gets_table_pushes_merged_not_dropped() -> None:
     # A supervisor stopped with Ctrl-Z while the table churns: before, 4096
     # pushes dropped it, and its app's services were withdrawn meanwhile.
@@ -1266,14 +1278,7 @@ async def test_a_client_behind_gets_table_pushes_merged_not_dropped() -> None:
     latest: dict[int, int] = {}
     for version in range(1, changes + 1):
         port = version % keys
-        record = ServiceRecord(
-            virtual=VirtualAddress(ip=ip_address("10.1.0.5"), port=port),
-            real=RealAddress(host=ip_address("127.0.0.1"), port=20000 + port),
-            node="n1",
-            app_id="a1",
-            version=version,
-        )
-        await conn.push_records([record_to_wire(record)])
+        await conn.push_records([_service_wire(port, version)])
         latest[port] = version
     assert not conn.closed
     await conn.reply({"id": 7}, after=True)
@@ -1301,14 +1306,7 @@ async def test_held_pushes_go_out_once_the_client_catches_up_with_nothing_after(
     ours, theirs = trio.socket.socketpair()
     conn = Connection(trio.SocketStream(ours))
     for port in range(MERGE_PUSHES_AT + 50):  # past the mark: the last 50 are held
-        record = ServiceRecord(
-            virtual=VirtualAddress(ip=ip_address("10.1.0.5"), port=port),
-            real=RealAddress(host=ip_address("127.0.0.1"), port=20000),
-            node="n1",
-            app_id="a1",
-            version=1,
-        )
-        await conn.push_records([record_to_wire(record)])
+        await conn.push_records([_service_wire(port, 1)])
     seen: set[int] = set()
     decoder = FrameDecoder()
     async with trio.open_nursery() as nursery:
