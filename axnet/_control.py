@@ -162,6 +162,8 @@ class Connection:
     async def push_records(self, records: list[list[object]]) -> None:
         """Queue a push of table *records* (wire form); one held back and
         merged with later ones while the client is behind."""
+        if self.closed:
+            return
         if not self._held and self._queued - self._written < MERGE_PUSHES_AT:
             await self.send({"push": "records", "records": records})
             return
