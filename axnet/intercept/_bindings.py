@@ -29,7 +29,6 @@ from __future__ import annotations
 import _socket
 import collections
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -41,6 +40,7 @@ import attrs
 from .._table import MAX_RETIRED, IPAddress, VirtualAddress, endpoint, ip_address, unpack_endpoint
 from . import _sockdiag
 from ._decode import inet_endpoint
+from ._tasks import NO_FD
 
 log = logging.getLogger("axnet.run")
 
@@ -191,7 +191,7 @@ class Bindings:
         try:
             listening = _sockdiag.listening_inodes((min(ports), max(ports)))
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
+            if exc.errno in NO_FD:
                 raise  # no fd for the kernel's list: the engine makes room
             log.warning("cannot list listening sockets: %s", exc)
             return

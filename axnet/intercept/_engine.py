@@ -112,7 +112,7 @@ from ._libc import Notification, NotifyFd, buffer_sizes
 from ._parked import WAIT_SLICE_S, ParkedCalls
 from ._parked import next_check as next_parked_check
 from ._source import ClientSource, pinned
-from ._tasks import Errno, Gone, Tasks, gone_or_errno
+from ._tasks import NO_FD, Errno, Gone, Tasks, gone_or_errno
 
 try:
     from . import _fastpath
@@ -365,7 +365,7 @@ class Engine:
             if self.notify.id_valid(n.id):
                 self._reply(n, error=errno.EIO)
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            if exc.errno not in NO_FD:
                 self._failed(n)
                 return
             # Our fd table is full where no step made room first: this call
@@ -849,7 +849,7 @@ class Engine:
             try:
                 conn, peer = _accept_nonblocking(fd, app_flags)
             except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                if exc.errno not in NO_FD:
                     raise
                 self._tasks.relieve()  # our fd table is full, not the app's
                 conn, peer = _accept_nonblocking(fd, app_flags)
@@ -912,7 +912,7 @@ class Engine:
                 if exc.errno == errno.ENOENT:
                     keep = True  # the thread stopped waiting (killed)
                     return
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if exc.errno in NO_FD:
                     keep = True
                     raise Errno(exc.errno) from None
                 raise

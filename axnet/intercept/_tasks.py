@@ -63,8 +63,8 @@ MAX_CACHED = 256
 #: Fewest threads whose handles are cached, however low the fd limit.
 MIN_CACHED = 8
 
-#: The supervisor's own fd table is full: no fault of the app's.
-_NO_FD = frozenset({errno.EMFILE, errno.ENFILE})
+#: Errors of a full fd table (the process's or the system's).
+NO_FD = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def cache_size() -> int:
@@ -307,7 +307,7 @@ class _Cache:
         try:
             fd = self._opener(tid)
         except OSError as exc:
-            if exc.errno not in _NO_FD:
+            if exc.errno not in NO_FD:
                 raise
             self._relieve()
             fd = self._opener(tid)
@@ -477,7 +477,7 @@ class Tasks:
             try:
                 return pidfd_getfd(pidfd, target)
             except OSError as exc:
-                if exc.errno in _NO_FD and not attempt:
+                if exc.errno in NO_FD and not attempt:
                     self.relieve()  # our table is full, not the app's
                     continue
                 if exc.errno != errno.ESRCH:
