@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import attrs
 
@@ -59,6 +59,18 @@ MAX_RETIRED = 4096
 def endpoint(ip: IPAddress, port: int) -> bytes:
     """``ip:port`` packed as the engine's fast path keys it (18 bytes)."""
     return packed_ip(ip) + port.to_bytes(2, "big")
+
+
+_K = TypeVar("_K")
+
+
+def retire(retired: dict[_K, bytes], key: _K, name: bytes) -> None:
+    """Keep *name* under *key* in *retired*, a map of names of what is gone
+    that holds the newest MAX_RETIRED."""
+    retired.pop(key, None)  # to the newest end
+    if len(retired) >= MAX_RETIRED:
+        del retired[next(iter(retired))]
+    retired[key] = name
 
 
 def unpack_endpoint(packed: bytes) -> VirtualAddress:
@@ -263,7 +275,8 @@ class ServiceTable:
             ):
                 self._by_real.pop(old_service.real, None)
                 old_real = endpoint(old_service.real.host, old_service.real.port)
-                self._retire(old_real, self.real_keys.pop(old_real, None))
+                if (old_virtual := self.real_keys.pop(old_real, None)) is not None:
+                    retire(self.retired_keys, old_real, old_virtual)
             if not record.deleted:
                 self._by_real[record.real] = record.virtual
                 self.real_keys[packed_real] = packed_virtual
@@ -286,15 +299,6 @@ class ServiceTable:
             self._blocks[record.real_host] = (*entries[:at], entry, *entries[at:])
             self.block_keys[host] = (*keys[:at], packed + packed_ip(record.vip), *keys[at:])
         return True
-
-    def _retire(self, real: bytes, virtual: bytes | None) -> None:
-        if virtual is None:
-            return
-        retired = self.retired_keys
-        retired.pop(real, None)  # to the newest end
-        if len(retired) >= MAX_RETIRED:
-            del retired[next(iter(retired))]
-        retired[real] = virtual
 
     def current(self, record: AppRecord | ServiceRecord) -> AppRecord | ServiceRecord | None:
         """What the table holds under *record*'s key (live or a tombstone), if anything."""

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .._table import MAX_RETIRED, IPAddress, VirtualAddress, endpoint, ip_address, unpack_endpoint
+from .._table import IPAddress, VirtualAddress, endpoint, ip_address, retire, unpack_endpoint
 from . import _sockdiag
 from ._decode import inet_endpoint
 from ._tasks import NO_FD
@@ -127,11 +127,8 @@ class Bindings:
             inodes = _sockdiag.connection_inodes(binding.real_port)
         except OSError:
             return
-        retired = self.retired
         for inode in inodes:
-            if len(retired) >= MAX_RETIRED:
-                del retired[next(iter(retired))]
-            retired[inode] = name
+            retire(self.retired, inode, name)
 
     def retired_name(self, inode: int) -> VirtualAddress | None:
         """The address of the closed listener that accepted the connection
