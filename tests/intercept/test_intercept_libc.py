@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 import pytest
 
-from axnet.intercept import _libc
+from axnet.intercept import _bpf, _libc
 from axnet.intercept._libc import (
     PIDFD_THREAD,
     NotifyFd,
@@ -148,3 +151,50 @@ def test_closed_notify_fd() -> None:
     assert notify.closed
     with pytest.raises(ValueError, match="closed NotifyFd"):
         notify.fileno()
+
+
+def _speculation_under(install: Callable[[], object]) -> tuple[str, str]:
+    """The speculation lines of /proc/self/status in a child, before and after `install()`."""
+
+    def lines() -> str:
+        with open("/proc/self/status") as f:
+            return "".join(line for line in f if line.startswith("Speculation"))
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - forked child
+        try:
+            before = lines()
+            install()
+            os.write(w, json.dumps([before, lines()]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    before, after = json.loads(data)
+    return before, after
+
+
+def _plain_filter() -> None:
+    """An allow-all filter installed without SPEC_ALLOW, as a sandbox would."""
+    allow = struct.pack("=HBBI", _bpf.BPF_RET | _bpf.BPF_K, 0, 0, 0x7FFF0000)
+    insns = ctypes.create_string_buffer(allow, len(allow))
+    fprog = ctypes.create_string_buffer(struct.pack("=H6xQ", 1, ctypes.addressof(insns)), 16)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_libc.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    mode, flags = ctypes.c_long(_libc.SECCOMP_SET_MODE_FILTER), ctypes.c_long(0)
+    if libc.syscall(_libc.NR_SECCOMP, mode, flags, ctypes.c_void_p(ctypes.addressof(fprog))):
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def test_the_filter_leaves_the_apps_speculation_state_as_it_was() -> None:
+    before, after = _speculation_under(_plain_filter)
+    if before == after:
+        pytest.skip(
+            "this kernel leaves speculation mitigations alone under seccomp "
+            "(spec_store_bypass_disable / spectre_v2_user not in seccomp mode): nothing to compare"
+        )
+    before, after = _speculation_under(lambda: _libc.install_filter(_bpf.build_filter()))
+    assert after == before
