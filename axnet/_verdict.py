@@ -81,7 +81,20 @@ BindVerdict = Passthrough | Deny | BindVirtual | BindInert
 
 
 def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> ConnectVerdict:
-    """Where a stream connect to ``ip:port`` goes."""
+    """Where a stream connect to ``ip:port`` goes.
+
+    The app's host is its virtual one, as a container's is: loopback and the
+    unspecified address (which Linux connects to this host: Go's
+    ``Dial(":8080")``) reach the app's own address first.  Where nothing
+    serves ``vip:port`` they go to the real host, unchanged.  An IPv4
+    address does not stand for an IPv6 virtual one: an IPv4 socket could not
+    reach it.
+    """
+    if ip.is_loopback or ip.is_unspecified:
+        own = table.resolve(me.vip, port) if ip.version >= me.vip.version else None
+        if own is None:
+            return Passthrough()
+        return Redirect(real=own.real, service=own.virtual)
     record = table.resolve(ip, port)
     virtual = record is not None or (
         ip == me.vip

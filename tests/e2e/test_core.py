@@ -210,6 +210,25 @@ def test_an_address_of_the_virtual_range_that_nothing_serves_is_refused(
     assert result["errno"] == errno.ECONNREFUSED
 
 
+def test_loopback_and_the_unspecified_address_reach_the_apps_own_services(
+    node: AxnetNode,
+) -> None:
+    # As in a container, the app's host is its virtual one: health checks to
+    # localhost, and Go's Dial(":7041") (the unspecified address, which Linux
+    # connects to this host), reach the services at its own address.
+    node.app([*APPS, "greeter", "7041", "inet6"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7041")
+    for host in ("127.0.0.1", "0.0.0.0", "::1", "::"):
+        seen = node.run_json([*APPS, "names", host, "7041"], ip="10.1.0.5")
+        assert seen["server"]["sockname"][:2] == ["::ffff:10.1.0.5", 7041], host
+        assert seen["server"]["accepted_from"][0] == "::ffff:10.1.0.5", host
+        assert seen["peername"][0] in ("10.1.0.5", "::ffff:10.1.0.5"), host
+        assert seen["peername"][1] == 7041, host
+    # Another app's loopback is the real host's, where nothing listens.
+    refused = node.run_json([*APPS, "connect-errno", "127.0.0.1", "7041"], ip="10.1.0.9")
+    assert refused["errno"] == errno.ECONNREFUSED
+
+
 def test_real_addresses_pass_through(node: AxnetNode) -> None:
     # A plain server outside axnet on the host's loopback.
     server = node.host.popen([*APPS, "greeter", "7003"])

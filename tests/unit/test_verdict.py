@@ -109,6 +109,39 @@ def test_connect_to_own_service_is_redirected() -> None:
     )
 
 
+@pytest.mark.parametrize("to", ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::"])
+def test_loopback_and_the_unspecified_address_reach_the_apps_own_services(to: str) -> None:
+    t = table()
+    own = ServiceRecord(
+        virtual=VirtualAddress(ip=MY_VIP, port=8080),
+        real=RealAddress(host=HOST, port=20001),
+        node="n1",
+        app_id="me",
+    )
+    t.merge(own)
+    ip = ip_address(to)
+    assert decide_connect(t, me(), ip, 8080) == Redirect(real=own.real, service=own.virtual)
+    # Nothing of its own there: the real host's, as natively.
+    assert decide_connect(t, me(), ip, 8081) == Passthrough()
+    # Another app's service is no loopback service of this one.
+    assert decide_connect(t, me(), ip, 80) == Passthrough()
+
+
+def test_ipv4_loopback_does_not_stand_for_an_ipv6_virtual_address() -> None:
+    t = table()
+    own = ServiceRecord(
+        virtual=VirtualAddress(ip=MY_VIP6, port=8080),
+        real=RealAddress(host=ip_address("::1"), port=20001),
+        node="n1",
+        app_id="me",
+    )
+    t.merge(own)
+    assert decide_connect(t, me(MY_VIP6), ip_address("127.0.0.1"), 8080) == Passthrough()
+    assert decide_connect(t, me(MY_VIP6), ip_address("::1"), 8080) == Redirect(
+        real=own.real, service=own.virtual
+    )
+
+
 def test_connect_to_a_withdrawn_service_is_refused() -> None:
     t = table()
     t.merge(
