@@ -20,6 +20,7 @@ again and gets the whole table afresh.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -307,9 +308,17 @@ async def receive_messages(
 
 
 async def serve_control(
-    path: Path, handler: Handler, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    path: Path,
+    handler: Handler,
+    *,
+    still_ours: Callable[[], bool] = lambda: True,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept control connections on *path* forever, one task each."""
+    """Accept control connections on *path* forever, one task each.
+
+    The socket is removed at the end only if *still_ours()*: a daemon whose
+    directory was replaced while it ran leaves the new daemon's socket there.
+    """
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -378,10 +387,9 @@ async def serve_control(
                 nursery.start_soon(run_one, sock)
     finally:
         listener.close()
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+        if still_ours():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 # -- clients -------------------------------------------------------------------

@@ -22,6 +22,7 @@ over (at most JOIN_SETTLE_MAX_S); the daemon pushes ``settled`` when it is.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ from ._control import (
     prepare_runtime_dir,
     serve_control,
 )
+from ._dirlock import DirLock
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._portprobe import port_taken
 from ._table import (
@@ -142,6 +144,8 @@ class Daemon:
         #: One write of the lease file at a time, off the loop (see _save_leases).
         self._lease_lock = trio.Lock()
         self._lease_error: str | None = None
+        self._dirlock: DirLock | None = None
+        self._dir_lost = False
         self._lease_path = _leasefile.lease_path(config.runtime_dir)
 
     # -- publishing ---------------------------------------------------------
@@ -542,6 +546,13 @@ class Daemon:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         prepare_runtime_dir(self.config.runtime_dir)
+        self._dirlock = lock = DirLock.acquire(self.config.runtime_dir)
+        try:
+            await self._run_locked(lock, task_status)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, lock: DirLock, task_status: Any) -> None:
         path = control_path(self.config.runtime_dir)
         if held := _leasefile.load(self._lease_path):
             # Apps of a previous daemon, about to re-attach: what they hold
@@ -552,7 +563,9 @@ class Daemon:
                 ",".join(lease.app_id for lease in held),
             )
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_control, path, self.handle)
+            await nursery.start(
+                functools.partial(serve_control, path, self.handle, still_ours=lock.still_ours)
+            )
             nursery.start_soon(self._write_leases)
             nursery.start_soon(self._expire_tombstones)
             nursery.start_soon(self._watch_signals)
@@ -612,6 +625,16 @@ class Daemon:
         hold up the control API); say so once when writes start failing,
         and once when they work again.  Returns how long the write took."""
         path, leases = self._lease_path, self.node.leases()
+        if self._dirlock is not None and not self._dirlock.still_ours():
+            if not self._dir_lost:  # once
+                log.warning(
+                    "runtime directory %s was removed or replaced while this daemon ran: "
+                    "its files there are another daemon's now, left alone (this daemon "
+                    "serves its apps on, but no command reaches it; stop it with a signal)",
+                    self.config.runtime_dir,
+                )
+                self._dir_lost = True
+            return 0.0
         async with self._lease_lock:
             began = trio.current_time()
             error = await trio.to_thread.run_sync(_leasefile.save, path, leases)

@@ -55,15 +55,17 @@ def load(path: Path) -> list[Lease]:
     the file is not one of ours."""
     try:
         # Never blocking: a FIFO planted there would hold the start forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
     except OSError as exc:
+        # ELOOP: a symbolic link, which no daemon writes there.
         log.warning("leases not read path=%s reason=%s", path, exc)
         return []
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
         os.close(fd)
-        log.warning("leases ignored path=%s reason=not a regular file", path)
+        log.warning("leases ignored path=%s reason=not a regular file of ours", path)
         return []
     with open(fd, "rb") as f:
         try:
@@ -88,7 +90,12 @@ def save(path: Path, leases: Sequence[Lease]) -> OSError | None:
     says so, and the next change tries again)."""
     temporary = path.with_name(LEASE_TEMPORARY)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # Made afresh, never opened: a link or FIFO planted under that name
+        # (in a directory that was open to others before it was made 0700)
+        # is replaced, not written through or waited on.
+        temporary.unlink(missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
         with open(fd, "wb") as f:
             f.write(encode(leases))
         os.replace(temporary, path)

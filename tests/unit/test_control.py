@@ -43,6 +43,7 @@ from axnet._control import (
     serve_control,
 )
 from axnet._daemon import Daemon, DaemonConfig
+from axnet._dirlock import DirLock
 from axnet._leasefile import process_started
 from axnet._leases import decode
 from axnet._node import MAX_BLOCKS, NodeConfig
@@ -310,6 +311,57 @@ async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
             f"or choose another --runtime-dir"
         )
         assert path.exists()  # the other daemon's socket is left alone
+
+
+async def test_a_second_daemon_on_one_runtime_dir_is_refused_even_mid_start(
+    sock_dir: Path,
+) -> None:
+    # The lock is taken before anything else: a daemon started while the
+    # first is between its bind and its listen is refused, where it used to
+    # take the half-made socket for a stale one and replace it.
+    first = DirLock.acquire(sock_dir)
+    try:
+        with pytest.raises(ControlError) as info, trio.fail_after(10):
+            await _daemon(sock_dir).run()
+        assert str(info.value) == (
+            f"another axnet daemon runs on {sock_dir} (it holds {sock_dir / 'daemon.lock'}); "
+            "stop it with 'axnet stop', or choose another --runtime-dir"
+        )
+    finally:
+        first.release()
+    assert not (sock_dir / CONTROL_SOCKET).exists()
+
+
+def test_a_lock_file_planted_as_a_link_is_refused(sock_dir: Path) -> None:
+    (sock_dir / "elsewhere").write_text("")
+    (sock_dir / "daemon.lock").symlink_to(sock_dir / "elsewhere")
+    with pytest.raises(ControlError, match=r"daemon\.lock: it is a symbolic link; remove it"):
+        DirLock.acquire(sock_dir)
+
+
+async def test_a_daemon_whose_dir_was_replaced_leaves_the_new_daemons_files_alone(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # logind removes /run/user/UID at logout; a new daemon makes it afresh.
+    # The old one, stopping later, once removed the new one's socket and
+    # wrote its own leases over the new one's.
+    daemon = _daemon(sock_dir)
+    path = control_path(sock_dir)
+    with caplog.at_level(logging.WARNING, logger="axnet.daemon"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            shutil.rmtree(sock_dir)
+            sock_dir.mkdir(mode=0o700)
+            newcomer = DirLock.acquire(sock_dir)  # the new daemon's
+            try:
+                path.write_text("the new daemon's socket")
+                (sock_dir / "leases").write_bytes(b"the new daemon's leases")
+                daemon.stop()
+            finally:
+                newcomer.release()
+    assert path.read_text() == "the new daemon's socket"
+    assert (sock_dir / "leases").read_bytes() == b"the new daemon's leases"
+    assert caplog.text.count("was removed or replaced while this daemon ran") == 1
 
 
 def test_control_client_without_a_daemon_is_daemon_unavailable(

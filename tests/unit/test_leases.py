@@ -136,5 +136,22 @@ def test_a_lease_file_that_is_not_a_regular_file_is_ignored_at_once(
     with caplog.at_level(logging.WARNING, logger="axnet.daemon"):
         assert load(fifo) == []
         (tmp_path / "device").symlink_to("/dev/zero")
-        assert load(tmp_path / "device") == []
-    assert caplog.text.count("not a regular file") == 2
+        assert load(tmp_path / "device") == []  # no link is followed
+    assert caplog.text.count("not a regular file") == 1
+    assert caplog.text.count("leases not read") == 1
+
+
+def test_nothing_planted_at_the_temporary_name_is_written_through(tmp_path: Path) -> None:
+    # Planted by another user while the directory was open to them (the
+    # daemon makes it 0700 at start): a link to a file of ours, and a FIFO,
+    # which once held every write (and the daemon's stop) forever.
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"mine")
+    path = tmp_path / "leases"
+    path.with_name(".leases.new").symlink_to(precious)
+    assert save(path, [LEASE]) is None
+    assert precious.read_bytes() == b"mine"
+    assert decode(path.read_bytes()) == [LEASE]
+    os.mkfifo(path.with_name(".leases.new"))
+    assert save(path, []) is None
+    assert decode(path.read_bytes()) == []
