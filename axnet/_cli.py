@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import json
@@ -554,7 +555,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         busy_poll_us=args.busy_poll,
     )
     try:
-        return run(options)
+        status = run(options)
     except LaunchError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
@@ -579,6 +580,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             hint = "; the user's limit on processes (ulimit -u) may be reached"
         print(f"axnet run: the supervisor failed: {found}{hint}", file=sys.stderr)
         return EXIT_FAILURE
+    return status if status >= 0 else _end_by_signal(-status)
+
+
+def _end_by_signal(signum: int) -> int:
+    """End as the app ended, by its signal.
+
+    A shell tells a child that Ctrl-C ended from one that exited 130: bash
+    stops a loop of ``axnet run`` commands only for the first.  No core file
+    of ours for the app's SIGSEGV or SIGQUIT.  A signal that does not end a
+    process by default cannot have ended the app: 128 + its number then.
+    """
+    import resource
+    import signal
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    with contextlib.suppress(ValueError, OSError):  # SIGKILL's cannot be set, nor need be
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    # The supervisor blocks the signals it forwards, in every thread.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    return 128 + signum
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

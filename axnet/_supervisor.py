@@ -518,7 +518,8 @@ class Supervisor:
     # -- main ---------------------------------------------------------------------
 
     async def main(self, launched_pid: int, launched_pidfd: int, engine_factory: Any) -> int:
-        """Supervise the launched app until it exits; its exit status.
+        """Supervise the launched app until it exits; its exit status (minus
+        the signal that ended it, if one did).
 
         Whatever ends this early (no daemon, a bug) takes the app's whole tree
         down with it: without its supervisor every trapped call would fail.
@@ -651,11 +652,12 @@ def _virtual_range(text: object) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
 
 
 def _reap(pid: int) -> int:
+    """The app's exit status; minus the signal that ended it, if one did."""
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         return 0
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _children() -> list[int]:
@@ -728,7 +730,8 @@ def _kernel_sent_it_too(pid: int, signum: int) -> bool:
 
 
 def run(options: RunOptions) -> int:
-    """Run the app to completion under axnet; returns its exit status."""
+    """Run the app to completion under axnet; returns its exit status, or
+    minus the signal that ended it (as `subprocess` reports it)."""
     path = control_path(options.runtime_dir)
     # Fail before starting anything when no daemon answers.
     with ControlClient(path, timeout=5.0) as client:

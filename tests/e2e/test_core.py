@@ -11,6 +11,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -1134,6 +1135,39 @@ def test_kill_int_at_a_foreground_axnet_run_reaches_the_app(node: AxnetNode) -> 
     # The same signal sent to `axnet run` alone reaches the app only if it is
     # forwarded: the supervisor tells them apart by who sent them.
     assert _sigint_in_a_terminal(node, by_kill=True) == 1
+
+
+def test_ctrl_c_ends_a_shell_script_running_axnet_run(node: AxnetNode) -> None:
+    # bash goes on after a command that Ctrl-C ended only if that command
+    # handled it (exited, 130 say): one that died of SIGINT ends the script,
+    # or a loop of `axnet run` commands.  So axnet run ends as the app did.
+    master, terminal = os.openpty()
+    try:
+        script = (
+            f"{shlex.join(node.run_cmd_prefix())} sh -c 'echo ready; exec sleep 30'; "
+            "echo after; exit 7"
+        )
+        shell = node.host.popen(
+            ["setsid", "-c", "bash", "-c", script],
+            env=node.env,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=node.logs / "script.err",
+        )
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"ready" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert b"ready" in seen, seen
+        os.write(master, b"\x03")
+        assert shell.wait(timeout=30) == -signal.SIGINT
+        while select.select([master], [], [], 0.5)[0]:
+            seen += os.read(master, 4096)
+        assert b"after" not in seen, seen
+    finally:
+        os.close(master)
+        os.close(terminal)
 
 
 SIGHUP_COUNTER = """
