@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ from ._wire import (
     MAX_LABELS,
     MAX_TEXT_BYTES,
     has_control,
+    visible,
 )
 
 #: `axnet status --wait`: its bound, and how often it looks.
@@ -38,6 +40,8 @@ WAIT_POLL_S = 0.05
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
+#: What a write of the output can fail with, beside a closed pipe.
+_OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 _EPILOG_RUN = """\
 examples:
@@ -129,6 +133,12 @@ def _printable(text: str, flag: str) -> str:
     would reach other users' terminals and logs)."""
     if has_control(text):
         raise argparse.ArgumentTypeError(f"{flag} may not contain control characters, got {text!r}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{flag} must be UTF-8 text, got {visible(text)!r}"
+        ) from None
     return text
 
 
@@ -433,7 +443,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
     for row in rows:
         # Text, not markup: an address like [fd00::5]:80 or a label with
         # brackets is shown as it is.
-        table.add_row(*(Text("" if v is None else str(v)) for v in row))
+        table.add_row(*(Text("" if v is None else visible(str(v))) for v in row))
     # Into a pipe or a file, one line a row, however long (for grep).
     Console(width=None if sys.stdout.isatty() else PIPED_WIDTH).print(table)
 
@@ -753,9 +763,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.verbose)
+    for stream in (sys.stdout, sys.stderr):
+        # Under LC_ALL=C, say: what the encoding cannot hold (a name in
+        # another script) is written as an escape, not a traceback.
+        if stream is not None and isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         status = _COMMANDS[args.command](args)
-        sys.stdout.flush()  # here, so that a closed pipe is met below, not at exit
+        if sys.stdout is not None:  # None: started with it closed (`>&-`)
+            sys.stdout.flush()  # here, so that a closed pipe is met below, not at exit
         return status
     except ControlError as exc:
         print(f"axnet {args.command}: {exc}", file=sys.stderr)
@@ -772,6 +788,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tools killed by SIGPIPE do, and keep the final flush from failing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRORS or sys.stdout is None:
+            raise
+        # The output could not be written (a full disk, /dev/full): say so,
+        # and keep the final flush from failing again with a traceback.
+        print(f"axnet {args.command}: cannot write its output: {exc.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from ._table import (
     ip_address,
 )
 from ._verdict import Identity
-from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire
+from ._wire import FrameDecoder, WireError, frame, int_from_wire, record_from_wire, visible
 from .intercept._bpf import build_filter
 from .intercept._engine import Engine
 from .intercept._launcher import LaunchError, launch
@@ -400,7 +400,9 @@ class Supervisor:
             "name": self.options.name,
             "labels": [list(x) for x in self.options.labels],
             "pid": self._pid,
-            "argv": list(self.options.argv),
+            # Shown in listings only: as text that travels (any bytes may
+            # make up a command line, control characters included).
+            "argv": [visible(arg) for arg in self.options.argv],
             "claims": claims,
         }
         try:

@@ -149,6 +149,17 @@ class FrameDecoder:
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def visible(text: str) -> str:
+    """*text* fit for a terminal: bytes that were not UTF-8 (a command line
+    may hold any) and control characters written as Python escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    shown = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], shown)
+
+
 def has_control(text: str) -> bool:
     """Whether *text* holds a C0 or C1 control character (never on the wire)."""
     return _CONTROL.search(text) is not None

@@ -1440,6 +1440,49 @@ def test_bad_ip_flag_is_a_usage_error(node: AxnetNode) -> None:
     assert "--ip must be an IPv4 or IPv6 address, got 'foo'" in done.stderr
 
 
+def test_any_bytes_on_a_command_line_run_and_are_listed_legibly(node: AxnetNode) -> None:
+    # Bytes that are not UTF-8 once made the attach fail after the app had
+    # started (and killed it); control characters reached the terminal of
+    # whoever listed the apps; a name in another script, under LC_ALL=C,
+    # ended the listing with a traceback.
+    odd, colour = os.fsdecode(b"caf\xe9"), "\x1b[31mred"
+    node.app(["sh", "-c", "sleep 60", "sh", odd, colour], ip="10.1.0.5", name="caf\u00e9")
+    wait_until("app attached", lambda: any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
+    done = node.host.run(
+        [*AXNET, "apps"], env={**node.env, "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "caf\\xe9" in done.stdout  # the name, and the argument
+    assert "\\x1b[31mred" in done.stdout
+    assert "\x1b" not in done.stdout
+
+
+def test_a_name_or_label_that_is_not_utf8_is_a_usage_error(node: AxnetNode) -> None:
+    odd = os.fsdecode(b"caf\xe9")
+    for flag, value in (("--name", odd), ("--label", f"k={odd}")):
+        done = node.axnet("run", flag, value, "--", "true", check=False)
+        assert done.returncode == 2, done.stderr
+        assert f"{flag} must be UTF-8 text, got " in done.stderr
+
+
+def test_output_that_cannot_be_written_is_said_plainly(node: AxnetNode) -> None:
+    # Started with stdout closed, axnet run still exits with the app's
+    # status; a full output is named, not a traceback.
+    closed = node.host.run(
+        ["sh", "-c", f"{shlex.join(node.run_cmd_prefix())} sh -c 'exit 3' >&-"],
+        env=node.env,
+        timeout=60,
+    )
+    assert closed.returncode == 3, closed.stderr
+    full = node.host.run(
+        ["sh", "-c", f"{shlex.join(AXNET)} services --json >/dev/full"], env=node.env, timeout=60
+    )
+    assert full.returncode == 1
+    assert full.stderr.strip().endswith(
+        "axnet services: cannot write its output: No space left on device"
+    ), full.stderr
+
+
 def test_run_without_daemon_says_how_to_start_one(node: AxnetNode) -> None:
     node.stop()
     done = node.axnet("run", "--", "true", check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
+import os
 import struct
 from typing import Any
 
@@ -39,6 +40,7 @@ from axnet._wire import (
     record_to_wire,
     runs_under,
     unpack,
+    visible,
 )
 
 
@@ -422,3 +424,11 @@ def test_runs_under_a_budget_keep_every_item_in_order(items: list[str], budget: 
         assert len(run) == 1 or sum(len(pack(item)) for item in run) <= budget
     for before, after in itertools.pairwise(runs):  # and never split needlessly
         assert sum(len(pack(item)) for item in [*before, after[0]]) > budget
+
+
+def test_visible_text_escapes_what_a_terminal_would_act_on() -> None:
+    assert visible("plain café") == "plain café"
+    assert visible("\x1b[31mred\x07") == "\\x1b[31mred\\x07"
+    assert visible(os.fsdecode(b"caf\xe9")) == "caf\\xe9"  # bytes that were not UTF-8
+    assert visible("\ud800") == "\\xed\\xa0\\x80"  # a lone surrogate, from anywhere
+    assert visible("\x85") == "\\x85"  # C1 controls too
