@@ -138,7 +138,7 @@ class Daemon:
         self.node = Node(config.node, now=time.time())
         self.sessions: dict[str, Connection] = {}
         self.cluster: Cluster | None = None
-        self.started = time.time()
+        self.started = time.monotonic()
         self._stop = trio.Event()
         self._leases_changed = trio.Event()
         #: One write of the lease file at a time, off the loop (see _save_leases).
@@ -448,7 +448,7 @@ class Daemon:
                 node=self.config.node.name,
                 real_host=str(self.config.node.real_host),
                 pid=os.getpid(),
-                uptime=time.time() - self.started,
+                uptime=time.monotonic() - self.started,
                 apps=len(self.node.apps),
                 services=len(table.live_services()),
                 gossip=self.cluster.stats() if self.cluster is not None else None,
@@ -590,7 +590,7 @@ class Daemon:
 
     def settling(self) -> float:
         """Seconds more the table may lack live records (see SETTLE_S)."""
-        elapsed = time.time() - self.started
+        elapsed = time.monotonic() - self.started
         joining = self.cluster is not None and self.cluster.joining()
         return max(0.0, (JOIN_SETTLE_MAX_S if joining else SETTLE_S) - elapsed)
 
@@ -599,10 +599,12 @@ class Daemon:
         start, or once the start-up join is over, whichever is later (at most
         JOIN_SETTLE_MAX_S after the start).  Those that re-attached meanwhile
         drop then what they kept (see Supervisor._apply_attach)."""
-        await trio.sleep(max(0.0, SETTLE_S - (time.time() - self.started)))
+        await trio.sleep(max(0.0, SETTLE_S - (time.monotonic() - self.started)))
         cluster = self.cluster
         if cluster is not None and cluster.joining():
-            with trio.move_on_after(max(0.0, JOIN_SETTLE_MAX_S - (time.time() - self.started))):
+            with trio.move_on_after(
+                max(0.0, JOIN_SETTLE_MAX_S - (time.monotonic() - self.started))
+            ):
                 await cluster.wait_joined()
         log.info("settled sessions=%d", len(self.sessions))
         if gone := self.node.end_reservations():
@@ -657,7 +659,13 @@ class Daemon:
             self.node.table.expire(time.time())
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        """Stop cleanly on SIGINT, SIGTERM and SIGHUP (the terminal of an
+        `axnet daemon &` closed): the socket removed, the leases written,
+        the cluster left.  A SIGHUP ignored at the start (nohup) stays so."""
+        stopping = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            stopping.append(signal.SIGHUP)
+        with trio.open_signal_receiver(*stopping) as signals:
             async for signum in signals:
                 log.info("daemon stopping signal=%s", signal.Signals(signum).name)
                 self._stop.set()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from axnet._leases import decode as decode_leases
 from axnet.intercept._probe import probe_user_notification
 from axnet.testing import (
     APPS,
@@ -1521,6 +1522,20 @@ class _AskedClient:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         stop_process(self.proc)
+
+
+def test_a_hang_up_stops_the_daemon_cleanly(node: AxnetNode) -> None:
+    # `axnet daemon &` in a terminal that closes: SIGHUP.  It once ended the
+    # daemon on the spot, its socket left behind and its leases unwritten.
+    node.app(["sleep", "60"], ip="10.1.0.5")
+    wait_until("app attached", lambda: any(a["vip"] == "10.1.0.5" for a in node.json("apps")))
+    assert node.daemon is not None
+    node.daemon.send_signal(signal.SIGHUP)
+    assert node.daemon.wait(timeout=20) == 0
+    assert not (node.runtime / "control.sock").exists()
+    assert "daemon stopping signal=SIGHUP" in node.log("daemon")
+    leases = decode_leases((node.runtime / "leases").read_bytes())
+    assert [str(lease.vip) for lease in leases] == ["10.1.0.5"]
 
 
 def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
