@@ -608,13 +608,22 @@ class Supervisor:
         self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Pass SIGINT/TERM/HUP/QUIT on to the app, those that came while the
-        supervisor attached included; not a terminal's, which the app got too."""
-        fd = open_signalfd(_FORWARDED)
+        supervisor attached included; not a terminal's, which the app got too.
+
+        SIGCHLD: reap the orphans that came to us (we are the app's
+        subreaper, as init is of everything else) as they exit, not when the
+        app does: a daemonizing server's old processes (nginx's binary
+        upgrade, a double fork) would stay zombies meanwhile.
+        """
+        fd = open_signalfd(_FORWARDED | {signal.SIGCHLD})
         try:
             task_status.started()
             while True:
                 await trio.lowlevel.wait_readable(fd)
                 for signum, code in read_signals(fd):
+                    if signum == signal.SIGCHLD:
+                        _reap_orphans(pid)
+                        continue
                     if code == SI_KERNEL and _kernel_sent_it_too(pid, signum):
                         continue
                     try:
@@ -671,6 +680,14 @@ def _children() -> list[int]:
     except OSError:
         pass
     return pids
+
+
+def _reap_orphans(app: int) -> None:
+    """Reap our children that exited, the app excepted (its status is _reap's)."""
+    for child in _children():
+        if child != app:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, os.WNOHANG)
 
 
 def _reap_exited() -> bool:
@@ -744,7 +761,7 @@ def run(options: RunOptions) -> int:
     # who sent each (see _forward_signals): a Ctrl-C while the supervisor
     # attaches waits for it.  Every thread started from here on inherits the
     # block (as a signalfd needs); the app does not.
-    app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED | {signal.SIGCHLD})
     launched = launch(options.argv, env=options.env, program=build_filter(), sigmask=app_mask)
     raise_fd_limit()  # after the launch: the app keeps the limits it was given
     supervisor = Supervisor(options)

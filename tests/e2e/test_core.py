@@ -1070,6 +1070,30 @@ def test_orphans_that_ignore_sigterm_are_ended(node: AxnetNode) -> None:
     assert "the app exited and left processes running" in done.stderr
 
 
+def test_orphans_are_reaped_while_the_app_runs(node: AxnetNode) -> None:
+    # axnet run is the app's subreaper: orphans that exit (a double fork's
+    # middle process, nginx's old master after a binary upgrade) are reaped
+    # at once, as init would, not left zombies until the app exits.
+    ready = node.logs / "forked"
+    supervisor = node.app(
+        ["sh", "-c", f"for i in $(seq 20); do (sleep 0.1 &); done; sleep 1; > {ready}; sleep 60"],
+        ip="10.1.0.5",
+    )
+    wait_until("orphans forked and gone", ready.exists)
+
+    def zombies() -> int:
+        count = 0
+        for task in os.listdir(f"/proc/{supervisor.pid}/task"):
+            with open(f"/proc/{supervisor.pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with contextlib.suppress(OSError), open(f"/proc/{child}/stat") as stat_file:
+                        count += stat_file.read().rsplit(")", 1)[1].split()[0] == "Z"
+        return count
+
+    wait_until("no zombie left", lambda: zombies() == 0)
+    assert supervisor.poll() is None  # and the app, their grandparent, runs on
+
+
 SIGINT_COUNTER = """
 import json, os, signal, time
 got = []
