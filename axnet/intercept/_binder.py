@@ -33,13 +33,11 @@ from .._verdict import Identity
 from . import _bindings, _raw
 from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
 from ._decode import inet_endpoint, pack_inet
+from ._source import IP_LOCAL_PORT_RANGE, port_range
 from ._tasks import Errno
 
 log = logging.getLogger("axnet.run")
 
-#: Between the ports of a client block tried for an any-port bind: odd, so
-#: that the tries visit different ports of any block.
-_BLOCK_STRIDE = 97
 WILDCARD4, WILDCARD6 = ip_address("0.0.0.0"), ip_address("::")
 _AF_INET = int(socket.AF_INET)
 _AF_INET6 = int(socket.AF_INET6)
@@ -141,16 +139,37 @@ class Binder:
         reuseport: bool,
         pid: int,
     ) -> Binding | None:
-        """Bind an any-port bind to a port of the app's client block, the same
+        """Bind an any-port bind to a port of the app's client blocks, the same
         port real and virtual.  Servers name a client by its block, so one
         that binds its own address before it connects (``curl --interface``,
-        a ``source_address``) is seen from its virtual IP, as any connect of
-        it is.  None when no port of the block could be had: then the pool."""
-        lo, hi = block
-        size = hi - lo + 1
-        start = random.randrange(size)
-        for attempt in range(8):
-            port = lo + (start + attempt * _BLOCK_STRIDE) % size
+        a ``source_address``, nginx's ``proxy_bind``) is seen from its
+        virtual IP, as any connect of it is.  The kernel finds a free port
+        (ports in TIME_WAIT are not, for a socket without SO_REUSEADDR);
+        when *block* has none, another block the app holds, then one more
+        from the daemon, as connects do.  None when no port could be had:
+        then the pool."""
+        for candidate in dict.fromkeys((block, *me.blocks)):
+            found = self._bind_in(sock, me, candidate, reuseport, pid)
+            if found is not None:
+                if candidate != me.block:
+                    self.node.use_block(candidate)  # connects go there too, as theirs would
+                return found
+        more = self.node.more_ports()  # every block of the app is full: now the app's
+        return None if more is None else self._bind_in(sock, me, more, reuseport, pid)
+
+    def _bind_in(
+        self,
+        sock: _socket.socket,
+        me: Identity,
+        block: tuple[int, int],
+        reuseport: bool,
+        pid: int,
+    ) -> Binding | None:
+        """_bind_in_block within one *block*; None when it has no free port."""
+        for _ in range(8):
+            port = _free_port(sock, me.real_host, block)
+            if port is None:
+                return None
             virtual = VirtualAddress(ip=me.vip, port=port)
             try:
                 real_port, vport = self.node.claim(virtual, (), real_port=port)
@@ -166,7 +185,7 @@ class Binder:
                 return self._bound(sock, virtual, port, reuseport, pid)
             self.node.release(virtual)
             if err != errno.EADDRINUSE:
-                raise Errno(err)
+                raise Errno(err)  # taken meanwhile: the kernel finds another
         return None
 
     def _bound(
@@ -225,6 +244,35 @@ class Binder:
         self.bindings.join(group, os.fstat(sock.fileno()).st_ino, pid)
         log.debug("bind joined virtual=%s sockets=%d", group.virtual, len(group.sockets))
         return group
+
+
+def _free_port(sock: _socket.socket, host: IPAddress, block: tuple[int, int]) -> int | None:
+    """A port of *block* at *host* that *sock* could bind now, as the kernel
+    finds one for a bind to port 0 (``IP_LOCAL_PORT_RANGE``, Linux 6.3) on a
+    probe socket like it (same family, same SO_REUSEADDR); None when none is
+    free.  The kernel's search costs a system call where claiming port
+    after port from the daemon cost a round trip each.  Without
+    IP_LOCAL_PORT_RANGE, a port of the block at random."""
+    probe = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        reuseaddr = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuseaddr)
+        if sock.family == _AF_INET6:
+            with contextlib.suppress(OSError):
+                v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        try:
+            probe.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, port_range(block))
+        except OSError:  # before Linux 6.3: a port at random, for the claim and bind to try
+            return block[0] + random.randrange(block[1] - block[0] + 1)
+        if _raw.bind(probe.fileno(), pack(sock.family, host, 0)):
+            return None
+        port = local_endpoint(probe)[1]
+        return port if block[0] <= port <= block[1] else None
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def fits(family: int, ip: IPAddress) -> bool:

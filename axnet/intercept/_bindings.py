@@ -227,7 +227,10 @@ class Bindings:
             if binding.inert:
                 log.debug("released inert=%s", binding.virtual)
                 continue
-            log.info("released service=%s listening=%s", binding.virtual, binding.listening)
+            if binding.listening:
+                log.info("released service=%s", binding.virtual)
+            else:  # a client's bind (curl --interface): one per connection
+                log.debug("released binding=%s", binding.virtual)
             self._release(binding.virtual)
 
     def snapshot(self) -> list[Binding]:

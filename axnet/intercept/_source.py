@@ -98,7 +98,7 @@ class ClientSource:
             return False
         if self._block != block:
             self._block = block
-            self._block_value = _port_range(block)
+            self._block_value = port_range(block)
         return _set_port_range(sock, self._block_value)
 
     def spill_ports(self, sock: _socket.socket, me: Identity) -> None:
@@ -117,10 +117,10 @@ class ClientSource:
                 ", ".join(f"{lo}-{hi}" for lo, hi in me.blocks),
                 f"{me.spill[0]}-{me.spill[1]}" if me.spill else "(any)",
             )
-        _set_port_range(sock, _port_range(me.spill))
+        _set_port_range(sock, port_range(me.spill))
 
 
-def _port_range(ports: tuple[int, int] | None) -> bytes:
+def port_range(ports: tuple[int, int] | None) -> bytes:
     """IP_LOCAL_PORT_RANGE's value for *ports* (none: the kernel's whole range)."""
     return _UINT32.pack(ports[0] | ports[1] << 16 if ports else 0)
 

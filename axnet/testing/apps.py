@@ -119,6 +119,25 @@ def open_connections(host: str, port: str, count: str) -> None:
     _out(opened=len(held), socknames=socknames)
 
 
+def bound_connections(host: str, port: str, count: str, source: str) -> None:
+    """Open COUNT connections to HOST:PORT, a greeter, each from a socket
+    bound to SOURCE, any port, first (``curl --interface``); keep them all
+    open; report whom the server saw each come from."""
+    held = []
+    for _ in range(int(count)):
+        conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        conn.bind((source, 0))
+        conn.connect((host, int(port)))
+        held.append(conn)
+    seen = []
+    for conn in held:
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        seen.append(json.loads(data)["accepted_from"][0])
+    _out(seen=seen)
+
+
 def reopen_connections(host: str, port: str, first: str, closed: str, then: str) -> None:
     """Open FIRST connections to HOST:PORT, a greeter, and keep them; close
     the CLOSED first of them (reset: no TIME_WAIT keeps their ports); open
@@ -1291,6 +1310,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "connect-errno": connect_errno,
     "name-later": name_later,
     "open-connections": open_connections,
+    "bound-connections": bound_connections,
     "reopen-connections": reopen_connections,
     "threads": threads,
     "spaced": spaced,

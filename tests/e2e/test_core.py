@@ -187,6 +187,23 @@ def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNo
         assert seen["server"]["peername"] == seen["sockname"]
 
 
+def test_clients_that_bind_first_get_more_blocks_as_connects_do(node: AxnetNode) -> None:
+    # Once the client block was full (open connections, TIME_WAIT), such
+    # binds fell back to the node's pool, seen from the node's address (344
+    # of 600 in a loop of binds and connects); now they take the app's
+    # other blocks, then one more from the daemon, as connects do.
+    node.stop()
+    node.daemon_args = ["--client-block", "16"]
+    node.start()
+    node.app([*APPS, "greeter", "7042"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7042")
+    for source in ("10.1.0.9", "0.0.0.0"):
+        done = node.run_json(
+            [*APPS, "bound-connections", "10.1.0.5", "7042", "40", source], ip="10.1.0.9"
+        )
+        assert done["seen"] == ["10.1.0.9"] * 40, source
+
+
 def test_dual_stack_server_sees_mapped_addresses(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7001", "inet6"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7001")
