@@ -11,8 +11,8 @@ port of the app's client block first, the same port real and virtual, so
 that servers name the app the same whether it bound before connecting or
 not.  An inert bind is a wildcard of the family the app has no address in,
 bound on loopback and never published.  A second socket on an address the
-app holds already is bound beside the others only as the kernel would allow
-it (SO_REUSEPORT on all of them); otherwise the address is in use.
+app holds already is bound beside the others on the same real port, where
+the kernel decides as it would on the virtual address.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Protocol
 from .._node import ClaimError
 from .._table import IPAddress, VirtualAddress, ip_address
 from .._verdict import Identity
-from . import _bindings, _raw
+from . import _raw
 from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings, BoundSocket
 from ._decode import inet_endpoint, pack_inet
 from ._source import IP_LOCAL_PORT_RANGE, port_range
@@ -88,7 +88,6 @@ class Binder:
             )
             raise Errno(errno.EADDRNOTAVAIL)
         virtual = VirtualAddress(ip=me.vip, port=port)
-        reuseport = _bindings.reuseport(sock)
         if sock.family == _AF_INET6 and me.vip.version == 6 and me.real_host.version == 4:
             # An IPv6 virtual address on a node with an IPv4 address: the real
             # socket is bound v4-mapped, which an IPv6-only socket refuses
@@ -100,9 +99,9 @@ class Binder:
             group = self.bindings.live(virtual)
             if group is not None:
                 # Ours: a second socket on it only as the kernel allows one.
-                return self._join(group, sock, reuseport, me.real_host, pid)
+                return self._join(group, sock, me.real_host, pid)
         elif me.block is not None:
-            in_block = self._bind_in_block(sock, me, me.block, reuseport, pid)
+            in_block = self._bind_in_block(sock, me, me.block, pid)
             if in_block is not None:
                 return in_block
         avoid: list[int] = []
@@ -119,7 +118,7 @@ class Binder:
                     real_port = local_endpoint(sock)[1]
                     if vport == 0:
                         claimed = VirtualAddress(ip=me.vip, port=real_port)
-                return self._bound(sock, claimed, real_port, reuseport, pid)
+                return self._bound(sock, claimed, real_port, pid)
             self.node.release(claimed)
             if err != errno.EADDRINUSE:
                 raise Errno(err)
@@ -136,7 +135,6 @@ class Binder:
         sock: _socket.socket,
         me: Identity,
         block: tuple[int, int],
-        reuseport: bool,
         pid: int,
     ) -> Binding | None:
         """Bind an any-port bind to a port of the app's client blocks, the same
@@ -149,20 +147,19 @@ class Binder:
         from the daemon, as connects do.  None when no port could be had:
         then the pool."""
         for candidate in dict.fromkeys((block, *me.blocks)):
-            found = self._bind_in(sock, me, candidate, reuseport, pid)
+            found = self._bind_in(sock, me, candidate, pid)
             if found is not None:
                 if candidate != me.block:
                     self.node.use_block(candidate)  # connects go there too, as theirs would
                 return found
         more = self.node.more_ports()  # every block of the app is full: now the app's
-        return None if more is None else self._bind_in(sock, me, more, reuseport, pid)
+        return None if more is None else self._bind_in(sock, me, more, pid)
 
     def _bind_in(
         self,
         sock: _socket.socket,
         me: Identity,
         block: tuple[int, int],
-        reuseport: bool,
         pid: int,
     ) -> Binding | None:
         """_bind_in_block within one *block*; None when it has no free port."""
@@ -182,7 +179,7 @@ class Binder:
                 return None  # a node that does not grant real ports
             err = _raw.bind(sock.fileno(), pack(sock.family, me.real_host, port))
             if err == 0:
-                return self._bound(sock, virtual, port, reuseport, pid)
+                return self._bound(sock, virtual, port, pid)
             self.node.release(virtual)
             if err != errno.EADDRINUSE:
                 raise Errno(err)  # taken meanwhile: the kernel finds another
@@ -193,7 +190,6 @@ class Binder:
         sock: _socket.socket,
         virtual: VirtualAddress,
         real_port: int,
-        reuseport: bool,
         pid: int,
     ) -> Binding:
         """Record *sock*, bound for real to *real_port*, as the app's binding of
@@ -202,7 +198,6 @@ class Binder:
             virtual=virtual,
             real_port=real_port,
             sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
-            reuseport=reuseport,
         )
         self.bindings.add(binding)
         log.debug("bind virtual=%s real_port=%s", virtual, real_port)
@@ -217,28 +212,26 @@ class Binder:
         v6 = sock.family == _AF_INET6
         virtual = VirtualAddress(ip=WILDCARD6 if v6 else WILDCARD4, port=port)
         loopback = LOOPBACK6 if v6 else LOOPBACK4
-        reuseport = _bindings.reuseport(sock)
         if port:
             group = self.bindings.live(virtual)
             if group is not None:
-                return self._join(group, sock, reuseport, loopback, pid)
+                return self._join(group, sock, loopback, pid)
         err = _raw.bind(sock.fileno(), pack(sock.family, loopback, 0))
         if err:  # EADDRNOTAVAIL with IPv6 switched off: then there is no such address
             raise Errno(err)
         real_port = local_endpoint(sock)[1]
         shown = VirtualAddress(ip=virtual.ip, port=port or real_port)
-        return self._bound(sock, shown, real_port, reuseport, pid)
+        return self._bound(sock, shown, real_port, pid)
 
-    def _join(
-        self, group: Binding, sock: _socket.socket, reuseport: bool, host: IPAddress, pid: int
-    ) -> Binding:
-        """Bind *sock* beside the live sockets of *group*: with SO_REUSEPORT
-        on all of them the kernel allows it (it checks the rest: same user);
-        otherwise the address is in use."""
-        if not (reuseport and group.reuseport):
-            log.info("bind refused addr=%s reason=in use by this app", group.virtual)
-            raise Errno(errno.EADDRINUSE)
+    def _join(self, group: Binding, sock: _socket.socket, host: IPAddress, pid: int) -> Binding:
+        """Bind *sock* beside the live sockets of *group*, all on its one
+        real port, if the kernel allows it there: it decides as it would on
+        the virtual address (SO_REUSEPORT on all of them, set before or
+        after their binds, as nginx sets it at a reload; SO_REUSEADDR on
+        sockets not listening; the same user), or the address is in use."""
         err = _raw.bind(sock.fileno(), pack(sock.family, host, group.real_port))
+        if err == errno.EADDRINUSE:
+            log.info("bind refused addr=%s reason=in use by this app", group.virtual)
         if err:
             raise Errno(err)
         self.bindings.join(group, os.fstat(sock.fileno()).st_ino, pid)

@@ -73,8 +73,6 @@ class Binding:
     virtual: VirtualAddress
     real_port: int
     sockets: list[BoundSocket]
-    #: The sockets had SO_REUSEPORT when bound: more may join.
-    reuseport: bool = False
     #: Published: a socket of it listens (stays so until it is released).
     listening: bool = False
 
@@ -311,11 +309,3 @@ def closed(sockets: list[BoundSocket], listening: set[int]) -> list[BoundSocket]
         return unseen
     app = _sockdiag.descendants(os.getpid())
     return [s for s in unseen if not any(held_by(pid, s.inode) for pid in app)]
-
-
-def reuseport(sock: _socket.socket) -> bool:
-    """Whether *sock* has SO_REUSEPORT (set before its bind, as the kernel wants)."""
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-    except OSError:
-        return False

@@ -565,6 +565,27 @@ def _serve_from(vip: str, port: int, listeners: list[socket.socket], count: int)
     return taken
 
 
+def late_reuse(port: str) -> None:
+    """Binds the kernel allows whatever the order of options: SO_REUSEPORT
+    set on a bound listener, then a second listener with it on PORT (nginx
+    adding ``reuseport`` at a reload); two sockets with SO_REUSEADDR bound
+    to PORT+1, neither listening.  Report each second bind's errno."""
+    p = int(port)
+    first = _listener(socket.AF_INET, "0.0.0.0", p)
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    late = _bind_errno(socket.AF_INET, "0.0.0.0", p, reuseport=True)
+    unlistened = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    for sock in unlistened:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    unlistened[0].bind(("0.0.0.0", p + 1))
+    try:
+        unlistened[1].bind(("0.0.0.0", p + 1))
+        reuseaddr = 0
+    except OSError as exc:
+        reuseaddr = exc.errno or -1
+    _out(late_reuseport=late, reuseaddr_unlistened=reuseaddr)
+
+
 def reuseport(vip: str, port: str, report: str) -> None:
     """Two listeners on VIP:PORT with SO_REUSEPORT: both bind and take
     connections; a third socket without it cannot bind; with one closed the
@@ -1291,6 +1312,7 @@ def rebind(port: str) -> None:
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
+    "late-reuse": late_reuse,
     "shutdown-listener": shutdown_listener,
     "stuck-server": stuck_server,
     "accept-pool": accept_pool,

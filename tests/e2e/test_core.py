@@ -340,6 +340,17 @@ def test_a_bind_skips_pool_ports_held_outside_axnet(node: AxnetNode) -> None:
         stop_process(squatter)
 
 
+def test_binds_beside_the_apps_own_are_the_kernels_to_allow(node: AxnetNode) -> None:
+    # SO_REUSEPORT set after the first bind was not seen (nginx adding
+    # `reuseport` at a reload failed with EADDRINUSE), nor were two
+    # SO_REUSEADDR sockets allowed one port while neither listens.
+    native = node.host.run([*APPS, "late-reuse", "7044"], timeout=30)
+    assert native.returncode == 0, native.stderr
+    expected = json.loads(native.stdout)
+    assert expected == {"late_reuseport": 0, "reuseaddr_unlistened": 0}
+    assert node.run_json([*APPS, "late-reuse", "7044"], ip="10.1.0.5") == expected
+
+
 def test_listeners_with_so_reuseport_share_a_virtual_port(node: AxnetNode) -> None:
     report = node.logs / "reuseport.json"
     app = node.app([*APPS, "reuseport", "10.1.0.5", "7030", str(report)], ip="10.1.0.5")
