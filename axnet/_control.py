@@ -336,6 +336,9 @@ async def serve_control(
     old_umask = os.umask(0o177)
     try:
         await listener.bind(str(path))
+    except OSError as exc:
+        listener.close()
+        raise ControlError(_unusable_socket_path(path, exc), err=exc.errno or 0) from None
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
@@ -394,6 +397,9 @@ async def serve_control(
 
 # -- clients -------------------------------------------------------------------
 
+#: Bytes of a unix socket's path, its terminating NUL excluded (sun_path).
+MAX_SOCKET_PATH = 107
+
 
 def _check_server(sock: socket.socket, path: Path) -> None:
     """Refuse a control socket served by another user (who made the directory first)."""
@@ -421,6 +427,20 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     )
 
 
+def _unusable_socket_path(path: Path, exc: OSError) -> str:
+    """Why the control socket cannot be at *path*, and what to do."""
+    if exc.errno is None:
+        return (
+            f"the control socket path {path} is {len(os.fsencode(path))} bytes, longer than "
+            f"a unix socket's {MAX_SOCKET_PATH}; choose a shorter --runtime-dir "
+            "(or AXNET_RUNTIME_DIR)"
+        )
+    return (
+        f"cannot make the control socket {path}: {exc.strerror}; choose another "
+        "--runtime-dir (or AXNET_RUNTIME_DIR)"
+    )
+
+
 #: Seconds between connects to a daemon whose queue of connections is full.
 CONNECT_RETRY_S = 0.01
 
@@ -442,6 +462,8 @@ def _try_connect(path: Path, timeout: float) -> socket.socket | None:
         return None
     except OSError as exc:
         sock.close()
+        if exc.errno is None:  # "AF_UNIX path too long": no daemon can serve there
+            raise ControlError(_unusable_socket_path(path, exc), err=errno.ENAMETOOLONG) from None
         raise _connect_error(path, exc) from None
     except ControlError:
         sock.close()

@@ -50,9 +50,9 @@ class DirLock:
                 0o600,
             )
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            why = "it is a symbolic link; remove it" if exc.errno == errno.ELOOP else exc.strerror
             raise ControlError(
-                f"cannot lock runtime directory {runtime}: {path}: {why}; remove it, "
+                f"cannot lock runtime directory {runtime}: {path}: {why}; "
                 "or choose another directory with --runtime-dir",
                 err=exc.errno or 0,
             ) from None

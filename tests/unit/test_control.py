@@ -364,6 +364,23 @@ async def test_a_daemon_whose_dir_was_replaced_leaves_the_new_daemons_files_alon
     assert caplog.text.count("was removed or replaced while this daemon ran") == 1
 
 
+async def test_a_control_socket_path_too_long_is_named_with_what_to_do(sock_dir: Path) -> None:
+    deep = sock_dir / ("d" * 100)
+    deep.mkdir()
+    path = deep / CONTROL_SOCKET
+    expected = (
+        f"the control socket path {path} is {len(str(path))} bytes, longer than a unix "
+        "socket's 107; choose a shorter --runtime-dir (or AXNET_RUNTIME_DIR)"
+    )
+    with pytest.raises(ControlError) as served:
+        await serve_control(path, echo)
+    assert str(served.value) == expected
+    with pytest.raises(ControlError) as asked:
+        ControlClient(path, timeout=1.0).request("ping")
+    assert str(asked.value) == expected
+    assert not isinstance(asked.value, DaemonUnavailable)  # no "start one with" advice
+
+
 def test_control_client_without_a_daemon_is_daemon_unavailable(
     sock_dir: Path, clean_env: pytest.MonkeyPatch
 ) -> None:
