@@ -419,7 +419,16 @@ def command_for(command: str, runtime: Path) -> str:
     return command
 
 
-def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
+def _connect_error(path: Path, exc: OSError) -> ControlError:
+    if exc.errno == errno.EACCES:
+        with contextlib.suppress(OSError):
+            owner = path.parent.stat().st_uid
+            if owner != os.getuid():  # no daemon of ours can serve there either
+                return ControlError(
+                    f"runtime directory {path.parent} belongs to uid {owner}, not to you "
+                    f"(uid {os.getuid()}); choose another with --runtime-dir",
+                    err=errno.EACCES,
+                )
     start = command_for("axnet daemon", path.parent)
     return DaemonUnavailable(
         f"no axnet daemon at {path} ({exc.strerror}); start one with: {start}",
@@ -471,7 +480,7 @@ def _try_connect(path: Path, timeout: float) -> socket.socket | None:
     return sock
 
 
-def _queue_full(path: Path) -> DaemonUnavailable:
+def _queue_full(path: Path) -> ControlError:
     return _connect_error(path, BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)))
 
 

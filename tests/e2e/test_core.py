@@ -1543,6 +1543,16 @@ def test_run_without_daemon_says_how_to_start_one(node: AxnetNode) -> None:
     assert "start one with: axnet daemon" in done.stderr
 
 
+def test_a_runtime_dir_of_another_user_is_named_not_a_missing_daemon(node: AxnetNode) -> None:
+    # /tmp/axnet-UID made first by somebody else: "start one with" advice
+    # would only fail again at the daemon's start.
+    theirs = node.scratch / "theirs"
+    theirs.mkdir(mode=0o700)  # root's
+    done = node.host.run([*AXNET, "status"], env={"AXNET_RUNTIME_DIR": str(theirs)}, timeout=30)
+    assert done.returncode == 1
+    assert f"runtime directory {theirs} belongs to uid 0, not to you (uid 65534)" in done.stderr
+
+
 def test_a_second_daemon_says_one_runs(node: AxnetNode) -> None:
     done = node.axnet("daemon", check=False)
     assert done.returncode == 1
