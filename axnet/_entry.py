@@ -28,8 +28,10 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    except (ImportError, OSError) as exc:
-        ours = isinstance(exc, ImportError) or exc.errno == errno.ENOMEM
+    except (ImportError, OSError, SystemError) as exc:
+        # SystemError: CPython's compiler, out of memory while it compiles a
+        # module (no bytecode cache), can fail so instead of MemoryError.
+        ours = not isinstance(exc, OSError) or exc.errno == errno.ENOMEM
         if not (ours and _memory_limited()):
             raise  # a broken installation, say: the traceback tells what is missing
         # A shared library that could not be mapped ("failed to map segment").
