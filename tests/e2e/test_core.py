@@ -1556,7 +1556,7 @@ def test_a_runtime_dir_of_another_user_is_named_not_a_missing_daemon(node: Axnet
 def test_a_second_daemon_says_one_runs(node: AxnetNode) -> None:
     done = node.axnet("daemon", check=False)
     assert done.returncode == 1
-    assert "a daemon already listens on" in done.stderr
+    assert f"another axnet daemon runs on {node.runtime}" in done.stderr
     assert "stop it with 'axnet stop'" in done.stderr
     assert "Traceback" not in done.stderr
 
