@@ -324,7 +324,7 @@ async def test_a_second_daemon_on_one_runtime_dir_is_refused_even_mid_start(
         with pytest.raises(ControlError) as info, trio.fail_after(10):
             await _daemon(sock_dir).run()
         assert str(info.value) == (
-            f"another axnet daemon runs on {sock_dir} (it holds {sock_dir / 'daemon.lock'}); "
+            f"another axnet daemon runs on {sock_dir} (it holds a lock on it); "
             "stop it with 'axnet stop', or choose another --runtime-dir"
         )
     finally:
@@ -332,11 +332,29 @@ async def test_a_second_daemon_on_one_runtime_dir_is_refused_even_mid_start(
     assert not (sock_dir / CONTROL_SOCKET).exists()
 
 
-def test_a_lock_file_planted_as_a_link_is_refused(sock_dir: Path) -> None:
-    (sock_dir / "elsewhere").write_text("")
-    (sock_dir / "daemon.lock").symlink_to(sock_dir / "elsewhere")
-    with pytest.raises(ControlError, match=r"daemon\.lock: it is a symbolic link; remove it"):
-        DirLock.acquire(sock_dir)
+async def test_files_removed_from_the_runtime_dir_leave_the_daemon_its_own(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # systemd-tmpfiles ages files in /tmp: a lock file removed so once made
+    # the daemon take its directory for another's, stop writing leases and
+    # leave its socket behind.  The lock is on the directory itself.
+    daemon = _daemon(sock_dir)
+    with caplog.at_level(logging.WARNING, logger="axnet.daemon"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            for leftover in sock_dir.iterdir():
+                if leftover.name != CONTROL_SOCKET:
+                    leftover.unlink()
+            await trio.to_thread.run_sync(_ping, control_path(sock_dir))
+            daemon.stop()
+    assert "was removed or replaced" not in caplog.text
+    assert not (sock_dir / CONTROL_SOCKET).exists()
+    assert (sock_dir / "leases").exists()
+
+
+def _ping(path: Path) -> None:
+    with ControlClient(path, timeout=5.0) as client:
+        _attach(client, "a1", vip="10.1.0.5")
 
 
 async def test_a_daemon_whose_dir_was_replaced_leaves_the_new_daemons_files_alone(
