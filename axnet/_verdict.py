@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Callable
 
 import attrs
 
@@ -80,19 +81,26 @@ ConnectVerdict = Passthrough | Deny | Redirect
 BindVerdict = Passthrough | Deny | BindVirtual | BindInert
 
 
-def decide_connect(table: ServiceTable, me: Identity, ip: IPAddress, port: int) -> ConnectVerdict:
+def decide_connect(
+    table: ServiceTable,
+    me: Identity,
+    ip: IPAddress,
+    port: int,
+    *,
+    host_listens: Callable[[int], bool] = lambda port: False,
+) -> ConnectVerdict:
     """Where a stream connect to ``ip:port`` goes.
 
-    The app's host is its virtual one, as a container's is: loopback and the
-    unspecified address (which Linux connects to this host: Go's
-    ``Dial(":8080")``) reach the app's own address first.  Where nothing
-    serves ``vip:port`` they go to the real host, unchanged.  An IPv4
-    address does not stand for an IPv6 virtual one: an IPv4 socket could not
-    reach it.
+    Loopback and the unspecified address (which Linux connects to this host:
+    Go's ``Dial(":8080")``) reach the real host's listener on that port, as
+    ever; where the host has none (*host_listens* says), the app's own
+    virtual address, as a container's localhost reaches its own services:
+    a health check beside a server on a wildcard.  An IPv4 address does not
+    stand for an IPv6 virtual one: an IPv4 socket could not reach it.
     """
     if ip.is_loopback or ip.is_unspecified:
         own = table.resolve(me.vip, port) if ip.version >= me.vip.version else None
-        if own is None:
+        if own is None or host_listens(port):
             return Passthrough()
         return Redirect(real=own.real, service=own.virtual)
     record = table.resolve(ip, port)

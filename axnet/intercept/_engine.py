@@ -86,7 +86,7 @@ from .._verdict import (
     decide_bind,
     decide_connect,
 )
-from . import _raw
+from . import _raw, _sockdiag
 from ._appfs import AppFs, is_path_address
 from ._binder import WILDCARD4, WILDCARD6, Binder, NodeLink, fits, local_endpoint, pack
 from ._bindings import Binding, Bindings
@@ -153,6 +153,15 @@ class Counters:
 def _int32(value: int) -> int:
     value &= 0xFFFFFFFF
     return value - (1 << 32) if value & 0x80000000 else value
+
+
+def _host_listens(port: int) -> bool:
+    """Whether a real TCP listener of the host has *port* (any address: one
+    reached on loopback, as like as not); False when the kernel cannot say."""
+    try:
+        return bool(_sockdiag.listening_inodes((port, port)))
+    except OSError:
+        return False
 
 
 def _ready(fd: int, events: int) -> bool:
@@ -522,7 +531,9 @@ class Engine:
             pinned = False
             if endpoint is not None:
                 ip, port = endpoint
-                verdict = decide_connect(self.table, self.identity, ip, port)
+                verdict = decide_connect(
+                    self.table, self.identity, ip, port, host_listens=_host_listens
+                )
                 match verdict:
                     case Redirect():
                         try:

@@ -234,7 +234,8 @@ def test_loopback_and_the_unspecified_address_reach_the_apps_own_services(
 ) -> None:
     # As in a container, the app's host is its virtual one: health checks to
     # localhost, and Go's Dial(":7041") (the unspecified address, which Linux
-    # connects to this host), reach the services at its own address.
+    # connects to this host), reach the services at its own address, where
+    # the real host has no listener on the port.
     node.app([*APPS, "greeter", "7041", "inet6"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7041")
     for host in ("127.0.0.1", "0.0.0.0", "::1", "::"):
@@ -246,6 +247,17 @@ def test_loopback_and_the_unspecified_address_reach_the_apps_own_services(
     # Another app's loopback is the real host's, where nothing listens.
     refused = node.run_json([*APPS, "connect-errno", "127.0.0.1", "7041"], ip="10.1.0.9")
     assert refused["errno"] == errno.ECONNREFUSED
+    # A real listener of the host on the port comes first, as ever (a
+    # replica of a primary outside axnet, both on the same port).
+    ready = node.logs / "host.out"
+    outside = node.host.popen([*APPS, "greeter", "7041"], stdout=ready)
+    try:
+        wait_until("host's server", lambda: "ready" in ready.read_text())
+        seen = node.run_json([*APPS, "names", "127.0.0.1", "7041"], ip="10.1.0.5")
+        assert seen["peername"] == ["127.0.0.1", 7041]
+        assert seen["server"]["accepted_from"][0] == "127.0.0.1"
+    finally:
+        stop_process(outside)
 
 
 def test_real_addresses_pass_through(node: AxnetNode) -> None:

@@ -125,6 +125,8 @@ def test_loopback_and_the_unspecified_address_reach_the_apps_own_services(to: st
     assert decide_connect(t, me(), ip, 8081) == Passthrough()
     # Another app's service is no loopback service of this one.
     assert decide_connect(t, me(), ip, 80) == Passthrough()
+    # A real listener of the host on the port comes first.
+    assert decide_connect(t, me(), ip, 8080, host_listens={8080}.__contains__) == Passthrough()
 
 
 def test_ipv4_loopback_does_not_stand_for_an_ipv6_virtual_address() -> None:
