@@ -70,6 +70,9 @@ class Binder:
     def __init__(self, bindings: Bindings, node: NodeLink) -> None:
         self.bindings = bindings
         self.node = node
+        #: The identity whose blocks were all full when the daemon had no
+        #: more to give: not asked again at every bind (a round trip).
+        self._no_more_ports: Identity | None = None
 
     def bind_virtual(self, sock: _socket.socket, port: int, pid: int, me: Identity) -> Binding:
         """Claim ``vip:port`` of *me* (the app's identity) and bind the socket
@@ -152,8 +155,13 @@ class Binder:
                 if candidate != me.block:
                     self.node.use_block(candidate)  # connects go there too, as theirs would
                 return found
+        if me is self._no_more_ports:
+            return None
         more = self.node.more_ports()  # every block of the app is full: now the app's
-        return None if more is None else self._bind_in(sock, me, more, pid)
+        if more is None:
+            self._no_more_ports = me
+            return None
+        return self._bind_in(sock, me, more, pid)
 
     def _bind_in(
         self,
@@ -245,7 +253,9 @@ def _free_port(sock: _socket.socket, host: IPAddress, block: tuple[int, int]) ->
     probe socket like it (same family, same SO_REUSEADDR); None when none is
     free.  The kernel's search costs a system call where claiming port
     after port from the daemon cost a round trip each.  Without
-    IP_LOCAL_PORT_RANGE, a port of the block at random."""
+    IP_LOCAL_PORT_RANGE, a port of the block at random.  What is not a full
+    block takes no new one: a failed bind raises Errno, and no fd free
+    OSError (the engine makes room)."""
     probe = socket.socket(sock.family, socket.SOCK_STREAM)
     try:
         reuseaddr = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
@@ -258,12 +268,13 @@ def _free_port(sock: _socket.socket, host: IPAddress, block: tuple[int, int]) ->
             probe.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, port_range(block))
         except OSError:  # before Linux 6.3: a port at random, for the claim and bind to try
             return block[0] + random.randrange(block[1] - block[0] + 1)
-        if _raw.bind(probe.fileno(), pack(sock.family, host, 0)):
+        err = _raw.bind(probe.fileno(), pack(sock.family, host, 0))
+        if err == errno.EADDRINUSE:
             return None
+        if err:
+            raise Errno(err)
         port = local_endpoint(probe)[1]
         return port if block[0] <= port <= block[1] else None
-    except OSError:
-        return None
     finally:
         probe.close()
 
