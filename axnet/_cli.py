@@ -793,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # The output could not be written (a full disk, /dev/full): say so,
         # and keep the final flush from failing again with a traceback.
-        print(f"axnet {args.command}: cannot write its output: {exc.strerror}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a hung-up terminal takes stderr too
+            print(f"axnet {args.command}: cannot write its output: {exc.strerror}", file=sys.stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
 

@@ -397,8 +397,8 @@ async def serve_control(
 
 # -- clients -------------------------------------------------------------------
 
-#: Bytes of a unix socket's path, its terminating NUL excluded (sun_path).
-MAX_SOCKET_PATH = 107
+#: Bytes of a unix socket's path (sun_path; Linux needs no terminating NUL).
+MAX_SOCKET_PATH = 108
 
 
 def _check_server(sock: socket.socket, path: Path) -> None:

@@ -147,6 +147,9 @@ class FrameDecoder:
 #: C0 and C1 control characters: from a peer they would reach terminals
 #: (escape sequences in `axnet services`) and forge log lines (newlines).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Control characters, and the marks that reorder what a terminal shows
+#: (a right-to-left override would make a listing lie).
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def visible(text: str) -> str:
@@ -157,7 +160,7 @@ def visible(text: str) -> str:
     except UnicodeEncodeError:
         raw = text.encode("utf-8", "surrogatepass")
     shown = raw.decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], shown)
+    return _UNSHOWN.sub(lambda m: ascii(m.group())[1:-1], shown)
 
 
 def has_control(text: str) -> bool:

@@ -388,7 +388,7 @@ async def test_a_control_socket_path_too_long_is_named_with_what_to_do(sock_dir:
     path = deep / CONTROL_SOCKET
     expected = (
         f"the control socket path {path} is {len(str(path))} bytes, longer than a unix "
-        "socket's 107; choose a shorter --runtime-dir (or AXNET_RUNTIME_DIR)"
+        "socket's 108; choose a shorter --runtime-dir (or AXNET_RUNTIME_DIR)"
     )
     with pytest.raises(ControlError) as served:
         await serve_control(path, echo)

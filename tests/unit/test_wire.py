@@ -432,3 +432,4 @@ def test_visible_text_escapes_what_a_terminal_would_act_on() -> None:
     assert visible(os.fsdecode(b"caf\xe9")) == "caf\\xe9"  # bytes that were not UTF-8
     assert visible("\ud800") == "\\xed\\xa0\\x80"  # a lone surrogate, from anywhere
     assert visible("\x85") == "\\x85"  # C1 controls too
+    assert visible("evil\u202etxt.exe") == "evil\\u202etxt.exe"  # no reordering either
