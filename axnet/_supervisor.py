@@ -72,6 +72,9 @@ log = logging.getLogger("axnet.run")
 PR_SET_CHILD_SUBREAPER = 36
 #: Seconds the rest of the app's tree gets between SIGTERM and SIGKILL.
 TERMINATE_GRACE_S = 2.0
+#: Seconds what the app left running gets to end by itself, before it is
+#: taken for a server that daemonized and gets SIGTERM.
+LEFT_BEHIND_GRACE_S = 0.3
 #: Seconds a bind waits for the daemon before falling back to a kernel port.
 CLAIM_TIMEOUT_S = 2.0
 RECONNECT_MIN_S = 0.1
@@ -568,7 +571,10 @@ class Supervisor:
             status = _reap(launched_pid)
             nursery.cancel_scope.cancel()
         self._token = None
-        _reap_exited()
+        # A pre-fork server's workers may outlive their master a moment.
+        with trio.move_on_after(LEFT_BEHIND_GRACE_S):
+            while _reap_exited() and _children():
+                await trio.sleep(0.02)
         if left := _children():
             # A server that daemonizes (pg_ctl start, nginx without "daemon
             # off;") looks to us like an app that exited: say why it goes.

@@ -1110,6 +1110,16 @@ def test_orphans_that_ignore_sigterm_are_ended(node: AxnetNode) -> None:
     assert "the app exited and left processes running" in done.stderr
 
 
+def test_workers_that_end_just_after_the_app_are_not_taken_for_a_daemon(
+    node: AxnetNode,
+) -> None:
+    # A pre-fork server's workers may outlive their master by a moment: no
+    # warning about a server that daemonizes for them.
+    done = node.run(["sh", "-c", "(sleep 0.1 &); exit 0"], ip="10.1.0.5")
+    assert done.returncode == 0, done.stderr
+    assert "left processes running" not in done.stderr
+
+
 def test_orphans_are_reaped_while_the_app_runs(node: AxnetNode) -> None:
     # axnet run is the app's subreaper: orphans that exit (a double fork's
     # middle process, nginx's old master after a binary upgrade) are reaped
