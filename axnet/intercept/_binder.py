@@ -104,7 +104,7 @@ class Binder:
                 # Ours: a second socket on it only as the kernel allows one.
                 return self._join(group, sock, me.real_host, pid)
         elif me.block is not None:
-            in_block = self._bind_in_block(sock, me, me.block, pid)
+            in_block = self._bind_in_block(sock, me, pid)
             if in_block is not None:
                 return in_block
         avoid: list[int] = []
@@ -133,23 +133,19 @@ class Binder:
         )
         raise Errno(errno.EADDRINUSE)
 
-    def _bind_in_block(
-        self,
-        sock: _socket.socket,
-        me: Identity,
-        block: tuple[int, int],
-        pid: int,
-    ) -> Binding | None:
+    def _bind_in_block(self, sock: _socket.socket, me: Identity, pid: int) -> Binding | None:
         """Bind an any-port bind to a port of the app's client blocks, the same
         port real and virtual.  Servers name a client by its block, so one
         that binds its own address before it connects (``curl --interface``,
         a ``source_address``, nginx's ``proxy_bind``) is seen from its
         virtual IP, as any connect of it is.  The kernel finds a free port
         (ports in TIME_WAIT are not, for a socket without SO_REUSEADDR);
-        when *block* has none, another block the app holds, then one more
+        when the current block has none, another the app holds, then one more
         from the daemon, as connects do.  None when no port could be had:
         then the pool."""
-        for candidate in dict.fromkeys((block, *me.blocks)):
+        for candidate in dict.fromkeys((me.block, *me.blocks)):
+            if candidate is None:
+                continue
             found = self._bind_in(sock, me, candidate, pid)
             if found is not None:
                 if candidate != me.block:
