@@ -186,7 +186,8 @@ class Binder:
                 return self._bound(sock, virtual, port, pid)
             self.node.release(virtual)
             if err != errno.EADDRINUSE:
-                raise Errno(err)  # taken meanwhile: the kernel finds another
+                raise Errno(err)
+            # Taken since the probe: the kernel finds another.
         return None
 
     def _bound(

@@ -405,8 +405,9 @@ def install_filter(program: bytes, *, wait_killable_recv: bool = True) -> int:
     SPEC_ALLOW: a kernel booted with `spec_store_bypass_disable=seccomp` or
     `spectre_v2_user=seccomp` (the default before Linux 5.16) takes any task
     under a filter for a sandbox and turns its speculation mitigations on,
-    which slows every app under axnet by several percent.  This filter is no
-    sandbox: the app keeps the speculation state it would have natively.
+    which can slow an app's every context switch and memory access.  This
+    filter is no sandbox: the app keeps the speculation state it would have
+    natively.
     """
     if not program or len(program) % 8:
         raise ValueError(f"program length {len(program)} is not a positive multiple of 8")
