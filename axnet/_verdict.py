@@ -77,8 +77,16 @@ class BindInert:
     reason: str
 
 
+@attrs.frozen
+class BindNodePort:
+    """A bind to the node's own address at any port: a port of the app's
+    client blocks, where servers name a connection from it by the app's
+    virtual IP, as they name its connects (a port the kernel picked could
+    lie in another app's block, and be named by that app's address)."""
+
+
 ConnectVerdict = Passthrough | Deny | Redirect
-BindVerdict = Passthrough | Deny | BindVirtual | BindInert
+BindVerdict = Passthrough | Deny | BindVirtual | BindInert | BindNodePort
 
 
 def decide_connect(
@@ -141,6 +149,13 @@ def decide_bind(
     loopback and real addresses are the kernel's business; somebody else's
     virtual address cannot be bound, as on a host that does not own it.
 
+    The node's own address is real, but its ports carry every app's
+    identity: a real port serving a virtual service, and the client blocks
+    by which servers name the connections of other apps, are in use; any
+    port means one of the app's own blocks (`BindNodePort`).  Otherwise an
+    app could take part of another's service (``SO_REUSEPORT``), or be
+    seen as another app by the servers it connects to.
+
     The app's virtual host has exactly one address.  A wildcard bind on a
     socket that cannot carry that address family (an IPv6-only socket when the
     address is IPv4, an IPv4 socket when it is IPv6) succeeds, as the kernel's
@@ -161,4 +176,26 @@ def decide_bind(
     if me.virtual_range is not None and ip in me.virtual_range:
         reason = f"{ip} is in the virtual range {me.virtual_range}, and not this app's address"
         return Deny(errno=errno.EADDRNOTAVAIL, reason=reason)
+    if ip == me.real_host:
+        return _decide_node_port(table, me, port)
+    return Passthrough()
+
+
+def _decide_node_port(table: ServiceTable, me: Identity, port: int) -> BindVerdict:
+    """A bind to ``port`` of the node's own address (see `decide_bind`)."""
+    if port == 0:
+        return BindNodePort()
+    served = table.virtual_of_server(RealAddress(host=me.real_host, port=port))
+    if served is not None:
+        return Deny(
+            errno=errno.EADDRINUSE,
+            reason=f"port {port} of the node's address {me.real_host} serves virtual {served}",
+        )
+    owner = table.virtual_of_client(me.real_host, port)
+    if owner is not None and owner != me.vip:
+        return Deny(
+            errno=errno.EADDRINUSE,
+            reason=f"port {port} of the node's address {me.real_host} is in the client "
+            f"ports of {owner}",
+        )
     return Passthrough()

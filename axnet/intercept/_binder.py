@@ -208,6 +208,34 @@ class Binder:
         log.debug("bind virtual=%s real_port=%s", virtual, real_port)
         return binding
 
+    def bind_node_port(self, sock: _socket.socket, me: Identity) -> None:
+        """Bind to any port of the node's own address: a free one of the app's
+        client blocks, where servers name its connections by its virtual IP
+        (see `axnet._verdict.BindNodePort`); with all of them full, one of
+        the node's spill ports, in no app's block (from a daemon that names
+        none, any port).  Raises Errno."""
+        if local_endpoint(sock)[1] != 0:
+            raise Errno(errno.EINVAL)  # already bound, as the kernel says
+        ranges = [b for b in dict.fromkeys((me.block, *me.blocks, me.spill)) if b is not None]
+        for candidate in ranges:
+            for _ in range(8):
+                port = _free_port(sock, me.real_host, candidate)
+                if port is None:
+                    break
+                err = _raw.bind(sock.fileno(), pack(sock.family, me.real_host, port))
+                if err == 0:
+                    return
+                if err != errno.EADDRINUSE:
+                    raise Errno(err)
+                # Taken since the probe: the kernel finds another.
+        if me.spill is None:
+            err = _raw.bind(sock.fileno(), pack(sock.family, me.real_host, 0))
+            if err:
+                raise Errno(err)
+            return
+        log.info("bind refused addr=%s:0 reason=no port of the app's free", me.real_host)
+        raise Errno(errno.EADDRINUSE)  # as the kernel's bind finds no port
+
     def bind_inert(self, sock: _socket.socket, port: int, pid: int) -> Binding:
         """Bind a wildcard of the family the app has no address in: to
         loopback, at a port the kernel picks, shown as the wildcard and *port*

@@ -78,6 +78,7 @@ from .._table import (
 )
 from .._verdict import (
     BindInert,
+    BindNodePort,
     BindVirtual,
     Deny,
     Identity,
@@ -705,7 +706,7 @@ class Engine:
             ):
                 # The kernel binds AF_UNSPEC + 0.0.0.0 as the wildcard.
                 raw, endpoint = inet, self._endpoint(inet, _AF_INET)
-            if endpoint is not None and self._bind_decided(n, sock, *endpoint) is not None:
+            if endpoint is not None and self._bind_decided(n, sock, *endpoint) is not False:
                 self._reply(n)
                 return
             with self._as_app(n, raw):
@@ -716,10 +717,10 @@ class Engine:
 
     def _bind_decided(
         self, n: Notification, sock: _socket.socket, ip: IPAddress, port: int
-    ) -> Binding | None:
+    ) -> Binding | bool:
         """Bind an inet stream socket to ``ip:port`` as ``decide_bind`` says:
-        the binding made, or None when the bind is the kernel's to make.
-        Raises Errno."""
+        the binding made, True when bound without one (a port of the node's
+        own), or False when the bind is the kernel's to make.  Raises Errno."""
         ipv6 = sock.family == _AF_INET6
         v6only = ipv6 and bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
         verdict = decide_bind(self.table, self.identity, ip, port, ipv6_socket=ipv6, v6only=v6only)
@@ -734,10 +735,13 @@ class Engine:
                     verdict.reason,
                 )
                 return self._binder.bind_inert(sock, verdict.port, n.pid)
+            case BindNodePort():
+                self._binder.bind_node_port(sock, self.identity)
+                return True
             case Deny():
                 raise _refused(n, "bind", ip, port, verdict)
             case Passthrough():
-                return None
+                return False
 
     def _as_app(self, n: Notification, raw: bytes) -> contextlib.AbstractContextManager[None]:
         """For a path socket address, the app thread's directory and umask;
@@ -785,7 +789,8 @@ class Engine:
                 # listen() on an unbound socket binds it to any port of the
                 # wildcard first.
                 wildcard = WILDCARD6 if family == _AF_INET6 else WILDCARD4
-                binding = self._bind_decided(n, sock, wildcard, 0)
+                made = self._bind_decided(n, sock, wildcard, 0)
+                binding = made if isinstance(made, Binding) else None
             try:
                 # The kernel takes a negative backlog as "as many as allowed";
                 # CPython would make it 0.

@@ -66,11 +66,14 @@ def _wait_for_file(path: str, exists: bool) -> None:
         time.sleep(0.05)
 
 
-def greeter(port: str, family: str = "inet") -> None:
-    """Listen on PORT of every address; tell each client what accept returned."""
+def greeter(port: str, family: str = "inet", reuseport: str = "") -> None:
+    """Listen on PORT of every address (with SO_REUSEPORT when REUSEPORT is
+    given); tell each client what accept returned."""
     af = socket.AF_INET6 if family == "inet6" else socket.AF_INET
     listener = socket.socket(af, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     listener.bind(("::" if af == socket.AF_INET6 else "0.0.0.0", int(port)))
     listener.listen(512)
     _out(ready=True, sockname=_addr(listener.getsockname()))
@@ -136,6 +139,15 @@ def bound_connections(host: str, port: str, count: str, source: str) -> None:
             data += chunk
         seen.append(json.loads(data)["accepted_from"][0])
     _out(seen=seen)
+
+
+def node_ports(node: str, *ports: str) -> None:
+    """Bind a socket with SO_REUSEPORT to each PORT of the node's own
+    address NODE and listen; report each errno (0: bound)."""
+    errors = {
+        port: _bind_errno(socket.AF_INET, node, int(port), reuseport=True) for port in ports
+    }
+    _out(errors=errors)
 
 
 def reopen_connections(host: str, port: str, first: str, closed: str, then: str) -> None:
@@ -1333,6 +1345,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "name-later": name_later,
     "open-connections": open_connections,
     "bound-connections": bound_connections,
+    "node-ports": node_ports,
     "reopen-connections": reopen_connections,
     "threads": threads,
     "spaced": spaced,

@@ -204,6 +204,28 @@ def test_clients_that_bind_first_get_more_blocks_as_connects_do(node: AxnetNode)
         assert done["seen"] == ["10.1.0.9"] * 40, source
 
 
+def test_binds_to_the_nodes_own_address_keep_to_the_apps_own_ports(node: AxnetNode) -> None:
+    # The node's own address is real, but its ports carry every app's
+    # identity.  An app bound there at another app's service port (both with
+    # SO_REUSEPORT) took part of that service's connections; at a port of
+    # another app's client block, servers named its connections by that app.
+    node.app([*APPS, "greeter", "7046", "inet", "reuseport"], ip="10.1.0.5")
+    host, _, real_port = node.wait_service("10.1.0.5:7046")["real"].rpartition(":")
+    node.app(["python3", "-c", "import time; time.sleep(600)"], ip="10.1.0.6")
+    [other] = wait_until(
+        "the other app attached", lambda: [a for a in node.json("apps") if a["vip"] == "10.1.0.6"]
+    )
+    block_port = other["client_ports"].split("-")[0]
+    done = node.run_json([*APPS, "node-ports", host, real_port, block_port], ip="10.1.0.9")
+    assert done["errors"] == {real_port: errno.EADDRINUSE, block_port: errno.EADDRINUSE}
+    # Any port of it is one of the app's own: servers see the app, where a
+    # port the kernel picked fell in any app's block, or in none.
+    done = node.run_json(
+        [*APPS, "bound-connections", "10.1.0.5", "7046", "40", host], ip="10.1.0.9"
+    )
+    assert done["seen"] == ["10.1.0.9"] * 40
+
+
 def test_dual_stack_server_sees_mapped_addresses(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7001", "inet6"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7001")

@@ -18,6 +18,7 @@ from axnet._table import (
 )
 from axnet._verdict import (
     BindInert,
+    BindNodePort,
     BindVirtual,
     Deny,
     Identity,
@@ -239,3 +240,57 @@ def test_bind_an_unheld_address_of_the_virtual_range_is_eaddrnotavail() -> None:
 @pytest.mark.parametrize("ip", ["127.0.0.1", "192.0.2.1", "::1", "10.78.0.1"])
 def test_bind_real_address_passes_through(ip: str) -> None:
     assert decide_bind(table(), me(), ip_address(ip), 80) == Passthrough()
+
+
+def _with_neighbour() -> ServiceTable:
+    """The table, with this app and another of this node (HOST), serving
+    10.77.0.7:443."""
+    t = table()
+    for app_id, vip, port_lo in (("me", MY_VIP, 40000), ("db", ip_address("10.77.0.7"), 41000)):
+        t.merge(
+            AppRecord(
+                app_id=app_id,
+                node="n1",
+                vip=vip,
+                real_host=HOST,
+                port_lo=port_lo,
+                port_hi=port_lo + 99,
+            )
+        )
+    t.merge(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=ip_address("10.77.0.7"), port=443),
+            real=RealAddress(host=HOST, port=20007),
+            node="n1",
+            app_id="db",
+        )
+    )
+    return t
+
+
+def test_bind_the_nodes_port_of_another_apps_service_is_in_use() -> None:
+    # With SO_REUSEPORT on both sockets it would take part of that service.
+    verdict = decide_bind(_with_neighbour(), me(), HOST, 20007)
+    assert verdict == Deny(
+        errno=errno.EADDRINUSE,
+        reason="port 20007 of the node's address 192.0.2.1 serves virtual 10.77.0.7:443",
+    )
+
+
+def test_bind_the_nodes_port_of_another_apps_client_block_is_in_use() -> None:
+    # Servers would name the app's connections from it by the other app.
+    verdict = decide_bind(_with_neighbour(), me(), HOST, 41005)
+    assert verdict == Deny(
+        errno=errno.EADDRINUSE,
+        reason="port 41005 of the node's address 192.0.2.1 is in the client ports of 10.77.0.7",
+    )
+
+
+def test_bind_the_nodes_other_ports_passes_through() -> None:
+    # Its own block, and a port in nobody's.
+    for port in (40005, 9100):
+        assert decide_bind(_with_neighbour(), me(), HOST, port) == Passthrough(), port
+
+
+def test_bind_any_port_of_the_nodes_address_takes_one_of_the_apps_own() -> None:
+    assert decide_bind(_with_neighbour(), me(), HOST, 0) == BindNodePort()
