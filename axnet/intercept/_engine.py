@@ -706,14 +706,33 @@ class Engine:
             ):
                 # The kernel binds AF_UNSPEC + 0.0.0.0 as the wildcard.
                 raw, endpoint = inet, self._endpoint(inet, _AF_INET)
-            if endpoint is not None and self._bind_decided(n, sock, *endpoint) is not False:
-                self._reply(n)
-                return
-            with self._as_app(n, raw):
-                err = _raw.bind(sock.fileno(), raw)
-            self._reply(n, error=err)
+            try:
+                self._bind_as_decided(n, sock, raw, endpoint)
+            except Errno as exc:
+                if exc.errno != errno.EADDRINUSE or not self._parked.drop_gone():
+                    raise
+                # In use by a socket of the app's that only a call of a thread
+                # gone since held open (an exec in another thread): free now.
+                self._bind_as_decided(n, sock, raw, endpoint)
+            self._reply(n)
         finally:
             sock.close()
+
+    def _bind_as_decided(
+        self,
+        n: Notification,
+        sock: _socket.socket,
+        raw: bytes,
+        endpoint: tuple[IPAddress, int] | None,
+    ) -> None:
+        """Bind as `_bind_decided` says, or as the app asked where that is the
+        kernel's to do.  Raises Errno."""
+        if endpoint is not None and self._bind_decided(n, sock, *endpoint) is not False:
+            return
+        with self._as_app(n, raw):
+            err = _raw.bind(sock.fileno(), raw)
+        if err:
+            raise Errno(err)
 
     def _bind_decided(
         self, n: Notification, sock: _socket.socket, ip: IPAddress, port: int

@@ -131,6 +131,21 @@ class ParkedCalls:
             self._unwait(waiter)
         self._epoll.close()
 
+    def drop_gone(self) -> bool:
+        """Forget the waits whose app thread is gone now, not at the next
+        check: an exec ends every other thread of the app, and the sockets
+        of their waits, closed on exec, live on in our duplicates (a new
+        image binding the same address found it in use).  Whether any was."""
+        dropped = False
+        if self._fast is not None and self._fast.parked:
+            before = self._fast.parked
+            dropped = self._fast.drop_abandoned() < before
+        for waiter in [*self.waiters.values(), *self.retries.values()]:
+            if not self._notify.id_valid(waiter.n.id):
+                self._unwait(waiter)
+                dropped = True
+        return dropped
+
     def wait(
         self,
         n: Notification,

@@ -144,9 +144,7 @@ def bound_connections(host: str, port: str, count: str, source: str) -> None:
 def node_ports(node: str, *ports: str) -> None:
     """Bind a socket with SO_REUSEPORT to each PORT of the node's own
     address NODE and listen; report each errno (0: bound)."""
-    errors = {
-        port: _bind_errno(socket.AF_INET, node, int(port), reuseport=True) for port in ports
-    }
+    errors = {port: _bind_errno(socket.AF_INET, node, int(port), reuseport=True) for port in ports}
     _out(errors=errors)
 
 
@@ -312,6 +310,48 @@ def fork_connect(host: str, port: str) -> None:
 def exec_names(host: str, port: str) -> None:
     """exec() another program that connects."""
     os.execv(sys.executable, [sys.executable, "-m", "axnet.testing.apps", "names", host, port])
+
+
+def exec_rebind(port: str, again: str = "") -> None:
+    """Listen on PORT (closed on exec) with a thread blocked in accept on it,
+    exec this again, which binds PORT at once: report that bind's errno."""
+    import time
+
+    if again:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", int(port)))
+            _out(rebind=0)
+        except OSError as exc:
+            _out(rebind=exc.errno)
+        return
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    tids: list[int] = []
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        _libc.accept(listener.fileno(), None, None)
+
+    threading.Thread(target=worker, daemon=True).start()
+    # Until the worker blocks in accept; then a trapped call of ours: the
+    # engine takes notifications in order, so once it answers ours it holds
+    # the accept.
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up:
+        if tids:
+            with open(f"/proc/self/task/{tids[0]}/syscall") as f:
+                number = f.read().split()[0]
+            if number.isdigit() and int(number) in _ACCEPTS:
+                break
+        time.sleep(0.005)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.getsockname()
+    argv = [sys.executable, "-m", "axnet.testing.apps", "exec-rebind", port, "again"]
+    os.execv(sys.executable, argv)
 
 
 def io_uring() -> None:
@@ -1357,6 +1397,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "trio-clients": trio_clients,
     "fork-connect": fork_connect,
     "exec-names": exec_names,
+    "exec-rebind": exec_rebind,
     "io-uring": io_uring,
     "fastopen": fastopen,
     "hostile": hostile,

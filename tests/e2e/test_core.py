@@ -1488,6 +1488,14 @@ def test_fast_open_sends_are_refused_and_apps_fall_back_to_connect(node: AxnetNo
     assert result["udp_plain"] == 1
 
 
+def test_an_exec_frees_a_listener_that_another_thread_waited_on(node: AxnetNode) -> None:
+    # The accept a thread was blocked in held the listener, closed on exec,
+    # open in the supervisor until its next check: the new image binding
+    # the same address at once found it in use (as late as 0.3 s after).
+    done = node.run_json([*APPS, "exec-rebind", "7047"], ip="10.1.0.9")
+    assert done == {"rebind": 0}
+
+
 def test_hostile_arguments_get_kernel_errors(node: AxnetNode) -> None:
     result = node.run_json([*APPS, "hostile"], ip="10.1.0.5")
     assert result["connect_bad_pointer"] == errno.EFAULT
