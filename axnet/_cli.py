@@ -594,7 +594,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _end_by_signal(signum: int) -> int:
-    """End as the app ended, by its signal.
+    """End as the app ended, by its signal (or as the demo was stopped).
 
     A shell tells a child that Ctrl-C ended from one that exited 130: bash
     stops a loop of ``axnet run`` commands only for the first.  No core file
@@ -727,7 +727,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(verbose=args.verbose, as_json=args.json)
+    status = run_demo(verbose=args.verbose, as_json=args.json)
+    return status if status >= 0 else _end_by_signal(-status)
 
 
 _COMMANDS = {

@@ -5,6 +5,12 @@ loopback address of its own (127.0.0.11 to .13), gossiping (encrypted) with
 the others.  A web server on port 80 runs on each of the first two nodes at a
 virtual IP; a client on the third fetches from both, by those IPs.  Then the
 second node leaves the cluster, and the third sees its service go.
+
+SIGTERM and SIGHUP stop it as Ctrl-C does: what it started is stopped and its
+scratch directory (with the gossip key) removed, then it ends by that signal.
+Under ``timeout`` or a closing terminal its children get the signal as well:
+the demo still waits for each and removes the directory, logs included (a
+child that the signal ended is no failure to keep them for).
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import attrs
 
@@ -30,6 +38,8 @@ from .._control import ControlClient, ControlError, control_path
 #: second on a quiet machine; the bound is for a loaded one (at a load of
 #: 12 on two CPUs, 20 s was once too short for three daemons to agree).
 STEP_TIMEOUT_S = 60.0
+#: Signals that stop the demo, beside Ctrl-C (`Stopped`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @attrs.frozen
@@ -136,9 +146,39 @@ def _client(node: DemoNode, targets: list[str], verbosity: list[str]) -> list[di
     return [json.loads(line) for line in proc.stdout.decode().splitlines()]
 
 
+class Stopped(BaseException):
+    """One of STOP_SIGNALS came: raised where the demo is, so that it stops
+    what it started (a BaseException, as KeyboardInterrupt is: no failure)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Stopped(signum)
+
+
 def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
+    """The demo's exit status, or -N once signal N of STOP_SIGNALS stopped it
+    (as ``axnet run`` reports its app's signal): by then everything it
+    started has stopped and its scratch directory is gone."""
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    scratch: Path | None = None
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix="axnet-demo-"))
+        return _demo(scratch, verbose=verbose, as_json=as_json)
+    except Stopped as stopped:
+        if scratch is not None:  # its logs too: what stopped it is no failure
+            shutil.rmtree(scratch, ignore_errors=True)
+        return -stopped.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _demo(scratch: Path, *, verbose: int, as_json: bool) -> int:
     progress = _Progress()
-    scratch = Path(tempfile.mkdtemp(prefix="axnet-demo-"))
     logs = scratch / "logs"
     logs.mkdir()
     daemons: list[subprocess.Popen[bytes]] = []
@@ -220,7 +260,6 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             sys.stdout.write("\n")
         else:
             _print_report(report)
-        return 0
     except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, ControlError) as exc:
         keep_logs = True
         print(f"axnet demo: {exc}; logs kept in {logs}", file=sys.stderr)
@@ -228,9 +267,14 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
             sys.stderr.write(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}\n")
         return 1
     finally:
+        for signum in STOP_SIGNALS:  # a second one does not cut the stopping short
+            signal.signal(signum, signal.SIG_IGN)
         _stop_all([*apps, *daemons])
         if not keep_logs:
             shutil.rmtree(scratch, ignore_errors=True)
+    if not as_json:
+        print("Every app and daemon this demo started has been stopped.")
+    return 0
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -288,7 +332,6 @@ def _print_report(report: dict[str, Any]) -> None:
     for f in after["fetches"]:
         outcome = f.get("error") or "answered (its service should have gone)"
         console.print(Text(f"GET http://{f['target']}/ → {outcome}, after {f['ms']} ms"))
-    console.print("Every app and daemon this demo started has been stopped.")
 
 
 def _members_table(members: list[dict[str, Any]], title: str) -> Any:

@@ -1934,6 +1934,34 @@ def test_demo_runs_a_local_cluster_and_cleans_up(netns_host: NetnsHost) -> None:
     assert netns_host.run(["pgrep", "-f", "axnet.demo._apps"], timeout=10).returncode == 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_stopped_by_a_signal_stops_what_it_started(
+    netns_host: NetnsHost, runtime_dir: Path, signum: int
+) -> None:
+    reason = probe_user_notification()
+    if reason is not None:
+        pytest.skip(reason)
+    # Its scratch directory goes where TMPDIR says: one the test can look into.
+    demo = netns_host.popen(
+        [*AXNET, "demo", "--json"], env={"TMPDIR": str(runtime_dir)}, stderr=subprocess.PIPE
+    )
+    assert demo.stderr is not None
+    said = b""
+    # Midway: its daemons and both servers run, its client has yet to start.
+    while b"knows both web servers" not in said:
+        line = demo.stderr.readline()
+        assert line, said.decode(errors="replace")
+        said += line
+    demo.send_signal(signum)
+    said += demo.stderr.read()
+    # Ended by that signal (a shell reports 128 + N), not by a failure of its own.
+    assert demo.wait() == -signum, said.decode(errors="replace")
+    assert b"logs kept" not in said
+    left = netns_host.pids()  # the demo's daemons and apps were all there was
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+    assert list(runtime_dir.iterdir()) == []
+
+
 def test_app_without_ip_gets_one_from_the_virtual_range(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7012"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7012")
