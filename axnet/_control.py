@@ -326,9 +326,10 @@ async def serve_control(
         except OSError:
             path.unlink()  # stale socket from a daemon that died
         else:
+            stop = command_for("axnet stop", path.parent)
             raise ControlError(
-                f"a daemon already listens on {path}; stop it with 'axnet stop' "
-                f"or choose another --runtime-dir"
+                f"a daemon already listens on {path}; stop it with '{stop}' "
+                "or choose another --runtime-dir"
             )
         finally:
             probe.close()

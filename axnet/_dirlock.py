@@ -25,7 +25,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ._control import ControlError
+from ._control import ControlError, command_for
 
 
 class DirLock:
@@ -52,9 +52,10 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            stop = command_for("axnet stop", runtime)
             raise ControlError(
                 f"another axnet daemon runs on {runtime} (it holds a lock on it); "
-                "stop it with 'axnet stop', or choose another --runtime-dir",
+                f"stop it with '{stop}', or choose another --runtime-dir",
                 err=errno.EBUSY,
             ) from None
         except BaseException:

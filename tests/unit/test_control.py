@@ -306,9 +306,10 @@ async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
         live.listen(1)
         with pytest.raises(ControlError) as info:
             await serve_control(path, echo)
+        # Not the default directory: 'axnet stop' alone would stop another daemon, or none.
         assert str(info.value) == (
-            f"a daemon already listens on {path}; stop it with 'axnet stop' "
-            f"or choose another --runtime-dir"
+            f"a daemon already listens on {path}; stop it with "
+            f"'axnet stop --runtime-dir {sock_dir}' or choose another --runtime-dir"
         )
         assert path.exists()  # the other daemon's socket is left alone
 
@@ -325,11 +326,27 @@ async def test_a_second_daemon_on_one_runtime_dir_is_refused_even_mid_start(
             await _daemon(sock_dir).run()
         assert str(info.value) == (
             f"another axnet daemon runs on {sock_dir} (it holds a lock on it); "
-            "stop it with 'axnet stop', or choose another --runtime-dir"
+            f"stop it with 'axnet stop --runtime-dir {sock_dir}', or choose another --runtime-dir"
         )
     finally:
         first.release()
     assert not (sock_dir / CONTROL_SOCKET).exists()
+
+
+def test_a_refused_daemon_on_the_default_runtime_dir_names_plain_axnet_stop(
+    sock_dir: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("AXNET_RUNTIME_DIR", str(sock_dir))
+    first = DirLock.acquire(sock_dir)
+    try:
+        with pytest.raises(ControlError) as info:
+            DirLock.acquire(sock_dir)
+        assert str(info.value) == (
+            f"another axnet daemon runs on {sock_dir} (it holds a lock on it); "
+            "stop it with 'axnet stop', or choose another --runtime-dir"
+        )
+    finally:
+        first.release()
 
 
 async def test_files_removed_from_the_runtime_dir_leave_the_daemon_its_own(
