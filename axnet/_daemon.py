@@ -536,6 +536,7 @@ class Daemon:
             "gossip": None,  # this daemon does not gossip (as in status)
             "status": "alive",
             "labels": {},
+            "incarnation": None,  # the keys are a gossiping member's (members --json)
         }
 
     def merge_remote(self, records: Sequence[Record]) -> Merged:

@@ -529,6 +529,7 @@ async def test_a_daemon_that_does_not_gossip_says_so_alike_in_status_and_members
 
     gossip, [member] = await _with_daemon(sock_dir, talk)
     assert gossip is None and member["gossip"] is None  # not "" in one and null in the other
+    assert member["incarnation"] is None  # a key that a gossiping daemon's members have
 
 
 async def test_bad_numbers_are_refused_and_the_daemon_serves_on(sock_dir: Path) -> None:

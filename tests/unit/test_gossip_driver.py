@@ -125,6 +125,14 @@ async def publish_service(cluster: GossipCluster, daemon: Daemon, port: int) -> 
     return claim.virtual
 
 
+async def test_a_member_has_the_same_keys_with_gossip_as_without() -> None:
+    # `axnet members --json` of a daemon without gossip lacked "incarnation":
+    # a script had to guess which keys it would find.
+    async with running("a") as a:
+        [member] = a.members()
+        assert member.keys() == a._daemon._self_member().keys()
+
+
 async def test_join_replicate_leave() -> None:
     async with running("a") as a, running("b") as b, running("c") as c:
         assert await b.join([seed(a)]) == 1
