@@ -50,6 +50,7 @@ from ._portprobe import port_taken
 from ._table import (
     TOMBSTONE_SWEEP_S,
     AppRecord,
+    RealAddress,
     ServiceRecord,
     VirtualAddress,
     ip_address,
@@ -315,14 +316,18 @@ class Daemon:
                         reason,
                     )
                     break
-        # Bindings a supervisor kept across a daemon restart.
+        # Bindings a supervisor kept across a daemon restart, with the real
+        # address each is bound to (an older supervisor does not say: the
+        # node's).
+        host = self.config.node.real_host
         claims = [
             (
                 VirtualAddress(ip=ip_address(str(vip_s)), port=port_from_wire(vport)),
                 port_from_wire(real),
                 bool(on),
+                ip_address(str(bound[0])) if bound else host,
             )
-            for vip_s, vport, real, on in request.get("claims") or []
+            for vip_s, vport, real, on, *bound in request.get("claims") or []
         ]
         app, written = self.node.attach(
             app_id=app_id,
@@ -337,10 +342,30 @@ class Daemon:
             started=_leasefile.process_started(pid) or 0,
         )
         try:
-            for virtual, real_port, listening in claims:
+            for virtual, real_port, listening, bound_at in claims:
+                if listening and bound_at != host:
+                    # Its socket stays where a daemon at another address
+                    # bound it: published there, which apps of this node
+                    # reach, and other nodes may not.
+                    log.warning(
+                        "app re-attached app=%s vip=%s name=%s: service=%s listens on %s, "
+                        "not on this node's address %s; other nodes may not reach it there: "
+                        "restart the app to serve at %s",
+                        app_id,
+                        app.vip,
+                        name,
+                        virtual,
+                        RealAddress(host=bound_at, port=real_port),
+                        host,
+                        host,
+                    )
                 try:
                     written += self.node.adopt(
-                        app_id, virtual, real_port=real_port, listening=listening
+                        app_id,
+                        virtual,
+                        real_port=real_port,
+                        listening=listening,
+                        real_host=bound_at,
                     )
                 except ClaimError as exc:
                     if exc.errno == errno.EADDRINUSE:

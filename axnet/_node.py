@@ -132,6 +132,9 @@ class Claim:
     virtual: VirtualAddress
     real_port: int
     listening: bool = False
+    #: Where the app's socket is bound, when not on the node's address: a
+    #: binding adopted from an app that a daemon at another address had.
+    real_host: IPAddress | None = None
 
 
 #: Client port blocks an app may hold: its first, and more as it uses them up.
@@ -320,7 +323,7 @@ class Node:
     ) -> ServiceRecord:
         return ServiceRecord(
             virtual=claim.virtual,
-            real=RealAddress(host=self.config.real_host, port=claim.real_port),
+            real=RealAddress(host=claim.real_host or self.config.real_host, port=claim.real_port),
             node=self.config.name,
             app_id=app.app_id,
             name=app.name,
@@ -516,6 +519,7 @@ class Node:
         virtual: VirtualAddress,
         *,
         real_port: int | None = None,
+        real_host: IPAddress | None = None,
         avoid: Iterable[int] = (),
         taken: Callable[[int], bool] = lambda port: False,
     ) -> Claim:
@@ -523,7 +527,8 @@ class Node:
 
         ``virtual.port == 0`` asks for any port: the real port is then used as
         the virtual one too.  *real_port* adopts a port the supervisor already
-        bound (after a daemon restart).  A port of the pool is given only if
+        bound (after a daemon restart), at *real_host* when that is not the
+        node's address (a daemon at another address had it).  A port of the pool is given only if
         it is not in *avoid* and *taken* says no one outside axnet holds it
         (another user's daemon walks the same pool).
         """
@@ -555,13 +560,21 @@ class Node:
             if self._in_use(virtual):
                 self._ports_in_use.discard(real_port)
                 raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
-        claim = Claim(app_id=app_id, virtual=virtual, real_port=real_port)
+        if real_host == self.config.real_host:
+            real_host = None
+        claim = Claim(app_id=app_id, virtual=virtual, real_port=real_port, real_host=real_host)
         self._claims[virtual] = claim
         app.claims[virtual] = claim
         return claim
 
     def adopt(
-        self, app_id: str, virtual: VirtualAddress, *, real_port: int, listening: bool
+        self,
+        app_id: str,
+        virtual: VirtualAddress,
+        *,
+        real_port: int,
+        listening: bool,
+        real_host: IPAddress | None = None,
     ) -> list[AppRecord | ServiceRecord]:
         """Take over a binding the app's supervisor kept across a daemon restart.
 
@@ -569,14 +582,20 @@ class Node:
         re-attaches: meanwhile another app may claim the same address.  The
         adopted binding then waits (EADDRINUSE is raised) and is published
         as soon as the other claim is released, since the app still holds
-        its socket: dropped, it would stay unpublished for good.
+        its socket: dropped, it would stay unpublished for good.  Its record
+        names *real_host*, where the socket is bound, if a daemon at another
+        address had it: the socket cannot move.
         """
         try:
-            self.claim(app_id, virtual, real_port=real_port)
+            self.claim(app_id, virtual, real_port=real_port, real_host=real_host)
         except ClaimError as exc:
             if exc.errno == errno.EADDRINUSE:
                 waiting = Claim(
-                    app_id=app_id, virtual=virtual, real_port=real_port, listening=listening
+                    app_id=app_id,
+                    virtual=virtual,
+                    real_port=real_port,
+                    listening=listening,
+                    real_host=real_host,
                 )
                 self._waiting.setdefault(virtual, []).append(waiting)
             raise
@@ -598,7 +617,11 @@ class Node:
             if first.app_id in self.apps:
                 with contextlib.suppress(ClaimError):  # raised only if taken again: it waits
                     return self.adopt(
-                        first.app_id, virtual, real_port=first.real_port, listening=first.listening
+                        first.app_id,
+                        virtual,
+                        real_port=first.real_port,
+                        listening=first.listening,
+                        real_host=first.real_host,
                     )
         return []
 

@@ -384,8 +384,10 @@ class Supervisor:
         session = Session(stream)
         claims: list[list[object]] = []
         if self.engine is not None:
+            # Where each is bound, too: a daemon at another address than the
+            # one that had it must publish where the socket really is.
             claims = [
-                [str(b.virtual.ip), b.virtual.port, b.real_port, b.listening]
+                [str(b.virtual.ip), b.virtual.port, b.real_port, b.listening, str(b.host)]
                 for b in self.engine.snapshot_bindings()
             ]
         identity = self.identity

@@ -203,6 +203,7 @@ class Binder:
             virtual=virtual,
             real_port=real_port,
             sockets=[BoundSocket(inode=os.fstat(sock.fileno()).st_ino, pid=pid)],
+            host=local_endpoint(sock)[0],
         )
         self.bindings.add(binding)
         log.debug("bind virtual=%s real_port=%s", virtual, real_port)

@@ -73,6 +73,10 @@ class Binding:
     virtual: VirtualAddress
     real_port: int
     sockets: list[BoundSocket]
+    #: The real address its sockets are bound to, as read from the first:
+    #: the node's address when it was bound (loopback for an inert one),
+    #: which a daemon restarted at another address does not move.
+    host: IPAddress
     #: Published: a socket of it listens (stays so until it is released).
     listening: bool = False
 

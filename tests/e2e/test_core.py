@@ -1692,6 +1692,51 @@ def test_daemon_killed_then_restarted(node: AxnetNode) -> None:
         stop_process(server)
 
 
+def test_an_app_re_attached_to_a_daemon_at_another_address(node: AxnetNode) -> None:
+    # The next daemon has another node address (127.0.0.2, not 127.0.0.1):
+    # a running server's socket cannot move there.  Its record still names
+    # where it listens, so that apps here keep reaching it, and the move is
+    # said, since other nodes could not reach that address.
+    server = node.app([*APPS, "greeter", "7010"], ip="10.1.0.5", name="greeter")
+    before = node.wait_service("10.1.0.5:7010")
+    assert before["real"].startswith("127.0.0.1:")
+    client_script = (
+        "import json, socket, sys\n"
+        "for line in sys.stdin:\n"
+        "    try:\n"
+        "        with socket.create_connection(('10.1.0.5', 7010), timeout=10) as s:\n"
+        "            print(s.recv(4096).decode(), flush=True)\n"
+        "    except OSError as exc:\n"
+        "        print(json.dumps({'error': str(exc)}), flush=True)\n"
+    )
+    client = _AskedClient(node, client_script, node.logs / "moved-client.err")
+    try:
+        assert "accepted_from" in client.ask()
+        node.stop()
+        node.daemon_args = [*node.daemon_args, "--address", "127.0.0.2"]
+        node.start()
+        wait_until(
+            "apps re-attached",
+            lambda: {a["vip"] for a in node.json("apps")} >= {"10.1.0.5", "10.1.0.9"},
+        )
+        after = node.wait_service("10.1.0.5:7010")
+        assert after["real"] == before["real"]
+        # The app that was running (it re-attached too) and a new one reach it.
+        again = client.ask()
+        assert "accepted_from" in again, again
+        seen = node.run_json([*APPS, "names", "10.1.0.5", "7010"], ip="10.1.0.8")
+        assert seen["server"] is not None
+        warned = (
+            f"service=10.1.0.5:7010 listens on {before['real']}, "
+            "not on this node's address 127.0.0.2"
+        )
+        assert warned in node.log("daemon-2")
+        assert "restart the app" in node.log("daemon-2")
+    finally:
+        client.stop()
+        stop_process(server)
+
+
 def test_a_restarted_daemon_hides_no_live_service(node: AxnetNode) -> None:
     # The server's supervisor is held stopped while the daemon comes back, so
     # the client's re-attaches first, to a table without the server.  Until

@@ -10,7 +10,7 @@ import pytest
 
 from axnet._table import MAX_RETIRED, VirtualAddress, ip_address
 from axnet.intercept import _bindings, _sockdiag
-from axnet.intercept._bindings import BoundSocket
+from axnet.intercept._bindings import LOOPBACK4, BoundSocket
 
 
 @pytest.fixture
@@ -126,7 +126,11 @@ def test_a_released_listener_leaves_its_name_to_the_connections_it_accepted(
         accepted, _ = listener.accept()
     with client, accepted:
         web = _bindings.Binding(
-            virtual=VirtualAddress(ip=vip, port=80), real_port=port, sockets=[], listening=True
+            virtual=VirtualAddress(ip=vip, port=80),
+            real_port=port,
+            sockets=[],
+            host=LOOPBACK4,
+            listening=True,
         )
         bindings.add(web)
         bindings.release([web])
@@ -141,7 +145,11 @@ def test_a_released_listener_leaves_its_name_to_the_connections_it_accepted(
     )
     for base in (1, 1 + MAX_RETIRED):
         binding = _bindings.Binding(
-            virtual=VirtualAddress(ip=vip, port=81), real_port=base, sockets=[], listening=True
+            virtual=VirtualAddress(ip=vip, port=81),
+            real_port=base,
+            sockets=[],
+            host=LOOPBACK4,
+            listening=True,
         )
         bindings.add(binding)
         bindings.release([binding])
