@@ -194,7 +194,8 @@ class Swim:
         self._seq = 0
         self._round = (0, 1, 0, 0)  # n, a, b, i of the current probe permutation
         self._leaving = False
-        #: Addresses seen announcing our own name (reported once each).
+        #: Addresses seen announcing our own name (reported once each, and
+        #: again after a join: see join).
         self._conflicts: set[Address] = set()
         self._boot = incarnation
         self._user_seq = 0
@@ -292,7 +293,11 @@ class Swim:
     # -- application API --------------------------------------------------------
 
     def join(self, seeds: Sequence[Address], now: float) -> int:
-        """Request a join push-pull with each seed; returns how many were requested."""
+        """Request a join push-pull with each seed; returns how many were requested.
+
+        A member announcing our name is reported again (`NameConflict`) when
+        this join meets it: the clash is why the join cannot take effect."""
+        self._conflicts.clear()
         count = 0
         for seed in seeds:
             if tuple(seed) == self._self.address:

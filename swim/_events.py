@@ -74,7 +74,8 @@ class MemberReaped:
 @attrs.frozen(kw_only=True)
 class NameConflict:
     """Another member announces this member's own name from another address:
-    names must be unique, and its messages about 'us' are ignored."""
+    names must be unique, and its messages about 'us' are ignored.  Once per
+    address, and again at each join that meets it."""
 
     name: str
     address: Address

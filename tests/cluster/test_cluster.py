@@ -302,6 +302,31 @@ def test_join_and_leave_commands(start_nodes: StartNodes) -> None:
     assert "no member answered" not in itself.stderr
 
 
+def test_every_join_that_a_name_clash_stops_says_so(start_nodes: StartNodes) -> None:
+    # h2 restarted under h1's name: no join of it can take effect, and each
+    # says why (the first once did, and the next ones said "joined").
+    nodes = start_nodes(2, join=False)
+    twin = nodes[1]
+    twin.stop()
+    twin.daemon_args[twin.daemon_args.index("--name") + 1] = "h1"
+    twin.start()
+    seed = f"{nodes[0].host.address}:7946"
+    clash = f"axnet join: another member uses this node's name (at {seed})"
+    for _ in range(2):
+        done = twin.axnet("join", seed, check=False)
+        assert done.returncode == 1, done.stdout
+        assert clash in done.stderr
+    assert statuses(twin) == {"h1": "alive"}
+    # The same after a start-up join (--join) that met the clash.
+    twin.stop()
+    twin.daemon_args += ["--join", seed]
+    twin.start()
+    wait_until("the clash logged", lambda: "another member is named h1" in twin.log("daemon-3"))
+    done = twin.axnet("join", seed, check=False)
+    assert done.returncode == 1, done.stdout
+    assert clash in done.stderr
+
+
 ATTACK = r"""
 import os, random, socket, struct, sys, time
 from swim._messages import Ack, Ping, compound, decode_envelope, encode_message

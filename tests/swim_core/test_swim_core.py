@@ -677,3 +677,15 @@ def test_another_member_with_our_name_is_reported_once_and_not_fought() -> None:
     assert a.take_events() == [NameConflict(name="a", address=B)]
     assert a.local_member.incarnation == 5  # no incarnation war
     assert a.stats.name_conflicts == 3
+
+
+def test_a_join_that_meets_a_member_with_our_name_reports_it_again() -> None:
+    # Reported once as gossip goes on, and again at each join that meets it:
+    # such a join cannot take effect, and must say why.
+    twin, a = make("a", B, seed=1), make("a", A, incarnation=5)
+    for _ in range(2):
+        a.join([B], 0.0)
+        (request,) = a.take_stream_requests()
+        a.handle_stream_reply(B, twin.handle_stream(A, request.data, 0.0), 0.0)
+        assert a.take_events() == [NameConflict(name="a", address=B)]
+    assert [m.name for m in a.members()] == ["a"]
