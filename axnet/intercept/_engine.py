@@ -90,7 +90,7 @@ from .._verdict import (
 from . import _raw, _sockdiag
 from ._appfs import AppFs, is_path_address
 from ._binder import WILDCARD4, WILDCARD6, Binder, NodeLink, fits, local_endpoint, pack
-from ._bindings import Binding, Bindings
+from ._bindings import LOOPBACK4, LOOPBACK6, Binding, Bindings
 from ._bpf import (
     NR_ACCEPT,
     NR_ACCEPT4,
@@ -563,9 +563,18 @@ class Engine:
                             pinned = True  # when they are full, ask for one
                         else:
                             pinned = self._source.pin_ports(sock, self.identity.block)
-                    case Deny():
+                    case Deny() if not _engaged(sock):
                         self.counters.refused += 1
                         raise _refused(n, "connect", ip, port, verdict)
+                    case Deny():
+                        # Connected, connecting or listening: the kernel's
+                        # answer for that state comes first (EISCONN, EALREADY,
+                        # or a wait for the handshake under way), whatever the
+                        # address.  Asked of it with one that goes nowhere,
+                        # should the socket be reset meanwhile.
+                        self.counters.passed += 1
+                        loopback = LOOPBACK6 if sock.family == _AF_INET6 else LOOPBACK4
+                        target = pack(sock.family, loopback, 0)
                     case Passthrough():
                         self.counters.passed += 1
             self._connect_as_app(n, sock, target, pinned=pinned)
@@ -1069,6 +1078,21 @@ def _refused(n: Notification, call: str, ip: IPAddress, port: int, verdict: Deny
     addr = VirtualAddress(ip=ip, port=port)
     log.info("%s refused pid=%s addr=%s reason=%s", call, n.pid, addr, verdict.reason)
     return Errno(verdict.errno)
+
+
+#: include/net/tcp_states.h: a socket neither connected, connecting nor listening.
+_TCP_CLOSE = 7
+
+
+def _engaged(sock: _socket.socket) -> bool:
+    """Whether the TCP socket *sock* is connected, connecting or listening
+    (a connect then fails, or waits, whatever its address); False where it
+    cannot be told."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return False
+    return bool(state) and state[0] != _TCP_CLOSE
 
 
 def _as_socket(fd: int) -> _socket.socket:

@@ -184,6 +184,40 @@ def connect_errno(host: str, port: str) -> None:
     sock.close()
 
 
+def connect_elsewhere(served: str, stuck: str, elsewhere: str) -> None:
+    """A connect to ELSEWHERE (HOST:PORT) from sockets connected to SERVED,
+    one listening, and one still connecting (non-blocking) to STUCK, a
+    ``stuck-server``: report each errno (the kernel's answer for the state
+    comes before any look at the address)."""
+    import errno as errnos
+
+    def endpoint(text: str) -> tuple[str, int]:
+        host, _, port = text.rpartition(":")
+        return host, int(port)
+
+    target = endpoint(elsewhere)
+    results: dict[str, int] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as connected:
+        connected.connect(endpoint(served))
+        results["connected"] = connected.connect_ex(target)
+    # CPython's connect with a timeout polls, never connecting again: to the
+    # kernel the socket is still connecting, and a connect now completes it.
+    with socket.create_connection(endpoint(served), timeout=10) as polled:
+        results["connected_by_poll"] = polled.connect_ex(target)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
+        listening.bind(("0.0.0.0", 0))
+        listening.listen(1)
+        results["listening"] = listening.connect_ex(target)
+    _held_open = _fill_queue(*stuck.split(":"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as connecting:
+        connecting.setblocking(False)
+        started = connecting.connect_ex(endpoint(stuck))
+        if started != errnos.EINPROGRESS:
+            raise SystemExit(f"the connect to {stuck} did not stay in progress: {started}")
+        results["connecting"] = connecting.connect_ex(target)
+    _out(**results)
+
+
 def threads(host: str, port: str, nthreads: str, per_thread: str) -> None:
     """NTHREADS threads each connecting PER_THREAD times; count successes."""
     ok = [0] * int(nthreads)
@@ -1382,6 +1416,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "names-after": names_after,
     "greeter": greeter,
     "connect-errno": connect_errno,
+    "connect-elsewhere": connect_elsewhere,
     "name-later": name_later,
     "open-connections": open_connections,
     "bound-connections": bound_connections,

@@ -241,6 +241,27 @@ def test_unserved_virtual_address_is_refused_at_once(node: AxnetNode) -> None:
     assert result["errno"] == errno.ECONNREFUSED
 
 
+def test_a_socket_in_use_gets_the_kernels_answer_before_a_refusal(node: AxnetNode) -> None:
+    # As natively (the app run on loopback): a connect to an address that
+    # nothing serves, from a socket connected, listening or connecting,
+    # gets the answer for that state; it was ECONNREFUSED.
+    node.app([*APPS, "greeter", "7048"], ip="10.1.0.5")
+    node.app([*APPS, "stuck-server", "7049"], ip="10.1.0.6")
+    node.wait_service("10.1.0.5:7048")
+    node.wait_service("10.1.0.6:7049")
+    for unserved in ("10.1.0.5:7999", "10.77.200.1:80"):
+        done = node.run_json(
+            [*APPS, "connect-elsewhere", "10.1.0.5:7048", "10.1.0.6:7049", unserved],
+            ip="10.1.0.9",
+        )
+        assert done == {
+            "connected": errno.EISCONN,
+            "connected_by_poll": 0,
+            "listening": errno.EISCONN,
+            "connecting": errno.EALREADY,
+        }, unserved
+
+
 def test_an_address_of_the_virtual_range_that_nothing_serves_is_refused(
     node: AxnetNode,
 ) -> None:
