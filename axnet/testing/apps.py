@@ -349,8 +349,6 @@ def exec_names(host: str, port: str) -> None:
 def exec_rebind(port: str, again: str = "") -> None:
     """Listen on PORT (closed on exec) with a thread blocked in accept on it,
     exec this again, which binds PORT at once: report that bind's errno."""
-    import time
-
     if again:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -365,25 +363,16 @@ def exec_rebind(port: str, again: str = "") -> None:
     listener.bind(("0.0.0.0", int(port)))
     listener.listen(8)
     tids: list[int] = []
+    started = threading.Event()
 
     def worker() -> None:
         tids.append(threading.get_native_id())
+        started.set()
         _libc.accept(listener.fileno(), None, None)
 
     threading.Thread(target=worker, daemon=True).start()
-    # Until the worker blocks in accept; then a trapped call of ours: the
-    # engine takes notifications in order, so once it answers ours it holds
-    # the accept.
-    give_up = time.monotonic() + 30
-    while time.monotonic() < give_up:
-        if tids:
-            with open(f"/proc/self/task/{tids[0]}/syscall") as f:
-                number = f.read().split()[0]
-            if number.isdigit() and int(number) in _ACCEPTS:
-                break
-        time.sleep(0.005)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.getsockname()
+    started.wait(30)
+    _until_held(tids[0], _ACCEPTS)
     argv = [sys.executable, "-m", "axnet.testing.apps", "exec-rebind", port, "again"]
     os.execv(sys.executable, argv)
 
@@ -1054,6 +1043,28 @@ _ACCEPTS = (43, 288)
 _CONNECT = (42,)
 
 
+def _until_held(tid: int, calls: tuple[int, ...], stop: threading.Event | None = None) -> bool:
+    """Until thread *tid* blocks in one of *calls*, then a trapped call of
+    our own: the engine takes notifications in order, so once it answers
+    ours it holds the thread's.  After 30 s it goes on anyway (a count is
+    off, nothing hangs); False, without the call, once *stop* is set."""
+    import time
+
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if stop.is_set():
+            return False
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            number = f.read().split()[0]
+        if number.isdigit() and int(number) in calls:
+            break
+        stop.wait(0.005)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.getsockname()
+    return True
+
+
 def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
     """Fire SIGALRM once the engine holds the call the main thread blocks in.
 
@@ -1065,24 +1076,13 @@ def _alarm_once_held(calls: tuple[int, ...]) -> Callable[[], None]:
     fires.  Returns what stops the thread and disarms the timer.
     """
     import signal
-    import time
 
     tid = threading.get_native_id()
     done = threading.Event()
 
     def arm() -> None:
-        deadline = time.monotonic() + 30  # then fire anyway: a count is off, nothing hangs
-        while time.monotonic() < deadline:
-            if done.is_set():
-                return
-            with open(f"/proc/self/task/{tid}/syscall") as f:
-                number = f.read().split()[0]
-            if number.isdigit() and int(number) in calls:
-                break
-            done.wait(0.005)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.getsockname()
-        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        if _until_held(tid, calls, done):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
 
     thread = threading.Thread(target=arm, daemon=True)
     thread.start()
