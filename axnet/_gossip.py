@@ -430,6 +430,7 @@ class GossipCluster:
                 "auth": s.packets_dropped_auth,
                 "malformed": s.packets_dropped_malformed,
                 "broadcasts_unknown": s.broadcasts_dropped_unknown,
+                "broadcasts_queue_full": s.broadcasts_dropped_full,
                 "broadcast_keys_forgotten": s.broadcast_keys_forgotten,
                 "oversized": t.datagrams_oversized,
                 "send_errors": t.datagrams_send_errors,

@@ -16,6 +16,13 @@ skips cost over its life.
 Items live in buckets indexed by transmit count, each an insertion-ordered
 dict, so queueing, invalidating and taking are O(1) per message touched, not
 O(queue length).
+
+The queue holds at most `MAX_QUEUED` messages: past it the one spread
+widest (most transmitted), oldest among equals, is dropped, as serf prunes
+memberlist's queue.  A member with nobody to send to (the first of a
+cluster, or one whose peers are all gone) would otherwise keep every
+message of its life, and replay them all to the first member that comes;
+push-pull brings whatever a dropped message carried.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ _MIN_MESSAGE = 4
 #: a pile of such messages would keep the scan from the ones owed a send).
 #: 3 keeps the reach of never dropping (simulated, five and eight members).
 _SKIPS_PER_TRANSMIT = 3
+#: Messages queued at most (serf's MinQueueDepth).
+MAX_QUEUED = 4096
 
 
 class _Item:
@@ -51,30 +60,45 @@ class _Item:
 class BroadcastQueue:
     """Messages waiting to be piggybacked, with invalidation by key."""
 
-    __slots__ = ("_buckets", "_by_key", "_next_id")
+    __slots__ = ("_buckets", "_by_key", "_max_queued", "_next_id")
 
-    def __init__(self) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
         self._buckets: list[dict[int, _Item]] = [{}]
         self._by_key: dict[Hashable, _Item] = {}
         self._next_id = 0
+        self._max_queued = max_queued
 
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def queue(self, key: Hashable, data: bytes, holders: tuple[Hashable, ...] = ()) -> None:
-        """Queue `data`, replacing any message queued under `key`.
+    def queue(self, key: Hashable, data: bytes, holders: tuple[Hashable, ...] = ()) -> bool:
+        """Queue `data`, replacing any message queued under `key`; whether
+        another message was dropped to make room for it.
 
         `holders` are destinations known to hold it already (whoever told
         us); it never rides on a packet to them, so no transmit is spent
         telling a member what it just told us.
         """
         old = self._by_key.pop(key, None)
+        dropped = False
         if old is not None:
             del self._buckets[old.transmits][old.id]
+        elif len(self._by_key) >= self._max_queued:
+            self._drop_widest()
+            dropped = True
         item = _Item(self._next_id, key, data, holders)
         self._next_id += 1
         self._by_key[key] = item
         self._buckets[0][item.id] = item
+        return dropped
+
+    def _drop_widest(self) -> None:
+        """Drop the message transmitted most, the oldest among equals."""
+        for bucket in reversed(self._buckets):
+            if bucket:
+                item = bucket.pop(next(iter(bucket)))
+                del self._by_key[item.key]
+                return
 
     def take(
         self,

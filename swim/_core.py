@@ -209,7 +209,8 @@ class Swim:
         #: must not hold up every delivery by the probe timeout).
         self._laggards: dict[str, int] = {}
         self._late: dict[int, str] = {}
-        #: (origin, key) -> newest (boot, seq) seen; oldest first, for the cap.
+        #: (origin, key) -> newest (boot, seq) seen from another member;
+        #: oldest first, for the cap.
         self._user_seen: collections.OrderedDict[tuple[str, bytes], tuple[int, int]] = (
             collections.OrderedDict()
         )
@@ -381,8 +382,7 @@ class Swim:
                 f"broadcast of {len(encoded)} encoded bytes does not fit in a packet "
                 f"({self._packet_room()} bytes)"
             )
-        self._user_seen[(self._name, key)] = (self._boot, self._user_seq)
-        self._queue.queue(_user_key(self._name, key), encoded)
+        self._disseminate(_user_key(self._name, key), encoded)
         return encoded
 
     def _lagging(self, name: str, seq: int) -> None:
@@ -764,7 +764,8 @@ class Swim:
         if len(data) > self._packet_room():
             self.stats.broadcasts_dropped_oversized += 1
             return
-        self._queue.queue(key, data, tuple(h for h in holders if h is not None))
+        if self._queue.queue(key, data, tuple(h for h in holders if h is not None)):
+            self.stats.broadcasts_dropped_full += 1
 
     def _refute(self, accused: int) -> None:
         # Never above what every peer decodes: a refutation nobody can read

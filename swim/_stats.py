@@ -26,6 +26,8 @@ class Stats:
     messages_dropped: int = 0
     #: peers' messages too big ever to ride on a packet, not disseminated
     broadcasts_dropped_oversized: int = 0
+    #: messages dropped from a full broadcast queue (the widest spread first)
+    broadcasts_dropped_full: int = 0
     #: application broadcasts from no member we know
     broadcasts_dropped_unknown: int = 0
     #: broadcast keys forgotten to keep MAX_USER_KEYS (oldest first)

@@ -69,3 +69,15 @@ def test_messages_only_holders_are_offered_give_way_then_go() -> None:
     sent = [q.take(1400, 0, 4, "B") for _ in range(12)]
     assert sent == [[b"news"]] * 4 + [[]] * 8
     assert len(q) == 0
+
+
+def test_a_full_queue_drops_the_message_spread_widest_oldest_first() -> None:
+    q = BroadcastQueue(max_queued=3)
+    for key in "abc":
+        assert not q.queue(key, key.encode() * 4)
+    assert q.queue("d", b"dddd")  # none sent yet: the oldest goes
+    assert len(q) == 3
+    assert q.take(6, 0, 10) == [b"dddd"]  # room for one: the newest
+    assert q.queue("e", b"eeee")  # the one sent goes first
+    assert not q.queue("b", b"bbb2")  # a newer message under a key queued
+    assert sorted(q.take(100, 0, 10)) == [b"bbb2", b"cccc", b"eeee"]

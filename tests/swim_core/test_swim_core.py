@@ -351,6 +351,34 @@ def test_user_broadcast_supersedes_by_key_and_is_delivered_once() -> None:
     assert b.take_events() == []
 
 
+def test_a_member_alone_keeps_its_broadcasts_bounded() -> None:
+    # The first member of a cluster has nobody to send to: it kept every
+    # broadcast of its life (about 1 kB per app started on its node), and
+    # replayed them all to the first member that came.
+    import tracemalloc
+
+    from swim._broadcast import MAX_QUEUED
+
+    a = make("a", A)
+    tracemalloc.start()
+    try:
+        for i in range(MAX_QUEUED + 100):
+            a.broadcast(b"app%d" % i, b"x" * 100)
+            a.take_events()  # Delivered, to nobody
+        assert a.pending_broadcasts == MAX_QUEUED
+        assert a.stats.broadcasts_dropped_full == 100 + 1  # and its own Alive
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            a.broadcast(b"later%d" % i, b"x" * 100)
+            a.take_events()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Nor does it remember its own keys (which it never reads): 20 000 of
+    # them took about 4 MB.
+    assert grown < 500_000
+
+
 def test_news_is_never_sent_back_to_who_told_us_nor_to_its_origin() -> None:
     a, _ = joined_pair()
     d = ("10.0.0.4", 7946)
