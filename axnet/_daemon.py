@@ -380,6 +380,9 @@ class Daemon:
                         log.warning(
                             "adopt refused app=%s virtual=%s reason=%s", app_id, virtual, exc
                         )
+            # What a peer showed us of it while it was away, and it did not
+            # hand back, is withdrawn now (see Node.merge_remote).
+            written += self.node.end_hold(app_id, now=time.time())
             # Out to every member and every supervisor here before the app
             # runs: servers name it from its first connection (see changed).
             await self.changed(written, wait_s=PUSH_FLUSH_S if app.block else 0.0)
@@ -633,9 +636,11 @@ class Daemon:
             ):
                 await cluster.wait_joined()
         log.info("settled sessions=%d", len(self.sessions))
-        if gone := self.node.end_reservations():
+        gone, withdrawn = self.node.end_reservations(now=time.time())
+        if gone:
             log.info("no longer holding for apps that did not re-attach apps=%s", ",".join(gone))
             self._leases_changed.set()
+        await self.changed(withdrawn)
         for conn in list(self.sessions.values()):
             await conn.send({"push": "settled"})
 

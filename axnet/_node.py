@@ -15,6 +15,9 @@ versions above everything its previous life wrote.
 
 A supervisor that lost its daemon keeps its bindings; when it re-attaches to a
 new daemon it hands them over (``adopt``) so the new daemon republishes them.
+Until it has, the records peers show the new daemon of an app its lease names
+are kept as they are (``merge_remote``): withdrawn, its services would be
+refused everywhere for as long as its supervisor takes to come back.
 """
 
 from __future__ import annotations
@@ -235,6 +238,9 @@ class Node:
         #: What apps of a previous daemon held, kept for them until each
         #: re-attaches or the table settles (see reserve).
         self._reserved: dict[str, Lease] = {}
+        #: Records of ours that peers showed us for apps held for, by app id:
+        #: kept as they were until each app re-attaches (see merge_remote).
+        self._held: dict[str, list[AppRecord | ServiceRecord]] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -540,7 +546,7 @@ class Node:
             raise ClaimError(
                 errno.EADDRNOTAVAIL, f"{virtual.ip} is not app {app_id}'s virtual IP {app.vip}"
             )
-        if virtual.port != 0 and self._in_use(virtual):
+        if virtual.port != 0 and self._in_use(virtual, app_id):
             raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
         if real_port is None:
             real_port = self._allocate_port(set(avoid), taken)
@@ -557,7 +563,7 @@ class Node:
             self._ports_in_use.add(real_port)
         if virtual.port == 0:
             virtual = VirtualAddress(ip=virtual.ip, port=real_port)
-            if self._in_use(virtual):
+            if self._in_use(virtual, app_id):
                 self._ports_in_use.discard(real_port)
                 raise ClaimError(errno.EADDRINUSE, f"{virtual} is already in use")
         if real_host == self.config.real_host:
@@ -625,12 +631,14 @@ class Node:
                     )
         return []
 
-    def _in_use(self, virtual: VirtualAddress) -> bool:
+    def _in_use(self, virtual: VirtualAddress, app_id: str) -> bool:
         if virtual in self._claims:
             return True
         if any(b.virtual == virtual for lease in self._reserved.values() for b in lease.bindings):
             return True  # its app still holds the socket: EADDRINUSE, as natively
-        return self.table.resolve(virtual.ip, virtual.port) is not None
+        record = self.table.resolve(virtual.ip, virtual.port)
+        # The app's own listener, held for it across the restart, is its to take back.
+        return record is not None and all(record is not held for held in self._held.get(app_id, ()))
 
     def listen(self, app_id: str, virtual: VirtualAddress) -> list[AppRecord | ServiceRecord]:
         """Publish the service behind a claim."""
@@ -697,12 +705,34 @@ class Node:
             if lease.app_id not in self.apps:
                 self._reserved[lease.app_id] = lease
 
-    def end_reservations(self) -> list[str]:
+    def end_reservations(self, *, now: float) -> tuple[list[str], list[AppRecord | ServiceRecord]]:
         """The table has settled: whoever has not re-attached by now will
-        not be waited for.  Returns their app ids."""
+        not be waited for.  Returns their app ids, and the withdrawal of the
+        records held for them (see merge_remote)."""
         ended = list(self._reserved)
         self._reserved.clear()
-        return ended
+        withdrawn: list[AppRecord | ServiceRecord] = []
+        for app_id in list(self._held):
+            withdrawn += self.end_hold(app_id, now=now)
+        return ended, withdrawn
+
+    def end_hold(self, app_id: str, *, now: float) -> list[AppRecord | ServiceRecord]:
+        """The app re-attached and adopted the bindings it kept: the records
+        held for it that it did not write again (a listener it closed while
+        no daemon ran, a block it did not get back) are withdrawn."""
+        withdrawn: list[AppRecord | ServiceRecord] = []
+        for record in self._held.pop(app_id, []):
+            if self.table.current(record) is record:
+                tomb = attrs.evolve(record, version=self._bump(), deleted=True, deleted_at=now)
+                withdrawn.append(self._write(tomb))
+        return withdrawn
+
+    def _held_for(self, record: AppRecord | ServiceRecord) -> str | None:
+        """The app held for (see reserve) whose record *record* is, if any."""
+        app_id = record.app_id
+        if isinstance(record, AppRecord) and (alias := alias_owner(app_id)) is not None:
+            app_id = alias[0]
+        return app_id if app_id in self._reserved else None
 
     def _reserved_port(self, port: int) -> bool:
         return any(b.real_port == port for lease in self._reserved.values() for b in lease.bindings)
@@ -718,6 +748,11 @@ class Node:
         tombstoned them, or it remembers a previous life of this node), or a
         different record at the same version, we write our truth again above
         that version: the live record if we still own it, else a tombstone.
+        A live record of an app held for after a restart (see reserve) is
+        the exception: its app still runs and serves it, and only the app
+        knows what it still serves.  It is kept as it is, neither withdrawn
+        nor written again, until the app re-attaches (see end_hold) or the
+        holding ends (see end_reservations).
         """
         accepted: list[AppRecord | ServiceRecord] = []
         reasserted: list[AppRecord | ServiceRecord] = []
@@ -756,6 +791,10 @@ class Node:
                 reasserted.append(self._write(fresh))
             elif record.deleted:
                 self.table.merge(record)
+            elif (holder := self._held_for(record)) is not None:
+                if self.table.merge(record):
+                    self._held.setdefault(holder, []).append(record)
+                    accepted.append(record)
             else:
                 tomb = attrs.evolve(record, version=self._bump(), deleted=True, deleted_at=now)
                 reasserted.append(self._write(tomb))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,45 @@ def test_killed_daemon_is_dead_everywhere_then_rejoins(
         assert [m["status"] for m in seen if m["name"] == "h3"] == ["alive"], seen
     finally:
         stop_process(app)
+
+
+def test_a_daemon_restarted_under_running_apps_withdraws_none_of_their_services(
+    start_nodes: StartNodes, interception: None
+) -> None:
+    # h2's daemon is killed and started again at once while its app runs on.
+    # The app's supervisor is held stopped, so that it re-attaches only when
+    # let go: meanwhile the new daemon learns the app's records back from h1
+    # at its join.  Its lease says the app runs: they stay as they are (they
+    # were withdrawn, and every client refused, until the app re-attached),
+    # and go only once the daemon has settled without the app.
+    nodes = start_nodes(2)
+    wait_agreement(nodes)
+    address = "10.1.0.7:7000"
+    server = nodes[1].app([*APPS, "greeter", "7000"], ip="10.1.0.7", name="greeter")
+    try:
+        nodes[0].wait_service(address, timeout=SPREAD_S)
+        server.send_signal(signal.SIGSTOP)  # the supervisor (setpriv execs it)
+        nodes[1].kill_daemon()
+        nodes[1].start()
+        log = nodes[1].logs / "daemon-2.log"
+        wait_until("h2 settled", lambda: "settled" in log.read_text())
+        wait_until(
+            "the service withdrawn on h1 once h2 settled",
+            lambda: address not in nodes[0].services(),
+            timeout=SPREAD_S,
+        )
+        lines = log.read_text().splitlines()
+        settled = next(i for i, line in enumerate(lines) if "settled" in line)
+        mentions = [(i, line) for i, line in enumerate(lines) if f"service={address}" in line]
+        # Learnt from h1 as it was, then withdrawn only once h2 settled.
+        assert mentions and "published" in mentions[0][1], mentions
+        assert all(i > settled for i, line in mentions if "withdrawn" in line), mentions
+        assert gossip_stats(nodes[1])["records"]["republished"] == 0
+        server.send_signal(signal.SIGCONT)
+        nodes[0].wait_service(address, timeout=SPREAD_S)
+    finally:
+        server.send_signal(signal.SIGCONT)
+        stop_process(server)
 
 
 def test_a_service_that_moves_to_another_host_is_served_from_there(

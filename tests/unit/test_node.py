@@ -427,12 +427,12 @@ def test_holding_ends_when_the_table_settles() -> None:
         ]
     )
     assert attach(node, "a1").port_lo == 40100
-    assert node.end_reservations() == ["gone"]
+    assert node.end_reservations(now=NOW) == (["gone"], [])
     assert node.leases()[0].app_id == "a1"
     assert attach(node, "a2").port_lo == 40000
     # An app already attached is never held for (its own daemon's lease).
     node.reserve([Lease(app_id="a1", pid=9, started=1, vip=ip_address("10.77.0.6"))])
-    assert node.end_reservations() == []
+    assert node.end_reservations(now=NOW) == ([], [])
 
 
 def test_more_ports_when_none_is_left() -> None:
@@ -911,6 +911,111 @@ def test_merge_remote_tombstones_a_live_record_of_a_previous_life() -> None:
     assert tomb.deleted and tomb.deleted_at == NOW + 2
     assert tomb.version > ghost.version
     assert node.table.resolve(ghost.virtual.ip, ghost.virtual.port) is None
+
+
+def _previous_life(node: str = "n1") -> list[AppRecord | ServiceRecord]:
+    """What app "old" published under a previous daemon of *node*: its app
+    record, the alias of its second block, and listeners at .2:80 and .2:81."""
+    version = int((NOW - 10) * 1_000_000)
+    app = AppRecord(
+        app_id="old",
+        node=node,
+        vip=ip_address("10.77.0.2"),
+        real_host=HOST,
+        port_lo=40000,
+        port_hi=40099,
+        version=version,
+    )
+    alias = attrs.evolve(app, app_id=alias_id("old", 1), port_lo=40100, port_hi=40199)
+    services = [
+        ServiceRecord(
+            virtual=va("10.77.0.2", port),
+            real=RealAddress(host=HOST, port=real),
+            node=node,
+            app_id="old",
+            version=version + i,
+        )
+        for i, (port, real) in enumerate([(80, 20000), (81, 20001)], start=1)
+    ]
+    return [app, alias, *services]
+
+
+def _old_lease() -> Lease:
+    return Lease(
+        app_id="old",
+        pid=77,
+        started=5,
+        vip=ip_address("10.77.0.2"),
+        blocks=((40000, 40099), (40100, 40199)),
+        bindings=(
+            Binding(virtual=va("10.77.0.2", 80), real_port=20000),
+            Binding(virtual=va("10.77.0.2", 81), real_port=20001),
+        ),
+    )
+
+
+def test_merge_remote_keeps_records_of_an_app_held_for_as_they_are() -> None:
+    # A restarted daemon holds for "old" (its lease: its process runs on).
+    # A peer's push-pull, or its broadcast, shows the daemon what "old"
+    # published before: kept as it is, neither withdrawn (clients elsewhere
+    # would be refused until "old" re-attaches) nor written again.  A record
+    # of an app held for by no lease is withdrawn, as ever.
+    node = make_node(client=(40000, 40499), block=100)
+    node.reserve([_old_lease()])
+    before = _previous_life()
+    stranger = _remote_service("n1", version=before[0].version)
+    merged = node.merge_remote([*before, stranger], now=NOW)
+    assert merged.accepted == before
+    (tomb,) = merged.reasserted
+    assert tomb.key == stranger.key and tomb.deleted
+    assert node.table.resolve(ip_address("10.77.0.2"), 80) == before[2]
+    assert node.table.resolve(ip_address("10.77.0.2"), 81) == before[3]
+    assert node.table.apps["old"] == before[0]
+    assert node.table.virtual_of_client(HOST, 40150) == ip_address("10.77.0.2")
+    assert node.merge_remote(before, now=NOW) == Merged(accepted=[], reasserted=[])
+    # "old" re-attaches with its first block only, and hands back .2:80 (its
+    # own, not another's: no EADDRINUSE): what it did not take back, .2:81
+    # and the alias of its second block, goes then, and only that.
+    _, (again,) = node.attach(
+        app_id="old",
+        vip=ip_address("10.77.0.2"),
+        name="",
+        labels=(),
+        pid=77,
+        argv=[],
+        block=(40000, 40099),
+        now=NOW,
+        started=5,
+    )
+    assert again.version > before[0].version and not again.deleted
+    (live,) = node.adopt("old", va("10.77.0.2", 80), real_port=20000, listening=True)
+    assert live.version > before[2].version and not live.deleted
+    withdrawn = node.end_hold("old", now=NOW + 1)
+    assert sorted(str(r.key) for r in withdrawn) == ["10.77.0.2:81", alias_id("old", 1)]
+    assert all(r.deleted and r.deleted_at == NOW + 1 for r in withdrawn)
+    assert node.table.resolve(ip_address("10.77.0.2"), 80) == live
+    assert node.table.resolve(ip_address("10.77.0.2"), 81) is None
+    assert not node.table.apps["old"].deleted
+    assert node.end_hold("old", now=NOW + 2) == []
+    assert node.end_reservations(now=NOW + 2) == ([], [])
+
+
+def test_records_held_for_an_app_that_never_re_attaches_go_when_the_table_settles() -> None:
+    # Its process died during the restart, or its supervisor never came
+    # back: the holding ends when the table settles, and so do its records.
+    node = make_node(client=(40000, 40499), block=100)
+    node.reserve([_old_lease()])
+    before = _previous_life()
+    node.merge_remote(before, now=NOW)
+    ended, withdrawn = node.end_reservations(now=NOW + 5)
+    assert ended == ["old"]
+    assert sorted(str(r.key) for r in withdrawn) == sorted(str(r.key) for r in before)
+    assert all(r.deleted and r.version > before[-1].version for r in withdrawn)
+    assert node.table.live_services() == [] and node.table.live_apps() == []
+    # Shown again later, they are withdrawn at once, as for any app not held for.
+    live = attrs.evolve(before[2], version=withdrawn[-1].version + 10)
+    (tomb,) = node.merge_remote([live], now=NOW + 6).reasserted
+    assert tomb.deleted and node.table.resolve(ip_address("10.77.0.2"), 80) is None
 
 
 def test_merge_remote_takes_a_tombstone_of_ours_we_no_longer_own() -> None:
