@@ -452,6 +452,8 @@ class GossipCluster:
             # New client port blocks, sent straight to each member (deliver).
             "deliveries": {"sent": s.deliveries_sent, "unacked": s.deliveries_unacked},
             "refutations": s.refutations,
+            # Leaves by our members' names that were not theirs (see swim._core._is_own_leave).
+            "leaves_ignored": s.leaves_ignored,
             "records": {
                 "malformed": d.records_malformed + self._backlog.malformed,
                 "of_gone_members": d.records_of_gone,

@@ -883,9 +883,17 @@ class Swim:
                 dead = Dead(incarnation=member.incarnation, member=name, accuser=self._name)
                 self._on_dead(dead, now)
 
-    def _on_dead(self, dead: Dead, now: float, source: Address | None = None) -> None:
+    def _on_dead(
+        self, dead: Dead, now: float, source: Address | None = None, address: Address | None = None
+    ) -> None:
+        """*address*: where the member is, as the message knows it (a push-pull's
+        entry), for a leave; a leave by gossip carries none."""
         member = self._table.get(dead.member)
         if member is None or dead.incarnation < member.incarnation:
+            return
+        left = dead.accuser == dead.member
+        if left and dead.member != self._name and not _is_own_leave(member, dead, address):
+            self.stats.leaves_ignored += 1
             return
         self._suspicions.pop(dead.member, None)
         if member.state in (MemberState.DEAD, MemberState.LEFT):
@@ -893,7 +901,6 @@ class Swim:
         if dead.member == self._name and not self._leaving:
             self._refute(dead.incarnation)
             return
-        left = dead.accuser == dead.member
         state = MemberState.LEFT if left else MemberState.DEAD
         new = attrs.evolve(member, incarnation=dead.incarnation, state=state)
         if dead.member == self._name:
@@ -1028,7 +1035,7 @@ class Swim:
                     left = Dead(
                         incarnation=entry.incarnation, member=entry.name, accuser=entry.name
                     )
-                    self._on_dead(left, now)
+                    self._on_dead(left, now, address=entry.address)
                 case _:
                     assert_never(entry.state)
         if self._delegate is not None:
@@ -1129,6 +1136,23 @@ class Swim:
             self.stats.streams_dropped_malformed += 1
             return None
         return messages[0]
+
+
+def _is_own_leave(member: Member, dead: Dead, address: Address | None) -> bool:
+    """Whether a leave (a Dead by *member*'s own name) can be *member*'s own.
+
+    A node started with a live member's name at another address is never
+    taken for it (see _on_alive), so its leave must not be either.  A
+    push-pull entry says where the leaver was; a gossiped leave cannot
+    (a Dead has four fields, and an older peer drops a packet holding one
+    with more), so there the incarnation must be the member's: the member
+    leaves at its own, which only it raises, while another node of its name
+    leaves at the clock of its own start.  A member that left right after
+    raising its incarnation, to one that had not heard of it yet, is found
+    dead instead."""
+    if address is not None:
+        return address == member.address
+    return dead.incarnation == member.incarnation
 
 
 def _packets(messages: list[bytes], room: int, first: bytes) -> list[list[bytes]]:

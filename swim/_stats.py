@@ -45,6 +45,9 @@ class Stats:
     refutations: int = 0
     #: messages about our own name from another address (a duplicate name)
     name_conflicts: int = 0
+    #: leaves not taken for the member's: from another address (a push-pull
+    #: entry), or at another incarnation than its own (gossip)
+    leaves_ignored: int = 0
     #: push-pulls started with a failed member (reconnect)
     reconnects: int = 0
     #: failed and left members forgotten after their timeouts

@@ -367,6 +367,36 @@ def test_every_join_that_a_name_clash_stops_says_so(start_nodes: StartNodes) -> 
     assert clash in done.stderr
 
 
+def test_a_daemon_started_with_a_live_members_name_does_not_leave_for_it(
+    start_nodes: StartNodes,
+) -> None:
+    # h4 restarted under h3's name is refused; stopped (a graceful leave),
+    # its leave was taken for h3's: every member marked h3 left and withdrew
+    # its services, though h3 never stopped.
+    nodes = start_nodes(4)
+    wait_agreement(nodes)
+    watchers = nodes[:2]
+    twin = nodes[3]
+    twin.stop()
+    twin.daemon_args[twin.daemon_args.index("--name") + 1] = "h3"
+    twin.start()
+    wait_until("the clash logged", lambda: "another member is named h3" in twin.log("daemon-2"))
+    twin.stop()  # SIGTERM: the daemon leaves the cluster
+    assert "left the cluster name=h3" in twin.log("daemon-2")
+    expected = {"h1": "alive", "h2": "alive", "h3": "alive", "h4": "left"}
+
+    def taken(node: AxnetNode) -> bool:
+        return "member left name=h3" in node.log("daemon")
+
+    def leave_handled() -> bool:
+        # h3 refutes such a leave within a second or two: the logs tell.
+        return any(taken(node) or gossip_stats(node)["leaves_ignored"] >= 1 for node in watchers)
+
+    wait_until("the twin's leave handled", leave_handled, timeout=SPREAD_S)
+    assert not [node.host.name for node in watchers if taken(node)]
+    assert all_see(watchers, expected), [statuses(node) for node in watchers]
+
+
 ATTACK = r"""
 import os, random, socket, struct, sys, time
 from swim._messages import Ack, Ping, compound, decode_envelope, encode_message

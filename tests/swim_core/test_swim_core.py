@@ -34,6 +34,8 @@ from swim._messages import (
     Dead,
     Message,
     Ping,
+    PushPull,
+    PushPullEntry,
     Suspect,
     UserBroadcast,
     compound,
@@ -268,6 +270,70 @@ def test_leave_is_dead_by_self() -> None:
     events = b.take_events()
     assert any(isinstance(e, MemberLeft) for e in events)
     assert b.member("a").state is MemberState.LEFT  # type: ignore[union-attr]
+
+
+def test_a_leave_by_a_members_name_from_another_node_takes_nothing_from_it() -> None:
+    # A second node started with b's name is refused; when it is stopped,
+    # its leave (gossiped, and in its push-pull) must not be b's: before,
+    # a marked b left, and its driver withdrew every record of b's.
+    a, _ = joined_pair()
+    a.take_events()
+    twin = make("b", C, incarnation=50, seed=2)
+    twin.join([A], 0.0)
+    (request,) = twin.take_stream_requests()
+    twin.handle_stream_reply(A, a.handle_stream(C, request.data, 0.0), 0.0)
+    assert NameConflict(name="b", address=B) in twin.take_events()
+    twin.leave(1.0)
+    now = 1.0
+    for _ in range(20):
+        now = twin.next_deadline()
+        twin.tick(now)
+        for datagram in twin.take_datagrams():
+            if datagram.dest == A:
+                a.handle_datagram(C, datagram.data, now)
+    twin.join([A], now)
+    (request,) = twin.take_stream_requests()
+    a.handle_stream(C, request.data, now)
+    assert twin.local_member.state is MemberState.LEFT
+    seen = a.member("b")
+    assert seen is not None and (seen.address, seen.state) == (B, MemberState.ALIVE)
+    assert not [e for e in a.take_events() if isinstance(e, MemberLeft)]
+    assert a.stats.leaves_ignored >= 2  # by gossip and by push-pull
+
+
+def test_a_leave_at_another_incarnation_or_address_is_ignored() -> None:
+    a, _ = joined_pair()  # b is at B, incarnation 1
+    a.take_events()
+    queued = a.pending_broadcasts
+    a.handle_datagram(C, packet(Dead(incarnation=7, member="b", accuser="b")), 0.0)
+    other = PushPullEntry(name="b", address=C, incarnation=7, state=MemberState.LEFT, meta=b"")
+    gone = PushPull(join=False, members=(other,), user_state=b"")
+    a.handle_stream(C, compound([encode_message(gone)]), 0.0)
+    assert a.member("b").state is MemberState.ALIVE  # type: ignore[union-attr]
+    assert a.stats.leaves_ignored == 2
+    assert a.pending_broadcasts == queued  # nor told on: it is no news of b's
+    # From b's own address (push-pull), at any incarnation of b's, it is b's leave.
+    own = attrs.evolve(other, address=B)
+    a.handle_stream(B, compound([encode_message(attrs.evolve(gone, members=(own,)))]), 0.0)
+    assert a.member("b").state is MemberState.LEFT  # type: ignore[union-attr]
+    assert [type(e) for e in a.take_events()] == [MemberLeft]
+
+
+def test_a_gossiped_leave_at_the_members_incarnation_is_its_leave() -> None:
+    a, _ = joined_pair()
+    a.take_events()
+    a.handle_datagram(C, packet(Dead(incarnation=1, member="b", accuser="b")), 0.0)
+    assert a.member("b").state is MemberState.LEFT  # type: ignore[union-attr]
+    assert a.stats.leaves_ignored == 0
+
+
+def test_a_member_declared_left_by_another_node_of_its_name_refutes() -> None:
+    # Peers of the previous version still take such a leave: the member
+    # reasserts itself above it as soon as it hears of it.
+    _, b = joined_pair()
+    b.handle_datagram(A, packet(Dead(incarnation=50, member="b", accuser="b")), 0.0)
+    assert (b.local_member.state, b.local_member.incarnation) == (MemberState.ALIVE, 51)
+    assert b.stats.refutations == 1
 
 
 def run_alone(member: Swim, until: float) -> list[object]:
