@@ -48,6 +48,7 @@ in check) owns the sockets and carries bytes in and out:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
@@ -68,6 +69,7 @@ from ._gossip_codec import decode_meta, encode_meta, encode_record, record_key
 from ._gossip_options import PROFILES, GossipOptions
 from ._gossip_transport import GossipTransport
 from ._heap import Settler
+from ._table import IPAddress
 from ._wire import Decoded, WireError, pack_packed_array, records_from_wire, unpack
 
 log = logging.getLogger("axnet.gossip")
@@ -723,8 +725,10 @@ class GossipCluster:
             case swim.NameConflict(name=name, address=address):
                 self._conflicts.append(host_port(address))
                 log.error(
-                    "another member is named %s, at %s: members need distinct names; "
-                    "restart one daemon with its own --name",
+                    "another member is named %s, at %s: members need distinct names. If it "
+                    "is this node's previous life (restarted at a new address), wait: this "
+                    "node takes the name once members find it dead. Else restart one daemon "
+                    "with its own --name",
                     name,
                     host_port(address),
                 )
@@ -749,8 +753,20 @@ class GossipCluster:
             case _:
                 assert_never(event)
 
+    def _successor_host(self, name: str) -> IPAddress | None:
+        """The real host of a member that took *name* back as it went (its
+        host restarted at a new address: see swim's successors), if any."""
+        member = self.core.member(name)
+        if member is None or member.state not in (swim.MemberState.ALIVE, swim.MemberState.SUSPECT):
+            return None
+        address, _ = decode_meta(member.meta)
+        return ipaddress.ip_address(address) if address is not None else None
+
     def _forget(self, name: str) -> None:
-        forgotten = self._daemon.node.forget_node(name, now=time.time())
+        # What the successor serves is its own; what its predecessor served
+        # elsewhere goes (the successor withdrew it too, if its join saw it).
+        spare = self._successor_host(name)
+        forgotten = self._daemon.node.forget_node(name, now=time.time(), spare_host=spare)
         if tombstones := forgotten.accepted:
             log.info("records of a gone member withdrawn name=%s count=%d", name, len(tombstones))
             self._changes.put(tombstones, local=False)

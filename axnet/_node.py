@@ -816,14 +816,21 @@ class Node:
         index = alias[1]
         return self._app_record(app, index=index) if 1 <= index <= len(app.more_blocks) else None
 
-    def forget_node(self, node: str, *, now: float) -> Merged:
+    def forget_node(self, node: str, *, now: float, spare_host: IPAddress | None = None) -> Merged:
         """A member died or left: tombstone its records locally (``accepted``).
         Where its record had won a conflict over an address we serve too
         (both bound it at once), ours is written above it instead
-        (``reasserted``: for the cluster), as when its app goes."""
+        (``reasserted``: for the cluster), as when its app goes.
+
+        Records served from *spare_host* are kept: those of a member that
+        already took the name back from there (its host restarted at a new
+        address before this life was found dead)."""
         withdrawn: list[AppRecord | ServiceRecord] = []
         reasserted: list[AppRecord | ServiceRecord] = []
         for record in self.table.records_of_node(node):
+            host = record.real.host if isinstance(record, ServiceRecord) else record.real_host
+            if spare_host is not None and host == spare_host:
+                continue
             tomb = attrs.evolve(record, version=record.version + 1, deleted=True, deleted_at=now)
             fresh = self._owned_record(record) if isinstance(record, ServiceRecord) else None
             if fresh is not None:

@@ -198,6 +198,11 @@ class Swim:
         #: again after a join: see join).
         self._conflicts: set[Address] = set()
         self._boot = incarnation
+        #: Name → the newest Alive refused because a live member holds that
+        #: name elsewhere: it takes the name once that member dies or leaves
+        #: (a host restarted at a new address before its old self was found
+        #: dead), instead of at some later push-pull.
+        self._successors: dict[str, Alive] = {}
         self._user_seq = 0
         #: Deliveries under way by token, and the token of each ping seq.
         self._deliveries: dict[int, _Delivery] = {}
@@ -810,8 +815,12 @@ class Swim:
             # member keeps its address, whatever the newcomer's incarnation
             # (a clock, so the newest start would win).  The newcomer hears
             # of the member under its own name and reports the conflict; a
-            # member that died or left may come back from anywhere.
+            # member that died or left may come back from anywhere: this
+            # one, as soon as the member is found dead or leaves.
             self.stats.name_conflicts += 1
+            waiting = self._successors.get(alive.member)
+            if waiting is None or alive.incarnation > waiting.incarnation:
+                self._successors[alive.member] = alive
             return
         self._suspicions.pop(alive.member, None)
         self._dead_at.pop(alive.member, None)
@@ -911,7 +920,15 @@ class Swim:
             self._events.append(
                 MemberLeft(member=new) if left else MemberDead(member=new, accuser=dead.accuser)
             )
-        self._disseminate(dead.member, encode_message(dead), source)
+        successor = self._successors.pop(dead.member, None)
+        if successor is None:
+            self._disseminate(dead.member, encode_message(dead), source)
+            return
+        # Both travel (the successor's Alive would replace the death under
+        # one key): a member that hears of the successor first holds it
+        # until it hears of the death, in either order.
+        self._disseminate(("predecessor", dead.member), encode_message(dead), source)
+        self._on_alive(successor, now)
 
     def _on_user(self, message: UserBroadcast, source: Address) -> None:
         if message.origin == self._name:

@@ -252,6 +252,34 @@ def test_a_live_member_keeps_its_address_against_a_newcomer_with_its_name() -> N
     assert (b.address, b.state) == (C, MemberState.ALIVE)
 
 
+def test_a_member_restarted_elsewhere_takes_its_name_once_its_old_self_is_dead() -> None:
+    # b's host came back at C before b was found dead: its Alive is held,
+    # not dropped, and takes the name the moment b dies (before, only at
+    # the next push-pull, 30 s later).  Its news and b's death both travel.
+    a, _ = joined_pair()
+    a.take_events()
+    a.handle_datagram(C, packet(Alive(incarnation=99, member="b", address=C, meta=b"")), 0.0)
+    assert a.member("b").address == B  # type: ignore[union-attr]
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="x")), 0.0)
+    events = a.take_events()
+    assert [type(e) for e in events] == [MemberDead, MemberJoined]
+    assert [e.member.address for e in events] == [B, C]  # type: ignore[union-attr]
+    b = a.member("b")
+    assert b is not None and (b.address, b.state, b.incarnation) == (C, MemberState.ALIVE, 99)
+    # The death goes out too (to b at C, the only other member; its own
+    # Alive never goes back to it).
+    assert Dead in {type(m) for d in run_gossip(a) for m in decode_envelope(d.data)}
+
+
+def run_gossip(member: Swim) -> list[Datagram]:
+    """The datagrams *member* sends over a few gossip intervals."""
+    out: list[Datagram] = []
+    for _ in range(10):
+        member.tick(member.next_deadline())
+        out += member.take_datagrams()
+    return out
+
+
 def test_update_meta_bumps_incarnation() -> None:
     a = make("a", A, incarnation=3)
     a.update_meta(b"role=db", 0.0)

@@ -1077,6 +1077,25 @@ def test_forget_node_tombstones_its_live_records_locally() -> None:
     assert node.forget_node("n2", now=NOW + 8) == Merged(accepted=[], reasserted=[])
 
 
+def test_forget_node_spares_what_a_successor_serves_from_its_own_host() -> None:
+    # n2's host restarted at a new address and took the name back before its
+    # old self was found dead: that death withdraws the old life's records,
+    # not the ones the new life already published (before, all of them).
+    node = make_node(name="n1")
+    old = attrs.evolve(
+        _remote_service("n2", version=3), real=RealAddress(host=ip_address("192.0.2.3"), port=20000)
+    )
+    new = attrs.evolve(
+        _remote_service("n2", version=5),
+        virtual=VirtualAddress(ip=ip_address("10.9.0.2"), port=80),
+        real=RealAddress(host=ip_address("192.0.2.4"), port=20000),
+    )
+    node.merge_remote([old, new], now=NOW)
+    forgotten = node.forget_node("n2", now=NOW + 7, spare_host=ip_address("192.0.2.4"))
+    assert [tomb.key for tomb in forgotten.accepted] == [old.key]
+    assert node.table.records_of_node("n2") == [new]
+
+
 def test_forget_node_is_overridden_when_the_node_republishes() -> None:
     node = make_node(name="n1")
     other = make_node(name="n2")
