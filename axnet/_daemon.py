@@ -320,14 +320,18 @@ class Daemon:
         # address each is bound to (an older supervisor does not say: the
         # node's).
         host = self.config.node.real_host
+        wire_claims = request.get("claims") or []
+        hosts = request.get("claim_hosts") or []
+        if len(hosts) != len(wire_claims):
+            hosts = [host] * len(wire_claims)
         claims = [
             (
                 VirtualAddress(ip=ip_address(str(vip_s)), port=port_from_wire(vport)),
                 port_from_wire(real),
                 bool(on),
-                ip_address(str(bound[0])) if bound else host,
+                ip_address(str(bound)),
             )
-            for vip_s, vport, real, on, *bound in request.get("claims") or []
+            for (vip_s, vport, real, on), bound in zip(wire_claims, hosts, strict=True)
         ]
         app, written = self.node.attach(
             app_id=app_id,

@@ -382,14 +382,8 @@ class Supervisor:
         """Attach a new session and adopt its table (the reply, then later pushes)."""
         stream = await open_session(control_path(self.options.runtime_dir))
         session = Session(stream)
-        claims: list[list[object]] = []
-        if self.engine is not None:
-            # Where each is bound, too: a daemon at another address than the
-            # one that had it must publish where the socket really is.
-            claims = [
-                [str(b.virtual.ip), b.virtual.port, b.real_port, b.listening, str(b.host)]
-                for b in self.engine.snapshot_bindings()
-            ]
+        bindings = self.engine.snapshot_bindings() if self.engine is not None else []
+        claims = [[str(b.virtual.ip), b.virtual.port, b.real_port, b.listening] for b in bindings]
         identity = self.identity
         fields: dict[str, Any] = {
             "app_id": self.app_id,
@@ -409,6 +403,10 @@ class Supervisor:
             # make up a command line, control characters included).
             "argv": [visible(arg) for arg in self.options.argv],
             "claims": claims,
+            # Where each is bound, beside them (a daemon of the previous
+            # version takes claims of four fields only): a daemon at another
+            # address than the one that had them publishes where they are.
+            "claim_hosts": [str(b.host) for b in bindings],
         }
         try:
             with trio.fail_after(CLAIM_TIMEOUT_S * 5):

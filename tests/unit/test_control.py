@@ -841,6 +841,26 @@ async def test_a_malformed_attach_attaches_nothing(sock_dir: Path) -> None:
     await _with_daemon(sock_dir, talk)
 
 
+async def test_a_re_attach_says_where_its_bindings_are_beside_its_claims(sock_dir: Path) -> None:
+    # Claims keep their four fields, which a daemon of the previous version
+    # takes (a fifth made it refuse every re-attach); where each binding
+    # is bound comes beside them, and without it, the node's address.
+    path = control_path(sock_dir)
+
+    def talk() -> dict[str, str]:
+        with ControlClient(path, timeout=5.0) as a1, ControlClient(path, timeout=5.0) as a2:
+            claims = [["10.77.0.9", 80, 20000, True]]
+            _attach(a1, "a1", vip="10.77.0.9", claims=claims, claim_hosts=["127.0.0.2"])
+            _attach(a2, "a2", vip="10.77.0.8", claims=[["10.77.0.8", 80, 20001, True]])
+            services = a1.request("services")["services"]
+            return {s["virtual"]: s["real"] for s in services}
+
+    assert await _with_daemon(sock_dir, talk) == {
+        "10.77.0.9:80": "127.0.0.2:20000",
+        "10.77.0.8:80": "127.0.0.1:20001",
+    }
+
+
 def _attach_listening(sock: socket.socket, decoder: FrameDecoder, app_id: str) -> list[str]:
     """Attach *app_id* on *sock* and listen on its virtual IP's port 80, as
     a server's supervisor does; what came meanwhile (replies and pushes)."""
