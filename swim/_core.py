@@ -94,6 +94,10 @@ from ._suspicion import Suspicion
 
 _MAX_NAME = 255
 
+#: A node refused a live member's name takes it when the member goes only
+#: if heard within this many push-pull intervals (see Swim._successors).
+SUCCESSOR_HEARD_PUSH_PULLS = 2
+
 #: Distinct (origin, key) broadcasts remembered; past it the oldest is
 #: forgotten (and counted).  ~200 bytes each.
 MAX_USER_KEYS = 200_000
@@ -199,10 +203,13 @@ class Swim:
         self._conflicts: set[Address] = set()
         self._boot = incarnation
         #: Name → the newest Alive refused because a live member holds that
-        #: name elsewhere: it takes the name once that member dies or leaves
-        #: (a host restarted at a new address before its old self was found
-        #: dead), instead of at some later push-pull.
-        self._successors: dict[str, Alive] = {}
+        #: name elsewhere, and when it was heard: it takes the name once that
+        #: member dies or leaves (a host restarted at a new address before its
+        #: old self was found dead), instead of at some later push-pull.  Not
+        #: one heard longer ago than SUCCESSOR_HEARD_PUSH_PULLS push-pulls,
+        #: nor one the member outlived by proving itself alive since: a twin
+        #: stopped long ago would come back as a ghost at the member's end.
+        self._successors: dict[str, tuple[Alive, float]] = {}
         self._user_seq = 0
         #: Deliveries under way by token, and the token of each ping seq.
         self._deliveries: dict[int, _Delivery] = {}
@@ -819,9 +826,10 @@ class Swim:
             # one, as soon as the member is found dead or leaves.
             self.stats.name_conflicts += 1
             waiting = self._successors.get(alive.member)
-            if waiting is None or alive.incarnation > waiting.incarnation:
-                self._successors[alive.member] = alive
+            if waiting is None or alive.incarnation >= waiting[0].incarnation:
+                self._successors[alive.member] = (alive, now)
             return
+        self._successors.pop(alive.member, None)  # the member proved itself alive since
         self._suspicions.pop(alive.member, None)
         self._dead_at.pop(alive.member, None)
         new = Member(
@@ -920,8 +928,9 @@ class Swim:
             self._events.append(
                 MemberLeft(member=new) if left else MemberDead(member=new, accuser=dead.accuser)
             )
-        successor = self._successors.pop(dead.member, None)
-        if successor is None:
+        successor, heard = self._successors.pop(dead.member, (None, 0.0))
+        window = SUCCESSOR_HEARD_PUSH_PULLS * self._config.push_pull_interval
+        if successor is None or now - heard > window:
             self._disseminate(dead.member, encode_message(dead), source)
             return
         # Both travel (the successor's Alive would replace the death under

@@ -271,6 +271,25 @@ def test_a_member_restarted_elsewhere_takes_its_name_once_its_old_self_is_dead()
     assert Dead in {type(m) for d in run_gossip(a) for m in decode_envelope(d.data)}
 
 
+def test_a_claim_to_a_members_name_long_unheard_or_outlived_takes_nothing() -> None:
+    # A node refused b's name long ago (a twin, stopped since), or one that
+    # b outlived by proving itself alive since, must not come back as b,
+    # at an address nobody answers, when b leaves or dies.
+    twin = Alive(incarnation=50, member="b", address=C, meta=b"")
+    a, _ = joined_pair()
+    a.handle_datagram(C, packet(twin), 0.0)
+    a.take_events()
+    a.handle_datagram(B, packet(Dead(incarnation=1, member="b", accuser="b")), 3600.0)
+    assert [type(e) for e in a.take_events()] == [MemberLeft]
+    assert a.member("b").address == B  # type: ignore[union-attr]
+    a, _ = joined_pair()
+    a.handle_datagram(C, packet(twin), 0.0)
+    a.handle_datagram(B, packet(Alive(incarnation=2, member="b", address=B, meta=b"")), 1.0)
+    a.take_events()
+    a.handle_datagram(B, packet(Dead(incarnation=2, member="b", accuser="b")), 2.0)
+    assert [type(e) for e in a.take_events()] == [MemberLeft]
+
+
 def run_gossip(member: Swim) -> list[Datagram]:
     """The datagrams *member* sends over a few gossip intervals."""
     out: list[Datagram] = []
