@@ -723,7 +723,8 @@ class GossipCluster:
                 log.info("member forgotten name=%s", member.name)
                 self._failed.discard(member.name)
             case swim.NameConflict(name=name, address=address):
-                self._conflicts.append(host_port(address))
+                if (where := host_port(address)) not in self._conflicts:
+                    self._conflicts.append(where)
                 log.error(
                     "another member is named %s, at %s: members need distinct names. If it "
                     "is this node's previous life (restarted at a new address), wait: this "

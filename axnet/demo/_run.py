@@ -163,7 +163,13 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
     """The demo's exit status, or -N once signal N of STOP_SIGNALS stopped it
     (as ``axnet run`` reports its app's signal): by then everything it
     started has stopped and its scratch directory is gone."""
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    # A signal ignored from the start stays so (``nohup axnet demo``).
+    ignored = {signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_IGN}
+    previous = {
+        signum: signal.signal(signum, _raise_stopped)
+        for signum in STOP_SIGNALS
+        if signum not in ignored
+    }
     scratch: Path | None = None
     try:
         scratch = Path(tempfile.mkdtemp(prefix="axnet-demo-"))

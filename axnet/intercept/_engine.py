@@ -718,7 +718,11 @@ class Engine:
             try:
                 self._bind_as_decided(n, sock, raw, endpoint)
             except Errno as exc:
-                if exc.errno != errno.EADDRINUSE or not self._parked.drop_gone():
+                if (
+                    exc.errno != errno.EADDRINUSE
+                    or not self._parked.waiting()
+                    or not self._parked.drop_gone()
+                ):
                     raise
                 # In use by a socket of the app's that only a call of a thread
                 # gone since held open (an exec in another thread): free now.
