@@ -164,11 +164,10 @@ def run_demo(*, verbose: int = 0, as_json: bool = False) -> int:
     (as ``axnet run`` reports its app's signal): by then everything it
     started has stopped and its scratch directory is gone."""
     # A signal ignored from the start stays so (``nohup axnet demo``).
-    ignored = {signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_IGN}
     previous = {
         signum: signal.signal(signum, _raise_stopped)
         for signum in STOP_SIGNALS
-        if signum not in ignored
+        if signal.getsignal(signum) is not signal.SIG_IGN
     }
     scratch: Path | None = None
     try:
