@@ -456,6 +456,22 @@ def _words(values: list[str]) -> str:
     return " ".join(values)
 
 
+def _member_now(member: Mapping[str, Any]) -> dict[str, Any]:
+    """A member as this version's daemon lists it, from a daemon of any
+    version (the CLI may be upgraded first): older ones give a member of a
+    daemon that does not gossip ``gossip: ""`` or no gossip key, and no
+    incarnation key; this version gives both, null."""
+    return {
+        **member,
+        "gossip": member.get("gossip") or None,
+        "incarnation": member.get("incarnation"),
+        "labels": member.get("labels") or {},
+    }
+
+
+#: How an item of each listing reads as this version's daemon gives it.
+_AS_NOW: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {"members": _member_now}
+
 #: For each listing: the reply's key, the table's columns, and how a row reads.
 _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
     "services": (
@@ -482,9 +498,9 @@ _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
         lambda m: [
             m["name"],
             m["address"],
-            m.get("gossip") or "",  # null: it does not gossip; older daemons do not say
+            m["gossip"] or "",  # null: it does not gossip
             m["status"],
-            _labels_text(m.get("labels") or {}),
+            _labels_text(m["labels"]),
         ],
     ),
 }
@@ -510,6 +526,8 @@ def cmd_listing(args: argparse.Namespace) -> int:
     if args.command in _LISTINGS:
         key, columns, row = _LISTINGS[args.command]
         items = reply[key]
+        if (as_now := _AS_NOW.get(args.command)) is not None:
+            items = [as_now(item) for item in items]
         if args.json:
             _print_json(items)
         else:

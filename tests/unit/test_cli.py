@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from axnet._cli import (
     _COMMANDS,
@@ -22,6 +27,7 @@ from axnet._cli import (
     parse_label,
     parse_network,
 )
+from axnet._control import CONTROL_SOCKET, Connection, serve_control
 from axnet._daemonmain import default_client_ports, node_config, port_problem, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
@@ -524,3 +530,44 @@ def test_a_reader_gone_early_ends_output_quietly() -> None:
     )
     os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+# -- a daemon of an older version (the CLI may be upgraded first) ----------------
+
+#: The lone member of a daemon that does not gossip, as daemons of earlier
+#: versions listed it: no gossip key at all (c2fca33), then gossip "" (to
+#: 651df04); this version's gives both gossip and incarnation, null.
+_OLDER_LONE_MEMBERS = [
+    {"name": "n1", "address": "127.0.0.1", "status": "alive", "labels": {}},
+    {"name": "n1", "address": "127.0.0.1", "gossip": "", "status": "alive", "labels": {}},
+]
+
+
+@pytest.mark.parametrize("member", _OLDER_LONE_MEMBERS)
+async def test_members_json_of_an_older_daemon_has_this_versions_keys(
+    member: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def older_daemon(conn: Connection, _: Mapping[str, Any]) -> None:
+        async for message in conn.messages():
+            await conn.reply(message, members=[member])
+
+    runtime = Path(tempfile.mkdtemp(prefix="axcli-"))  # short: a unix socket's path
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, runtime / CONTROL_SOCKET, older_daemon)
+            argv = ["members", "--json", "--runtime-dir", str(runtime)]
+            status = await trio.to_thread.run_sync(main, argv)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert status == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "name": "n1",
+            "address": "127.0.0.1",
+            "gossip": None,
+            "incarnation": None,
+            "status": "alive",
+            "labels": {},
+        }
+    ]
