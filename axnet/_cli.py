@@ -18,7 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._control import ControlClient, ControlError, DaemonUnavailable, control_path, runtime_dir
+from ._control import (
+    NO_GOSSIP,
+    ControlClient,
+    ControlError,
+    DaemonUnavailable,
+    control_path,
+    runtime_dir,
+)
 from ._entry import EXIT_INTERRUPTED
 from ._groups import first_of
 from ._node import MAX_BLOCKS
@@ -725,6 +732,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 def cmd_leave(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        # A daemon before f1bff20 answered a leave OK without gossip, and
+        # this said it had left a cluster it was never in: ask first.
+        if client.request("status").get("gossip") is None:
+            raise ControlError(NO_GOSSIP, err=errno.ENOTCONN)
         client.request("leave")
     # The daemon runs on, out of the cluster: say what that means.
     print(

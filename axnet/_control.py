@@ -61,6 +61,11 @@ MERGE_PUSHES_AT = 256
 #: which may be megabytes (an unknown op, a bad address), and an answer
 #: larger than a frame would end the session instead.
 MAX_ERROR_CHARS = 1000
+#: Why a daemon without gossip refuses join and leave, and what to do.
+NO_GOSSIP = (
+    "this daemon runs without gossip; restart it with "
+    "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster"
+)
 #: accept() errors that mean "out of resources for now", not "broken".
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 

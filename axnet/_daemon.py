@@ -37,6 +37,7 @@ import trio
 
 from . import _leasefile
 from ._control import (
+    NO_GOSSIP,
     Connection,
     ControlError,
     command_for,
@@ -523,11 +524,7 @@ class Daemon:
         elif op in ("join", "leave"):
             cluster = self.cluster
             if cluster is None:
-                raise ClaimError(
-                    errno.ENOTCONN,
-                    "this daemon runs without gossip; restart it with "
-                    "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster",
-                )
+                raise ClaimError(errno.ENOTCONN, NO_GOSSIP)
             if op == "join":
                 seeds = request.get("seeds")
                 if not (

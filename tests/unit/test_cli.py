@@ -571,3 +571,35 @@ async def test_members_json_of_an_older_daemon_has_this_versions_keys(
             "labels": {},
         }
     ]
+
+
+async def test_leave_of_an_older_daemon_without_gossip_is_refused_not_said_done(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A daemon before f1bff20 answered a leave OK though it does not gossip.
+    asked: list[object] = []
+
+    async def older_daemon(conn: Connection, _: Mapping[str, Any]) -> None:
+        async for message in conn.messages():
+            asked.append(message.get("op"))
+            if message.get("op") == "status":
+                await conn.reply(message, node="n1", gossip=None)
+            else:
+                await conn.reply(message)
+
+    runtime = Path(tempfile.mkdtemp(prefix="axcli-"))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, runtime / CONTROL_SOCKET, older_daemon)
+            argv = ["leave", "--runtime-dir", str(runtime)]
+            status = await trio.to_thread.run_sync(main, argv)
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    out = capsys.readouterr()
+    assert (status, out.out) == (1, "")
+    assert out.err == (
+        "axnet leave: this daemon runs without gossip; restart it with "
+        "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster\n"
+    )
+    assert "leave" not in asked
