@@ -408,17 +408,26 @@ class Engine:
         return self._me
 
     def _deliver_handed(
-        self, n: Notification, conn: int, extra: tuple[int, int, bytes] | tuple[bytes, int] | None
+        self,
+        n: Notification,
+        conn: int,
+        extra: tuple[int, int, bytes, int] | tuple[bytes, int] | None,
     ) -> None:
-        """Finish an accept the fast path started: it has the connection, not the answer."""
-        assert isinstance(extra, tuple) and len(extra) == 3  # DELIVER: (family, real port, peer)
-        family, real_port, peer = extra
+        """Finish an accept the fast path started: it has the connection, not the answer.
+
+        It read the app's ``*addrlen`` once and may have stored the address
+        (and the full length) already, before the app could not take the fd:
+        the address is stored again with the room it read, never the length
+        it wrote."""
+        # DELIVER: (family, real port, peer, the app's *addrlen as read)
+        assert isinstance(extra, tuple) and len(extra) == 4
+        family, real_port, peer, room = extra
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0
         binding = self.bindings.at(real_port)
         if binding is None:  # cannot happen: the fast path found it a moment ago
             os.close(conn)
             raise Errno(errno.ECONNABORTED)
-        self._deliver(n, family, conn, peer, flags, binding)
+        self._deliver(n, family, conn, peer, flags, binding, room=room)
 
     # -- answers --------------------------------------------------------------
 
@@ -470,16 +479,26 @@ class Engine:
             self.counters.faults += 1
             raise
 
-    def _store_sockaddr(self, n: Notification, addr_ptr: int, len_ptr: int, encoded: bytes) -> None:
+    def _store_sockaddr(
+        self,
+        n: Notification,
+        addr_ptr: int,
+        len_ptr: int,
+        encoded: bytes,
+        room: int | None = None,
+    ) -> None:
         """Store a result address the way the kernel does (truncate, report full
         length): a NULL length pointer, or a NULL address with room, is EFAULT.
         The full length is stored first, as Linux's move_addr_to_user() does
-        (6.18): an address that faults leaves it reported all the same."""
-        try:
-            (room,) = _INT32.unpack(self._tasks.read(n.pid, n.id, len_ptr, 4))
-        except Errno:
-            self.counters.faults += 1
-            raise
+        (6.18): an address that faults leaves it reported all the same.
+        *room*: the app's ``*addrlen`` where it was read already (once, as
+        the kernel reads it)."""
+        if room is None:
+            try:
+                (room,) = _INT32.unpack(self._tasks.read(n.pid, n.id, len_ptr, 4))
+            except Errno:
+                self.counters.faults += 1
+                raise
         if room < 0:
             raise Errno(errno.EINVAL)
         writes = [(len_ptr, _INT32.pack(len(encoded)))]
@@ -925,6 +944,8 @@ class Engine:
         peer: bytes | None,
         flags: int,
         binding: Binding,
+        *,
+        room: int | None = None,
     ) -> None:
         """Hand an accepted connection to the app: peer address, then the fd itself.
 
@@ -951,7 +972,7 @@ class Engine:
                 vip = self.table.virtual_of_client(ip, port)
                 if vip is not None and not fits(family, vip):
                     vip = None  # an IPv6 client's, on an IPv4 socket: the real peer
-                self._store_sockaddr(n, addr_ptr, len_ptr, pack(family, vip or ip, port))
+                self._store_sockaddr(n, addr_ptr, len_ptr, pack(family, vip or ip, port), room=room)
             _set_nonblocking(conn, bool(flags & socket.SOCK_NONBLOCK))
             try:
                 # Install, then answer: see NotifyFd.addfd on why not both at once.

@@ -174,7 +174,7 @@ typedef struct {
     int fd;        /* DELIVER: the accepted connection; CONNECTING, PARKED: our duplicate */
     int family;    /* DELIVER, PARKED: the listener's family */
     unsigned port; /* DELIVER, PARKED: the listener's real port */
-    int32_t room;  /* PARKED: the app's *addrlen */
+    int32_t room;  /* DELIVER, PARKED: the app's *addrlen, as read once */
     int started;   /* CONNECTING: what connect() said (EINPROGRESS, or EALREADY) */
     struct sockaddr_storage peer; /* DELIVER: the peer; CONNECTING: the destination */
     socklen_t peer_len;
@@ -632,6 +632,7 @@ static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, i
     out->fd = conn;
     out->family = family;
     out->port = port;
+    out->room = room; /* Python stores with it: *addrlen may be ours by then */
     if (want_peer) {
         /* room < 0: Python answers EINVAL and drops the connection, as the kernel does. */
         unsigned char peer_end[ENDPOINT_LEN], vip[16];
@@ -848,8 +849,8 @@ static PyObject *hand_back(const struct seccomp_notif *n, int kind, int fd, PyOb
 static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handback *out) {
     PyObject *extra;
     if (kind == DELIVER)
-        extra = Py_BuildValue("(iIy#)", out->family, out->port, (const char *)&out->peer,
-                              (Py_ssize_t)out->peer_len);
+        extra = Py_BuildValue("(iIy#i)", out->family, out->port, (const char *)&out->peer,
+                              (Py_ssize_t)out->peer_len, (int)out->room);
     else if (kind == CONNECTING)
         extra = Py_BuildValue("(y#i)", (const char *)&out->peer, (Py_ssize_t)out->peer_len,
                               out->started);

@@ -1235,10 +1235,15 @@ def accept_without_fds(port: str, mode: str = "blocking") -> None:
     waits.  MODE "epoll": a non-blocking listener, accepted from only when
     epoll says it is readable, as nginx and asyncio do; then it must say so
     again for the connection that waits, and any later readiness must bring
-    no connection that was never made."""
+    no connection that was never made.  MODE "short": the first accept asks
+    for 4 bytes of the address (``*addrlen`` = 4), with a pattern after
+    them; reported: the length after the call and whether the pattern held."""
     import resource
     import selectors
 
+    short = mode == "short"
+    if short:
+        mode = "blocking"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if mode == "deferred":  # epoll, and TCP_DEFER_ACCEPT (nginx's "deferred")
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
@@ -1265,8 +1270,15 @@ def accept_without_fds(port: str, mode: str = "blocking") -> None:
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 1, limits[1]))
     ready_first = readable(10)
+    room = ctypes.c_uint32(4)
+    buffer = ctypes.create_string_buffer(b"\xaa" * 32, 32)
     try:
-        listener.accept()
+        if short:
+            ctypes.set_errno(0)
+            if _libc.accept(listener.fileno(), buffer, ctypes.byref(room)) < 0:
+                raise OSError(ctypes.get_errno(), "accept")
+        else:
+            listener.accept()
         first = 0
     except OSError as exc:
         first = exc.errno or 0
@@ -1290,6 +1302,11 @@ def accept_without_fds(port: str, mode: str = "blocking") -> None:
         peer=_addr(peer),
         readable=[ready_first, ready_then],
         extra=extra,
+        **(
+            {"room_after": room.value, "past_room_intact": buffer.raw[4:] == b"\xaa" * 28}
+            if short
+            else {}
+        ),
     )
 
 

@@ -1376,6 +1376,18 @@ def test_accept_without_a_free_fd_loses_no_connection(node: AxnetNode, mode: str
     assert done["extra"] != "connection"  # what woke it later was no connection
 
 
+def test_accept_without_a_free_fd_writes_nothing_past_the_apps_room(node: AxnetNode) -> None:
+    # The app asks for 4 bytes of the address and has no fd free: EMFILE.
+    # The native path stored the address and the full length before the
+    # app could not take the fd, and Python then stored it again with the
+    # length it read back (16, written by the native path): 12 bytes past
+    # the app's buffer.  The kernel reads *addrlen once.
+    done = node.run_json([*APPS, "accept-without-fds", "7016", "short"], ip="10.1.0.5")
+    assert done["first_errno"] == errno.EMFILE
+    assert done["past_room_intact"] is True
+    assert done["then_got"] == "hello"
+
+
 def test_bound_socket_outlives_the_thread_that_bound_it(node: AxnetNode) -> None:
     # The binding thread ends; the socket, held by the rest of the app, is
     # still the app's virtual address across the engine's sweeps (1 s apart).
