@@ -411,15 +411,15 @@ class Engine:
         self,
         n: Notification,
         conn: int,
-        extra: tuple[int, int, bytes, int] | tuple[bytes, int] | None,
+        extra: tuple[int, int, bytes, int | None] | tuple[bytes, int] | None,
     ) -> None:
         """Finish an accept the fast path started: it has the connection, not the answer.
 
-        It read the app's ``*addrlen`` once and may have stored the address
-        (and the full length) already, before the app could not take the fd:
-        the address is stored again with the room it read, never the length
-        it wrote."""
-        # DELIVER: (family, real port, peer, the app's *addrlen as read)
+        It read the app's ``*addrlen`` once (None: it could not) after the
+        accept, and may have stored the address (and the full length)
+        already, before the app could not take the fd: the address is stored
+        again with the room it read, never the length it wrote."""
+        # DELIVER: (family, real port, peer, the app's *addrlen as read, or None)
         assert isinstance(extra, tuple) and len(extra) == 4
         family, real_port, peer, room = extra
         flags = _int32(n.args[3]) if n.nr == NR_ACCEPT4 else 0

@@ -127,7 +127,6 @@ typedef struct {
     struct seccomp_notif n;
     int family;
     unsigned port;
-    int32_t room; /* *addrlen as the app passed it, read once */
     long long since_ms; /* when it parked: SO_RCVTIMEO counts from here */
     ino_t listener;     /* the listening socket's inode: accepts on one share a watch */
     unsigned long long seq; /* parking order: the oldest on a listener is served first */
@@ -174,7 +173,8 @@ typedef struct {
     int fd;        /* DELIVER: the accepted connection; CONNECTING, PARKED: our duplicate */
     int family;    /* DELIVER, PARKED: the listener's family */
     unsigned port; /* DELIVER, PARKED: the listener's real port */
-    int32_t room;  /* DELIVER, PARKED: the app's *addrlen, as read once */
+    int32_t room;  /* DELIVER: the app's *addrlen, read once (when room_read) */
+    int room_read;
     int started;   /* CONNECTING: what connect() said (EINPROGRESS, or EALREADY) */
     struct sockaddr_storage peer; /* DELIVER: the peer; CONNECTING: the destination */
     socklen_t peer_len;
@@ -595,12 +595,11 @@ slow:
 /* -- accept ---------------------------------------------------------------------- */
 
 /* Accept one connection on our duplicate fd of the virtual listener at real
- * port `port` (family `family`) and hand it to the app.  `room` is the app's
- * *addrlen (read by the caller; unused without an address to fill); `ready`
+ * port `port` (family `family`) and hand it to the app.  `ready`
  * says poll() has just seen a connection queued.  Does not close fd.
  * -1: answered; PARKED: nothing queued on a blocking listener; SLOW: not
  * started; DELIVER: accepted, Python finishes. */
-static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, int ready,
+static int accept_on(Call *c, int fd, int family, unsigned port, int ready,
                      Handback *out) {
     struct seccomp_notif *n = c->n;
     int flags = n->data.nr == __NR_accept4 ? (int32_t)n->data.args[3] : 0;
@@ -632,10 +631,17 @@ static int accept_on(Call *c, int fd, int family, unsigned port, int32_t room, i
     out->fd = conn;
     out->family = family;
     out->port = port;
-    out->room = room; /* Python stores with it: *addrlen may be ours by then */
     if (want_peer) {
-        /* room < 0: Python answers EINVAL and drops the connection, as the kernel does. */
+        /* *addrlen is read once a connection is accepted, as the kernel
+         * reads it (after any wait), and handed back with it: Python stores
+         * with this value, not with the full length written below.  A fault
+         * or room < 0: Python answers EFAULT or EINVAL and drops the
+         * connection, as the kernel does. */
+        int32_t room;
         unsigned char peer_end[ENDPOINT_LEN], vip[16];
+        if (read_app(c, len_ptr, &room, sizeof room) < 0) return DELIVER;
+        out->room = room;
+        out->room_read = 1;
         if (room < 0 || endpoint_of(&out->peer, out->peer_len, peer_end) < 0) return DELIVER;
         if (client_vip(c, peer_end, vip) == 0) memcpy(peer_end, vip, 16);
         struct sockaddr_storage shown;
@@ -691,16 +697,12 @@ static int on_accept(Call *c, Handback *out) {
         respond(c->self, n->id, 0, EINVAL, 0);
         return -1;
     }
-    uint64_t len_ptr = n->data.args[2];
-    int32_t room = 0;
-    if (n->data.args[1] && !len_ptr) goto slow; /* EFAULT, after the accept: Python */
-    if (n->data.args[1] && read_app(c, len_ptr, &room, sizeof room) < 0) goto slow;
-    int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), room, 0, out);
+    if (n->data.args[1] && !n->data.args[2]) goto slow; /* EFAULT, after the accept: Python */
+    int kind = accept_on(c, fd, local.ss_family, port_of(endpoint), 0, out);
     if (kind == PARKED) {
         out->fd = fd; /* the loop waits on it, and owns it */
         out->family = local.ss_family;
         out->port = port_of(endpoint);
-        out->room = room;
         return PARKED;
     }
     close(fd);
@@ -849,8 +851,9 @@ static PyObject *hand_back(const struct seccomp_notif *n, int kind, int fd, PyOb
 static PyObject *hand_back_with(const struct seccomp_notif *n, int kind, Handback *out) {
     PyObject *extra;
     if (kind == DELIVER)
-        extra = Py_BuildValue("(iIy#i)", out->family, out->port, (const char *)&out->peer,
-                              (Py_ssize_t)out->peer_len, (int)out->room);
+        extra = Py_BuildValue("(iIy#N)", out->family, out->port, (const char *)&out->peer,
+                              (Py_ssize_t)out->peer_len,
+                              out->room_read ? PyLong_FromLong(out->room) : Py_NewRef(Py_None));
     else if (kind == CONNECTING)
         extra = Py_BuildValue("(y#i)", (const char *)&out->peer, (Py_ssize_t)out->peer_len,
                               out->started);
@@ -927,7 +930,6 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->n = *n;
     p->family = out->family;
     p->port = out->port;
-    p->room = out->room;
     long long now = now_ns();
     p->since_ms = now / 1000000;
     p->listener = st.st_ino;
@@ -1029,7 +1031,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
     int kind = SLOW; /* connections kept for this listener go first: Python */
     if (!kept_for(self, p->port)) {
         if (call_load(&c, engine) == 0)
-            kind = accept_on(&c, fd, p->family, p->port, p->room, 1, &out);
+            kind = accept_on(&c, fd, p->family, p->port, 1, &out);
         else
             PyErr_Clear(); /* Python answers it (and meets the same error there) */
     }

@@ -1310,6 +1310,31 @@ def accept_without_fds(port: str, mode: str = "blocking") -> None:
     )
 
 
+def room_while_waiting(port: str) -> None:
+    """A thread blocks in accept on PORT with ``*addrlen`` = 16; while it
+    waits the app makes that 4 (the kernel reads it after the wait), then
+    connects.  Reports the length after the call and whether the bytes past
+    the 4 kept their pattern."""
+    listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    room = ctypes.c_uint32(16)
+    buffer = ctypes.create_string_buffer(b"\xaa" * 32, 32)
+    accepted: list[int] = []
+    thread = threading.Thread(
+        target=lambda: accepted.append(_libc.accept(listener.fileno(), buffer, ctypes.byref(room)))
+    )
+    thread.start()
+    assert thread.native_id is not None
+    _until_held(thread.native_id, _ACCEPTS)
+    room.value = 4
+    with socket.create_connection(listener.getsockname(), timeout=10):
+        thread.join(30)
+    _out(
+        accepted=bool(accepted and accepted[0] >= 0),
+        room_after=room.value,
+        past_room_intact=buffer.raw[4:] == b"\xaa" * 28,
+    )
+
+
 def bind_in_a_thread(port: str, seconds: str) -> None:
     """Bind in a thread that then ends; listen in the main thread SECONDS later."""
     import time
@@ -1426,6 +1451,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "signal-to-workers": signal_to_workers,
     "socket-timeouts": socket_timeouts,
     "accept-without-fds": accept_without_fds,
+    "room-while-waiting": room_while_waiting,
     "listen-backlog": listen_backlog,
     "bind-in-a-thread": bind_in_a_thread,
     "bind-after-a-thread": bind_after_a_thread,

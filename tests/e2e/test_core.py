@@ -1388,6 +1388,16 @@ def test_accept_without_a_free_fd_writes_nothing_past_the_apps_room(node: AxnetN
     assert done["then_got"] == "hello"
 
 
+def test_a_waiting_accept_stores_with_the_room_the_app_gives_when_it_ends(
+    node: AxnetNode,
+) -> None:
+    # The kernel reads *addrlen once the connection is there, after the
+    # wait.  The native path read it when the accept parked, and stored 16
+    # bytes where the app said 4 by then (leaving the length at 4).
+    done = node.run_json([*APPS, "room-while-waiting", "7017"], ip="10.1.0.5")
+    assert done == {"accepted": True, "room_after": 16, "past_room_intact": True}
+
+
 def test_bound_socket_outlives_the_thread_that_bound_it(node: AxnetNode) -> None:
     # The binding thread ends; the socket, held by the rest of the app, is
     # still the app's virtual address across the engine's sweeps (1 s apart).
