@@ -128,6 +128,8 @@ typedef struct {
     int family;
     unsigned port;
     long long since_ms; /* when it parked: SO_RCVTIMEO counts from here */
+    long long limit_ms; /* the listener's SO_RCVTIMEO then (0: none): the kernel reads it
+                         * once, when accept starts, so a later change leaves it alone */
     ino_t listener;     /* the listening socket's inode: accepts on one share a watch */
     unsigned long long seq; /* parking order: the oldest on a listener is served first */
 } Parked;
@@ -932,6 +934,11 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
     p->port = out->port;
     long long now = now_ns();
     p->since_ms = now / 1000000;
+    struct timeval tv;
+    socklen_t len = sizeof tv;
+    p->limit_ms = 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0)
+        p->limit_ms = tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
     p->listener = st.st_ino;
     p->seq = self->parked_seq++;
     self->parked[fd] = p;
@@ -1214,11 +1221,7 @@ static PyObject *Fast_expire(Fast *self, PyObject *unused) {
     int expired = 0;
     for (int fd = 0; fd < self->parked_cap; fd++) {
         Parked *p = self->parked[fd];
-        struct timeval tv;
-        socklen_t len = sizeof tv;
-        if (p == NULL || getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) < 0) continue;
-        long long limit = tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
-        if (limit <= 0 || now - p->since_ms < limit) continue;
+        if (p == NULL || p->limit_ms <= 0 || now - p->since_ms < p->limit_ms) continue;
         if (respond(self, p->n.id, 0, EAGAIN, 0) < 0) return PyErr_SetFromErrno(PyExc_OSError);
         unpark(self, fd);
         expired++;
@@ -1251,10 +1254,7 @@ static PyObject *Fast_interrupt(Fast *self, PyObject *const *args, Py_ssize_t na
     for (int fd = 0; fd < self->parked_cap; fd++) {
         if (self->parked[fd] == NULL || self->parked[fd]->n.pid != tid) continue;
         /* The kernel never restarts an accept that has a timeout (signal(7)). */
-        struct timeval tv;
-        socklen_t len = sizeof tv;
-        if (getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0 && (tv.tv_sec || tv.tv_usec))
-            error = EINTR;
+        if (self->parked[fd]->limit_ms > 0) error = EINTR;
         if (respond(self, self->parked[fd]->n.id, 0, (int)error, 0) < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             return NULL;

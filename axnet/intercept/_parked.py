@@ -76,6 +76,10 @@ class _Waiter:
     then: Callable[[Notification, _socket.socket], None]
     #: When the call started waiting (monotonic): its socket timeout counts from here.
     since: float
+    #: Its socket timeout (SO_SNDTIMEO for a connect, SO_RCVTIMEO for an
+    #: accept) in seconds, 0 for none, as it was then: the kernel reads it
+    #: once, when the call starts, so a later change leaves the call alone.
+    timeout: float = 0.0
     #: The socket's inode: accepts waiting on one listener share it.
     inode: int = 0
     #: A connect's answer when its socket timeout runs out: what the
@@ -115,6 +119,7 @@ class ParkedCalls:
         #: Waits nothing can signal, tried again at every check (by our fd).
         self.retries: dict[int, _Waiter] = {}
         self._rewait_since: float | None = None
+        self._rewait_timeout = 0.0
         self._signals = SignalTargets()
 
     def waiting(self) -> bool:
@@ -158,11 +163,18 @@ class ParkedCalls:
         """Call ``then(n, sock)`` once *sock* is ready; the app stays parked
         meanwhile (a connect's answer if its SO_SNDTIMEO runs out first: *timed_out*)."""
         self._counters.deferred += 1
-        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
+        since, timeout = self._started(n, sock)
         inode = os.fstat(sock.fileno()).st_ino
         events |= select.EPOLLONESHOT
         self.waiters[sock.fileno()] = _Waiter(
-            n=n, sock=sock, then=then, since=since, inode=inode, timed_out=timed_out, events=events
+            n=n,
+            sock=sock,
+            then=then,
+            since=since,
+            timeout=timeout,
+            inode=inode,
+            timed_out=timed_out,
+            events=events,
         )
         self._epoll.register(sock.fileno(), events)
 
@@ -175,8 +187,18 @@ class ParkedCalls:
         """Call ``then(n, sock)`` again at the next check of waits (every
         ``WAIT_SLICE_S``): a wait no fd can signal.  Checked like the others."""
         self._counters.deferred += 1
-        since = self._rewait_since if self._rewait_since is not None else time.monotonic()
-        self.retries[sock.fileno()] = _Waiter(n=n, sock=sock, then=then, since=since)
+        since, timeout = self._started(n, sock)
+        self.retries[sock.fileno()] = _Waiter(
+            n=n, sock=sock, then=then, since=since, timeout=timeout
+        )
+
+    def _started(self, n: Notification, sock: _socket.socket) -> tuple[float, float]:
+        """When the call *n* on *sock* started waiting, and its socket timeout
+        then: now and the socket's, or those of the wait it goes on with."""
+        if self._rewait_since is not None:
+            return self._rewait_since, self._rewait_timeout
+        option = socket.SO_SNDTIMEO if n.nr == NR_CONNECT else socket.SO_RCVTIMEO
+        return time.monotonic(), _timeout(sock, option)
 
     def _unwait(self, waiter: _Waiter) -> None:
         fd = waiter.sock.fileno()
@@ -225,7 +247,7 @@ class ParkedCalls:
             pass
         # The step owns the socket from here: it closes it, or waits again
         # (still counting from when the call first waited).
-        self._rewait_since = waiter.since
+        self._rewait_since, self._rewait_timeout = waiter.since, waiter.timeout
         try:
             self._run(waiter.n, waiter.then, waiter.n, waiter.sock)
         finally:
@@ -259,7 +281,7 @@ class ParkedCalls:
         for waiter in list(self.retries.values()):
             if not self._end_if_due(waiter, now, errno.EAGAIN, signalled):
                 self.retries.pop(waiter.sock.fileno())
-                self._rewait_since = waiter.since
+                self._rewait_since, self._rewait_timeout = waiter.since, waiter.timeout
                 try:
                     self._run(waiter.n, waiter.then, waiter.n, waiter.sock)
                 finally:
@@ -272,7 +294,7 @@ class ParkedCalls:
         *signalled*), or ran out of socket timeout (a connect's answer then:
         *connect_timed_out*; an accept's: EAGAIN).  Whether it ended."""
         connect = waiter.n.nr == NR_CONNECT
-        timeout = _timeout(waiter.sock, socket.SO_SNDTIMEO if connect else socket.SO_RCVTIMEO)
+        timeout = waiter.timeout
         if not self._notify.id_valid(waiter.n.id):
             self._unwait(waiter)
         elif waiter.n.pid in signalled:

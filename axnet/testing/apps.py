@@ -1438,6 +1438,47 @@ def rebind(port: str) -> None:
     _out(errors=errors)
 
 
+def late_timeout(port: str) -> None:
+    """A thread blocks in accept on PORT; then the main thread gives the
+    listener SO_RCVTIMEO (0.25 s).  The kernel reads the timeout once, when
+    accept starts: the accept blocks on past it, until a signal (a handler
+    with SA_RESTART) makes the kernel start it again, with the timeout this
+    time: it fails with EAGAIN, not EINTR.  Prints whether it still blocked
+    before the signal, and its errno."""
+    import signal
+    import struct
+    import time
+
+    ran: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: ran.append(signum))
+    signal.siginterrupt(signal.SIGUSR1, False)  # SA_RESTART
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+    result: dict[str, object] = {}
+    tids: list[int] = []
+    started = threading.Event()
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())  # for /proc
+        started.set()
+        ctypes.set_errno(0)
+        rc = _libc.accept(listener.fileno(), None, None)
+        result["accept_errno"] = ctypes.get_errno() if rc < 0 else 0
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    started.wait()
+    _until_held(tids[0], _ACCEPTS)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 250_000))
+    time.sleep(1)  # four times that timeout, five slices of the engine's checks
+    result["blocked_past_timeout"] = "accept_errno" not in result
+    assert thread.ident is not None
+    signal.pthread_kill(thread.ident, signal.SIGUSR1)
+    thread.join(30)
+    _out(handler_ran=bool(ran), **result)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
     "late-reuse": late_reuse,
@@ -1450,6 +1491,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "signals": signals,
     "signal-to-workers": signal_to_workers,
     "socket-timeouts": socket_timeouts,
+    "late-timeout": late_timeout,
     "accept-without-fds": accept_without_fds,
     "room-while-waiting": room_while_waiting,
     "listen-backlog": listen_backlog,

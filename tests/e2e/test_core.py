@@ -1118,6 +1118,14 @@ def test_socket_timeouts_end_parked_calls(node: AxnetNode) -> None:
     }
 
 
+def test_socket_timeout_set_while_parked_leaves_the_call_alone(node: AxnetNode) -> None:
+    # The kernel reads a listener's SO_RCVTIMEO once, when accept starts: one
+    # set later (by another thread) does not end a blocked accept, nor turn a
+    # signal's restart (SA_RESTART) into EINTR; the restarted accept has it.
+    done = node.run_json([*APPS, "late-timeout", "7091"], ip="10.1.0.5")
+    assert done == {"handler_ran": True, "blocked_past_timeout": True, "accept_errno": errno.EAGAIN}
+
+
 def test_app_goes_when_its_supervisor_is_killed(node: AxnetNode) -> None:
     # Without its supervisor every trapped call of the app would fail: the app
     # must not be left running, even when the supervisor dies by SIGKILL.
