@@ -714,10 +714,12 @@ class Engine:
         connected (a later connect() fails with EISCONN, not 0), or reports
         the handshake's error and leaves it unconnected (a later connect()
         tries afresh).  SO_ERROR would leave it "connecting" for good.
+        See :func:`_finish_connect` for a socket shut down meanwhile.
         """
         try:
             fd = sock.fileno()
-            self._reply(n, error=_connect_nonblocking(fd, target, fcntl.fcntl(fd, fcntl.F_GETFL)))
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            self._reply(n, error=_finish_connect(sock, target, flags))
         finally:
             sock.close()
 
@@ -1150,6 +1152,29 @@ def _accept_nonblocking(fd: int, flags: int) -> tuple[int, bytes]:
         return _raw.accept4(fd, socket.SOCK_CLOEXEC)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _finish_connect(sock: _socket.socket, target: bytes, flags: int) -> int:
+    """End a TCP connect the app waited in (see ``Engine._connected``); 0 or the errno.
+
+    Another thread of the app may have shut the socket down meanwhile
+    (``shutdown``, a connect to ``AF_UNSPEC``): the kernel wakes the waiting
+    connect, which finds the socket closed and fails with its error
+    (ECONNRESET) or ECONNABORTED.  Connecting once more to *target* would
+    instead start a new handshake behind the app's back.  So the connect
+    once more names an address of the other family: a socket still
+    connecting never looks at the address, and one that is not any more
+    fails with EAFNOSUPPORT before it sends anything.
+    """
+    fd = sock.fileno()
+    if sock.family not in (_AF_INET, _AF_INET6) or len(target) < 2:
+        return _connect_nonblocking(fd, target, flags)
+    other = _AF_INET6 if sock.family == _AF_INET else _AF_INET
+    err = _connect_nonblocking(fd, struct.pack("=H", other) + target[2:], flags)
+    if err != errno.EAFNOSUPPORT:
+        return err
+    pending: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # taken, as the kernel does
+    return pending or errno.ECONNABORTED
 
 
 def _connect_nonblocking(fd: int, target: bytes, flags: int) -> int:

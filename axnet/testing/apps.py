@@ -1438,6 +1438,34 @@ def rebind(port: str) -> None:
     _out(errors=errors)
 
 
+def shutdown_while_connecting(stuck_host: str, stuck_port: str) -> None:
+    """A thread blocks in connect to a listener whose queue is full; the main
+    thread shuts that socket down.  The kernel wakes the connect, which fails
+    (ECONNRESET) and leaves the socket closed, not connecting anew.  Prints
+    the connect's errno and the socket's TCP state then (7: closed)."""
+    import struct
+
+    _held_open = _fill_queue(stuck_host, stuck_port)  # closing them would free the queue
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    result: dict[str, int] = {}
+    tids: list[int] = []
+    started = threading.Event()
+
+    def worker() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        result["connect"] = sock.connect_ex((stuck_host, int(stuck_port)))
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    started.wait()
+    _until_held(tids[0], _CONNECT)
+    sock.shutdown(socket.SHUT_RDWR)
+    thread.join(30)
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    _out(tcp_state=struct.unpack("B", info[:1])[0], **result)
+
+
 def late_timeout(port: str) -> None:
     """A thread blocks in accept on PORT; then the main thread gives the
     listener SO_RCVTIMEO (0.25 s).  The kernel reads the timeout once, when
@@ -1492,6 +1520,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "signal-to-workers": signal_to_workers,
     "socket-timeouts": socket_timeouts,
     "late-timeout": late_timeout,
+    "shutdown-while-connecting": shutdown_while_connecting,
     "accept-without-fds": accept_without_fds,
     "room-while-waiting": room_while_waiting,
     "listen-backlog": listen_backlog,

@@ -1126,6 +1126,16 @@ def test_socket_timeout_set_while_parked_leaves_the_call_alone(node: AxnetNode) 
     assert done == {"handler_ran": True, "blocked_past_timeout": True, "accept_errno": errno.EAGAIN}
 
 
+def test_shutdown_ends_a_parked_connect(node: AxnetNode) -> None:
+    # A socket shut down by another thread while its blocking connect waits
+    # for the handshake: the connect fails as the kernel's does, and no new
+    # handshake starts behind the app's back (the socket stays closed).
+    node.app([*APPS, "stuck-server", "7092"], ip="10.1.0.8")
+    node.wait_service("10.1.0.8:7092")
+    done = node.run_json([*APPS, "shutdown-while-connecting", "10.1.0.8", "7092"], ip="10.1.0.5")
+    assert done == {"connect": errno.ECONNRESET, "tcp_state": 7}
+
+
 def test_app_goes_when_its_supervisor_is_killed(node: AxnetNode) -> None:
     # Without its supervisor every trapped call of the app would fail: the app
     # must not be left running, even when the supervisor dies by SIGKILL.
