@@ -1165,12 +1165,19 @@ def _finish_connect(sock: _socket.socket, target: bytes, flags: int) -> int:
     once more names an address of the other family: a socket still
     connecting never looks at the address, and one that is not any more
     fails with EAFNOSUPPORT before it sends anything.
+
+    Two threads may wait in connect on one socket: the kernel ends both
+    with 0 once it is connected.  Here the first one's connect once more
+    marks it connected, and the other's then finds it so (EISCONN): 0 too.
     """
     fd = sock.fileno()
     if sock.family not in (_AF_INET, _AF_INET6) or len(target) < 2:
-        return _connect_nonblocking(fd, target, flags)
+        err = _connect_nonblocking(fd, target, flags)
+        return 0 if err == errno.EISCONN else err
     other = _AF_INET6 if sock.family == _AF_INET else _AF_INET
     err = _connect_nonblocking(fd, struct.pack("=H", other) + target[2:], flags)
+    if err == errno.EISCONN:
+        return 0
     if err != errno.EAFNOSUPPORT:
         return err
     pending: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # taken, as the kernel does

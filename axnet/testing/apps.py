@@ -1466,6 +1466,44 @@ def shutdown_while_connecting(stuck_host: str, stuck_port: str) -> None:
     _out(tcp_state=struct.unpack("B", info[:1])[0], **result)
 
 
+def two_connects(stuck_host: str, stuck_port: str, trigger: str) -> None:
+    """Two threads block in connect on one socket, to a listener whose queue
+    is full (``accept-later``), which starts accepting once both wait (at
+    TRIGGER): the kernel ends both connects with 0.  Prints their errnos."""
+    _held_open = _fill_queue(stuck_host, stuck_port)  # closing them would free the queue
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    errnos: list[int] = []
+    tids: list[int] = []
+    threads = []
+    for _ in range(2):
+        started = threading.Event()
+
+        def worker(started: threading.Event = started) -> None:
+            tids.append(threading.get_native_id())
+            started.set()
+            errnos.append(sock.connect_ex((stuck_host, int(stuck_port))))
+
+        threads.append(threading.Thread(target=worker, daemon=True))
+        threads[-1].start()
+        started.wait()
+        _until_held(tids[-1], _CONNECT)
+    open(trigger, "w").close()
+    for thread in threads:
+        thread.join(60)
+    _out(errnos=errnos)
+
+
+def accept_later(port: str, trigger: str) -> None:
+    """Listen with the smallest backlog; once TRIGGER exists, accept for good."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen(0)
+    _out(ready=True)
+    _wait_for_file(trigger, True)
+    while True:
+        s.accept()[0].close()
+
+
 def late_timeout(port: str) -> None:
     """A thread blocks in accept on PORT; then the main thread gives the
     listener SO_RCVTIMEO (0.25 s).  The kernel reads the timeout once, when
@@ -1520,6 +1558,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "signal-to-workers": signal_to_workers,
     "socket-timeouts": socket_timeouts,
     "late-timeout": late_timeout,
+    "two-connects": two_connects,
+    "accept-later": accept_later,
     "shutdown-while-connecting": shutdown_while_connecting,
     "accept-without-fds": accept_without_fds,
     "room-while-waiting": room_while_waiting,

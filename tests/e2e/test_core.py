@@ -1136,6 +1136,19 @@ def test_shutdown_ends_a_parked_connect(node: AxnetNode) -> None:
     assert done == {"connect": errno.ECONNRESET, "tcp_state": 7}
 
 
+def test_two_threads_in_connect_on_one_socket(node: AxnetNode) -> None:
+    # Two threads block in connect on one socket: once it is connected the
+    # kernel ends both with 0 (the second does not fail with EISCONN).
+    shared = node.scratch / "two-connects"
+    shared.mkdir()
+    shared.chmod(0o777)  # the client (nobody) makes the trigger
+    trigger = shared / "accept-now"
+    node.app([*APPS, "accept-later", "7093", str(trigger)], ip="10.1.0.8")
+    node.wait_service("10.1.0.8:7093")
+    done = node.run_json([*APPS, "two-connects", "10.1.0.8", "7093", str(trigger)], ip="10.1.0.5")
+    assert done == {"errnos": [0, 0]}
+
+
 def test_app_goes_when_its_supervisor_is_killed(node: AxnetNode) -> None:
     # Without its supervisor every trapped call of the app would fail: the app
     # must not be left running, even when the supervisor dies by SIGKILL.
