@@ -613,7 +613,7 @@ class Supervisor:
     async def _forward_signals(
         self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Pass SIGINT/TERM/HUP/QUIT on to the app, those that came while the
+        """Pass SIGINT/TERM/HUP/QUIT/USR1/USR2 on to the app, those that came while the
         supervisor attached included; not a terminal's, which the app got too.
 
         SIGCHLD: reap the orphans that came to us (we are the app's
@@ -735,8 +735,13 @@ def _kill_tree(pidfd: int) -> None:
     _terminate_tree()
 
 
-#: Signals the supervisor passes on to the app.
-_FORWARDED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+#: Signals the supervisor passes on to the app: those that stop a server,
+#: and SIGUSR1/SIGUSR2, which a service manager's reload or a log rotation
+#: sends to the process it started ("reopen your logs"), and whose default
+#: would end the supervisor (and the app with it) instead.
+_FORWARDED = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+)
 
 
 def _kernel_sent_it_too(pid: int, signum: int) -> bool:

@@ -1218,6 +1218,34 @@ def test_orphans_are_reaped_while_the_app_runs(node: AxnetNode) -> None:
     assert supervisor.poll() is None  # and the app, their grandparent, runs on
 
 
+USER_SIGNALS_COUNTER = """
+import json, signal, sys, time
+got = []
+for signum in (signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(signum, lambda signum, frame: got.append(signum))
+out = open(sys.argv[1], "w")
+print("ready", file=out, flush=True)
+give_up = time.monotonic() + 30
+while len(got) < 2 and time.monotonic() < give_up:
+    time.sleep(0.05)
+print(json.dumps(sorted(got)), file=out, flush=True)
+"""
+
+
+def test_usr1_and_usr2_sent_to_axnet_run_reach_the_app(node: AxnetNode) -> None:
+    # `kill -USR1 $MAINPID` (systemd's ExecReload=, a log rotation's "reopen
+    # your logs" to nginx or a Perl server) reaches `axnet run` where
+    # natively it reached the server.  It once killed the supervisor, and
+    # the app with it, leaving the app's children running on.
+    out = node.logs / "usr.out"  # the logs directory is anybody's to write
+    run = node.app(["python3", "-c", USER_SIGNALS_COUNTER, str(out)], ip="10.1.0.5")
+    wait_until("the app is ready", lambda: out.exists() and "ready" in out.read_text())
+    os.kill(run.pid, signal.SIGUSR1)
+    os.kill(run.pid, signal.SIGUSR2)
+    assert run.wait(timeout=60) == 0
+    assert json.loads(out.read_text().splitlines()[-1]) == [signal.SIGUSR1, signal.SIGUSR2]
+
+
 SIGINT_COUNTER = """
 import json, os, signal, time
 got = []
