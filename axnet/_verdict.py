@@ -62,6 +62,15 @@ class Redirect:
 
 
 @attrs.frozen(kw_only=True)
+class ToInert:
+    """Connect the app's socket to its own inert listener, on loopback at
+    *real_port*: a loopback connect to the port of a wildcard the app bound
+    in the family it has no virtual address in (see `BindInert`)."""
+
+    real_port: int
+
+
+@attrs.frozen(kw_only=True)
 class BindVirtual:
     """Bind to the app's virtual address: claim ``vip:port``, bind a real port."""
 
@@ -85,7 +94,7 @@ class BindNodePort:
     lie in another app's block, and be named by that app's address)."""
 
 
-ConnectVerdict = Passthrough | Deny | Redirect
+ConnectVerdict = Passthrough | Deny | Redirect | ToInert
 BindVerdict = Passthrough | Deny | BindVirtual | BindInert | BindNodePort
 
 
@@ -96,6 +105,7 @@ def decide_connect(
     port: int,
     *,
     host_listens: Callable[[int], bool] = lambda port: False,
+    inert: Callable[[int, int], int | None] = lambda version, port: None,
 ) -> ConnectVerdict:
     """Where a stream connect to ``ip:port`` goes.
 
@@ -105,11 +115,19 @@ def decide_connect(
     virtual address, as a container's localhost reaches its own services:
     a health check beside a server on a wildcard.  An IPv4 address does not
     stand for an IPv6 virtual one: an IPv4 socket could not reach it.
+    Where the app itself listens on a wildcard of the connect's family that
+    it has no virtual address in (*inert* gives that listener's real port
+    by IP version and port), the connect reaches that listener, as it would
+    natively: an IPv6 app's ``127.0.0.1`` its own ``0.0.0.0`` listener.
     """
     if ip.is_loopback or ip.is_unspecified:
+        real_port = inert(ip.version, port)
         own = table.resolve(me.vip, port) if ip.version >= me.vip.version else None
-        if own is None or host_listens(port):
+        if (real_port is None and own is None) or host_listens(port):
             return Passthrough()
+        if real_port is not None:
+            return ToInert(real_port=real_port)
+        assert own is not None
         return Redirect(real=own.real, service=own.virtual)
     record = table.resolve(ip, port)
     virtual = record is not None or (

@@ -84,6 +84,7 @@ from .._verdict import (
     Identity,
     Passthrough,
     Redirect,
+    ToInert,
     decide_bind,
     decide_connect,
 )
@@ -552,7 +553,12 @@ class Engine:
             if endpoint is not None:
                 ip, port = endpoint
                 verdict = decide_connect(
-                    self.table, self.identity, ip, port, host_listens=_host_listens
+                    self.table,
+                    self.identity,
+                    ip,
+                    port,
+                    host_listens=_host_listens,
+                    inert=self._inert_port,
                 )
                 match verdict:
                     case Redirect():
@@ -594,6 +600,11 @@ class Engine:
                         self.counters.passed += 1
                         loopback = LOOPBACK6 if sock.family == _AF_INET6 else LOOPBACK4
                         target = pack(sock.family, loopback, 0)
+                    case ToInert():
+                        # Loopback to loopback, as natively: no source of ours.
+                        self.counters.passed += 1
+                        loopback = LOOPBACK6 if ip.version == 6 else LOOPBACK4
+                        target = pack(sock.family, loopback, verdict.real_port)
                     case Passthrough():
                         self.counters.passed += 1
             self._connect_as_app(n, sock, target, pinned=pinned)
@@ -601,6 +612,13 @@ class Engine:
         finally:
             if sock is not None:
                 sock.close()
+
+    def _inert_port(self, version: int, port: int) -> int | None:
+        """The real port (on loopback) of the app's inert wildcard of IP
+        *version* at *port*, if it holds one."""
+        wildcard = WILDCARD6 if version == 6 else WILDCARD4
+        binding = self.bindings.live(VirtualAddress(ip=wildcard, port=port))
+        return None if binding is None else binding.real_port
 
     def _on_fastopen(self, n: Notification) -> None:
         """A send with ``MSG_FASTOPEN`` (the filter traps no other send).
@@ -1034,7 +1052,13 @@ class Engine:
         ip, port = local_endpoint(sock)
         inert = self.bindings.inert_at(ip, port)
         if inert is not None:
-            return inert.virtual.ip, inert.virtual.port
+            # The listener shows its wildcard; a connection it accepted (from
+            # the app itself, on loopback) the loopback address, as natively.
+            try:
+                _raw.getpeername(sock.fileno())
+            except OSError:  # ENOTCONN: the listener, or a socket only bound
+                return inert.virtual.ip, inert.virtual.port
+            return ip, inert.virtual.port
         me = self.identity
         if ip != me.real_host:
             return None
@@ -1061,6 +1085,9 @@ class Engine:
         if endpoint is None:
             return None
         ip, port = endpoint
+        inert = self.bindings.inert_at(ip, port)
+        if inert is not None:  # the app's own inert listener, reached on loopback
+            return ip, inert.virtual.port
         server = self.table.virtual_of_server(RealAddress(host=ip, port=port))
         if server is not None:
             return server.ip, server.port

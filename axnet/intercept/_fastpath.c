@@ -771,13 +771,19 @@ static int on_getname(Call *c) {
     if (family != AF_INET && family != AF_INET6) goto pass;
     if (endpoint_of(&sa, len, endpoint) < 0) goto slow;
     PyObject *inert = NULL;
-    if (local && PyDict_GET_SIZE(c->self->inert) &&
+    if (PyDict_GET_SIZE(c->self->inert) &&
         memcmp(endpoint, family == AF_INET6 ? loopback6 : loopback4, 16) == 0 &&
         dict_int(c->self->inert, port_of(endpoint), &inert) < 0)
         goto slow;
     if (inert != NULL) { /* a wildcard of the family the app has no address in */
         if (!PyBytes_Check(inert) || PyBytes_GET_SIZE(inert) != ENDPOINT_LEN) goto slow;
         memcpy(shown_end, PyBytes_AS_STRING(inert), ENDPOINT_LEN);
+        /* The listener shows its wildcard; either end of a connection to it
+         * (the app's own, on loopback) shows loopback, at the port asked for. */
+        struct sockaddr_storage peer;
+        socklen_t peer_len = sizeof peer;
+        if (!local || getpeername(fd, (struct sockaddr *)&peer, &peer_len) == 0)
+            memcpy(shown_end, endpoint, 16);
     } else if (local) {
         if (memcmp(endpoint, c->me, 16) != 0) goto pass;
         PyObject *name;

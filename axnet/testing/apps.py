@@ -686,6 +686,27 @@ def reuseport(vip: str, port: str, report: str) -> None:
         time.sleep(0.05)
 
 
+def _loopback_to(family: int, port: int, listeners: list[socket.socket]) -> list[object]:
+    """Connect to loopback of *family* at *port*: which of *listeners* took
+    the connection, the local address of the accepted socket and the peer
+    the client sees (or the connect's errno)."""
+    import select
+
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        err = client.connect_ex((host, port))
+        if err:
+            return [err]
+        ready = select.select(listeners, [], [], 10)[0]
+        if not ready:
+            return ["nobody accepted"]
+        conn = ready[0].accept()[0]
+        with conn:
+            local = _addr(conn.getsockname()[:2])
+            return [listeners.index(ready[0]), local, _addr(client.getpeername()[:2])]
+
+
 def dual_family(vip: str, port: str) -> None:
     """Listen on [::]:PORT IPv6-only and on 0.0.0.0:PORT, as nginx's default
     site does.  The one of the family the virtual address lacks (*inert*)
@@ -699,6 +720,7 @@ def dual_family(vip: str, port: str) -> None:
     shown = _addr(inert.getsockname()[:2])
     again = _bind_errno(inert_family, wildcard, p, v6only=inert_family == socket.AF_INET6)
     served = _serve_from(vip, p, [v6, v4], 5)
+    loopback = _loopback_to(inert_family, p, [v6, v4])
     # An IPv6-only client reaches an IPv6 virtual address too; asked for a
     # v4-mapped one, it gets the kernel's ENETUNREACH.
     client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -714,6 +736,7 @@ def dual_family(vip: str, port: str) -> None:
         inert_again=again,
         served=served,
         v6only_client=v6only_client,
+        loopback=loopback,
         rebound=_addr(rebound.getsockname()[:2]),
         anyport=_addr(anyport.getsockname()[:2]),
     )

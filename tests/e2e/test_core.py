@@ -428,20 +428,26 @@ def test_listeners_with_so_reuseport_share_a_virtual_port(node: AxnetNode) -> No
 
 
 @pytest.mark.parametrize(
-    ("vip", "wildcard", "served"), [("10.1.0.5", "::", [0, 5]), ("fd00::5", "0.0.0.0", [5, 0])]
+    ("vip", "wildcard", "served", "loopback"),
+    [("10.1.0.5", "::", [0, 5], "::1"), ("fd00::5", "0.0.0.0", [5, 0], "127.0.0.1")],
 )
 def test_a_wildcard_of_the_family_the_virtual_address_lacks(
-    node: AxnetNode, vip: str, wildcard: str, served: list[int]
+    node: AxnetNode, vip: str, wildcard: str, served: list[int], loopback: str
 ) -> None:
     # As on a host without addresses of that family: [::]:port IPv6-only
     # beside an IPv4 virtual address (or 0.0.0.0:port beside an IPv6 one)
     # binds, shows itself bound there, is in use for a second such bind, and
-    # nothing reaches it; the listener of the other family serves.
+    # nothing reaches it from elsewhere; the listener of the other family serves.
     result = node.run_json([*APPS, "dual-family", vip, "7031"], ip=vip)
     assert result["inert_sockname"] == [wildcard, 7031]
     assert result["inert_again"] == errno.EADDRINUSE
     assert result["served"] == served  # [IPv6 listener, IPv4 listener]
     assert result["v6only_client"] == (0 if ":" in vip else errno.ENETUNREACH)
+    # The app's own loopback of that family reaches that listener, as it
+    # would natively (an IPv6 container's `psql -h localhost` beside
+    # postgres on '*'), both ends named by loopback and the port asked for.
+    which = 0 if wildcard == "::" else 1
+    assert result["loopback"] == [which, [loopback, 7031], [loopback, 7031]]
     assert result["rebound"] == [wildcard, 7031]  # closed, so free again at once
     assert result["anyport"][0] == wildcard
     assert result["anyport"][1] > 0

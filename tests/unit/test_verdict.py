@@ -24,6 +24,7 @@ from axnet._verdict import (
     Identity,
     Passthrough,
     Redirect,
+    ToInert,
     decide_bind,
     decide_connect,
 )
@@ -143,6 +144,38 @@ def test_ipv4_loopback_does_not_stand_for_an_ipv6_virtual_address() -> None:
     assert decide_connect(t, me(MY_VIP6), ip_address("::1"), 8080) == Redirect(
         real=own.real, service=own.virtual
     )
+
+
+@pytest.mark.parametrize(
+    ("vip", "to"), [(MY_VIP6, "127.0.0.1"), (MY_VIP6, "0.0.0.0"), (MY_VIP, "::1")]
+)
+def test_loopback_reaches_the_apps_own_wildcard_of_the_family_it_lacks(
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address, to: str
+) -> None:
+    # 0.0.0.0:8080 beside an IPv6 virtual address (or [::]:8080 IPv6-only
+    # beside an IPv4 one) is bound on loopback at a port of the kernel's: a
+    # loopback connect of that family reaches it, as natively, before the
+    # app's own service of the other family.
+    t = table()
+    t.merge(
+        ServiceRecord(
+            virtual=VirtualAddress(ip=vip, port=8080),
+            real=RealAddress(host=HOST, port=20001),
+            node="n1",
+            app_id="me",
+        )
+    )
+    ip = ip_address(to)
+
+    def inert(version: int, port: int) -> int | None:
+        return 40001 if (version, port) == (ip.version, 8080) else None
+
+    assert decide_connect(t, me(vip), ip, 8080, inert=inert) == ToInert(real_port=40001)
+    # A real listener of the host on the port comes first, as for services.
+    assert decide_connect(t, me(vip), ip, 8080, inert=inert, host_listens={8080}.__contains__) == (
+        Passthrough()
+    )
+    assert decide_connect(t, me(vip), ip, 8081, inert=inert) == Passthrough()
 
 
 def test_connect_to_a_withdrawn_service_is_refused() -> None:
