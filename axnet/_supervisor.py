@@ -613,7 +613,7 @@ class Supervisor:
     async def _forward_signals(
         self, pid: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Pass SIGINT/TERM/HUP/QUIT/USR1/USR2 on to the app, those that came while the
+        """Pass the signals of `_FORWARDED` on to the app, those that came while the
         supervisor attached included; not a terminal's, which the app got too.
 
         SIGCHLD: reap the orphans that came to us (we are the app's
@@ -735,12 +735,27 @@ def _kill_tree(pidfd: int) -> None:
     _terminate_tree()
 
 
-#: Signals the supervisor passes on to the app: those that stop a server,
-#: and SIGUSR1/SIGUSR2, which a service manager's reload or a log rotation
-#: sends to the process it started ("reopen your logs"), and whose default
-#: would end the supervisor (and the app with it) instead.
+#: Signals the supervisor passes on to the app: every one a user or a
+#: service manager sends a server to tell it something, whose default would
+#: otherwise end the supervisor (and the app with it) or be lost: stop
+#: (INT, TERM, QUIT), reload and reopen the logs (HUP, USR1, USR2: systemd's
+#: ``kill -USR1 $MAINPID``), stop the workers gracefully (WINCH: nginx,
+#: Apache), and the timers' and the power supply's (ALRM, VTALRM, PROF,
+#: PWR).  Not the job-control stops: the supervisor stops with its app.
 _FORWARDED = frozenset(
-    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+    {
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+        signal.SIGALRM,
+        signal.SIGVTALRM,
+        signal.SIGPROF,
+        signal.SIGPWR,
+    }
 )
 
 

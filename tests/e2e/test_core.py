@@ -1227,29 +1227,39 @@ def test_orphans_are_reaped_while_the_app_runs(node: AxnetNode) -> None:
 USER_SIGNALS_COUNTER = """
 import json, signal, sys, time
 got = []
-for signum in (signal.SIGUSR1, signal.SIGUSR2):
+sent = [int(signum) for signum in sys.argv[2:]]
+for signum in sent:
     signal.signal(signum, lambda signum, frame: got.append(signum))
 out = open(sys.argv[1], "w")
 print("ready", file=out, flush=True)
 give_up = time.monotonic() + 30
-while len(got) < 2 and time.monotonic() < give_up:
+while len(got) < len(sent) and time.monotonic() < give_up:
     time.sleep(0.05)
 print(json.dumps(sorted(got)), file=out, flush=True)
 """
 
 
-def test_usr1_and_usr2_sent_to_axnet_run_reach_the_app(node: AxnetNode) -> None:
+#: What a user or a service manager sends a server to tell it something:
+#: reload and reopen the logs, stop the workers gracefully, timers, power.
+TOLD_SIGNALS = sorted(
+    {signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM, signal.SIGPWR}
+)
+
+
+def test_signals_that_tell_a_server_something_reach_the_app(node: AxnetNode) -> None:
     # `kill -USR1 $MAINPID` (systemd's ExecReload=, a log rotation's "reopen
-    # your logs" to nginx or a Perl server) reaches `axnet run` where
-    # natively it reached the server.  It once killed the supervisor, and
-    # the app with it, leaving the app's children running on.
-    out = node.logs / "usr.out"  # the logs directory is anybody's to write
-    run = node.app(["python3", "-c", USER_SIGNALS_COUNTER, str(out)], ip="10.1.0.5")
+    # your logs" to nginx or a Perl server), `kill -WINCH` (nginx's and
+    # Apache's graceful stop of the workers) reach `axnet run` where natively
+    # they reached the server.  USR1 once killed the supervisor, and the app
+    # with it, leaving the app's children running on; WINCH was lost.
+    out = node.logs / "told.out"  # the logs directory is anybody's to write
+    argv = ["python3", "-c", USER_SIGNALS_COUNTER, str(out), *map(str, TOLD_SIGNALS)]
+    run = node.app(argv, ip="10.1.0.5")
     wait_until("the app is ready", lambda: out.exists() and "ready" in out.read_text())
-    os.kill(run.pid, signal.SIGUSR1)
-    os.kill(run.pid, signal.SIGUSR2)
+    for signum in TOLD_SIGNALS:
+        os.kill(run.pid, signum)
     assert run.wait(timeout=60) == 0
-    assert json.loads(out.read_text().splitlines()[-1]) == [signal.SIGUSR1, signal.SIGUSR2]
+    assert json.loads(out.read_text().splitlines()[-1]) == TOLD_SIGNALS
 
 
 SIGINT_COUNTER = """
