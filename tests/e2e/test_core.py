@@ -158,20 +158,35 @@ def test_at_a_very_low_fd_limit_calls_fail_as_the_kernels_do(node: AxnetNode) ->
     # Eight accepts held and eight connects, at a limit the app alone is
     # near: the supervisor, sharing it, may run out first.  Then a call
     # fails with EMFILE and the engine makes room; before, connects failed
-    # with EIO after an engine traceback.  With room, all succeed.
-    for limit, all_ok in ((28, False), (64, True)):
+    # with EIO after an engine traceback.  With room, all succeed.  Down a
+    # ladder of limits until the app cannot run at all: where the calls
+    # start to fail depends on how many fds Python and axnet open here, so
+    # every limit is checked, and at least one must have failed calls.
+    failing = []
+    for limit in range(32, 16, -1):
         done = node.run(
             [*APPS, "accepts-then-connects", "0", "8"],
             ip="10.1.0.5",
             wrap=["prlimit", f"--nofile={limit}:{limit}", "--"],
         )
-        assert done.returncode == 0, done.stderr
-        assert "engine error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "engine error" not in done.stderr, (limit, done.stderr)
+        if done.returncode != 0:
+            break  # too few fds for the app to get as far as its report
+        assert "Traceback" not in done.stderr, (limit, done.stderr)
         seen = json.loads(done.stdout.strip().splitlines()[-1])
         outcomes = set(seen["connected"]) | set(seen["accepted"])
         assert outcomes <= {"ok", "Too many open files"}, (limit, seen)
-        if all_ok:
-            assert outcomes == {"ok"}, seen
+        if outcomes != {"ok"}:
+            failing.append(limit)
+    assert failing, f"no call failed at any limit down to {limit}"
+    done = node.run(
+        [*APPS, "accepts-then-connects", "0", "8"],
+        ip="10.1.0.5",
+        wrap=["prlimit", "--nofile=64:64", "--"],
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(seen["connected"]) | set(seen["accepted"]) == {"ok"}, seen
 
 
 def test_a_client_that_binds_its_own_address_first_is_seen_from_it(node: AxnetNode) -> None:
