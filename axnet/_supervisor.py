@@ -630,7 +630,9 @@ class Supervisor:
                     if signum == signal.SIGCHLD:
                         _reap_orphans(pid)
                         continue
-                    if code == SI_KERNEL and _kernel_sent_it_too(pid, signum):
+                    if code == SI_KERNEL and (
+                        signum not in _FROM_TERMINAL or _kernel_sent_it_too(pid, signum)
+                    ):
                         continue
                     try:
                         os.kill(pid, signum)
@@ -757,6 +759,14 @@ _FORWARDED = frozenset(
         signal.SIGPWR,
     }
 )
+
+#: Those of them the kernel sends that are the app's too: a terminal's
+#: Ctrl-C and Ctrl-\, a hang-up.  The kernel's others are not the app's: a
+#: terminal's resize (WINCH) goes to its foreground group alone, which an
+#: app that made a session of its own (`httpd -DNO_DETACH`, to which WINCH
+#: means "stop gracefully") has left; ALRM, VTALRM and PROF would be the
+#: supervisor's own timers.
+_FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 
 
 def _kernel_sent_it_too(pid: int, signum: int) -> bool:

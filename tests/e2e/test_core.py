@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -15,8 +16,10 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -1367,6 +1370,52 @@ def test_kill_int_at_a_foreground_axnet_run_reaches_the_app(node: AxnetNode) -> 
     # The same signal sent to `axnet run` alone reaches the app only if it is
     # forwarded: the supervisor tells them apart by who sent them.
     assert _sigint_in_a_terminal(node, by_kill=True) == 1
+
+
+WINCH_COUNTER = """
+import json, os, signal, sys, time
+if sys.argv[1] == "own-session":
+    os.setsid()  # as `httpd -DNO_DETACH` does: it leaves the terminal's group
+got = []
+signal.signal(signal.SIGWINCH, lambda signum, frame: got.append(signum))
+print("ready", flush=True)
+time.sleep(3)  # room for the resize, and for a second, forwarded one
+print(json.dumps({"winches": len(got)}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("session", "native"), [("shared", 1), ("own-session", 0)])
+def test_a_terminals_resize_reaches_the_app_as_natively(
+    node: AxnetNode, session: str, native: int
+) -> None:
+    # A resize sends WINCH to the terminal's foreground group: to an app in
+    # it once, not again through its supervisor; to one that made a session
+    # of its own (to Apache, WINCH means "stop gracefully") never.
+    master, terminal = os.openpty()
+    try:
+        run = node.host.popen(
+            [
+                "setsid",
+                "-c",
+                *node.run_cmd_prefix(ip="10.1.0.5"),
+                "python3",
+                "-c",
+                WINCH_COUNTER,
+                session,
+            ],
+            env=node.env,
+            stdin=terminal,
+            stdout=node.logs / "winch.out",
+            stderr=node.logs / "winch.err",
+        )
+        out = node.logs / "winch.out"
+        wait_until("the app is ready", lambda: "ready" in out.read_text())
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+        assert run.wait(timeout=30) == 0, (node.logs / "winch.err").read_text()
+    finally:
+        os.close(master)
+        os.close(terminal)
+    assert json.loads(out.read_text().splitlines()[-1]) == {"winches": native}
 
 
 def test_ctrl_c_ends_a_shell_script_running_axnet_run(node: AxnetNode) -> None:
