@@ -131,6 +131,8 @@ _ACCEPT4_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _AF_INET = int(socket.AF_INET)
 _AF_UNIX = int(socket.AF_UNIX)
 _AF_INET6 = int(socket.AF_INET6)
+#: sizeof(struct sockaddr_in6): the least length SELinux and Landlock take an IPv6 address at.
+_SOCKADDR_IN6_LEN = 28
 _STREAM = int(socket.SOCK_STREAM)
 _INET = (_AF_INET, _AF_INET6)
 
@@ -1185,30 +1187,37 @@ def _finish_connect(sock: _socket.socket, target: bytes, flags: int) -> int:
     """End a TCP connect the app waited in (see ``Engine._connected``); 0 or the errno.
 
     Another thread of the app may have shut the socket down meanwhile
-    (``shutdown``, a connect to ``AF_UNSPEC``): the kernel wakes the waiting
-    connect, which finds the socket closed and fails with its error
-    (ECONNRESET) or ECONNABORTED.  Connecting once more to *target* would
-    instead start a new handshake behind the app's back.  So the connect
-    once more names an address of the other family: a socket still
-    connecting never looks at the address, and one that is not any more
-    fails with EAFNOSUPPORT before it sends anything.
+    (``shutdown``): the kernel wakes the waiting connect, which finds the
+    socket closed and fails with its error (ECONNRESET).  Connecting once
+    more to *target* would instead start a new handshake behind the app's
+    back.  So the connect once more names an address of the other family
+    (at the full length of a ``sockaddr_in6``, which SELinux and Landlock
+    check before the socket layer does): a socket still connecting never
+    looks at the address, and one that is not any more fails with
+    EAFNOSUPPORT before it sends anything.
 
     Two threads may wait in connect on one socket: the kernel ends both
     with 0 once it is connected.  Here the first one's connect once more
     marks it connected, and the other's then finds it so (EISCONN): 0 too.
+    Where the handshake failed, the first takes the error and the other
+    finds none left: EPIPE, as the kernel's (6.6 and later) for a connect
+    whose socket was disconnected while it waited.  A connect to
+    ``AF_UNSPEC`` from another thread gets that EPIPE natively, but here
+    the error it leaves (ECONNRESET), as after a ``shutdown``.
     """
     fd = sock.fileno()
     if sock.family not in (_AF_INET, _AF_INET6) or len(target) < 2:
         err = _connect_nonblocking(fd, target, flags)
         return 0 if err == errno.EISCONN else err
     other = _AF_INET6 if sock.family == _AF_INET else _AF_INET
-    err = _connect_nonblocking(fd, struct.pack("=H", other) + target[2:], flags)
+    elsewhere = (struct.pack("=H", other) + target[2:]).ljust(_SOCKADDR_IN6_LEN, b"\0")
+    err = _connect_nonblocking(fd, elsewhere, flags)
     if err == errno.EISCONN:
         return 0
     if err != errno.EAFNOSUPPORT:
         return err
     pending: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # taken, as the kernel does
-    return pending or errno.ECONNABORTED
+    return pending or errno.EPIPE
 
 
 def _connect_nonblocking(fd: int, target: bytes, flags: int) -> int:
