@@ -480,9 +480,10 @@ class Supervisor:
         of a table larger than a frame, and newer changes), whole: the engine
         never decides from half a table."""
         fresh = ServiceTable()
-        # Names of services withdrawn before, which this app's connections
-        # to them still go by: a table built anew would not know them.
-        fresh.retired_keys.update(self.table.retired_keys)
+        # Names of services and apps withdrawn before, which this app's
+        # connections to them and from them still go by: a table built anew
+        # would not know them.
+        fresh.keep_retired(self.table)
         items = [*(reply.get("records") or [])]
         for push in later:
             if push.get("push") == "records":

@@ -245,6 +245,15 @@ class ServiceTable:
     #: serves on).  Their real port goes to no other service while such a
     #: connection holds it (see axnet._portprobe); the newest MAX_RETIRED.
     retired_keys: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
+    #: Host address → client port blocks of apps withdrawn since, packed as
+    #: in block_keys: connections an app made keep its name after it has
+    #: gone (a server holds one open, or has yet to accept it), as a peer's
+    #: address outlives the peer on a kernel.  A live grant of the ports
+    #: goes before them; a newer grant or withdrawal replaces them; the
+    #: newest MAX_RETIRED.
+    retired_block_keys: dict[bytes, tuple[bytes, ...]] = attrs.field(factory=dict, init=False)
+    #: (host, packed block) → version of the grant, oldest first, for the above.
+    _retired_blocks: dict[tuple[bytes, bytes], int] = attrs.field(factory=dict, init=False)
 
     def __len__(self) -> int:
         """Records held, tombstones included."""
@@ -254,6 +263,9 @@ class ServiceTable:
 
     def merge(self, record: AppRecord | ServiceRecord) -> bool:
         """Apply *record* if it is newer than what we hold; return whether it was."""
+        return self._merge(record, keep_name=True)
+
+    def _merge(self, record: AppRecord | ServiceRecord, *, keep_name: bool) -> bool:
         if isinstance(record, ServiceRecord):
             old_service = self.services.get(record.virtual)
             if not _newer(record, old_service):
@@ -288,7 +300,10 @@ class ServiceTable:
         self.apps[record.app_id] = record
         if old_app is not None and not old_app.deleted:
             self._drop_app_index(old_app)
+            if record.deleted and keep_name:
+                self._retire_block(old_app)
         if not record.deleted:
+            self._unretire_blocks(record.real_host, record.port_lo, record.port_hi, record.version)
             self._vips[record.vip] = self._vips.get(record.vip, 0) + 1
             entries = self._blocks.get(record.real_host, ())
             at = sum(1 for entry in entries if entry[0] > record.version)
@@ -312,7 +327,7 @@ class ServiceTable:
         come again later and must be taken then."""
         if self.current(record) is not record:
             return False
-        self.merge(attrs.evolve(record, version=record.version + 1, deleted=True))
+        self._merge(attrs.evolve(record, version=record.version + 1, deleted=True), keep_name=False)
         if isinstance(record, ServiceRecord):
             del self.services[record.virtual]
         else:
@@ -345,6 +360,62 @@ class ServiceTable:
             self.block_keys[host] = keys[:at] + keys[at + 1 :]
         else:
             del self._blocks[app.real_host], self.block_keys[host]
+
+    def _retire_block(self, app: AppRecord) -> None:
+        """Keep the name of *app*'s client port block, withdrawn, for the
+        connections from it (see retired_block_keys)."""
+        if not app.port_hi:
+            return  # it had none
+        host = packed_ip(app.real_host)
+        if any(
+            version > app.version
+            for _, version in self._overlapping_retired(host, app.port_lo, app.port_hi)
+        ):
+            return  # a newer holder's withdrawal came first: its name stands
+        self._unretire_blocks(app.real_host, app.port_lo, app.port_hi, app.version)
+        if len(self._retired_blocks) >= MAX_RETIRED:
+            oldest_host, oldest = next(iter(self._retired_blocks))
+            self._drop_retired(oldest_host, [oldest])
+        block = app.port_lo.to_bytes(2, "big") + app.port_hi.to_bytes(2, "big") + packed_ip(app.vip)
+        self._retired_blocks[host, block] = app.version
+        self.retired_block_keys[host] = (block, *self.retired_block_keys.get(host, ()))
+
+    def _overlapping_retired(self, host: bytes, lo: int, hi: int) -> list[tuple[bytes, int]]:
+        return [
+            (block, self._retired_blocks[host, block])
+            for block in self.retired_block_keys.get(host, ())
+            if int.from_bytes(block[:2], "big") <= hi and lo <= int.from_bytes(block[2:4], "big")
+        ]
+
+    def _unretire_blocks(self, real_host: IPAddress, lo: int, hi: int, version: int) -> None:
+        """Forget retired blocks of *real_host* that overlap ``lo..hi`` and
+        were granted before *version*: their ports have been given again."""
+        if not hi:
+            return
+        host = packed_ip(real_host)
+        older = [b for b, v in self._overlapping_retired(host, lo, hi) if v < version]
+        if older:
+            self._drop_retired(host, older)
+
+    def _drop_retired(self, host: bytes, blocks: list[bytes]) -> None:
+        for block in blocks:
+            del self._retired_blocks[host, block]
+        rest = tuple(b for b in self.retired_block_keys[host] if b not in blocks)
+        if rest:
+            self.retired_block_keys[host] = rest
+        else:
+            del self.retired_block_keys[host]
+
+    def keep_retired(self, other: ServiceTable) -> None:
+        """Take the names *other* keeps of what is gone (retired services
+        and client blocks), into this table built anew to replace it, before
+        any record: it would not know them, and connections made before
+        still go by them."""
+        self.retired_keys.update(other.retired_keys)
+        for (host, block), version in other._retired_blocks.items():
+            if (host, block) not in self._retired_blocks:
+                self._retired_blocks[host, block] = version
+                self.retired_block_keys[host] = (*self.retired_block_keys.get(host, ()), block)
 
     def expire(self, now: float, ttl: float = TOMBSTONE_TTL) -> int:
         """Forget tombstones older than *ttl*; return how many were dropped."""
@@ -400,6 +471,14 @@ class ServiceTable:
         for _, lo, hi, vip in self._blocks.get(host, ()):
             if lo <= port <= hi:
                 return vip
+        return None
+
+    def retired_client(self, host: IPAddress, port: int) -> IPAddress | None:
+        """The virtual IP of the app, withdrawn since, whose connections left
+        from ``host:port`` (see retired_block_keys)."""
+        for block in self.retired_block_keys.get(packed_ip(host), ()):
+            if int.from_bytes(block[:2], "big") <= port <= int.from_bytes(block[2:4], "big"):
+                return ip_address(ipaddress.IPv6Address(block[4:20]))
         return None
 
     def records_of_node(self, node: str) -> list[AppRecord | ServiceRecord]:

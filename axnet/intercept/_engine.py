@@ -991,7 +991,9 @@ class Engine:
                 if endpoint is None:
                     raise Errno(errno.EINVAL)
                 ip, port = endpoint
-                vip = self.table.virtual_of_client(ip, port)
+                table = self.table
+                # A client gone since it connected: named as it was.
+                vip = table.virtual_of_client(ip, port) or table.retired_client(ip, port)
                 if vip is not None and not fits(family, vip):
                     vip = None  # an IPv6 client's, on an IPv4 socket: the real peer
                 self._store_sockaddr(n, addr_ptr, len_ptr, pack(family, vip or ip, port), room=room)
@@ -1104,6 +1106,10 @@ class Engine:
             server = self.table.retired_server(RealAddress(host=ip, port=port))
             if server is not None:
                 return server.ip, server.port
+        # A connection from a client gone since: named as it was.
+        vip = self.table.retired_client(ip, port)
+        if vip is not None:
+            return vip, port
         return None
 
     # -- housekeeping --------------------------------------------------------------

@@ -193,7 +193,8 @@ typedef struct {
 } Call;
 
 /* Attribute names, interned once (PyInit__fastpath). */
-static PyObject *s_table, *s_identity, *s_live, *s_real, *s_blocks, *s_packed_me, *s_retired;
+static PyObject *s_table, *s_identity, *s_live, *s_real, *s_blocks, *s_packed_me, *s_retired,
+    *s_retired_blocks;
 
 /* -- small helpers ------------------------------------------------------------ */
 
@@ -388,9 +389,10 @@ static unsigned port_of(const unsigned char *endpoint) {
 
 static unsigned be16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
 
-/* The virtual IP of the app whose connections leave from endpoint, into vip. */
-static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip) {
-    PyObject *blocks = dict_bytes(c->blocks, endpoint, 16);
+/* The virtual IP of the block of *index* (host address -> packed blocks, see
+ * ServiceTable.block_keys) that holds endpoint's port, into vip: 0, or -1. */
+static int block_vip(PyObject *index, const unsigned char *endpoint, unsigned char *vip) {
+    PyObject *blocks = dict_bytes(index, endpoint, 16);
     if (blocks == NULL || !PyTuple_Check(blocks)) return -1;
     unsigned port = port_of(endpoint);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(blocks); i++) {
@@ -403,6 +405,29 @@ static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip
         }
     }
     return -1;
+}
+
+/* The virtual IP of the app whose connections leave from endpoint, into vip. */
+static int client_vip(Call *c, const unsigned char *endpoint, unsigned char *vip) {
+    return block_vip(c->blocks, endpoint, vip);
+}
+
+/* The virtual IP of the app, withdrawn since, whose connections left from
+ * endpoint, into vip (the table's retired_block_keys, read only when no live
+ * block holds the port): 1 if found, 0 if not, -1 if the table is not as
+ * expected (Python answers). */
+static int retired_client(Call *c, const unsigned char *endpoint, unsigned char *vip) {
+    PyObject *table = PyObject_GetAttr(c->engine, s_table);
+    PyObject *retired = table == NULL ? NULL : PyObject_GetAttr(table, s_retired_blocks);
+    Py_XDECREF(table);
+    if (retired == NULL || !PyDict_Check(retired)) {
+        Py_XDECREF(retired);
+        PyErr_Clear();
+        return -1;
+    }
+    int found = block_vip(retired, endpoint, vip) == 0;
+    Py_DECREF(retired);
+    return found;
 }
 
 /* Whether endpoint's port lies in a client block of the app: its current
@@ -645,7 +670,14 @@ static int accept_on(Call *c, int fd, int family, unsigned port, int ready,
         out->room = room;
         out->room_read = 1;
         if (room < 0 || endpoint_of(&out->peer, out->peer_len, peer_end) < 0) return DELIVER;
-        if (client_vip(c, peer_end, vip) == 0) memcpy(peer_end, vip, 16);
+        if (client_vip(c, peer_end, vip) == 0) {
+            memcpy(peer_end, vip, 16);
+        } else {
+            /* A client gone since it connected: named as it was. */
+            int found = retired_client(c, peer_end, vip);
+            if (found < 0) return DELIVER;
+            if (found) memcpy(peer_end, vip, 16);
+        }
         struct sockaddr_storage shown;
         socklen_t shown_len = sockaddr_of(family, peer_end, &shown);
         if (!shown_len || store_sockaddr(c, addr_ptr, len_ptr, room, &shown, shown_len) < 0)
@@ -808,15 +840,18 @@ static int on_getname(Call *c) {
             memcpy(shown_end, PyBytes_AS_STRING(server), ENDPOINT_LEN);
         } else if (client_vip(c, endpoint, shown_end) == 0) {
             memcpy(shown_end + 16, endpoint + 16, 2);
-        } else if (pinned(fd)) {
+        } else {
             /* A connection made to a service withdrawn since: by a redirect,
              * whose source port was kept in the app's ports, as no connect
-             * to a real address is (see Engine._virtual_remote). */
-            int found = retired_server(c, endpoint, shown_end);
+             * to a real address is (see Engine._virtual_remote).  Else one
+             * from a client gone since, named as it was. */
+            int found = pinned(fd) ? retired_server(c, endpoint, shown_end) : 0;
+            if (found == 0) {
+                found = retired_client(c, endpoint, shown_end);
+                if (found > 0) memcpy(shown_end + 16, endpoint + 16, 2);
+            }
             if (found < 0) goto slow;
             if (!found) goto pass;
-        } else {
-            goto pass;
         }
     }
     struct sockaddr_storage shown;
@@ -1443,7 +1478,9 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     s_blocks = PyUnicode_InternFromString("block_keys");
     s_packed_me = PyUnicode_InternFromString("_packed_me");
     s_retired = PyUnicode_InternFromString("retired_keys");
-    if (!s_table || !s_identity || !s_live || !s_real || !s_blocks || !s_packed_me || !s_retired)
+    s_retired_blocks = PyUnicode_InternFromString("retired_block_keys");
+    if (!s_table || !s_identity || !s_live || !s_real || !s_blocks || !s_packed_me || !s_retired ||
+        !s_retired_blocks)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -813,6 +813,29 @@ def hold_names(host: str, port: str, trigger: str) -> None:
         _out(sockname=_addr(conn.getsockname()), peername=_addr(conn.getpeername()))
 
 
+def peer_names_later(port: str, trigger: str) -> None:
+    """Listen on PORT and PORT+1; accept one connection on PORT at once and
+    keep it.  Once file TRIGGER exists, listen on PORT+2 (its answer comes
+    after every table change before it), accept one on PORT+1 (queued
+    meanwhile); report where accept said each came from, and what
+    getpeername says now."""
+    first = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    second = _listener(socket.AF_INET, "0.0.0.0", int(port) + 1)
+    _out(ready=True)
+    held, accepted = [], []
+    conn, peer = first.accept()
+    held.append(conn)
+    accepted.append(_addr(peer))
+    _wait_for_file(trigger, True)
+    _listener(socket.AF_INET, "0.0.0.0", int(port) + 2).close()
+    conn, peer = second.accept()
+    held.append(conn)
+    accepted.append(_addr(peer))
+    _out(accepted=accepted, peernames=[_addr(c.getpeername()) for c in held])
+    for conn in held:
+        conn.close()
+
+
 def listen_connect_close(port: str, rounds: str) -> None:
     """ROUNDS times: listen, connect to it at once, then close it and connect
     again at once; what a kernel answers: connected, then refused."""
@@ -1605,6 +1628,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "accepts-then-connects": accepts_then_connects,
     "serve-one-then-close": serve_one_then_close,
     "hold-names": hold_names,
+    "peer-names-later": peer_names_later,
     "asyncio-clients": asyncio_clients,
     "trio-clients": trio_clients,
     "fork-connect": fork_connect,

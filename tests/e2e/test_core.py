@@ -665,6 +665,32 @@ def test_connections_keep_their_names_after_the_listener_closes(node: AxnetNode)
     assert client_names["sockname"][0] == "10.1.0.9"
 
 
+def test_connections_keep_their_clients_names_after_the_clients_have_gone(
+    node: AxnetNode,
+) -> None:
+    # A server reads its peer's name after the client app has exited: one
+    # connection it accepted before, one it accepts only then.  As on a
+    # kernel, the name outlives the peer.  Before, the client's withdrawal
+    # took its block's name along: the node's address showed (and a server
+    # whose client ended first raced it).
+    trigger = node.scratch / "names-now"
+    server = node.app([*APPS, "peer-names-later", "7060", str(trigger)], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7061")
+    at_once = node.scratch / "at-once"
+    at_once.touch()
+    clients = [
+        node.run_json([*APPS, "hold-names", "10.1.0.5", str(port), str(at_once)], ip=ip)
+        for port, ip in ((7060, "10.1.0.8"), (7061, "10.1.0.9"))
+    ]
+    wait_until("clients withdrawn", lambda: [a["vip"] for a in node.json("apps")] == ["10.1.0.5"])
+    trigger.touch()
+    assert server.wait(timeout=30) == 0
+    names = json.loads((node.logs / "app1.out").read_text().splitlines()[-1])
+    socknames = [client["sockname"] for client in clients]
+    assert [ip for ip, _ in socknames] == ["10.1.0.8", "10.1.0.9"]
+    assert names["accepted"] == names["peernames"] == socknames
+
+
 def test_a_stopped_supervisor_keeps_its_session_through_table_churn(node: AxnetNode) -> None:
     # `axnet run` stopped with Ctrl-Z while other apps publish and withdraw
     # thousands of services: before, the daemon dropped the session once

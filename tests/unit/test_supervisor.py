@@ -144,6 +144,22 @@ async def test_a_reattach_keeps_the_names_of_withdrawn_services() -> None:
     assert supervisor.table.retired_server(real) == named
 
 
+async def test_a_reattach_keeps_the_names_of_withdrawn_apps() -> None:
+    # Connections from an app's client port block go by its name after it
+    # has gone (ServiceTable.retired_block_keys), across a re-attach too.
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))
+    )
+    live = ["a", "c1", "n2", "10.9.0.7", "192.0.2.9", 40000, 40099, "", [], 5, False, 0.0]
+    gone = [*live[:9], 6, True, time.time()]
+    _reattached(supervisor, [live], settling=0.0)
+    supervisor._on_push({"push": "records", "records": [gone]})
+    host = ipaddress.ip_address("192.0.2.9")
+    assert supervisor.table.retired_client(host, 40050) == ipaddress.ip_address("10.9.0.7")
+    _reattached(supervisor, [gone], settling=0.0)  # the daemon restarted
+    assert supervisor.table.retired_client(host, 40050) == ipaddress.ip_address("10.9.0.7")
+
+
 async def test_a_reattach_to_a_settled_daemon_keeps_nothing() -> None:
     supervisor = Supervisor(
         RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=Path("/tmp"))

@@ -225,6 +225,61 @@ def test_app_tombstone_drops_vip_and_block() -> None:
     assert table.virtual_of_client(HOST, 40050) is None
 
 
+def test_a_withdrawn_apps_block_keeps_its_name_until_another_is_given_it() -> None:
+    # Connections the app made name their peer after it (a server holds one
+    # open, or accepts it only now), as natively the peer's address
+    # outlives the peer; no live lookup (binds, own ports) sees it.
+    table = ServiceTable()
+    table.merge(app(version=1))
+    assert table.retired_client(HOST, 40050) is None
+    table.merge(app(version=2, deleted=True, deleted_at=1.0))
+    assert table.virtual_of_client(HOST, 40050) is None
+    assert table.retired_client(HOST, 40050) == VIP
+    assert table.retired_client(HOST, 40100) is None
+    assert table.retired_client(OTHER_HOST, 40050) is None
+    # The native path's index: the block as block_keys packs it.
+    assert table.retired_block_keys == {
+        packed_ip(HOST): ((40000).to_bytes(2, "big") + (40099).to_bytes(2, "big") + packed_ip(VIP),)
+    }
+    # Given again: the newer holder's, live, then withdrawn.
+    table.merge(app("a2", vip=OTHER_VIP, version=3))
+    assert table.retired_client(HOST, 40050) is None
+    assert table.virtual_of_client(HOST, 40050) == OTHER_VIP
+    table.merge(app("a2", vip=OTHER_VIP, version=4, deleted=True, deleted_at=2.0))
+    assert table.retired_client(HOST, 40050) == OTHER_VIP
+    # An older holder's withdrawal, come late, leaves the newer name.
+    table.merge(app("a0", version=0))
+    table.merge(app("a0", version=1, deleted=True, deleted_at=3.0))
+    assert table.retired_client(HOST, 40050) == OTHER_VIP
+    assert len(table.retired_block_keys[packed_ip(HOST)]) == 1
+
+
+def test_retired_blocks_are_the_newest_max_retired() -> None:
+    table = ServiceTable()
+    for i in range(MAX_RETIRED + 1):
+        block = (1000 + 10 * i, 1009 + 10 * i)
+        table.merge(app(f"a{i}", block=block, version=2 * i + 1))
+        table.merge(app(f"a{i}", block=block, version=2 * i + 2, deleted=True))
+    assert len(table.retired_block_keys[packed_ip(HOST)]) == MAX_RETIRED
+    assert table.retired_client(HOST, 1000) is None
+    assert table.retired_client(HOST, 1010) == VIP
+
+
+def test_a_table_built_anew_keeps_the_retired_names() -> None:
+    table = ServiceTable()
+    table.merge_all([app(version=1), service(version=1)])
+    table.merge_all([app(version=2, deleted=True), service(version=2, deleted=True)])
+    fresh = ServiceTable()
+    fresh.keep_retired(table)
+    assert fresh.retired_client(HOST, 40050) == VIP
+    assert fresh.retired_server(RealAddress(host=HOST, port=20000)) == VirtualAddress(
+        ip=VIP, port=80
+    )
+    fresh.merge(app("a2", vip=OTHER_VIP, version=3))  # its block given again
+    assert fresh.retired_client(HOST, 40050) is None
+    assert table.retired_client(HOST, 40050) == VIP
+
+
 def test_a_tombstone_leaves_another_app_with_the_same_block_and_vip() -> None:
     # A node restarted and gave a new app its old app's VIP and block; a peer
     # still holds the old app live when the new one arrives, then its tombstone.
@@ -592,6 +647,7 @@ def test_forget_drops_the_very_record_held_and_leaves_no_trace() -> None:
     assert not table.is_virtual_ip(client.vip)
     assert list(table.records()) == []
     assert not (table.live_keys or table.real_keys or table.block_keys)
+    assert table.retired_client(HOST, 40000) is None
     assert table.merge(web)  # the same record later is taken again: no tombstone
     assert table.resolve(VIP, 80) is web
 
