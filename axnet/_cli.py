@@ -476,9 +476,6 @@ def _member_now(member: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-#: How an item of each listing reads as this version's daemon gives it.
-_AS_NOW: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {"members": _member_now}
-
 #: For each listing: the reply's key, the table's columns, and how a row reads.
 _LISTINGS: dict[str, tuple[str, list[str], Any]] = {
     "services": (
@@ -533,8 +530,8 @@ def cmd_listing(args: argparse.Namespace) -> int:
     if args.command in _LISTINGS:
         key, columns, row = _LISTINGS[args.command]
         items = reply[key]
-        if (as_now := _AS_NOW.get(args.command)) is not None:
-            items = [as_now(item) for item in items]
+        if args.command == "members":
+            items = [_member_now(item) for item in items]
         if args.json:
             _print_json(items)
         else:
