@@ -167,7 +167,7 @@ typedef struct {
     long long poll_budget, poll_window, parked_at, poll_until;
     long long follow_window, answered_at, follow_until;
     unsigned long long notifications, answered, redirected, deferred, caught_polling,
-        caught_following, adopted;
+        caught_following, missed_polling, missed_following, adopted;
 } Fast;
 
 /* What a hand-back carries besides the notification. */
@@ -995,13 +995,18 @@ static int park(Fast *self, const struct seccomp_notif *n, const Handback *out) 
  * Caught while polling: the window stays.  Came after the window but within
  * the budget: a longer one would have caught it, so it doubles (from an
  * eighth of the budget).  Came later than the budget: polling cannot pay,
- * so it halves, and below an eighth of the budget it closes. */
+ * so it halves, and below an eighth of the budget it closes.  A window that
+ * was open and caught nothing is counted as missed: its whole length was
+ * spent polling. */
 static void adapt(long long *window, long long budget, long long since, long long until,
-                  unsigned long long *caught) {
+                  unsigned long long *caught, unsigned long long *missed) {
     long long now = now_ns(), floor = budget / 8;
     if (now < until) {
         (*caught)++;
-    } else if (now - since <= budget) {
+        return;
+    }
+    if (until > since) (*missed)++;
+    if (now - since <= budget) {
         *window = *window < floor ? floor : *window * 2;
         if (*window > budget) *window = budget;
     } else if ((*window /= 2) < floor) {
@@ -1067,7 +1072,7 @@ static PyObject *serve_parked(Fast *self, PyObject *engine, int fd) {
     Parked *p = self->parked[fd];
     struct seccomp_notif n = p->n;
     adapt(&self->poll_window, self->poll_budget, self->parked_at, self->poll_until,
-          &self->caught_polling);
+          &self->caught_polling, &self->missed_polling);
     if (!id_valid(self, n.id)) {
         /* Its thread was killed (parked accepts are checked only every
          * slice): the connection stays queued for a live accept. */
@@ -1143,7 +1148,7 @@ static PyObject *serve_notification(Fast *self, PyObject *engine) {
      * Python answered there is no answer of ours to time it from.) */
     if (self->answered_at > 0)
         adapt(&self->follow_window, self->poll_budget, self->answered_at, self->follow_until,
-              &self->caught_following);
+              &self->caught_following, &self->missed_following);
     self->answered_at = self->follow_until = 0;
     adopt(self, n);
     Call c = {self, n, engine, NULL, NULL, NULL, NULL, 0, 0, 0};
@@ -1413,11 +1418,12 @@ static void Fast_dealloc(Fast *self) {
 
 static PyObject *Fast_counters(Fast *self, void *closure) {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsi}", "notifications", self->notifications,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsi}", "notifications", self->notifications,
                          "answered", self->answered, "redirected", self->redirected,
                          "deferred", self->deferred, "caught_polling", self->caught_polling,
-                         "caught_following", self->caught_following, "adopted",
-                         self->adopted, "parked", self->parked_count);
+                         "caught_following", self->caught_following, "missed_polling",
+                         self->missed_polling, "missed_following", self->missed_following,
+                         "adopted", self->adopted, "parked", self->parked_count);
 }
 
 static PyObject *Fast_parked(Fast *self, void *closure) {
