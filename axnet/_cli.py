@@ -538,15 +538,26 @@ def cmd_listing(args: argparse.Namespace) -> int:
             _table(args.command, columns, [row(item) for item in items])
         return 0
     status = {k: v for k, v in reply.items() if k not in ("id", "ok")}
+    status.setdefault("version", None)  # a daemon older than the field
     if args.json:
         _print_json(status)
         return 0
+    status["version"] = _daemon_version(status["version"])
     if status.get("uptime") is not None:
         status["uptime"] = f"{float(status['uptime']):.0f} s"
     if status.get("gossip") is None:
         status["gossip"] = "off (this daemon does not cluster)"
     _print_fields(status)
     return 0
+
+
+def _daemon_version(version: object) -> str:
+    """The daemon's version, said beside this CLI's where they differ (a
+    daemon runs on after an upgrade until it is restarted)."""
+    if version == __version__:
+        return str(version)
+    shown = "unknown (a daemon from before status said it)" if version is None else str(version)
+    return f"{shown}; this CLI is axnet {__version__}: restart the daemon to run the same"
 
 
 def _print_fields(fields: Mapping[str, Any], indent: str = "") -> None:

@@ -57,6 +57,7 @@ from ._table import (
     ip_address,
     labels_from,
 )
+from ._version import __version__
 from ._views import app_view, service_view
 from ._wire import (
     RECORDS_PER_FRAME,
@@ -479,6 +480,7 @@ class Daemon:
             await conn.reply(
                 request,
                 node=self.config.node.name,
+                version=__version__,
                 real_host=str(self.config.node.real_host),
                 pid=os.getpid(),
                 uptime=time.monotonic() - self.started,

@@ -31,6 +31,7 @@ from axnet._control import CONTROL_SOCKET, Connection, serve_control
 from axnet._daemonmain import default_client_ports, node_config, port_problem, run_daemon
 from axnet._node import PortRange
 from axnet._table import ip_address
+from axnet._version import __version__
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -603,3 +604,41 @@ async def test_leave_of_an_older_daemon_without_gossip_is_refused_not_said_done(
         "'axnet daemon --advertise IP' (and --gossip-key-file) to cluster\n"
     )
     assert "leave" not in asked
+
+
+@pytest.mark.parametrize(
+    ("reply", "shown", "in_json"),
+    [
+        ({"node": "n1"}, "unknown (a daemon from before status said it)", None),
+        ({"node": "n1", "version": "0.0.9"}, "0.0.9", "0.0.9"),
+        ({"node": "n1", "version": __version__}, __version__, __version__),
+    ],
+)
+async def test_status_says_which_version_the_daemon_runs(
+    reply: dict[str, Any], shown: str, in_json: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A daemon runs on after an upgrade until it is restarted: status says
+    # its version, and, where it is not the CLI's, how to make them one.
+    async def daemon(conn: Connection, _: Mapping[str, Any]) -> None:
+        async for message in conn.messages():
+            await conn.reply(message, **reply)
+
+    runtime = Path(tempfile.mkdtemp(prefix="axcli-"))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, runtime / CONTROL_SOCKET, daemon)
+            for argv in (["status"], ["status", "--json"]):
+                status = await trio.to_thread.run_sync(main, [*argv, "--runtime-dir", str(runtime)])
+                assert status == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    text, as_json = capsys.readouterr().out.split("\n{", 1)
+    assert json.loads("{" + as_json)["version"] == in_json
+    version_line = next(line for line in text.splitlines() if line.startswith("version: "))
+    if in_json == __version__:
+        assert version_line == f"version: {shown}"
+    else:
+        assert version_line == (
+            f"version: {shown}; this CLI is axnet {__version__}: restart the daemon to run the same"
+        )

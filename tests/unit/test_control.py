@@ -49,6 +49,7 @@ from axnet._leases import decode
 from axnet._node import MAX_BLOCKS, NodeConfig
 from axnet._supervisor import Session
 from axnet._table import RealAddress, ServiceRecord, VirtualAddress, ip_address
+from axnet._version import __version__
 from axnet._wire import MAX_LABELS, FrameDecoder, frame, record_to_wire, records_from_wire
 
 # -- runtime_dir ---------------------------------------------------------------
@@ -1458,3 +1459,11 @@ async def test_a_ping_answer_counts_only_for_a_ping_sent() -> None:
     assert conn.answers_pings
     with trio.fail_after(5):
         await conn.wait_applied(seq)
+
+
+async def test_status_says_the_daemons_version(sock_dir: Path) -> None:
+    def talk() -> Any:
+        with ControlClient(control_path(sock_dir), timeout=5.0) as client:
+            return client.request("status")["version"]
+
+    assert await _with_daemon(sock_dir, talk) == __version__
