@@ -64,9 +64,12 @@ virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
 #: ``axnet run --busy-poll``: µs the supervisor polls, without sleeping, for
 #: the connection a parked accept waits for, and for the app's next call
 #: after an answer.  bench/core.py: C round trips 16 to 24 µs faster than
-#: with 0 in three runs of four (2 in the fourth), Python ones even (200
-#: made those slower; see _fastpath.c).
-BUSY_POLL_US = 100
+#: with 0 in three runs of four (2 in the fourth).  Not 100: a Python
+#: client's next connect comes 75 to 100 µs after its last was answered
+#: while the loops poll, and 100 to 175 once they sleep, so with 100 the
+#: windows closed for Python pairs (see _fastpath.c); with 250 they catch
+#: 96 to 100 % of what they wait for, C pairs too.
+BUSY_POLL_US = 250
 MAX_BUSY_POLL_US = 10_000
 
 

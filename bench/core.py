@@ -1,6 +1,7 @@
 """Core benchmark: native sockets, axnet and a sidecar proxy side by side, one run.
 
-    python -m bench.core [--quick] [--out bench/results]
+    python -m bench.core [--quick] [--out bench/results] [--only roundtrips]
+                         [--lang python-fd --lang c ...] [--placement free ...]
 
 Needs root to build the test host (a network namespace without a default
 route); everything measured runs as ``nobody``, as a user would run it.
@@ -54,10 +55,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from axnet._cli import BUSY_POLL_US
 from axnet.testing import AxnetNode, NetnsHost, cpu_ns, has_program, stop_process, wait_until
 
 from . import unwind_on_sigterm, write_results
@@ -272,47 +274,71 @@ def _roundtrip_pair(
     return blocks, port
 
 
-def roundtrips(node: AxnetNode, n: int) -> dict[str, Any]:
-    """connect + accept + close, native and through axnet, per app language and placement."""
+def selected_roundtrips(
+    programs: dict[str, Program],
+    langs: Collection[str] | None,
+    placements: Collection[str] | None,
+) -> list[tuple[str, str]]:
+    """The (program, placement) rows to run, in the programs' order: each
+    program's own placements, only *langs* and *placements* when given."""
+    return [
+        (lang, placement)
+        for lang, program in programs.items()
+        if langs is None or lang in langs
+        for placement in program.placements
+        if placements is None or placement in placements
+    ]
+
+
+def roundtrips(
+    node: AxnetNode,
+    n: int,
+    *,
+    langs: Collection[str] | None = None,
+    placements: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """connect + accept + close, native and through axnet, per app language and
+    placement; only *langs* and *placements* when given (None: all)."""
     results: dict[str, Any] = {}
     per_block = max(1, n // ROUNDTRIP_BLOCKS)
     port = 9100
-    for lang, program in _programs(node).items():
-        for placement in program.placements:
-            if (pins := _pins(placement)) is None:
-                continue
-            blocks, port = _roundtrip_pair(node, program, port, pins, per_block)
-            native = [block.times for block in blocks["native"]]
-            axnet = [block.times for block in blocks["axnet"]]
-            native_t = [t for times in native for t in times]
-            axnet_t = [t for times in axnet for t in times]
-            # Each block's p50 against that of the native block run beside it.
-            by_block = [pct(a, 0.5) - pct(n, 0.5) for n, a in zip(native, axnet, strict=True)]
-            # Warm-up round trips count too: the supervisor served them.
-            served = per_block + ROUNDTRIP_WARMUP
-            results[f"{lang}/{placement}"] = {
-                "lang": lang,
-                "placement": placement,
-                "iterations": len(native_t),
-                "blocks": ROUNDTRIP_BLOCKS,
-                "native_us": {"p50": pct(native_t, 0.5), "p99": pct(native_t, 0.99)},
-                "axnet_us": {"p50": pct(axnet_t, 0.5), "p99": pct(axnet_t, 0.99)},
-                "added_us": {
-                    "p50": pct(axnet_t, 0.5) - pct(native_t, 0.5),
-                    "p99": pct(axnet_t, 0.99) - pct(native_t, 0.99),
-                },
-                "ratio_p50": pct(axnet_t, 0.5) / pct(native_t, 0.5),
-                "added_p50_by_block_us": by_block,
-                # Each block's own p50s: free placement is bimodal (both
-                # sides on one CPU, or split), and these show which it drew.
-                "native_p50_by_block_us": [pct(n, 0.5) for n in native],
-                "axnet_p50_by_block_us": [pct(a, 0.5) for a in axnet],
-                # CPU the server's supervisor spent per round trip (median
-                # of the blocks): what busy polling costs shows here.
-                "server_supervisor_cpu_us": statistics.median(
-                    block.server_cpu_ns / 1000 / served for block in blocks["axnet"]
-                ),
-            }
+    programs = _programs(node)
+    for lang, placement in selected_roundtrips(programs, langs, placements):
+        program = programs[lang]
+        if (pins := _pins(placement)) is None:
+            continue
+        blocks, port = _roundtrip_pair(node, program, port, pins, per_block)
+        native = [block.times for block in blocks["native"]]
+        axnet = [block.times for block in blocks["axnet"]]
+        native_t = [t for times in native for t in times]
+        axnet_t = [t for times in axnet for t in times]
+        # Each block's p50 against that of the native block run beside it.
+        by_block = [pct(a, 0.5) - pct(n, 0.5) for n, a in zip(native, axnet, strict=True)]
+        # Warm-up round trips count too: the supervisor served them.
+        served = per_block + ROUNDTRIP_WARMUP
+        results[f"{lang}/{placement}"] = {
+            "lang": lang,
+            "placement": placement,
+            "iterations": len(native_t),
+            "blocks": ROUNDTRIP_BLOCKS,
+            "native_us": {"p50": pct(native_t, 0.5), "p99": pct(native_t, 0.99)},
+            "axnet_us": {"p50": pct(axnet_t, 0.5), "p99": pct(axnet_t, 0.99)},
+            "added_us": {
+                "p50": pct(axnet_t, 0.5) - pct(native_t, 0.5),
+                "p99": pct(axnet_t, 0.99) - pct(native_t, 0.99),
+            },
+            "ratio_p50": pct(axnet_t, 0.5) / pct(native_t, 0.5),
+            "added_p50_by_block_us": by_block,
+            # Each block's own p50s: free placement is bimodal (both
+            # sides on one CPU, or split), and these show which it drew.
+            "native_p50_by_block_us": [pct(n, 0.5) for n in native],
+            "axnet_p50_by_block_us": [pct(a, 0.5) for a in axnet],
+            # CPU the server's supervisor spent per round trip (median
+            # of the blocks): what busy polling costs shows here.
+            "server_supervisor_cpu_us": statistics.median(
+                block.server_cpu_ns / 1000 / served for block in blocks["axnet"]
+            ),
+        }
     return results
 
 
@@ -843,7 +869,7 @@ def summary(results: dict[str, Any]) -> str:
         lines += [
             "",
             "After an accept finds nothing queued, the supervisor polls up to `--busy-poll` µs",
-            "(default 100) for the next connection before it sleeps: *c apps, --busy-poll 0*",
+            f"(default {BUSY_POLL_US}) for the next connection before it sleeps: *c apps, --busy-poll 0*",
             "shows the round trip, and this CPU, without that.",
         ]
     wake = results.get("wakeups")
@@ -884,6 +910,18 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run just this part (repeatable; default: all three)",
     )
+    parser.add_argument(
+        "--lang",
+        choices=tuple(LANG_NAMES),
+        action="append",
+        help="round trips of just these apps (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        action="append",
+        help="round trips placed just so (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
     unwind_on_sigterm()
     parts = args.only or ["roundtrips", "throughput", "redis"]
@@ -902,10 +940,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results: dict[str, Any] = {}
             if "roundtrips" in parts:
-                results["roundtrips"] = roundtrips(node, n)
-                if (wake := wakeups(node)) is not None:
-                    results["wakeups"] = wake
-                results["getsockname"] = getsockname_cost(node, 9090)
+                results["roundtrips"] = roundtrips(
+                    node, n, langs=args.lang, placements=args.placement
+                )
+                if args.lang is None and args.placement is None:
+                    if (wake := wakeups(node)) is not None:
+                        results["wakeups"] = wake
+                    results["getsockname"] = getsockname_cost(node, 9090)
             if "throughput" in parts:
                 results["throughput"] = throughput(node, seconds, rounds)
             if "redis" in parts:

@@ -7,7 +7,14 @@ import random
 import statistics
 from collections.abc import Callable, Iterator
 
-from bench.core import _ratios, block_runs, median_interval
+from bench.core import (
+    PLACEMENTS,
+    Program,
+    _ratios,
+    block_runs,
+    median_interval,
+    selected_roundtrips,
+)
 
 
 def test_each_block_serves_afresh_and_alternates_its_runs() -> None:
@@ -80,3 +87,19 @@ def test_each_run_is_divided_by_the_baseline_run_beside_it() -> None:
     assert out["axnet_over_native_interval"] == (0.96, 0.96)
     assert out["pinned_axnet_over_native"] is None
     assert out["pinned_axnet_over_native_interval"] is None
+
+
+def test_round_trips_run_only_the_apps_and_placements_asked_for() -> None:
+    programs = {
+        "python": Program(["p"], ["p"], PLACEMENTS),
+        "c": Program(["c"], ["c"], PLACEMENTS),
+        "python-fd": Program(["f"], ["f"], ("free",)),
+    }
+    assert selected_roundtrips(programs, None, None) == [
+        (lang, placement) for lang in ("python", "c") for placement in PLACEMENTS
+    ] + [("python-fd", "free")]
+    assert selected_roundtrips(programs, ["python-fd", "python"], ["free"]) == [
+        ("python", "free"),
+        ("python-fd", "free"),
+    ]
+    assert selected_roundtrips(programs, ["python-fd"], ["one_cpu"]) == []

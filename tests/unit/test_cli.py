@@ -108,8 +108,8 @@ def test_run_with_a_bad_busy_poll_exits_2(value: str, capsys: pytest.CaptureFixt
     )
 
 
-@pytest.mark.parametrize(("argv", "us"), [([], 100), (["--busy-poll", "0"], 0)])
-def test_run_busy_polls_100_us_unless_told(argv: list[str], us: int) -> None:
+@pytest.mark.parametrize(("argv", "us"), [([], 250), (["--busy-poll", "0"], 0)])
+def test_run_busy_polls_250_us_unless_told(argv: list[str], us: int) -> None:
     assert build_parser().parse_args(["run", *argv, "--", "a"]).busy_poll == us
 
 
