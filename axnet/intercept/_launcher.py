@@ -86,6 +86,13 @@ def launch(
     if isinstance(argv, str):
         raise TypeError("argv must be a sequence of arguments, not a string")
     args = list(argv)
+    if not args[0]:
+        # The kernel finds no file by that name; Python's exec refuses it
+        # before asking, in the child, which would then end unexplained.
+        raise LaunchError(
+            f"axnet run: cannot execute '': {os.strerror(errno.ENOENT)}",
+            exit_code=EXIT_CANNOT_EXECUTE,
+        )
     environ = dict(os.environ if env is None else env)
     if (hidden := _unreadable(args[0], environ.get("PATH", os.defpath))) is not None:
         raise LaunchError(

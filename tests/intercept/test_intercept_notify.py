@@ -74,6 +74,15 @@ def test_exec_failure_is_reported_exactly() -> None:
     assert info.value.exit_code == 127  # not found, as a shell says
 
 
+def test_an_empty_program_name_is_reported_not_run() -> None:
+    # Python's exec refuses an empty argv[0] in the child: without a check
+    # the app "ran" and exited 127 with nothing said.
+    with pytest.raises(LaunchError) as info:
+        launch([""], env=None, program=build_filter())
+    assert str(info.value) == "axnet run: cannot execute '': No such file or directory"
+    assert info.value.exit_code == 127
+
+
 def test_exec_of_a_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"cannot execute '/': Permission denied") as info:
         launch(["/"], env=None, program=build_filter())
