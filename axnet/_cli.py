@@ -58,6 +58,12 @@ examples:
 The app keeps its own port numbers: a bind to its virtual IP, 0.0.0.0 or ::
 is carried out on a real port of this node, and getsockname shows the
 virtual address.  axnet run needs a daemon: start one with 'axnet daemon'.
+
+exit status: the app's; when a signal ended the app, axnet run ends by that
+signal too (a shell reports 128+N).  Before the app runs: 127 when the
+program is not found, 126 when it cannot be executed, 125 when axnet run
+cannot intercept or start it, 1 when no daemon runs, it refused the app or
+the supervisor failed, 2 for a usage error.
 """
 
 
@@ -229,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"axnet {__version__}")
     parser.epilog = (
         "'axnet COMMAND --help' tells more of each. Start with: axnet daemon &, then "
-        "axnet run --ip 10.77.0.5 -- python3 -m http.server 80 (or axnet demo)."
+        "axnet run --ip 10.77.0.5 -- python3 -m http.server 80 (or axnet demo). "
+        "Exit status: 0 done, 1 failed (no daemon runs, or it refused: stderr says why), "
+        "2 usage error, 130 Ctrl-C (the daemon's normal stop: 0); axnet run exits with its "
+        "app's status."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -347,9 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(s)
 
-    j = sub.add_parser("join", help="join a cluster through a seed", description="Join a cluster.")
+    j = sub.add_parser(
+        "join",
+        help="join a cluster through a seed",
+        description="Join a cluster: exchange state with a member, through its gossip "
+        "address, and from then on gossip with every member. The daemon must gossip "
+        "itself (axnet daemon --advertise IP). Exits 1 when no seed answered, or when "
+        "another member has this node's name.",
+        epilog="example: axnet join 10.0.0.1 10.0.0.2:7947",
+    )
     _common(j)
-    j.add_argument("seeds", nargs="+", metavar="SEED", help="HOST[:PORT] of a member")
+    j.add_argument(
+        "seeds",
+        nargs="+",
+        metavar="SEED",
+        help="HOST[:PORT] of a member's gossip address (default port: 7946)",
+    )
 
     lv = sub.add_parser(
         "leave",

@@ -208,6 +208,35 @@ def test_run_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
     assert "axnet run --ip 10.77.0.5" in capsys.readouterr().out
 
 
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # as wrapped for any width
+
+
+def test_help_says_what_each_exit_status_means(capsys: pytest.CaptureFixture[str]) -> None:
+    # A script needs to know what to test for; a shell's conventions, said.
+    top = _help([], capsys)
+    assert "Exit status: 0 done, 1 failed (no daemon runs, or it refused" in top
+    assert "2 usage error, 130 Ctrl-C (the daemon's normal stop: 0); axnet run exits" in top
+    run = _help(["run"], capsys)
+    assert "exit status: the app's; when a signal ended the app" in run
+    assert "a shell reports 128+N" in run
+    for status in ("127 when the program is not found", "126 when it cannot be executed"):
+        assert status in run
+    assert "125 when axnet run cannot intercept or start it, 1 when no daemon runs" in run
+
+
+def test_join_help_gives_the_default_port_and_an_example(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = _help(["join"], capsys)
+    assert "HOST[:PORT] of a member's gossip address (default port: 7946)" in out
+    assert "example: axnet join 10.0.0.1" in out
+    assert "Exits 1 when no seed answered" in out
+
+
 def test_run_parses_labels_ip_and_program() -> None:
     args = build_parser().parse_args(
         ["run", "--ip", "::ffff:10.1.0.5", "--label", "tier=web", "--label", "x=", "--", "a", "-b"]
