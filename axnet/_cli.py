@@ -819,6 +819,15 @@ def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if extra and args.command in words:
+        # `axnet -v status`: the command's own option, given before it.
+        early = [word for word in extra if word in words[: words.index(args.command)]]
+        if early:
+            parser.error(
+                f"{' '.join(early)}: options go after the command "
+                f"(axnet {args.command} {' '.join(early)} …)"
+            )
     if extra:
         # Reported by the command's own parser, with its usage, not the top level's.
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")

@@ -143,6 +143,17 @@ def test_a_commands_unknown_argument_shows_that_commands_usage(
     assert err.rstrip().endswith(f"axnet {argv[0]}: error: unrecognized arguments: {argv[1]}")
 
 
+@pytest.mark.parametrize("argv", [["-v", "status"], ["--json", "services", "--json"]])
+def test_a_commands_option_given_before_it_is_said_to_go_after(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not "axnet status: error: unrecognized arguments: -v", which status has.
+    line = _usage_error(argv, capsys)
+    assert line == (
+        f"axnet: error: {argv[0]}: options go after the command (axnet {argv[1]} {argv[0]} …)"
+    )
+
+
 def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     line = _usage_error(["frobnicate"], capsys)
     assert "invalid choice: 'frobnicate'" in line
