@@ -42,6 +42,10 @@ EXIT_CANNOT_EXECUTE = 127
 _MAX_REPORT = 64
 
 
+#: What runs an executable file that the kernel cannot (no ``#!`` line), as
+#: glibc's execvp runs it.
+_SHELL = "/bin/sh"
+
 #: Exit status when axnet run itself fails to start the app.
 EXIT_LAUNCHER = 125
 
@@ -150,11 +154,17 @@ def _unreadable(program: str, path: str) -> str | None:
     fs.suid_dumpable is 1."""
     if _suid_dumpable() == 1:
         return None
+    found = _found(program, path)
+    return None if found is None or os.access(found, os.R_OK) else found
+
+
+def _found(program: str, path: str) -> str | None:
+    """The file exec would run for *program*: the first executable one on *path*."""
     dirs = [""] if "/" in program else path.split(os.pathsep)
     for directory in dirs:
         candidate = os.path.join(directory, program) if directory else program
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return None if os.access(candidate, os.R_OK) else candidate
+            return candidate
     return None
 
 
@@ -240,7 +250,15 @@ def _child(
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
         try:
-            os.execvpe(args[0], args, environ)
+            try:
+                os.execvpe(args[0], args, environ)
+            except OSError as e:
+                script = _found(args[0], environ.get("PATH", os.defpath))
+                if e.errno != errno.ENOEXEC or script is None:
+                    raise
+                # No #! line: a shell script, as execvp(3) runs it (env,
+                # nohup and the shells do the same).
+                os.execve(_SHELL, [_SHELL, script, *args[1:]], environ)
         except OSError as e:
             os.write(report_w, b"X%d\n" % (e.errno or errno.ENOEXEC))
     except BaseException:

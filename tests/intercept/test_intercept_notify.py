@@ -83,6 +83,23 @@ def test_an_empty_program_name_is_reported_not_run() -> None:
     assert info.value.exit_code == 127
 
 
+def test_a_script_without_an_interpreter_line_runs_in_the_shell(tmp_path: Path) -> None:
+    # As execvp(3) does (env, nohup, a shell): not 126, "Exec format error".
+    script, out = tmp_path / "script", tmp_path / "out"
+    script.write_text('printf "%s %s" "$0" "$1" > "$2"\n')
+    script.chmod(0o755)
+    launched = launch(
+        ["script", "arg", str(out)], env={"PATH": str(tmp_path)}, program=build_filter()
+    )
+    try:
+        _, status = os.waitpid(launched.pid, 0)
+    finally:
+        launched.notify.close()
+        os.close(launched.pidfd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out.read_text() == f"{script} arg"
+
+
 def test_exec_of_a_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"cannot execute '/': Permission denied") as info:
         launch(["/"], env=None, program=build_filter())
