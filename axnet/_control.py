@@ -114,6 +114,12 @@ def prepare_runtime_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()
+    except FileExistsError:  # a file of that name: "File exists" would puzzle
+        raise ControlError(
+            f"cannot use runtime directory {path}: {os.strerror(errno.ENOTDIR)}; choose "
+            "another with --runtime-dir",
+            err=errno.ENOTDIR,
+        ) from None
     except OSError as exc:
         raise ControlError(
             f"cannot use runtime directory {path}: {exc.strerror}; choose another with "
@@ -435,6 +441,12 @@ def _connect_error(path: Path, exc: OSError) -> ControlError:
                     f"(uid {os.getuid()}); choose another with --runtime-dir",
                     err=errno.EACCES,
                 )
+    if exc.errno == errno.ENOTDIR:  # "start one with" would fail there as well
+        return ControlError(
+            f"cannot use runtime directory {path.parent}: {exc.strerror}; choose another "
+            "with --runtime-dir",
+            err=errno.ENOTDIR,
+        )
     start = command_for("axnet daemon", path.parent)
     return DaemonUnavailable(
         f"no axnet daemon at {path} ({exc.strerror}); start one with: {start}",

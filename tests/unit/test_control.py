@@ -107,6 +107,23 @@ def test_a_runtime_dir_that_cannot_be_made_is_said_plainly(tmp_path: Path) -> No
     )
 
 
+def test_a_runtime_dir_that_is_a_file_is_said_to_be_one(tmp_path: Path) -> None:
+    # Not "File exists" from the daemon, nor "start one with: axnet daemon"
+    # (which would fail so) from a command.
+    path = tmp_path / "file"
+    path.write_text("")
+    expected = (
+        f"cannot use runtime directory {path}: Not a directory; choose another with --runtime-dir"
+    )
+    with pytest.raises(ControlError) as made:
+        prepare_runtime_dir(path)
+    assert str(made.value) == expected
+    with pytest.raises(ControlError) as asked:
+        ControlClient(path / CONTROL_SOCKET)
+    assert str(asked.value) == expected
+    assert not isinstance(asked.value, DaemonUnavailable)
+
+
 def test_prepare_runtime_dir_creates_a_private_dir(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b"
     prepare_runtime_dir(path)
