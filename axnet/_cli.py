@@ -66,6 +66,14 @@ cannot intercept or start it, 1 when no daemon runs, it refused the app or
 the supervisor failed, 2 for a usage error.
 """
 
+_EPILOG_DAEMON = """\
+examples:
+  axnet daemon &                  # this host alone; then: axnet status --wait 10
+  (umask 077; axnet keygen > key)
+  axnet daemon --advertise 10.0.0.1 --gossip-key-file key &
+  axnet daemon --advertise 10.0.0.2 --gossip-key-file key --join 10.0.0.1 &  # another host
+"""
+
 
 #: ``axnet run --busy-poll``: µs the supervisor polls, without sleeping, for
 #: the connection a parked accept waits for, and for the app's next call
@@ -245,11 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "daemon",
         help="run this host's node",
-        description="Run this host's node, in the foreground, until Ctrl-C, SIGTERM or "
-        "'axnet stop'; apps under 'axnet run' keep running across a restart and re-attach. "
-        "One per user and host. It says 'ready' on stderr when apps may start. Without "
-        "--advertise, --bind or --join it serves this host alone; with them it gossips "
-        "with other nodes (port 7946 unless given).",
+        description=textwrap.fill(
+            "Run this host's node, in the foreground, until Ctrl-C, SIGTERM or "
+            "'axnet stop'; apps under 'axnet run' keep running across a restart and "
+            "re-attach. One per user and host. It says 'ready' on stderr when apps may "
+            "start. Without --advertise, --bind or --join it serves this host alone; with "
+            "them it gossips with other nodes (port 7946 unless given).",
+            width=79,
+        ),
+        epilog=_EPILOG_DAEMON,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(d)
     d.add_argument("--name", help="node name (default: the host name)")

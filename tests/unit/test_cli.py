@@ -239,6 +239,12 @@ def test_help_says_what_each_exit_status_means(capsys: pytest.CaptureFixture[str
     assert "125 when axnet run cannot intercept or start it, 1 when no daemon runs" in run
 
 
+def test_daemon_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help(["daemon"], capsys)
+    assert "examples: axnet daemon & # this host alone" in out
+    assert "axnet daemon --advertise 10.0.0.2 --gossip-key-file key --join 10.0.0.1 &" in out
+
+
 def test_join_help_gives_the_default_port_and_an_example(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
