@@ -363,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to this long for a daemon that is starting (in a script: "
         "'axnet daemon & axnet status --wait 10'; default: do not wait)",
     )
+    status.description = "Show this node's daemon. Exits 1 when none runs (after --wait)."
 
     s = sub.add_parser(
-        "stop", help="stop this node's daemon", description="Stop this node's daemon."
+        "stop",
+        help="stop this node's daemon",
+        description="Stop this node's daemon. Apps under 'axnet run' keep running and "
+        "re-attach to the next daemon. With no daemon running it says so and exits 0.",
     )
     _common(s)
 

@@ -239,6 +239,14 @@ def test_help_says_what_each_exit_status_means(capsys: pytest.CaptureFixture[str
     assert "125 when axnet run cannot intercept or start it, 1 when no daemon runs" in run
 
 
+def test_stop_and_status_help_say_what_no_daemon_means(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Scripts test these: one succeeds without a daemon, the other fails.
+    assert "With no daemon running it says so and exits 0." in _help(["stop"], capsys)
+    assert "Exits 1 when none runs (after --wait)." in _help(["status"], capsys)
+
+
 def test_daemon_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
     out = _help(["daemon"], capsys)
     assert "examples: axnet daemon & # this host alone" in out
