@@ -833,6 +833,12 @@ def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse
     return parser
 
 
+def _takes(parser: argparse.ArgumentParser, word: str) -> bool:
+    """Whether *word* is an option of *parser* (``-vv`` as ``-v``, ``--x=1`` as ``--x``)."""
+    flag = word.split("=", 1)[0] if word.startswith("--") else word[:2]
+    return flag in parser._option_string_actions  # argparse keeps its options only here
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -840,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command in words:
         # `axnet -v status`: the command's own option, given before it.
         early = [word for word in extra if word in words[: words.index(args.command)]]
-        if early:
+        if early and all(_takes(_subparser(parser, args.command), word) for word in early):
             parser.error(
                 f"{' '.join(early)}: options go after the command "
                 f"(axnet {args.command} {' '.join(early)} …)"

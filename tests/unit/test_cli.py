@@ -143,7 +143,9 @@ def test_a_commands_unknown_argument_shows_that_commands_usage(
     assert err.rstrip().endswith(f"axnet {argv[0]}: error: unrecognized arguments: {argv[1]}")
 
 
-@pytest.mark.parametrize("argv", [["-v", "status"], ["--json", "services", "--json"]])
+@pytest.mark.parametrize(
+    "argv", [["-v", "status"], ["-vv", "run"], ["--json", "services", "--json"]]
+)
 def test_a_commands_option_given_before_it_is_said_to_go_after(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -152,6 +154,13 @@ def test_a_commands_option_given_before_it_is_said_to_go_after(
     assert line == (
         f"axnet: error: {argv[0]}: options go after the command (axnet {argv[1]} {argv[0]} …)"
     )
+
+
+def test_an_unknown_option_before_a_command_is_not_said_to_go_after(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = _usage_error(["--bogus", "status"], capsys)
+    assert line == "axnet status: error: unrecognized arguments: --bogus"
 
 
 def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
