@@ -335,7 +335,14 @@ async def serve_control(
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # stale socket from a daemon that died
+            try:
+                path.unlink()  # stale socket from a daemon that died
+            except OSError as exc:  # a read-only directory, a directory there
+                raise ControlError(
+                    f"cannot remove {path}, which no daemon listens on ({exc.strerror}); "
+                    "remove it by hand or choose another --runtime-dir (or AXNET_RUNTIME_DIR)",
+                    err=exc.errno or 0,
+                ) from None
         else:
             stop = command_for("axnet stop", path.parent)
             raise ControlError(

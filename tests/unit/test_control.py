@@ -317,6 +317,22 @@ async def test_serve_control_replaces_a_stale_socket(sock_dir: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_stale_socket_that_cannot_be_removed_is_said_with_what_to_do(
+    sock_dir: Path,
+) -> None:
+    # A read-only runtime directory with a dead daemon's socket in it fails
+    # the same way (EACCES, EROFS); as root, only a directory there does.
+    path = sock_dir / CONTROL_SOCKET
+    path.mkdir()
+    with pytest.raises(ControlError) as info:
+        await serve_control(path, echo)
+    assert str(info.value) == (
+        f"cannot remove {path}, which no daemon listens on (Is a directory); remove it "
+        "by hand or choose another --runtime-dir (or AXNET_RUNTIME_DIR)"
+    )
+    assert info.value.errno == errno.EISDIR
+
+
 async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
     path = sock_dir / CONTROL_SOCKET
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
