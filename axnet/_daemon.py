@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -118,6 +119,10 @@ LEASE_WRITE_GAP_FACTOR = 10
 #: ... and at most this long, however slow the last write was (a disk
 #: stalled for seconds): binds and releases meanwhile wait to be written.
 LEASE_WRITE_GAP_MAX_S = 1.0
+#: After a write failed (a full disk), how long until the next try when
+#: nothing changes meanwhile: once the disk has room again, a daemon killed
+#: on a quiet node still leaves its leases for the next one.
+LEASE_RETRY_S = 2.0
 #: Bounds of a join request's seeds (a seed is HOST[:PORT]; a DNS name is at
 #: most 253 characters).
 MAX_SEEDS = 64
@@ -650,7 +655,8 @@ class Daemon:
     async def _write_leases(self) -> None:
         """Keep the lease file up to date, a write per burst of changes."""
         while True:
-            await self._leases_changed.wait()
+            with trio.move_on_after(math.inf if self._lease_error is None else LEASE_RETRY_S):
+                await self._leases_changed.wait()
             self._leases_changed = trio.Event()
             took = await self._save_leases()
             gap = max(LEASE_WRITE_GAP_S, LEASE_WRITE_GAP_FACTOR * took)

@@ -701,6 +701,28 @@ async def test_a_lease_file_that_cannot_be_written_is_said_once(
     assert [lease.app_id for lease in decode((sock_dir / "leases").read_bytes())] == []
 
 
+async def test_a_lease_file_that_could_not_be_written_is_written_once_it_can_be(
+    sock_dir: Path,
+) -> None:
+    # A full disk refused the write at the app's attach; once there is room
+    # the leases are written without waiting for another change (a daemon
+    # killed on a quiet node left the next one nothing to hold).
+    (sock_dir / "leases").mkdir()  # as a full disk, which root cannot have
+    path = control_path(sock_dir)
+
+    def talk() -> None:
+        with ControlClient(path, timeout=5.0) as client:
+            _attach(client, "a1", pid=os.getpid(), vip="10.1.0.5")
+            (sock_dir / "leases").rmdir()
+            deadline = time.monotonic() + 60
+            while not (sock_dir / "leases").is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            leases = decode((sock_dir / "leases").read_bytes())
+            assert [lease.app_id for lease in leases] == ["a1"]
+
+    await _with_daemon(sock_dir, talk)
+
+
 async def test_lease_writes_take_a_small_share_of_the_daemons_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
 ) -> None:
