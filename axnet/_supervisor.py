@@ -443,7 +443,13 @@ class Supervisor:
                 except (ControlError, OSError) as exc:
                     # No daemon yet is the usual reason, and passes; a daemon
                     # that refuses the app is worth saying (once a reason).
-                    if isinstance(exc, ControlError) and exc.errno and str(exc) != refused:
+                    gone = isinstance(exc, DaemonUnavailable) and exc.nobody_listens
+                    if (
+                        isinstance(exc, ControlError)
+                        and exc.errno
+                        and not gone
+                        and str(exc) != refused
+                    ):
                         refused = str(exc)
                         log.warning("re-attach refused reason=%s; trying again", exc)
                     else:

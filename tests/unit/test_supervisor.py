@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,6 +209,27 @@ async def test_the_session_answers_a_ping_once_the_pushes_before_it_are_in_the_t
                     )
         await daemons.aclose()
     assert answers == [("applied", 3, True)]
+
+
+async def test_no_daemon_to_re_attach_to_is_not_called_a_refusal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A daemon killed (or stopped) and not yet back: the supervisor said
+    # "re-attach refused reason=no axnet daemon at ..." at every restart.
+    supervisor = Supervisor(
+        RunOptions(argv=("app",), vip=None, name="", labels=(), runtime_dir=tmp_path)
+    )
+    ours, theirs = socket.socketpair()
+    theirs.close()  # the daemon's end: gone
+    session = Session(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    with caplog.at_level(logging.DEBUG, logger="axnet.run"):
+        with trio.move_on_after(10):  # attempts with nobody at the socket's path
+            await supervisor._keep_session(session)
+        (tmp_path / "control.sock").write_bytes(b"")  # a dead daemon's socket
+        with trio.move_on_after(10):
+            await supervisor._keep_session(session)
+    assert "re-attach failed" in caplog.text
+    assert "re-attach refused" not in caplog.text
 
 
 def test_a_large_table_from_the_daemon_is_out_of_the_collectors_full_walk() -> None:
