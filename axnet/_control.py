@@ -410,8 +410,18 @@ async def serve_control(
     finally:
         listener.close()
         if still_ours():
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the directory was made read-only meanwhile
+                # Said, not raised: the daemon stops all the same (a gossiping
+                # one still leaves its cluster), and the next one replaces it.
+                log.warning(
+                    "control socket not removed path=%s reason=%s: the next daemon replaces it",
+                    path,
+                    exc.strerror,
+                )
 
 
 # -- clients -------------------------------------------------------------------

@@ -333,6 +333,22 @@ async def test_a_stale_socket_that_cannot_be_removed_is_said_with_what_to_do(
     assert info.value.errno == errno.EISDIR
 
 
+async def test_a_socket_that_cannot_be_removed_at_the_stop_is_said_not_raised(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A runtime directory made read-only while the daemon ran (EACCES,
+    # EROFS; as root, only a directory at the name fails so): the daemon
+    # stopped with "axnet daemon: [Errno 13] Permission denied: PATH",
+    # status 1, and a gossiping one did not leave its cluster.
+    path = sock_dir / CONTROL_SOCKET
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, echo)
+        path.unlink()
+        (path / "inside").mkdir(parents=True)
+        nursery.cancel_scope.cancel()
+    assert f"control socket not removed path={path} reason=Is a directory" in caplog.text
+
+
 async def test_serve_control_refuses_a_live_socket(sock_dir: Path) -> None:
     path = sock_dir / CONTROL_SOCKET
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
