@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import attrs
 
 from .._control import ControlClient, ControlError, control_path
+from ..intercept._libc import set_parent_death_signal
 
 #: Seconds the demo waits at most for each step (daemons up, members agreed,
 #: a service seen everywhere, a departure seen).  Each takes well under a
@@ -65,6 +66,21 @@ LEAVING = 1  # node-b
 #: Every node's virtual range: a connect into it that no service answers is
 #: refused at once, never routed to a real network.
 VIRTUAL_RANGE = "10.1.0.0/24"
+
+
+def _stop_with_the_demo() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the demo dies, however
+    it dies (SIGKILL, the OOM killer), and so stops cleanly, as the demo
+    would have stopped it; never left running for good.  (The demo starts
+    no thread: a ``preexec_fn`` is safe here.)"""
+    demo = os.getpid()
+
+    def preexec() -> None:
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != demo:  # it died before that took hold
+            os._exit(1)
+
+    return preexec
 
 
 def _axnet(node: DemoNode, *args: str) -> list[str]:
@@ -139,6 +155,7 @@ def _client(node: DemoNode, targets: list[str], verbosity: list[str]) -> list[di
         capture_output=True,
         timeout=STEP_TIMEOUT_S,
         check=False,
+        preexec_fn=_stop_with_the_demo(),
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr.decode(errors="replace"))
@@ -206,7 +223,13 @@ def _demo(scratch: Path, *, verbose: int, as_json: bool) -> int:
             args += ["--virtual-range", VIRTUAL_RANGE, *(verbosity or ["-v"])]
             args += ["--join", seed] if seed else []
             with open(logs / f"{node.name}.log", "wb") as log:
-                daemons.append(subprocess.Popen(_axnet(node, "daemon", *args), stderr=log))
+                daemons.append(
+                    subprocess.Popen(
+                        _axnet(node, "daemon", *args),
+                        stderr=log,
+                        preexec_fn=_stop_with_the_demo(),  # noqa: PLW1509 (no threads)
+                    )
+                )
             if not seed:  # the others join through the first, at the port it took
                 seed = _wait_for(
                     f"{node.name} gossips", lambda: _gossip_address(nodes[0]), daemons, progress
@@ -221,6 +244,7 @@ def _demo(scratch: Path, *, verbose: int, as_json: bool) -> int:
                         _app_on(node, ip, "tier=web", ["serve", name], "--name", name, *verbosity),
                         stdout=log,
                         stderr=subprocess.STDOUT,
+                        preexec_fn=_stop_with_the_demo(),  # noqa: PLW1509 (no threads)
                     )
                 )
         client_node = nodes[CLIENT_NODE]

@@ -2235,6 +2235,29 @@ def test_a_demo_stopped_by_a_signal_stops_what_it_started(
     assert list(runtime_dir.iterdir()) == []
 
 
+def test_a_demo_killed_outright_leaves_nothing_running(
+    netns_host: NetnsHost, runtime_dir: Path
+) -> None:
+    reason = probe_user_notification()
+    if reason is not None:
+        pytest.skip(reason)
+    # SIGKILL (or the OOM killer): the demo cannot stop what it started.
+    # Its three daemons and two servers ran on for good, gossiping.
+    demo = netns_host.popen(
+        [*AXNET, "demo", "--json"], env={"TMPDIR": str(runtime_dir)}, stderr=subprocess.PIPE
+    )
+    assert demo.stderr is not None
+    said = b""
+    while b"knows both web servers" not in said:
+        line = demo.stderr.readline()
+        assert line, said.decode(errors="replace")
+        said += line
+    demo.kill()
+    assert demo.wait() == -signal.SIGKILL
+    # Each is told to stop when the demo dies, and does.
+    wait_until("what the demo started stopped", lambda: netns_host.pids() == [], timeout=60)
+
+
 def test_app_without_ip_gets_one_from_the_virtual_range(node: AxnetNode) -> None:
     node.app([*APPS, "greeter", "7012"], ip="10.1.0.5")
     node.wait_service("10.1.0.5:7012")
