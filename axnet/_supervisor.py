@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -791,6 +792,21 @@ def _kernel_sent_it_too(pid: int, signum: int) -> bool:
         return False
 
 
+def _inherited_fds() -> list[int]:
+    """This process's open fds beyond stdin, stdout and stderr."""
+    listed = [fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2]
+    # Less the one the listing read through, closed again by now.
+    return [fd for fd in listed if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
 def run(options: RunOptions) -> int:
     """Run the app to completion under axnet; returns its exit status, or
     minus the signal that ended it (as `subprocess` reports it)."""
@@ -805,7 +821,14 @@ def run(options: RunOptions) -> int:
     # attaches waits for it.  Every thread started from here on inherits the
     # block (as a signalfd needs); the app does not.
     app_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED | {signal.SIGCHLD})
+    inherited = _inherited_fds()
     launched = launch(options.argv, env=options.env, program=build_filter(), sigmask=app_mask)
+    # What `axnet run` was given beyond stdio was for the app (a socket
+    # activation's listeners, a pipe whose reader waits for its end): a copy
+    # kept here would keep a listener the app closed taking connections.
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     raise_fd_limit()  # after the launch: the app keeps the limits it was given
     supervisor = Supervisor(options)
 

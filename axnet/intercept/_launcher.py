@@ -249,6 +249,10 @@ def _child(
             signal.signal(sig, signal.SIG_DFL)
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+        if environ.get("LISTEN_PID") == str(parent):
+            # Socket activation (sd_listen_fds(3)): the fds were passed to
+            # `axnet run`, for the program it runs, which is this process.
+            environ["LISTEN_PID"] = str(os.getpid())
         try:
             try:
                 os.execvpe(args[0], args, environ)

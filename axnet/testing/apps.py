@@ -1591,6 +1591,52 @@ def late_timeout(port: str) -> None:
     _out(handler_ran=bool(ran), **result)
 
 
+#: The first fd of those socket activation passes (sd_listen_fds(3)).
+LISTEN_FDS_START = 3
+
+
+def activate(port: str, *argv: str) -> None:
+    """Socket activation, as systemd-socket-activate does it: listen on
+    127.0.0.1:PORT, pass the listener as fd 3 with LISTEN_FDS=1 and
+    LISTEN_PID set to this process, and exec ARGV (which keeps the pid)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", int(port)))
+    listener.listen(8)
+    if listener.fileno() != LISTEN_FDS_START:
+        os.dup2(listener.fileno(), LISTEN_FDS_START)  # inheritable
+        listener.close()
+    else:
+        os.set_inheritable(LISTEN_FDS_START, True)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    os.execvp(argv[0], list(argv))
+
+
+def activated() -> None:
+    """The activated side: take the listener as sd_listen_fds(3) would (only
+    when LISTEN_PID names this process), serve one connection of its own on
+    it, close it, and report whether a connect to it is refused then."""
+    mine = os.environ.get("LISTEN_PID") == str(os.getpid())
+    result: dict[str, object] = {
+        "listen_pid_mine": mine,
+        "listen_fds": os.environ.get("LISTEN_FDS"),
+    }
+    listener = socket.socket(fileno=LISTEN_FDS_START)
+    address = listener.getsockname()
+    result["sockname"] = _addr(address)
+    with socket.create_connection(address, timeout=10) as client:
+        conn, peer = listener.accept()
+        result["accepted_from"] = _addr(peer)
+        result["client"] = _addr(client.getsockname())
+        conn.close()
+    listener.close()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.settimeout(10)
+    result["connect_after_close"] = probe.connect_ex(address)
+    probe.close()
+    _out(**result)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "rebind": rebind,
     "late-reuse": late_reuse,
@@ -1647,6 +1693,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "listen-connect-close": listen_connect_close,
     "unix-paths": unix_paths,
     "unix-backlog": unix_backlog,
+    "activate": activate,
+    "activated": activated,
 }
 
 if __name__ == "__main__":

@@ -1617,6 +1617,27 @@ def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     assert execed["server"]["accepted_from"][0] == "10.1.0.9"
 
 
+def test_a_socket_activated_app_gets_its_listener_as_natively(node: AxnetNode) -> None:
+    # systemd-style socket activation of `axnet run -- app`: the listener
+    # (bound outside axnet, fd 3) is the app's, as without axnet.  LISTEN_PID
+    # named axnet run, not the app it forks, so sd_listen_fds(3) ignored the
+    # fds; and the supervisor kept its inherited copy open, so a listener the
+    # app closed still took connections (natively refused).
+    def activated(port: int, prefix: list[str]) -> dict[str, Any]:
+        argv = [*APPS, "activate", str(port), *prefix, *APPS, "activated"]
+        done = node.host.run(argv, env=node.env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    native = activated(7061, [])
+    under = activated(7062, node.run_cmd_prefix(ip="10.1.0.5"))
+    assert native["listen_pid_mine"] and under["listen_pid_mine"]
+    assert native["connect_after_close"] == under["connect_after_close"] == errno.ECONNREFUSED
+    assert under["sockname"] == ["127.0.0.1", 7062]
+    assert under["accepted_from"] == under["client"]
+
+
 def test_the_daemon_says_once_that_it_serves(node: AxnetNode) -> None:
     # Started in the background (`axnet daemon &`), it says when apps may
     # start, and how to stop it.
