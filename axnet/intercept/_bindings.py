@@ -21,7 +21,8 @@ readable meanwhile, for servers that accept only when epoll says so.
 
 The engine thread changes all of this.  The supervisor's thread reads
 ``snapshot()`` under the lock; the fast path (``_fastpath.c``) reads
-``names``, ``inert_names`` and ``kept`` in the engine thread.
+``names``, ``inert_names``, ``serving``, ``retired`` and ``kept`` in the
+engine thread.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class Bindings:
         #: Real port -> packed address shown for it (the fast path's view).
         self.names: dict[int, bytes] = {}
         self.inert_names: dict[int, bytes] = {}
+        #: Real port -> packed address, of the bindings that listen: the
+        #: connections accepted there name their clients virtually.
+        self.serving: dict[int, bytes] = {}
         #: Socket inode -> packed address of the listener that accepted it,
         #: for connections of listeners the app has closed: they keep that
         #: name, as the kernel's keep theirs.  The newest MAX_RETIRED.
@@ -119,6 +123,18 @@ class Bindings:
         """One more socket (*inode*, bound by thread *pid*) holds *binding*."""
         with self._lock:
             binding.sockets.append(BoundSocket(inode=inode, pid=pid))
+
+    def serve(self, binding: Binding) -> None:
+        """A socket of *binding* (of the app's virtual address) listens."""
+        with self._lock:
+            binding.listening = True
+            self.serving[binding.real_port] = endpoint(binding.virtual.ip, binding.virtual.port)
+
+    def accepted(self, inode: int, real_port: int) -> bool:
+        """Whether socket *inode*, at *real_port* of the node's address, is
+        a connection accepted on a listener of the app: one that listens
+        there, or one it has closed since."""
+        return real_port in self.serving or inode in self.retired
 
     def _retire(self, binding: Binding, name: bytes) -> None:
         """Keep *name* for the connections the released *binding* accepted
@@ -217,6 +233,7 @@ class Bindings:
                     self.inert_names.pop(binding.real_port, None)
                     continue
                 self.virtual.pop(binding.real_port, None)
+                self.serving.pop(binding.real_port, None)
                 name = self.names.pop(binding.real_port, None)
                 if name is not None:
                     retiring.append((binding, name))

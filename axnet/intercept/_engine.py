@@ -222,6 +222,7 @@ class Engine:
                 busy_poll_us=busy_poll_us,
                 adopt=self._tasks.adopt if self._tasks.keeps else None,
                 retired=self.bindings.retired,
+                serving=self.bindings.serving,
             )
         self._parked = ParkedCalls(
             notify, self.counters, self._fast, run=self._guarded, reply=self._reply
@@ -878,7 +879,7 @@ class Engine:
                     if member.inode == inode:
                         member.listening = True
             if binding is not None and not binding.inert and not binding.listening:
-                binding.listening = True
+                self.bindings.serve(binding)
                 try:
                     self.node.listen(binding.virtual)
                 except ClaimError as exc:
@@ -1095,7 +1096,14 @@ class Engine:
         server = self.table.virtual_of_server(RealAddress(host=ip, port=port))
         if server is not None:
             return server.ip, server.port
-        vip = self.table.virtual_of_client(ip, port)
+        # A client is named only on a connection accepted on a listener of
+        # the app, as its accept named it.  Elsewhere a port of a client
+        # block is only a port: a real server's (any bind to port 0 may land
+        # in a block), or a client's on a listener that is not virtual here
+        # (one on loopback, or handed over from another app), which accept
+        # showed by its real address.
+        accepted = self._accepted(sock)
+        vip = self.table.virtual_of_client(ip, port) if accepted else None
         if vip is not None:
             return vip, port
         # A connection the app made to a service withdrawn since: made by a
@@ -1107,10 +1115,17 @@ class Engine:
             if server is not None:
                 return server.ip, server.port
         # A connection from a client gone since: named as it was.
-        vip = self.table.retired_client(ip, port)
+        vip = self.table.retired_client(ip, port) if accepted else None
         if vip is not None:
             return vip, port
         return None
+
+    def _accepted(self, sock: _socket.socket) -> bool:
+        """Whether *sock* was accepted on a (virtual) listener of the app."""
+        ip, port = local_endpoint(sock)
+        return ip == self.identity.real_host and self.bindings.accepted(
+            os.fstat(sock.fileno()).st_ino, port
+        )
 
     # -- housekeeping --------------------------------------------------------------
 

@@ -160,6 +160,7 @@ typedef struct {
     unsigned char *notif_buf, *resp_buf;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending; /* dicts owned by Python */
     PyObject *retired; /* socket inode -> name of the closed listener that accepted it */
+    PyObject *serving; /* real port -> name, of the app's listening bindings */
     PyObject *adopt; /* Python's opener of a new thread's handles, or NULL */
     PyObject *sources; /* (node address, destination) -> whether to bind the source */
     PyObject *identity, *me;                   /* the engine's identity, packed */
@@ -796,6 +797,24 @@ static int retired_listener(Call *c, int fd, unsigned char *shown) {
     return 1;
 }
 
+/* Whether fd is a connection accepted on a listener of the app (one that
+ * listens at its local port of the node's address, or one closed since):
+ * only there is a peer named as a client, as accept named it.  1, 0, or -1
+ * if it cannot be told here (Python answers). */
+static int accepted_here(Call *c, int fd) {
+    struct sockaddr_storage sa;
+    socklen_t len = sizeof sa;
+    unsigned char local[ENDPOINT_LEN], shown[ENDPOINT_LEN];
+    if (c->self->serving == NULL) return -1;
+    if (getsockname(fd, (struct sockaddr *)&sa, &len) < 0 || endpoint_of(&sa, len, local) < 0)
+        return -1;
+    if (memcmp(local, c->me, 16) != 0) return 0;
+    PyObject *serving = NULL;
+    if (dict_int(c->self->serving, port_of(local), &serving) < 0) return -1;
+    if (serving != NULL) return 1;
+    return retired_listener(c, fd, shown);
+}
+
 static int on_getname(Call *c) {
     struct seccomp_notif *n = c->n;
     int fd = dup_target(c);
@@ -847,15 +866,19 @@ static int on_getname(Call *c) {
         if (server != NULL) {
             if (!PyBytes_Check(server) || PyBytes_GET_SIZE(server) != ENDPOINT_LEN) goto slow;
             memcpy(shown_end, PyBytes_AS_STRING(server), ENDPOINT_LEN);
-        } else if (client_vip(c, endpoint, shown_end) == 0) {
-            memcpy(shown_end + 16, endpoint + 16, 2);
         } else {
+            /* A client is named only on a connection the app accepted (see
+             * Engine._virtual_remote). */
+            int accepted = accepted_here(c, fd);
+            if (accepted < 0) goto slow;
+            int found = accepted && client_vip(c, endpoint, shown_end) == 0;
+            if (found) memcpy(shown_end + 16, endpoint + 16, 2);
             /* A connection made to a service withdrawn since: by a redirect,
              * whose source port was kept in the app's ports, as no connect
              * to a real address is (see Engine._virtual_remote).  Else one
              * from a client gone since, named as it was. */
-            int found = pinned(fd) ? retired_server(c, endpoint, shown_end) : 0;
-            if (found == 0) {
+            if (found == 0 && pinned(fd)) found = retired_server(c, endpoint, shown_end);
+            if (found == 0 && accepted) {
                 found = retired_client(c, endpoint, shown_end);
                 if (found > 0) memcpy(shown_end + 16, endpoint + 16, 2);
             }
@@ -1337,17 +1360,17 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"fd",      "notif_size", "resp_size",    "pidfds",
                              "mems",    "maps",       "names",        "inert",
                              "pending", "sources",    "busy_poll_us", "adopt",
-                             "retired", NULL};
+                             "retired", "serving", NULL};
     int fd, busy_poll_us = 0;
     Py_ssize_t notif_size, resp_size;
     PyObject *pidfds, *mems, *maps, *names, *inert, *pending, *sources, *adopt = Py_None;
-    PyObject *retired = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$iOO!", kwlist, &fd,
+    PyObject *retired = NULL, *serving = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "innO!O!O!O!O!O!O!|$iOO!O!", kwlist, &fd,
                                      &notif_size, &resp_size, &PyDict_Type, &pidfds,
                                      &PyDict_Type, &mems, &PyDict_Type, &maps, &PyDict_Type,
                                      &names, &PyDict_Type, &inert, &PyDict_Type, &pending,
                                      &PyDict_Type, &sources, &busy_poll_us, &adopt,
-                                     &PyDict_Type, &retired))
+                                     &PyDict_Type, &retired, &PyDict_Type, &serving))
         return -1;
     if (adopt != Py_None && !PyCallable_Check(adopt)) {
         PyErr_SetString(PyExc_TypeError, "adopt must be callable or None");
@@ -1391,6 +1414,7 @@ static int Fast_init(Fast *self, PyObject *args, PyObject *kwds) {
     self->sources = Py_NewRef(sources);
     self->adopt = adopt == Py_None ? NULL : Py_NewRef(adopt);
     self->retired = Py_XNewRef(retired);
+    self->serving = Py_XNewRef(serving);
     self->poll_budget = self->poll_window = self->follow_window = busy_poll_us * 1000LL;
     return 0;
 }
@@ -1418,6 +1442,7 @@ static void Fast_dealloc(Fast *self) {
     Py_XDECREF(self->sources);
     Py_XDECREF(self->adopt);
     Py_XDECREF(self->retired);
+    Py_XDECREF(self->serving);
     Py_XDECREF(self->identity);
     Py_XDECREF(self->me);
     PyMem_Free(self->notif_buf);

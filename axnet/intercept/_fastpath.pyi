@@ -43,6 +43,7 @@ class Fast:
         busy_poll_us: int = 0,
         adopt: Callable[[int, int], bool] | None = None,
         retired: dict[int, bytes] = ...,
+        serving: dict[int, bytes] = ...,
     ) -> None: ...
     def serve(
         self,

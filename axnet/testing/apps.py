@@ -1591,6 +1591,52 @@ def late_timeout(port: str) -> None:
     _out(handler_ran=bool(ran), **result)
 
 
+def pass_listener(path: str, port: str) -> None:
+    """Listen on PORT, hand the listener over SCM_RIGHTS to the process
+    listening at unix PATH (``take-listener``), close our copy, and exit once
+    that process hangs up."""
+    import time
+
+    listener = _listener(socket.AF_INET, "0.0.0.0", int(port))
+    carrier = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    give_up = time.monotonic() + 120
+    while True:
+        try:
+            carrier.connect(path)
+            break
+        except OSError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.05)
+    socket.send_fds(carrier, [b"L"], [listener.fileno()])
+    listener.close()
+    _out(passed=True)
+    carrier.recv(1)
+
+
+def take_listener(path: str) -> None:
+    """Take a listener over SCM_RIGHTS at unix PATH (from ``pass-listener``),
+    tell one client what accept returned and what the connection's names
+    are, then hang up."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    carrier, _ = server.accept()
+    _, fds, _, _ = socket.recv_fds(carrier, 1, 1)
+    listener = socket.socket(fileno=fds[0])
+    conn, peer = listener.accept()
+    with conn:
+        body = {
+            "accepted_from": _addr(peer),
+            "peername": _addr(conn.getpeername()),
+            "sockname": _addr(conn.getsockname()),
+            "listener": _addr(listener.getsockname()),
+        }
+        conn.sendall(json.dumps(body).encode())
+    _out(**body)
+    carrier.close()
+
+
 #: The first fd of those socket activation passes (sd_listen_fds(3)).
 LISTEN_FDS_START = 3
 
@@ -1694,6 +1740,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "unix-paths": unix_paths,
     "unix-backlog": unix_backlog,
     "activate": activate,
+    "pass-listener": pass_listener,
+    "take-listener": take_listener,
     "activated": activated,
 }
 

@@ -1617,6 +1617,46 @@ def test_fork_and_exec_stay_intercepted(node: AxnetNode) -> None:
     assert execed["server"]["accepted_from"][0] == "10.1.0.9"
 
 
+def test_a_listener_passed_to_another_app_names_each_client_one_way(node: AxnetNode) -> None:
+    # A listener handed over SCM_RIGHTS to another app is a plain socket
+    # there: accept shows the client's real address, and so must getpeername
+    # of the same connection (it showed the client's virtual IP).
+    carrier = node.scratch / "carrier"
+    carrier.mkdir(mode=0o777)
+    carrier.chmod(0o777)
+    path = carrier / "sock"
+    taker = node.app([*APPS, "take-listener", str(path)], ip="10.1.0.6")
+    node.app([*APPS, "pass-listener", str(path), "7063"], ip="10.1.0.5")
+    node.wait_service("10.1.0.5:7063")
+    seen = node.run_json([*APPS, "names", "10.1.0.5", "7063"], ip="10.1.0.9")
+    assert seen["sockname"][0] == "10.1.0.9"
+    assert taker.wait(timeout=30) == 0
+    server = seen["server"]
+    assert server["peername"] == server["accepted_from"]
+    assert server["accepted_from"][0] == server["sockname"][0] == "127.0.0.1"
+
+
+def test_a_real_server_on_a_port_of_a_client_block_keeps_its_real_name(node: AxnetNode) -> None:
+    # A server outside axnet bound to a port that lies in an app's client
+    # block (blocks are in the kernel's ephemeral range, where any bind to
+    # port 0 lands too).  A client that connects to it by its real address
+    # sees that address, as natively, not the block's app.
+    node.app(["sleep", "60"], ip="10.1.0.7")
+    apps = wait_until(
+        "app attached", lambda: [a for a in node.json("apps") if a["vip"] == "10.1.0.7"]
+    )
+    port = int(apps[0]["client_ports"].split("-")[0]) + 1
+    ready = node.logs / "plain.out"
+    server = node.host.popen([*APPS, "greeter", str(port)], stdout=ready)
+    try:
+        wait_until("plain server", lambda: "ready" in ready.read_text())
+        seen = node.run_json([*APPS, "names", "127.0.0.1", str(port)], ip="10.1.0.9")
+        assert seen["peername"] == ["127.0.0.1", port]
+        assert seen["server"]["accepted_from"] == seen["sockname"]
+    finally:
+        stop_process(server)
+
+
 def test_a_socket_activated_app_gets_its_listener_as_natively(node: AxnetNode) -> None:
     # systemd-style socket activation of `axnet run -- app`: the listener
     # (bound outside axnet, fd 3) is the app's, as without axnet.  LISTEN_PID
