@@ -1129,8 +1129,10 @@ def test_busy_polling_stops_for_slow_connections(node: AxnetNode, busy_poll: str
     # missed (its whole length spent polling).  Connections come 50 ms apart
     # (the client sleeps between them), later than the 10 ms budget every
     # time: four misses halve it from the budget to closed (10, 5, 2.5, 1.25
-    # ms), and one more may come of the server's first accept, whose
-    # connection can come sooner.  A fixed window would miss at every one.
+    # ms).  The client's next connect always comes later than that.  A
+    # server held up 40 ms or more between a connection and its next accept
+    # parks less than the budget before the next one: the window reopens
+    # (a miss or two more).  A fixed window would miss at all 24.
     # (That quick ones are caught: test_busy_polling_catches_quick_connections.)
     flags = ["--busy-poll", busy_poll]
     server = node.app([*APPS, "greeter", "7040"], ip="10.1.0.5", flags=flags)
@@ -1153,7 +1155,7 @@ def test_busy_polling_stops_for_slow_connections(node: AxnetNode, busy_poll: str
         assert (server_counts["missed_polling"], client_counts["missed_following"]) == (0, 0)
         assert _caught((node.logs / "app1.err").read_text()) == (0, 0)
     else:
-        assert 1 <= server_counts["missed_polling"] <= 5, server_counts
+        assert 1 <= server_counts["missed_polling"] <= 12, server_counts
         assert 1 <= client_counts["missed_following"] <= 5, client_counts
 
 
