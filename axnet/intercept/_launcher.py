@@ -158,6 +158,42 @@ def _unreadable(program: str, path: str) -> str | None:
     return None if found is None or os.access(found, os.R_OK) else found
 
 
+#: Errors after which execvp(3) tries the next directory of PATH (glibc's
+#: list); after any other it gives up.
+_TRY_NEXT = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTDIR, errno.ENODEV, errno.ETIMEDOUT})
+
+
+def _execvp(args: list[str], environ: dict[str, str]) -> None:  # pragma: no cover - child
+    """Exec *args* as glibc's execvp(3) does (env and nohup use it): a file
+    the kernel cannot run (no ``#!`` line) runs in the shell, there and then,
+    and a file that may not be executed (EACCES) does not end the search.
+    Python's ``os.execvpe`` goes on past the first and ends at the second."""
+    program = args[0]
+    if "/" in program:
+        candidates = [program]
+    else:
+        path = environ.get("PATH", os.defpath).split(os.pathsep)
+        candidates = [os.path.join(d, program) if d else program for d in path]
+    denied, last = False, OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+    for candidate in candidates:
+        try:
+            try:
+                os.execve(candidate, args, environ)
+            except OSError as e:
+                if e.errno != errno.ENOEXEC:
+                    raise
+                os.execve(_SHELL, [_SHELL, candidate, *args[1:]], environ)
+        except OSError as e:
+            if e.errno == errno.EACCES:
+                denied = True
+            elif e.errno not in _TRY_NEXT:
+                raise
+            last = e
+    if denied:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    raise last
+
+
 def _found(program: str, path: str) -> str | None:
     """The file exec would run for *program*: the first executable one on *path*."""
     dirs = [""] if "/" in program else path.split(os.pathsep)
@@ -254,15 +290,7 @@ def _child(
             # `axnet run`, for the program it runs, which is this process.
             environ["LISTEN_PID"] = str(os.getpid())
         try:
-            try:
-                os.execvpe(args[0], args, environ)
-            except OSError as e:
-                script = _found(args[0], environ.get("PATH", os.defpath))
-                if e.errno != errno.ENOEXEC or script is None:
-                    raise
-                # No #! line: a shell script, as execvp(3) runs it (env,
-                # nohup and the shells do the same).
-                os.execve(_SHELL, [_SHELL, script, *args[1:]], environ)
+            _execvp(args, environ)
         except OSError as e:
             os.write(report_w, b"X%d\n" % (e.errno or errno.ENOEXEC))
     except BaseException:

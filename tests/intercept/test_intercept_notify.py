@@ -100,6 +100,37 @@ def test_a_script_without_an_interpreter_line_runs_in_the_shell(tmp_path: Path) 
     assert out.read_text() == f"{script} arg"
 
 
+def _exit_status(argv: list[str], path: list[Path]) -> int:
+    launched = launch(argv, env={"PATH": os.pathsep.join(map(str, path))}, program=build_filter())
+    try:
+        _, status = os.waitpid(launched.pid, 0)
+    finally:
+        launched.notify.close()
+        os.close(launched.pidfd)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_the_path_is_searched_as_execvp_searches_it(tmp_path: Path) -> None:
+    # execvp(3) (env, nohup) runs the first file on PATH that the kernel
+    # does not refuse outright, a file without #! in the shell: not a later
+    # one that runs (Python's execvpe goes on past "Exec format error"),
+    # and not 126 when a file before it may not be executed.
+    out = tmp_path / "out"
+    dirs = [tmp_path / name for name in ("plain", "shebang", "unexecutable", "after")]
+    for directory in dirs:
+        directory.mkdir()
+    (dirs[0] / "prog").write_text(f"echo plain > {out}\n")
+    (dirs[1] / "prog").write_text(f"#!/bin/sh\necho shebang > {out}\n")
+    (dirs[2] / "prog").write_text(f"echo unexecutable > {out}\n")
+    (dirs[3] / "prog").write_text(f"echo after > {out}\n")
+    for directory, mode in zip(dirs, (0o755, 0o755, 0o644, 0o755), strict=True):
+        (directory / "prog").chmod(mode)
+    assert _exit_status(["prog"], dirs[:2]) == 0
+    assert out.read_text() == "plain\n"
+    assert _exit_status(["prog"], dirs[2:]) == 0
+    assert out.read_text() == "after\n"
+
+
 def test_exec_of_a_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match=r"cannot execute '/': Permission denied") as info:
         launch(["/"], env=None, program=build_filter())
