@@ -29,6 +29,7 @@ from ._control import (
 from ._entry import EXIT_INTERRUPTED
 from ._groups import first_of
 from ._node import MAX_BLOCKS
+from ._stderr import StderrHandler
 from ._table import IPAddress, Labels, ip_address, labels_from, reserved_reason
 from ._version import __version__
 from ._wire import (
@@ -98,7 +99,7 @@ class LogFormatter(logging.Formatter):
 
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(LogFormatter())
     root = logging.getLogger("axnet")
     root.handlers[:] = [handler]

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from ._control import (
 from ._dirlock import DirLock
 from ._node import MAX_BLOCKS, ClaimError, Merged, Node, NodeConfig, alias_owner
 from ._portprobe import port_taken
+from ._stderr import say
 from ._table import (
     TOMBSTONE_SWEEP_S,
     AppRecord,
@@ -614,7 +614,7 @@ class Daemon:
                 path,
             )
             if self.config.announce:
-                print(f"axnet daemon: ready: {self._ready_line(path)}", file=sys.stderr, flush=True)
+                say(f"axnet daemon: ready: {self._ready_line(path)}")
             task_status.started()
             await self._stop.wait()
             # Written before the sessions close: the apps run on, and the

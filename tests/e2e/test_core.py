@@ -1690,6 +1690,26 @@ def test_the_daemon_says_once_that_it_serves(node: AxnetNode) -> None:
     assert ready[0].endswith("(stop it with: axnet stop)")
 
 
+def test_a_daemon_whose_stderr_nobody_reads_serves_on(node: AxnetNode) -> None:
+    # `axnet daemon -v 2>&1 | head -1`, or a log reader that stopped: every
+    # write to stderr fails with EPIPE.  The daemon died at its ready line,
+    # and one that lived on exited 120 at a clean stop (its last flush).
+    node.stop()
+    read_end, write_end = os.pipe()
+    daemon = node.host.popen([*AXNET, "daemon", "-v"], env=node.env, stderr=write_end)
+    os.close(write_end)
+    os.close(read_end)  # nobody reads, from the first line on
+    try:
+        node.axnet("status", "--wait", "20", timeout=60)
+        app = node.app([*APPS, "greeter", "7063"], ip="10.1.0.5")  # more for the daemon to log
+        node.wait_service("10.1.0.5:7063")
+        stop_process(app)
+        node.axnet("stop")
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        stop_process(daemon)
+
+
 def test_a_script_waits_for_its_daemon_and_stops_it_once(node: AxnetNode) -> None:
     # `axnet daemon & axnet status --wait 10`: the daemon takes a moment to
     # start, and a command that ran at once found no daemon.
