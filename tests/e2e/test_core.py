@@ -2290,24 +2290,31 @@ def test_demo_runs_a_local_cluster_and_cleans_up(netns_host: NetnsHost) -> None:
     assert netns_host.run(["pgrep", "-f", "axnet.demo._apps"], timeout=10).returncode == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_demo_stopped_by_a_signal_stops_what_it_started(
-    netns_host: NetnsHost, runtime_dir: Path, signum: int
-) -> None:
+def _demo_midway(netns_host: NetnsHost, runtime_dir: Path) -> tuple[subprocess.Popen[bytes], bytes]:
+    """`axnet demo --json` started and read until midway: its daemons and both
+    servers run, its client has yet to start; and what it said so far.  Its
+    scratch directory goes where TMPDIR says: one the test can look into."""
     reason = probe_user_notification()
     if reason is not None:
         pytest.skip(reason)
-    # Its scratch directory goes where TMPDIR says: one the test can look into.
     demo = netns_host.popen(
         [*AXNET, "demo", "--json"], env={"TMPDIR": str(runtime_dir)}, stderr=subprocess.PIPE
     )
     assert demo.stderr is not None
     said = b""
-    # Midway: its daemons and both servers run, its client has yet to start.
     while b"knows both web servers" not in said:
         line = demo.stderr.readline()
         assert line, said.decode(errors="replace")
         said += line
+    return demo, said
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_stopped_by_a_signal_stops_what_it_started(
+    netns_host: NetnsHost, runtime_dir: Path, signum: int
+) -> None:
+    demo, said = _demo_midway(netns_host, runtime_dir)
+    assert demo.stderr is not None
     demo.send_signal(signum)
     said += demo.stderr.read()
     # Ended by that signal (a shell reports 128 + N), not by a failure of its own.
@@ -2321,20 +2328,9 @@ def test_a_demo_stopped_by_a_signal_stops_what_it_started(
 def test_a_demo_killed_outright_leaves_nothing_running(
     netns_host: NetnsHost, runtime_dir: Path
 ) -> None:
-    reason = probe_user_notification()
-    if reason is not None:
-        pytest.skip(reason)
     # SIGKILL (or the OOM killer): the demo cannot stop what it started.
     # Its three daemons and two servers ran on for good, gossiping.
-    demo = netns_host.popen(
-        [*AXNET, "demo", "--json"], env={"TMPDIR": str(runtime_dir)}, stderr=subprocess.PIPE
-    )
-    assert demo.stderr is not None
-    said = b""
-    while b"knows both web servers" not in said:
-        line = demo.stderr.readline()
-        assert line, said.decode(errors="replace")
-        said += line
+    demo, _ = _demo_midway(netns_host, runtime_dir)
     demo.kill()
     assert demo.wait() == -signal.SIGKILL
     # Each is told to stop when the demo dies, and does.
